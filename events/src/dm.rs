@@ -1,0 +1,164 @@
+//! Direct-message events and the conversation state they carry.
+//!
+//! Every direct-message event carries the conversation's [`DmState`] *after*
+//! the event. That makes the command side O(1) (read the last event of the
+//! conversation's subject, decide, append with optimistic concurrency) and
+//! the unseen-count projection pure arithmetic:
+//!
+//! ```text
+//! unseen(reader, from peer) = peer.sent - reader.seen_count
+//! ```
+//!
+//! where `sent` is the number of messages a side has sent in the
+//! conversation and `seen_count` the number of the *other* side's messages at
+//! or below the side's read watermark.
+
+use serde::{Deserialize, Serialize};
+
+/// One participant's running figures in a direct conversation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Side {
+    pub user_id: String,
+    /// Messages this participant has sent in the conversation.
+    pub sent: u64,
+    /// Read watermark: every message with `seq <= seen_seq` is seen by them.
+    pub seen_seq: u64,
+    /// How many of the *other* participant's messages are at or below
+    /// `seen_seq`.
+    pub seen_count: u64,
+}
+
+/// State of a direct conversation after an event. `lo`/`hi` are the two
+/// participants in sorted id order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DmState {
+    /// Sequence of the newest message (0: no message yet).
+    pub last_seq: u64,
+    pub lo: Side,
+    pub hi: Side,
+}
+
+impl DmState {
+    /// The empty conversation between `a` and `b`.
+    pub fn new(a: &str, b: &str) -> Self {
+        let (lo, hi) = crate::subjects::dm_pair(a, b);
+        let side = |u: &str| Side { user_id: u.to_owned(), ..Side::default() };
+        DmState { last_seq: 0, lo: side(lo), hi: side(hi) }
+    }
+
+    /// The side of `user`, if they take part in this conversation.
+    pub fn side(&self, user: &str) -> Option<&Side> {
+        if self.lo.user_id == user {
+            Some(&self.lo)
+        } else if self.hi.user_id == user {
+            Some(&self.hi)
+        } else {
+            None
+        }
+    }
+
+    fn sides_mut(&mut self, me: &str) -> (&mut Side, &mut Side) {
+        if self.lo.user_id == me {
+            (&mut self.lo, &mut self.hi)
+        } else {
+            (&mut self.hi, &mut self.lo)
+        }
+    }
+
+    /// Messages from `peer` that `reader` has not seen.
+    pub fn unseen(&self, reader: &str, peer: &str) -> u64 {
+        match (self.side(reader), self.side(peer)) {
+            (Some(r), Some(p)) => p.sent.saturating_sub(r.seen_count),
+            _ => 0,
+        }
+    }
+
+    /// State after `sender` sends one more message. Returns the new message's
+    /// sequence and the sender's running count including it.
+    pub fn after_send(&self, sender: &str) -> (DmState, u64, u64) {
+        let mut next = self.clone();
+        next.last_seq += 1;
+        let seq = next.last_seq;
+        let (me, _) = next.sides_mut(sender);
+        me.sent += 1;
+        let count = me.sent;
+        (next, seq, count)
+    }
+
+    /// State after `reader` has seen everything up to `up_to_seq`, where
+    /// `peer_count` of the peer's messages are at or below it. Watermarks
+    /// only move forward: returns `None` when this would not move it.
+    pub fn after_seen(&self, reader: &str, up_to_seq: u64, peer_count: u64) -> Option<DmState> {
+        let mut next = self.clone();
+        let (me, _) = next.sides_mut(reader);
+        if up_to_seq <= me.seen_seq || peer_count < me.seen_count {
+            return None;
+        }
+        me.seen_seq = up_to_seq;
+        me.seen_count = peer_count;
+        Some(next)
+    }
+}
+
+/// A direct message was sent (text, attachment URL, or both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageSent {
+    /// UUIDv7, exposed to clients as `_id`.
+    pub message_id: String,
+    /// The client's idempotency key, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    pub sender_id: String,
+    pub receiver_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+    /// Gapless per-conversation sequence, 1, 2, 3, ...
+    pub seq: u64,
+    /// The sender's running message count in this conversation, this one
+    /// included.
+    pub sender_count: u64,
+    pub state: DmState,
+}
+
+/// A reader's watermark moved forward: every message with `seq <= up_to_seq`
+/// is seen by them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagesSeen {
+    pub reader_id: String,
+    pub peer_id: String,
+    pub up_to_seq: u64,
+    /// The peer's messages at or below `up_to_seq`.
+    pub seen_count: u64,
+    pub state: DmState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_sends_and_watermarks() {
+        let s = DmState::new("bob", "amy");
+        assert_eq!(s.lo.user_id, "amy");
+        let (s, seq1, c1) = s.after_send("amy");
+        let (s, seq2, _) = s.after_send("bob");
+        let (s, seq3, c3) = s.after_send("amy");
+        assert_eq!((seq1, seq2, seq3, c1, c3), (1, 2, 3, 1, 2));
+        assert_eq!(s.unseen("bob", "amy"), 2);
+        assert_eq!(s.unseen("amy", "bob"), 1);
+        // bob sees up to message 1 (one of amy's messages)
+        let s = s.after_seen("bob", seq1, c1).unwrap();
+        assert_eq!(s.unseen("bob", "amy"), 1);
+        // never backwards, never a no-op
+        assert!(s.after_seen("bob", seq1, c1).is_none());
+        let s = s.after_seen("bob", seq3, c3).unwrap();
+        assert_eq!(s.unseen("bob", "amy"), 0);
+        assert_eq!(s.unseen("carol", "amy"), 0);
+    }
+}

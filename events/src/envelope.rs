@@ -1,0 +1,195 @@
+//! The envelope every event is stored in, and its decoding.
+//!
+//! Stored JSON (one NATS message body per event):
+//!
+//! ```json
+//! { "id": "<uuidv7>", "commandId": "<idempotency key>",
+//!   "subject": "natter.ev.dm.<lo>.<hi>", "position": 3,
+//!   "at": "2026-11-23T18:00:00Z", "type": "MessageSent", "v": 1,
+//!   "data": { ... } }
+//! ```
+//!
+//! `position` is the event's gapless position among the events of its
+//! subject (1, 2, 3, ...), guarded on append by JetStream's expected last
+//! subject sequence. `type` + `v` name the payload's schema: renaming a Rust
+//! type never rewrites history, and older versions are upcast in [`upcast`]
+//! before they reach the domain.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::{MessageSent, MessagesSeen, UserRegistered};
+
+/// Current schema version of each event type.
+pub const CURRENT_VERSION: u32 = 1;
+
+/// The domain events, at their current schema version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    UserRegistered(UserRegistered),
+    MessageSent(MessageSent),
+    MessagesSeen(MessagesSeen),
+}
+
+impl Event {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::UserRegistered(_) => "UserRegistered",
+            Event::MessageSent(_) => "MessageSent",
+            Event::MessagesSeen(_) => "MessagesSeen",
+        }
+    }
+}
+
+/// An event with its metadata, as the domain sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub id: Uuid,
+    /// Idempotency key of the command that produced the event; also its
+    /// JetStream `Nats-Msg-Id`.
+    pub command_id: String,
+    pub subject: String,
+    /// Gapless position among the events of `subject`, from 1.
+    pub position: u64,
+    pub at: DateTime<Utc>,
+    pub event: Event,
+}
+
+/// The stored (wire) form of an envelope: payload kept as raw JSON until its
+/// version is known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredEvent {
+    pub id: Uuid,
+    pub command_id: String,
+    pub subject: String,
+    pub position: u64,
+    pub at: DateTime<Utc>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub v: u32,
+    pub data: Value,
+}
+
+#[derive(Debug, Error)]
+pub enum DecodeError {
+    #[error("event is not valid JSON of the envelope shape: {0}")]
+    Envelope(serde_json::Error),
+    #[error("unknown event type {0:?}")]
+    UnknownType(String),
+    #[error("{kind} v{v} is newer than this build understands (v{CURRENT_VERSION}); upgrade the node")]
+    FutureVersion { kind: String, v: u32 },
+    #[error("{kind} v{v} payload does not match its schema: {source}")]
+    Payload { kind: String, v: u32, source: serde_json::Error },
+}
+
+/// Brings a payload of version `v` up to the current version of its type.
+/// Every type is at version 1 so far; a version 2 adds a step here and a
+/// golden fixture for each version.
+pub fn upcast(kind: &str, v: u32, data: Value) -> Result<Value, DecodeError> {
+    match v {
+        1 => Ok(data),
+        _ => Err(DecodeError::FutureVersion { kind: kind.to_owned(), v }),
+    }
+}
+
+impl Envelope {
+    pub fn new(command_id: String, subject: String, position: u64, event: Event) -> Self {
+        Envelope { id: Uuid::now_v7(), command_id, subject, position, at: Utc::now(), event }
+    }
+
+    pub fn to_stored(&self) -> StoredEvent {
+        let data = match &self.event {
+            Event::UserRegistered(e) => serde_json::to_value(e),
+            Event::MessageSent(e) => serde_json::to_value(e),
+            Event::MessagesSeen(e) => serde_json::to_value(e),
+        }
+        .expect("event payloads always serialize");
+        StoredEvent {
+            id: self.id,
+            command_id: self.command_id.clone(),
+            subject: self.subject.clone(),
+            position: self.position,
+            at: self.at,
+            kind: self.event.type_name().to_owned(),
+            v: CURRENT_VERSION,
+            data,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.to_stored()).expect("envelopes always serialize")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        let stored: StoredEvent = serde_json::from_slice(bytes).map_err(DecodeError::Envelope)?;
+        Envelope::from_stored(stored)
+    }
+
+    pub fn from_stored(s: StoredEvent) -> Result<Envelope, DecodeError> {
+        let data = upcast(&s.kind, s.v, s.data)?;
+        let payload_err = |source| DecodeError::Payload { kind: s.kind.clone(), v: s.v, source };
+        let event = match s.kind.as_str() {
+            "UserRegistered" => Event::UserRegistered(serde_json::from_value(data).map_err(payload_err)?),
+            "MessageSent" => Event::MessageSent(serde_json::from_value(data).map_err(payload_err)?),
+            "MessagesSeen" => Event::MessagesSeen(serde_json::from_value(data).map_err(payload_err)?),
+            other => return Err(DecodeError::UnknownType(other.to_owned())),
+        };
+        Ok(Envelope {
+            id: s.id,
+            command_id: s.command_id,
+            subject: s.subject,
+            position: s.position,
+            at: s.at,
+            event,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DmState;
+
+    #[test]
+    fn round_trips_through_the_stored_form() {
+        let (state, seq, count) = DmState::new("a", "b").after_send("a");
+        let env = Envelope::new(
+            "a:c1".into(),
+            "natter.ev.dm.a.b".into(),
+            1,
+            Event::MessageSent(MessageSent {
+                message_id: Uuid::now_v7().to_string(),
+                client_msg_id: Some("c1".into()),
+                sender_id: "a".into(),
+                receiver_id: "b".into(),
+                message: Some("hi".into()),
+                attachment: None,
+                seq,
+                sender_count: count,
+                state,
+            }),
+        );
+        assert_eq!(Envelope::decode(&env.encode()).unwrap(), env);
+    }
+
+    #[test]
+    fn refuses_unknown_types_and_future_versions() {
+        let mut s = Envelope::new("c".into(), "s".into(), 1, Event::UserRegistered(UserRegistered {
+            user_id: "u".into(),
+            name: "n".into(),
+            email: "e@x".into(),
+            password_hash: "h".into(),
+        }))
+        .to_stored();
+        s.v = 99;
+        assert!(matches!(Envelope::from_stored(s.clone()), Err(DecodeError::FutureVersion { .. })));
+        s.v = 1;
+        s.kind = "Nope".into();
+        assert!(matches!(Envelope::from_stored(s), Err(DecodeError::UnknownType(_))));
+        assert!(matches!(Envelope::decode(b"{"), Err(DecodeError::Envelope(_))));
+    }
+}

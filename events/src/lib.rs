@@ -1,0 +1,28 @@
+//! natter-events: the stored shape of natter's history.
+//!
+//! # Layout
+//!
+//! - [`ids`]: validation of the ids that end up in NATS subjects and MongoDB
+//!   field paths (subject-safe tokens).
+//! - [`subjects`]: the subject scheme (`<prefix>.ev.dm.<lo>.<hi>`, ...).
+//! - [`envelope`]: the [`Envelope`] every event travels in, its stored JSON
+//!   form, and decoding with upcasting of older schema versions.
+//! - [`account`]: account events ([`UserRegistered`]).
+//! - [`dm`]: direct-message events ([`MessageSent`], [`MessagesSeen`]) and the
+//!   conversation state snapshot ([`DmState`]) each of them carries, so that
+//!   projections are arithmetic rather than queries.
+//!
+//! This crate does no I/O: serde, uuid and chrono only. Golden fixtures of
+//! every event type and version live in `events/fixtures/` and are tested to
+//! still decode.
+
+pub mod account;
+pub mod dm;
+pub mod envelope;
+pub mod ids;
+pub mod subjects;
+
+pub use account::UserRegistered;
+pub use dm::{DmState, MessageSent, MessagesSeen, Side};
+pub use envelope::{DecodeError, Envelope, Event, StoredEvent};
+pub use ids::{IdError, validate_id};

@@ -1,0 +1,27 @@
+//! natter-projections: the views natter builds from its event log.
+//!
+//! # Layout
+//!
+//! - [`projection`]: the [`Projection`] port (name, version, idempotent
+//!   `apply`) and [`ApplyError`], which separates a poison event (park it)
+//!   from a store that is down (retry, never skip).
+//! - [`views`]: the read models the gateway queries ([`UserView`],
+//!   [`MessageView`]) and the [`ViewStore`] / [`CountStore`] ports.
+//! - [`mongo`]: MongoDB view store: users, messages, conversation
+//!   watermarks. Every write is an upsert keyed by the event's own ids or a
+//!   `$max`, so applying an event twice, or out of order, changes nothing.
+//! - [`redis_counts`]: Redis unseen counts, one hash per user
+//!   (peer → count), guarded per conversation by event position.
+//!
+//! Every projection here is *commutative and idempotent*: views converge to
+//! the same state whatever the redelivery, duplication or interleaving
+//! pattern, which is what lets the writing node apply its own event at once
+//! (read-your-writes) while the durable consumer applies it again later.
+
+pub mod mongo;
+pub mod projection;
+pub mod redis_counts;
+pub mod views;
+
+pub use projection::{ApplyError, Projection};
+pub use views::{CountStore, MessageView, StoreError, UserView, ViewStore};

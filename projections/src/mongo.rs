@@ -1,0 +1,234 @@
+//! MongoDB view store: collections `users`, `messages`, `conversations` in
+//! one database.
+//!
+//! - `users`: `_id` = user id, unique `email`.
+//! - `messages`: `_id` = message id, unique `commandId` (the idempotency key)
+//!   and unique `(conversation, seq)`.
+//! - `conversations`: `_id` = `<lo>.<hi>`, `watermarks.<userId>` = seq.
+//!
+//! Writes are `$setOnInsert` upserts keyed by ids from the event, or `$max`
+//! on watermarks: applying any event twice, or events out of order, leaves
+//! the same documents. Ids are validated subject-safe tokens, so they are
+//! also safe as field names.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::SecondsFormat;
+use futures::TryStreamExt;
+use mongodb::bson::{self, Document, doc};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, Database, IndexModel};
+use natter_events::{Envelope, Event, subjects};
+
+use crate::projection::{ApplyError, Projection};
+use crate::views::{MessageView, StoreError, UserView, ViewStore};
+
+const DUPLICATE_KEY: i32 = 11000;
+
+#[derive(Clone)]
+pub struct MongoViews {
+    users: Collection<UserView>,
+    messages: Collection<MessageView>,
+    conversations: Collection<Document>,
+}
+
+fn unavailable(e: mongodb::error::Error) -> StoreError {
+    StoreError(format!("mongodb: {e}"))
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        _ => e.to_string().contains("E11000"),
+    }
+}
+
+impl MongoViews {
+    /// Opens the views in `db` and makes sure their indexes exist.
+    pub async fn open(db: &Database) -> Result<Self, StoreError> {
+        let views = MongoViews {
+            users: db.collection("users"),
+            messages: db.collection("messages"),
+            conversations: db.collection("conversations"),
+        };
+        let unique = || IndexOptions::builder().unique(true).build();
+        views
+            .users
+            .create_index(IndexModel::builder().keys(doc! {"email": 1}).options(unique()).build())
+            .await
+            .map_err(unavailable)?;
+        views
+            .messages
+            .create_index(IndexModel::builder().keys(doc! {"commandId": 1}).options(unique()).build())
+            .await
+            .map_err(unavailable)?;
+        views
+            .messages
+            .create_index(IndexModel::builder().keys(doc! {"conversation": 1, "seq": 1}).options(unique()).build())
+            .await
+            .map_err(unavailable)?;
+        Ok(views)
+    }
+
+    async fn insert_once<T>(&self, coll: &Collection<T>, id: &str, doc: Document) -> Result<(), ApplyError>
+    where
+        T: Send + Sync,
+    {
+        let res = coll
+            .update_one(doc! {"_id": id}, doc! {"$setOnInsert": doc})
+            .upsert(true)
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => {
+                // Either a concurrent upsert of the same _id (applied: fine) or
+                // another document already holds a unique key of this one.
+                let exists = coll
+                    .clone_with_type::<Document>()
+                    .find_one(doc! {"_id": id})
+                    .await
+                    .map_err(unavailable)?
+                    .is_some();
+                if exists {
+                    Ok(())
+                } else {
+                    Err(ApplyError::Poison(format!("{id}: unique key already held by another document: {e}")))
+                }
+            }
+            Err(e) => Err(unavailable(e).into()),
+        }
+    }
+}
+
+fn created_at(env: &Envelope) -> String {
+    env.at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[async_trait]
+impl ViewStore for MongoViews {
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        match &env.event {
+            Event::UserRegistered(e) => {
+                let view = UserView {
+                    id: e.user_id.clone(),
+                    name: e.name.clone(),
+                    email: e.email.clone(),
+                    password_hash: e.password_hash.clone(),
+                    created_at: created_at(env),
+                };
+                let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
+                self.insert_once(&self.users, &view.id, doc).await
+            }
+            Event::MessageSent(e) => {
+                let view = MessageView {
+                    id: e.message_id.clone(),
+                    conversation: subjects::dm_conversation(&e.sender_id, &e.receiver_id),
+                    seq: e.seq,
+                    command_id: env.command_id.clone(),
+                    client_msg_id: e.client_msg_id.clone(),
+                    sender_id: e.sender_id.clone(),
+                    receiver_id: e.receiver_id.clone(),
+                    message: e.message.clone(),
+                    attachment: e.attachment.clone(),
+                    created_at: created_at(env),
+                };
+                let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
+                self.insert_once(&self.messages, &view.id, doc).await
+            }
+            Event::MessagesSeen(e) => {
+                let conversation = subjects::dm_conversation(&e.reader_id, &e.peer_id);
+                let field = format!("watermarks.{}", e.reader_id);
+                self.conversations
+                    .update_one(doc! {"_id": conversation}, doc! {"$max": {field: e.up_to_seq as i64}})
+                    .upsert(true)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn user(&self, id: &str) -> Result<Option<UserView>, StoreError> {
+        self.users.find_one(doc! {"_id": id}).await.map_err(unavailable)
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<UserView>, StoreError> {
+        self.users.find_one(doc! {"email": email}).await.map_err(unavailable)
+    }
+
+    async fn users(&self, except: &str, after: Option<&str>, limit: u32) -> Result<Vec<UserView>, StoreError> {
+        let filter = match after {
+            Some(after) => doc! {"$and": [{"_id": {"$ne": except}}, {"_id": {"$gt": after}}]},
+            None => doc! {"_id": {"$ne": except}},
+        };
+        self.users
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .limit(i64::from(limit))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn message(&self, id: &str) -> Result<Option<MessageView>, StoreError> {
+        self.messages.find_one(doc! {"_id": id}).await.map_err(unavailable)
+    }
+
+    async fn message_by_command(&self, command_id: &str) -> Result<Option<MessageView>, StoreError> {
+        self.messages.find_one(doc! {"commandId": command_id}).await.map_err(unavailable)
+    }
+
+    async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError> {
+        let filter = match before {
+            Some(b) => doc! {"conversation": conversation, "seq": {"$lt": b as i64}},
+            None => doc! {"conversation": conversation},
+        };
+        let mut page: Vec<MessageView> = self
+            .messages
+            .find(filter)
+            .sort(doc! {"seq": -1})
+            .limit(i64::from(limit))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        page.reverse();
+        Ok(page)
+    }
+
+    async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
+        let doc = self
+            .conversations
+            .find_one(doc! {"_id": conversation})
+            .await
+            .map_err(unavailable)?;
+        let mut out = HashMap::new();
+        if let Some(Ok(marks)) = doc.as_ref().map(|d| d.get_document("watermarks")) {
+            for (user, seq) in marks {
+                let seq = seq.as_i64().or_else(|| seq.as_i32().map(i64::from)).unwrap_or(0);
+                out.insert(user.clone(), u64::try_from(seq).unwrap_or(0));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The MongoDB views as a named projection for the runtime.
+#[async_trait]
+impl Projection for MongoViews {
+    fn name(&self) -> &'static str {
+        "mongo-views"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        ViewStore::apply(self, env).await
+    }
+}

@@ -1,0 +1,108 @@
+//! Redis unseen counts: one hash per user, `<prefix>unseen:<user>` (peer →
+//! count), so the sidebar is one `HGETALL`. Beside it, `<prefix>unseen-pos:
+//! <user>` (peer → position of the conversation event the count came from)
+//! guards the write: a count only replaces one from an older event, so
+//! duplicates and out-of-order deliveries cannot move it backwards.
+//!
+//! Every direct-message event carries the conversation's state, so the count
+//! is arithmetic (`peer.sent - reader.seen_count`), never a query.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use natter_events::{DmState, Envelope, Event};
+use redis::Script;
+use redis::aio::ConnectionManager;
+
+use crate::projection::{ApplyError, Projection};
+use crate::views::{CountStore, StoreError};
+
+const SET_IF_NEWER: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if tonumber(ARGV[2]) <= cur then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if tonumber(ARGV[3]) > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 1
+"#;
+
+#[derive(Clone)]
+pub struct RedisCounts {
+    conn: ConnectionManager,
+    prefix: String,
+    script: Script,
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError(format!("redis: {e}"))
+}
+
+impl RedisCounts {
+    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+        RedisCounts { conn, prefix: prefix.into(), script: Script::new(SET_IF_NEWER) }
+    }
+
+    fn counts_key(&self, user: &str) -> String {
+        format!("{}unseen:{user}", self.prefix)
+    }
+
+    fn pos_key(&self, user: &str) -> String {
+        format!("{}unseen-pos:{user}", self.prefix)
+    }
+
+    async fn store_state(&self, position: u64, state: &DmState) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        for (reader, peer) in [(&state.lo, &state.hi), (&state.hi, &state.lo)] {
+            let count = state.unseen(&reader.user_id, &peer.user_id);
+            let _: i64 = self
+                .script
+                .key(self.counts_key(&reader.user_id))
+                .key(self.pos_key(&reader.user_id))
+                .arg(&peer.user_id)
+                .arg(position)
+                .arg(count)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl CountStore for RedisCounts {
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        let state = match &env.event {
+            Event::MessageSent(e) => &e.state,
+            Event::MessagesSeen(e) => &e.state,
+            Event::UserRegistered(_) => return Ok(()),
+        };
+        Ok(self.store_state(env.position, state).await?)
+    }
+
+    async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let raw: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(self.counts_key(user))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(raw.into_iter().filter(|(_, n)| *n > 0).collect())
+    }
+}
+
+#[async_trait]
+impl Projection for RedisCounts {
+    fn name(&self) -> &'static str {
+        "redis-unseen"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        CountStore::apply(self, env).await
+    }
+}
