@@ -1,14 +1,28 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! natter: a horizontally scaled, event-sourced chat backend.
+//!
+//! # Layout
+//!
+//! - [`config`]: layered settings (flags > `NATTER_*` env > TOML > defaults).
+//! - [`telemetry`]: the tracing subscriber.
+//! - [`auth`]: JWT issue/verify, argon2id password hashing.
+//! - [`commands`]: the command side. Validation and decisions are pure
+//!   functions; [`commands::Commands`] appends to the log with optimistic
+//!   concurrency and applies new events to the views at once.
+//! - [`log`]: the event-log port ([`log::EventLog`]) and its JetStream adapter.
+//! - [`projector`]: the projector runtime over durable JetStream consumers.
+//! - [`http`]: the REST gateway (axum), one module per area.
+//! - [`metrics`]: Prometheus counters and gauges.
+//! - [`node`]: wires a node together, serves, drains on shutdown.
+//!
+//! Event types live in the `natter-events` crate; projections and view
+//! stores in `natter-projections`.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod auth;
+pub mod commands;
+pub mod config;
+pub mod http;
+pub mod log;
+pub mod metrics;
+pub mod node;
+pub mod projector;
+pub mod telemetry;

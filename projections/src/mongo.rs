@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use chrono::SecondsFormat;
 use futures::TryStreamExt;
 use mongodb::bson::{self, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
@@ -29,6 +28,7 @@ const DUPLICATE_KEY: i32 = 11000;
 
 #[derive(Clone)]
 pub struct MongoViews {
+    db: Database,
     users: Collection<UserView>,
     messages: Collection<MessageView>,
     conversations: Collection<Document>,
@@ -50,6 +50,7 @@ impl MongoViews {
     /// Opens the views in `db` and makes sure their indexes exist.
     pub async fn open(db: &Database) -> Result<Self, StoreError> {
         let views = MongoViews {
+            db: db.clone(),
             users: db.collection("users"),
             messages: db.collection("messages"),
             conversations: db.collection("conversations"),
@@ -103,38 +104,21 @@ impl MongoViews {
     }
 }
 
-fn created_at(env: &Envelope) -> String {
-    env.at.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
 #[async_trait]
 impl ViewStore for MongoViews {
+    async fn check(&self) -> Result<(), StoreError> {
+        self.db.run_command(doc! {"ping": 1}).await.map(|_| ()).map_err(unavailable)
+    }
+
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
         match &env.event {
             Event::UserRegistered(e) => {
-                let view = UserView {
-                    id: e.user_id.clone(),
-                    name: e.name.clone(),
-                    email: e.email.clone(),
-                    password_hash: e.password_hash.clone(),
-                    created_at: created_at(env),
-                };
+                let view = UserView::from_event(env, e);
                 let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
                 self.insert_once(&self.users, &view.id, doc).await
             }
             Event::MessageSent(e) => {
-                let view = MessageView {
-                    id: e.message_id.clone(),
-                    conversation: subjects::dm_conversation(&e.sender_id, &e.receiver_id),
-                    seq: e.seq,
-                    command_id: env.command_id.clone(),
-                    client_msg_id: e.client_msg_id.clone(),
-                    sender_id: e.sender_id.clone(),
-                    receiver_id: e.receiver_id.clone(),
-                    message: e.message.clone(),
-                    attachment: e.attachment.clone(),
-                    created_at: created_at(env),
-                };
+                let view = MessageView::from_event(env, e);
                 let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
                 self.insert_once(&self.messages, &view.id, doc).await
             }

@@ -74,6 +74,11 @@ impl RedisCounts {
 
 #[async_trait]
 impl CountStore for RedisCounts {
+    async fn check(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(unavailable)
+    }
+
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
         let state = match &env.event {
             Event::MessageSent(e) => &e.state,

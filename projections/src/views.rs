@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use natter_events::Envelope;
+use chrono::SecondsFormat;
+use natter_events::{Envelope, MessageSent, UserRegistered, subjects};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -40,6 +41,10 @@ pub struct MessageView {
     pub id: String,
     pub conversation: String,
     pub seq: u64,
+    /// The sender's running message count in the conversation (this one
+    /// included): what a read watermark at this message counts as seen.
+    #[serde(rename = "senderCount")]
+    pub sender_count: u64,
     #[serde(rename = "commandId")]
     pub command_id: String,
     #[serde(rename = "clientMsgId", default, skip_serializing_if = "Option::is_none")]
@@ -56,9 +61,48 @@ pub struct MessageView {
     pub created_at: String,
 }
 
+impl MessageView {
+    /// The view of a `MessageSent` event.
+    pub fn from_event(env: &Envelope, e: &MessageSent) -> MessageView {
+        MessageView {
+            id: e.message_id.clone(),
+            conversation: subjects::dm_conversation(&e.sender_id, &e.receiver_id),
+            seq: e.seq,
+            sender_count: e.sender_count,
+            command_id: env.command_id.clone(),
+            client_msg_id: e.client_msg_id.clone(),
+            sender_id: e.sender_id.clone(),
+            receiver_id: e.receiver_id.clone(),
+            message: e.message.clone(),
+            attachment: e.attachment.clone(),
+            created_at: timestamp(env),
+        }
+    }
+}
+
+impl UserView {
+    /// The view of a `UserRegistered` event.
+    pub fn from_event(env: &Envelope, e: &UserRegistered) -> UserView {
+        UserView {
+            id: e.user_id.clone(),
+            name: e.name.clone(),
+            email: e.email.clone(),
+            password_hash: e.password_hash.clone(),
+            created_at: timestamp(env),
+        }
+    }
+}
+
+/// An event's time as the views store it (RFC 3339, milliseconds, UTC).
+pub fn timestamp(env: &Envelope) -> String {
+    env.at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
 /// Users, messages and read watermarks (MongoDB in production).
 #[async_trait]
 pub trait ViewStore: Send + Sync {
+    /// Whether the store answers now (for `/readyz`).
+    async fn check(&self) -> Result<(), StoreError>;
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError>;
     async fn user(&self, id: &str) -> Result<Option<UserView>, StoreError>;
     async fn user_by_email(&self, email: &str) -> Result<Option<UserView>, StoreError>;
@@ -76,6 +120,8 @@ pub trait ViewStore: Send + Sync {
 /// Unseen counts per user (Redis in production).
 #[async_trait]
 pub trait CountStore: Send + Sync {
+    /// Whether the store answers now (for `/readyz`).
+    async fn check(&self) -> Result<(), StoreError>;
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError>;
     /// peer → unseen count, non-zero entries only.
     async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError>;

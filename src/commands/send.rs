@@ -1,0 +1,175 @@
+//! Send a direct message (text, attachment URL, or both).
+
+use natter_events::{DmState, Envelope, Event, MessageSent};
+use natter_projections::MessageView;
+
+use super::{CommandError, Commands, Limits, Refusal};
+
+#[derive(Debug, Clone)]
+pub struct SendMessage {
+    pub sender: String,
+    pub receiver: String,
+    pub message: Option<String>,
+    pub attachment: Option<String>,
+    pub client_msg_id: Option<String>,
+}
+
+/// Checks a send's content against the limits. Pure.
+pub fn validate(cmd: &SendMessage, limits: &Limits) -> Result<(), Refusal> {
+    natter_events::validate_id(&cmd.receiver).map_err(|e| Refusal::BadInput(format!("receiver id is not valid: {e}")))?;
+    if cmd.sender == cmd.receiver {
+        return Err(Refusal::BadInput("you cannot send a message to yourself".into()));
+    }
+    if let Some(id) = &cmd.client_msg_id {
+        natter_events::validate_id(id).map_err(|e| Refusal::BadInput(format!("clientMsgId is not valid: {e}")))?;
+    }
+    let text = cmd.message.as_deref();
+    let attachment = cmd.attachment.as_deref();
+    if text.is_none() && attachment.is_none() {
+        return Err(Refusal::BadInput("message is empty".into()));
+    }
+    if let Some(text) = text {
+        if text.trim().is_empty() {
+            return Err(Refusal::BadInput("message is empty".into()));
+        }
+        let chars = text.chars().count();
+        if chars > limits.max_message_chars {
+            return Err(Refusal::BadInput(format!(
+                "message is {chars} characters long; the limit is {}",
+                limits.max_message_chars
+            )));
+        }
+    }
+    if let Some(url) = attachment {
+        validate_url(url, limits.max_attachment_chars)?;
+    }
+    Ok(())
+}
+
+/// An attachment is an http(s) URL with a host and no whitespace.
+fn validate_url(url: &str, max: usize) -> Result<(), Refusal> {
+    if url.chars().count() > max {
+        return Err(Refusal::BadInput(format!("attachment URL is longer than {max} characters")));
+    }
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| Refusal::BadInput("attachment must be an http:// or https:// URL".into()))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Refusal::BadInput("attachment must be an http:// or https:// URL with a host".into()));
+    }
+    Ok(())
+}
+
+/// The event a send appends to a conversation in `state`. Pure.
+pub fn decide(cmd: &SendMessage, state: &DmState, message_id: &str) -> MessageSent {
+    let (state, seq, sender_count) = state.after_send(&cmd.sender);
+    MessageSent {
+        message_id: message_id.to_owned(),
+        client_msg_id: cmd.client_msg_id.clone(),
+        sender_id: cmd.sender.clone(),
+        receiver_id: cmd.receiver.clone(),
+        message: cmd.message.clone(),
+        attachment: cmd.attachment.clone(),
+        seq,
+        sender_count,
+        state,
+    }
+}
+
+/// Whether an already stored message is what this command asks for (a
+/// retry), as opposed to a reuse of its `clientMsgId` for something else.
+fn same_request(cmd: &SendMessage, m: &MessageView) -> bool {
+    m.sender_id == cmd.sender && m.receiver_id == cmd.receiver && m.message == cmd.message && m.attachment == cmd.attachment
+}
+
+fn reused_key() -> Refusal {
+    Refusal::Conflict("clientMsgId was already used for a different message".into())
+}
+
+impl Commands {
+    /// Sends a message. A retry with the same `clientMsgId` returns the
+    /// original message, however long after.
+    #[tracing::instrument(skip_all, fields(sender = %cmd.sender, receiver = %cmd.receiver))]
+    pub async fn send(&self, cmd: SendMessage) -> Result<MessageView, CommandError> {
+        validate(&cmd, &self.limits)?;
+        let command_id = match &cmd.client_msg_id {
+            Some(c) => format!("{}:{c}", cmd.sender),
+            None => format!("{}:{}", cmd.sender, uuid::Uuid::now_v7()),
+        };
+        if cmd.client_msg_id.is_some() {
+            if let Some(existing) = self.views.message_by_command(&command_id).await? {
+                return if same_request(&cmd, &existing) { Ok(existing) } else { Err(reused_key().into()) };
+            }
+        }
+        self.require_user(&cmd.receiver, "receiver").await?;
+        let message_id = uuid::Uuid::now_v7().to_string();
+        let env: Envelope = self
+            .append_dm(&cmd.sender, &cmd.receiver, &command_id, |state| {
+                Ok(Some(Event::MessageSent(decide(&cmd, state, &message_id))))
+            })
+            .await?
+            .expect("a send always decides an event");
+        let Event::MessageSent(sent) = &env.event else {
+            return Err(reused_key().into());
+        };
+        let view = MessageView::from_event(&env, sent);
+        if same_request(&cmd, &view) { Ok(view) } else { Err(reused_key().into()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { max_message_chars: 10, max_attachment_chars: 40 }
+    }
+
+    fn cmd(text: Option<&str>, attachment: Option<&str>) -> SendMessage {
+        SendMessage {
+            sender: "amy".into(),
+            receiver: "bob".into(),
+            message: text.map(Into::into),
+            attachment: attachment.map(Into::into),
+            client_msg_id: None,
+        }
+    }
+
+    #[test]
+    fn given_an_empty_conversation_when_amy_sends_then_it_is_message_one() {
+        let e = decide(&cmd(Some("hi"), None), &DmState::new("amy", "bob"), "m1");
+        assert_eq!((e.seq, e.sender_count, e.state.last_seq), (1, 1, 1));
+        assert_eq!(e.state.unseen("bob", "amy"), 1);
+    }
+
+    #[test]
+    fn refuses_bad_content() {
+        let l = limits();
+        assert!(validate(&cmd(Some("hi"), None), &l).is_ok());
+        assert!(validate(&cmd(None, Some("https://x.io/a.png")), &l).is_ok());
+        for bad in [
+            cmd(None, None),
+            cmd(Some("   "), None),
+            cmd(Some("01234567890"), None),
+            cmd(None, Some("ftp://x.io/a")),
+            cmd(None, Some("https:///nohost")),
+            cmd(None, Some("https://x.io/a b")),
+            cmd(None, Some(&format!("https://x.io/{}", "a".repeat(40)))),
+        ] {
+            assert!(matches!(validate(&bad, &l), Err(Refusal::BadInput(_))), "{bad:?}");
+        }
+        let mut me = cmd(Some("hi"), None);
+        me.receiver = "amy".into();
+        assert!(validate(&me, &l).is_err());
+        let mut bad_id = cmd(Some("hi"), None);
+        bad_id.receiver = "bob.*".into();
+        assert!(validate(&bad_id, &l).is_err());
+    }
+
+    #[test]
+    fn counts_characters_not_bytes() {
+        assert!(validate(&cmd(Some("éééééééééé"), None), &limits()).is_ok());
+    }
+}

@@ -1,0 +1,258 @@
+//! Settings, layered: command-line flags > environment (`NATTER_*`) >
+//! optional TOML file (`--config` / `NATTER_CONFIG`) > defaults.
+//!
+//! Flags and environment are read by clap ([`ServeArgs`]); the file is
+//! [`FileConfig`]; [`Config::resolve`] merges them into the one [`Config`]
+//! the node runs with.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Every setting, as a flag with its environment variable.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "NATTER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "NATTER_HOST")]
+    pub host: Option<String>,
+    /// Port for REST (and later Socket.IO). Default 5000, as the original server.
+    #[arg(long, env = "NATTER_PORT")]
+    pub port: Option<u16>,
+    /// NATS server URL, e.g. nats://127.0.0.1:4222.
+    #[arg(long, env = "NATTER_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// MongoDB URL, e.g. mongodb://127.0.0.1:27017.
+    #[arg(long, env = "NATTER_MONGO_URL")]
+    pub mongo_url: Option<String>,
+    /// Redis URL, e.g. redis://127.0.0.1:6379.
+    #[arg(long, env = "NATTER_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// MongoDB database holding the views.
+    #[arg(long, env = "NATTER_MONGO_DB")]
+    pub mongo_db: Option<String>,
+    /// Prefix of every Redis key natter writes.
+    #[arg(long, env = "NATTER_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// JetStream stream holding the event log.
+    #[arg(long, env = "NATTER_STREAM")]
+    pub stream: Option<String>,
+    /// First token of every NATS subject natter uses.
+    #[arg(long, env = "NATTER_SUBJECT_PREFIX")]
+    pub subject_prefix: Option<String>,
+    /// JetStream duplicate window for command ids, in seconds.
+    #[arg(long, env = "NATTER_DEDUP_WINDOW_SECS")]
+    pub dedup_window_secs: Option<u64>,
+    /// HS256 secret for natter's own tokens (and external ones signed with it).
+    #[arg(long, env = "NATTER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RSA or EC) of an external token issuer.
+    #[arg(long, env = "NATTER_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "NATTER_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "NATTER_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Lifetime of tokens natter issues, in seconds.
+    #[arg(long, env = "NATTER_TOKEN_TTL_SECS")]
+    pub token_ttl_secs: Option<u64>,
+    /// Longest text message, in characters.
+    #[arg(long, env = "NATTER_MAX_MESSAGE_CHARS")]
+    pub max_message_chars: Option<usize>,
+    /// Longest attachment URL, in characters.
+    #[arg(long, env = "NATTER_MAX_ATTACHMENT_CHARS")]
+    pub max_attachment_chars: Option<usize>,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "NATTER_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Log format: text or json.
+    #[arg(long, env = "NATTER_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The optional TOML file: the same settings, snake_case keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    nats_url: Option<String>,
+    mongo_url: Option<String>,
+    redis_url: Option<String>,
+    mongo_db: Option<String>,
+    redis_prefix: Option<String>,
+    stream: Option<String>,
+    subject_prefix: Option<String>,
+    dedup_window_secs: Option<u64>,
+    jwt_secret: Option<String>,
+    jwt_public_key_file: Option<PathBuf>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    token_ttl_secs: Option<u64>,
+    max_message_chars: Option<usize>,
+    max_attachment_chars: Option<usize>,
+    max_body_bytes: Option<usize>,
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub nats_url: Option<String>,
+    pub mongo_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub mongo_db: String,
+    pub redis_prefix: String,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub dedup_window: Duration,
+    /// `None`: natter generates a random secret at start (single node only).
+    pub jwt_secret: Option<SecretString>,
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub token_ttl: Duration,
+    pub max_message_chars: usize,
+    pub max_attachment_chars: usize,
+    pub max_body_bytes: usize,
+    pub log_json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "0.0.0.0".into(),
+            port: 5000,
+            nats_url: None,
+            mongo_url: None,
+            redis_url: None,
+            mongo_db: "natter".into(),
+            redis_prefix: "natter:".into(),
+            stream: "NATTER".into(),
+            subject_prefix: "natter".into(),
+            dedup_window: Duration::from_secs(600),
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            jwt_issuer: "natter".into(),
+            jwt_audience: "natter".into(),
+            token_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_message_chars: 4000,
+            max_attachment_chars: 2048,
+            max_body_bytes: 64 * 1024,
+            log_json: false,
+        }
+    }
+}
+
+impl Config {
+    /// Merges flags/environment over the file over the defaults.
+    pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        macro_rules! pick {
+            ($field:ident) => {
+                args.$field.clone().or(file.$field.clone())
+            };
+        }
+        let log_format = pick!(log_format).unwrap_or_else(|| "text".into());
+        if log_format != "text" && log_format != "json" {
+            bail!("log format must be `text` or `json`, not {log_format:?}");
+        }
+        let cfg = Config {
+            host: pick!(host).unwrap_or(d.host),
+            port: pick!(port).unwrap_or(d.port),
+            nats_url: pick!(nats_url).filter(|s| !s.is_empty()),
+            mongo_url: pick!(mongo_url).filter(|s| !s.is_empty()),
+            redis_url: pick!(redis_url).filter(|s| !s.is_empty()),
+            mongo_db: pick!(mongo_db).unwrap_or(d.mongo_db),
+            redis_prefix: pick!(redis_prefix).unwrap_or(d.redis_prefix),
+            stream: pick!(stream).unwrap_or(d.stream),
+            subject_prefix: pick!(subject_prefix).unwrap_or(d.subject_prefix),
+            dedup_window: pick!(dedup_window_secs).map(Duration::from_secs).unwrap_or(d.dedup_window),
+            jwt_secret: pick!(jwt_secret).filter(|s| !s.is_empty()).map(SecretString::from),
+            jwt_public_key_file: pick!(jwt_public_key_file),
+            jwt_issuer: pick!(jwt_issuer).unwrap_or(d.jwt_issuer),
+            jwt_audience: pick!(jwt_audience).unwrap_or(d.jwt_audience),
+            token_ttl: pick!(token_ttl_secs).map(Duration::from_secs).unwrap_or(d.token_ttl),
+            max_message_chars: pick!(max_message_chars).unwrap_or(d.max_message_chars),
+            max_attachment_chars: pick!(max_attachment_chars).unwrap_or(d.max_attachment_chars),
+            max_body_bytes: pick!(max_body_bytes).unwrap_or(d.max_body_bytes),
+            log_json: log_format == "json",
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        natter_events::validate_id(&self.subject_prefix)
+            .map_err(|e| anyhow::anyhow!("subject prefix {:?}: {e}", self.subject_prefix))?;
+        natter_events::validate_id(&self.stream).map_err(|e| anyhow::anyhow!("stream name {:?}: {e}", self.stream))?;
+        if self.max_message_chars == 0 || self.max_attachment_chars == 0 || self.max_body_bytes < 1024 {
+            bail!("message/attachment limits must be positive and the body limit at least 1024 bytes");
+        }
+        Ok(())
+    }
+
+    /// The services this node is missing, by setting name. Until the embedded
+    /// adapters land, a node needs all three.
+    pub fn missing_services(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if self.nats_url.is_none() {
+            missing.push("NATTER_NATS_URL");
+        }
+        if self.mongo_url.is_none() {
+            missing.push("NATTER_MONGO_URL");
+        }
+        if self.redis_url.is_none() {
+            missing.push("NATTER_REDIS_URL");
+        }
+        missing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_beat_defaults() {
+        let dir = std::env::temp_dir().join(format!("natter-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("natter.toml");
+        std::fs::write(&path, "port = 6000\nmongo_db = \"fromfile\"\n").unwrap();
+        let args = ServeArgs { config: Some(path), port: Some(7000), ..ServeArgs::default() };
+        let cfg = Config::resolve(&args).unwrap();
+        assert_eq!(cfg.port, 7000);
+        assert_eq!(cfg.mongo_db, "fromfile");
+        assert_eq!(cfg.stream, "NATTER");
+    }
+
+    #[test]
+    fn refuses_unknown_file_keys_and_bad_prefixes() {
+        let dir = std::env::temp_dir().join(format!("natter-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("natter.toml");
+        std::fs::write(&path, "prot = 6000\n").unwrap();
+        let args = ServeArgs { config: Some(path), ..ServeArgs::default() };
+        assert!(Config::resolve(&args).is_err());
+        let args = ServeArgs { subject_prefix: Some("a.b".into()), ..ServeArgs::default() };
+        assert!(Config::resolve(&args).is_err());
+    }
+}

@@ -1,0 +1,73 @@
+//! `POST /api/auth/register`, `POST /api/auth/login`, and the [`Caller`]
+//! extractor that every other `/api` route uses.
+
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::post;
+use axum::{Json, Router, extract::State};
+use natter_projections::UserView;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiJson, AppState};
+use crate::commands::register::Register;
+
+/// The authenticated caller's user id, from `Authorization: Bearer <jwt>`.
+pub struct Caller(pub String);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token> header"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
+        Ok(Caller(state.auth.verify(token)?))
+    }
+}
+
+/// A user as clients see them: no password hash.
+pub fn public_user(u: &UserView) -> Value {
+    json!({ "_id": u.id, "name": u.name, "email": u.email, "createdAt": u.created_at })
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    name: String,
+    email: String,
+    password: String,
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    email: String,
+    password: String,
+}
+
+async fn register(State(node): State<AppState>, ApiJson(body): ApiJson<RegisterBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let user = node
+        .commands
+        .register(Register { name: body.name, email: body.email, password: body.password })
+        .await?;
+    let token = node.auth.issue(&user.id);
+    Ok((StatusCode::CREATED, Json(json!({ "success": true, "token": token, "user": public_user(&user) }))))
+}
+
+async fn login(State(node): State<AppState>, ApiJson(body): ApiJson<LoginBody>) -> Result<Json<Value>, ApiError> {
+    let user = node.commands.login(&body.email, body.password).await?;
+    let token = node.auth.issue(&user.id);
+    Ok(Json(json!({ "success": true, "token": token, "user": public_user(&user) })))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/auth/register", post(register)).route("/api/auth/login", post(login))
+}

@@ -1,0 +1,143 @@
+//! Direct messages, as the original app's routes:
+//!
+//! - `GET /api/messages/{peerId}?before=<seq>&limit=<n>`: the conversation,
+//!   oldest first (the newest page unless `before`), and marks it seen.
+//! - `POST /api/messages/{peerId}` `{message, clientMsgId?}`.
+//! - `POST /api/attachments` `{otherId, attachmentSent, clientMsgId?}`.
+//! - `PATCH /api/messages/{messageId}/seen`: that message and all before it.
+//!
+//! The caller is always the token's `sub`; a `senderId` in a body is ignored.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use natter_projections::MessageView;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::Caller;
+use super::{ApiError, ApiJson, AppState};
+use crate::commands::send::SendMessage;
+use crate::node::Node;
+
+pub const DEFAULT_PAGE: u32 = 100;
+pub const MAX_PAGE: u32 = 500;
+
+/// A message as clients see it: the original app's shape plus `seq` and
+/// `clientMsgId`. `seen` is derived from the receiver's read watermark.
+pub fn message_json(m: &MessageView, seen: bool) -> Value {
+    let mut v = json!({
+        "_id": m.id,
+        "senderId": m.sender_id,
+        "receiverId": m.receiver_id,
+        "seen": seen,
+        "seq": m.seq,
+        "createdAt": m.created_at,
+        "updatedAt": m.created_at,
+    });
+    let obj = v.as_object_mut().expect("object");
+    if let Some(text) = &m.message {
+        obj.insert("message".into(), json!(text));
+    }
+    if let Some(url) = &m.attachment {
+        obj.insert("attachment".into(), json!(url));
+    }
+    if let Some(c) = &m.client_msg_id {
+        obj.insert("clientMsgId".into(), json!(c));
+    }
+    v
+}
+
+async fn is_seen(node: &Node, m: &MessageView) -> Result<bool, ApiError> {
+    let marks = node.views.watermarks(&m.conversation).await?;
+    Ok(marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    before: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn history(
+    State(node): State<AppState>,
+    Caller(me): Caller,
+    Path(peer): Path<String>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_PAGE}")));
+    }
+    if q.before == Some(0) {
+        return Err(ApiError::bad_request("before must be a message seq of 1 or more"));
+    }
+    node.commands.open_conversation(&me, &peer).await?;
+    let conversation = natter_events::subjects::dm_conversation(&me, &peer);
+    let (page, marks) = tokio::join!(
+        node.views.messages(&conversation, q.before, limit),
+        node.views.watermarks(&conversation)
+    );
+    let (page, marks) = (page?, marks?);
+    let out: Vec<Value> = page
+        .iter()
+        .map(|m| message_json(m, marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq)))
+        .collect();
+    Ok(Json(Value::Array(out)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendBody {
+    message: Option<String>,
+    client_msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AttachmentBody {
+    other_id: Option<String>,
+    attachment_sent: Option<String>,
+    client_msg_id: Option<String>,
+}
+
+async fn sent(node: &Node, cmd: SendMessage, what: &str) -> Result<Json<Value>, ApiError> {
+    let m = node.commands.send(cmd).await?;
+    let seen = is_seen(node, &m).await?;
+    Ok(Json(json!({ "success": true, "message": format!("{what} Sent Successfully"), "data": message_json(&m, seen) })))
+}
+
+async fn send(
+    State(node): State<AppState>,
+    Caller(me): Caller,
+    Path(peer): Path<String>,
+    ApiJson(body): ApiJson<SendBody>,
+) -> Result<Json<Value>, ApiError> {
+    let cmd = SendMessage { sender: me, receiver: peer, message: body.message, attachment: None, client_msg_id: body.client_msg_id };
+    sent(&node, cmd, "Message").await
+}
+
+async fn send_attachment(
+    State(node): State<AppState>,
+    Caller(me): Caller,
+    ApiJson(body): ApiJson<AttachmentBody>,
+) -> Result<Json<Value>, ApiError> {
+    let receiver = body.other_id.ok_or_else(|| ApiError::bad_request("otherId is required"))?;
+    let attachment = body.attachment_sent.ok_or_else(|| ApiError::bad_request("attachmentSent is required"))?;
+    let cmd = SendMessage { sender: me, receiver, message: None, attachment: Some(attachment), client_msg_id: body.client_msg_id };
+    sent(&node, cmd, "Attachment").await
+}
+
+async fn mark_seen(State(node): State<AppState>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let up_to = node.commands.mark_seen(&me, &id).await?;
+    Ok(Json(json!({ "success": true, "upToSeq": up_to })))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/messages/{id}", get(history).post(send))
+        .route("/api/messages/{id}/seen", patch(mark_seen))
+        .route("/api/attachments", post(send_attachment))
+}

@@ -1,0 +1,54 @@
+//! The event-log port: append with an expected per-subject position, read
+//! the last event of a subject, read any event by its log sequence.
+//!
+//! The command side holds an `Arc<dyn EventLog>`; [`nats`] is the JetStream
+//! adapter. The embedded adapter (issue 6) implements the same trait.
+
+pub mod nats;
+
+use async_trait::async_trait;
+use natter_events::{DecodeError, Envelope};
+use thiserror::Error;
+
+/// An event as stored in the log.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// The log's own sequence (JetStream stream sequence).
+    pub log_seq: u64,
+    pub envelope: Envelope,
+}
+
+#[derive(Debug)]
+pub struct Appended {
+    pub log_seq: u64,
+    /// The command id was already in the log: nothing was appended and
+    /// `log_seq` is the original event's.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum LogError {
+    /// Another event was appended to the subject since it was read.
+    #[error("the subject moved on since it was read (optimistic concurrency conflict)")]
+    Conflict,
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
+    #[error("event at log sequence {seq} cannot be decoded: {source}")]
+    Corrupt { seq: u64, source: DecodeError },
+}
+
+#[async_trait]
+pub trait EventLog: Send + Sync {
+    /// The newest event on `subject`, if any.
+    async fn last(&self, subject: &str) -> Result<Option<Logged>, LogError>;
+    /// Appends `env` on its subject if the subject's newest event is still
+    /// the one at log sequence `expected_last` (0: the subject is empty).
+    /// Deduplicates on `env.command_id`.
+    async fn append(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError>;
+    /// The event at log sequence `seq`.
+    async fn get(&self, seq: u64) -> Result<Logged, LogError>;
+    /// Sequence of the newest event in the whole log (0: empty).
+    async fn head(&self) -> Result<u64, LogError>;
+    /// Whether the log can take writes now (for `/readyz`).
+    async fn check(&self) -> Result<(), LogError>;
+}

@@ -1,0 +1,145 @@
+//! JetStream adapter of the event log.
+//!
+//! One stream (default `NATTER`) holds `<prefix>.ev.>`. Appends carry
+//! `Nats-Msg-Id` = command id (the stream dedups within its duplicate
+//! window) and `Nats-Expected-Last-Subject-Sequence` (optimistic
+//! concurrency per conversation). A second stream, `<stream>_PARKED`, holds
+//! `<prefix>.parked.>`: events a projector could not apply.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_trait::async_trait;
+use natter_events::{Envelope, subjects};
+
+use super::{Appended, EventLog, LogError, Logged};
+
+#[derive(Clone)]
+pub struct NatsLog {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: String,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(format!("nats: {e}"))
+}
+
+/// Subject filter of the parked-events stream.
+pub fn parked_subject(prefix: &str, projection: &str) -> String {
+    format!("{prefix}.parked.{projection}")
+}
+
+impl NatsLog {
+    /// Connects and makes sure the streams exist. Fails fast (no silent retry
+    /// loop) when the server cannot be reached, so a wrong URL is a clear
+    /// start-up error.
+    pub async fn connect(url: &str, stream: &str, prefix: &str, dedup_window: Duration) -> anyhow::Result<NatsLog> {
+        let client = async_nats::ConnectOptions::new()
+            .name("natter")
+            .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {url}: {e}"))?;
+        // retry_on_initial_connect returns at once; wait for the first connection.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("cannot connect to NATS at {url} within 10 s: is nats-server running with JetStream?");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let js = jetstream::new(client.clone());
+        js.get_or_create_stream(stream::Config {
+            name: stream.to_owned(),
+            subjects: vec![subjects::all_events(prefix)],
+            storage: stream::StorageType::File,
+            duplicate_window: dedup_window,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating JetStream stream {stream} on {url}: {e} (is JetStream enabled?)"))?;
+        js.get_or_create_stream(stream::Config {
+            name: format!("{stream}_PARKED"),
+            subjects: vec![format!("{prefix}.parked.>")],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating JetStream stream {stream}_PARKED: {e}"))?;
+        Ok(NatsLog { client, js, stream: stream.to_owned() })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.stream
+    }
+
+    async fn stream(&self) -> Result<stream::Stream, LogError> {
+        self.js.get_stream(&self.stream).await.map_err(unavailable)
+    }
+
+    fn decode(seq: u64, payload: &[u8]) -> Result<Logged, LogError> {
+        let envelope = Envelope::decode(payload).map_err(|source| LogError::Corrupt { seq, source })?;
+        Ok(Logged { log_seq: seq, envelope })
+    }
+}
+
+#[async_trait]
+impl EventLog for NatsLog {
+    async fn last(&self, subject: &str) -> Result<Option<Logged>, LogError> {
+        let stream = self.stream().await?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(msg) => Self::decode(msg.sequence, &msg.payload).map(Some),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn append(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(env.encode().into())
+            .message_id(&env.command_id)
+            .expected_last_subject_sequence(expected_last);
+        let ack = self
+            .js
+            .send_publish(env.subject.clone(), publish)
+            .await
+            .map_err(unavailable)?
+            .await;
+        match ack {
+            Ok(ack) => Ok(Appended { log_seq: ack.sequence, duplicate: ack.duplicate }),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(LogError::Conflict),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn get(&self, seq: u64) -> Result<Logged, LogError> {
+        let stream = self.stream().await?;
+        let msg = stream.get_raw_message(seq).await.map_err(unavailable)?;
+        Self::decode(msg.sequence, &msg.payload)
+    }
+
+    async fn head(&self) -> Result<u64, LogError> {
+        let mut stream = self.stream().await?;
+        let info = stream.info().await.map_err(unavailable)?;
+        Ok(info.state.last_sequence)
+    }
+
+    async fn check(&self) -> Result<(), LogError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(LogError::Unavailable("nats: not connected".into()));
+        }
+        self.head().await.map(|_| ())
+    }
+}

@@ -1,0 +1,59 @@
+//! The `natter` binary: `natter serve` (the default) runs a node.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use natter::config::{Config, ServeArgs};
+
+#[derive(Parser)]
+#[command(name = "natter", version, about = "Event-sourced, horizontally scaled chat backend")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (the default).
+    Serve(ServeArgs),
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => cli.serve,
+    };
+    let cfg = Config::resolve(&args)?;
+    natter::telemetry::init(cfg.log_json);
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (port in use? set NATTER_PORT)"))?;
+    let running = natter::node::start(cfg, listener).await?;
+    let stop = running.shutdown_handle();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested: draining requests and stopping projectors");
+        let _ = stop.send(true);
+    });
+    running.wait().await;
+    tracing::info!("natter stopped");
+    Ok(())
+}

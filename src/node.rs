@@ -1,0 +1,172 @@
+//! A natter node: connects its adapters, starts its projectors, serves HTTP,
+//! and drains on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mongodb::bson::doc;
+use natter_projections::mongo::MongoViews;
+use natter_projections::redis_counts::RedisCounts;
+use natter_projections::{CountStore, Projection, ViewStore};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::Auth;
+use crate::commands::{Commands, Limits};
+use crate::config::Config;
+use crate::log::EventLog;
+use crate::log::nats::NatsLog;
+use crate::metrics::Metrics;
+use crate::projector::Projector;
+
+/// The state every request handler shares.
+pub struct Node {
+    pub cfg: Config,
+    pub commands: Commands,
+    pub log: Arc<dyn EventLog>,
+    pub views: Arc<dyn ViewStore>,
+    pub counts: Arc<dyn CountStore>,
+    pub auth: Auth,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A started node: its address, and the handle to stop it.
+pub struct RunningNode {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Stops accepting, lets in-flight requests finish, stops projectors.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Waits until the node stops (after [`RunningNode::stop`] or a signal).
+    pub async fn wait(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+async fn connect_mongo(url: &str, db: &str) -> anyhow::Result<mongodb::Database> {
+    let mut options = mongodb::options::ClientOptions::parse(url)
+        .await
+        .with_context(|| format!("NATTER_MONGO_URL {url:?} is not a valid MongoDB URL"))?;
+    options.app_name = Some("natter".into());
+    options.server_selection_timeout = Some(Duration::from_secs(5));
+    options.connect_timeout = Some(Duration::from_secs(5));
+    let client = mongodb::Client::with_options(options)?;
+    let db = client.database(db);
+    db.run_command(doc! {"ping": 1})
+        .await
+        .with_context(|| format!("cannot reach MongoDB at {url} (is it running?)"))?;
+    Ok(db)
+}
+
+async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
+    let client = redis::Client::open(url).with_context(|| format!("NATTER_REDIS_URL {url:?} is not a valid Redis URL"))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), redis::aio::ConnectionManager::new_with_config(client, config))
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot reach Redis at {url} within 10 s"))?
+        .with_context(|| format!("cannot reach Redis at {url} (is it running?)"))?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .with_context(|| format!("Redis at {url} does not answer PING"))?;
+    Ok(conn)
+}
+
+/// Connects everything and starts serving on `listener`.
+pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Result<RunningNode> {
+    let missing = cfg.missing_services();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "natter needs NATS, MongoDB and Redis; set {} (scripts/run.sh starts all three locally). \
+             The embedded single-node mode is not available yet.",
+            missing.join(", ")
+        );
+    }
+    let (nats_url, mongo_url, redis_url) = (
+        cfg.nats_url.clone().unwrap_or_default(),
+        cfg.mongo_url.clone().unwrap_or_default(),
+        cfg.redis_url.clone().unwrap_or_default(),
+    );
+    let auth = Auth::from_config(&cfg)?;
+    let (log, db, redis) = tokio::try_join!(
+        NatsLog::connect(&nats_url, &cfg.stream, &cfg.subject_prefix, cfg.dedup_window),
+        connect_mongo(&mongo_url, &cfg.mongo_db),
+        connect_redis(&redis_url),
+    )?;
+    let mongo = Arc::new(
+        MongoViews::open(&db)
+            .await
+            .with_context(|| format!("creating view indexes in MongoDB database {}", cfg.mongo_db))?,
+    );
+    let counts = Arc::new(RedisCounts::new(redis, cfg.redis_prefix.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let log_port: Arc<dyn EventLog> = Arc::new(log.clone());
+    let commands = Commands::new(
+        log_port.clone(),
+        mongo.clone(),
+        counts.clone(),
+        cfg.subject_prefix.clone(),
+        Limits { max_message_chars: cfg.max_message_chars, max_attachment_chars: cfg.max_attachment_chars },
+        metrics.clone(),
+    );
+    let node = Arc::new(Node {
+        cfg: cfg.clone(),
+        commands,
+        log: log_port,
+        views: mongo.clone(),
+        counts: counts.clone(),
+        auth,
+        metrics: metrics.clone(),
+    });
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let projections: [Arc<dyn Projection>; 2] = [mongo, counts];
+    for projection in projections {
+        let projector = Projector {
+            js: log.jetstream().clone(),
+            stream: cfg.stream.clone(),
+            prefix: cfg.subject_prefix.clone(),
+            projection,
+            metrics: metrics.clone(),
+        };
+        tasks.push(tokio::spawn(projector.run(shutdown_rx.clone())));
+    }
+
+    let addr = listener.local_addr()?;
+    let app = crate::http::router(node.clone());
+    let mut rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let stopped = async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+    tracing::info!(
+        %addr, nats = %nats_url, mongo = %mongo_url, redis = %redis_url,
+        stream = %cfg.stream, db = %cfg.mongo_db, "natter node serving (distributed mode)"
+    );
+    Ok(RunningNode { addr, node, shutdown, tasks })
+}

@@ -1,0 +1,141 @@
+//! Projector runtime over JetStream: consume → apply → acknowledge.
+//!
+//! Each projection has its own durable pull consumer, `<name>-v<version>`,
+//! shared by every node: JetStream hands each event to one node at a time,
+//! and the consumer's acknowledged position is the projection's checkpoint.
+//! An event is acknowledged only after it has been applied, so the
+//! checkpoint never passes an unapplied event. A store that is down gets the
+//! event back later (nak with delay); a poison event (undecodable, or one the
+//! projection refuses) is parked on `<prefix>.parked.<projection>` with the
+//! reason, counted, and acknowledged, so it cannot stall the projector.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use natter_events::Envelope;
+use natter_projections::{ApplyError, Projection};
+use tokio::sync::watch;
+
+use crate::log::nats::parked_subject;
+use crate::metrics::Metrics;
+
+pub struct Projector {
+    pub js: jetstream::Context,
+    pub stream: String,
+    pub prefix: String,
+    pub projection: Arc<dyn Projection>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Projector {
+    pub fn durable_name(&self) -> String {
+        format!("{}-v{}", self.projection.name(), self.projection.version())
+    }
+
+    /// Runs until `shutdown` turns true. Connection trouble is logged and
+    /// retried; it never ends the loop.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let name = self.projection.name();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.consume(&mut shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(projection = name, error = %e, "projector lost its consumer; retrying in 1 s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consume(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        let durable = self.durable_name();
+        let stream = self.js.get_stream(&self.stream).await?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &durable,
+                pull::Config {
+                    durable_name: Some(durable.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 1024,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer.messages().await?;
+        loop {
+            let next = tokio::select! {
+                next = messages.next() => next,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let msg = match next {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    tracing::warn!(projection = self.projection.name(), error = %e, "consumer stream error");
+                    continue;
+                }
+                None => anyhow::bail!("consumer {durable} stream ended"),
+            };
+            self.handle(&msg).await;
+        }
+    }
+
+    async fn handle(&self, msg: &jetstream::Message) {
+        let name = self.projection.name();
+        let (seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
+        self.metrics.projection_lag(name, pending);
+        let outcome = match Envelope::decode(&msg.payload) {
+            Err(e) => Err(ApplyError::Poison(e.to_string())),
+            Ok(env) => {
+                let span = tracing::debug_span!("project", projection = name, seq, event = %env.id, kind = env.event.type_name());
+                let _guard = span.enter();
+                self.projection.apply(&env).await
+            }
+        };
+        let ack = match outcome {
+            Ok(()) => {
+                self.metrics.projection_applied(name);
+                AckKind::Ack
+            }
+            Err(ApplyError::Poison(reason)) => match self.park(msg, seq, &reason).await {
+                Ok(()) => {
+                    tracing::error!(projection = name, seq, %reason, "parked a poison event; the projector goes on");
+                    self.metrics.projection_parked(name);
+                    AckKind::Ack
+                }
+                Err(e) => {
+                    tracing::error!(projection = name, seq, error = %e, "cannot park a poison event; will retry");
+                    AckKind::Nak(Some(Duration::from_secs(1)))
+                }
+            },
+            Err(ApplyError::Unavailable(e)) => {
+                tracing::warn!(projection = name, seq, error = %e, "view store unavailable; event will be redelivered");
+                AckKind::Nak(Some(Duration::from_millis(500)))
+            }
+        };
+        if let Err(e) = msg.ack_with(ack).await {
+            tracing::warn!(projection = name, seq, error = %e, "acknowledgement lost; the event will be redelivered and re-applied (idempotent)");
+        }
+    }
+
+    async fn park(&self, msg: &jetstream::Message, seq: u64, reason: &str) -> anyhow::Result<()> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Natter-Stream-Seq", seq.to_string().as_str());
+        headers.insert("Natter-Reason", reason.replace(['\r', '\n'], " ").as_str());
+        self.js
+            .publish_with_headers(parked_subject(&self.prefix, self.projection.name()), headers, msg.payload.clone())
+            .await?
+            .await?;
+        Ok(())
+    }
+}
