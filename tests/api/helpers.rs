@@ -1,0 +1,169 @@
+//! Spawns natter nodes in-process on port 0 against the shared services,
+//! each test with its own stream / subject prefix / database / key prefix.
+
+use std::time::Duration;
+
+use natter::config::Config;
+use natter::log::EventLog;
+use natter::log::nats::NatsLog;
+use natter::node::RunningNode;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+pub const SECRET: &str = "test-secret-do-not-use";
+
+fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the suite with scripts/test.sh, which starts NATS, Redis and MongoDB and exports their URLs")
+    })
+}
+
+/// Several nodes sharing one log, one database and one Redis namespace.
+pub struct Cluster {
+    pub cfg: Config,
+    pub nodes: Vec<RunningNode>,
+    pub http: reqwest::Client,
+    log: NatsLog,
+}
+
+pub struct User {
+    pub id: String,
+    pub token: String,
+    pub email: String,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl Reply {
+    #[track_caller]
+    pub fn ok(self) -> Value {
+        assert!(self.status.is_success(), "expected success, got {}: {}", self.status, self.body);
+        self.body
+    }
+}
+
+impl Cluster {
+    pub async fn start(nodes: usize) -> Cluster {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let cfg = Config {
+            host: "127.0.0.1".into(),
+            port: 0,
+            nats_url: Some(service("NATTER_NATS_URL")),
+            mongo_url: Some(service("NATTER_MONGO_URL")),
+            redis_url: Some(service("NATTER_REDIS_URL")),
+            mongo_db: format!("natter_t{id}"),
+            redis_prefix: format!("t{id}:"),
+            stream: format!("T{id}"),
+            subject_prefix: format!("t{id}"),
+            jwt_secret: Some(SECRET.to_string().into()),
+            max_message_chars: 200,
+            max_body_bytes: 8 * 1024,
+            ..Config::default()
+        };
+        let mut cluster = Cluster {
+            log: NatsLog::connect(cfg.nats_url.as_deref().unwrap(), &cfg.stream, &cfg.subject_prefix, cfg.dedup_window)
+                .await
+                .expect("connect to NATS"),
+            cfg,
+            nodes: Vec::new(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        };
+        for _ in 0..nodes {
+            cluster.add_node().await;
+        }
+        cluster
+    }
+
+    pub async fn add_node(&mut self) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node = natter::node::start(self.cfg.clone(), listener).await.expect("start node");
+        self.nodes.push(node);
+    }
+
+    pub fn url(&self, node: usize, path: &str) -> String {
+        format!("http://{}{path}", self.nodes[node].addr)
+    }
+
+    /// Number of events in the log.
+    pub async fn log_head(&self) -> u64 {
+        self.log.head().await.expect("log head")
+    }
+
+    pub async fn request(&self, node: usize, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Reply {
+        let mut req = self.http.request(method, self.url(node, path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, body }
+    }
+
+    /// A raw request: any body bytes and headers.
+    pub async fn raw(&self, node: usize, method: Method, path: &str, token: &str, content_type: Option<&str>, body: Vec<u8>) -> Reply {
+        let mut req = self.http.request(method, self.url(node, path)).bearer_auth(token).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let res = req.send().await.expect("request");
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, body }
+    }
+
+    pub async fn register(&self, node: usize, name: &str) -> User {
+        let email = format!("{}-{}@example.com", name.to_lowercase(), uuid::Uuid::new_v4().simple());
+        let body = self
+            .request(node, Method::POST, "/api/auth/register", None, Some(json!({"name": name, "email": email, "password": "password123"})))
+            .await
+            .ok();
+        User {
+            id: body["user"]["_id"].as_str().unwrap().to_owned(),
+            token: body["token"].as_str().unwrap().to_owned(),
+            email,
+        }
+    }
+
+    pub async fn send(&self, node: usize, from: &User, to: &User, text: &str, client_msg_id: Option<&str>) -> Reply {
+        let mut body = json!({"message": text});
+        if let Some(c) = client_msg_id {
+            body["clientMsgId"] = json!(c);
+        }
+        self.request(node, Method::POST, &format!("/api/messages/{}", to.id), Some(&from.token), Some(body)).await
+    }
+
+    /// `GET /api/messages/:peer` (marks the conversation seen).
+    pub async fn history(&self, node: usize, me: &User, peer: &User) -> Vec<Value> {
+        let body = self
+            .request(node, Method::GET, &format!("/api/messages/{}?limit=500", peer.id), Some(&me.token), None)
+            .await
+            .ok();
+        body.as_array().expect("history is an array").clone()
+    }
+
+    /// `unseenMessages` of `GET /api/users`.
+    pub async fn unseen(&self, node: usize, me: &User) -> Value {
+        self.request(node, Method::GET, "/api/users", Some(&me.token), None).await.ok()["unseenMessages"].clone()
+    }
+
+    pub async fn unseen_from(&self, node: usize, me: &User, peer: &User) -> u64 {
+        self.unseen(node, me).await.get(&peer.id).and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    pub async fn stop(self) {
+        for node in self.nodes {
+            node.stop().await;
+        }
+        let _ = self.log.jetstream().delete_stream(&self.cfg.stream).await;
+        let _ = self.log.jetstream().delete_stream(format!("{}_PARKED", self.cfg.stream)).await;
+    }
+}

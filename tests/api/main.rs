@@ -1,0 +1,14 @@
+//! End-to-end tests of the REST API against real NATS (JetStream), Redis and
+//! a MongoDB-protocol server. Run them with `scripts/test.sh`, which starts
+//! the services and exports their URLs; every test gets its own stream,
+//! subject prefix, database and key prefix, so tests run in parallel.
+
+mod helpers;
+
+mod authorization;
+mod bad_input;
+mod concurrency;
+mod idempotency;
+mod multi_node;
+mod tokens;
+mod unseen;
