@@ -61,7 +61,7 @@ impl RunningNode {
     }
 }
 
-async fn connect_mongo(url: &str, db: &str) -> anyhow::Result<mongodb::Database> {
+pub async fn connect_mongo(url: &str, db: &str) -> anyhow::Result<mongodb::Database> {
     let mut options = mongodb::options::ClientOptions::parse(url)
         .await
         .with_context(|| format!("NATTER_MONGO_URL {url:?} is not a valid MongoDB URL"))?;
@@ -76,7 +76,7 @@ async fn connect_mongo(url: &str, db: &str) -> anyhow::Result<mongodb::Database>
     Ok(db)
 }
 
-async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
+pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
     let client = redis::Client::open(url).with_context(|| format!("NATTER_REDIS_URL {url:?} is not a valid Redis URL"))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))

@@ -10,6 +10,9 @@
 //! - [`mongo`]: MongoDB view store: users, messages, conversation
 //!   watermarks. Every write is an upsert keyed by the event's own ids or a
 //!   `$max`, so applying an event twice, or out of order, changes nothing.
+//! - [`memory`]: in-memory twins of both, with the same semantics.
+//! - [`history`]: builds event histories from plain commands (tests,
+//!   benchmarks, and the convergence property tests).
 //! - [`redis_counts`]: Redis unseen counts, one hash per user
 //!   (peer → count), guarded per conversation by event position.
 //!
@@ -18,6 +21,8 @@
 //! pattern, which is what lets the writing node apply its own event at once
 //! (read-your-writes) while the durable consumer applies it again later.
 
+pub mod history;
+pub mod memory;
 pub mod mongo;
 pub mod projection;
 pub mod redis_counts;

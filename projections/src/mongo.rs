@@ -4,7 +4,11 @@
 //! - `users`: `_id` = user id, unique `email`.
 //! - `messages`: `_id` = message id, unique `commandId` (the idempotency key)
 //!   and unique `(conversation, seq)`.
-//! - `conversations`: `_id` = `<lo>.<hi>`, `watermarks.<userId>` = seq.
+//! - `conversations`: `_id` = `<lo>.<hi>`, `wm_<userId>` = that reader's
+//!   watermark. Top-level fields rather than a nested `watermarks.<userId>`
+//!   path: nx-27017 (the test suite's MongoDB-protocol server) stores a dotted
+//!   `$max` path of an upsert-insert as a literal field name, and top-level
+//!   fields behave the same on it and on MongoDB.
 //!
 //! Writes are `$setOnInsert` upserts keyed by ids from the event, or `$max`
 //! on watermarks: applying any event twice, or events out of order, leaves
@@ -25,6 +29,8 @@ use crate::projection::{ApplyError, Projection};
 use crate::views::{MessageView, StoreError, UserView, ViewStore};
 
 const DUPLICATE_KEY: i32 = 11000;
+/// Prefix of a reader's watermark field in a `conversations` document.
+const WATERMARK: &str = "wm_";
 
 #[derive(Clone)]
 pub struct MongoViews {
@@ -124,7 +130,7 @@ impl ViewStore for MongoViews {
             }
             Event::MessagesSeen(e) => {
                 let conversation = subjects::dm_conversation(&e.reader_id, &e.peer_id);
-                let field = format!("watermarks.{}", e.reader_id);
+                let field = format!("{WATERMARK}{}", e.reader_id);
                 self.conversations
                     .update_one(doc! {"_id": conversation}, doc! {"$max": {field: e.up_to_seq as i64}})
                     .upsert(true)
@@ -193,10 +199,10 @@ impl ViewStore for MongoViews {
             .await
             .map_err(unavailable)?;
         let mut out = HashMap::new();
-        if let Some(Ok(marks)) = doc.as_ref().map(|d| d.get_document("watermarks")) {
-            for (user, seq) in marks {
+        for (field, seq) in doc.iter().flatten() {
+            if let Some(user) = field.strip_prefix(WATERMARK) {
                 let seq = seq.as_i64().or_else(|| seq.as_i32().map(i64::from)).unwrap_or(0);
-                out.insert(user.clone(), u64::try_from(seq).unwrap_or(0));
+                out.insert(user.to_owned(), u64::try_from(seq).unwrap_or(0));
             }
         }
         Ok(out)

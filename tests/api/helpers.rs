@@ -23,7 +23,28 @@ pub struct Cluster {
     pub cfg: Config,
     pub nodes: Vec<RunningNode>,
     pub http: reqwest::Client,
-    log: NatsLog,
+    pub log: NatsLog,
+}
+
+/// Polls `check` until it holds, failing the test after 20 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after 20 s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A token natter accepts for `user_id` (signed with the test secret).
+pub fn token_for(user_id: &str) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = json!({"sub": user_id, "exp": now + 3600, "iat": now, "iss": "natter", "aud": "natter"});
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()))
+        .unwrap()
 }
 
 pub struct User {
@@ -157,6 +178,15 @@ impl Cluster {
 
     pub async fn unseen_from(&self, node: usize, me: &User, peer: &User) -> u64 {
         self.unseen(node, me).await.get(&peer.id).and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    /// A counter or gauge of one node's `/metrics` (0 when absent).
+    pub async fn metric(&self, node: usize, series: &str) -> f64 {
+        let text = self.http.get(self.url(node, "/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0.0)
     }
 
     pub async fn stop(self) {

@@ -10,5 +10,6 @@ mod bad_input;
 mod concurrency;
 mod idempotency;
 mod multi_node;
+mod projections;
 mod tokens;
 mod unseen;

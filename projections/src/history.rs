@@ -1,0 +1,195 @@
+//! Event histories from plain commands, and snapshots of views to compare.
+//!
+//! [`History`] plays the command side's decisions (the same `DmState`
+//! transitions) without a log, producing the envelopes a real log would
+//! hold. [`History::expected_unseen`] computes unseen counts from their
+//! *definition* (the peer's messages above my watermark), independently of
+//! the arithmetic the projections use. [`snapshot`] reads every view back
+//! through the store ports so two stores can be compared for equality.
+
+use std::collections::{BTreeMap, HashMap};
+
+use natter_events::{DmState, Envelope, Event, MessageSent, MessagesSeen, UserRegistered, subjects};
+
+use crate::views::{CountStore, MessageView, StoreError, UserView, ViewStore};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sent {
+    seq: u64,
+    sender: String,
+    receiver: String,
+    sender_count: u64,
+}
+
+pub struct History {
+    prefix: String,
+    pub users: Vec<String>,
+    pub envelopes: Vec<Envelope>,
+    states: HashMap<String, DmState>,
+    positions: HashMap<String, u64>,
+    sent: HashMap<String, Vec<Sent>>,
+}
+
+impl History {
+    /// A history that starts with `users` registrations.
+    pub fn new(prefix: &str, users: usize) -> History {
+        let mut h = History {
+            prefix: prefix.to_owned(),
+            users: Vec::new(),
+            envelopes: Vec::new(),
+            states: HashMap::new(),
+            positions: HashMap::new(),
+            sent: HashMap::new(),
+        };
+        for i in 0..users {
+            let user_id = format!("u{i}-{}", uuid::Uuid::now_v7().simple());
+            let event = UserRegistered {
+                user_id: user_id.clone(),
+                name: format!("User {i}"),
+                email: format!("{user_id}@example.com"),
+                password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+            };
+            let subject = subjects::account(prefix, &user_id);
+            h.push(format!("register:{user_id}"), subject, Event::UserRegistered(event));
+            h.users.push(user_id);
+        }
+        h
+    }
+
+    fn push(&mut self, command_id: String, subject: String, event: Event) {
+        let position = self.positions.entry(subject.clone()).or_insert(0);
+        *position += 1;
+        let env = Envelope::new(command_id, subject, *position, event);
+        self.envelopes.push(env);
+    }
+
+    fn state(&self, a: &str, b: &str) -> DmState {
+        self.states.get(&subjects::dm_conversation(a, b)).cloned().unwrap_or_else(|| DmState::new(a, b))
+    }
+
+    /// User `from` sends a message to user `to` (indexes into `users`).
+    pub fn send(&mut self, from: usize, to: usize) {
+        let (from, to) = (self.users[from].clone(), self.users[to].clone());
+        assert_ne!(from, to, "no conversation with oneself");
+        let (state, seq, sender_count) = self.state(&from, &to).after_send(&from);
+        let conversation = subjects::dm_conversation(&from, &to);
+        self.states.insert(conversation.clone(), state.clone());
+        self.sent.entry(conversation).or_default().push(Sent {
+            seq,
+            sender: from.clone(),
+            receiver: to.clone(),
+            sender_count,
+        });
+        let message_id = uuid::Uuid::now_v7().to_string();
+        let event = MessageSent {
+            message_id: message_id.clone(),
+            client_msg_id: None,
+            sender_id: from.clone(),
+            receiver_id: to.clone(),
+            message: Some(format!("message {seq}")),
+            attachment: None,
+            seq,
+            sender_count,
+            state,
+        };
+        let subject = subjects::dm(&self.prefix, &from, &to);
+        self.push(format!("{from}:{message_id}"), subject, Event::MessageSent(event));
+    }
+
+    /// `reader` marks the `nth` (modulo) message `peer` sent them as seen;
+    /// nothing happens if the watermark would not move or there is none.
+    pub fn mark(&mut self, reader: usize, peer: usize, nth: usize) {
+        let (reader, peer) = (self.users[reader].clone(), self.users[peer].clone());
+        let conversation = subjects::dm_conversation(&reader, &peer);
+        let theirs: Vec<Sent> = self
+            .sent
+            .get(&conversation)
+            .map(|all| all.iter().filter(|m| m.sender == peer).cloned().collect())
+            .unwrap_or_default();
+        if theirs.is_empty() {
+            return;
+        }
+        let m = &theirs[nth % theirs.len()];
+        self.seen(&reader, &peer, m.seq, m.sender_count);
+    }
+
+    /// `reader` opens the conversation with `peer`.
+    pub fn open(&mut self, reader: usize, peer: usize) {
+        let (reader, peer) = (self.users[reader].clone(), self.users[peer].clone());
+        let state = self.state(&reader, &peer);
+        let peer_sent = state.side(&peer).map(|s| s.sent).unwrap_or(0);
+        if peer_sent > state.side(&reader).map(|s| s.seen_count).unwrap_or(0) {
+            self.seen(&reader, &peer, state.last_seq, peer_sent);
+        }
+    }
+
+    fn seen(&mut self, reader: &str, peer: &str, up_to_seq: u64, seen_count: u64) {
+        let Some(state) = self.state(reader, peer).after_seen(reader, up_to_seq, seen_count) else { return };
+        self.states.insert(subjects::dm_conversation(reader, peer), state.clone());
+        let event = MessagesSeen {
+            reader_id: reader.to_owned(),
+            peer_id: peer.to_owned(),
+            up_to_seq,
+            seen_count,
+            state,
+        };
+        let subject = subjects::dm(&self.prefix, reader, peer);
+        self.push(format!("{reader}:seen:{}", uuid::Uuid::now_v7()), subject, Event::MessagesSeen(event));
+    }
+
+    /// Every conversation that has at least one event.
+    pub fn conversations(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.states.keys().cloned().collect();
+        all.sort();
+        all
+    }
+
+    /// Unseen counts by definition: `peer`'s messages to `user` whose seq is
+    /// above `user`'s watermark in that conversation.
+    pub fn expected_unseen(&self, user: &str) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (conversation, messages) in &self.sent {
+            let watermark = self.states[conversation].side(user).map(|s| s.seen_seq).unwrap_or(0);
+            let n = messages.iter().filter(|m| m.receiver == user && m.seq > watermark).count() as u64;
+            if n > 0 {
+                let peer = &messages.iter().find(|m| m.receiver == user).expect("a message to user").sender;
+                out.insert(peer.clone(), n);
+            }
+        }
+        out
+    }
+}
+
+/// Everything the views hold about a set of users and conversations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub users: Vec<UserView>,
+    pub conversations: BTreeMap<String, (Vec<MessageView>, BTreeMap<String, u64>)>,
+    pub unseen: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// Reads the views of `users` and `conversations` back through the ports.
+pub async fn snapshot(
+    views: &dyn ViewStore,
+    counts: &dyn CountStore,
+    users: &[String],
+    conversations: &[String],
+) -> Result<Snapshot, StoreError> {
+    let mut all_users = Vec::new();
+    for u in users {
+        if let Some(view) = views.user(u).await? {
+            all_users.push(view);
+        }
+    }
+    let mut convs = BTreeMap::new();
+    for c in conversations {
+        let messages = views.messages(c, None, 10_000).await?;
+        let marks = views.watermarks(c).await?.into_iter().filter(|(_, w)| *w > 0).collect();
+        convs.insert(c.clone(), (messages, marks));
+    }
+    let mut unseen = BTreeMap::new();
+    for u in users {
+        unseen.insert(u.clone(), counts.unseen(u).await?.into_iter().collect());
+    }
+    Ok(Snapshot { users: all_users, conversations: convs, unseen })
+}

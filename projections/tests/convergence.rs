@@ -1,0 +1,103 @@
+//! Property: whatever the delivery pattern (duplicates, reordering across
+//! nodes, redelivery of a range after lost acks or a restart), the views end
+//! up equal to a clean in-order replay, and the unseen counts equal their
+//! definition.
+
+use futures::executor::block_on;
+use natter_projections::history::{History, snapshot};
+use natter_projections::memory::{MemoryCounts, MemoryViews};
+use natter_projections::{CountStore, ViewStore};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Send(usize, usize),
+    Mark(usize, usize, usize),
+    Open(usize, usize),
+}
+
+fn op(users: usize) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0..users, 0..users).prop_map(|(a, b)| Op::Send(a, b)),
+        2 => (0..users, 0..users, 0..20usize).prop_map(|(a, b, n)| Op::Mark(a, b, n)),
+        1 => (0..users, 0..users).prop_map(|(a, b)| Op::Open(a, b)),
+    ]
+}
+
+fn build(users: usize, ops: &[Op]) -> History {
+    let mut h = History::new("p", users);
+    for op in ops {
+        match *op {
+            Op::Send(a, b) if a != b => h.send(a, b),
+            Op::Mark(a, b, n) if a != b => h.mark(a, b, n),
+            Op::Open(a, b) if a != b => h.open(a, b),
+            _ => {}
+        }
+    }
+    h
+}
+
+/// A delivery schedule: every event at least once, some several times, in
+/// an order mixed by swaps, plus re-deliveries of whole ranges.
+fn schedule(len: usize) -> impl Strategy<Value = Vec<usize>> {
+    let swaps = prop::collection::vec((0..len.max(1), 0..len.max(1)), 0..(len * 2 + 1));
+    let dups = prop::collection::vec(0..len.max(1), 0..(len / 2 + 1));
+    let replays = prop::collection::vec((0..len.max(1), 0..len.max(1)), 0..3);
+    (swaps, dups, replays).prop_map(move |(swaps, dups, replays)| {
+        if len == 0 {
+            return Vec::new();
+        }
+        let mut order: Vec<usize> = (0..len).collect();
+        order.extend(dups);
+        for (from, to) in replays {
+            let (lo, hi) = (from.min(to), from.max(to));
+            order.extend(lo..=hi);
+        }
+        let n = order.len();
+        for (a, b) in swaps {
+            order.swap(a % n, b % n);
+        }
+        order
+    })
+}
+
+fn apply_all(h: &History, order: impl Iterator<Item = usize>) -> (MemoryViews, MemoryCounts) {
+    let (views, counts) = (MemoryViews::default(), MemoryCounts::default());
+    for i in order {
+        block_on(ViewStore::apply(&views, &h.envelopes[i])).expect("apply view");
+        block_on(CountStore::apply(&counts, &h.envelopes[i])).expect("apply count");
+    }
+    (views, counts)
+}
+
+fn history_and_schedule() -> impl Strategy<Value = (usize, Vec<Op>, Vec<usize>)> {
+    (2..5usize)
+        .prop_flat_map(|users| (Just(users), prop::collection::vec(op(users), 0..60)))
+        .prop_flat_map(|(users, ops)| {
+            let len = build(users, &ops).envelopes.len();
+            (Just(users), Just(ops), schedule(len))
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn any_delivery_pattern_converges_to_the_in_order_views((users, ops, order) in history_and_schedule()) {
+        let h = build(users, &ops);
+        let (clean_views, clean_counts) = apply_all(&h, 0..h.envelopes.len());
+        let (views, counts) = apply_all(&h, order.into_iter());
+        let convs = h.conversations();
+        let clean = block_on(snapshot(&clean_views, &clean_counts, &h.users, &convs)).unwrap();
+        let messy = block_on(snapshot(&views, &counts, &h.users, &convs)).unwrap();
+        prop_assert_eq!(&clean, &messy);
+        for u in &h.users {
+            prop_assert_eq!(&clean.unseen[u], &h.expected_unseen(u), "unseen counts of {} equal their definition", u);
+        }
+        // Gapless sequences per conversation.
+        for (messages, _) in clean.conversations.values() {
+            let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+            prop_assert_eq!(seqs, (1..=messages.len() as u64).collect::<Vec<_>>());
+        }
+    }
+}

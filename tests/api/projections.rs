@@ -1,0 +1,153 @@
+//! Projections against the real stores and the real projector runtime.
+
+use std::collections::BTreeMap;
+
+use natter::log::EventLog;
+use natter_events::Envelope;
+use natter_projections::history::{History, snapshot};
+use natter_projections::memory::{MemoryCounts, MemoryViews};
+use natter_projections::mongo::MongoViews;
+use natter_projections::redis_counts::RedisCounts;
+use natter_projections::{CountStore, ViewStore};
+use reqwest::Method;
+
+use crate::helpers::{Cluster, eventually, token_for};
+
+/// A deterministic pseudo-random history over `users` users.
+fn random_history(prefix: &str, users: usize, ops: usize, mut seed: u64) -> History {
+    let mut next = move |n: usize| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 33) as usize) % n
+    };
+    let mut h = History::new(prefix, users);
+    for _ in 0..ops {
+        let (a, b) = (next(users), next(users));
+        if a == b {
+            continue;
+        }
+        match next(8) {
+            0..=4 => h.send(a, b),
+            5 | 6 => h.mark(a, b, next(10)),
+            _ => h.open(a, b),
+        }
+    }
+    h
+}
+
+async fn memory_snapshot(h: &History) -> natter_projections::history::Snapshot {
+    let (views, counts) = (MemoryViews::default(), MemoryCounts::default());
+    for env in &h.envelopes {
+        ViewStore::apply(&views, env).await.unwrap();
+        CountStore::apply(&counts, env).await.unwrap();
+    }
+    snapshot(&views, &counts, &h.users, &h.conversations()).await.unwrap()
+}
+
+#[tokio::test]
+async fn mongo_and_redis_adapters_converge_like_the_in_memory_store() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let db = natter::node::connect_mongo(&std::env::var("NATTER_MONGO_URL").unwrap(), &format!("natter_p{}", &id[..12]))
+        .await
+        .unwrap();
+    let redis = natter::node::connect_redis(&std::env::var("NATTER_REDIS_URL").unwrap()).await.unwrap();
+    let views = MongoViews::open(&db).await.unwrap();
+    let counts = RedisCounts::new(redis, format!("p{}:", &id[..12]));
+
+    let h = random_history("p", 4, 120, 7);
+    // Messy delivery: everything backwards, then everything again in order,
+    // then every third event once more.
+    let n = h.envelopes.len();
+    let order = (0..n).rev().chain(0..n).chain((0..n).step_by(3));
+    for i in order {
+        ViewStore::apply(&views, &h.envelopes[i]).await.unwrap();
+        CountStore::apply(&counts, &h.envelopes[i]).await.unwrap();
+    }
+    let real = snapshot(&views, &counts, &h.users, &h.conversations()).await.unwrap();
+    assert_eq!(real, memory_snapshot(&h).await);
+    for u in &h.users {
+        assert_eq!(real.unseen[u], h.expected_unseen(u));
+    }
+    db.drop().await.unwrap();
+}
+
+/// Appends a history straight to the log, as another node would, without
+/// applying it to the views.
+async fn append_all(c: &Cluster, envelopes: &[Envelope]) {
+    for env in envelopes {
+        let expected = c.log.last(&env.subject).await.unwrap().map(|l| l.log_seq).unwrap_or(0);
+        c.log.append(env, expected).await.unwrap();
+    }
+}
+
+async fn unseen_via_api(c: &Cluster, node: usize, user: &str) -> BTreeMap<String, u64> {
+    let r = c.request(node, Method::GET, "/api/users", Some(&token_for(user)), None).await.ok();
+    serde_json::from_value::<BTreeMap<String, u64>>(r["unseenMessages"].clone()).unwrap()
+}
+
+#[tokio::test]
+async fn projectors_on_two_nodes_apply_every_event_exactly_once() {
+    let c = Cluster::start(2).await;
+    let h = random_history(&c.cfg.subject_prefix, 4, 150, 11);
+    append_all(&c, &h.envelopes).await;
+    let total = h.envelopes.len() as f64;
+
+    let applied = |projection: &'static str| {
+        let c = &c;
+        async move {
+            c.metric(0, &format!("natter_projection_applied_total{{projection=\"{projection}\"}}")).await
+                + c.metric(1, &format!("natter_projection_applied_total{{projection=\"{projection}\"}}")).await
+        }
+    };
+    eventually("both projections to apply every event", || async {
+        applied("mongo-views").await >= total && applied("redis-unseen").await >= total
+    })
+    .await;
+    // The nodes share one durable consumer per projection: no event was
+    // applied by both.
+    assert_eq!(applied("mongo-views").await, total);
+    assert_eq!(applied("redis-unseen").await, total);
+
+    for (i, u) in h.users.iter().enumerate() {
+        assert_eq!(unseen_via_api(&c, i % 2, u).await, h.expected_unseen(u), "unseen counts of {u}");
+    }
+    // The message views equal an in-order replay.
+    let db = natter::node::connect_mongo(c.cfg.mongo_url.as_deref().unwrap(), &c.cfg.mongo_db).await.unwrap();
+    let redis = natter::node::connect_redis(c.cfg.redis_url.as_deref().unwrap()).await.unwrap();
+    let views = MongoViews::open(&db).await.unwrap();
+    let counts = RedisCounts::new(redis, c.cfg.redis_prefix.clone());
+    let real = snapshot(&views, &counts, &h.users, &h.conversations()).await.unwrap();
+    assert_eq!(real, memory_snapshot(&h).await);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_event_is_parked_and_the_projectors_go_on() {
+    let c = Cluster::start(1).await;
+    let js = c.log.jetstream().clone();
+    js.publish(format!("{}.ev.dm.x.y", c.cfg.subject_prefix), "{ not an event".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut h = History::new(&c.cfg.subject_prefix, 2);
+    h.send(0, 1);
+    append_all(&c, &h.envelopes).await;
+    let bob = h.users[1].clone();
+    eventually("the event after the poison one to be projected", || async {
+        unseen_via_api(&c, 0, &bob).await.get(&h.users[0]) == Some(&1)
+    })
+    .await;
+    eventually("both projections to count the parked event", || async {
+        c.metric(0, "natter_projection_parked_total{projection=\"mongo-views\"}").await == 1.0
+            && c.metric(0, "natter_projection_parked_total{projection=\"redis-unseen\"}").await == 1.0
+    })
+    .await;
+    let mut parked = js.get_stream(format!("{}_PARKED", c.cfg.stream)).await.unwrap();
+    let state = parked.info().await.unwrap().state.clone();
+    assert_eq!(state.messages, 2, "one parked copy per projection");
+    let first = parked.get_raw_message(state.first_sequence).await.unwrap();
+    let reason = first.headers.get("Natter-Reason").map(|v| v.to_string()).unwrap_or_default();
+    assert!(reason.contains("not valid JSON"), "the reason says why: {reason:?}");
+    assert_eq!(first.payload.as_ref(), b"{ not an event");
+    c.stop().await;
+}
