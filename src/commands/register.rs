@@ -89,8 +89,13 @@ impl Commands {
     pub async fn login(&self, email: &str, password: String) -> Result<UserView, CommandError> {
         let refused = || Refusal::Unauthenticated("invalid email or password".into());
         match self.views.user_by_email(&normalise_email(email)).await? {
-            Some(user) if auth::verify_password(password, user.password_hash.clone()).await => Ok(user),
-            Some(_) => Err(refused().into()),
+            Some(user) => {
+                if auth::verify_password(password, user.password_hash.clone()).await {
+                    Ok(user)
+                } else {
+                    Err(refused().into())
+                }
+            }
             None => {
                 // Spend the same argon2 time for unknown addresses, so response
                 // times do not tell which addresses have accounts.
