@@ -25,5 +25,12 @@ scripts/services.sh start
 . target/services/env
 export NATTER_NATS_URL NATTER_REDIS_URL NATTER_MONGO_URL
 
+# The official socket.io-client, for the Socket.IO tests (pinned by package-lock.json).
+if ! command -v node >/dev/null 2>&1; then
+  echo "[test] node is not installed: apt-get install -y nodejs npm" >&2
+  exit 1
+fi
+(cd tests/client && npm ci --no-audit --no-fund --loglevel=error)
+
 echo "[test] cargo test --workspace (NATS $NATTER_NATS_URL, Redis $NATTER_REDIS_URL, MongoDB $NATTER_MONGO_URL)"
 cargo test --workspace --locked "$@"

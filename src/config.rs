@@ -76,6 +76,15 @@ pub struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, env = "NATTER_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// How long per-user push deliveries are kept for resume, in seconds.
+    #[arg(long, env = "NATTER_PUSH_RETENTION_SECS")]
+    pub push_retention_secs: Option<u64>,
+    /// Deliveries a socket may have queued before it is disconnected as too slow.
+    #[arg(long, env = "NATTER_SOCKET_QUEUE")]
+    pub socket_queue: Option<usize>,
+    /// Typing notices a socket may send per second (excess is dropped).
+    #[arg(long, env = "NATTER_TYPING_PER_SEC")]
+    pub typing_per_sec: Option<u32>,
 }
 
 /// The optional TOML file: the same settings, snake_case keys.
@@ -101,6 +110,9 @@ pub struct FileConfig {
     max_attachment_chars: Option<usize>,
     max_body_bytes: Option<usize>,
     log_format: Option<String>,
+    push_retention_secs: Option<u64>,
+    socket_queue: Option<usize>,
+    typing_per_sec: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +137,9 @@ pub struct Config {
     pub max_attachment_chars: usize,
     pub max_body_bytes: usize,
     pub log_json: bool,
+    pub push_retention: Duration,
+    pub socket_queue: usize,
+    pub typing_per_sec: u32,
 }
 
 impl Default for Config {
@@ -149,6 +164,9 @@ impl Default for Config {
             max_attachment_chars: 2048,
             max_body_bytes: 64 * 1024,
             log_json: false,
+            push_retention: Duration::from_secs(7 * 24 * 3600),
+            socket_queue: 1024,
+            typing_per_sec: 5,
         }
     }
 }
@@ -195,6 +213,9 @@ impl Config {
             max_attachment_chars: pick!(max_attachment_chars).unwrap_or(d.max_attachment_chars),
             max_body_bytes: pick!(max_body_bytes).unwrap_or(d.max_body_bytes),
             log_json: log_format == "json",
+            push_retention: pick!(push_retention_secs).map(Duration::from_secs).unwrap_or(d.push_retention),
+            socket_queue: pick!(socket_queue).unwrap_or(d.socket_queue),
+            typing_per_sec: pick!(typing_per_sec).unwrap_or(d.typing_per_sec),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -204,6 +225,9 @@ impl Config {
         natter_events::validate_id(&self.subject_prefix)
             .map_err(|e| anyhow::anyhow!("subject prefix {:?}: {e}", self.subject_prefix))?;
         natter_events::validate_id(&self.stream).map_err(|e| anyhow::anyhow!("stream name {:?}: {e}", self.stream))?;
+        if self.socket_queue == 0 || self.push_retention.is_zero() {
+            bail!("socket queue and push retention must be positive");
+        }
         if self.max_message_chars == 0 || self.max_attachment_chars == 0 || self.max_body_bytes < 1024 {
             bail!("message/attachment limits must be positive and the body limit at least 1024 bytes");
         }

@@ -11,6 +11,10 @@
 //! - [`log`]: the event-log port ([`log::EventLog`]) and its JetStream adapter.
 //! - [`projector`]: the projector runtime over durable JetStream consumers.
 //! - [`http`]: the REST gateway (axum), one module per area.
+//! - [`push`]: real-time delivery: the fan-out projector (log → per-user
+//!   inbox stream) and the node's push hub (inbox → sockets, resume).
+//! - [`socket`]: Socket.IO namespaces (handshake auth, push, resume).
+//! - [`wire`]: the JSON shapes clients see (REST and Socket.IO alike).
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`node`]: wires a node together, serves, drains on shutdown.
 //!
@@ -25,4 +29,7 @@ pub mod log;
 pub mod metrics;
 pub mod node;
 pub mod projector;
+pub mod push;
+pub mod socket;
 pub mod telemetry;
+pub mod wire;

@@ -24,6 +24,10 @@ const HELP: &[(&str, &str, &str)] = &[
     ("natter_projection_applied_total", "counter", "Events applied by this node's projectors"),
     ("natter_projection_parked_total", "counter", "Poison events parked on the dead-letter stream"),
     ("natter_projection_lag_events", "gauge", "Events in the log that a projection has not applied yet"),
+    ("natter_sockets", "gauge", "Socket.IO connections open on this node"),
+    ("natter_pushes_total", "counter", "Deliveries emitted to sockets by this node"),
+    ("natter_replayed_total", "counter", "Deliveries emitted from the inbox stream on resume or gap"),
+    ("natter_slow_consumer_disconnects_total", "counter", "Sockets disconnected because they could not keep up"),
 ];
 
 impl Metrics {
@@ -59,6 +63,26 @@ impl Metrics {
 
     pub fn projection_lag(&self, projection: &str, lag: u64) {
         self.set(format!("natter_projection_lag_events{{projection=\"{projection}\"}}"), lag as f64);
+    }
+
+    pub fn socket_opened(&self) {
+        self.add("natter_sockets".into(), 1.0);
+    }
+
+    pub fn socket_closed(&self) {
+        self.add("natter_sockets".into(), -1.0);
+    }
+
+    pub fn pushed(&self) {
+        self.add("natter_pushes_total".into(), 1.0);
+    }
+
+    pub fn replayed(&self) {
+        self.add("natter_replayed_total".into(), 1.0);
+    }
+
+    pub fn slow_consumer(&self) {
+        self.add("natter_slow_consumer_disconnects_total".into(), 1.0);
     }
 
     /// Prometheus text exposition format.

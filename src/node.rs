@@ -10,6 +10,7 @@ use mongodb::bson::doc;
 use natter_projections::mongo::MongoViews;
 use natter_projections::redis_counts::RedisCounts;
 use natter_projections::{CountStore, Projection, ViewStore};
+use axum::serve::ListenerExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -20,6 +21,8 @@ use crate::log::EventLog;
 use crate::log::nats::NatsLog;
 use crate::metrics::Metrics;
 use crate::projector::Projector;
+use crate::push::fanout::FanOut;
+use crate::push::hub::PushHub;
 
 /// The state every request handler shares.
 pub struct Node {
@@ -30,6 +33,7 @@ pub struct Node {
     pub counts: Arc<dyn CountStore>,
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
+    pub push: Arc<PushHub>,
 }
 
 /// A started node: its address, and the handle to stop it.
@@ -120,6 +124,15 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     );
     let counts = Arc::new(RedisCounts::new(redis, cfg.redis_prefix.clone()));
     let metrics = Arc::new(Metrics::default());
+    let push = PushHub::connect(
+        log.client().clone(),
+        log.jetstream().clone(),
+        &cfg.stream,
+        &cfg.subject_prefix,
+        cfg.push_retention,
+        cfg.socket_queue,
+    )
+    .await?;
     let log_port: Arc<dyn EventLog> = Arc::new(log.clone());
     let commands = Commands::new(
         log_port.clone(),
@@ -137,11 +150,13 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         counts: counts.clone(),
         auth,
         metrics: metrics.clone(),
+        push,
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    let projections: [Arc<dyn Projection>; 2] = [mongo, counts];
+    let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone() });
+    let projections: [Arc<dyn Projection>; 3] = [mongo, counts, fanout];
     for projection in projections {
         let projector = Projector {
             js: log.jetstream().clone(),
@@ -154,11 +169,20 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     }
 
     let addr = listener.local_addr()?;
-    let app = crate::http::router(node.clone());
+    let (sockets, io) = crate::socket::layer(node.clone());
+    let app = crate::http::router(node.clone()).layer(sockets);
+    // A peer that stops reading is cut off once unacknowledged data sits for
+    // this long, so a stalled client cannot pin a connection (and its
+    // buffers) forever.
+    let listener = listener.tap_io(|tcp| {
+        let _ = socket2::SockRef::from(&*tcp).set_tcp_user_timeout(Some(Duration::from_secs(10)));
+    });
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let stopped = async move {
             let _ = rx.wait_for(|stop| *stop).await;
+            // Close every socket so the server can drain.
+            io.close().await;
         };
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
             tracing::error!(error = %e, "HTTP server failed");

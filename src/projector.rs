@@ -59,6 +59,13 @@ impl Projector {
 
     async fn consume(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
         let durable = self.durable_name();
+        // Ordered projections get one event in flight across the cluster and
+        // a short ack wait, so a crashed node holds the line only briefly.
+        let (max_ack_pending, ack_wait) = if self.projection.ordered() {
+            (1, Duration::from_secs(5))
+        } else {
+            (1024, Duration::from_secs(30))
+        };
         let stream = self.js.get_stream(&self.stream).await?;
         let consumer = stream
             .get_or_create_consumer(
@@ -66,8 +73,8 @@ impl Projector {
                 pull::Config {
                     durable_name: Some(durable.clone()),
                     ack_policy: AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
-                    max_ack_pending: 1024,
+                    ack_wait,
+                    max_ack_pending,
                     ..Default::default()
                 },
             )

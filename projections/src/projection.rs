@@ -22,5 +22,11 @@ pub enum ApplyError {
 pub trait Projection: Send + Sync {
     fn name(&self) -> &'static str;
     fn version(&self) -> u32;
+    /// Whether the projection needs events strictly one at a time, in log
+    /// order, across all nodes (its effects are order-sensitive, like
+    /// pushing deliveries). Order-free projections run with many in flight.
+    fn ordered(&self) -> bool {
+        false
+    }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError>;
 }

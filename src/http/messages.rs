@@ -19,35 +19,11 @@ use serde_json::{Value, json};
 use super::auth::Caller;
 use super::{ApiError, ApiJson, AppState};
 use crate::commands::send::SendMessage;
+use crate::wire::message_json;
 use crate::node::Node;
 
 pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 500;
-
-/// A message as clients see it: the original app's shape plus `seq` and
-/// `clientMsgId`. `seen` is derived from the receiver's read watermark.
-pub fn message_json(m: &MessageView, seen: bool) -> Value {
-    let mut v = json!({
-        "_id": m.id,
-        "senderId": m.sender_id,
-        "receiverId": m.receiver_id,
-        "seen": seen,
-        "seq": m.seq,
-        "createdAt": m.created_at,
-        "updatedAt": m.created_at,
-    });
-    let obj = v.as_object_mut().expect("object");
-    if let Some(text) = &m.message {
-        obj.insert("message".into(), json!(text));
-    }
-    if let Some(url) = &m.attachment {
-        obj.insert("attachment".into(), json!(url));
-    }
-    if let Some(c) = &m.client_msg_id {
-        obj.insert("clientMsgId".into(), json!(c));
-    }
-    v
-}
 
 async fn is_seen(node: &Node, m: &MessageView) -> Result<bool, ApiError> {
     let marks = node.views.watermarks(&m.conversation).await?;

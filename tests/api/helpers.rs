@@ -68,8 +68,13 @@ impl Reply {
 
 impl Cluster {
     pub async fn start(nodes: usize) -> Cluster {
+        Self::start_with(nodes, |_| {}).await
+    }
+
+    /// A cluster whose config `tweak` adjusts first.
+    pub async fn start_with(nodes: usize, tweak: impl FnOnce(&mut Config)) -> Cluster {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let cfg = Config {
+        let mut cfg = Config {
             host: "127.0.0.1".into(),
             port: 0,
             nats_url: Some(service("NATTER_NATS_URL")),
@@ -84,6 +89,7 @@ impl Cluster {
             max_body_bytes: 8 * 1024,
             ..Config::default()
         };
+        tweak(&mut cfg);
         let mut cluster = Cluster {
             log: NatsLog::connect(cfg.nats_url.as_deref().unwrap(), &cfg.stream, &cfg.subject_prefix, cfg.dedup_window)
                 .await
@@ -189,11 +195,17 @@ impl Cluster {
             .unwrap_or(0.0)
     }
 
+    /// The Socket.IO URL of a node (namespace `/`).
+    pub fn socket_url(&self, node: usize) -> String {
+        self.url(node, "/")
+    }
+
     pub async fn stop(self) {
         for node in self.nodes {
             node.stop().await;
         }
         let _ = self.log.jetstream().delete_stream(&self.cfg.stream).await;
         let _ = self.log.jetstream().delete_stream(format!("{}_PARKED", self.cfg.stream)).await;
+        let _ = self.log.jetstream().delete_stream(format!("{}_INBOX", self.cfg.stream)).await;
     }
 }

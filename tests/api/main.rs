@@ -3,6 +3,7 @@
 //! the services and exports their URLs; every test gets its own stream,
 //! subject prefix, database and key prefix, so tests run in parallel.
 
+mod client;
 mod helpers;
 
 mod authorization;
@@ -11,5 +12,6 @@ mod concurrency;
 mod idempotency;
 mod multi_node;
 mod projections;
+mod push;
 mod tokens;
 mod unseen;

@@ -1,0 +1,113 @@
+//! The fan-out projector: events → per-user deliveries in the inbox stream.
+//!
+//! - `MessageSent` → `newMessage` (the message, as REST shows it) to the
+//!   receiver and to the sender (their other tabs and devices).
+//! - `MessagesSeen` → `messagesSeen {readerId, senderId, upToSeq}` to the
+//!   sender whose messages were read (read receipts) and to the reader's
+//!   other tabs.
+//!
+//! Each delivery is published with `Nats-Msg-Id = <event id>:<user>`, so a
+//! redelivered event does not deliver twice. The projection is `ordered`:
+//! one event in flight across the cluster, so every user's deliveries are in
+//! log order, and so in sequence order within each conversation.
+
+use async_nats::jetstream;
+use async_trait::async_trait;
+use natter_events::{Envelope, Event};
+use natter_projections::{ApplyError, MessageView, Projection};
+use serde_json::json;
+
+use super::{Payload, inbox_subject};
+use crate::wire::message_json;
+
+pub struct FanOut {
+    pub js: jetstream::Context,
+    pub prefix: String,
+}
+
+/// The deliveries an event makes: (user, payload). Pure.
+pub fn deliveries(env: &Envelope) -> Vec<(String, Payload)> {
+    match &env.event {
+        Event::MessageSent(e) => {
+            let data = message_json(&MessageView::from_event(env, e), false);
+            let payload = Payload { event: "newMessage".into(), data };
+            vec![(e.receiver_id.clone(), payload.clone()), (e.sender_id.clone(), payload)]
+        }
+        Event::MessagesSeen(e) => {
+            let data = json!({ "readerId": e.reader_id, "senderId": e.peer_id, "upToSeq": e.up_to_seq });
+            let payload = Payload { event: "messagesSeen".into(), data };
+            vec![(e.peer_id.clone(), payload.clone()), (e.reader_id.clone(), payload)]
+        }
+        Event::UserRegistered(_) => Vec::new(),
+    }
+}
+
+#[async_trait]
+impl Projection for FanOut {
+    fn name(&self) -> &'static str {
+        "push-fanout"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn ordered(&self) -> bool {
+        true
+    }
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        for (user, payload) in deliveries(env) {
+            let body = serde_json::to_vec(&payload).map_err(|e| ApplyError::Poison(e.to_string()))?;
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(body.into())
+                .message_id(format!("{}:{user}", env.id));
+            self.js
+                .send_publish(inbox_subject(&self.prefix, &user), publish)
+                .await
+                .map_err(|e| ApplyError::Unavailable(format!("nats: {e}")))?
+                .await
+                .map_err(|e| ApplyError::Unavailable(format!("nats: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use natter_events::{DmState, MessageSent, MessagesSeen};
+
+    use super::*;
+
+    #[test]
+    fn a_message_goes_to_both_participants_and_nobody_else() {
+        let (state, seq, count) = DmState::new("amy", "bob").after_send("amy");
+        let env = Envelope::new("amy:1".into(), "n.ev.dm.amy.bob".into(), 1, Event::MessageSent(MessageSent {
+            message_id: "m1".into(),
+            client_msg_id: None,
+            sender_id: "amy".into(),
+            receiver_id: "bob".into(),
+            message: Some("hi".into()),
+            attachment: None,
+            seq,
+            sender_count: count,
+            state: state.clone(),
+        }));
+        let d = deliveries(&env);
+        let users: Vec<_> = d.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(users, ["bob", "amy"]);
+        assert_eq!(d[0].1.event, "newMessage");
+        assert_eq!(d[0].1.data["_id"], "m1");
+        assert_eq!(d[0].1.data["seq"], 1);
+
+        let seen_state = state.after_seen("bob", 1, 1).unwrap();
+        let env = Envelope::new("bob:s".into(), "n.ev.dm.amy.bob".into(), 2, Event::MessagesSeen(MessagesSeen {
+            reader_id: "bob".into(),
+            peer_id: "amy".into(),
+            up_to_seq: 1,
+            seen_count: 1,
+            state: seen_state,
+        }));
+        let d = deliveries(&env);
+        let users: Vec<_> = d.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(users, ["amy", "bob"]);
+        assert_eq!(d[0].1.data, json!({"readerId": "bob", "senderId": "amy", "upToSeq": 1}));
+    }
+}

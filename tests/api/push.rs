@@ -1,0 +1,225 @@
+//! Real-time push over Socket.IO across nodes, with the official
+//! socket.io-client as the client.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::client::Driver;
+use crate::helpers::{Cluster, SECRET, User};
+
+/// Checks, over everything every socket saw, that no user received a
+/// delivery for a conversation they are not in.
+pub fn assert_only_own(driver: &Driver, owners: &HashMap<&str, &str>) {
+    for e in &driver.all {
+        if e["type"] != "event" {
+            continue;
+        }
+        let socket = e["id"].as_str().unwrap();
+        let Some(user) = owners.get(socket) else { continue };
+        let d = &e["data"];
+        let party = |a: &str, b: &str| d[a] == json!(user) || d[b] == json!(user);
+        match e["event"].as_str().unwrap() {
+            "newMessage" => assert!(party("senderId", "receiverId"), "{socket} ({user}) got someone else's message: {e}"),
+            "messagesSeen" => assert!(party("readerId", "senderId"), "{socket} ({user}) got someone else's receipt: {e}"),
+            _ => {}
+        }
+    }
+}
+
+fn auth(u: &User) -> Value {
+    json!({ "token": u.token })
+}
+
+#[tokio::test]
+async fn a_send_reaches_every_socket_of_both_users_on_every_node() {
+    let c = Cluster::start(3).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let mut d = Driver::start().await;
+    d.connected("bob2", &c.socket_url(1), auth(&bob)).await;
+    d.connected("bob3", &c.socket_url(2), auth(&bob)).await;
+    d.connected("amy3", &c.socket_url(2), auth(&amy)).await;
+    for s in ["bob2", "bob3", "amy3"] {
+        d.next(s, |e| e["event"] == "synced", "synced").await;
+    }
+
+    let sent = c.send(0, &amy, &bob, "over the wire", None).await.ok()["data"].clone();
+    for s in ["bob2", "bob3", "amy3"] {
+        let got = d.events(s, "newMessage", 1).await.remove(0);
+        let mut without_cursor = got.clone();
+        without_cursor.as_object_mut().unwrap().remove("cursor");
+        assert_eq!(without_cursor, sent, "{s}: the pushed message is the message REST returned");
+        assert!(got["cursor"].as_u64().unwrap() > 0);
+    }
+
+    // Read receipt: bob opens the conversation; amy's socket hears of it,
+    // and bob's other tabs too.
+    c.history(1, &bob, &amy).await;
+    let receipt = d.events("amy3", "messagesSeen", 1).await.remove(0);
+    assert_eq!(receipt["readerId"], json!(bob.id));
+    assert_eq!(receipt["senderId"], json!(amy.id));
+    assert_eq!(receipt["upToSeq"], json!(1));
+    d.events("bob2", "messagesSeen", 1).await;
+
+    // Typing is relayed to the peer's sockets only, never stored.
+    let head = c.log_head().await;
+    d.emit("amy3", "typing", json!({ "to": bob.id, "typing": true })).await;
+    for s in ["bob2", "bob3"] {
+        let t = d.events(s, "typing", 1).await.remove(0);
+        assert_eq!(t, json!({ "from": amy.id, "typing": true }));
+    }
+    assert_eq!(c.log_head().await, head, "typing never reaches the log");
+    let amy_extra = d.quiet("amy3", Duration::from_millis(300)).await;
+    assert!(!amy_extra.iter().any(|e| e["event"] == "typing"), "the typist does not hear herself: {amy_extra:?}");
+
+    // Bad typing input is an error event, not a crash.
+    d.emit("bob2", "typing", json!({ "to": "no.such" })).await;
+    let err = d.next("bob2", |e| e["event"] == "error", "error").await;
+    assert_eq!(err["data"]["code"], "bad_request");
+
+    let owners = HashMap::from([("bob2", bob.id.as_str()), ("bob3", bob.id.as_str()), ("amy3", amy.id.as_str())]);
+    assert_only_own(&d, &owners);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn typing_is_rate_limited() {
+    let c = Cluster::start_with(1, |cfg| cfg.typing_per_sec = 2).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let mut d = Driver::start().await;
+    d.connected("amy", &c.socket_url(0), auth(&amy)).await;
+    d.connected("bob", &c.socket_url(0), auth(&bob)).await;
+    d.next("bob", |e| e["event"] == "synced", "synced").await;
+    for _ in 0..40 {
+        d.emit("amy", "typing", json!({ "to": bob.id })).await;
+    }
+    d.events("bob", "typing", 1).await;
+    let rest = d.quiet("bob", Duration::from_millis(800)).await;
+    let relayed = 1 + rest.iter().filter(|e| e["event"] == "typing").count();
+    assert!(relayed < 40 && relayed <= 8, "a burst of 40 was cut to the bucket's size, got {relayed}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn handshakes_without_a_valid_token_are_refused() {
+    let c = Cluster::start(1).await;
+    let amy = c.register(0, "Amy").await;
+    let now = chrono::Utc::now().timestamp();
+    let sign = |claims: Value, secret: &str| {
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    };
+    let expired = sign(json!({"sub": amy.id, "exp": now - 60, "iss": "natter", "aud": "natter"}), SECRET);
+    let forged = sign(json!({"sub": amy.id, "exp": now + 600, "iss": "natter", "aud": "natter"}), "not-the-secret");
+    let cases = [
+        ("missing", json!({})),
+        ("empty", json!({ "token": "" })),
+        ("expired", json!({ "token": expired })),
+        ("forged", json!({ "token": forged })),
+        ("garbage", json!({ "token": "abc" })),
+        ("bad cursor", json!({ "token": amy.token, "cursor": "soon" })),
+    ];
+    let mut d = Driver::start().await;
+    for (what, a) in cases {
+        d.connect(what, &c.socket_url(0), a).await;
+        let e = d.next(what, |e| e["type"] == "connect" || e["type"] == "connect_error", "handshake").await;
+        assert_eq!(e["type"], "connect_error", "{what}: {e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(!message.is_empty(), "{what}: a reason the client can read");
+        if what == "expired" {
+            assert_eq!(message, "token expired");
+        }
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
+    let c = Cluster::start(2).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let mut d = Driver::start().await;
+    d.connected("bob-a", &c.socket_url(0), auth(&bob)).await;
+    d.next("bob-a", |e| e["event"] == "synced", "synced").await;
+    c.send(1, &amy, &bob, "before", None).await.ok();
+    let cursor = d.events("bob-a", "newMessage", 1).await[0]["cursor"].as_u64().unwrap();
+    d.disconnect("bob-a").await;
+    d.next("bob-a", |e| e["type"] == "disconnect", "disconnect").await;
+
+    let mut sent = Vec::new();
+    for i in 0..100 {
+        sent.push(c.send(i % 2, &amy, &bob, &format!("missed {i}"), Some(&format!("m{i}"))).await.ok()["data"]["_id"].clone());
+    }
+    d.connected("bob-b", &c.socket_url(1), json!({ "token": bob.token, "cursor": cursor })).await;
+    let got = d.events("bob-b", "newMessage", 100).await;
+    let ids: Vec<Value> = got.iter().map(|m| m["_id"].clone()).collect();
+    assert_eq!(ids, sent, "exactly the 100 missed messages, in order");
+    let cursors: Vec<u64> = got.iter().map(|m| m["cursor"].as_u64().unwrap()).collect();
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "cursors increase");
+    let synced = d.next("bob-b", |e| e["event"] == "synced", "synced").await;
+    assert_eq!(synced["data"]["cursor"], json!(cursors[99]));
+
+    // then live, with no duplicate at the switch
+    let live = c.send(0, &amy, &bob, "live", None).await.ok()["data"]["_id"].clone();
+    assert_eq!(d.events("bob-b", "newMessage", 1).await[0]["_id"], live);
+    let extra = d.quiet("bob-b", Duration::from_millis(500)).await;
+    assert!(!extra.iter().any(|e| e["event"] == "newMessage"), "nothing twice: {extra:?}");
+
+    // `sync` with an old cursor replays from there without reconnecting.
+    d.emit("bob-b", "sync", json!({ "cursor": cursors[97] })).await;
+    let again = d.events("bob-b", "newMessage", 3).await;
+    assert_eq!(again.iter().map(|m| m["_id"].clone()).collect::<Vec<_>>(), vec![sent[98].clone(), sent[99].clone(), live]);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_cursor_older_than_retention_gets_a_resync() {
+    let c = Cluster::start(1).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    c.send(0, &amy, &bob, "one", None).await.ok();
+    // Purge the inbox as retention would.
+    let mut inbox = c.log.jetstream().get_stream(format!("{}_INBOX", c.cfg.stream)).await.unwrap();
+    inbox.purge().await.unwrap();
+    let head = inbox.info().await.unwrap().state.last_sequence;
+    let mut d = Driver::start().await;
+    d.connected("bob", &c.socket_url(0), json!({ "token": bob.token, "cursor": 0 })).await;
+    let resync = d.next("bob", |e| e["event"] == "resync", "resync").await;
+    assert_eq!(resync["data"]["cursor"], json!(head));
+    // A cursor from the future is refused the same way.
+    d.connected("bob2", &c.socket_url(0), json!({ "token": bob.token, "cursor": head + 1000 })).await;
+    d.next("bob2", |e| e["event"] == "resync", "resync").await;
+    // After a resync the socket is live.
+    c.send(0, &amy, &bob, "two", None).await.ok();
+    assert_eq!(d.events("bob", "newMessage", 1).await[0]["message"], "two");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn deliveries_of_a_conversation_arrive_in_sequence_order() {
+    let c = Cluster::start(3).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let mut d = Driver::start().await;
+    for (s, node, u) in [("amy", 0, &amy), ("bob1", 1, &bob), ("bob2", 2, &bob)] {
+        d.connected(s, &c.socket_url(node), auth(u)).await;
+        d.next(s, |e| e["event"] == "synced", "synced").await;
+    }
+    let texts: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+    let sends = texts.iter().enumerate().map(|(i, t)| {
+        let (from, to) = if i % 3 == 0 { (&bob, &amy) } else { (&amy, &bob) };
+        c.send(i % 3, from, to, t, None)
+    });
+    for r in futures::future::join_all(sends).await {
+        r.ok();
+    }
+    for s in ["amy", "bob1", "bob2"] {
+        let seqs: Vec<u64> = d.events(s, "newMessage", 40).await.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "{s} saw the conversation in order");
+    }
+    let owners = HashMap::from([("amy", amy.id.as_str()), ("bob1", bob.id.as_str()), ("bob2", bob.id.as_str())]);
+    assert_only_own(&d, &owners);
+    c.stop().await;
+}
