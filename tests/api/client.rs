@@ -75,15 +75,6 @@ impl Driver {
         self.send(json!({"op": "emit", "id": id, "event": event, "data": data})).await;
     }
 
-    /// Emits with an acknowledgement and returns the ack's data.
-    pub async fn emit_ack(&mut self, id: &str, event: &str, data: Value) -> Value {
-        let tag = self.all.len() as u64 + 1_000_000 * (rand_tag() % 1000);
-        self.send(json!({"op": "emit", "id": id, "event": event, "data": data, "ack": true, "tag": tag})).await;
-        let ack = self.next(id, |e| e["type"] == "ack" && e["tag"] == tag, "ack").await;
-        assert!(ack["error"].is_null(), "ack error: {ack}");
-        ack["data"].clone()
-    }
-
     pub async fn disconnect(&mut self, id: &str) {
         self.send(json!({"op": "disconnect", "id": id})).await;
     }
@@ -130,8 +121,4 @@ impl Driver {
         }
         self.buffered.remove(id).map(Vec::from).unwrap_or_default()
     }
-}
-
-fn rand_tag() -> u64 {
-    uuid::Uuid::new_v4().as_u128() as u64
 }

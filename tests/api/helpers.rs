@@ -47,6 +47,20 @@ pub fn token_for(user_id: &str) -> String {
         .unwrap()
 }
 
+/// A node running as its own process.
+pub struct ProcessNode {
+    child: tokio::process::Child,
+    pub url: String,
+}
+
+impl ProcessNode {
+    /// `kill -9`: no shutdown, no drain.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+    }
+}
+
 pub struct User {
     pub id: String,
     pub token: String,
@@ -193,6 +207,40 @@ impl Cluster {
             .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
             .map(|v| v.parse().unwrap())
             .unwrap_or(0.0)
+    }
+
+    /// Starts a node as a separate `natter` process (so a test can
+    /// `kill -9` it), sharing this cluster's services and names.
+    pub async fn spawn_process(&self) -> ProcessNode {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let cfg = &self.cfg;
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+            .env("NATTER_HOST", "127.0.0.1")
+            .env("NATTER_PORT", port.to_string())
+            .env("NATTER_NATS_URL", cfg.nats_url.as_deref().unwrap())
+            .env("NATTER_MONGO_URL", cfg.mongo_url.as_deref().unwrap())
+            .env("NATTER_REDIS_URL", cfg.redis_url.as_deref().unwrap())
+            .env("NATTER_MONGO_DB", &cfg.mongo_db)
+            .env("NATTER_REDIS_PREFIX", &cfg.redis_prefix)
+            .env("NATTER_STREAM", &cfg.stream)
+            .env("NATTER_SUBJECT_PREFIX", &cfg.subject_prefix)
+            .env("NATTER_JWT_SECRET", SECRET)
+            .env("NATTER_MAX_MESSAGE_CHARS", cfg.max_message_chars.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn natter");
+        let node = ProcessNode { child, url: format!("http://127.0.0.1:{port}") };
+        let health = format!("{}/healthz", node.url);
+        eventually("the natter process to serve", || async {
+            self.http.get(&health).send().await.is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        node
     }
 
     /// The Socket.IO URL of a node (namespace `/`).

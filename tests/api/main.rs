@@ -13,5 +13,6 @@ mod idempotency;
 mod multi_node;
 mod projections;
 mod push;
+mod push_faults;
 mod tokens;
 mod unseen;

@@ -137,14 +137,15 @@ async fn a_poison_event_is_parked_and_the_projectors_go_on() {
         unseen_via_api(&c, 0, &bob).await.get(&h.users[0]) == Some(&1)
     })
     .await;
-    eventually("both projections to count the parked event", || async {
+    eventually("every projection to count the parked event", || async {
         c.metric(0, "natter_projection_parked_total{projection=\"mongo-views\"}").await == 1.0
             && c.metric(0, "natter_projection_parked_total{projection=\"redis-unseen\"}").await == 1.0
+            && c.metric(0, "natter_projection_parked_total{projection=\"push-fanout\"}").await == 1.0
     })
     .await;
     let mut parked = js.get_stream(format!("{}_PARKED", c.cfg.stream)).await.unwrap();
     let state = parked.info().await.unwrap().state.clone();
-    assert_eq!(state.messages, 2, "one parked copy per projection");
+    assert_eq!(state.messages, 3, "one parked copy per projection");
     let first = parked.get_raw_message(state.first_sequence).await.unwrap();
     let reason = first.headers.get("Natter-Reason").map(|v| v.to_string()).unwrap_or_default();
     assert!(reason.contains("not valid JSON"), "the reason says why: {reason:?}");
