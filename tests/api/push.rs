@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::client::Driver;
-use crate::helpers::{Cluster, SECRET, User};
+use crate::helpers::{Cluster, SECRET, User, eventually};
 
 /// Checks, over everything every socket saw, that no user received a
 /// delivery for a conversation they are not in.
@@ -81,6 +81,20 @@ async fn a_send_reaches_every_socket_of_both_users_on_every_node() {
 
     let owners = HashMap::from([("bob2", bob.id.as_str()), ("bob3", bob.id.as_str()), ("amy3", amy.id.as_str())]);
     assert_only_own(&d, &owners);
+
+    // A node holds a user's subscription only while it holds their sockets.
+    assert_eq!(c.nodes[2].node.push.sockets_of(&bob.id), 1);
+    d.disconnect("bob3").await;
+    eventually("node 3 to drop bob's subscription", || async { c.nodes[2].node.push.sockets_of(&bob.id) == 0 }).await;
+    assert_eq!(c.nodes[2].node.push.subscribed_users(), 1, "amy's socket is still there");
+    assert_eq!(c.nodes[1].node.push.sockets_of(&bob.id), 1, "bob's socket on node 2 is untouched");
+    for s in ["bob2", "amy3"] {
+        d.disconnect(s).await;
+    }
+    eventually("every subscription to go with the last socket", || async {
+        c.nodes.iter().all(|n| n.node.push.subscribed_users() == 0)
+    })
+    .await;
     c.stop().await;
 }
 
