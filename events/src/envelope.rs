@@ -21,7 +21,7 @@ use serde_json::Value;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::{MessageSent, MessagesSeen, UserRegistered};
+use crate::{MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
 
 /// Current schema version of each event type.
 pub const CURRENT_VERSION: u32 = 1;
@@ -32,17 +32,51 @@ pub enum Event {
     UserRegistered(UserRegistered),
     MessageSent(MessageSent),
     MessagesSeen(MessagesSeen),
+    RoomCreated(RoomCreated),
+    MemberJoined(MemberJoined),
+    MemberLeft(MemberLeft),
+    RoomRead(RoomRead),
+    RoomMessageSent(RoomMessageSent),
 }
 
-impl Event {
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Event::UserRegistered(_) => "UserRegistered",
-            Event::MessageSent(_) => "MessageSent",
-            Event::MessagesSeen(_) => "MessagesSeen",
+/// One arm per event type: its stored name and payload type. Adding an
+/// event type is one line here.
+macro_rules! event_types {
+    ($m:ident) => {
+        $m! {
+            UserRegistered, MessageSent, MessagesSeen, RoomCreated, MemberJoined, MemberLeft, RoomRead, RoomMessageSent
         }
-    }
+    };
 }
+
+macro_rules! type_name_impl {
+    ($($t:ident),*) => {
+        impl Event {
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(Event::$t(_) => stringify!($t),)*
+                }
+            }
+
+            fn payload(&self) -> Value {
+                match self {
+                    $(Event::$t(e) => serde_json::to_value(e),)*
+                }
+                .expect("event payloads always serialize")
+            }
+
+            fn from_payload(kind: &str, v: u32, data: Value) -> Result<Event, DecodeError> {
+                let payload_err = |source| DecodeError::Payload { kind: kind.to_owned(), v, source };
+                match kind {
+                    $(stringify!($t) => Ok(Event::$t(serde_json::from_value(data).map_err(payload_err)?)),)*
+                    other => Err(DecodeError::UnknownType(other.to_owned())),
+                }
+            }
+        }
+    };
+}
+
+event_types!(type_name_impl);
 
 /// An event with its metadata, as the domain sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,12 +136,7 @@ impl Envelope {
     }
 
     pub fn to_stored(&self) -> StoredEvent {
-        let data = match &self.event {
-            Event::UserRegistered(e) => serde_json::to_value(e),
-            Event::MessageSent(e) => serde_json::to_value(e),
-            Event::MessagesSeen(e) => serde_json::to_value(e),
-        }
-        .expect("event payloads always serialize");
+        let data = self.event.payload();
         StoredEvent {
             id: self.id,
             command_id: self.command_id.clone(),
@@ -131,13 +160,7 @@ impl Envelope {
 
     pub fn from_stored(s: StoredEvent) -> Result<Envelope, DecodeError> {
         let data = upcast(&s.kind, s.v, s.data)?;
-        let payload_err = |source| DecodeError::Payload { kind: s.kind.clone(), v: s.v, source };
-        let event = match s.kind.as_str() {
-            "UserRegistered" => Event::UserRegistered(serde_json::from_value(data).map_err(payload_err)?),
-            "MessageSent" => Event::MessageSent(serde_json::from_value(data).map_err(payload_err)?),
-            "MessagesSeen" => Event::MessagesSeen(serde_json::from_value(data).map_err(payload_err)?),
-            other => return Err(DecodeError::UnknownType(other.to_owned())),
-        };
+        let event = Event::from_payload(&s.kind, s.v, data)?;
         Ok(Envelope {
             id: s.id,
             command_id: s.command_id,

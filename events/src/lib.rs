@@ -8,6 +8,8 @@
 //! - [`envelope`]: the [`Envelope`] every event travels in, its stored JSON
 //!   form, and decoding with upcasting of older schema versions.
 //! - [`account`]: account events ([`UserRegistered`]).
+//! - [`room`]: study-room events ([`RoomCreated`], [`MemberJoined`],
+//!   [`MemberLeft`], [`RoomRead`], [`RoomMessageSent`]).
 //! - [`dm`]: direct-message events ([`MessageSent`], [`MessagesSeen`]) and the
 //!   conversation state snapshot ([`DmState`]) each of them carries, so that
 //!   projections are arithmetic rather than queries.
@@ -20,9 +22,11 @@ pub mod account;
 pub mod dm;
 pub mod envelope;
 pub mod ids;
+pub mod room;
 pub mod subjects;
 
 pub use account::UserRegistered;
 pub use dm::{DmState, MessageSent, MessagesSeen, Side};
 pub use envelope::{DecodeError, Envelope, Event, StoredEvent};
 pub use ids::{IdError, validate_id};
+pub use room::{MemberJoined, MemberLeft, RoomCreated, RoomMessageSent, RoomRead};

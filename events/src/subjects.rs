@@ -4,6 +4,9 @@
 //!
 //! - `<prefix>.ev.dm.<lo>.<hi>`: a direct conversation, user ids sorted.
 //! - `<prefix>.ev.user.<userId>`: events about one user.
+//! - `<prefix>.ev.room.<roomId>`: a study room and its messages.
+//! - `<prefix>.ev.member.<roomId>.<userId>`: one user's membership and read
+//!   watermark in a room.
 //! - `<prefix>.ev.account.<emailKey>`: registration claims; the key is derived
 //!   from the normalised e-mail address so that appending with "expected last
 //!   subject sequence = 0" makes e-mail addresses unique without a lock.
@@ -34,6 +37,14 @@ pub fn user(prefix: &str, user_id: &str) -> String {
     format!("{prefix}.ev.user.{user_id}")
 }
 
+pub fn room(prefix: &str, room_id: &str) -> String {
+    format!("{prefix}.ev.room.{room_id}")
+}
+
+pub fn member(prefix: &str, room_id: &str, user_id: &str) -> String {
+    format!("{prefix}.ev.member.{room_id}.{user_id}")
+}
+
 /// `email_key` is a hex digest of the normalised address (see the gateway).
 pub fn account(prefix: &str, email_key: &str) -> String {
     format!("{prefix}.ev.account.{email_key}")
@@ -54,7 +65,7 @@ mod tests {
     fn every_subject_is_under_the_stream_filter() {
         let filter = all_events("t1");
         let base = filter.trim_end_matches('>');
-        for s in [dm("t1", "a", "b"), user("t1", "a"), account("t1", "ff")] {
+        for s in [dm("t1", "a", "b"), user("t1", "a"), account("t1", "ff"), room("t1", "r"), member("t1", "r", "a")] {
             assert!(s.starts_with(base), "{s}");
         }
     }

@@ -9,9 +9,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use natter_events::{DmState, Envelope, Event, MessageSent, MessagesSeen, UserRegistered, subjects};
+use natter_events::{
+    DmState, Envelope, Event, MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered,
+    subjects,
+};
 
-use crate::views::{CountStore, MessageView, StoreError, UserView, ViewStore};
+use crate::views::{CountStore, MessageView, RoomMessageView, RoomView, StoreError, UserView, ViewStore};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Sent {
@@ -28,6 +31,10 @@ pub struct History {
     states: HashMap<String, DmState>,
     positions: HashMap<String, u64>,
     sent: HashMap<String, Vec<Sent>>,
+    pub rooms: Vec<String>,
+    room_last: HashMap<String, u64>,
+    members: HashMap<(String, String), bool>,
+    room_wm: HashMap<(String, String), u64>,
 }
 
 impl History {
@@ -40,6 +47,10 @@ impl History {
             states: HashMap::new(),
             positions: HashMap::new(),
             sent: HashMap::new(),
+            rooms: Vec::new(),
+            room_last: HashMap::new(),
+            members: HashMap::new(),
+            room_wm: HashMap::new(),
         };
         for i in 0..users {
             let user_id = format!("u{i}-{}", uuid::Uuid::now_v7().simple());
@@ -137,6 +148,109 @@ impl History {
         self.push(format!("{reader}:seen:{}", uuid::Uuid::now_v7()), subject, Event::MessagesSeen(event));
     }
 
+    /// User `creator` creates a room (and joins it).
+    pub fn create_room(&mut self, creator: usize) {
+        let creator = self.users[creator].clone();
+        let room_id = format!("r{}-{}", self.rooms.len(), uuid::Uuid::now_v7().simple());
+        let event = RoomCreated { room_id: room_id.clone(), name: format!("Room {}", self.rooms.len()), description: None, created_by: creator.clone() };
+        self.push(format!("{creator}:create:{room_id}"), subjects::room(&self.prefix, &room_id), Event::RoomCreated(event));
+        self.rooms.push(room_id.clone());
+        self.join_id(&creator, &room_id);
+    }
+
+    fn join_id(&mut self, user: &str, room: &str) {
+        let key = (room.to_owned(), user.to_owned());
+        if self.members.get(&key) == Some(&true) {
+            return;
+        }
+        self.members.insert(key.clone(), true);
+        let seen_up_to = self.room_last.get(room).copied().unwrap_or(0);
+        let wm = self.room_wm.entry(key).or_default();
+        *wm = (*wm).max(seen_up_to);
+        let event = MemberJoined { room_id: room.to_owned(), user_id: user.to_owned(), seen_up_to };
+        self.push(format!("{user}:join:{}", uuid::Uuid::now_v7()), subjects::member(&self.prefix, room, user), Event::MemberJoined(event));
+    }
+
+    /// User `user` joins the `nth` (modulo) room, if any.
+    pub fn join(&mut self, user: usize, nth: usize) {
+        if self.rooms.is_empty() {
+            return;
+        }
+        let (user, room) = (self.users[user].clone(), self.rooms[nth % self.rooms.len()].clone());
+        self.join_id(&user, &room);
+    }
+
+    /// User `user` leaves the `nth` room, if a member.
+    pub fn leave(&mut self, user: usize, nth: usize) {
+        if self.rooms.is_empty() {
+            return;
+        }
+        let (user, room) = (self.users[user].clone(), self.rooms[nth % self.rooms.len()].clone());
+        let key = (room.clone(), user.clone());
+        if self.members.get(&key) != Some(&true) {
+            return;
+        }
+        self.members.insert(key, false);
+        let event = MemberLeft { room_id: room.clone(), user_id: user.clone() };
+        self.push(format!("{user}:leave:{}", uuid::Uuid::now_v7()), subjects::member(&self.prefix, &room, &user), Event::MemberLeft(event));
+    }
+
+    /// A member sends to the `nth` room (non-members are refused: no event).
+    pub fn room_send(&mut self, user: usize, nth: usize) {
+        if self.rooms.is_empty() {
+            return;
+        }
+        let (user, room) = (self.users[user].clone(), self.rooms[nth % self.rooms.len()].clone());
+        if self.members.get(&(room.clone(), user.clone())) != Some(&true) {
+            return;
+        }
+        let seq = self.room_last.get(&room).copied().unwrap_or(0) + 1;
+        self.room_last.insert(room.clone(), seq);
+        let wm = self.room_wm.entry((room.clone(), user.clone())).or_default();
+        *wm = (*wm).max(seq);
+        let message_id = uuid::Uuid::now_v7().to_string();
+        let event = RoomMessageSent {
+            message_id: message_id.clone(),
+            room_id: room.clone(),
+            sender_id: user.clone(),
+            client_msg_id: None,
+            message: Some(format!("room message {seq}")),
+            attachment: None,
+            seq,
+        };
+        self.push(format!("{user}:{message_id}"), subjects::room(&self.prefix, &room), Event::RoomMessageSent(event));
+    }
+
+    /// A member reads the `nth` room to its end.
+    pub fn room_read(&mut self, user: usize, nth: usize) {
+        if self.rooms.is_empty() {
+            return;
+        }
+        let (user, room) = (self.users[user].clone(), self.rooms[nth % self.rooms.len()].clone());
+        let key = (room.clone(), user.clone());
+        let last = self.room_last.get(&room).copied().unwrap_or(0);
+        if self.members.get(&key) != Some(&true) || self.room_wm.get(&key).copied().unwrap_or(0) >= last {
+            return;
+        }
+        self.room_wm.insert(key, last);
+        let event = RoomRead { room_id: room.clone(), user_id: user.clone(), up_to_seq: last };
+        self.push(format!("{user}:read:{}", uuid::Uuid::now_v7()), subjects::member(&self.prefix, &room, &user), Event::RoomRead(event));
+    }
+
+    /// Unread room messages by definition: messages above the member's
+    /// watermark, for every room `user` is a member of.
+    pub fn expected_room_unread(&self, user: &str) -> BTreeMap<String, u64> {
+        self.rooms
+            .iter()
+            .filter(|r| self.members.get(&((*r).clone(), user.to_owned())) == Some(&true))
+            .map(|r| {
+                let last = self.room_last.get(r).copied().unwrap_or(0);
+                let wm = self.room_wm.get(&(r.clone(), user.to_owned())).copied().unwrap_or(0);
+                (r.clone(), last.saturating_sub(wm))
+            })
+            .collect()
+    }
+
     /// Every conversation that has at least one event.
     pub fn conversations(&self) -> Vec<String> {
         let mut all: Vec<String> = self.states.keys().cloned().collect();
@@ -166,14 +280,19 @@ pub struct Snapshot {
     pub users: Vec<UserView>,
     pub conversations: BTreeMap<String, (Vec<MessageView>, BTreeMap<String, u64>)>,
     pub unseen: BTreeMap<String, BTreeMap<String, u64>>,
+    /// room → (view, members, messages)
+    pub rooms: BTreeMap<String, (Option<RoomView>, Vec<String>, Vec<RoomMessageView>)>,
+    /// user → room → unread, over the rooms the user is a member of
+    pub room_unread: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
-/// Reads the views of `users` and `conversations` back through the ports.
+/// Reads the views of `users`, `conversations` and `rooms` back through the ports.
 pub async fn snapshot(
     views: &dyn ViewStore,
     counts: &dyn CountStore,
     users: &[String],
     conversations: &[String],
+    rooms: &[String],
 ) -> Result<Snapshot, StoreError> {
     let mut all_users = Vec::new();
     for u in users {
@@ -191,5 +310,19 @@ pub async fn snapshot(
     for u in users {
         unseen.insert(u.clone(), counts.unseen(u).await?.into_iter().collect());
     }
-    Ok(Snapshot { users: all_users, conversations: convs, unseen })
+    let mut room_views = BTreeMap::new();
+    let mut membership: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in rooms {
+        let members = views.room_members(r).await?;
+        for m in &members {
+            membership.entry(m.clone()).or_default().push(r.clone());
+        }
+        room_views.insert(r.clone(), (views.room(r).await?, members, views.room_messages(r, None, 10_000).await?));
+    }
+    let mut room_unread = BTreeMap::new();
+    for u in users {
+        let mine = membership.get(u).cloned().unwrap_or_default();
+        room_unread.insert(u.clone(), counts.room_unread(u, &mine).await?.into_iter().collect());
+    }
+    Ok(Snapshot { users: all_users, conversations: convs, unseen, rooms: room_views, room_unread })
 }

@@ -29,4 +29,4 @@ pub mod redis_counts;
 pub mod views;
 
 pub use projection::{ApplyError, Projection};
-pub use views::{CountStore, MessageView, StoreError, UserView, ViewStore};
+pub use views::{CountStore, MessageView, RoomMessageView, RoomView, StoreError, UserView, ViewStore};

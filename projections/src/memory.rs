@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use natter_events::{Envelope, Event, subjects};
 
 use crate::projection::{ApplyError, Projection};
-use crate::views::{CountStore, MessageView, StoreError, UserView, ViewStore};
+use crate::views::{CountStore, MessageView, RoomMessageView, RoomView, StoreError, UserView, ViewStore};
 
 #[derive(Default)]
 struct Views {
@@ -20,6 +20,12 @@ struct Views {
     by_command: HashMap<String, String>,
     by_seq: BTreeMap<(String, u64), String>,
     watermarks: HashMap<String, HashMap<String, u64>>,
+    rooms: BTreeMap<String, RoomView>,
+    /// (room, user) → (member, position of the membership event)
+    members: BTreeMap<(String, String), (bool, u64)>,
+    room_messages: HashMap<String, RoomMessageView>,
+    room_by_command: HashMap<String, String>,
+    room_by_seq: BTreeMap<(String, u64), String>,
 }
 
 #[derive(Default)]
@@ -31,6 +37,26 @@ impl MemoryViews {
     fn lock(&self) -> std::sync::MutexGuard<'_, Views> {
         self.inner.lock().expect("memory views lock")
     }
+}
+
+fn set_membership(v: &mut Views, room: &str, user: &str, member: bool, position: u64) {
+    let slot = v.members.entry((room.to_owned(), user.to_owned())).or_insert((member, 0));
+    if position > slot.1 {
+        *slot = (member, position);
+    }
+}
+
+/// The newest page of `limit` entries before `before`, oldest first.
+fn page<T: Clone>(index: &BTreeMap<(String, u64), String>, items: &HashMap<String, T>, key: &str, before: Option<u64>, limit: u32) -> Vec<T> {
+    let end = before.unwrap_or(u64::MAX);
+    let mut page: Vec<T> = index
+        .range((key.to_owned(), 0)..(key.to_owned(), end))
+        .rev()
+        .take(limit as usize)
+        .filter_map(|(_, id)| items.get(id).cloned())
+        .collect();
+    page.reverse();
+    page
 }
 
 #[async_trait]
@@ -64,6 +90,25 @@ impl ViewStore for MemoryViews {
                 v.by_command.insert(view.command_id.clone(), view.id.clone());
                 v.by_seq.insert(seq_key, view.id.clone());
                 v.messages.insert(view.id.clone(), view);
+            }
+            Event::RoomCreated(e) => {
+                v.rooms.entry(e.room_id.clone()).or_insert_with(|| RoomView::from_event(env, e));
+            }
+            Event::MemberJoined(e) => set_membership(&mut v, &e.room_id, &e.user_id, true, env.position),
+            Event::MemberLeft(e) => set_membership(&mut v, &e.room_id, &e.user_id, false, env.position),
+            Event::RoomRead(_) => {}
+            Event::RoomMessageSent(e) => {
+                if v.room_messages.contains_key(&e.message_id) {
+                    return Ok(());
+                }
+                let view = RoomMessageView::from_event(env, e);
+                let seq_key = (view.room_id.clone(), view.seq);
+                if v.room_by_command.contains_key(&view.command_id) || v.room_by_seq.contains_key(&seq_key) {
+                    return Err(ApplyError::Poison(format!("{}: unique key already held by another room message", view.id)));
+                }
+                v.room_by_command.insert(view.command_id.clone(), view.id.clone());
+                v.room_by_seq.insert(seq_key, view.id.clone());
+                v.room_messages.insert(view.id.clone(), view);
             }
             Event::MessagesSeen(e) => {
                 let conversation = subjects::dm_conversation(&e.reader_id, &e.peer_id);
@@ -104,20 +149,48 @@ impl ViewStore for MemoryViews {
 
     async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError> {
         let v = self.lock();
-        let end = before.unwrap_or(u64::MAX);
-        let mut page: Vec<MessageView> = v
-            .by_seq
-            .range((conversation.to_owned(), 0)..(conversation.to_owned(), end))
-            .rev()
-            .take(limit as usize)
-            .filter_map(|(_, id)| v.messages.get(id).cloned())
-            .collect();
-        page.reverse();
-        Ok(page)
+        Ok(page(&v.by_seq, &v.messages, conversation, before, limit))
     }
 
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
         Ok(self.lock().watermarks.get(conversation).cloned().unwrap_or_default())
+    }
+
+    async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError> {
+        Ok(self.lock().rooms.get(id).cloned())
+    }
+
+    async fn rooms(&self, after: Option<&str>, limit: u32) -> Result<Vec<RoomView>, StoreError> {
+        let v = self.lock();
+        Ok(v.rooms
+            .values()
+            .filter(|r| after.is_none_or(|a| r.id.as_str() > a))
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+        let v = self.lock();
+        Ok(v.members
+            .iter()
+            .filter(|((r, _), (member, _))| r == room && *member)
+            .map(|((_, u), _)| u.clone())
+            .collect())
+    }
+
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().members.get(&(room.to_owned(), user.to_owned())).is_some_and(|(m, _)| *m))
+    }
+
+    async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError> {
+        let v = self.lock();
+        Ok(v.room_by_command.get(command_id).and_then(|id| v.room_messages.get(id)).cloned())
+    }
+
+    async fn room_messages(&self, room: &str, before: Option<u64>, limit: u32) -> Result<Vec<RoomMessageView>, StoreError> {
+        let v = self.lock();
+        Ok(page(&v.room_by_seq, &v.room_messages, room, before, limit))
     }
 }
 
@@ -134,10 +207,23 @@ impl Projection for MemoryViews {
     }
 }
 
-/// user → peer → (position of the event the count came from, count)
+#[derive(Default)]
+struct Counts {
+    /// user → peer → (position of the event the count came from, count)
+    dm: HashMap<String, HashMap<String, (u64, u64)>>,
+    /// room → newest seq
+    room_last: HashMap<String, u64>,
+    /// (user, room) → read watermark
+    room_wm: HashMap<(String, String), u64>,
+}
+
 #[derive(Default)]
 pub struct MemoryCounts {
-    inner: Mutex<HashMap<String, HashMap<String, (u64, u64)>>>,
+    inner: Mutex<Counts>,
+}
+
+fn raise(slot: &mut u64, value: u64) {
+    *slot = (*slot).max(value);
 }
 
 #[async_trait]
@@ -147,14 +233,27 @@ impl CountStore for MemoryCounts {
     }
 
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        let mut counts = self.inner.lock().expect("memory counts lock");
         let state = match &env.event {
             Event::MessageSent(e) => &e.state,
             Event::MessagesSeen(e) => &e.state,
-            Event::UserRegistered(_) => return Ok(()),
+            Event::RoomMessageSent(e) => {
+                raise(counts.room_last.entry(e.room_id.clone()).or_default(), e.seq);
+                raise(counts.room_wm.entry((e.sender_id.clone(), e.room_id.clone())).or_default(), e.seq);
+                return Ok(());
+            }
+            Event::MemberJoined(e) => {
+                raise(counts.room_wm.entry((e.user_id.clone(), e.room_id.clone())).or_default(), e.seen_up_to);
+                return Ok(());
+            }
+            Event::RoomRead(e) => {
+                raise(counts.room_wm.entry((e.user_id.clone(), e.room_id.clone())).or_default(), e.up_to_seq);
+                return Ok(());
+            }
+            Event::UserRegistered(_) | Event::RoomCreated(_) | Event::MemberLeft(_) => return Ok(()),
         };
-        let mut counts = self.inner.lock().expect("memory counts lock");
         for (reader, peer) in [(&state.lo, &state.hi), (&state.hi, &state.lo)] {
-            let slot = counts.entry(reader.user_id.clone()).or_default().entry(peer.user_id.clone()).or_insert((0, 0));
+            let slot = counts.dm.entry(reader.user_id.clone()).or_default().entry(peer.user_id.clone()).or_insert((0, 0));
             if env.position > slot.0 {
                 *slot = (env.position, state.unseen(&reader.user_id, &peer.user_id));
             }
@@ -165,9 +264,22 @@ impl CountStore for MemoryCounts {
     async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError> {
         let counts = self.inner.lock().expect("memory counts lock");
         Ok(counts
+            .dm
             .get(user)
             .map(|peers| peers.iter().filter(|(_, (_, n))| *n > 0).map(|(p, (_, n))| (p.clone(), *n)).collect())
             .unwrap_or_default())
+    }
+
+    async fn room_unread(&self, user: &str, rooms: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+        let counts = self.inner.lock().expect("memory counts lock");
+        Ok(rooms
+            .iter()
+            .map(|r| {
+                let last = counts.room_last.get(r).copied().unwrap_or(0);
+                let wm = counts.room_wm.get(&(user.to_owned(), r.clone())).copied().unwrap_or(0);
+                (r.clone(), last.saturating_sub(wm))
+            })
+            .collect())
     }
 }
 

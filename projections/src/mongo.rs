@@ -10,6 +10,12 @@
 //!   `$max` path of an upsert-insert as a literal field name, and top-level
 //!   fields behave the same on it and on MongoDB.
 //!
+//! - `rooms`: `_id` = room id.
+//! - `room_members`: `_id` = `<roomId>:<userId>`, `member` (bool) and `mpos`,
+//!   the position of the membership event it came from (newer wins).
+//! - `room_messages`: `_id` = message id, unique `commandId` and unique
+//!   `(roomId, seq)`.
+//!
 //! Writes are `$setOnInsert` upserts keyed by ids from the event, or `$max`
 //! on watermarks: applying any event twice, or events out of order, leaves
 //! the same documents. Ids are validated subject-safe tokens, so they are
@@ -26,7 +32,7 @@ use mongodb::{Collection, Database, IndexModel};
 use natter_events::{Envelope, Event, subjects};
 
 use crate::projection::{ApplyError, Projection};
-use crate::views::{MessageView, StoreError, UserView, ViewStore};
+use crate::views::{MessageView, RoomMessageView, RoomView, StoreError, UserView, ViewStore};
 
 const DUPLICATE_KEY: i32 = 11000;
 /// Prefix of a reader's watermark field in a `conversations` document.
@@ -38,6 +44,9 @@ pub struct MongoViews {
     users: Collection<UserView>,
     messages: Collection<MessageView>,
     conversations: Collection<Document>,
+    rooms: Collection<RoomView>,
+    members: Collection<Document>,
+    room_messages: Collection<RoomMessageView>,
 }
 
 fn unavailable(e: mongodb::error::Error) -> StoreError {
@@ -60,6 +69,9 @@ impl MongoViews {
             users: db.collection("users"),
             messages: db.collection("messages"),
             conversations: db.collection("conversations"),
+            rooms: db.collection("rooms"),
+            members: db.collection("room_members"),
+            room_messages: db.collection("room_messages"),
         };
         let unique = || IndexOptions::builder().unique(true).build();
         views
@@ -77,7 +89,36 @@ impl MongoViews {
             .create_index(IndexModel::builder().keys(doc! {"conversation": 1, "seq": 1}).options(unique()).build())
             .await
             .map_err(unavailable)?;
+        views
+            .room_messages
+            .create_index(IndexModel::builder().keys(doc! {"commandId": 1}).options(unique()).build())
+            .await
+            .map_err(unavailable)?;
+        views
+            .room_messages
+            .create_index(IndexModel::builder().keys(doc! {"roomId": 1, "seq": 1}).options(unique()).build())
+            .await
+            .map_err(unavailable)?;
+        views
+            .members
+            .create_index(IndexModel::builder().keys(doc! {"roomId": 1}).build())
+            .await
+            .map_err(unavailable)?;
         Ok(views)
+    }
+
+    /// Sets a membership from the event at `position` of the member's
+    /// subject, unless a newer one is already applied.
+    async fn set_membership(&self, room: &str, user: &str, member: bool, position: u64) -> Result<(), ApplyError> {
+        let id = format!("{room}:{user}");
+        let newer_or_absent = doc! {"_id": &id, "$or": [{"mpos": {"$exists": false}}, {"mpos": {"$lt": position as i64}}]};
+        let set = doc! {"$set": {"roomId": room, "userId": user, "member": member, "mpos": position as i64}};
+        match self.members.update_one(newer_or_absent, set).upsert(true).await {
+            Ok(_) => Ok(()),
+            // The document exists with a newer membership event: keep it.
+            Err(e) if is_duplicate_key(&e) => Ok(()),
+            Err(e) => Err(unavailable(e).into()),
+        }
     }
 
     async fn insert_once<T>(&self, coll: &Collection<T>, id: &str, doc: Document) -> Result<(), ApplyError>
@@ -128,6 +169,19 @@ impl ViewStore for MongoViews {
                 let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
                 self.insert_once(&self.messages, &view.id, doc).await
             }
+            Event::RoomCreated(e) => {
+                let view = RoomView::from_event(env, e);
+                let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
+                self.insert_once(&self.rooms, &view.id, doc).await
+            }
+            Event::MemberJoined(e) => self.set_membership(&e.room_id, &e.user_id, true, env.position).await,
+            Event::MemberLeft(e) => self.set_membership(&e.room_id, &e.user_id, false, env.position).await,
+            Event::RoomRead(_) => Ok(()),
+            Event::RoomMessageSent(e) => {
+                let view = RoomMessageView::from_event(env, e);
+                let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
+                self.insert_once(&self.room_messages, &view.id, doc).await
+            }
             Event::MessagesSeen(e) => {
                 let conversation = subjects::dm_conversation(&e.reader_id, &e.peer_id);
                 let field = format!("{WATERMARK}{}", e.reader_id);
@@ -174,22 +228,7 @@ impl ViewStore for MongoViews {
     }
 
     async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError> {
-        let filter = match before {
-            Some(b) => doc! {"conversation": conversation, "seq": {"$lt": b as i64}},
-            None => doc! {"conversation": conversation},
-        };
-        let mut page: Vec<MessageView> = self
-            .messages
-            .find(filter)
-            .sort(doc! {"seq": -1})
-            .limit(i64::from(limit))
-            .await
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)?;
-        page.reverse();
-        Ok(page)
+        Self::page(&self.messages, doc! {"conversation": conversation}, before, limit).await
     }
 
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
@@ -206,6 +245,80 @@ impl ViewStore for MongoViews {
             }
         }
         Ok(out)
+    }
+
+    async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError> {
+        self.rooms.find_one(doc! {"_id": id}).await.map_err(unavailable)
+    }
+
+    async fn rooms(&self, after: Option<&str>, limit: u32) -> Result<Vec<RoomView>, StoreError> {
+        let filter = match after {
+            Some(after) => doc! {"_id": {"$gt": after}},
+            None => doc! {},
+        };
+        self.rooms
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .limit(i64::from(limit))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+        let docs: Vec<Document> = self
+            .members
+            .find(doc! {"roomId": room, "member": true})
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut ids: Vec<String> = docs.iter().filter_map(|d| d.get_str("userId").ok().map(str::to_owned)).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        let doc = self
+            .members
+            .find_one(doc! {"_id": format!("{room}:{user}"), "member": true})
+            .await
+            .map_err(unavailable)?;
+        Ok(doc.is_some())
+    }
+
+    async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError> {
+        self.room_messages.find_one(doc! {"commandId": command_id}).await.map_err(unavailable)
+    }
+
+    async fn room_messages(&self, room: &str, before: Option<u64>, limit: u32) -> Result<Vec<RoomMessageView>, StoreError> {
+        Self::page(&self.room_messages, doc! {"roomId": room}, before, limit).await
+    }
+}
+
+impl MongoViews {
+    async fn page<T>(coll: &Collection<T>, filter: Document, before: Option<u64>, limit: u32) -> Result<Vec<T>, StoreError>
+    where
+        T: serde::de::DeserializeOwned + Send + Sync,
+    {
+        let mut filter = filter;
+        if let Some(b) = before {
+            filter.insert("seq", doc! {"$lt": b as i64});
+        }
+        let mut page: Vec<T> = coll
+            .find(filter)
+            .sort(doc! {"seq": -1})
+            .limit(i64::from(limit))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        page.reverse();
+        Ok(page)
     }
 }
 

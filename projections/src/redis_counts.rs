@@ -4,6 +4,10 @@
 //! guards the write: a count only replaces one from an older event, so
 //! duplicates and out-of-order deliveries cannot move it backwards.
 //!
+//! Rooms: `<prefix>room-last` (room → newest seq) and `<prefix>room-wm:<user>`
+//! (room → that member's read watermark), both only ever raised (`max`), so
+//! unread = last − watermark whatever the delivery order.
+//!
 //! Every direct-message event carries the conversation's state, so the count
 //! is arithmetic (`peer.sent - reader.seen_count`), never a query.
 
@@ -29,11 +33,18 @@ end
 return 1
 "#;
 
+const RAISE: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 0
+"#;
+
 #[derive(Clone)]
 pub struct RedisCounts {
     conn: ConnectionManager,
     prefix: String,
     script: Script,
+    raise: Script,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -42,7 +53,7 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 
 impl RedisCounts {
     pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
-        RedisCounts { conn, prefix: prefix.into(), script: Script::new(SET_IF_NEWER) }
+        RedisCounts { conn, prefix: prefix.into(), script: Script::new(SET_IF_NEWER), raise: Script::new(RAISE) }
     }
 
     fn counts_key(&self, user: &str) -> String {
@@ -51,6 +62,21 @@ impl RedisCounts {
 
     fn pos_key(&self, user: &str) -> String {
         format!("{}unseen-pos:{user}", self.prefix)
+    }
+
+    fn room_last_key(&self) -> String {
+        format!("{}room-last", self.prefix)
+    }
+
+    fn room_wm_key(&self, user: &str) -> String {
+        format!("{}room-wm:{user}", self.prefix)
+    }
+
+    /// Raises `field` of hash `key` to `value` (never lowers it).
+    async fn raise(&self, key: String, field: &str, value: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self.raise.key(key).arg(field).arg(value).invoke_async(&mut conn).await.map_err(unavailable)?;
+        Ok(())
     }
 
     async fn store_state(&self, position: u64, state: &DmState) -> Result<(), StoreError> {
@@ -80,12 +106,39 @@ impl CountStore for RedisCounts {
     }
 
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
-        let state = match &env.event {
-            Event::MessageSent(e) => &e.state,
-            Event::MessagesSeen(e) => &e.state,
-            Event::UserRegistered(_) => return Ok(()),
-        };
-        Ok(self.store_state(env.position, state).await?)
+        match &env.event {
+            Event::MessageSent(e) => Ok(self.store_state(env.position, &e.state).await?),
+            Event::MessagesSeen(e) => Ok(self.store_state(env.position, &e.state).await?),
+            Event::RoomMessageSent(e) => {
+                self.raise(self.room_last_key(), &e.room_id, e.seq).await?;
+                Ok(self.raise(self.room_wm_key(&e.sender_id), &e.room_id, e.seq).await?)
+            }
+            Event::MemberJoined(e) => Ok(self.raise(self.room_wm_key(&e.user_id), &e.room_id, e.seen_up_to).await?),
+            Event::RoomRead(e) => Ok(self.raise(self.room_wm_key(&e.user_id), &e.room_id, e.up_to_seq).await?),
+            Event::UserRegistered(_) | Event::RoomCreated(_) | Event::MemberLeft(_) => Ok(()),
+        }
+    }
+
+    async fn room_unread(&self, user: &str, rooms: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+        if rooms.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut conn = self.conn.clone();
+        let (last, wm): (Vec<Option<u64>>, Vec<Option<u64>>) = redis::pipe()
+            .cmd("HMGET")
+            .arg(self.room_last_key())
+            .arg(rooms)
+            .cmd("HMGET")
+            .arg(self.room_wm_key(user))
+            .arg(rooms)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(rooms
+            .iter()
+            .zip(last.iter().zip(wm.iter()))
+            .map(|(room, (l, w))| (room.clone(), l.unwrap_or(0).saturating_sub(w.unwrap_or(0))))
+            .collect())
     }
 
     async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError> {

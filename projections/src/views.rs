@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::SecondsFormat;
-use natter_events::{Envelope, MessageSent, UserRegistered, subjects};
+use natter_events::{Envelope, MessageSent, RoomCreated, RoomMessageSent, UserRegistered, subjects};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -61,6 +61,70 @@ pub struct MessageView {
     pub created_at: String,
 }
 
+/// A study room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomView {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(rename = "createdBy")]
+    pub created_by: String,
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
+}
+
+impl RoomView {
+    pub fn from_event(env: &Envelope, e: &RoomCreated) -> RoomView {
+        RoomView {
+            id: e.room_id.clone(),
+            name: e.name.clone(),
+            description: e.description.clone(),
+            created_by: e.created_by.clone(),
+            created_at: timestamp(env),
+        }
+    }
+}
+
+/// A message in a study room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMessageView {
+    #[serde(rename = "_id")]
+    pub id: String,
+    #[serde(rename = "roomId")]
+    pub room_id: String,
+    pub seq: u64,
+    #[serde(rename = "commandId")]
+    pub command_id: String,
+    #[serde(rename = "clientMsgId", default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    #[serde(rename = "senderId")]
+    pub sender_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+    #[serde(rename = "createdAt")]
+    pub created_at: String,
+}
+
+impl RoomMessageView {
+    pub fn from_event(env: &Envelope, e: &RoomMessageSent) -> RoomMessageView {
+        RoomMessageView {
+            id: e.message_id.clone(),
+            room_id: e.room_id.clone(),
+            seq: e.seq,
+            command_id: env.command_id.clone(),
+            client_msg_id: e.client_msg_id.clone(),
+            sender_id: e.sender_id.clone(),
+            message: e.message.clone(),
+            attachment: e.attachment.clone(),
+            created_at: timestamp(env),
+        }
+    }
+}
+
 impl MessageView {
     /// The view of a `MessageSent` event.
     pub fn from_event(env: &Envelope, e: &MessageSent) -> MessageView {
@@ -115,6 +179,17 @@ pub trait ViewStore: Send + Sync {
     async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError>;
     /// Read watermark of every participant of `conversation` (user → seq).
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError>;
+
+    async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError>;
+    /// Rooms ordered by id, after the cursor `after`.
+    async fn rooms(&self, after: Option<&str>, limit: u32) -> Result<Vec<RoomView>, StoreError>;
+    /// Current members of a room, by id.
+    async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError>;
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
+    async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError>;
+    /// Up to `limit` messages of `room` with `seq < before`, newest page,
+    /// returned oldest first.
+    async fn room_messages(&self, room: &str, before: Option<u64>, limit: u32) -> Result<Vec<RoomMessageView>, StoreError>;
 }
 
 /// Unseen counts per user (Redis in production).
@@ -125,4 +200,6 @@ pub trait CountStore: Send + Sync {
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError>;
     /// peer → unseen count, non-zero entries only.
     async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError>;
+    /// room → messages above `user`'s read watermark, for each of `rooms`.
+    async fn room_unread(&self, user: &str, rooms: &[String]) -> Result<HashMap<String, u64>, StoreError>;
 }

@@ -14,6 +14,11 @@ enum Op {
     Send(usize, usize),
     Mark(usize, usize, usize),
     Open(usize, usize),
+    CreateRoom(usize),
+    Join(usize, usize),
+    Leave(usize, usize),
+    RoomSend(usize, usize),
+    RoomRead(usize, usize),
 }
 
 fn op(users: usize) -> impl Strategy<Value = Op> {
@@ -21,6 +26,11 @@ fn op(users: usize) -> impl Strategy<Value = Op> {
         5 => (0..users, 0..users).prop_map(|(a, b)| Op::Send(a, b)),
         2 => (0..users, 0..users, 0..20usize).prop_map(|(a, b, n)| Op::Mark(a, b, n)),
         1 => (0..users, 0..users).prop_map(|(a, b)| Op::Open(a, b)),
+        1 => (0..users).prop_map(Op::CreateRoom),
+        2 => (0..users, 0..4usize).prop_map(|(a, n)| Op::Join(a, n)),
+        1 => (0..users, 0..4usize).prop_map(|(a, n)| Op::Leave(a, n)),
+        4 => (0..users, 0..4usize).prop_map(|(a, n)| Op::RoomSend(a, n)),
+        2 => (0..users, 0..4usize).prop_map(|(a, n)| Op::RoomRead(a, n)),
     ]
 }
 
@@ -31,6 +41,11 @@ fn build(users: usize, ops: &[Op]) -> History {
             Op::Send(a, b) if a != b => h.send(a, b),
             Op::Mark(a, b, n) if a != b => h.mark(a, b, n),
             Op::Open(a, b) if a != b => h.open(a, b),
+            Op::CreateRoom(a) => h.create_room(a),
+            Op::Join(a, n) => h.join(a, n),
+            Op::Leave(a, n) => h.leave(a, n),
+            Op::RoomSend(a, n) => h.room_send(a, n),
+            Op::RoomRead(a, n) => h.room_read(a, n),
             _ => {}
         }
     }
@@ -72,7 +87,7 @@ fn apply_all(h: &History, order: impl Iterator<Item = usize>) -> (MemoryViews, M
 
 fn history_and_schedule() -> impl Strategy<Value = (usize, Vec<Op>, Vec<usize>)> {
     (2..5usize)
-        .prop_flat_map(|users| (Just(users), prop::collection::vec(op(users), 0..60)))
+        .prop_flat_map(|users| (Just(users), prop::collection::vec(op(users), 0..80)))
         .prop_flat_map(|(users, ops)| {
             let len = build(users, &ops).envelopes.len();
             (Just(users), Just(ops), schedule(len))
@@ -88,11 +103,16 @@ proptest! {
         let (clean_views, clean_counts) = apply_all(&h, 0..h.envelopes.len());
         let (views, counts) = apply_all(&h, order.into_iter());
         let convs = h.conversations();
-        let clean = block_on(snapshot(&clean_views, &clean_counts, &h.users, &convs)).unwrap();
-        let messy = block_on(snapshot(&views, &counts, &h.users, &convs)).unwrap();
+        let clean = block_on(snapshot(&clean_views, &clean_counts, &h.users, &convs, &h.rooms)).unwrap();
+        let messy = block_on(snapshot(&views, &counts, &h.users, &convs, &h.rooms)).unwrap();
         prop_assert_eq!(&clean, &messy);
         for u in &h.users {
             prop_assert_eq!(&clean.unseen[u], &h.expected_unseen(u), "unseen counts of {} equal their definition", u);
+            prop_assert_eq!(&clean.room_unread[u], &h.expected_room_unread(u), "room unread of {} equal their definition", u);
+        }
+        for (_, _, messages) in clean.rooms.values() {
+            let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+            prop_assert_eq!(seqs, (1..=messages.len() as u64).collect::<Vec<_>>());
         }
         // Gapless sequences per conversation.
         for (messages, _) in clean.conversations.values() {

@@ -25,10 +25,15 @@ fn random_history(prefix: &str, users: usize, ops: usize, mut seed: u64) -> Hist
         if a == b {
             continue;
         }
-        match next(8) {
+        match next(14) {
             0..=4 => h.send(a, b),
             5 | 6 => h.mark(a, b, next(10)),
-            _ => h.open(a, b),
+            7 => h.open(a, b),
+            8 => h.create_room(a),
+            9 => h.join(a, next(4)),
+            10 => h.leave(a, next(4)),
+            11 | 12 => h.room_send(a, next(4)),
+            _ => h.room_read(a, next(4)),
         }
     }
     h
@@ -40,7 +45,7 @@ async fn memory_snapshot(h: &History) -> natter_projections::history::Snapshot {
         ViewStore::apply(&views, env).await.unwrap();
         CountStore::apply(&counts, env).await.unwrap();
     }
-    snapshot(&views, &counts, &h.users, &h.conversations()).await.unwrap()
+    snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap()
 }
 
 #[tokio::test]
@@ -62,10 +67,12 @@ async fn mongo_and_redis_adapters_converge_like_the_in_memory_store() {
         ViewStore::apply(&views, &h.envelopes[i]).await.unwrap();
         CountStore::apply(&counts, &h.envelopes[i]).await.unwrap();
     }
-    let real = snapshot(&views, &counts, &h.users, &h.conversations()).await.unwrap();
+    let real = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
     assert_eq!(real, memory_snapshot(&h).await);
+    assert!(!h.rooms.is_empty(), "the history exercises rooms too");
     for u in &h.users {
         assert_eq!(real.unseen[u], h.expected_unseen(u));
+        assert_eq!(real.room_unread[u], h.expected_room_unread(u));
     }
     db.drop().await.unwrap();
 }
@@ -115,7 +122,7 @@ async fn projectors_on_two_nodes_apply_every_event_exactly_once() {
     let redis = natter::node::connect_redis(c.cfg.redis_url.as_deref().unwrap()).await.unwrap();
     let views = MongoViews::open(&db).await.unwrap();
     let counts = RedisCounts::new(redis, c.cfg.redis_prefix.clone());
-    let real = snapshot(&views, &counts, &h.users, &h.conversations()).await.unwrap();
+    let real = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
     assert_eq!(real, memory_snapshot(&h).await);
     c.stop().await;
 }

@@ -1,0 +1,65 @@
+//! Study-room events.
+//!
+//! Subjects (see [`crate::subjects`]):
+//! - `<prefix>.ev.room.<roomId>`: `RoomCreated` (position 1) then every
+//!   `RoomMessageSent`, so room messages get a gapless sequence from one
+//!   optimistic-concurrency append per message.
+//! - `<prefix>.ev.member.<roomId>.<userId>`: one member's `MemberJoined`,
+//!   `MemberLeft` and `RoomRead` events: the newest event on it says whether
+//!   the user is a member, in one read.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomCreated {
+    pub room_id: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub created_by: String,
+}
+
+/// A user became a member. Everything up to `seen_up_to` counts as read
+/// for them (joining does not flood the newcomer with unread history).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberJoined {
+    pub room_id: String,
+    pub user_id: String,
+    pub seen_up_to: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberLeft {
+    pub room_id: String,
+    pub user_id: String,
+}
+
+/// A member's read watermark in a room moved forward to `up_to_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomRead {
+    pub room_id: String,
+    pub user_id: String,
+    pub up_to_seq: u64,
+}
+
+/// A message in a room. Sending also moves the sender's read watermark to
+/// it (you have read a room up to what you say in it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomMessageSent {
+    pub message_id: String,
+    pub room_id: String,
+    pub sender_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+    /// Gapless per-room sequence, 1, 2, 3, ...
+    pub seq: u64,
+}
