@@ -155,7 +155,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone() });
+    let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone(), views: mongo.clone() });
     let projections: [Arc<dyn Projection>; 3] = [mongo, counts, fanout];
     for projection in projections {
         let projector = Projector {

@@ -12,6 +12,7 @@
 //! [`Failure`], a 503/500).
 
 pub mod register;
+pub mod rooms;
 pub mod seen;
 pub mod send;
 
@@ -80,7 +81,7 @@ pub struct Limits {
 
 /// How often an append is retried when other writers keep winning the race
 /// for the same conversation.
-const MAX_ATTEMPTS: u32 = 200;
+pub(crate) const MAX_ATTEMPTS: u32 = 200;
 
 pub struct Commands {
     pub(crate) log: Arc<dyn EventLog>,
@@ -96,7 +97,7 @@ fn dm_state(env: &Envelope) -> Option<&DmState> {
     match &env.event {
         Event::MessageSent(e) => Some(&e.state),
         Event::MessagesSeen(e) => Some(&e.state),
-        Event::UserRegistered(_) => None,
+        _ => None,
     }
 }
 

@@ -20,11 +20,15 @@ pub fn validate(cmd: &SendMessage, limits: &Limits) -> Result<(), Refusal> {
     if cmd.sender == cmd.receiver {
         return Err(Refusal::BadInput("you cannot send a message to yourself".into()));
     }
-    if let Some(id) = &cmd.client_msg_id {
+    validate_content(cmd.message.as_deref(), cmd.attachment.as_deref(), cmd.client_msg_id.as_deref(), limits)
+}
+
+/// Checks a message's text, attachment URL and idempotency key (direct and
+/// room messages alike). Pure.
+pub fn validate_content(text: Option<&str>, attachment: Option<&str>, client_msg_id: Option<&str>, limits: &Limits) -> Result<(), Refusal> {
+    if let Some(id) = client_msg_id {
         natter_events::validate_id(id).map_err(|e| Refusal::BadInput(format!("clientMsgId is not valid: {e}")))?;
     }
-    let text = cmd.message.as_deref();
-    let attachment = cmd.attachment.as_deref();
     if text.is_none() && attachment.is_none() {
         return Err(Refusal::BadInput("message is empty".into()));
     }

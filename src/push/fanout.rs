@@ -5,6 +5,8 @@
 //! - `MessagesSeen` → `messagesSeen {readerId, senderId, upToSeq}` to the
 //!   sender whose messages were read (read receipts) and to the reader's
 //!   other tabs.
+//! - `RoomMessageSent` → `message` (the room message) to every member of the
+//!   room, as the views know them when the event is fanned out.
 //!
 //! Each delivery is published with `Nats-Msg-Id = <event id>:<user>`, so a
 //! redelivered event does not deliver twice. The projection is `ordered`:
@@ -14,15 +16,19 @@
 use async_nats::jetstream;
 use async_trait::async_trait;
 use natter_events::{Envelope, Event};
-use natter_projections::{ApplyError, MessageView, Projection};
+use std::sync::Arc;
+
+use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView, ViewStore};
 use serde_json::json;
 
 use super::{Payload, inbox_subject};
-use crate::wire::message_json;
+use crate::wire::{message_json, room_message_json};
 
 pub struct FanOut {
     pub js: jetstream::Context,
     pub prefix: String,
+    /// Room membership, to address room messages.
+    pub views: Arc<dyn ViewStore>,
 }
 
 /// The deliveries an event makes: (user, payload). Pure.
@@ -38,7 +44,7 @@ pub fn deliveries(env: &Envelope) -> Vec<(String, Payload)> {
             let payload = Payload { event: "messagesSeen".into(), data };
             vec![(e.peer_id.clone(), payload.clone()), (e.reader_id.clone(), payload)]
         }
-        Event::UserRegistered(_) => Vec::new(),
+        _ => Vec::new(),
     }
 }
 
@@ -54,7 +60,13 @@ impl Projection for FanOut {
         true
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
-        for (user, payload) in deliveries(env) {
+        let mut deliveries = deliveries(env);
+        if let Event::RoomMessageSent(e) = &env.event {
+            let payload = Payload { event: "message".into(), data: room_message_json(&RoomMessageView::from_event(env, e)) };
+            let members = self.views.room_members(&e.room_id).await?;
+            deliveries.extend(members.into_iter().map(|m| (m, payload.clone())));
+        }
+        for (user, payload) in deliveries {
             let body = serde_json::to_vec(&payload).map_err(|e| ApplyError::Poison(e.to_string()))?;
             let publish = jetstream::message::PublishMessage::build()
                 .payload(body.into())
