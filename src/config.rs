@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// Typing notices a socket may send per second (excess is dropped).
     #[arg(long, env = "NATTER_TYPING_PER_SEC")]
     pub typing_per_sec: Option<u32>,
+    /// Presence time-to-live in milliseconds: a crashed node's users leave
+    /// their rooms within 1.5 × this.
+    #[arg(long, env = "NATTER_PRESENCE_TTL_MS")]
+    pub presence_ttl_ms: Option<u64>,
 }
 
 /// The optional TOML file: the same settings, snake_case keys.
@@ -113,6 +117,7 @@ pub struct FileConfig {
     push_retention_secs: Option<u64>,
     socket_queue: Option<usize>,
     typing_per_sec: Option<u32>,
+    presence_ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +145,7 @@ pub struct Config {
     pub push_retention: Duration,
     pub socket_queue: usize,
     pub typing_per_sec: u32,
+    pub presence_ttl: Duration,
 }
 
 impl Default for Config {
@@ -167,6 +173,7 @@ impl Default for Config {
             push_retention: Duration::from_secs(7 * 24 * 3600),
             socket_queue: 1024,
             typing_per_sec: 5,
+            presence_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -216,6 +223,7 @@ impl Config {
             push_retention: pick!(push_retention_secs).map(Duration::from_secs).unwrap_or(d.push_retention),
             socket_queue: pick!(socket_queue).unwrap_or(d.socket_queue),
             typing_per_sec: pick!(typing_per_sec).unwrap_or(d.typing_per_sec),
+            presence_ttl: pick!(presence_ttl_ms).map(Duration::from_millis).unwrap_or(d.presence_ttl),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -225,6 +233,9 @@ impl Config {
         natter_events::validate_id(&self.subject_prefix)
             .map_err(|e| anyhow::anyhow!("subject prefix {:?}: {e}", self.subject_prefix))?;
         natter_events::validate_id(&self.stream).map_err(|e| anyhow::anyhow!("stream name {:?}: {e}", self.stream))?;
+        if self.presence_ttl < Duration::from_millis(300) {
+            bail!("presence TTL must be at least 300 ms");
+        }
         if self.socket_queue == 0 || self.push_retention.is_zero() {
             bail!("socket queue and push retention must be positive");
         }

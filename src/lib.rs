@@ -13,6 +13,7 @@
 //! - [`http`]: the REST gateway (axum), one module per area.
 //! - [`push`]: real-time delivery: the fan-out projector (log → per-user
 //!   inbox stream) and the node's push hub (inbox → sockets, resume).
+//! - [`presence`]: who is in a room now (Redis, heartbeats and a TTL).
 //! - [`socket`]: Socket.IO namespaces (handshake auth, push, resume).
 //! - [`wire`]: the JSON shapes clients see (REST and Socket.IO alike).
 //! - [`metrics`]: Prometheus counters and gauges.
@@ -28,6 +29,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod projector;
 pub mod push;
 pub mod socket;

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::log::EventLog;
 use crate::log::nats::NatsLog;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::projector::Projector;
 use crate::push::fanout::FanOut;
 use crate::push::hub::PushHub;
@@ -34,6 +35,9 @@ pub struct Node {
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
     pub push: Arc<PushHub>,
+    pub presence: Arc<Presence>,
+    /// Unique per process: names this node's presence connections.
+    pub node_id: String,
 }
 
 /// A started node: its address, and the handle to stop it.
@@ -122,6 +126,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
             .await
             .with_context(|| format!("creating view indexes in MongoDB database {}", cfg.mongo_db))?,
     );
+    let presence = Arc::new(Presence::new(redis.clone(), &cfg.redis_prefix, cfg.presence_ttl));
     let counts = Arc::new(RedisCounts::new(redis, cfg.redis_prefix.clone()));
     let metrics = Arc::new(Metrics::default());
     let push = PushHub::connect(
@@ -151,6 +156,8 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         auth,
         metrics: metrics.clone(),
         push,
+        presence,
+        node_id: uuid::Uuid::new_v4().simple().to_string(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -167,6 +174,8 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         };
         tasks.push(tokio::spawn(projector.run(shutdown_rx.clone())));
     }
+
+    tasks.push(tokio::spawn(crate::socket::chat::presence_loop(node.clone(), shutdown_rx.clone())));
 
     let addr = listener.local_addr()?;
     let (sockets, io) = crate::socket::layer(node.clone());

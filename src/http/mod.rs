@@ -5,12 +5,14 @@
 //! - [`auth`]: register, login, and the [`auth::Caller`] extractor.
 //! - [`users`]: `GET /api/users`.
 //! - [`messages`]: direct messages and seen marks.
+//! - [`rooms`]: study rooms.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`.
 
 pub mod auth;
 pub mod error;
 pub mod messages;
 pub mod ops;
+pub mod rooms;
 pub mod users;
 
 use std::sync::Arc;
@@ -70,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .merge(auth::router())
         .merge(users::router())
         .merge(messages::router())
+        .merge(rooms::router())
         .merge(ops::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), record))

@@ -7,6 +7,10 @@
 //!   other tabs.
 //! - `RoomMessageSent` → `message` (the room message) to every member of the
 //!   room, as the views know them when the event is fanned out.
+//! - `MemberJoined` / `MemberLeft` → `member-joined` / `member-left`
+//!   `{roomId, userId}` to the members and the user concerned. Being in the
+//!   same per-user streams as the messages, every member sees joins, leaves
+//!   and messages in the same (log) order.
 //!
 //! Each delivery is published with `Nats-Msg-Id = <event id>:<user>`, so a
 //! redelivered event does not deliver twice. The projection is `ordered`:
@@ -61,9 +65,28 @@ impl Projection for FanOut {
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
         let mut deliveries = deliveries(env);
-        if let Event::RoomMessageSent(e) = &env.event {
-            let payload = Payload { event: "message".into(), data: room_message_json(&RoomMessageView::from_event(env, e)) };
-            let members = self.views.room_members(&e.room_id).await?;
+        let room = match &env.event {
+            Event::RoomMessageSent(e) => {
+                Some((&e.room_id, None, Payload { event: "message".into(), data: room_message_json(&RoomMessageView::from_event(env, e)) }))
+            }
+            Event::MemberJoined(e) => Some((
+                &e.room_id,
+                Some(&e.user_id),
+                Payload { event: "member-joined".into(), data: json!({ "roomId": e.room_id, "userId": e.user_id }) },
+            )),
+            Event::MemberLeft(e) => Some((
+                &e.room_id,
+                Some(&e.user_id),
+                Payload { event: "member-left".into(), data: json!({ "roomId": e.room_id, "userId": e.user_id }) },
+            )),
+            _ => None,
+        };
+        if let Some((room, concerned, payload)) = room {
+            let mut members = self.views.room_members(room).await?;
+            if let Some(user) = concerned {
+                members.retain(|m| m != user);
+                members.push(user.clone());
+            }
             deliveries.extend(members.into_iter().map(|m| (m, payload.clone())));
         }
         for (user, payload) in deliveries {

@@ -4,11 +4,15 @@
 //!   in `auth.token` (validated like REST's bearer token); a refusal reaches
 //!   the client as `connect_error` with the reason as `err.message`.
 //! - [`dm`]: namespace `/`: `newMessage`, `messagesSeen`, `typing`, resume.
+//! - [`chat`]: namespace `/chat`: study rooms and presence.
+//! - [`session`]: the per-socket delivery loop both namespaces run.
 //!
 //! Sockets are closed with the node: [`SocketIo::close`] runs on shutdown
 //! so the HTTP server can drain.
 
+pub mod chat;
 pub mod dm;
+pub mod session;
 
 use std::sync::Arc;
 
@@ -105,5 +109,6 @@ pub async fn emit_patiently(s: &SocketRef, event: &str, data: &Value, patience: 
 pub fn layer(node: Arc<Node>) -> (SocketIoLayer, SocketIo) {
     let (layer, io) = SocketIo::builder().with_state(node).build_layer();
     io.ns("/", dm::on_connect.with(authenticate));
+    io.ns("/chat", chat::on_connect.with(authenticate));
     (layer, io)
 }

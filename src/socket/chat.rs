@@ -1,0 +1,256 @@
+//! Namespace `/chat`: study rooms, as the original app's clients use them.
+//!
+//! Client → server:
+//! - `join-room` (`"<roomId>"` or `{roomId}`): joins the room's membership
+//!   if needed, then enters its presence. Acknowledged with
+//!   `{success, roomId, users}`.
+//! - `leave-room` (`"<roomId>"` or `{roomId}`): leaves the room's presence
+//!   (membership is left over REST).
+//! - `send-message` `{roomId, message?, attachment?, clientMsgId?}`:
+//!   acknowledged with `{success: true, data: <message>}` or
+//!   `{success: false, code, message}`.
+//! - `sync {cursor}`: replay from a cursor.
+//!
+//! Server → client:
+//! - `message`: a room message (with `cursor`), for every room the user is
+//!   a member of; `member-joined` / `member-left` `{roomId, userId, cursor}`.
+//!   These come in log order: every member sees them in the same order.
+//! - `room-users` `{roomId, users: [{_id, name}]}`, `user-joined` /
+//!   `user-left` `{roomId, user: {_id, name}}`: presence, for the rooms this
+//!   socket entered.
+//! - `synced`, `resync`, `error` as on `/`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
+use tokio::sync::{mpsc, watch};
+
+use super::session::{Control, ControlTx, Filter, error, on_sync, run};
+use super::{SocketUser, StartCursor};
+use crate::commands::CommandError;
+use crate::commands::rooms::SendRoomMessage;
+use crate::http::ApiError;
+use crate::node::Node;
+use crate::push::Payload;
+use crate::wire::room_message_json;
+
+/// The rooms a socket has entered (its presence).
+#[derive(Clone)]
+struct Entered(Arc<Mutex<HashSet<String>>>);
+
+pub async fn on_connect(
+    s: SocketRef,
+    State(node): State<Arc<Node>>,
+    Extension(SocketUser(user)): Extension<SocketUser>,
+    Extension(StartCursor(start)): Extension<StartCursor>,
+) {
+    node.metrics.socket_opened();
+    let entered = Arc::new(Mutex::new(HashSet::new()));
+    let (tx, rx) = mpsc::channel(16);
+    s.extensions.insert(Entered(entered.clone()));
+    s.extensions.insert(ControlTx(tx));
+    s.on("join-room", on_join);
+    s.on("leave-room", on_leave);
+    s.on("send-message", on_send);
+    s.on("sync", on_sync);
+    s.on_disconnect(on_disconnect);
+    tokio::spawn(run(s, node, user, start, Filter::Chat(entered), rx));
+}
+
+/// `"<roomId>"` or `{roomId}`.
+fn room_arg(v: &Value) -> Option<String> {
+    let id = match v {
+        Value::String(s) => s.as_str(),
+        Value::Object(o) => o.get("roomId")?.as_str()?,
+        _ => return None,
+    };
+    natter_events::validate_id(id).ok()?;
+    Some(id.to_owned())
+}
+
+fn connection(node: &Node, s: &SocketRef) -> String {
+    format!("{}-{}", node.node_id, s.id)
+}
+
+fn failure(e: CommandError) -> Value {
+    let e = ApiError::from(e);
+    json!({ "success": false, "code": e.code, "message": e.message })
+}
+
+fn refuse(s: &SocketRef, ack: AckSender, code: &str, message: &str) {
+    let _ = s.emit("error", &error(code, message));
+    let _ = ack.send(&json!({ "success": false, "code": code, "message": message }));
+}
+
+async fn user_json(node: &Node, user: &str) -> Value {
+    let name = node.views.user(user).await.ok().flatten().map(|u| u.name);
+    json!({ "_id": user, "name": name })
+}
+
+/// Tells everyone present in `room` who is there now, after `change`
+/// (`user-joined` / `user-left` of `who`) if any.
+pub async fn announce(node: &Node, room: &str, change: Option<(&str, &str)>) {
+    let present = match node.presence.users(room).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%room, error = %e, "presence unavailable; room-users not announced");
+            return;
+        }
+    };
+    let mut users = Vec::with_capacity(present.len());
+    for u in &present {
+        users.push(user_json(node, u).await);
+    }
+    let mut payloads = Vec::new();
+    if let Some((event, who)) = change {
+        payloads.push(Payload { event: event.into(), data: json!({ "roomId": room, "user": user_json(node, who).await }) });
+    }
+    payloads.push(Payload { event: "room-users".into(), data: json!({ "roomId": room, "users": users }) });
+    for u in &present {
+        for p in &payloads {
+            if let Err(e) = node.push.signal(u, p).await {
+                tracing::warn!(%room, user = %u, error = %e, "presence signal not sent");
+            }
+        }
+    }
+}
+
+async fn on_join(
+    s: SocketRef,
+    State(node): State<Arc<Node>>,
+    Extension(SocketUser(me)): Extension<SocketUser>,
+    Extension(Entered(entered)): Extension<Entered>,
+    TryData(v): TryData<Value>,
+    ack: AckSender,
+) {
+    let Some(room) = v.ok().as_ref().and_then(room_arg) else {
+        return refuse(&s, ack, "bad_request", "join-room needs a room id");
+    };
+    if let Err(e) = node.commands.join_room(&me, &room).await {
+        let f = failure(e);
+        let _ = s.emit("error", &error(f["code"].as_str().unwrap_or("error"), f["message"].as_str().unwrap_or("")));
+        let _ = ack.send(&f);
+        return;
+    }
+    entered.lock().expect("entered rooms lock").insert(room.clone());
+    match node.presence.enter(&room, &me, &connection(&node, &s)).await {
+        Ok(true) => announce(&node, &room, Some(("user-joined", &me))).await,
+        Ok(false) => announce(&node, &room, None).await,
+        Err(e) => {
+            tracing::warn!(%room, error = %e, "presence unavailable on join-room");
+            return refuse(&s, ack, "unavailable", "presence is unavailable; retry shortly");
+        }
+    }
+    let users = node.presence.users(&room).await.unwrap_or_default();
+    let _ = ack.send(&json!({ "success": true, "roomId": room, "users": users }));
+}
+
+async fn exit_room(node: &Node, s: &SocketRef, me: &str, room: &str) {
+    match node.presence.exit(room, me, &connection(node, s)).await {
+        Ok(true) => announce(node, room, Some(("user-left", me))).await,
+        Ok(false) => {}
+        Err(e) => tracing::warn!(%room, error = %e, "presence exit failed; the entry expires with its TTL"),
+    }
+}
+
+async fn on_leave(
+    s: SocketRef,
+    State(node): State<Arc<Node>>,
+    Extension(SocketUser(me)): Extension<SocketUser>,
+    Extension(Entered(entered)): Extension<Entered>,
+    TryData(v): TryData<Value>,
+    ack: AckSender,
+) {
+    let Some(room) = v.ok().as_ref().and_then(room_arg) else {
+        return refuse(&s, ack, "bad_request", "leave-room needs a room id");
+    };
+    let was_in = entered.lock().expect("entered rooms lock").remove(&room);
+    if was_in {
+        exit_room(&node, &s, &me, &room).await;
+    }
+    let _ = ack.send(&json!({ "success": true, "roomId": room }));
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendIn {
+    room_id: String,
+    message: Option<String>,
+    attachment: Option<String>,
+    client_msg_id: Option<String>,
+}
+
+async fn on_send(
+    s: SocketRef,
+    State(node): State<Arc<Node>>,
+    Extension(SocketUser(me)): Extension<SocketUser>,
+    TryData(input): TryData<SendIn>,
+    ack: AckSender,
+) {
+    let Ok(input) = input else {
+        return refuse(&s, ack, "bad_request", "send-message needs {roomId, message?, attachment?, clientMsgId?}");
+    };
+    let cmd = SendRoomMessage {
+        sender: me,
+        room: input.room_id,
+        message: input.message,
+        attachment: input.attachment,
+        client_msg_id: input.client_msg_id,
+    };
+    match node.commands.send_room(cmd).await {
+        Ok(m) => {
+            let _ = ack.send(&json!({ "success": true, "data": room_message_json(&m) }));
+        }
+        Err(e) => {
+            let f = failure(e);
+            let _ = s.emit("error", &error(f["code"].as_str().unwrap_or("error"), f["message"].as_str().unwrap_or("")));
+            let _ = ack.send(&f);
+        }
+    }
+}
+
+async fn on_disconnect(
+    s: SocketRef,
+    State(node): State<Arc<Node>>,
+    Extension(SocketUser(me)): Extension<SocketUser>,
+    Extension(Entered(entered)): Extension<Entered>,
+    Extension(ControlTx(tx)): Extension<ControlTx>,
+) {
+    node.metrics.socket_closed();
+    let _ = tx.try_send(Control::Closed);
+    let rooms: Vec<String> = entered.lock().expect("entered rooms lock").drain().collect();
+    for room in rooms {
+        exit_room(&node, &s, &me, &room).await;
+    }
+}
+
+/// Heartbeats this node's presence every TTL/3 and sweeps expired presence
+/// every TTL/2, announcing users whose last connection expired (a crashed
+/// node's users).
+pub async fn presence_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let ttl = node.presence.ttl();
+    let mut beat = tokio::time::interval(ttl / 3);
+    let mut sweep = tokio::time::interval(ttl / 2);
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {
+                if let Err(e) = node.presence.heartbeat().await {
+                    tracing::warn!(error = %e, "presence heartbeat failed; this node's users may be announced as left");
+                }
+            }
+            _ = sweep.tick() => match node.presence.sweep().await {
+                Ok(gone) => {
+                    for (room, user) in gone {
+                        tracing::info!(%room, %user, "presence expired (node gone?); announcing user-left");
+                        announce(&node, &room, Some(("user-left", &user))).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}

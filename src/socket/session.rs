@@ -1,0 +1,221 @@
+//! The per-socket delivery loop shared by the namespaces.
+//!
+//! Each socket has one task that owns its queue from the push hub and emits
+//! in order, filling any gap it detects from the inbox stream first. The
+//! cursor advances over every delivery of the user; a namespace's
+//! [`Filter`] decides which of them its sockets emit.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use socketioxide::extract::{Extension, SocketRef, TryData};
+use tokio::sync::mpsc;
+
+use super::{EmitError, emit_patiently, parse_cursor};
+use crate::node::Node;
+use crate::push::hub::{Pushed, Replay};
+use crate::push::{Delivery, Payload};
+
+/// How long a burst may keep a socket's buffer full before it is dropped.
+const PATIENCE: Duration = Duration::from_secs(5);
+/// Deliveries fetched per round trip while catching up.
+const REPLAY_PAGE: usize = 256;
+
+/// Messages from the socket's event handlers to its task.
+pub enum Control {
+    Sync(u64),
+    Closed,
+}
+
+#[derive(Clone)]
+pub struct ControlTx(pub mpsc::Sender<Control>);
+
+/// Which deliveries and signals a namespace's sockets emit.
+#[derive(Clone)]
+pub enum Filter {
+    /// `/`: direct messages, receipts, typing.
+    Direct,
+    /// `/chat`: room messages and membership; presence signals only for the
+    /// rooms this socket has entered.
+    Chat(Arc<Mutex<HashSet<String>>>),
+}
+
+impl Filter {
+    fn delivery(&self, p: &Payload) -> bool {
+        match self {
+            Filter::Direct => matches!(p.event.as_str(), "newMessage" | "messagesSeen"),
+            Filter::Chat(_) => matches!(p.event.as_str(), "message" | "member-joined" | "member-left"),
+        }
+    }
+
+    fn signal(&self, p: &Payload) -> bool {
+        match self {
+            Filter::Direct => p.event == "typing",
+            Filter::Chat(entered) => {
+                let room = p.data.get("roomId").and_then(Value::as_str).unwrap_or_default();
+                matches!(p.event.as_str(), "user-joined" | "user-left" | "room-users")
+                    && entered.lock().expect("entered rooms lock").contains(room)
+            }
+        }
+    }
+}
+
+/// `sync {cursor}`: replay from a cursor without reconnecting.
+pub async fn on_sync(s: SocketRef, Extension(ControlTx(tx)): Extension<ControlTx>, TryData(v): TryData<Value>) {
+    match v.ok().as_ref().and_then(|v| v.get("cursor")).and_then(parse_cursor) {
+        Some(cursor) => {
+            let _ = tx.send(Control::Sync(cursor)).await;
+        }
+        None => {
+            let _ = s.emit("error", &error("bad_request", "sync needs {cursor: <integer>}"));
+        }
+    }
+}
+
+pub fn error(code: &str, message: impl Into<String>) -> Value {
+    json!({ "code": code, "message": message.into() })
+}
+
+struct Session {
+    filter: Filter,
+    s: SocketRef,
+    node: Arc<Node>,
+    user: String,
+    cursor: u64,
+}
+
+enum Stop {
+    /// Emit failed: the socket is gone or hopeless.
+    Emit(EmitError),
+    /// The inbox cannot be read.
+    Unavailable(String),
+}
+
+impl Session {
+    async fn emit_delivery(&mut self, d: &Delivery) -> Result<(), Stop> {
+        if !self.filter.delivery(&d.payload) {
+            self.cursor = d.cursor;
+            return Ok(());
+        }
+        let mut data = d.payload.data.clone();
+        if let Some(obj) = data.as_object_mut() {
+            obj.insert("cursor".into(), json!(d.cursor));
+        }
+        emit_patiently(&self.s, &d.payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
+        self.cursor = d.cursor;
+        self.node.metrics.pushed();
+        Ok(())
+    }
+
+    /// Emits every retained delivery after the cursor, oldest first.
+    async fn catch_up(&mut self) -> Result<(), Stop> {
+        loop {
+            let replay = self
+                .node
+                .push
+                .replay(&self.user, self.cursor, REPLAY_PAGE)
+                .await
+                .map_err(|e| Stop::Unavailable(format!("{e:#}")))?;
+            match replay {
+                Replay::TooOld { head } => {
+                    let reason = "deliveries after your cursor are no longer retained; refetch over REST";
+                    emit_patiently(&self.s, "resync", &json!({ "cursor": head, "reason": reason }), PATIENCE)
+                        .await
+                        .map_err(Stop::Emit)?;
+                    self.cursor = head;
+                    return Ok(());
+                }
+                Replay::Page(page) if page.is_empty() => return Ok(()),
+                Replay::Page(page) => {
+                    for d in &page {
+                        self.emit_delivery(d).await?;
+                        self.node.metrics.replayed();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn synced(&self) -> Result<(), Stop> {
+        emit_patiently(&self.s, "synced", &json!({ "cursor": self.cursor }), PATIENCE).await.map_err(Stop::Emit)
+    }
+
+    async fn live(&mut self, d: Delivery) -> Result<(), Stop> {
+        if d.cursor <= self.cursor {
+            return Ok(()); // already delivered (during a catch-up)
+        }
+        if d.previous > self.cursor {
+            // A delivery of this user is missing: fetch it (and d) in order.
+            self.catch_up().await?;
+            if d.cursor <= self.cursor {
+                return Ok(());
+            }
+        }
+        self.emit_delivery(&d).await
+    }
+}
+
+/// Runs a socket's deliveries until it disconnects or falls behind.
+pub async fn run(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, filter: Filter, mut control: mpsc::Receiver<Control>) {
+    // Without a cursor the client starts from "now": the head read *before*
+    // subscribing, so a delivery stored in between is caught up, not lost.
+    let joined = async {
+        let cursor = match start {
+            Some(c) => c,
+            None => node.push.head().await?,
+        };
+        anyhow::Ok((cursor, node.push.join(&user).await?))
+    };
+    let (cursor, mut registration) = match joined.await {
+        Ok(joined) => joined,
+        Err(e) => {
+            tracing::error!(%user, error = %format!("{e:#}"), "socket refused: push unavailable");
+            let _ = s.emit("error", &error("unavailable", "real-time delivery is unavailable; retry shortly"));
+            let _ = s.disconnect();
+            return;
+        }
+    };
+    let mut session = Session { filter: filter.clone(), s: s.clone(), node: node.clone(), user: user.clone(), cursor };
+    let mut outcome = match session.catch_up().await {
+        Ok(()) => session.synced().await,
+        Err(e) => Err(e),
+    };
+    while outcome.is_ok() {
+        outcome = tokio::select! {
+            pushed = registration.rx.recv() => match pushed {
+                Some(Pushed::Delivery(d)) => session.live(d).await,
+                Some(Pushed::Signal(p)) if filter.signal(&p) => emit_patiently(&s, &p.event, &p.data, PATIENCE).await.map_err(Stop::Emit),
+                Some(Pushed::Signal(_)) => Ok(()),
+                None => break,
+            },
+            _ = registration.kicked.notified() => Err(Stop::Emit(EmitError::TooSlow)),
+            c = control.recv() => match c {
+                Some(Control::Sync(c)) => {
+                    session.cursor = c;
+                    match session.catch_up().await {
+                        Ok(()) => session.synced().await,
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(Control::Closed) | None => break,
+            },
+        };
+    }
+    drop(registration); // leave the hub before anything slow
+    match outcome {
+        Err(Stop::Emit(EmitError::TooSlow)) => {
+            node.metrics.slow_consumer();
+            tracing::warn!(%user, socket = %s.id, "disconnecting a socket too slow to keep up with its deliveries");
+            let _ = s.emit("error", &error("slow_consumer", "disconnected: this client did not keep up with its deliveries; reconnect with your last cursor"));
+            let _ = s.disconnect();
+        }
+        Err(Stop::Unavailable(e)) => {
+            tracing::error!(%user, error = %e, "disconnecting a socket: inbox unavailable");
+            let _ = s.emit("error", &error("unavailable", "real-time delivery is unavailable; reconnect with your last cursor"));
+            let _ = s.disconnect();
+        }
+        _ => {}
+    }
+}
