@@ -184,7 +184,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     // this long, so a stalled client cannot pin a connection (and its
     // buffers) forever.
     let listener = listener.tap_io(|tcp| {
-        let _ = socket2::SockRef::from(&*tcp).set_tcp_user_timeout(Some(Duration::from_secs(10)));
+        let _ = socket2::SockRef::from(&*tcp).set_tcp_user_timeout(Some(Duration::from_secs(30)));
     });
     let mut rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {

@@ -108,16 +108,37 @@ impl MongoViews {
     }
 
     /// Sets a membership from the event at `position` of the member's
-    /// subject, unless a newer one is already applied.
+    /// subject, unless a newer one is already applied. Written without `$or`
+    /// in the filter: nx-27017 0.8.1 drops the `_id` condition of a filter
+    /// that also has `$or` and updates other documents.
     async fn set_membership(&self, room: &str, user: &str, member: bool, position: u64) -> Result<(), ApplyError> {
         let id = format!("{room}:{user}");
-        let newer_or_absent = doc! {"_id": &id, "$or": [{"mpos": {"$exists": false}}, {"mpos": {"$lt": position as i64}}]};
-        let set = doc! {"$set": {"roomId": room, "userId": user, "member": member, "mpos": position as i64}};
-        match self.members.update_one(newer_or_absent, set).upsert(true).await {
-            Ok(_) => Ok(()),
-            // The document exists with a newer membership event: keep it.
-            Err(e) if is_duplicate_key(&e) => Ok(()),
-            Err(e) => Err(unavailable(e).into()),
+        let pos = position as i64;
+        let fields = doc! {"roomId": room, "userId": user, "member": member, "mpos": pos};
+        loop {
+            // Newer than what is there: update in place.
+            let updated = self
+                .members
+                .update_one(doc! {"_id": &id, "mpos": {"$lt": pos}}, doc! {"$set": fields.clone()})
+                .await
+                .map_err(unavailable)?;
+            if updated.matched_count > 0 {
+                return Ok(());
+            }
+            // Not there at all: insert.
+            match self.members.update_one(doc! {"_id": &id}, doc! {"$setOnInsert": fields.clone()}).upsert(true).await {
+                Ok(r) if r.upserted_id.is_some() => return Ok(()),
+                Ok(_) => {}
+                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) => return Err(unavailable(e).into()),
+            }
+            // There, but was it newer? (Another writer may have inserted an
+            // older one between the two steps: then go round again.)
+            let current = self.members.find_one(doc! {"_id": &id}).await.map_err(unavailable)?;
+            let current_pos = current.as_ref().and_then(|d| d.get_i64("mpos").ok().or_else(|| d.get_i32("mpos").ok().map(i64::from)));
+            if current_pos.is_some_and(|p| p >= pos) {
+                return Ok(());
+            }
         }
     }
 

@@ -203,10 +203,12 @@ pub async fn run(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>
             },
         };
     }
+    if matches!(outcome, Err(Stop::Emit(EmitError::TooSlow))) {
+        node.metrics.slow_consumer();
+    }
     drop(registration); // leave the hub before anything slow
     match outcome {
         Err(Stop::Emit(EmitError::TooSlow)) => {
-            node.metrics.slow_consumer();
             tracing::warn!(%user, socket = %s.id, "disconnecting a socket too slow to keep up with its deliveries");
             let _ = s.emit("error", &error("slow_consumer", "disconnected: this client did not keep up with its deliveries; reconnect with your last cursor"));
             let _ = s.disconnect();

@@ -18,6 +18,7 @@ pub struct Driver {
     buffered: HashMap<String, VecDeque<Value>>,
     /// Every event any socket saw, in arrival order.
     pub all: Vec<Value>,
+    tags: u64,
 }
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -49,7 +50,7 @@ impl Driver {
                 }
             }
         });
-        Driver { _child: child, stdin, lines, buffered: HashMap::new(), all: Vec::new() }
+        Driver { _child: child, stdin, lines, buffered: HashMap::new(), all: Vec::new(), tags: 0 }
     }
 
     async fn send(&mut self, cmd: Value) {
@@ -73,6 +74,16 @@ impl Driver {
 
     pub async fn emit(&mut self, id: &str, event: &str, data: Value) {
         self.send(json!({"op": "emit", "id": id, "event": event, "data": data})).await;
+    }
+
+    /// Emits with an acknowledgement and returns the ack's data.
+    pub async fn emit_ack(&mut self, id: &str, event: &str, data: Value) -> Value {
+        self.tags += 1;
+        let tag = self.tags;
+        self.send(json!({"op": "emit", "id": id, "event": event, "data": data, "ack": true, "tag": tag})).await;
+        let ack = self.next(id, |e| e["type"] == "ack" && e["tag"] == tag, "ack").await;
+        assert!(ack["error"].is_null(), "ack error: {ack}");
+        ack["data"].clone()
     }
 
     pub async fn disconnect(&mut self, id: &str) {

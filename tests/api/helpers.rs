@@ -229,6 +229,7 @@ impl Cluster {
             .env("NATTER_SUBJECT_PREFIX", &cfg.subject_prefix)
             .env("NATTER_JWT_SECRET", SECRET)
             .env("NATTER_MAX_MESSAGE_CHARS", cfg.max_message_chars.to_string())
+            .env("NATTER_PRESENCE_TTL_MS", cfg.presence_ttl.as_millis().to_string())
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -241,6 +242,11 @@ impl Cluster {
         })
         .await;
         node
+    }
+
+    /// The `/chat` namespace URL of a node.
+    pub fn chat_url(&self, node: usize) -> String {
+        self.url(node, "/chat")
     }
 
     /// The Socket.IO URL of a node (namespace `/`).

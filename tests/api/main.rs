@@ -14,5 +14,6 @@ mod multi_node;
 mod projections;
 mod push;
 mod push_faults;
+mod rooms;
 mod tokens;
 mod unseen;

@@ -1,0 +1,278 @@
+//! Study rooms over REST and `/chat`, with presence across nodes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::client::Driver;
+use crate::helpers::{Cluster, User, eventually};
+
+async fn create_room(c: &Cluster, node: usize, owner: &User, name: &str) -> String {
+    let r = c.request(node, Method::POST, "/api/rooms", Some(&owner.token), Some(json!({ "name": name }))).await;
+    assert_eq!(r.status.as_u16(), 201, "{}", r.body);
+    r.body["room"]["_id"].as_str().unwrap().to_owned()
+}
+
+async fn room_send(c: &Cluster, node: usize, u: &User, room: &str, text: &str) -> Value {
+    c.request(node, Method::POST, &format!("/api/rooms/{room}/messages"), Some(&u.token), Some(json!({ "message": text })))
+        .await
+        .ok()["data"]
+        .clone()
+}
+
+async fn unread(c: &Cluster, node: usize, u: &User) -> HashMap<String, u64> {
+    let r = c.request(node, Method::GET, "/api/rooms", Some(&u.token), None).await.ok();
+    r["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["isMember"] == json!(true))
+        .map(|r| (r["_id"].as_str().unwrap().to_owned(), r["unread"].as_u64().unwrap()))
+        .collect()
+}
+
+#[tokio::test]
+async fn rooms_over_rest_with_exact_unread_counts() {
+    let c = Cluster::start(2).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let carol = c.register(0, "Carol").await;
+    let algebra = create_room(&c, 0, &amy, "Algebra").await;
+    let physics = create_room(&c, 1, &bob, "Physics").await;
+    c.request(1, Method::POST, &format!("/api/rooms/{algebra}/join"), Some(&bob.token), None).await.ok();
+    c.request(0, Method::POST, &format!("/api/rooms/{algebra}/join"), Some(&carol.token), None).await.ok();
+    c.request(0, Method::POST, &format!("/api/rooms/{physics}/join"), Some(&carol.token), None).await.ok();
+
+    // Interleaved messages and reads.
+    for (i, (u, room)) in [(&amy, &algebra), (&bob, &algebra), (&amy, &algebra), (&bob, &physics), (&carol, &algebra), (&bob, &physics)]
+        .into_iter()
+        .enumerate()
+    {
+        let m = room_send(&c, i % 2, u, room, &format!("m{i}")).await;
+        assert_eq!(m["roomId"], json!(room));
+    }
+    // algebra: amy(1) bob(2) amy(3) carol(4); physics: bob(1) bob(2)
+    assert_eq!(unread(&c, 0, &amy).await, HashMap::from([(algebra.clone(), 1)]));
+    assert_eq!(unread(&c, 1, &bob).await, HashMap::from([(algebra.clone(), 2), (physics.clone(), 0)]));
+    assert_eq!(unread(&c, 0, &carol).await, HashMap::from([(algebra.clone(), 0), (physics.clone(), 2)]));
+
+    // Reading the history marks the room read; history is oldest first.
+    let h = c.request(1, Method::GET, &format!("/api/rooms/{algebra}/messages"), Some(&bob.token), None).await.ok();
+    let seqs: Vec<u64> = h.as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(unread(&c, 0, &bob).await[&algebra], 0);
+    let page = c.request(0, Method::GET, &format!("/api/rooms/{algebra}/messages?limit=2&before=4"), Some(&bob.token), None).await.ok();
+    assert_eq!(page.as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 3]);
+
+    // A new member does not inherit unread history.
+    let dave = c.register(1, "Dave").await;
+    c.request(1, Method::POST, &format!("/api/rooms/{algebra}/join"), Some(&dave.token), None).await.ok();
+    assert_eq!(unread(&c, 1, &dave).await[&algebra], 0);
+    room_send(&c, 0, &amy, &algebra, "welcome").await;
+    assert_eq!(unread(&c, 1, &dave).await[&algebra], 1);
+
+    // Leaving: no longer a member, no unread.
+    c.request(1, Method::POST, &format!("/api/rooms/{algebra}/leave"), Some(&dave.token), None).await.ok();
+    assert!(!unread(&c, 1, &dave).await.contains_key(&algebra));
+    let one = c.request(0, Method::GET, &format!("/api/rooms/{algebra}"), Some(&dave.token), None).await.ok();
+    assert_eq!(one["room"]["isMember"], json!(false));
+    assert_eq!(one["room"]["name"], json!("Algebra"));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn non_members_cannot_read_send_or_see_presence() {
+    let c = Cluster::start(1).await;
+    let amy = c.register(0, "Amy").await;
+    let eve = c.register(0, "Eve").await;
+    let room = create_room(&c, 0, &amy, "Private-ish").await;
+    room_send(&c, 0, &amy, &room, "members only").await;
+    let head = c.log_head().await;
+    for (method, path, body) in [
+        (Method::GET, format!("/api/rooms/{room}/messages"), None),
+        (Method::POST, format!("/api/rooms/{room}/messages"), Some(json!({ "message": "let me in" }))),
+        (Method::GET, format!("/api/rooms/{room}/users"), None),
+        (Method::POST, format!("/api/rooms/{room}/leave"), None),
+    ] {
+        let r = c.request(0, method, &path, Some(&eve.token), body).await;
+        assert_eq!(r.status.as_u16(), 403, "{path}: {}", r.body);
+        assert_eq!(r.body["success"], json!(false));
+    }
+    for (method, path, status) in [
+        (Method::GET, "/api/rooms/no-such-room/messages".to_owned(), 404),
+        (Method::POST, "/api/rooms/no-such-room/join".to_owned(), 404),
+        (Method::GET, "/api/rooms/a.b".to_owned(), 404),
+    ] {
+        let r = c.request(0, method, &path, Some(&eve.token), None).await;
+        assert_eq!(r.status.as_u16(), status, "{path}: {}", r.body);
+    }
+    let bad = c.request(0, Method::POST, "/api/rooms", Some(&eve.token), Some(json!({ "name": "" }))).await;
+    assert_eq!(bad.status.as_u16(), 400);
+    let bad = c.request(0, Method::POST, "/api/rooms", Some(&eve.token), Some(json!({ "name": 5 }))).await;
+    assert_eq!(bad.status.as_u16(), 422);
+
+    // Over /chat: send-message is refused with an error ack.
+    let mut d = Driver::start().await;
+    d.connected("eve", &c.chat_url(0), json!({ "token": eve.token })).await;
+    let ack = d.emit_ack("eve", "send-message", json!({ "roomId": room, "message": "hi" })).await;
+    assert_eq!(ack["success"], json!(false));
+    assert_eq!(ack["code"], json!("forbidden"));
+    assert_eq!(c.log_head().await, head, "nothing appended by any refused request");
+    // and she sees none of the room's traffic
+    room_send(&c, 0, &amy, &room, "still members only").await;
+    let seen = d.quiet("eve", Duration::from_millis(500)).await;
+    assert!(!seen.iter().any(|e| e["event"] == "message"), "{seen:?}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn three_nodes_agree_on_presence_and_on_the_order_of_joins_leaves_and_messages() {
+    let c = Cluster::start(3).await;
+    let users = [c.register(0, "Amy").await, c.register(1, "Bob").await, c.register(2, "Carol").await];
+    let room = create_room(&c, 0, &users[0], "Chem").await;
+    let mut d = Driver::start().await;
+    for (i, u) in users.iter().enumerate() {
+        let s = format!("s{i}");
+        d.connected(&s, &c.chat_url(i), json!({ "token": u.token })).await;
+        d.next(&s, |e| e["event"] == "synced", "synced").await;
+        let ack = d.emit_ack(&s, "join-room", json!(room)).await;
+        assert_eq!(ack["success"], json!(true), "{ack}");
+    }
+    // Everyone's latest room-users lists all three, on every node.
+    let everyone: Vec<Value> = {
+        let mut ids: Vec<Value> = users.iter().map(|u| json!(u.id)).collect();
+        ids.sort_by_key(|v| v.as_str().unwrap().to_owned());
+        ids
+    };
+    for i in 0..3 {
+        let s = format!("s{i}");
+        loop {
+            let e = d.next(&s, |e| e["event"] == "room-users", "room-users").await;
+            let mut ids: Vec<Value> = e["data"]["users"].as_array().unwrap().iter().map(|u| u["_id"].clone()).collect();
+            ids.sort_by_key(|v| v.as_str().unwrap().to_owned());
+            if ids == everyone {
+                break;
+            }
+        }
+    }
+    // Joins (membership over REST), leaves and messages from all nodes.
+    let dave = c.register(1, "Dave").await;
+    let texts: Vec<String> = (0..12).map(|i| format!("t{i}")).collect();
+    let sends = texts.iter().enumerate().map(|(i, t)| room_send(&c, i % 3, &users[i % 3], &room, t));
+    let join_path = format!("/api/rooms/{room}/join");
+    let join = c.request(1, Method::POST, &join_path, Some(&dave.token), None);
+    let (_, joined) = tokio::join!(futures::future::join_all(sends), join);
+    joined.ok();
+    c.request(2, Method::POST, &format!("/api/rooms/{room}/leave"), Some(&dave.token), None).await.ok();
+    // 12 messages, dave's join and leave: the same 14 events in the same order everywhere.
+    let mut orders = Vec::new();
+    for i in 0..3 {
+        let s = format!("s{i}");
+        let mut seen = Vec::new();
+        while seen.len() < 14 {
+            let e = d
+                .next(&s, |e| e["type"] == "event" && matches!(e["event"].as_str(), Some("message" | "member-joined" | "member-left")), "room event")
+                .await;
+            if e["event"] == "member-joined" && e["data"]["userId"] != json!(dave.id) {
+                continue; // the original members' own joins, before the test traffic
+            }
+            // Cursors are per user; the order of the events is what must agree.
+            seen.push((e["event"].clone(), e["data"]["_id"].clone(), e["data"]["userId"].clone()));
+        }
+        orders.push(seen);
+    }
+    assert_eq!(orders[0], orders[1]);
+    assert_eq!(orders[1], orders[2]);
+    assert_eq!(orders[0].iter().filter(|(e, _, _)| e == "message").count(), 12);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_with_two_tabs_leaves_when_the_last_closes() {
+    let c = Cluster::start(2).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let room = create_room(&c, 0, &amy, "Bio").await;
+    let mut d = Driver::start().await;
+    d.connected("amy", &c.chat_url(0), json!({ "token": amy.token })).await;
+    d.emit_ack("amy", "join-room", json!({ "roomId": room })).await;
+    d.connected("bob-1", &c.chat_url(0), json!({ "token": bob.token })).await;
+    d.emit_ack("bob-1", "join-room", json!(room)).await;
+    let bob_id = json!(bob.id);
+    let joined = d.next("amy", |e| e["event"] == "user-joined" && e["data"]["user"]["_id"] == bob_id, "bob's user-joined").await;
+    assert_eq!(joined["data"]["user"]["name"], json!("Bob"));
+    d.connected("bob-2", &c.chat_url(1), json!({ "token": bob.token })).await;
+    d.emit_ack("bob-2", "join-room", json!(room)).await;
+
+    let users_path = format!("/api/rooms/{room}/users");
+    let count = || async { c.request(1, Method::GET, &users_path, Some(&amy.token), None).await.ok()["count"].as_u64().unwrap() };
+    assert_eq!(count().await, 2, "two tabs count once");
+
+    d.disconnect("bob-1").await;
+    let after_one = d.quiet("amy", Duration::from_millis(600)).await;
+    assert!(!after_one.iter().any(|e| e["event"] == "user-left"), "one tab closed, bob is still here: {after_one:?}");
+    assert_eq!(count().await, 2);
+
+    d.disconnect("bob-2").await;
+    let left = d.next("amy", |e| e["event"] == "user-left", "user-left").await;
+    assert_eq!(left["data"]["user"]["_id"], json!(bob.id));
+    assert_eq!(count().await, 1);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn members_of_a_killed_node_are_announced_as_left_within_twice_the_ttl() {
+    let ttl = Duration::from_millis(3000);
+    let c = Cluster::start_with(1, |cfg| cfg.presence_ttl = ttl).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let room = create_room(&c, 0, &amy, "Geo").await;
+    let mut doomed = c.spawn_process().await;
+    let mut d = Driver::start().await;
+    d.connected("amy", &c.chat_url(0), json!({ "token": amy.token })).await;
+    d.emit_ack("amy", "join-room", json!(room)).await;
+    d.connected("bob", &format!("{}/chat", doomed.url), json!({ "token": bob.token })).await;
+    d.emit_ack("bob", "join-room", json!(room)).await;
+    d.next("amy", |e| e["event"] == "user-joined", "user-joined").await;
+    let users = format!("/api/rooms/{room}/users");
+    assert_eq!(c.request(0, Method::GET, &users, Some(&amy.token), None).await.ok()["count"], json!(2));
+
+    doomed.kill9().await;
+    let killed = std::time::Instant::now();
+    let left = d.next("amy", |e| e["event"] == "user-left", "user-left after kill -9").await;
+    let took = killed.elapsed();
+    assert_eq!(left["data"]["user"]["_id"], json!(bob.id));
+    assert!(took <= ttl * 2, "announced after {took:?}, more than twice the TTL ({ttl:?})");
+    eventually("the active count to drop", || async {
+        c.request(0, Method::GET, &users, Some(&amy.token), None).await.ok()["count"] == json!(1)
+    })
+    .await;
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_member_who_was_away_resumes_with_the_room_messages_they_missed() {
+    let c = Cluster::start(2).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let room = create_room(&c, 0, &amy, "Lit").await;
+    c.request(1, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await.ok();
+    let mut d = Driver::start().await;
+    d.connected("bob", &c.chat_url(1), json!({ "token": bob.token })).await;
+    d.next("bob", |e| e["event"] == "synced", "synced").await;
+    room_send(&c, 0, &amy, &room, "first").await;
+    let cursor = d.events("bob", "message", 1).await[0]["cursor"].as_u64().unwrap();
+    d.disconnect("bob").await;
+    let mut missed = Vec::new();
+    for i in 0..30 {
+        missed.push(room_send(&c, i % 2, &amy, &room, &format!("while away {i}")).await["_id"].clone());
+    }
+    d.connected("bob-back", &c.chat_url(0), json!({ "token": bob.token, "cursor": cursor })).await;
+    let got: Vec<Value> = d.events("bob-back", "message", 30).await.iter().map(|m| m["_id"].clone()).collect();
+    assert_eq!(got, missed);
+    let extra = d.quiet("bob-back", Duration::from_millis(400)).await;
+    assert!(!extra.iter().any(|e| e["event"] == "message"), "nothing twice: {extra:?}");
+    c.stop().await;
+}
