@@ -10,6 +10,7 @@
 //!   concurrency and applies new events to the views at once.
 //! - [`log`]: the event-log port ([`log::EventLog`]) and its JetStream adapter.
 //! - [`projector`]: the projector runtime over durable JetStream consumers.
+//! - [`heal`]: rebuilds the Redis unread counts when Redis loses its data.
 //! - [`http`]: the REST gateway (axum), one module per area.
 //! - [`push`]: real-time delivery: the fan-out projector (log → per-user
 //!   inbox stream) and the node's push hub (inbox → sockets, resume).
@@ -25,6 +26,7 @@
 pub mod auth;
 pub mod commands;
 pub mod config;
+pub mod heal;
 pub mod http;
 pub mod log;
 pub mod metrics;

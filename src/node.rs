@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::auth::Auth;
 use crate::commands::{Commands, Limits};
 use crate::config::Config;
+use crate::heal::Healer;
 use crate::log::EventLog;
 use crate::log::nats::NatsLog;
 use crate::metrics::Metrics;
@@ -162,6 +163,16 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    // Before the counts projector starts: if Redis has lost the counts (or
+    // this is a fresh deployment), restart it from the beginning of the log.
+    let healer = Healer {
+        counts: counts.clone(),
+        js: log.jetstream().clone(),
+        stream: cfg.stream.clone(),
+        log: node.log.clone(),
+        owner: node.node_id.clone(),
+    };
+    let heal_to = healer.begin().await.context("checking the unread counts in Redis")?;
     let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone(), views: mongo.clone() });
     let projections: [Arc<dyn Projection>; 3] = [mongo, counts, fanout];
     for projection in projections {
@@ -176,6 +187,10 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     }
 
     tasks.push(tokio::spawn(crate::socket::chat::presence_loop(node.clone(), shutdown_rx.clone())));
+    if let Some(head) = heal_to {
+        healer.finish(head).await.context("rebuilding the unread counts from the log")?;
+    }
+    tasks.push(tokio::spawn(healer.run(shutdown_rx.clone())));
 
     let addr = listener.local_addr()?;
     let (sockets, io) = crate::socket::layer(node.clone());

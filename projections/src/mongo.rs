@@ -50,7 +50,7 @@ pub struct MongoViews {
 }
 
 fn unavailable(e: mongodb::error::Error) -> StoreError {
-    StoreError(format!("mongodb: {e}"))
+    StoreError::Unavailable(format!("mongodb: {e}"))
 }
 
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {

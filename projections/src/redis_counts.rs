@@ -8,6 +8,12 @@
 //! (room → that member's read watermark), both only ever raised (`max`), so
 //! unread = last − watermark whatever the delivery order.
 //!
+//! Losing Redis' data (FLUSHALL, a restart without persistence) must never
+//! show a wrong count: every read checks, in the same transaction, the
+//! marker `<prefix>counts-ready`, which only a completed rebuild writes. While
+//! it is missing reads answer [`StoreError::Rebuilding`] and a node rebuilds
+//! the counts from the log (see the gateway's `heal` module).
+//!
 //! Every direct-message event carries the conversation's state, so the count
 //! is arithmetic (`peer.sent - reader.seen_count`), never a query.
 
@@ -48,7 +54,7 @@ pub struct RedisCounts {
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
-    StoreError(format!("redis: {e}"))
+    StoreError::Unavailable(format!("redis: {e}"))
 }
 
 impl RedisCounts {
@@ -62,6 +68,46 @@ impl RedisCounts {
 
     fn pos_key(&self, user: &str) -> String {
         format!("{}unseen-pos:{user}", self.prefix)
+    }
+
+    fn ready_key(&self) -> String {
+        format!("{}counts-ready", self.prefix)
+    }
+
+    fn heal_lock_key(&self) -> String {
+        format!("{}counts-heal", self.prefix)
+    }
+
+    /// Whether the counts are complete (no data loss since the last rebuild).
+    pub async fn is_ready(&self) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("EXISTS").arg(self.ready_key()).query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    /// Declares the counts complete: only after a rebuild caught up.
+    pub async fn mark_ready(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET").arg(self.ready_key()).arg("1").query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    /// Takes the cluster-wide "I am rebuilding the counts" lock for `ttl`.
+    pub async fn try_lock_heal(&self, owner: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.heal_lock_key())
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(set.is_some())
+    }
+
+    pub async fn unlock_heal(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL").arg(self.heal_lock_key()).query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
     fn room_last_key(&self) -> String {
@@ -124,7 +170,10 @@ impl CountStore for RedisCounts {
             return Ok(HashMap::new());
         }
         let mut conn = self.conn.clone();
-        let (last, wm): (Vec<Option<u64>>, Vec<Option<u64>>) = redis::pipe()
+        let (ready, last, wm): (bool, Vec<Option<u64>>, Vec<Option<u64>>) = redis::pipe()
+            .atomic()
+            .cmd("EXISTS")
+            .arg(self.ready_key())
             .cmd("HMGET")
             .arg(self.room_last_key())
             .arg(rooms)
@@ -134,6 +183,9 @@ impl CountStore for RedisCounts {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if !ready {
+            return Err(StoreError::Rebuilding("unread counts"));
+        }
         Ok(rooms
             .iter()
             .zip(last.iter().zip(wm.iter()))
@@ -143,11 +195,18 @@ impl CountStore for RedisCounts {
 
     async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError> {
         let mut conn = self.conn.clone();
-        let raw: HashMap<String, u64> = redis::cmd("HGETALL")
+        let (ready, raw): (bool, HashMap<String, u64>) = redis::pipe()
+            .atomic()
+            .cmd("EXISTS")
+            .arg(self.ready_key())
+            .cmd("HGETALL")
             .arg(self.counts_key(user))
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if !ready {
+            return Err(StoreError::Rebuilding("unread counts"));
+        }
         Ok(raw.into_iter().filter(|(_, n)| *n > 0).collect())
     }
 }

@@ -11,12 +11,18 @@ use thiserror::Error;
 use crate::projection::ApplyError;
 
 #[derive(Debug, Error)]
-#[error("view store unavailable: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    #[error("view store unavailable: {0}")]
+    Unavailable(String),
+    /// The store lost its data and is being rebuilt from the log: answering
+    /// now could be wrong, so it does not answer.
+    #[error("{0} is being rebuilt from the log")]
+    Rebuilding(&'static str),
+}
 
 impl From<StoreError> for ApplyError {
     fn from(e: StoreError) -> Self {
-        ApplyError::Unavailable(e.0)
+        ApplyError::Unavailable(e.to_string())
     }
 }
 

@@ -38,6 +38,10 @@ impl ApiError {
     /// A dependency failed: logged in full, answered without details.
     fn failed(f: &Failure) -> Self {
         match f {
+            Failure::Store(natter_projections::StoreError::Rebuilding(what)) => {
+                tracing::warn!(what, "request refused while a view is rebuilt");
+                rebuilding(what)
+            }
             Failure::Log(LogError::Unavailable(_)) | Failure::Log(LogError::Conflict) | Failure::Store(_) => {
                 tracing::error!(error = %f, "request failed: dependency unavailable");
                 Self::new(
@@ -83,6 +87,14 @@ impl From<natter_projections::StoreError> for ApiError {
     fn from(e: natter_projections::StoreError) -> Self {
         ApiError::failed(&Failure::Store(e))
     }
+}
+
+fn rebuilding(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "rebuilding",
+        format!("{what} are being rebuilt from the event log; retry in a few seconds"),
+    )
 }
 
 impl From<TokenError> for ApiError {

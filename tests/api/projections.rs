@@ -57,6 +57,7 @@ async fn mongo_and_redis_adapters_converge_like_the_in_memory_store() {
     let redis = natter::node::connect_redis(&std::env::var("NATTER_REDIS_URL").unwrap()).await.unwrap();
     let views = MongoViews::open(&db).await.unwrap();
     let counts = RedisCounts::new(redis, format!("p{}:", &id[..12]));
+    counts.mark_ready().await.unwrap(); // a fresh key space: complete by definition
 
     let h = random_history("p", 4, 120, 7);
     // Messy delivery: everything backwards, then everything again in order,

@@ -1,0 +1,94 @@
+//! Self-healing unread counts.
+//!
+//! Redis holds a projection, not the truth: when it loses its data the
+//! marker `counts-ready` goes with it, reads answer "rebuilding" (never a
+//! wrong number), and one node (under a Redis lock) restarts the
+//! `redis-unseen` projector from the start of the log. When that consumer
+//! has acknowledged everything the log held when the rebuild began, the
+//! marker is written back and reads resume.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use natter_projections::redis_counts::RedisCounts;
+use tokio::sync::watch;
+
+use crate::log::EventLog;
+
+/// Durable consumer of the counts projection.
+pub const COUNTS_CONSUMER: &str = "redis-unseen-v1";
+const LOCK_TTL: Duration = Duration::from_secs(600);
+
+pub struct Healer {
+    pub counts: Arc<RedisCounts>,
+    pub js: jetstream::Context,
+    pub stream: String,
+    pub log: Arc<dyn EventLog>,
+    pub owner: String,
+}
+
+impl Healer {
+    /// If the counts are lost and no other node is rebuilding them: takes the
+    /// lock, restarts the projector from the start of the log, and returns
+    /// the log head the rebuild must reach.
+    pub async fn begin(&self) -> anyhow::Result<Option<u64>> {
+        if self.counts.is_ready().await? || !self.counts.try_lock_heal(&self.owner, LOCK_TTL).await? {
+            return Ok(None);
+        }
+        let head = self.log.head().await?;
+        tracing::warn!(
+            head,
+            "unread counts are missing from Redis (FLUSHALL, or a restart without persistence?): \
+             rebuilding them from the log; until done, count reads answer 503 rebuilding"
+        );
+        let stream = self.js.get_stream(&self.stream).await.context("counts rebuild: stream")?;
+        // Deleting the durable consumer makes every node's counts projector
+        // recreate it from the first event.
+        let _ = stream.delete_consumer(COUNTS_CONSUMER).await;
+        Ok(Some(head))
+    }
+
+    /// Waits until the counts projector has acknowledged every event up to
+    /// `head`, then declares the counts complete.
+    pub async fn finish(&self, head: u64) -> anyhow::Result<()> {
+        let stream = self.js.get_stream(&self.stream).await.context("counts rebuild: stream")?;
+        let started = tokio::time::Instant::now();
+        while head > 0 {
+            if let Ok(info) = stream.consumer_info(COUNTS_CONSUMER).await {
+                if info.ack_floor.stream_sequence >= head {
+                    break;
+                }
+            }
+            if started.elapsed() > LOCK_TTL {
+                let _ = self.counts.unlock_heal().await;
+                anyhow::bail!("counts rebuild did not reach log sequence {head} in {LOCK_TTL:?}; another node will retry");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.counts.mark_ready().await?;
+        self.counts.unlock_heal().await?;
+        tracing::info!(head, took = ?started.elapsed(), "unread counts rebuilt from the log");
+        Ok(())
+    }
+
+    /// Checks every second whether the counts were lost, and heals them.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let outcome = match self.begin().await {
+                Ok(Some(head)) => self.finish(head).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
+                tracing::error!(error = %format!("{e:#}"), "unread counts rebuild failed; will retry");
+            }
+        }
+    }
+}
