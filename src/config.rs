@@ -22,7 +22,7 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "NATTER_HOST")]
     pub host: Option<String>,
-    /// Port for REST (and later Socket.IO). Default 5000, as the original server.
+    /// Port for REST and Socket.IO. Default 5000, as the original server.
     #[arg(long, env = "NATTER_PORT")]
     pub port: Option<u16>,
     /// NATS server URL, e.g. nats://127.0.0.1:4222.

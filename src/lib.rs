@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`cli`]: operator commands (`natter projections`, `natter parked …`).
 //! - [`config`]: layered settings (flags > `NATTER_*` env > TOML > defaults).
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`auth`]: JWT issue/verify, argon2id password hashing.
@@ -24,6 +25,7 @@
 //! stores in `natter-projections`.
 
 pub mod auth;
+pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod heal;

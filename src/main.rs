@@ -17,6 +17,26 @@ struct Cli {
 enum Command {
     /// Run a node (the default).
     Serve(ServeArgs),
+    /// Each projection's checkpoint, lag behind the log, and parked events.
+    Projections(ServeArgs),
+    /// Events a projector could not apply.
+    Parked {
+        #[command(subcommand)]
+        action: ParkedAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ParkedAction {
+    /// List parked events with their reasons.
+    List(ServeArgs),
+    /// Apply parked events again; those that now apply are removed.
+    Retry {
+        /// Parked sequence numbers to retry (default: all).
+        seqs: Vec<u64>,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
 }
 
 async fn shutdown_signal() {
@@ -39,6 +59,11 @@ async fn main() -> anyhow::Result<()> {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         None => cli.serve,
+        Some(Command::Projections(args)) => return natter::cli::projections(&Config::resolve(&args)?).await,
+        Some(Command::Parked { action: ParkedAction::List(args) }) => return natter::cli::parked_list(&Config::resolve(&args)?).await,
+        Some(Command::Parked { action: ParkedAction::Retry { seqs, args } }) => {
+            return natter::cli::parked_retry(&Config::resolve(&args)?, &seqs).await;
+        }
     };
     let cfg = Config::resolve(&args)?;
     natter::telemetry::init(cfg.log_json);

@@ -209,6 +209,38 @@ impl Cluster {
             .unwrap_or(0.0)
     }
 
+    /// The environment a `natter` process needs to join this cluster.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let cfg = &self.cfg;
+        vec![
+            ("NATTER_NATS_URL", cfg.nats_url.clone().unwrap()),
+            ("NATTER_MONGO_URL", cfg.mongo_url.clone().unwrap()),
+            ("NATTER_REDIS_URL", cfg.redis_url.clone().unwrap()),
+            ("NATTER_MONGO_DB", cfg.mongo_db.clone()),
+            ("NATTER_REDIS_PREFIX", cfg.redis_prefix.clone()),
+            ("NATTER_STREAM", cfg.stream.clone()),
+            ("NATTER_SUBJECT_PREFIX", cfg.subject_prefix.clone()),
+            ("NATTER_JWT_SECRET", SECRET.to_owned()),
+            ("NATTER_MAX_MESSAGE_CHARS", cfg.max_message_chars.to_string()),
+            ("NATTER_PRESENCE_TTL_MS", cfg.presence_ttl.as_millis().to_string()),
+        ]
+    }
+
+    /// Runs a `natter` command (e.g. `["parked", "list"]`) for this cluster;
+    /// returns its standard output.
+    pub async fn natter(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+            .args(args)
+            .envs(self.env())
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .expect("run natter");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "natter {args:?} failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    }
+
     /// Starts a node as a separate `natter` process (so a test can
     /// `kill -9` it), sharing this cluster's services and names.
     pub async fn spawn_process(&self) -> ProcessNode {
@@ -216,20 +248,10 @@ impl Cluster {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let cfg = &self.cfg;
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+            .envs(self.env())
             .env("NATTER_HOST", "127.0.0.1")
             .env("NATTER_PORT", port.to_string())
-            .env("NATTER_NATS_URL", cfg.nats_url.as_deref().unwrap())
-            .env("NATTER_MONGO_URL", cfg.mongo_url.as_deref().unwrap())
-            .env("NATTER_REDIS_URL", cfg.redis_url.as_deref().unwrap())
-            .env("NATTER_MONGO_DB", &cfg.mongo_db)
-            .env("NATTER_REDIS_PREFIX", &cfg.redis_prefix)
-            .env("NATTER_STREAM", &cfg.stream)
-            .env("NATTER_SUBJECT_PREFIX", &cfg.subject_prefix)
-            .env("NATTER_JWT_SECRET", SECRET)
-            .env("NATTER_MAX_MESSAGE_CHARS", cfg.max_message_chars.to_string())
-            .env("NATTER_PRESENCE_TTL_MS", cfg.presence_ttl.as_millis().to_string())
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
