@@ -64,7 +64,8 @@ impl Projector {
         let (max_ack_pending, ack_wait) = if self.projection.ordered() {
             (1, Duration::from_secs(5))
         } else {
-            (1024, Duration::from_secs(30))
+            // A dead node's in-flight events return after the ack wait.
+            (1024, Duration::from_secs(10))
         };
         let stream = self.js.get_stream(&self.stream).await?;
         let consumer = stream

@@ -27,14 +27,23 @@ pub struct Cluster {
 }
 
 /// Polls `check` until it holds, failing the test after 20 s.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    eventually_within(what, 20, check).await;
+}
+
+/// Polls `check` until it holds, failing the test after `secs` seconds.
+pub async fn eventually_within<F, Fut>(what: &str, secs: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after 20 s waiting for {what}");
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

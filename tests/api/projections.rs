@@ -11,7 +11,7 @@ use natter_projections::redis_counts::RedisCounts;
 use natter_projections::{CountStore, ViewStore};
 use reqwest::Method;
 
-use crate::helpers::{Cluster, eventually, token_for};
+use crate::helpers::{Cluster, eventually, eventually_within, token_for};
 
 /// A deterministic pseudo-random history over `users` users.
 fn random_history(prefix: &str, users: usize, ops: usize, mut seed: u64) -> History {
@@ -158,5 +158,64 @@ async fn a_poison_event_is_parked_and_the_projectors_go_on() {
     let reason = first.headers.get("Natter-Reason").map(|v| v.to_string()).unwrap_or_default();
     assert!(reason.contains("not valid JSON"), "the reason says why: {reason:?}");
     assert_eq!(first.payload.as_ref(), b"{ not an event");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn projectors_killed_five_times_during_5000_events_converge_to_a_fresh_rebuild() {
+    let c = Cluster::start(0).await;
+    let mut h = random_history(&c.cfg.subject_prefix, 6, 0, 3);
+    let mut seed = 99u64;
+    while h.envelopes.len() < 5000 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let pick = |n: usize, shift: u32| ((seed >> shift) as usize) % n;
+        let (a, b) = (pick(6, 33), pick(6, 41));
+        match pick(14, 17) {
+            _ if a == b => {}
+            0..=4 => h.send(a, b),
+            5 | 6 => h.mark(a, b, pick(10, 7)),
+            7 => h.open(a, b),
+            8 => h.create_room(a),
+            9 => h.join(a, pick(4, 9)),
+            10 => h.leave(a, pick(4, 11)),
+            11 | 12 => h.room_send(a, pick(4, 13)),
+            _ => h.room_read(a, pick(4, 15)),
+        }
+    }
+    let total = h.envelopes.len();
+    let mut node = c.spawn_process().await;
+    let mut kills = 0;
+    for (i, chunk) in h.envelopes.chunks(total / 6 + 1).enumerate() {
+        append_all(&c, chunk).await;
+        if i < 5 {
+            node.kill9().await;
+            kills += 1;
+            node = c.spawn_process().await;
+        }
+    }
+    assert_eq!(kills, 5);
+    let head = c.log.head().await.unwrap();
+    let stream = c.log.jetstream().get_stream(&c.cfg.stream).await.unwrap();
+    // A killed node's unacknowledged events come back after the ack wait;
+    // the catch-up of 5000 events against the test MongoDB takes a while.
+    eventually_within("every projector to catch up with the log", 120, || async {
+        let mut done = true;
+        for durable in ["mongo-views-v1", "redis-unseen-v1", "push-fanout-v1"] {
+            done &= stream.consumer_info(durable).await.is_ok_and(|i| i.ack_floor.stream_sequence >= head);
+        }
+        done
+    })
+    .await;
+    let db = natter::node::connect_mongo(c.cfg.mongo_url.as_deref().unwrap(), &c.cfg.mongo_db).await.unwrap();
+    let redis = natter::node::connect_redis(c.cfg.redis_url.as_deref().unwrap()).await.unwrap();
+    let views = MongoViews::open(&db).await.unwrap();
+    let counts = RedisCounts::new(redis, c.cfg.redis_prefix.clone());
+    let real = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
+    assert_eq!(real, memory_snapshot(&h).await, "the views equal a fresh in-order rebuild");
+    for u in &h.users {
+        assert_eq!(real.unseen[u], h.expected_unseen(u), "unseen counts of {u} equal their definition");
+        assert_eq!(real.room_unread[u], h.expected_room_unread(u));
+    }
+    drop(node);
     c.stop().await;
 }
