@@ -102,7 +102,11 @@ impl DmState {
     }
 }
 
-/// A direct message was sent (text, attachment URL, or both).
+/// A direct message was sent (text, attachment URLs, or both).
+///
+/// Schema history: v1 had one optional `attachment` URL; v2 has a list,
+/// `attachments` (v1 events are upcast on read, see
+/// [`crate::envelope::upcast`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MessageSent {
@@ -115,8 +119,9 @@ pub struct MessageSent {
     pub receiver_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attachment: Option<String>,
+    /// Attachment URLs, in order (v2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<String>,
     /// Gapless per-conversation sequence, 1, 2, 3, ...
     pub seq: u64,
     /// The sender's running message count in this conversation, this one

@@ -23,8 +23,13 @@ use uuid::Uuid;
 
 use crate::{MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
 
-/// Current schema version of each event type.
-pub const CURRENT_VERSION: u32 = 1;
+/// Current schema version of an event type.
+pub fn current_version(kind: &str) -> u32 {
+    match kind {
+        "MessageSent" => 2,
+        _ => 1,
+    }
+}
 
 /// The domain events, at their current schema version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,20 +119,37 @@ pub enum DecodeError {
     Envelope(serde_json::Error),
     #[error("unknown event type {0:?}")]
     UnknownType(String),
-    #[error("{kind} v{v} is newer than this build understands (v{CURRENT_VERSION}); upgrade the node")]
+    #[error("{kind} v{v} is newer than this build understands; upgrade the node")]
     FutureVersion { kind: String, v: u32 },
     #[error("{kind} v{v} payload does not match its schema: {source}")]
     Payload { kind: String, v: u32, source: serde_json::Error },
 }
 
-/// Brings a payload of version `v` up to the current version of its type.
-/// Every type is at version 1 so far; a version 2 adds a step here and a
-/// golden fixture for each version.
+/// Brings a payload of version `v` up to the current version of its type,
+/// one step at a time. Each step has a golden fixture of the version it
+/// reads (`events/fixtures/v<N>/`).
 pub fn upcast(kind: &str, v: u32, data: Value) -> Result<Value, DecodeError> {
-    match v {
-        1 => Ok(data),
-        _ => Err(DecodeError::FutureVersion { kind: kind.to_owned(), v }),
+    let current = current_version(kind);
+    if v == 0 || v > current {
+        return Err(DecodeError::FutureVersion { kind: kind.to_owned(), v });
     }
+    let mut data = data;
+    for from in v..current {
+        data = match (kind, from) {
+            ("MessageSent", 1) => message_sent_v1_to_v2(data),
+            _ => return Err(DecodeError::FutureVersion { kind: kind.to_owned(), v }),
+        };
+    }
+    Ok(data)
+}
+
+/// MessageSent v1 → v2: the optional `attachment` becomes `attachments`.
+fn message_sent_v1_to_v2(mut data: Value) -> Value {
+    if let Some(obj) = data.as_object_mut() {
+        let attachments: Vec<Value> = obj.remove("attachment").filter(|a| !a.is_null()).into_iter().collect();
+        obj.insert("attachments".into(), Value::Array(attachments));
+    }
+    data
 }
 
 impl Envelope {
@@ -144,7 +166,7 @@ impl Envelope {
             position: self.position,
             at: self.at,
             kind: self.event.type_name().to_owned(),
-            v: CURRENT_VERSION,
+            v: current_version(self.event.type_name()),
             data,
         }
     }
@@ -190,13 +212,22 @@ mod tests {
                 sender_id: "a".into(),
                 receiver_id: "b".into(),
                 message: Some("hi".into()),
-                attachment: None,
+                attachments: vec![],
                 seq,
                 sender_count: count,
                 state,
             }),
         );
         assert_eq!(Envelope::decode(&env.encode()).unwrap(), env);
+    }
+
+    #[test]
+    fn message_sent_v1_is_upcast_to_v2() {
+        let v1 = serde_json::json!({"attachment": "https://x.io/a.png", "message": null});
+        assert_eq!(upcast("MessageSent", 1, v1).unwrap()["attachments"], serde_json::json!(["https://x.io/a.png"]));
+        let none = upcast("MessageSent", 1, serde_json::json!({"message": "hi"})).unwrap();
+        assert_eq!(none["attachments"], serde_json::json!([]));
+        assert!(matches!(upcast("MessageSent", 3, serde_json::json!({})), Err(DecodeError::FutureVersion { .. })));
     }
 
     #[test]

@@ -27,6 +27,6 @@ pub mod subjects;
 
 pub use account::UserRegistered;
 pub use dm::{DmState, MessageSent, MessagesSeen, Side};
-pub use envelope::{DecodeError, Envelope, Event, StoredEvent};
+pub use envelope::{DecodeError, Envelope, Event, StoredEvent, current_version};
 pub use ids::{IdError, validate_id};
 pub use room::{MemberJoined, MemberLeft, RoomCreated, RoomMessageSent, RoomRead};

@@ -27,9 +27,18 @@ fn message_sent_v1() {
     let Event::MessageSent(e) = env.event else { panic!("wrong type") };
     assert_eq!((e.seq, e.sender_count), (1, 1));
     assert_eq!(e.message.as_deref(), Some("hello"));
-    assert_eq!(e.attachment.as_deref(), Some("https://example.com/cat.png"));
+    // v1's single attachment, upcast to v2's list
+    assert_eq!(e.attachments, vec!["https://example.com/cat.png".to_owned()]);
     assert_eq!(e.client_msg_id.as_deref(), Some("c-1"));
     assert_eq!(e.state.unseen("bob", "amy"), 1);
+}
+
+#[test]
+fn message_sent_v2() {
+    let env = fixture("v2/MessageSent.json");
+    let Event::MessageSent(e) = env.event else { panic!("wrong type") };
+    assert_eq!(e.attachments, vec!["https://example.com/cat.png".to_owned(), "https://example.com/dog.png".to_owned()]);
+    assert_eq!(e.message.as_deref(), Some("hello"));
 }
 
 #[test]
@@ -55,29 +64,48 @@ fn room_events_v1() {
     assert_eq!((e.seq, e.message.as_deref(), e.attachment.as_deref()), (5, Some("page 42?"), None));
 }
 
-#[test]
-fn there_is_a_fixture_for_every_event_type() {
-    let dir = format!("{}/fixtures/v1", env!("CARGO_MANIFEST_DIR"));
-    let mut kinds: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|f| fixture(&format!("v1/{}", f.unwrap().file_name().to_string_lossy())).event.type_name().to_owned())
-        .collect();
-    kinds.sort();
-    let mut want = vec![
-        "MemberJoined", "MemberLeft", "MessageSent", "MessagesSeen", "RoomCreated", "RoomMessageSent", "RoomRead", "UserRegistered",
-    ];
-    want.sort();
-    assert_eq!(kinds, want);
+fn fixtures() -> Vec<String> {
+    let mut out = Vec::new();
+    for version in ["v1", "v2"] {
+        let dir = format!("{}/fixtures/{version}", env!("CARGO_MANIFEST_DIR"));
+        for f in std::fs::read_dir(&dir).unwrap() {
+            out.push(format!("{version}/{}", f.unwrap().file_name().to_string_lossy()));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn stored(name: &str) -> serde_json::Value {
+    let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
 #[test]
-fn every_fixture_re_encodes_to_the_same_json() {
-    let dir = format!("{}/fixtures/v1", env!("CARGO_MANIFEST_DIR"));
-    for file in std::fs::read_dir(&dir).unwrap() {
-        let name = format!("v1/{}", file.unwrap().file_name().to_string_lossy());
-        let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+fn there_is_a_fixture_for_every_event_type_and_version() {
+    let mut have: Vec<(String, u64)> =
+        fixtures().iter().map(|f| (stored(f)["type"].as_str().unwrap().to_owned(), stored(f)["v"].as_u64().unwrap())).collect();
+    have.sort();
+    let mut want = Vec::new();
+    for kind in ["MemberJoined", "MemberLeft", "MessageSent", "MessagesSeen", "RoomCreated", "RoomMessageSent", "RoomRead", "UserRegistered"] {
+        for v in 1..=natter_events::current_version(kind) {
+            want.push((kind.to_owned(), u64::from(v)));
+        }
+    }
+    want.sort();
+    assert_eq!(have, want);
+}
+
+#[test]
+fn current_fixtures_re_encode_to_the_same_json_and_old_ones_to_the_current_version() {
+    for name in fixtures() {
+        let raw = stored(&name);
         let again: serde_json::Value = serde_json::from_slice(&fixture(&name).encode()).unwrap();
-        assert_eq!(raw, again, "{name}");
+        let current = natter_events::current_version(raw["type"].as_str().unwrap());
+        if raw["v"] == u64::from(current) {
+            assert_eq!(raw, again, "{name}");
+        } else {
+            assert_eq!(again["v"], u64::from(current), "{name} is written back at the current version");
+        }
     }
 }

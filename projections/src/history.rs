@@ -98,7 +98,7 @@ impl History {
             sender_id: from.clone(),
             receiver_id: to.clone(),
             message: Some(format!("message {seq}")),
-            attachment: None,
+            attachments: if seq % 3 == 0 { vec![format!("https://files.example/{seq}.png")] } else { vec![] },
             seq,
             sender_count,
             state,

@@ -144,7 +144,8 @@ impl MessageView {
             sender_id: e.sender_id.clone(),
             receiver_id: e.receiver_id.clone(),
             message: e.message.clone(),
-            attachment: e.attachment.clone(),
+            // The client shape has one attachment (the original app's).
+            attachment: e.attachments.first().cloned(),
             created_at: timestamp(env),
         }
     }

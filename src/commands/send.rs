@@ -75,7 +75,7 @@ pub fn decide(cmd: &SendMessage, state: &DmState, message_id: &str) -> MessageSe
         sender_id: cmd.sender.clone(),
         receiver_id: cmd.receiver.clone(),
         message: cmd.message.clone(),
-        attachment: cmd.attachment.clone(),
+        attachments: cmd.attachment.iter().cloned().collect(),
         seq,
         sender_count,
         state,

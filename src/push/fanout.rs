@@ -120,7 +120,7 @@ mod tests {
             sender_id: "amy".into(),
             receiver_id: "bob".into(),
             message: Some("hi".into()),
-            attachment: None,
+            attachments: vec![],
             seq,
             sender_count: count,
             state: state.clone(),
