@@ -16,19 +16,20 @@ pub fn message_json(m: &MessageView, seen: bool) -> Value {
         "createdAt": m.created_at,
         "updatedAt": m.created_at,
     });
-    let obj = v.as_object_mut().expect("object");
-    if let Some(text) = &m.message {
-        obj.insert("message".into(), json!(text));
-    }
-    if let Some(url) = &m.attachment {
-        obj.insert("attachment".into(), json!(url));
-    }
-    if let Some(c) = &m.client_msg_id {
-        obj.insert("clientMsgId".into(), json!(c));
-    }
+    with_content(&mut v, &m.message, &m.attachment, &m.client_msg_id);
     v
 }
 
+/// Adds the fields a message has only when set, as the original app's
+/// documents did (absent, not null).
+fn with_content(v: &mut Value, message: &Option<String>, attachment: &Option<String>, client_msg_id: &Option<String>) {
+    let obj = v.as_object_mut().expect("message JSON is an object");
+    for (key, value) in [("message", message), ("attachment", attachment), ("clientMsgId", client_msg_id)] {
+        if let Some(value) = value {
+            obj.insert(key.into(), json!(value));
+        }
+    }
+}
 
 /// A room message as clients see it (REST history and the `/chat` `message` event).
 pub fn room_message_json(m: &RoomMessageView) -> Value {
@@ -39,16 +40,7 @@ pub fn room_message_json(m: &RoomMessageView) -> Value {
         "seq": m.seq,
         "createdAt": m.created_at,
     });
-    let obj = v.as_object_mut().expect("object");
-    if let Some(text) = &m.message {
-        obj.insert("message".into(), json!(text));
-    }
-    if let Some(url) = &m.attachment {
-        obj.insert("attachment".into(), json!(url));
-    }
-    if let Some(c) = &m.client_msg_id {
-        obj.insert("clientMsgId".into(), json!(c));
-    }
+    with_content(&mut v, &m.message, &m.attachment, &m.client_msg_id);
     v
 }
 

@@ -73,37 +73,21 @@ impl MongoViews {
             members: db.collection("room_members"),
             room_messages: db.collection("room_messages"),
         };
-        let unique = || IndexOptions::builder().unique(true).build();
-        views
-            .users
-            .create_index(IndexModel::builder().keys(doc! {"email": 1}).options(unique()).build())
-            .await
-            .map_err(unavailable)?;
-        views
-            .messages
-            .create_index(IndexModel::builder().keys(doc! {"commandId": 1}).options(unique()).build())
-            .await
-            .map_err(unavailable)?;
-        views
-            .messages
-            .create_index(IndexModel::builder().keys(doc! {"conversation": 1, "seq": 1}).options(unique()).build())
-            .await
-            .map_err(unavailable)?;
-        views
-            .room_messages
-            .create_index(IndexModel::builder().keys(doc! {"commandId": 1}).options(unique()).build())
-            .await
-            .map_err(unavailable)?;
-        views
-            .room_messages
-            .create_index(IndexModel::builder().keys(doc! {"roomId": 1, "seq": 1}).options(unique()).build())
-            .await
-            .map_err(unavailable)?;
-        views
-            .members
-            .create_index(IndexModel::builder().keys(doc! {"roomId": 1}).build())
-            .await
-            .map_err(unavailable)?;
+        let unique = || Some(IndexOptions::builder().unique(true).build());
+        let indexes: [(&Collection<Document>, Document, Option<IndexOptions>); 6] = [
+            (&views.users.clone_with_type(), doc! {"email": 1}, unique()),
+            (&views.messages.clone_with_type(), doc! {"commandId": 1}, unique()),
+            (&views.messages.clone_with_type(), doc! {"conversation": 1, "seq": 1}, unique()),
+            (&views.room_messages.clone_with_type(), doc! {"commandId": 1}, unique()),
+            (&views.room_messages.clone_with_type(), doc! {"roomId": 1, "seq": 1}, unique()),
+            (&views.members, doc! {"roomId": 1}, None),
+        ];
+        for (collection, keys, options) in indexes {
+            collection
+                .create_index(IndexModel::builder().keys(keys).options(options).build())
+                .await
+                .map_err(unavailable)?;
+        }
         Ok(views)
     }
 

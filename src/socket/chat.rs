@@ -75,14 +75,16 @@ fn connection(node: &Node, s: &SocketRef) -> String {
     format!("{}-{}", node.node_id, s.id)
 }
 
-fn failure(e: CommandError) -> Value {
-    let e = ApiError::from(e);
-    json!({ "success": false, "code": e.code, "message": e.message })
-}
-
+/// Refuses a client event: an `error` event, and the ack if one was asked for.
 fn refuse(s: &SocketRef, ack: AckSender, code: &str, message: &str) {
     let _ = s.emit("error", &error(code, message));
     let _ = ack.send(&json!({ "success": false, "code": code, "message": message }));
+}
+
+/// Refuses a client event whose command failed, with the REST error's code.
+fn refuse_command(s: &SocketRef, ack: AckSender, e: CommandError) {
+    let e = ApiError::from(e);
+    refuse(s, ack, e.code, &e.message);
 }
 
 async fn user_json(node: &Node, user: &str) -> Value {
@@ -130,10 +132,7 @@ async fn on_join(
         return refuse(&s, ack, "bad_request", "join-room needs a room id");
     };
     if let Err(e) = node.commands.join_room(&me, &room).await {
-        let f = failure(e);
-        let _ = s.emit("error", &error(f["code"].as_str().unwrap_or("error"), f["message"].as_str().unwrap_or("")));
-        let _ = ack.send(&f);
-        return;
+        return refuse_command(&s, ack, e);
     }
     entered.lock().expect("entered rooms lock").insert(room.clone());
     match node.presence.enter(&room, &me, &connection(&node, &s)).await {
@@ -204,11 +203,7 @@ async fn on_send(
         Ok(m) => {
             let _ = ack.send(&json!({ "success": true, "data": room_message_json(&m) }));
         }
-        Err(e) => {
-            let f = failure(e);
-            let _ = s.emit("error", &error(f["code"].as_str().unwrap_or("error"), f["message"].as_str().unwrap_or("")));
-            let _ = ack.send(&f);
-        }
+        Err(e) => refuse_command(&s, ack, e),
     }
 }
 
