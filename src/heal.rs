@@ -13,28 +13,37 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream;
 use natter_projections::redis_counts::RedisCounts;
+use natter_projections::switch::Switch;
 use tokio::sync::watch;
 
 use crate::log::EventLog;
+use crate::versions::Versions;
 
-/// Durable consumer of the counts projection.
-pub const COUNTS_CONSUMER: &str = "redis-unseen-v1";
+/// Durable consumer of a version of the counts projection.
+fn consumer(version: u32) -> String {
+    format!("redis-unseen-v{version}")
+}
+
 const LOCK_TTL: Duration = Duration::from_secs(600);
 
 pub struct Healer {
-    pub counts: Arc<RedisCounts>,
+    /// The counts, whichever version is live.
+    pub counts: Arc<Switch<RedisCounts>>,
     pub js: jetstream::Context,
     pub stream: String,
     pub log: Arc<dyn EventLog>,
     pub owner: String,
+    pub redis: redis::aio::ConnectionManager,
+    pub redis_base: String,
 }
 
 impl Healer {
     /// If the counts are lost and no other node is rebuilding them: takes the
     /// lock, restarts the projector from the start of the log, and returns
     /// the log head the rebuild must reach.
-    pub async fn begin(&self) -> anyhow::Result<Option<u64>> {
-        if self.counts.is_ready().await? || !self.counts.try_lock_heal(&self.owner, LOCK_TTL).await? {
+    pub async fn begin(&self) -> anyhow::Result<Option<(u64, u32)>> {
+        let (version, counts) = (self.counts.active_version(), self.counts.active());
+        if counts.is_ready().await? || !counts.try_lock_heal(&self.owner, LOCK_TTL).await? {
             return Ok(None);
         }
         let head = self.log.head().await?;
@@ -46,29 +55,30 @@ impl Healer {
         let stream = self.js.get_stream(&self.stream).await.context("counts rebuild: stream")?;
         // Deleting the durable consumer makes every node's counts projector
         // recreate it from the first event.
-        let _ = stream.delete_consumer(COUNTS_CONSUMER).await;
-        Ok(Some(head))
+        let _ = stream.delete_consumer(&consumer(version)).await;
+        Ok(Some((head, version)))
     }
 
     /// Waits until the counts projector has acknowledged every event up to
     /// `head`, then declares the counts complete.
-    pub async fn finish(&self, head: u64) -> anyhow::Result<()> {
+    pub async fn finish(&self, (head, version): (u64, u32)) -> anyhow::Result<()> {
+        let counts = Versions::counts_at(&self.redis, &self.redis_base, version);
         let stream = self.js.get_stream(&self.stream).await.context("counts rebuild: stream")?;
         let started = tokio::time::Instant::now();
         while head > 0 {
-            if let Ok(info) = stream.consumer_info(COUNTS_CONSUMER).await {
+            if let Ok(info) = stream.consumer_info(consumer(version)).await {
                 if info.ack_floor.stream_sequence >= head {
                     break;
                 }
             }
             if started.elapsed() > LOCK_TTL {
-                let _ = self.counts.unlock_heal().await;
+                let _ = counts.unlock_heal().await;
                 anyhow::bail!("counts rebuild did not reach log sequence {head} in {LOCK_TTL:?}; another node will retry");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        self.counts.mark_ready().await?;
-        self.counts.unlock_heal().await?;
+        counts.mark_ready().await?;
+        counts.unlock_heal().await?;
         tracing::info!(head, took = ?started.elapsed(), "unread counts rebuilt from the log");
         Ok(())
     }
@@ -82,7 +92,7 @@ impl Healer {
                 _ = shutdown.changed() => return,
             }
             let outcome = match self.begin().await {
-                Ok(Some(head)) => self.finish(head).await,
+                Ok(Some(target)) => self.finish(target).await,
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
             };

@@ -17,6 +17,7 @@
 //!   inbox stream) and the node's push hub (inbox → sockets, resume).
 //! - [`presence`]: who is in a room now (Redis, heartbeats and a TTL).
 //! - [`socket`]: Socket.IO namespaces (handshake auth, push, resume).
+//! - [`versions`]: which version of each rebuildable projection is live.
 //! - [`wire`]: the JSON shapes clients see (REST and Socket.IO alike).
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`node`]: wires a node together, serves, drains on shutdown.
@@ -38,4 +39,5 @@ pub mod projector;
 pub mod push;
 pub mod socket;
 pub mod telemetry;
+pub mod versions;
 pub mod wire;

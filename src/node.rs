@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mongodb::bson::doc;
-use natter_projections::mongo::MongoViews;
-use natter_projections::redis_counts::RedisCounts;
 use natter_projections::{CountStore, Projection, ViewStore};
 use axum::serve::ListenerExt;
 use tokio::sync::watch;
@@ -23,6 +21,7 @@ use crate::log::nats::NatsLog;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::projector::Projector;
+use crate::versions::Versions;
 use crate::push::fanout::FanOut;
 use crate::push::hub::PushHub;
 
@@ -122,13 +121,13 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         connect_mongo(&mongo_url, &cfg.mongo_db),
         connect_redis(&redis_url),
     )?;
-    let mongo = Arc::new(
-        MongoViews::open(&db)
+    let versions = Arc::new(
+        Versions::open(db, redis.clone(), &cfg.redis_prefix)
             .await
-            .with_context(|| format!("creating view indexes in MongoDB database {}", cfg.mongo_db))?,
+            .with_context(|| format!("opening the views in MongoDB database {}", cfg.mongo_db))?,
     );
+    let (mongo, counts) = (versions.views.clone(), versions.counts.clone());
     let presence = Arc::new(Presence::new(redis.clone(), &cfg.redis_prefix, cfg.presence_ttl));
-    let counts = Arc::new(RedisCounts::new(redis, cfg.redis_prefix.clone()));
     let metrics = Arc::new(Metrics::default());
     let push = PushHub::connect(
         log.client().clone(),
@@ -171,6 +170,8 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         stream: cfg.stream.clone(),
         log: node.log.clone(),
         owner: node.node_id.clone(),
+        redis,
+        redis_base: cfg.redis_prefix.clone(),
     };
     let heal_to = healer.begin().await.context("checking the unread counts in Redis")?;
     let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone(), views: mongo.clone() });
@@ -187,6 +188,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     }
 
     tasks.push(tokio::spawn(crate::socket::chat::presence_loop(node.clone(), shutdown_rx.clone())));
+    tasks.push(tokio::spawn(versions.clone().run(shutdown_rx.clone())));
     if let Some(head) = heal_to {
         healer.finish(head).await.context("rebuilding the unread counts from the log")?;
     }

@@ -23,6 +23,13 @@ use tokio::sync::watch;
 use crate::log::nats::parked_subject;
 use crate::metrics::Metrics;
 
+/// Why a consumer loop ended without an error.
+enum Flow {
+    Stop,
+    /// The projection's live version changed: consume its new durable.
+    Follow,
+}
+
 pub struct Projector {
     pub js: jetstream::Context,
     pub stream: String,
@@ -45,7 +52,8 @@ impl Projector {
                 return;
             }
             match self.consume(&mut shutdown).await {
-                Ok(()) => return,
+                Ok(Flow::Stop) => return,
+                Ok(Flow::Follow) => continue,
                 Err(e) => {
                     tracing::error!(projection = name, error = %e, "projector lost its consumer; retrying in 1 s");
                     tokio::select! {
@@ -57,7 +65,7 @@ impl Projector {
         }
     }
 
-    async fn consume(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+    async fn consume(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Flow> {
         let durable = self.durable_name();
         // Ordered projections get one event in flight across the cluster and
         // a short ack wait, so a crashed node holds the line only briefly.
@@ -81,10 +89,20 @@ impl Projector {
             )
             .await?;
         let mut messages = consumer.messages().await?;
+        // A rebuilt projection becomes live under a new version: follow it
+        // to its consumer.
+        let mut version_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             let next = tokio::select! {
                 next = messages.next() => next,
-                _ = shutdown.changed() => return Ok(()),
+                _ = version_check.tick() => {
+                    if self.durable_name() != durable {
+                        tracing::info!(from = %durable, to = %self.durable_name(), "projector follows the new live version");
+                        return Ok(Flow::Follow);
+                    }
+                    continue;
+                }
+                _ = shutdown.changed() => return Ok(Flow::Stop),
             };
             let msg = match next {
                 Some(Ok(msg)) => msg,

@@ -15,6 +15,8 @@
 //!   benchmarks, and the convergence property tests).
 //! - [`redis_counts`]: Redis unseen counts, one hash per user
 //!   (peer → count), guarded per conversation by event position.
+//! - [`switch`]: a projection's active version and the one being rebuilt
+//!   beside it (reads go to the active one, writes to both).
 //!
 //! Every projection here is *commutative and idempotent*: views converge to
 //! the same state whatever the redelivery, duplication or interleaving
@@ -26,6 +28,7 @@ pub mod memory;
 pub mod mongo;
 pub mod projection;
 pub mod redis_counts;
+pub mod switch;
 pub mod views;
 
 pub use projection::{ApplyError, Projection};

@@ -62,16 +62,29 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
 }
 
 impl MongoViews {
-    /// Opens the views in `db` and makes sure their indexes exist.
+    /// Opens the (version 1) views in `db` and makes sure their indexes exist.
     pub async fn open(db: &Database) -> Result<Self, StoreError> {
+        Self::open_version(db, 1).await
+    }
+
+    /// Collection names of a version: plain for version 1, `<name>_v<N>` after.
+    fn collection_name(base: &str, version: u32) -> String {
+        if version <= 1 { base.to_owned() } else { format!("{base}_v{version}") }
+    }
+
+    pub const COLLECTIONS: [&'static str; 6] = ["users", "messages", "conversations", "rooms", "room_members", "room_messages"];
+
+    /// Opens version `version` of the views in `db` (creating its indexes).
+    pub async fn open_version(db: &Database, version: u32) -> Result<Self, StoreError> {
+        let name = |base: &str| Self::collection_name(base, version);
         let views = MongoViews {
             db: db.clone(),
-            users: db.collection("users"),
-            messages: db.collection("messages"),
-            conversations: db.collection("conversations"),
-            rooms: db.collection("rooms"),
-            members: db.collection("room_members"),
-            room_messages: db.collection("room_messages"),
+            users: db.collection(&name("users")),
+            messages: db.collection(&name("messages")),
+            conversations: db.collection(&name("conversations")),
+            rooms: db.collection(&name("rooms")),
+            members: db.collection(&name("room_members")),
+            room_messages: db.collection(&name("room_messages")),
         };
         let unique = || Some(IndexOptions::builder().unique(true).build());
         let indexes: [(&Collection<Document>, Document, Option<IndexOptions>); 6] = [
@@ -89,6 +102,14 @@ impl MongoViews {
                 .map_err(unavailable)?;
         }
         Ok(views)
+    }
+
+    /// Drops every collection of version `version` (a replaced or abandoned build).
+    pub async fn drop_version(db: &Database, version: u32) -> Result<(), StoreError> {
+        for base in Self::COLLECTIONS {
+            db.collection::<Document>(&Self::collection_name(base, version)).drop().await.map_err(unavailable)?;
+        }
+        Ok(())
     }
 
     /// Sets a membership from the event at `position` of the member's

@@ -62,6 +62,27 @@ impl RedisCounts {
         RedisCounts { conn, prefix: prefix.into(), script: Script::new(SET_IF_NEWER), raise: Script::new(RAISE) }
     }
 
+    /// The key prefix of version `version` under `base`: `base` itself for
+    /// version 1, `<base>v<N>:` after.
+    pub fn versioned_prefix(base: &str, version: u32) -> String {
+        if version <= 1 { base.to_owned() } else { format!("{base}v{version}:") }
+    }
+
+    /// Deletes every key of these counts (a replaced or abandoned build);
+    /// presence keys, which share version 1's prefix, are left alone.
+    pub async fn clear(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut deleted = 0;
+        for pattern in ["unseen:*", "unseen-pos:*", "room-last", "room-wm:*", "counts-ready", "counts-heal"] {
+            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}{pattern}", self.prefix)).query_async(&mut conn).await.map_err(unavailable)?;
+            for chunk in keys.chunks(500) {
+                let n: u64 = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await.map_err(unavailable)?;
+                deleted += n;
+            }
+        }
+        Ok(deleted)
+    }
+
     fn counts_key(&self, user: &str) -> String {
         format!("{}unseen:{user}", self.prefix)
     }

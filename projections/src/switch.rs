@@ -1,0 +1,148 @@
+//! A projection's live version, and the one being rebuilt beside it.
+//!
+//! Readers always read the *active* version; every write (the projector's
+//! and the writing node's own) goes to the active version and, during a
+//! rebuild, to the *building* one too. A rebuild ends by making the building
+//! version active: readers switch in one step and never see a half-built
+//! view.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use natter_events::Envelope;
+
+use crate::projection::{ApplyError, Projection};
+use crate::views::{CountStore, MessageView, RoomMessageView, RoomView, StoreError, UserView, ViewStore};
+
+type Versioned<T> = (u32, Arc<T>);
+
+pub struct Switch<T> {
+    name: &'static str,
+    active: RwLock<Versioned<T>>,
+    building: RwLock<Option<Versioned<T>>>,
+}
+
+impl<T> Switch<T> {
+    pub fn new(name: &'static str, version: u32, store: Arc<T>) -> Self {
+        Switch { name, active: RwLock::new((version, store)), building: RwLock::new(None) }
+    }
+
+    pub fn active(&self) -> Arc<T> {
+        self.active.read().expect("switch lock").1.clone()
+    }
+
+    pub fn active_version(&self) -> u32 {
+        self.active.read().expect("switch lock").0
+    }
+
+    pub fn building_version(&self) -> Option<u32> {
+        self.building.read().expect("switch lock").as_ref().map(|(v, _)| *v)
+    }
+
+    pub fn set_active(&self, version: u32, store: Arc<T>) {
+        *self.active.write().expect("switch lock") = (version, store);
+    }
+
+    pub fn set_building(&self, building: Option<(u32, Arc<T>)>) {
+        *self.building.write().expect("switch lock") = building;
+    }
+
+    fn targets(&self) -> Vec<Arc<T>> {
+        let mut out = vec![self.active()];
+        if let Some((_, b)) = self.building.read().expect("switch lock").as_ref() {
+            out.push(b.clone());
+        }
+        out
+    }
+}
+
+#[async_trait]
+impl<T: Projection + 'static> Projection for Switch<T> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn version(&self) -> u32 {
+        self.active_version()
+    }
+    fn ordered(&self) -> bool {
+        self.active().ordered()
+    }
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        for target in self.targets() {
+            target.apply(env).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<T: ViewStore + 'static> ViewStore for Switch<T> {
+    async fn check(&self) -> Result<(), StoreError> {
+        self.active().check().await
+    }
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        for target in self.targets() {
+            ViewStore::apply(target.as_ref(), env).await?;
+        }
+        Ok(())
+    }
+    async fn user(&self, id: &str) -> Result<Option<UserView>, StoreError> {
+        self.active().user(id).await
+    }
+    async fn user_by_email(&self, email: &str) -> Result<Option<UserView>, StoreError> {
+        self.active().user_by_email(email).await
+    }
+    async fn users(&self, except: &str, after: Option<&str>, limit: u32) -> Result<Vec<UserView>, StoreError> {
+        self.active().users(except, after, limit).await
+    }
+    async fn message(&self, id: &str) -> Result<Option<MessageView>, StoreError> {
+        self.active().message(id).await
+    }
+    async fn message_by_command(&self, command_id: &str) -> Result<Option<MessageView>, StoreError> {
+        self.active().message_by_command(command_id).await
+    }
+    async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError> {
+        self.active().messages(conversation, before, limit).await
+    }
+    async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
+        self.active().watermarks(conversation).await
+    }
+    async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError> {
+        self.active().room(id).await
+    }
+    async fn rooms(&self, after: Option<&str>, limit: u32) -> Result<Vec<RoomView>, StoreError> {
+        self.active().rooms(after, limit).await
+    }
+    async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+        self.active().room_members(room).await
+    }
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        self.active().is_member(room, user).await
+    }
+    async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError> {
+        self.active().room_message_by_command(command_id).await
+    }
+    async fn room_messages(&self, room: &str, before: Option<u64>, limit: u32) -> Result<Vec<RoomMessageView>, StoreError> {
+        self.active().room_messages(room, before, limit).await
+    }
+}
+
+#[async_trait]
+impl<T: CountStore + 'static> CountStore for Switch<T> {
+    async fn check(&self) -> Result<(), StoreError> {
+        self.active().check().await
+    }
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        for target in self.targets() {
+            CountStore::apply(target.as_ref(), env).await?;
+        }
+        Ok(())
+    }
+    async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError> {
+        self.active().unseen(user).await
+    }
+    async fn room_unread(&self, user: &str, rooms: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+        self.active().room_unread(user, rooms).await
+    }
+}

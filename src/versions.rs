@@ -1,0 +1,117 @@
+//! Which version of each rebuildable projection is live, and which is being
+//! built: a pointer document per projection in the views database's `meta`
+//! collection, `{_id: "<projection>", active: N, building: M | null}`.
+//!
+//! Every node re-reads the pointers every second and re-points its
+//! [`Switch`]es: readers move to a new version in one step, and while a
+//! version is being built every node writes its own events to it too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mongodb::Database;
+use mongodb::bson::{Document, doc};
+use natter_projections::StoreError;
+use natter_projections::mongo::MongoViews;
+use natter_projections::redis_counts::RedisCounts;
+use natter_projections::switch::Switch;
+use redis::aio::ConnectionManager;
+use tokio::sync::watch;
+
+pub const VIEWS: &str = "mongo-views";
+pub const COUNTS: &str = "redis-unseen";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pointer {
+    pub active: u32,
+    pub building: Option<u32>,
+}
+
+fn unavailable(e: mongodb::error::Error) -> StoreError {
+    StoreError::Unavailable(format!("mongodb: {e}"))
+}
+
+fn int(d: &Document, key: &str) -> Option<u32> {
+    d.get_i64(key).ok().or_else(|| d.get_i32(key).ok().map(i64::from)).and_then(|v| u32::try_from(v).ok())
+}
+
+pub async fn read_pointer(db: &Database, projection: &str) -> Result<Pointer, StoreError> {
+    let doc = db.collection::<Document>("meta").find_one(doc! {"_id": projection}).await.map_err(unavailable)?;
+    Ok(match doc {
+        Some(d) => Pointer { active: int(&d, "active").unwrap_or(1), building: int(&d, "building").filter(|b| *b > 0) },
+        None => Pointer { active: 1, building: None },
+    })
+}
+
+pub async fn write_pointer(db: &Database, projection: &str, p: Pointer) -> Result<(), StoreError> {
+    let building = i64::from(p.building.unwrap_or(0));
+    db.collection::<Document>("meta")
+        .update_one(doc! {"_id": projection}, doc! {"$set": {"active": i64::from(p.active), "building": building}})
+        .upsert(true)
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+pub struct Versions {
+    db: Database,
+    redis: ConnectionManager,
+    redis_base: String,
+    pub views: Arc<Switch<MongoViews>>,
+    pub counts: Arc<Switch<RedisCounts>>,
+}
+
+impl Versions {
+    pub fn counts_at(redis: &ConnectionManager, base: &str, version: u32) -> RedisCounts {
+        RedisCounts::new(redis.clone(), RedisCounts::versioned_prefix(base, version))
+    }
+
+    pub async fn open(db: Database, redis: ConnectionManager, redis_base: &str) -> Result<Versions, StoreError> {
+        let (vp, cp) = (read_pointer(&db, VIEWS).await?, read_pointer(&db, COUNTS).await?);
+        let views = Arc::new(Switch::new(VIEWS, vp.active, Arc::new(MongoViews::open_version(&db, vp.active).await?)));
+        let counts = Arc::new(Switch::new(COUNTS, cp.active, Arc::new(Self::counts_at(&redis, redis_base, cp.active))));
+        let versions = Versions { db, redis, redis_base: redis_base.to_owned(), views, counts };
+        versions.refresh().await?;
+        Ok(versions)
+    }
+
+    /// Re-reads the pointers and re-points the switches.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let vp = read_pointer(&self.db, VIEWS).await?;
+        if vp.active != self.views.active_version() {
+            tracing::info!(from = self.views.active_version(), to = vp.active, "views switched to a rebuilt version");
+            self.views.set_active(vp.active, Arc::new(MongoViews::open_version(&self.db, vp.active).await?));
+        }
+        if vp.building != self.views.building_version() {
+            let building = match vp.building {
+                Some(v) => Some((v, Arc::new(MongoViews::open_version(&self.db, v).await?))),
+                None => None,
+            };
+            self.views.set_building(building);
+        }
+        let cp = read_pointer(&self.db, COUNTS).await?;
+        if cp.active != self.counts.active_version() {
+            tracing::info!(from = self.counts.active_version(), to = cp.active, "unread counts switched to a rebuilt version");
+            self.counts.set_active(cp.active, Arc::new(Self::counts_at(&self.redis, &self.redis_base, cp.active)));
+        }
+        if cp.building != self.counts.building_version() {
+            self.counts.set_building(cp.building.map(|v| (v, Arc::new(Self::counts_at(&self.redis, &self.redis_base, v)))));
+        }
+        Ok(())
+    }
+
+    /// Refreshes every second until shutdown.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.refresh().await {
+                        tracing::warn!(error = %e, "cannot read the projection version pointers");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
