@@ -1,24 +1,28 @@
-//! Operator commands: `natter projections`, `natter parked list|retry`.
+//! Operator commands: `natter projections`, `natter parked list|retry`,
+//! `natter rebuild`.
 //!
 //! They use the same settings as a node (flags, `NATTER_*`, TOML), connect
 //! to the same services, and print for a person at a terminal.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use natter_events::Envelope;
 use natter_projections::mongo::MongoViews;
-use natter_projections::redis_counts::RedisCounts;
+use natter_projections::switch::Switch;
 use natter_projections::{ApplyError, Projection};
 
 use crate::config::Config;
 use crate::log::EventLog;
 use crate::log::nats::NatsLog;
+use crate::metrics::Metrics;
+use crate::projector::Projector;
 use crate::push::fanout::FanOut;
+use crate::versions::{COUNTS, Pointer, VIEWS, Versions, read_pointer, write_pointer};
 
 /// Every projection a node runs, by name.
-pub const PROJECTIONS: [(&str, u32); 3] = [("mongo-views", 1), ("redis-unseen", 1), ("push-fanout", 1)];
+pub const PROJECTIONS: [&str; 3] = [VIEWS, COUNTS, "push-fanout"];
 
 async fn connect_log(cfg: &Config) -> anyhow::Result<NatsLog> {
     let url = cfg.nats_url.as_deref().context("NATTER_NATS_URL is not set")?;
@@ -33,7 +37,19 @@ pub async fn projections(cfg: &Config) -> anyhow::Result<()> {
     let parked = parked_counts(&log, cfg).await?;
     println!("log {}: {head} events", cfg.stream);
     println!("{:<16} {:>7} {:>12} {:>10} {:>10} {:>8}", "projection", "version", "checkpoint", "lag", "in flight", "parked");
-    for (name, version) in PROJECTIONS {
+    let db = match &cfg.mongo_url {
+        Some(url) => Some(crate::node::connect_mongo(url, &cfg.mongo_db).await?),
+        None => None,
+    };
+    for name in PROJECTIONS {
+        let pointer = match (&db, name) {
+            (Some(db), VIEWS | COUNTS) => read_pointer(db, name).await?,
+            _ => Pointer { active: 1, building: None },
+        };
+        let version = pointer.active;
+        if let Some(b) = pointer.building {
+            println!("{name}: v{b} is being built beside v{version}");
+        }
         let durable = format!("{name}-v{version}");
         let (checkpoint, lag, in_flight) = match stream.consumer_info(&durable).await {
             Ok(info) => (info.ack_floor.stream_sequence.to_string(), info.num_pending.to_string(), info.num_ack_pending.to_string()),
@@ -42,9 +58,9 @@ pub async fn projections(cfg: &Config) -> anyhow::Result<()> {
         let parked = parked.iter().find(|(p, _)| p == name).map_or(0, |(_, n)| *n);
         println!("{name:<16} {version:>7} {checkpoint:>12} {lag:>10} {in_flight:>10} {parked:>8}");
     }
-    if let Some(url) = &cfg.redis_url {
+    if let (Some(url), Some(db)) = (&cfg.redis_url, &db) {
         let redis = crate::node::connect_redis(url).await?;
-        let counts = RedisCounts::new(redis, cfg.redis_prefix.clone());
+        let counts = Versions::counts_at(&redis, &cfg.redis_prefix, read_pointer(db, COUNTS).await?.active);
         let state = if counts.is_ready().await? { "complete" } else { "REBUILDING (reads answer 503 until done)" };
         println!("redis unread counts: {state}");
     }
@@ -115,8 +131,8 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let mongo_url = cfg.mongo_url.as_deref().context("NATTER_MONGO_URL is not set")?;
     let redis_url = cfg.redis_url.as_deref().context("NATTER_REDIS_URL is not set")?;
     let db = crate::node::connect_mongo(mongo_url, &cfg.mongo_db).await?;
-    let views: Arc<MongoViews> = Arc::new(MongoViews::open(&db).await?);
-    let counts = Arc::new(RedisCounts::new(crate::node::connect_redis(redis_url).await?, cfg.redis_prefix.clone()));
+    let versions = Versions::open(db, crate::node::connect_redis(redis_url).await?, &cfg.redis_prefix).await?;
+    let (views, counts) = (versions.views.clone(), versions.counts.clone());
     let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone(), views: views.clone() });
     let projections: [Arc<dyn Projection>; 3] = [views, counts, fanout];
     let stream = log.jetstream().get_stream(format!("{}_PARKED", cfg.stream)).await?;
@@ -147,5 +163,93 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
         }
     }
     println!("{fixed} applied, {still} still parked");
+    Ok(())
+}
+
+/// `natter rebuild <mongo-views|redis-unseen|all>`: builds a new version of
+/// a projection beside the live one from the first event of the log, shows
+/// progress, keeps up with new events (nodes write to both versions while it
+/// builds), switches readers atomically once caught up, then drops the old
+/// version.
+pub async fn rebuild(cfg: &Config, which: &str) -> anyhow::Result<()> {
+    let targets = match which {
+        "all" => vec![VIEWS, COUNTS],
+        VIEWS => vec![VIEWS],
+        COUNTS => vec![COUNTS],
+        other => anyhow::bail!("cannot rebuild {other:?}: choose {VIEWS}, {COUNTS} or all"),
+    };
+    let log = connect_log(cfg).await?;
+    let db = crate::node::connect_mongo(cfg.mongo_url.as_deref().context("NATTER_MONGO_URL is not set")?, &cfg.mongo_db).await?;
+    let redis = crate::node::connect_redis(cfg.redis_url.as_deref().context("NATTER_REDIS_URL is not set")?).await?;
+    for name in targets {
+        rebuild_one(cfg, &log, &db, &redis, name).await.with_context(|| format!("rebuilding {name}"))?;
+    }
+    Ok(())
+}
+
+/// How long nodes may take to notice a pointer change (they re-read every second).
+const POINTER_PROPAGATION: Duration = Duration::from_millis(2500);
+
+async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis: &redis::aio::ConnectionManager, name: &'static str) -> anyhow::Result<()> {
+    let pointer = read_pointer(db, name).await?;
+    let old = pointer.active;
+    let new = old.max(pointer.building.unwrap_or(0)) + 1;
+    let durable = |v: u32| format!("{name}-v{v}");
+    let stream = log.jetstream().get_stream(&cfg.stream).await?;
+    let _ = stream.delete_consumer(&durable(new)).await; // leftovers of an abandoned build
+    let projection: Arc<dyn Projection> = if name == VIEWS {
+        MongoViews::drop_version(db, new).await?;
+        Arc::new(Switch::new(VIEWS, new, Arc::new(MongoViews::open_version(db, new).await?)))
+    } else {
+        let counts = Versions::counts_at(redis, &cfg.redis_prefix, new);
+        counts.clear().await?;
+        Arc::new(Switch::new(COUNTS, new, Arc::new(counts)))
+    };
+    write_pointer(db, name, Pointer { active: old, building: Some(new) }).await?;
+    eprintln!("{name}: building v{new} beside live v{old}; nodes write new events to both");
+    tokio::time::sleep(POINTER_PROPAGATION).await;
+
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let projector = Projector {
+        js: log.jetstream().clone(),
+        stream: cfg.stream.clone(),
+        prefix: cfg.subject_prefix.clone(),
+        projection,
+        metrics: Arc::new(Metrics::default()),
+    };
+    let task = tokio::spawn(projector.run(stop_rx));
+    let started = Instant::now();
+    loop {
+        let head = log.head().await?;
+        let info = stream.consumer_info(&durable(new)).await.ok();
+        let done = info.as_ref().map_or(0, |i| i.ack_floor.stream_sequence);
+        let pending = info.as_ref().map_or(u64::MAX, |i| i.num_pending + i.num_ack_pending as u64);
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+        let eta = if rate > 0.0 { head.saturating_sub(done) as f64 / rate } else { 0.0 };
+        eprint!("\r{name} v{new}: {done}/{head} events, {rate:.0} events/s, ETA {eta:.0} s    ");
+        if done >= head && pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!();
+    if name == COUNTS {
+        Versions::counts_at(redis, &cfg.redis_prefix, new).mark_ready().await?;
+    }
+    write_pointer(db, name, Pointer { active: new, building: None }).await?;
+    eprintln!("{name}: readers switched to v{new}");
+    // Let every node follow the switch (and move its projector to v{new})
+    // before this process stops projecting and the old version goes.
+    tokio::time::sleep(POINTER_PROPAGATION).await;
+    let _ = stop.send(true);
+    let _ = task.await;
+    if name == VIEWS {
+        MongoViews::drop_version(db, old).await?;
+    } else {
+        Versions::counts_at(redis, &cfg.redis_prefix, old).clear().await?;
+    }
+    let _ = stream.delete_consumer(&durable(old)).await;
+    eprintln!("{name}: dropped v{old}");
+    println!("{name} rebuilt: v{new} is live ({:.1} s)", started.elapsed().as_secs_f64());
     Ok(())
 }

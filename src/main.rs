@@ -19,6 +19,14 @@ enum Command {
     Serve(ServeArgs),
     /// Each projection's checkpoint, lag behind the log, and parked events.
     Projections(ServeArgs),
+    /// Rebuild a projection from the log beside the live one, then switch to it.
+    Rebuild {
+        /// mongo-views, redis-unseen or all
+        #[arg(default_value = "all")]
+        projection: String,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
     /// Events a projector could not apply.
     Parked {
         #[command(subcommand)]
@@ -60,6 +68,10 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => args,
         None => cli.serve,
         Some(Command::Projections(args)) => return natter::cli::projections(&Config::resolve(&args)?).await,
+        Some(Command::Rebuild { projection, args }) => {
+            natter::telemetry::init(false);
+            return natter::cli::rebuild(&Config::resolve(&args)?, &projection).await;
+        }
         Some(Command::Parked { action: ParkedAction::List(args) }) => return natter::cli::parked_list(&Config::resolve(&args)?).await,
         Some(Command::Parked { action: ParkedAction::Retry { seqs, args } }) => {
             return natter::cli::parked_retry(&Config::resolve(&args)?, &seqs).await;

@@ -16,6 +16,7 @@ mod multi_node;
 mod projections;
 mod push;
 mod push_faults;
+mod rebuild;
 mod rooms;
 mod tokens;
 mod unseen;
