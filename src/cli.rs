@@ -193,7 +193,9 @@ const POINTER_PROPAGATION: Duration = Duration::from_millis(2500);
 async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis: &redis::aio::ConnectionManager, name: &'static str) -> anyhow::Result<()> {
     let pointer = read_pointer(db, name).await?;
     let old = pointer.active;
-    let new = old.max(pointer.building.unwrap_or(0)) + 1;
+    // An interrupted earlier build left `building` set: its storage and
+    // consumer are those of `old + 1`, which are cleared below and reused.
+    let new = old + 1;
     let durable = |v: u32| format!("{name}-v{v}");
     let stream = log.jetstream().get_stream(&cfg.stream).await?;
     let _ = stream.delete_consumer(&durable(new)).await; // leftovers of an abandoned build
