@@ -2,8 +2,9 @@
 //! the last event of a subject, read any event by its log sequence.
 //!
 //! The command side holds an `Arc<dyn EventLog>`; [`nats`] is the JetStream
-//! adapter. The embedded adapter (issue 6) implements the same trait.
+//! adapter, [`file`] the embedded one (one append-only file with checksums).
 
+pub mod file;
 pub mod nats;
 
 use async_trait::async_trait;

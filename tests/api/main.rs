@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod heal;
 mod helpers;
+mod log_contract;
 
 mod authorization;
 mod bad_input;

@@ -1,0 +1,68 @@
+//! One contract for the event-log port, run against every adapter: the
+//! JetStream log and the embedded file log must behave the same.
+
+use std::time::Duration;
+
+use natter::log::file::{FileLog, SyncPolicy};
+use natter::log::nats::NatsLog;
+use natter::log::{EventLog, LogError};
+use natter_events::{Envelope, Event, UserRegistered};
+
+fn env(cmd: &str, subject: &str, position: u64) -> Envelope {
+    Envelope::new(cmd.into(), subject.into(), position, Event::UserRegistered(UserRegistered {
+        user_id: cmd.into(),
+        name: "contract".into(),
+        email: format!("{cmd}@example.com"),
+        password_hash: "h".into(),
+    }))
+}
+
+async fn contract(log: &dyn EventLog, prefix: &str) {
+    let (a, b, c) = (format!("{prefix}.ev.user.a"), format!("{prefix}.ev.user.b"), format!("{prefix}.ev.user.c"));
+    assert_eq!(log.head().await.unwrap(), 0);
+    let e1 = env("cmd-1", &a, 1);
+    let first = log.append(&e1, 0).await.unwrap();
+    assert!(!first.duplicate);
+    let e2 = env("cmd-2", &a, 2);
+    assert!(matches!(log.append(&e2, 0).await, Err(LogError::Conflict)), "a stale expectation conflicts");
+    let second = log.append(&e2, first.log_seq).await.unwrap();
+    assert!(second.log_seq > first.log_seq);
+    let e3 = env("cmd-3", &b, 1);
+    let third = log.append(&e3, 0).await.unwrap();
+    // The same command id again: the original, nothing new.
+    let again = log.append(&env("cmd-1", &c, 1), 0).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.log_seq, first.log_seq);
+    assert!(log.last(&c).await.unwrap().is_none(), "a duplicate appends nothing");
+
+    assert_eq!(log.last(&a).await.unwrap().unwrap().envelope, e2);
+    assert_eq!(log.last(&b).await.unwrap().unwrap().log_seq, third.log_seq);
+    assert_eq!(log.get(first.log_seq).await.unwrap().envelope, e1);
+    assert_eq!(log.head().await.unwrap(), 3);
+    log.check().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_jetstream_log_keeps_the_contract() {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let log = NatsLog::connect(&std::env::var("NATTER_NATS_URL").unwrap(), &format!("C{id}"), &format!("c{id}"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    contract(&log, &format!("c{id}")).await;
+    let _ = log.jetstream().delete_stream(format!("C{id}")).await;
+    let _ = log.jetstream().delete_stream(format!("C{id}_PARKED")).await;
+}
+
+#[tokio::test]
+async fn the_file_log_keeps_the_contract_and_survives_reopening() {
+    let dir = std::env::temp_dir().join(format!("natter-contract-{}", uuid::Uuid::new_v4().simple()));
+    {
+        let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+        contract(&log, "natter").await;
+    }
+    let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+    assert_eq!(log.head().await.unwrap(), 3, "everything acknowledged is there after reopening");
+    assert_eq!(log.last("natter.ev.user.a").await.unwrap().unwrap().log_seq, 2);
+    assert!(log.append(&env("cmd-1", "natter.ev.user.z", 1), 0).await.unwrap().duplicate, "dedup survives a restart");
+    let _ = std::fs::remove_dir_all(&dir);
+}
