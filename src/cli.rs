@@ -255,3 +255,43 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
     println!("{name} rebuilt: v{new} is live ({:.1} s)", started.elapsed().as_secs_f64());
     Ok(())
 }
+
+/// `natter migrate --from <data dir> --to <nats url>`: copies an embedded
+/// node's event log into a JetStream deployment, event by event, keeping
+/// every envelope (ids, positions, times, command ids) as it is. Appends use
+/// the same optimistic concurrency and deduplication as live commands, so a
+/// migration that is interrupted can simply be run again. Distributed nodes
+/// started on the target build their views from the migrated log.
+pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::Result<()> {
+    use crate::log::file::{FileLog, SyncPolicy};
+    let source = FileLog::open(from, SyncPolicy::Always, cfg.dedup_window).with_context(|| format!("opening {}", from.display()))?;
+    let target = NatsLog::connect(to, &cfg.stream, &cfg.subject_prefix, cfg.dedup_window).await?;
+    let total = source.head().await?;
+    let started = Instant::now();
+    let (mut copied, mut skipped, mut after) = (0u64, 0u64, 0u64);
+    loop {
+        let batch = source.read_after(after, 512)?;
+        let Some(last) = batch.last() else { break };
+        after = last.log_seq;
+        for logged in batch {
+            let env = logged.envelope;
+            let current = target.last(&env.subject).await?;
+            // Already there (an earlier, interrupted run): skip it.
+            if current.as_ref().is_some_and(|c| c.envelope.position >= env.position) {
+                skipped += 1;
+                continue;
+            }
+            let expected = current.map_or(0, |c| c.log_seq);
+            let appended = target.append(&env, expected).await.with_context(|| format!("copying event {} ({})", logged.log_seq, env.id))?;
+            if appended.duplicate {
+                skipped += 1;
+            } else {
+                copied += 1;
+            }
+        }
+        eprint!("\rmigrated {after}/{total} events ({:.0}/s)    ", after as f64 / started.elapsed().as_secs_f64().max(0.001));
+    }
+    eprintln!();
+    println!("migrated {copied} events to {to} (stream {}), {skipped} already there", cfg.stream);
+    Ok(())
+}

@@ -27,6 +27,17 @@ enum Command {
         #[command(flatten)]
         args: ServeArgs,
     },
+    /// Copy an embedded node's event log into a NATS JetStream deployment.
+    Migrate {
+        /// The embedded node's data directory.
+        #[arg(long, default_value = "natter-data")]
+        from: std::path::PathBuf,
+        /// The NATS server to move to (nats://host:port).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
     /// Events a projector could not apply.
     Parked {
         #[command(subcommand)]
@@ -72,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             natter::telemetry::init(false);
             return natter::cli::rebuild(&Config::resolve(&args)?, &projection).await;
         }
+        Some(Command::Migrate { from, to, args }) => return natter::cli::migrate(&Config::resolve(&args)?, &from, &to).await,
         Some(Command::Parked { action: ParkedAction::List(args) }) => return natter::cli::parked_list(&Config::resolve(&args)?).await,
         Some(Command::Parked { action: ParkedAction::Retry { seqs, args } }) => {
             return natter::cli::parked_retry(&Config::resolve(&args)?, &seqs).await;

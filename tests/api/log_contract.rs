@@ -66,3 +66,63 @@ async fn the_file_log_keeps_the_contract_and_survives_reopening() {
     assert!(log.append(&env("cmd-1", "natter.ev.user.z", 1), 0).await.unwrap().duplicate, "dedup survives a restart");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `natter migrate`: an embedded history moved into JetStream gives the
+/// distributed views an in-order replay of that history gives.
+#[tokio::test]
+async fn an_embedded_history_migrates_into_jetstream() {
+    use natter_projections::history::{History, snapshot};
+    use natter_projections::memory::{MemoryCounts, MemoryViews};
+    use natter_projections::{CountStore, ViewStore};
+
+    let mut c = crate::helpers::Cluster::start(0).await;
+    let mut h = History::new(&c.cfg.subject_prefix, 4);
+    h.create_room(0);
+    for i in 0..60usize {
+        let (a, b) = (i % 4, (i * 7 + 1) % 4);
+        match i % 6 {
+            _ if a == b => h.join(a, 0),
+            0 | 1 | 2 => h.send(a, b),
+            3 => h.mark(b, a, i),
+            4 => h.room_send(a, 0),
+            _ => h.join(b, 0),
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("natter-migrate-{}", uuid::Uuid::new_v4().simple()));
+    {
+        let log = FileLog::open(&dir, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        for env in &h.envelopes {
+            let expected = log.last(&env.subject).await.unwrap().map_or(0, |l| l.log_seq);
+            log.append(env, expected).await.unwrap();
+        }
+    }
+    let nats = c.cfg.nats_url.clone().unwrap();
+    let out = c.natter(&["migrate", "--from", dir.to_str().unwrap(), "--to", &nats]).await;
+    assert!(out.contains(&format!("migrated {} events", h.envelopes.len())), "{out}");
+    let again = c.natter(&["migrate", "--from", dir.to_str().unwrap(), "--to", &nats]).await;
+    assert!(again.contains("migrated 0 events") && again.contains(&format!("{} already there", h.envelopes.len())), "{again}");
+    assert_eq!(c.log.head().await.unwrap(), h.envelopes.len() as u64);
+
+    c.add_node().await;
+    let head = h.envelopes.len() as u64;
+    let stream = c.log.jetstream().get_stream(&c.cfg.stream).await.unwrap();
+    crate::helpers::eventually("the distributed projectors to catch up", || async {
+        let mut ok = true;
+        for d in ["mongo-views-v1", "redis-unseen-v1"] {
+            ok &= stream.consumer_info(d).await.is_ok_and(|i| i.ack_floor.stream_sequence >= head);
+        }
+        ok
+    })
+    .await;
+    let (views, counts) = (MemoryViews::default(), MemoryCounts::default());
+    for env in &h.envelopes {
+        ViewStore::apply(&views, env).await.unwrap();
+        CountStore::apply(&counts, env).await.unwrap();
+    }
+    let node = &c.nodes[0].node;
+    let expected = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
+    let migrated = snapshot(node.views.as_ref(), node.counts.as_ref(), &h.users, &h.conversations(), &h.rooms).await.unwrap();
+    assert_eq!(migrated, expected);
+    let _ = std::fs::remove_dir_all(&dir);
+    c.stop().await;
+}
