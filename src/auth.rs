@@ -130,8 +130,16 @@ impl Auth {
     }
 }
 
+/// argon2id uses ~19 MiB per hash: at most this many run at once (about
+/// the core count), so a flood of logins queues instead of exhausting memory.
+fn hashing_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)))
+}
+
 /// Hashes a password with argon2id (on the blocking pool).
 pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    let _slot = hashing_slots().acquire().await.context("password hashing slots closed")?;
     tokio::task::spawn_blocking(move || {
         Argon2::default()
             .hash_password(password.as_bytes())
@@ -144,6 +152,7 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 
 /// Checks a password against a stored PHC string (on the blocking pool).
 pub async fn verify_password(password: String, phc: String) -> bool {
+    let Ok(_slot) = hashing_slots().acquire().await else { return false };
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&phc)
             .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())

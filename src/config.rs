@@ -291,3 +291,20 @@ mod tests {
         assert!(Config::resolve(&args).is_err());
     }
 }
+
+/// A service URL fit for logs and errors: any `user:password@` removed.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://…@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn credentials_never_reach_the_logs() {
+        assert_eq!(super::redact("mongodb://admin:s3cret@db:27017/x"), "mongodb://…@db:27017/x");
+        assert_eq!(super::redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

@@ -24,7 +24,11 @@ fn consumer(version: u32) -> String {
     format!("redis-unseen-v{version}")
 }
 
-const LOCK_TTL: Duration = Duration::from_secs(600);
+/// The rebuild lock lapses unless renewed: a healer that dies frees it.
+const LOCK_TTL: Duration = Duration::from_secs(30);
+/// A rebuild whose projector makes no progress for this long is abandoned
+/// (the lock is released; the next check starts over).
+const STALL: Duration = Duration::from_secs(120);
 
 pub struct Healer {
     /// The counts, whichever version is live.
@@ -60,25 +64,30 @@ impl Healer {
     }
 
     /// Waits until the counts projector has acknowledged every event up to
-    /// `head`, then declares the counts complete.
+    /// `head` (renewing the lock while it makes progress, however long the
+    /// log), then declares the counts complete.
     pub async fn finish(&self, (head, version): (u64, u32)) -> anyhow::Result<()> {
         let counts = Versions::counts_at(&self.redis, &self.redis_base, version);
         let stream = self.js.get_stream(&self.stream).await.context("counts rebuild: stream")?;
         let started = tokio::time::Instant::now();
+        let (mut floor, mut progressed) = (0, tokio::time::Instant::now());
         while head > 0 {
             if let Ok(info) = stream.consumer_info(consumer(version)).await {
                 if info.ack_floor.stream_sequence >= head {
                     break;
                 }
+                if info.ack_floor.stream_sequence > floor {
+                    (floor, progressed) = (info.ack_floor.stream_sequence, tokio::time::Instant::now());
+                }
             }
-            if started.elapsed() > LOCK_TTL {
-                let _ = counts.unlock_heal().await;
-                anyhow::bail!("counts rebuild did not reach log sequence {head} in {LOCK_TTL:?}; another node will retry");
+            if progressed.elapsed() > STALL || !counts.renew_heal(&self.owner, LOCK_TTL).await? {
+                let _ = counts.unlock_heal(&self.owner).await;
+                anyhow::bail!("counts rebuild stalled at {floor}/{head} (or lost its lock); the next check starts over");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         counts.mark_ready().await?;
-        counts.unlock_heal().await?;
+        counts.unlock_heal(&self.owner).await?;
         tracing::info!(head, took = ?started.elapsed(), "unread counts rebuilt from the log");
         Ok(())
     }

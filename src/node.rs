@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::Auth;
 use crate::commands::{Commands, Limits};
-use crate::config::Config;
+use crate::config::{Config, redact};
 use crate::heal::Healer;
 use crate::log::EventLog;
 use crate::log::nats::NatsLog;
@@ -72,7 +72,7 @@ impl RunningNode {
 pub async fn connect_mongo(url: &str, db: &str) -> anyhow::Result<mongodb::Database> {
     let mut options = mongodb::options::ClientOptions::parse(url)
         .await
-        .with_context(|| format!("NATTER_MONGO_URL {url:?} is not a valid MongoDB URL"))?;
+        .with_context(|| format!("NATTER_MONGO_URL {:?} is not a valid MongoDB URL", redact(url)))?;
     options.app_name = Some("natter".into());
     options.server_selection_timeout = Some(Duration::from_secs(5));
     options.connect_timeout = Some(Duration::from_secs(5));
@@ -80,23 +80,23 @@ pub async fn connect_mongo(url: &str, db: &str) -> anyhow::Result<mongodb::Datab
     let db = client.database(db);
     db.run_command(doc! {"ping": 1})
         .await
-        .with_context(|| format!("cannot reach MongoDB at {url} (is it running?)"))?;
+        .with_context(|| format!("cannot reach MongoDB at {} (is it running?)", redact(url)))?;
     Ok(db)
 }
 
 pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
-    let client = redis::Client::open(url).with_context(|| format!("NATTER_REDIS_URL {url:?} is not a valid Redis URL"))?;
+    let client = redis::Client::open(url).with_context(|| format!("NATTER_REDIS_URL {:?} is not a valid Redis URL", redact(url)))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(5)));
     let mut conn = tokio::time::timeout(Duration::from_secs(10), redis::aio::ConnectionManager::new_with_config(client, config))
         .await
-        .map_err(|_| anyhow::anyhow!("cannot reach Redis at {url} within 10 s"))?
-        .with_context(|| format!("cannot reach Redis at {url} (is it running?)"))?;
+        .map_err(|_| anyhow::anyhow!("cannot reach Redis at {} within 10 s", redact(url)))?
+        .with_context(|| format!("cannot reach Redis at {} (is it running?)", redact(url)))?;
     redis::cmd("PING")
         .query_async::<String>(&mut conn)
         .await
-        .with_context(|| format!("Redis at {url} does not answer PING"))?;
+        .with_context(|| format!("Redis at {} does not answer PING", redact(url)))?;
     Ok(conn)
 }
 
@@ -189,8 +189,12 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
 
     tasks.push(tokio::spawn(crate::socket::chat::presence_loop(node.clone(), shutdown_rx.clone())));
     tasks.push(tokio::spawn(versions.clone().run(shutdown_rx.clone())));
-    if let Some(head) = heal_to {
-        healer.finish(head).await.context("rebuilding the unread counts from the log")?;
+    if let Some(target) = heal_to {
+        // Serve only once the counts are whole when that is quick; if it is
+        // not, serve anyway (count reads answer 503 rebuilding until done).
+        if let Err(e) = healer.finish(target).await {
+            tracing::error!(error = %format!("{e:#}"), "unread counts not rebuilt at start-up; serving, and retrying in the background");
+        }
     }
     tasks.push(tokio::spawn(healer.run(shutdown_rx.clone())));
 
@@ -215,7 +219,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         }
     }));
     tracing::info!(
-        %addr, nats = %nats_url, mongo = %mongo_url, redis = %redis_url,
+        %addr, nats = %redact(&nats_url), mongo = %redact(&mongo_url), redis = %redact(&redis_url),
         stream = %cfg.stream, db = %cfg.mongo_db, "natter node serving (distributed mode)"
     );
     Ok(RunningNode { addr, node, shutdown, tasks })

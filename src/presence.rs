@@ -2,8 +2,8 @@
 //!
 //! `<prefix>pres:<roomId>` is a hash `<userId>|<connection>` → expiry (ms);
 //! `<prefix>pres-rooms` is the set of rooms with entries. Each node
-//! refreshes the expiry of its own connections every TTL/3 (one pipelined
-//! round trip, no database write) and sweeps expired entries every TTL/2, so
+//! refreshes the expiry of its own live connections every TTL/3 (Redis only,
+//! no database write) and sweeps expired entries every TTL/2, so
 //! a crashed node's users are gone, and announced as left, within 1.5 × TTL.
 //!
 //! Entering and leaving are Lua scripts that also say whether this was the
@@ -41,6 +41,13 @@ end
 return 1
 "#;
 
+/// Refreshes an entry's expiry only if it still exists (a heartbeat must
+/// not resurrect an entry that exit or a sweep removed).
+const REFRESH: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 0
+"#;
+
 const SWEEP: &str = r#"
 local all = redis.call('HGETALL', KEYS[1])
 local expired, live, out = {}, {}, {}
@@ -72,6 +79,7 @@ pub struct Presence {
     local: Mutex<HashMap<(String, String), String>>,
     enter: Script,
     exit: Script,
+    refresh: Script,
     sweep: Script,
 }
 
@@ -84,6 +92,7 @@ impl Presence {
             local: Mutex::new(HashMap::new()),
             enter: Script::new(ENTER),
             exit: Script::new(EXIT),
+            refresh: Script::new(REFRESH),
             sweep: Script::new(SWEEP),
         }
     }
@@ -153,12 +162,11 @@ impl Presence {
             return Ok(());
         }
         let expiry = self.expiry();
-        let mut pipe = redis::pipe();
-        for ((room, conn), user) in &entries {
-            pipe.cmd("HSET").arg(self.key(room)).arg(format!("{user}|{conn}")).arg(expiry).ignore();
-        }
         let mut r = self.redis.clone();
-        pipe.query_async::<()>(&mut r).await
+        for ((room, conn), user) in &entries {
+            let _: i64 = self.refresh.key(self.key(room)).arg(format!("{user}|{conn}")).arg(expiry).invoke_async(&mut r).await?;
+        }
+        Ok(())
     }
 
     /// Removes expired connections everywhere; returns (room, user) for each

@@ -126,9 +126,31 @@ impl RedisCounts {
         Ok(set.is_some())
     }
 
-    pub async fn unlock_heal(&self) -> Result<(), StoreError> {
+    /// Extends the lock if `owner` still holds it; false if it lapsed.
+    pub async fn renew_heal(&self, owner: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        redis::cmd("DEL").arg(self.heal_lock_key()).query_async::<()>(&mut conn).await.map_err(unavailable)
+        let renewed: i64 = Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+        )
+        .key(self.heal_lock_key())
+        .arg(owner)
+        .arg(ttl.as_millis() as u64)
+        .invoke_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+        Ok(renewed == 1)
+    }
+
+    /// Releases the lock if `owner` holds it (never another node's).
+    pub async fn unlock_heal(&self, owner: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end")
+            .key(self.heal_lock_key())
+            .arg(owner)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     fn room_last_key(&self) -> String {

@@ -17,20 +17,22 @@ async fn healthz() -> impl IntoResponse {
 
 async fn readyz(State(node): State<AppState>) -> impl IntoResponse {
     let (log, views, counts) = tokio::join!(node.log.check(), node.views.check(), node.counts.check());
-    let verdict = |r: Result<(), String>| match r {
+    // Details go to the log for the operator; the (unauthenticated) answer
+    // only says which dependency is down.
+    let verdict = |name: &str, r: Result<(), String>| match r {
         Ok(()) => json!("ok"),
-        Err(e) => json!(e),
+        Err(e) => {
+            tracing::warn!(dependency = name, error = %e, "readiness check failed");
+            json!("unavailable")
+        }
     };
     let ok = log.is_ok() && views.is_ok() && counts.is_ok();
     let body = json!({
         "status": if ok { "ready" } else { "unavailable" },
-        "eventLog": verdict(log.map_err(|e| e.to_string())),
-        "views": verdict(views.map_err(|e| e.to_string())),
-        "counts": verdict(counts.map_err(|e| e.to_string())),
+        "eventLog": verdict("event log (NATS)", log.map_err(|e| e.to_string())),
+        "views": verdict("views (MongoDB)", views.map_err(|e| e.to_string())),
+        "counts": verdict("counts (Redis)", counts.map_err(|e| e.to_string())),
     });
-    if !ok {
-        tracing::warn!(%body, "readiness check failed");
-    }
     (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 

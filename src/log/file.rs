@@ -106,6 +106,15 @@ impl FileLog {
                 _ => break,
             }
         }
+        if pos < bytes.len() && !Self::is_torn_tail(&bytes[pos..]) {
+            anyhow::bail!(
+                "event log {} is corrupt at byte {pos} of {} with records after it: not an interrupted write, \
+                 so nothing is cut off automatically; restore the file from a backup (events 1..{} before it are intact)",
+                path.display(),
+                bytes.len(),
+                offsets.len()
+            );
+        }
         if pos < bytes.len() {
             tracing::warn!(
                 path = %path.display(), kept = offsets.len(), cut_bytes = bytes.len() - pos,
@@ -120,6 +129,18 @@ impl FileLog {
             dedup_window,
             state: Mutex::new(State { file, offsets, end: pos as u64, last_by_subject, recent }),
         })
+    }
+
+    /// Whether the unreadable bytes at the end are one record cut short or
+    /// damaged in the last write (as opposed to corruption with records
+    /// after it).
+    fn is_torn_tail(rest: &[u8]) -> bool {
+        if rest.len() < HEADER as usize {
+            return true;
+        }
+        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        // Cut short, or exactly the last record (its checksum or body failed).
+        rest.len() <= HEADER as usize + len
     }
 
     /// One record from the start of `bytes`: the record and its size.
@@ -271,6 +292,25 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
         assert_eq!(log.head().await.unwrap(), 2);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn corruption_before_the_end_is_refused_not_cut() {
+        let d = dir("mid");
+        {
+            let log = FileLog::open(&d, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+            for s in ["a", "b", "c"] {
+                log.append(&env(s, &format!("s.{s}"), 1), 0).await.unwrap();
+            }
+        }
+        let path = d.join("events.log");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[12] ^= 0xff; // inside the first record's body
+        std::fs::write(&path, &bytes).unwrap();
+        let err = FileLog::open(&d, SyncPolicy::Always, Duration::from_secs(60)).err().expect("refused");
+        assert!(err.to_string().contains("corrupt at byte 0"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -42,12 +42,12 @@ impl NatsLog {
             .max_reconnects(None)
             .connect(url)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {url}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e}", crate::config::redact(url)))?;
         // retry_on_initial_connect returns at once; wait for the first connection.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while client.connection_state() != async_nats::connection::State::Connected {
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("cannot connect to NATS at {url} within 10 s: is nats-server running with JetStream?");
+                anyhow::bail!("cannot connect to NATS at {} within 10 s: is nats-server running with JetStream?", crate::config::redact(url));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -61,7 +61,7 @@ impl NatsLog {
             ..Default::default()
         })
         .await
-        .map_err(|e| anyhow::anyhow!("creating JetStream stream {stream} on {url}: {e} (is JetStream enabled?)"))?;
+        .map_err(|e| anyhow::anyhow!("creating JetStream stream {stream} on {}: {e} (is JetStream enabled?)", crate::config::redact(url)))?;
         js.get_or_create_stream(stream::Config {
             name: format!("{stream}_PARKED"),
             subjects: vec![format!("{prefix}.parked.>")],

@@ -136,8 +136,17 @@ async fn on_join(
     }
     entered.lock().expect("entered rooms lock").insert(room.clone());
     match node.presence.enter(&room, &me, &connection(&node, &s)).await {
-        Ok(true) => announce(&node, &room, Some(("user-joined", &me))).await,
-        Ok(false) => announce(&node, &room, None).await,
+        Ok(first) => {
+            // Handlers run concurrently: if the socket left the room (or
+            // disconnected) meanwhile, undo the entry rather than leave a
+            // ghost that heartbeats keep alive.
+            let still_in = s.connected() && entered.lock().expect("entered rooms lock").contains(&room);
+            if !still_in {
+                exit_room(&node, &s, &me, &room).await;
+                return;
+            }
+            announce(&node, &room, first.then_some(("user-joined", me.as_str()))).await;
+        }
         Err(e) => {
             tracing::warn!(%room, error = %e, "presence unavailable on join-room");
             return refuse(&s, ack, "unavailable", "presence is unavailable; retry shortly");
