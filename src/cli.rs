@@ -133,7 +133,12 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let db = crate::node::connect_mongo(mongo_url, &cfg.mongo_db).await?;
     let versions = Versions::open(db, crate::node::connect_redis(redis_url).await?, &cfg.redis_prefix).await?;
     let (views, counts) = (versions.views.clone(), versions.counts.clone());
-    let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone(), views: views.clone() });
+    let fanout = Arc::new(FanOut {
+        js: log.jetstream().clone(),
+        prefix: cfg.subject_prefix.clone(),
+        views: views.clone(),
+        log: Arc::new(log.clone()),
+    });
     let projections: [Arc<dyn Projection>; 3] = [views, counts, fanout];
     let stream = log.jetstream().get_stream(format!("{}_PARKED", cfg.stream)).await?;
     let (mut fixed, mut still) = (0, 0);

@@ -174,7 +174,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         redis_base: cfg.redis_prefix.clone(),
     };
     let heal_to = healer.begin().await.context("checking the unread counts in Redis")?;
-    let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone(), views: mongo.clone() });
+    let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone(), views: mongo.clone(), log: node.log.clone() });
     let projections: [Arc<dyn Projection>; 3] = [mongo, counts, fanout];
     for projection in projections {
         let projector = Projector {

@@ -26,6 +26,8 @@ use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView, V
 use serde_json::json;
 
 use super::{Payload, inbox_subject};
+use crate::commands::rooms::membership_after;
+use crate::log::EventLog;
 use crate::wire::{message_json, room_message_json};
 
 pub struct FanOut {
@@ -33,6 +35,9 @@ pub struct FanOut {
     pub prefix: String,
     /// Room membership, to address room messages.
     pub views: Arc<dyn ViewStore>,
+    /// The log, to confirm each addressee is still a member (the views may
+    /// lag behind a leave).
+    pub log: Arc<dyn EventLog>,
 }
 
 /// The deliveries an event makes: (user, payload). Pure.
@@ -49,6 +54,25 @@ pub fn deliveries(env: &Envelope) -> Vec<(String, Payload)> {
             vec![(e.peer_id.clone(), payload.clone()), (e.reader_id.clone(), payload)]
         }
         _ => Vec::new(),
+    }
+}
+
+impl FanOut {
+    /// The room's members per the views, each confirmed by the newest event
+    /// of their member subject in the log: a member whose leave the views
+    /// have not applied yet gets nothing more.
+    async fn confirmed_members(&self, room: &str) -> Result<Vec<String>, ApplyError> {
+        let candidates = self.views.room_members(room).await?;
+        let subjects: Vec<String> = candidates.iter().map(|u| natter_events::subjects::member(&self.prefix, room, u)).collect();
+        let lasts = futures::future::join_all(subjects.iter().map(|s| self.log.last(s))).await;
+        let mut members = Vec::with_capacity(candidates.len());
+        for (user, last) in candidates.into_iter().zip(lasts) {
+            let last = last.map_err(|e| ApplyError::Unavailable(e.to_string()))?;
+            if membership_after(last.as_ref()).member {
+                members.push(user);
+            }
+        }
+        Ok(members)
     }
 }
 
@@ -82,24 +106,27 @@ impl Projection for FanOut {
             _ => None,
         };
         if let Some((room, concerned, payload)) = room {
-            let mut members = self.views.room_members(room).await?;
+            let mut members = self.confirmed_members(room).await?;
             if let Some(user) = concerned {
                 members.retain(|m| m != user);
                 members.push(user.clone());
             }
             deliveries.extend(members.into_iter().map(|m| (m, payload.clone())));
         }
+        // Send every delivery, then wait for all the acks: one round trip
+        // per event rather than per member (publishes on one connection are
+        // stored in the order sent).
+        let unavailable = |e: &dyn std::fmt::Display| ApplyError::Unavailable(format!("nats: {e}"));
+        let mut acks = Vec::with_capacity(deliveries.len());
         for (user, payload) in deliveries {
             let body = serde_json::to_vec(&payload).map_err(|e| ApplyError::Poison(e.to_string()))?;
             let publish = jetstream::message::PublishMessage::build()
                 .payload(body.into())
                 .message_id(format!("{}:{user}", env.id));
-            self.js
-                .send_publish(inbox_subject(&self.prefix, &user), publish)
-                .await
-                .map_err(|e| ApplyError::Unavailable(format!("nats: {e}")))?
-                .await
-                .map_err(|e| ApplyError::Unavailable(format!("nats: {e}")))?;
+            acks.push(self.js.send_publish(inbox_subject(&self.prefix, &user), publish).await.map_err(|e| unavailable(&e))?);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| unavailable(&e))?;
         }
         Ok(())
     }

@@ -186,8 +186,13 @@ impl PushHub {
     fn fan(&self, user: &str, pushed: Pushed) {
         let mut users = self.users.lock().expect("push hub lock");
         let Some(entry) = users.get_mut(user) else { return };
+        let is_signal = matches!(pushed, Pushed::Signal(_));
         entry.sockets.retain(|_, slot| match slot.tx.try_send(pushed.clone()) {
             Ok(()) => true,
+            // Ephemeral signals (typing, presence) are best-effort: a full
+            // queue drops them rather than costing the socket its connection
+            // (so nobody can get a user kicked by flooding them with typing).
+            Err(mpsc::error::TrySendError::Full(_)) if is_signal => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 // The socket task counts and disconnects it.
                 slot.kick.notify_one();

@@ -20,6 +20,10 @@ use crate::push::{Delivery, Payload};
 
 /// How long a burst may keep a socket's buffer full before it is dropped.
 const PATIENCE: Duration = Duration::from_secs(5);
+/// How often a socket checks the inbox for deliveries its live
+/// subscription missed (core NATS is at most once; a missed delivery is
+/// otherwise only noticed at the user's next one).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Deliveries fetched per round trip while catching up.
 const REPLAY_PAGE: usize = 256;
 
@@ -152,6 +156,16 @@ impl Session {
             if d.cursor <= self.cursor {
                 return Ok(());
             }
+            if d.previous > self.cursor {
+                // The stream could not fill the gap (a lagging replica?):
+                // never skip silently; tell the client to refetch.
+                let reason = "a delivery could not be fetched; refetch over REST";
+                emit_patiently(&self.s, "resync", &json!({ "cursor": d.previous, "reason": reason }), PATIENCE)
+                    .await
+                    .map_err(Stop::Emit)?;
+                tracing::warn!(user = %self.user, missing_up_to = d.previous, cursor = self.cursor, "delivery gap not fillable; sent resync");
+                self.cursor = d.previous;
+            }
         }
         self.emit_delivery(&d).await
     }
@@ -182,8 +196,11 @@ pub async fn run(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>
         Ok(()) => session.synced().await,
         Err(e) => Err(e),
     };
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.tick().await; // the first tick is immediate: just caught up
     while outcome.is_ok() {
         outcome = tokio::select! {
+            _ = sweep.tick() => session.catch_up().await,
             pushed = registration.rx.recv() => match pushed {
                 Some(Pushed::Delivery(d)) => session.live(d).await,
                 Some(Pushed::Signal(p)) if filter.signal(&p) => emit_patiently(&s, &p.event, &p.data, PATIENCE).await.map_err(Stop::Emit),
