@@ -51,11 +51,15 @@ impl Healer {
             return Ok(None);
         }
         let head = self.log.head().await?;
-        tracing::warn!(
-            head,
-            "unread counts are missing from Redis (FLUSHALL, or a restart without persistence?): \
-             rebuilding them from the log; until done, count reads answer 503 rebuilding"
-        );
+        if head == 0 {
+            tracing::info!("initialising the unread counts in Redis (the event log is empty)");
+        } else {
+            tracing::warn!(
+                head,
+                "unread counts are missing from Redis (first start against this log, FLUSHALL, or a restart \
+                 without persistence): rebuilding them from the log; until done, count reads answer 503 rebuilding"
+            );
+        }
         let stream = self.js.get_stream(&self.stream).await.context("counts rebuild: stream")?;
         // Deleting the durable consumer makes every node's counts projector
         // recreate it from the first event.
