@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use super::session::{Control, ControlTx, Filter, error, on_sync, run};
+use super::session::{ControlTx, Filter, closed, error, on_sync, open};
 use super::{SocketUser, StartCursor};
 use crate::commands::CommandError;
 use crate::commands::rooms::SendRoomMessage;
@@ -47,17 +47,14 @@ pub async fn on_connect(
     Extension(SocketUser(user)): Extension<SocketUser>,
     Extension(StartCursor(start)): Extension<StartCursor>,
 ) {
-    node.metrics.socket_opened();
     let entered = Arc::new(Mutex::new(HashSet::new()));
-    let (tx, rx) = mpsc::channel(16);
     s.extensions.insert(Entered(entered.clone()));
-    s.extensions.insert(ControlTx(tx));
     s.on("join-room", on_join);
     s.on("leave-room", on_leave);
     s.on("send-message", on_send);
     s.on("sync", on_sync);
     s.on_disconnect(on_disconnect);
-    tokio::spawn(run(s, node, user, start, Filter::Chat(entered), rx));
+    open(s, node, user, start, Filter::Chat(entered));
 }
 
 /// `"<roomId>"` or `{roomId}`.
@@ -221,10 +218,9 @@ async fn on_disconnect(
     State(node): State<Arc<Node>>,
     Extension(SocketUser(me)): Extension<SocketUser>,
     Extension(Entered(entered)): Extension<Entered>,
-    Extension(ControlTx(tx)): Extension<ControlTx>,
+    Extension(control): Extension<ControlTx>,
 ) {
-    node.metrics.socket_closed();
-    let _ = tx.try_send(Control::Closed);
+    closed(&node, &control);
     let rooms: Vec<String> = entered.lock().expect("entered rooms lock").drain().collect();
     for room in rooms {
         exit_room(&node, &s, &me, &room).await;

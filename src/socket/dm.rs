@@ -22,9 +22,8 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::json;
 use socketioxide::extract::{Extension, SocketRef, State, TryData};
-use tokio::sync::mpsc;
 
-use super::session::{Control, ControlTx, Filter, error, on_sync, run};
+use super::session::{ControlTx, Filter, closed, error, on_sync, open};
 use super::{SocketUser, StartCursor};
 use crate::node::Node;
 use crate::push::Payload;
@@ -56,19 +55,11 @@ pub async fn on_connect(
     Extension(SocketUser(user)): Extension<SocketUser>,
     Extension(StartCursor(start)): Extension<StartCursor>,
 ) {
-    node.metrics.socket_opened();
-    let (tx, rx) = mpsc::channel(16);
-    s.extensions.insert(ControlTx(tx));
     s.extensions.insert(TypingLimit(Arc::new(Mutex::new((f64::from(node.cfg.typing_per_sec) * 2.0, Instant::now())))));
-
     s.on("typing", on_typing);
     s.on("sync", on_sync);
-    s.on_disconnect(async |State(node): State<Arc<Node>>, Extension(ControlTx(tx)): Extension<ControlTx>| {
-        node.metrics.socket_closed();
-        let _ = tx.try_send(Control::Closed);
-    });
-
-    tokio::spawn(run(s, node, user, start, Filter::Direct, rx));
+    s.on_disconnect(async |State(node): State<Arc<Node>>, Extension(control): Extension<ControlTx>| closed(&node, &control));
+    open(s, node, user, start, Filter::Direct);
 }
 
 #[derive(Deserialize)]

@@ -171,8 +171,24 @@ impl Session {
     }
 }
 
+/// Opens a socket's session: counts it, gives its handlers the control
+/// channel ([`ControlTx`]) and starts its delivery loop. The namespace
+/// registers its own handlers; its disconnect handler calls [`closed`].
+pub fn open(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, filter: Filter) {
+    node.metrics.socket_opened();
+    let (tx, rx) = mpsc::channel(16);
+    s.extensions.insert(ControlTx(tx));
+    tokio::spawn(run(s, node, user, start, filter, rx));
+}
+
+/// Ends a socket's session (from its disconnect handler).
+pub fn closed(node: &Node, ControlTx(tx): &ControlTx) {
+    node.metrics.socket_closed();
+    let _ = tx.try_send(Control::Closed);
+}
+
 /// Runs a socket's deliveries until it disconnects or falls behind.
-pub async fn run(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, filter: Filter, mut control: mpsc::Receiver<Control>) {
+async fn run(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, filter: Filter, mut control: mpsc::Receiver<Control>) {
     // Without a cursor the client starts from "now": the head read *before*
     // subscribing, so a delivery stored in between is caught up, not lost.
     let joined = async {
@@ -205,7 +221,9 @@ pub async fn run(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>
                 Some(Pushed::Delivery(d)) => session.live(d).await,
                 Some(Pushed::Signal(p)) if filter.signal(&p) => emit_patiently(&s, &p.event, &p.data, PATIENCE).await.map_err(Stop::Emit),
                 Some(Pushed::Signal(_)) => Ok(()),
-                None => break,
+                // The hub drops a socket's queue only when the socket fell
+                // too far behind (it is notified too, but may see this first).
+                None => Err(Stop::Emit(EmitError::TooSlow)),
             },
             _ = registration.kicked.notified() => Err(Stop::Emit(EmitError::TooSlow)),
             c = control.recv() => match c {

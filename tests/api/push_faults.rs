@@ -99,7 +99,7 @@ async fn clients_of_a_killed_node_resume_elsewhere_with_every_message_once() {
 #[tokio::test]
 async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving() {
     let c = Cluster::start_with(1, |cfg| {
-        cfg.socket_queue = 8;
+        cfg.socket_queue = 64;
         cfg.max_message_chars = 16_000;
         cfg.max_body_bytes = 64 * 1024;
     })
