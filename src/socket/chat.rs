@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
+use socketioxide::socket::DisconnectReason;
 use tokio::sync::watch;
 
 use super::session::{ControlTx, Filter, closed, error, on_sync, open};
@@ -219,8 +220,9 @@ async fn on_disconnect(
     Extension(SocketUser(me)): Extension<SocketUser>,
     Extension(Entered(entered)): Extension<Entered>,
     Extension(control): Extension<ControlTx>,
+    reason: DisconnectReason,
 ) {
-    closed(&node, &control);
+    closed(&node, &control, reason);
     let rooms: Vec<String> = entered.lock().expect("entered rooms lock").drain().collect();
     for room in rooms {
         exit_room(&node, &s, &me, &room).await;

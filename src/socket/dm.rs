@@ -22,6 +22,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::json;
 use socketioxide::extract::{Extension, SocketRef, State, TryData};
+use socketioxide::socket::DisconnectReason;
 
 use super::session::{ControlTx, Filter, closed, error, on_sync, open};
 use super::{SocketUser, StartCursor};
@@ -58,7 +59,9 @@ pub async fn on_connect(
     s.extensions.insert(TypingLimit(Arc::new(Mutex::new((f64::from(node.cfg.typing_per_sec) * 2.0, Instant::now())))));
     s.on("typing", on_typing);
     s.on("sync", on_sync);
-    s.on_disconnect(async |State(node): State<Arc<Node>>, Extension(control): Extension<ControlTx>| closed(&node, &control));
+    s.on_disconnect(async |State(node): State<Arc<Node>>, Extension(control): Extension<ControlTx>, reason: DisconnectReason| {
+        closed(&node, &control, reason)
+    });
     open(s, node, user, start, Filter::Direct);
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use socketioxide::extract::{Extension, SocketRef, TryData};
+use socketioxide::socket::DisconnectReason;
 use tokio::sync::mpsc;
 
 use super::{EmitError, emit_patiently, parse_cursor};
@@ -30,7 +31,9 @@ const REPLAY_PAGE: usize = 256;
 /// Messages from the socket's event handlers to its task.
 pub enum Control {
     Sync(u64),
-    Closed,
+    /// The socket disconnected; `lost` when the connection died (heartbeat
+    /// timeout, transport error) rather than being closed by either side.
+    Closed { lost: bool },
 }
 
 #[derive(Clone)]
@@ -182,9 +185,10 @@ pub fn open(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, fil
 }
 
 /// Ends a socket's session (from its disconnect handler).
-pub fn closed(node: &Node, ControlTx(tx): &ControlTx) {
+pub fn closed(node: &Node, ControlTx(tx): &ControlTx, reason: DisconnectReason) {
     node.metrics.socket_closed();
-    let _ = tx.try_send(Control::Closed);
+    let lost = matches!(reason, DisconnectReason::HeartbeatTimeout | DisconnectReason::TransportError);
+    let _ = tx.try_send(Control::Closed { lost });
 }
 
 /// Runs a socket's deliveries until it disconnects or falls behind.
@@ -234,9 +238,21 @@ async fn run(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, fi
                         Err(e) => Err(e),
                     }
                 }
-                Some(Control::Closed) | None => break,
+                // A connection that died while deliveries were backed up for
+                // it (a peer that stopped reading misses its heartbeats) fell
+                // behind as surely as one we drop.
+                Some(Control::Closed { lost: true }) if !registration.rx.is_empty() || registration.rx.is_closed() => {
+                    Err(Stop::Emit(EmitError::TooSlow))
+                }
+                Some(Control::Closed { .. }) | None => break,
             },
         };
+    }
+    // A socket whose connection died while deliveries were backed up for
+    // it (the kernel's TCP_USER_TIMEOUT cuts a peer that stopped reading)
+    // fell behind as surely as one we dropped.
+    if matches!(outcome, Err(Stop::Emit(EmitError::Closed))) && (!registration.rx.is_empty() || registration.rx.is_closed()) {
+        outcome = Err(Stop::Emit(EmitError::TooSlow));
     }
     if matches!(outcome, Err(Stop::Emit(EmitError::TooSlow))) {
         node.metrics.slow_consumer();

@@ -100,15 +100,20 @@ async fn clients_of_a_killed_node_resume_elsewhere_with_every_message_once() {
 async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving() {
     let c = Cluster::start_with(1, |cfg| {
         cfg.socket_queue = 64;
-        cfg.max_message_chars = 16_000;
-        cfg.max_body_bytes = 64 * 1024;
+        cfg.max_message_chars = 64_000;
+        cfg.max_body_bytes = 256 * 1024;
     })
     .await;
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;
 
+    // A well-behaved socket of the same user.
+    let mut d = Driver::start().await;
+    d.connected("reader", &c.socket_url(0), json!({ "token": bob.token })).await;
+    d.next("reader", |e| e["event"] == "synced", "synced").await;
     // A raw Socket.IO client with a tiny receive buffer that, once
-    // connected, never reads again.
+    // connected, never reads again (connected last: it must be dropped as
+    // slow before the engine.io heartbeat, 45 s, would close it anyway).
     let addr = c.nodes[0].addr;
     let tcp = tokio::net::TcpSocket::new_v4().unwrap();
     tcp.set_recv_buffer_size(4096).unwrap();
@@ -125,17 +130,15 @@ async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving
             break;
         }
     }
-    // A well-behaved socket of the same user.
-    let mut d = Driver::start().await;
-    d.connected("reader", &c.socket_url(0), json!({ "token": bob.token })).await;
-    d.next("reader", |e| e["event"] == "synced", "synced").await;
     eventually("both sockets registered", || async { c.nodes[0].node.push.sockets_of(&bob.id) == 2 }).await;
 
-    // Send ~16 KB messages until the stalled socket is dropped: how many it
+    // Send ~64 KB messages until the stalled socket is dropped: how many it
     // takes depends on the kernel's socket buffers, so the loop is bounded
-    // by count (2000 messages, ~32 MB) rather than fixed.
-    const MAX: usize = 2000;
-    let big = "x".repeat(15_900);
+    // by count (1000 messages, ~64 MB) rather than fixed. Big messages make
+    // it quick, well before the engine.io heartbeat (45 s) would close the
+    // stalled connection some other way.
+    const MAX: usize = 1000;
+    let big = "x".repeat(63_900);
     let path = format!("/api/messages/{}", bob.id);
     let mut sent = 0;
     let mut seqs: Vec<u64> = Vec::new();
@@ -150,6 +153,7 @@ async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving
         seqs.extend(got.iter().map(|m| m["seq"].as_u64().unwrap()));
     }
     assert!(sent < MAX, "the stalled socket was never dropped");
+    eprintln!("the stalled socket was dropped after {sent} messages");
     // The hub stops queueing for it at once; its task disconnects it (and
     // counts it) as soon as its pending emit gives up.
     eventually("the stalled socket to be counted as a slow consumer", || async {
