@@ -25,7 +25,10 @@ use crate::versions::{COUNTS, Pointer, VIEWS, Versions, read_pointer, write_poin
 pub const PROJECTIONS: [&str; 3] = [VIEWS, COUNTS, "push-fanout"];
 
 async fn connect_log(cfg: &Config) -> anyhow::Result<NatsLog> {
-    let url = cfg.nats_url.as_deref().context("NATTER_NATS_URL is not set")?;
+    let url = cfg.nats_url.as_deref().context(
+        "NATTER_NATS_URL is not set. This command works on a distributed deployment; an embedded node rebuilds \
+         its views from its log at every start, and records events a projection refused in <data dir>/parked.jsonl",
+    )?;
     NatsLog::connect(url, &cfg.stream, &cfg.subject_prefix, cfg.dedup_window).await
 }
 
@@ -133,8 +136,9 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let db = crate::node::connect_mongo(mongo_url, &cfg.mongo_db).await?;
     let versions = Versions::open(db, crate::node::connect_redis(redis_url).await?, &cfg.redis_prefix).await?;
     let (views, counts) = (versions.views.clone(), versions.counts.clone());
+    let bus = crate::push::nats::NatsPush::connect(log.client().clone(), log.jetstream().clone(), &cfg.stream, &cfg.subject_prefix, cfg.push_retention).await?;
     let fanout = Arc::new(FanOut {
-        js: log.jetstream().clone(),
+        bus: Arc::new(bus),
         prefix: cfg.subject_prefix.clone(),
         views: views.clone(),
         log: Arc::new(log.clone()),
@@ -150,7 +154,7 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
         let outcome = match (projection, Envelope::decode(&p.payload)) {
             (None, _) => Err(format!("no projection named {:?}", p.projection)),
             (_, Err(e)) => Err(format!("still undecodable: {e}")),
-            (Some(x), Ok(env)) => tokio::time::timeout(Duration::from_secs(30), x.apply(&env))
+            (Some(x), Ok(env)) => tokio::time::timeout(Duration::from_secs(30), x.apply_at(&env, p.log_seq.parse().unwrap_or(0)))
                 .await
                 .map_err(|_| "timed out".to_owned())
                 .and_then(|r| r.map_err(|e: ApplyError| e.to_string())),

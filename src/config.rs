@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use secrecy::SecretString;
+
+pub use crate::log::file::SyncPolicy;
 use serde::Deserialize;
 
 /// Every setting, as a flag with its environment variable.
@@ -89,6 +91,15 @@ pub struct ServeArgs {
     /// their rooms within 1.5 × this.
     #[arg(long, env = "NATTER_PRESENCE_TTL_MS")]
     pub presence_ttl_ms: Option<u64>,
+    /// Embedded mode: directory of the event log (and the generated token
+    /// secret). Default ./natter-data.
+    #[arg(long, env = "NATTER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Embedded mode: `always` (fsync every append before acknowledging:
+    /// survives power loss) or `os` (leave flushing to the OS: survives a
+    /// crash of natter, not of the machine; faster).
+    #[arg(long, env = "NATTER_SYNC")]
+    pub sync: Option<String>,
 }
 
 /// The optional TOML file: the same settings, snake_case keys.
@@ -118,6 +129,8 @@ pub struct FileConfig {
     socket_queue: Option<usize>,
     typing_per_sec: Option<u32>,
     presence_ttl_ms: Option<u64>,
+    data_dir: Option<PathBuf>,
+    sync: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +159,18 @@ pub struct Config {
     pub socket_queue: usize,
     pub typing_per_sec: u32,
     pub presence_ttl: Duration,
+    pub data_dir: PathBuf,
+    pub sync: SyncPolicy,
+}
+
+/// Which adapters a node runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No services configured: one node, a local event log, in-process
+    /// views, counts, push and presence.
+    Embedded,
+    /// NATS JetStream, MongoDB and Redis: any number of nodes.
+    Distributed,
 }
 
 impl Default for Config {
@@ -174,6 +199,8 @@ impl Default for Config {
             socket_queue: 1024,
             typing_per_sec: 5,
             presence_ttl: Duration::from_secs(30),
+            data_dir: PathBuf::from("natter-data"),
+            sync: SyncPolicy::Always,
         }
     }
 }
@@ -224,6 +251,11 @@ impl Config {
             socket_queue: pick!(socket_queue).unwrap_or(d.socket_queue),
             typing_per_sec: pick!(typing_per_sec).unwrap_or(d.typing_per_sec),
             presence_ttl: pick!(presence_ttl_ms).map(Duration::from_millis).unwrap_or(d.presence_ttl),
+            data_dir: pick!(data_dir).unwrap_or(d.data_dir),
+            sync: match pick!(sync) {
+                Some(s) => s.parse().map_err(|e: String| anyhow::anyhow!("NATTER_SYNC: {e}"))?,
+                None => d.sync,
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -245,20 +277,21 @@ impl Config {
         Ok(())
     }
 
-    /// The services this node is missing, by setting name. Until the embedded
-    /// adapters land, a node needs all three.
-    pub fn missing_services(&self) -> Vec<&'static str> {
-        let mut missing = Vec::new();
-        if self.nats_url.is_none() {
-            missing.push("NATTER_NATS_URL");
+    /// Embedded when no service is configured, distributed when all three
+    /// are; a partial set is refused (a typo must not silently start a
+    /// lone embedded node beside a cluster).
+    pub fn mode(&self) -> anyhow::Result<Mode> {
+        let services = [("NATTER_NATS_URL", &self.nats_url), ("NATTER_MONGO_URL", &self.mongo_url), ("NATTER_REDIS_URL", &self.redis_url)];
+        let missing: Vec<&str> = services.iter().filter(|(_, url)| url.is_none()).map(|(name, _)| *name).collect();
+        match missing.len() {
+            0 => Ok(Mode::Distributed),
+            3 => Ok(Mode::Embedded),
+            _ => bail!(
+                "{} set but {} not: set all three service URLs for a distributed node, or none for an embedded one",
+                services.iter().filter(|(_, url)| url.is_some()).map(|(name, _)| *name).collect::<Vec<_>>().join(", "),
+                missing.join(", ")
+            ),
         }
-        if self.mongo_url.is_none() {
-            missing.push("NATTER_MONGO_URL");
-        }
-        if self.redis_url.is_none() {
-            missing.push("NATTER_REDIS_URL");
-        }
-        missing
     }
 }
 
@@ -289,6 +322,26 @@ mod tests {
         assert!(Config::resolve(&args).is_err());
         let args = ServeArgs { subject_prefix: Some("a.b".into()), ..ServeArgs::default() };
         assert!(Config::resolve(&args).is_err());
+        let args = ServeArgs { sync: Some("sometimes".into()), ..ServeArgs::default() };
+        assert!(Config::resolve(&args).is_err());
+    }
+
+    #[test]
+    fn no_services_is_embedded_all_is_distributed_some_is_refused() {
+        let cfg = Config::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(cfg.mode().unwrap(), Mode::Embedded);
+        assert_eq!(cfg.data_dir, PathBuf::from("natter-data"));
+        assert_eq!(cfg.sync, SyncPolicy::Always);
+        let all = ServeArgs {
+            nats_url: Some("nats://n".into()),
+            mongo_url: Some("mongodb://m".into()),
+            redis_url: Some("redis://r".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(Config::resolve(&all).unwrap().mode().unwrap(), Mode::Distributed);
+        let some = ServeArgs { nats_url: Some("nats://n".into()), ..ServeArgs::default() };
+        let err = Config::resolve(&some).unwrap().mode().unwrap_err().to_string();
+        assert!(err.contains("NATTER_MONGO_URL") && err.contains("NATTER_REDIS_URL"), "{err}");
     }
 }
 

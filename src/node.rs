@@ -19,11 +19,14 @@ use crate::heal::Healer;
 use crate::log::EventLog;
 use crate::log::nats::NatsLog;
 use crate::metrics::Metrics;
+use crate::config::Mode;
 use crate::presence::Presence;
+use crate::presence::redis::RedisPresence;
 use crate::projector::Projector;
-use crate::versions::Versions;
 use crate::push::fanout::FanOut;
 use crate::push::hub::PushHub;
+use crate::push::nats::NatsPush;
+use crate::versions::Versions;
 
 /// The state every request handler shares.
 pub struct Node {
@@ -35,7 +38,8 @@ pub struct Node {
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
     pub push: Arc<PushHub>,
-    pub presence: Arc<Presence>,
+    pub presence: Arc<dyn Presence>,
+    pub mode: Mode,
     /// Unique per process: names this node's presence connections.
     pub node_id: String,
 }
@@ -100,16 +104,17 @@ pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionMa
     Ok(conn)
 }
 
-/// Connects everything and starts serving on `listener`.
+/// Starts a node on `listener`: embedded when no service is configured,
+/// distributed when NATS, MongoDB and Redis all are.
 pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Result<RunningNode> {
-    let missing = cfg.missing_services();
-    if !missing.is_empty() {
-        anyhow::bail!(
-            "natter needs NATS, MongoDB and Redis; set {} (scripts/run.sh starts all three locally). \
-             The embedded single-node mode is not available yet.",
-            missing.join(", ")
-        );
+    match cfg.mode()? {
+        Mode::Embedded => crate::embedded::start(cfg, listener).await,
+        Mode::Distributed => start_distributed(cfg, listener).await,
     }
+}
+
+/// Connects to NATS, MongoDB and Redis, starts the projectors, serves.
+async fn start_distributed(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Result<RunningNode> {
     let (nats_url, mongo_url, redis_url) = (
         cfg.nats_url.clone().unwrap_or_default(),
         cfg.mongo_url.clone().unwrap_or_default(),
@@ -127,17 +132,12 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
             .with_context(|| format!("opening the views in MongoDB database {}", cfg.mongo_db))?,
     );
     let (mongo, counts) = (versions.views.clone(), versions.counts.clone());
-    let presence = Arc::new(Presence::new(redis.clone(), &cfg.redis_prefix, cfg.presence_ttl));
+    let presence = Arc::new(RedisPresence::new(redis.clone(), &cfg.redis_prefix, cfg.presence_ttl));
     let metrics = Arc::new(Metrics::default());
-    let push = PushHub::connect(
-        log.client().clone(),
-        log.jetstream().clone(),
-        &cfg.stream,
-        &cfg.subject_prefix,
-        cfg.push_retention,
-        cfg.socket_queue,
-    )
-    .await?;
+    let bus = Arc::new(
+        NatsPush::connect(log.client().clone(), log.jetstream().clone(), &cfg.stream, &cfg.subject_prefix, cfg.push_retention).await?,
+    );
+    let push = PushHub::new(bus.clone(), cfg.socket_queue);
     let log_port: Arc<dyn EventLog> = Arc::new(log.clone());
     let commands = Commands::new(
         log_port.clone(),
@@ -157,6 +157,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         metrics: metrics.clone(),
         push,
         presence,
+        mode: Mode::Distributed,
         node_id: uuid::Uuid::new_v4().simple().to_string(),
     });
 
@@ -174,7 +175,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         redis_base: cfg.redis_prefix.clone(),
     };
     let heal_to = healer.begin().await.context("checking the unread counts in Redis")?;
-    let fanout = Arc::new(FanOut { js: log.jetstream().clone(), prefix: cfg.subject_prefix.clone(), views: mongo.clone(), log: node.log.clone() });
+    let fanout = Arc::new(FanOut { bus, prefix: cfg.subject_prefix.clone(), views: mongo.clone(), log: node.log.clone() });
     let projections: [Arc<dyn Projection>; 3] = [mongo, counts, fanout];
     for projection in projections {
         let projector = Projector {
@@ -187,7 +188,6 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         tasks.push(tokio::spawn(projector.run(shutdown_rx.clone())));
     }
 
-    tasks.push(tokio::spawn(crate::socket::chat::presence_loop(node.clone(), shutdown_rx.clone())));
     tasks.push(tokio::spawn(versions.clone().run(shutdown_rx.clone())));
     if let Some(target) = heal_to {
         // Serve only once the counts are whole when that is quick; if it is
@@ -198,6 +198,23 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     }
     tasks.push(tokio::spawn(healer.run(shutdown_rx.clone())));
 
+    let addr = serve(node.clone(), listener, shutdown_rx, &mut tasks)?;
+    tracing::info!(
+        %addr, nats = %redact(&nats_url), mongo = %redact(&mongo_url), redis = %redact(&redis_url),
+        stream = %cfg.stream, db = %cfg.mongo_db, "natter node serving (distributed mode)"
+    );
+    Ok(RunningNode { addr, node, shutdown, tasks })
+}
+
+/// Serves REST and Socket.IO on `listener` until shutdown, and keeps the
+/// node's presence alive. Returns the address served.
+pub fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown_rx: watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<SocketAddr> {
+    tasks.push(tokio::spawn(crate::socket::chat::presence_loop(node.clone(), shutdown_rx.clone())));
     let addr = listener.local_addr()?;
     let (sockets, io) = crate::socket::layer(node.clone());
     let app = crate::http::router(node.clone()).layer(sockets);
@@ -218,9 +235,11 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
             tracing::error!(error = %e, "HTTP server failed");
         }
     }));
-    tracing::info!(
-        %addr, nats = %redact(&nats_url), mongo = %redact(&mongo_url), redis = %redact(&redis_url),
-        stream = %cfg.stream, db = %cfg.mongo_db, "natter node serving (distributed mode)"
-    );
-    Ok(RunningNode { addr, node, shutdown, tasks })
+    Ok(addr)
+}
+
+impl RunningNode {
+    pub fn new(addr: SocketAddr, node: Arc<Node>, shutdown: watch::Sender<bool>, tasks: Vec<JoinHandle<()>>) -> RunningNode {
+        RunningNode { addr, node, shutdown, tasks }
+    }
 }

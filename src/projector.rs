@@ -125,7 +125,7 @@ impl Projector {
             Ok(env) => {
                 let span = tracing::debug_span!("project", projection = name, seq, event = %env.id, kind = env.event.type_name());
                 let _guard = span.enter();
-                self.projection.apply(&env).await
+                self.projection.apply_at(&env, seq).await
             }
         };
         let ack = match outcome {

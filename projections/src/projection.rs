@@ -29,4 +29,10 @@ pub trait Projection: Send + Sync {
         false
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError>;
+    /// Applies `env`, stored at `log_seq` in the log. Projectors call this;
+    /// projections that key anything by log position override it.
+    async fn apply_at(&self, env: &Envelope, log_seq: u64) -> Result<(), ApplyError> {
+        let _ = log_seq;
+        self.apply(env).await
+    }
 }

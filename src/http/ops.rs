@@ -10,6 +10,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::AppState;
+use crate::config::Mode;
 
 async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
@@ -27,11 +28,16 @@ async fn readyz(State(node): State<AppState>) -> impl IntoResponse {
         }
     };
     let ok = log.is_ok() && views.is_ok() && counts.is_ok();
+    let [log_name, views_name, counts_name] = match node.mode {
+        Mode::Distributed => ["event log (NATS)", "views (MongoDB)", "counts (Redis)"],
+        Mode::Embedded => ["event log (file)", "views (in process)", "counts (in process)"],
+    };
     let body = json!({
         "status": if ok { "ready" } else { "unavailable" },
-        "eventLog": verdict("event log (NATS)", log.map_err(|e| e.to_string())),
-        "views": verdict("views (MongoDB)", views.map_err(|e| e.to_string())),
-        "counts": verdict("counts (Redis)", counts.map_err(|e| e.to_string())),
+        "mode": match node.mode { Mode::Distributed => "distributed", Mode::Embedded => "embedded" },
+        "eventLog": verdict(log_name, log.map_err(|e| e.to_string())),
+        "views": verdict(views_name, views.map_err(|e| e.to_string())),
+        "counts": verdict(counts_name, counts.map_err(|e| e.to_string())),
     });
     (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }

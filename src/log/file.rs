@@ -70,6 +70,8 @@ pub struct FileLog {
     sync: SyncPolicy,
     dedup_window: Duration,
     state: Mutex<State>,
+    /// The newest sequence, for tailing readers.
+    head: tokio::sync::watch::Sender<u64>,
 }
 
 const HEADER: u64 = 8;
@@ -123,11 +125,13 @@ impl FileLog {
             file.set_len(pos as u64).with_context(|| format!("truncating event log {}", path.display()))?;
             file.sync_all()?;
         }
+        let head = tokio::sync::watch::Sender::new(offsets.len() as u64);
         Ok(FileLog {
             path,
             sync,
             dedup_window,
             state: Mutex::new(State { file, offsets, end: pos as u64, last_by_subject, recent }),
+            head,
         })
     }
 
@@ -175,6 +179,16 @@ impl FileLog {
         Ok(Logged { log_seq: seq, envelope })
     }
 
+    /// Where the log file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The newest sequence, updated after every append (for tailing).
+    pub fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
     /// Every event after `after`, in order (for projectors and migration).
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Logged>, LogError> {
         let mut state = self.state.lock().expect("event log lock");
@@ -194,6 +208,35 @@ impl EventLog for FileLog {
     }
 
     async fn append(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
+        // The write (and fsync) blocks: keep it off the async workers' backs
+        // where the runtime allows it.
+        let appended = if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            tokio::task::block_in_place(|| self.append_blocking(env, expected_last))
+        } else {
+            self.append_blocking(env, expected_last)
+        }?;
+        if !appended.duplicate {
+            self.head.send_replace(appended.log_seq);
+        }
+        Ok(appended)
+    }
+
+    async fn get(&self, seq: u64) -> Result<Logged, LogError> {
+        let mut state = self.state.lock().expect("event log lock");
+        self.read_at(&mut state, seq)
+    }
+
+    async fn head(&self) -> Result<u64, LogError> {
+        Ok(self.state.lock().expect("event log lock").offsets.len() as u64)
+    }
+
+    async fn check(&self) -> Result<(), LogError> {
+        Ok(())
+    }
+}
+
+impl FileLog {
+    fn append_blocking(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
         let mut state = self.state.lock().expect("event log lock");
         let window = self.dedup_window;
         state.recent.retain(|_, (_, at)| at.elapsed() < window);
@@ -225,19 +268,6 @@ impl EventLog for FileLog {
         state.last_by_subject.insert(env.subject.clone(), seq);
         state.recent.insert(env.command_id.clone(), (seq, Instant::now()));
         Ok(Appended { log_seq: seq, duplicate: false })
-    }
-
-    async fn get(&self, seq: u64) -> Result<Logged, LogError> {
-        let mut state = self.state.lock().expect("event log lock");
-        self.read_at(&mut state, seq)
-    }
-
-    async fn head(&self) -> Result<u64, LogError> {
-        Ok(self.state.lock().expect("event log lock").offsets.len() as u64)
-    }
-
-    async fn check(&self) -> Result<(), LogError> {
-        Ok(())
     }
 }
 

@@ -17,7 +17,6 @@
 //! one event in flight across the cluster, so every user's deliveries are in
 //! log order, and so in sequence order within each conversation.
 
-use async_nats::jetstream;
 use async_trait::async_trait;
 use natter_events::{Envelope, Event};
 use std::sync::Arc;
@@ -25,13 +24,13 @@ use std::sync::Arc;
 use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView, ViewStore};
 use serde_json::json;
 
-use super::{Payload, inbox_subject};
+use super::{Payload, PushBus};
 use crate::commands::rooms::membership_after;
 use crate::log::EventLog;
 use crate::wire::{message_json, room_message_json};
 
 pub struct FanOut {
-    pub js: jetstream::Context,
+    pub bus: Arc<dyn PushBus>,
     pub prefix: String,
     /// Room membership, to address room messages.
     pub views: Arc<dyn ViewStore>,
@@ -87,7 +86,11 @@ impl Projection for FanOut {
     fn ordered(&self) -> bool {
         true
     }
-    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+    async fn apply(&self, _env: &Envelope) -> Result<(), ApplyError> {
+        Err(ApplyError::Unavailable("the fan-out needs the event's log sequence (apply_at)".into()))
+    }
+
+    async fn apply_at(&self, env: &Envelope, log_seq: u64) -> Result<(), ApplyError> {
         let mut deliveries = deliveries(env);
         let room = match &env.event {
             Event::RoomMessageSent(e) => {
@@ -113,22 +116,7 @@ impl Projection for FanOut {
             }
             deliveries.extend(members.into_iter().map(|m| (m, payload.clone())));
         }
-        // Send every delivery, then wait for all the acks: one round trip
-        // per event rather than per member (publishes on one connection are
-        // stored in the order sent).
-        let unavailable = |e: &dyn std::fmt::Display| ApplyError::Unavailable(format!("nats: {e}"));
-        let mut acks = Vec::with_capacity(deliveries.len());
-        for (user, payload) in deliveries {
-            let body = serde_json::to_vec(&payload).map_err(|e| ApplyError::Poison(e.to_string()))?;
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(body.into())
-                .message_id(format!("{}:{user}", env.id));
-            acks.push(self.js.send_publish(inbox_subject(&self.prefix, &user), publish).await.map_err(|e| unavailable(&e))?);
-        }
-        for ack in acks {
-            ack.await.map_err(|e| unavailable(&e))?;
-        }
-        Ok(())
+        self.bus.deliver(env, log_seq, deliveries).await.map_err(ApplyError::Unavailable)
     }
 }
 

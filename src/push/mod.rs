@@ -24,9 +24,18 @@
 //! that resumes with its last cursor receives every missed delivery once, in
 //! order, then live ones, with no gap or duplicate at the switch.
 
+//!
+//! The hub and the fan-out talk to a [`PushBus`]: [`nats::NatsPush`] (the
+//! inbox stream above, shared by every node) or [`memory::MemoryPush`] (the
+//! embedded node's in-process inbox, whose cursors are log sequences).
+
 pub mod fanout;
 pub mod hub;
+pub mod memory;
+pub mod nats;
 
+use async_trait::async_trait;
+use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -63,4 +72,42 @@ pub fn signal_subject(prefix: &str, user: &str) -> String {
 
 pub fn inbox_stream(stream: &str) -> String {
     format!("{stream}_INBOX")
+}
+
+/// What a user's live subscription carries.
+#[derive(Debug, Clone)]
+pub enum Pushed {
+    /// A stored delivery, with its cursor.
+    Delivery(Delivery),
+    /// An ephemeral signal (typing, presence): no cursor, never replayed.
+    Signal(Payload),
+}
+
+/// Where a replay stands.
+pub enum Replay {
+    /// Up to a page of deliveries after the cursor, oldest first (empty: caught up).
+    Page(Vec<Delivery>),
+    /// Deliveries after the cursor are no longer retained (or the cursor is
+    /// from the future): the client must refetch over REST and continue
+    /// from `head`.
+    TooOld { head: u64 },
+}
+
+/// The push port: per-user deliveries stored for resume and published live,
+/// and ephemeral signals.
+#[async_trait]
+pub trait PushBus: Send + Sync {
+    /// Stores and publishes the deliveries of `event` (at log sequence
+    /// `log_seq`). Delivering the same event again delivers nothing twice.
+    async fn deliver(&self, event: &natter_events::Envelope, log_seq: u64, deliveries: Vec<(String, Payload)>) -> Result<(), String>;
+    /// The newest cursor (0: nothing delivered yet).
+    async fn head(&self) -> anyhow::Result<u64>;
+    /// The deliveries of `user` after `cursor` (a page of at most `limit`).
+    async fn replay(&self, user: &str, cursor: u64, limit: usize) -> anyhow::Result<Replay>;
+    /// Live deliveries and signals of `user` from the moment this returns,
+    /// until the stream is dropped. Best-effort: a delivery missed here is
+    /// found by the socket's gap check.
+    async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Pushed>>;
+    /// Relays an ephemeral signal to `to`'s sockets on every node.
+    async fn signal(&self, to: &str, payload: &Payload) -> anyhow::Result<()>;
 }

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::{EmitError, emit_patiently, parse_cursor};
 use crate::node::Node;
-use crate::push::hub::{Pushed, Replay};
+use crate::push::{Pushed, Replay};
 use crate::push::{Delivery, Payload};
 
 /// How long a burst may keep a socket's buffer full before it is dropped.

@@ -1,4 +1,4 @@
-//! Who is in a room right now: ephemeral, in Redis, across nodes.
+//! Presence in Redis, shared by every node.
 //!
 //! `<prefix>pres:<roomId>` is a hash `<userId>|<connection>` → expiry (ms);
 //! `<prefix>pres-rooms` is the set of rooms with entries. Each node
@@ -16,7 +16,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_trait::async_trait;
 use redis::Script;
+
+use super::Presence;
 use redis::aio::ConnectionManager;
 
 const ENTER: &str = r#"
@@ -71,7 +74,7 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-pub struct Presence {
+pub struct RedisPresence {
     redis: ConnectionManager,
     prefix: String,
     ttl: Duration,
@@ -83,9 +86,9 @@ pub struct Presence {
     sweep: Script,
 }
 
-impl Presence {
-    pub fn new(redis: ConnectionManager, prefix: &str, ttl: Duration) -> Presence {
-        Presence {
+impl RedisPresence {
+    pub fn new(redis: ConnectionManager, prefix: &str, ttl: Duration) -> RedisPresence {
+        RedisPresence {
             redis,
             prefix: prefix.to_owned(),
             ttl,
@@ -95,10 +98,6 @@ impl Presence {
             refresh: Script::new(REFRESH),
             sweep: Script::new(SWEEP),
         }
-    }
-
-    pub fn ttl(&self) -> Duration {
-        self.ttl
     }
 
     fn key(&self, room: &str) -> String {
@@ -112,10 +111,17 @@ impl Presence {
     fn expiry(&self) -> u64 {
         now_ms() + self.ttl.as_millis() as u64
     }
+}
+
+#[async_trait]
+impl Presence for RedisPresence {
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
 
     /// Marks `user` present in `room` through `conn` (unique per socket and
     /// node). Returns whether the user was not present before.
-    pub async fn enter(&self, room: &str, user: &str, conn: &str) -> redis::RedisResult<bool> {
+    async fn enter(&self, room: &str, user: &str, conn: &str) -> anyhow::Result<bool> {
         let mut r = self.redis.clone();
         let first: i64 = self
             .enter
@@ -134,7 +140,7 @@ impl Presence {
 
     /// Removes one connection. Returns whether the user has no other live
     /// connection in the room (they left).
-    pub async fn exit(&self, room: &str, user: &str, conn: &str) -> redis::RedisResult<bool> {
+    async fn exit(&self, room: &str, user: &str, conn: &str) -> anyhow::Result<bool> {
         self.local.lock().expect("presence lock").remove(&(room.to_owned(), conn.to_owned()));
         let mut r = self.redis.clone();
         let last: i64 = self.exit.key(self.key(room)).arg(user).arg(conn).arg(now_ms()).invoke_async(&mut r).await?;
@@ -142,7 +148,7 @@ impl Presence {
     }
 
     /// Distinct users present in `room`, sorted.
-    pub async fn users(&self, room: &str) -> redis::RedisResult<Vec<String>> {
+    async fn users(&self, room: &str) -> anyhow::Result<Vec<String>> {
         let mut r = self.redis.clone();
         let all: HashMap<String, u64> = redis::cmd("HGETALL").arg(self.key(room)).query_async(&mut r).await?;
         let now = now_ms();
@@ -155,7 +161,7 @@ impl Presence {
     }
 
     /// Refreshes the expiry of this node's connections (one round trip).
-    pub async fn heartbeat(&self) -> redis::RedisResult<()> {
+    async fn heartbeat(&self) -> anyhow::Result<()> {
         let entries: Vec<((String, String), String)> =
             self.local.lock().expect("presence lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if entries.is_empty() {
@@ -171,7 +177,7 @@ impl Presence {
 
     /// Removes expired connections everywhere; returns (room, user) for each
     /// user this call found gone from a room.
-    pub async fn sweep(&self) -> redis::RedisResult<Vec<(String, String)>> {
+    async fn sweep(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut r = self.redis.clone();
         let rooms: Vec<String> = redis::cmd("SMEMBERS").arg(self.rooms_key()).query_async(&mut r).await?;
         let mut gone = Vec::new();

@@ -1,0 +1,149 @@
+//! The embedded node: what `cargo run` starts when no service is configured.
+//!
+//! One process, one data directory:
+//!
+//! ```text
+//! natter-data/
+//!   events.log     the event log (length + CRC32 framed records, see log::file)
+//!   jwt-secret     the token secret generated on first start (unless
+//!                  NATTER_JWT_SECRET is set), so tokens survive restarts
+//!   parked.jsonl   events a projection refused (normally absent)
+//!   lock           held while a node runs: one node per directory
+//! ```
+//!
+//! The command side, REST, Socket.IO, the fan-out and the sessions are the
+//! same code as a distributed node's; only the adapters differ: the file log
+//! instead of JetStream, in-memory views and counts (rebuilt from the log at
+//! every start, before serving), an in-process push bus whose cursors are log
+//! sequences, and in-process presence.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use natter_projections::memory::{MemoryCounts, MemoryViews};
+use natter_projections::{CountStore, Projection, ViewStore};
+use secrecy::SecretString;
+use tokio::sync::watch;
+
+use crate::auth::Auth;
+use crate::commands::{Commands, Limits};
+use crate::config::{Config, Mode};
+use crate::log::EventLog;
+use crate::log::file::FileLog;
+use crate::metrics::Metrics;
+use crate::node::{Node, RunningNode, serve};
+use crate::presence::memory::MemoryPresence;
+use crate::push::fanout::FanOut;
+use crate::push::hub::PushHub;
+use crate::push::memory::MemoryPush;
+use crate::tail::Tail;
+
+/// Takes the data directory's lock: two processes appending to one log
+/// would corrupt it. The lock is released when the process ends, however
+/// it ends (`kill -9` included).
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another natter process is using the data directory {} (one embedded node per directory; \
+             stop it, or set NATTER_DATA_DIR to another directory)",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+/// The token secret kept in the data directory, created on first start.
+fn stored_secret(dir: &Path) -> anyhow::Result<SecretString> {
+    let path = dir.join("jwt-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(SecretString::from(s.trim().to_owned())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).write(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(secret.as_bytes()).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", path.display()))?;
+    tracing::info!(path = %path.display(), "generated the token secret (set NATTER_JWT_SECRET to use your own)");
+    Ok(SecretString::from(secret))
+}
+
+/// Opens the data directory, rebuilds the views from the log, serves.
+pub async fn start(mut cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Result<RunningNode> {
+    let dir = cfg.data_dir.clone();
+    let lock = lock_data_dir(&dir)?;
+    if cfg.jwt_secret.is_none() {
+        cfg.jwt_secret = Some(stored_secret(&dir)?);
+    }
+    let auth = Auth::from_config(&cfg)?;
+    let file_log = Arc::new(FileLog::open(&dir, cfg.sync, cfg.dedup_window)?);
+    let log: Arc<dyn EventLog> = file_log.clone();
+    let views = Arc::new(MemoryViews::default());
+    let counts = Arc::new(MemoryCounts::default());
+    let bus = Arc::new(MemoryPush::new(cfg.push_retention));
+    let metrics = Arc::new(Metrics::default());
+    let commands = Commands::new(
+        log.clone(),
+        views.clone(),
+        counts.clone(),
+        cfg.subject_prefix.clone(),
+        Limits { max_message_chars: cfg.max_message_chars, max_attachment_chars: cfg.max_attachment_chars },
+        metrics.clone(),
+    );
+    let fanout = Arc::new(FanOut { bus: bus.clone(), prefix: cfg.subject_prefix.clone(), views: views.clone(), log: log.clone() });
+    let projections: Vec<Arc<dyn Projection>> = vec![views.clone(), counts.clone(), fanout];
+    let tail = Tail { log: file_log.clone(), projections, metrics: metrics.clone(), parked: dir.join("parked.jsonl") };
+
+    let started = Instant::now();
+    let replayed = tail.catch_up(0).await;
+    tracing::info!(events = replayed, secs = format!("{:.2}", started.elapsed().as_secs_f64()), "views rebuilt from the event log");
+
+    let node = Arc::new(Node {
+        cfg: cfg.clone(),
+        commands,
+        log,
+        views: views as Arc<dyn ViewStore>,
+        counts: counts as Arc<dyn CountStore>,
+        auth,
+        metrics,
+        push: PushHub::new(bus, cfg.socket_queue),
+        presence: Arc::new(MemoryPresence::new(cfg.presence_ttl)),
+        mode: Mode::Embedded,
+        node_id: uuid::Uuid::new_v4().simple().to_string(),
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = vec![tokio::spawn(tail.run(replayed, shutdown_rx.clone()))];
+    let addr = serve(node.clone(), listener, shutdown_rx, &mut tasks)?;
+    // Hold the data directory until the server has drained (no request can
+    // append any more).
+    let server = tasks.pop().expect("serve starts the HTTP server task");
+    tasks.push(tokio::spawn(async move {
+        let _ = server.await;
+        drop(lock);
+    }));
+    let sync = match cfg.sync {
+        crate::config::SyncPolicy::Always => "always (fsync before every acknowledgement)",
+        crate::config::SyncPolicy::Os => "os (flushed by the OS: survives a natter crash, not a power loss)",
+    };
+    tracing::info!(
+        %addr, data = %std::fs::canonicalize(file_log.path()).unwrap_or_else(|_| file_log.path().to_owned()).display(), events = replayed, sync,
+        "natter node serving (embedded mode: one node, no NATS/MongoDB/Redis; set NATTER_NATS_URL, NATTER_MONGO_URL and NATTER_REDIS_URL for the distributed mode)"
+    );
+    Ok(RunningNode::new(addr, node, shutdown, tasks))
+}

@@ -1,0 +1,108 @@
+//! The embedded projector: tails the local event log and applies every
+//! event, in log order, to each in-process projection (views, counts,
+//! fan-out) before the next.
+//!
+//! In-process views start empty, so an embedded node replays its whole log
+//! at start-up ([`Tail::catch_up`]) before it serves, then follows new
+//! appends. One event at a time, every projection in turn: the fan-out sees
+//! the views as of at least that event. A poison event (undecodable, or
+//! refused by a projection) is recorded in `parked.jsonl` beside the log,
+//! counted, and skipped for that projection, so it cannot stall the others.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use natter_projections::{ApplyError, Projection};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::log::file::FileLog;
+use crate::log::{EventLog, LogError};
+use crate::metrics::Metrics;
+
+pub struct Tail {
+    pub log: Arc<FileLog>,
+    pub projections: Vec<Arc<dyn Projection>>,
+    pub metrics: Arc<Metrics>,
+    /// Where poison events are recorded (one JSON object per line).
+    pub parked: PathBuf,
+}
+
+impl Tail {
+    fn park(&self, projection: &str, seq: u64, reason: &str) {
+        tracing::error!(projection, seq, %reason, "parked a poison event; the projector goes on");
+        self.metrics.projection_parked(projection);
+        let line = json!({ "projection": projection, "seq": seq, "reason": reason, "at": chrono::Utc::now() });
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.parked)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            tracing::error!(path = %self.parked.display(), error = %e, "cannot record a parked event");
+        }
+    }
+
+    /// Applies the event at `seq` to every projection.
+    async fn project(&self, seq: u64, head: u64) {
+        let env = match self.log.get(seq).await {
+            Ok(logged) => logged.envelope,
+            Err(LogError::Corrupt { source, .. }) => {
+                for p in &self.projections {
+                    self.park(p.name(), seq, &source.to_string());
+                }
+                return;
+            }
+            Err(e) => {
+                // The file became unreadable: nothing sensible to skip to.
+                tracing::error!(seq, error = %e, "cannot read the event log; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Box::pin(self.project(seq, head)).await;
+            }
+        };
+        for p in &self.projections {
+            let name = p.name();
+            loop {
+                match p.apply_at(&env, seq).await {
+                    Ok(()) => {
+                        self.metrics.projection_applied(name);
+                        break;
+                    }
+                    Err(ApplyError::Poison(reason)) => {
+                        self.park(name, seq, &reason);
+                        break;
+                    }
+                    Err(ApplyError::Unavailable(e)) => {
+                        tracing::warn!(projection = name, seq, error = %e, "projection unavailable; retrying the event");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            self.metrics.projection_lag(name, head - seq);
+        }
+    }
+
+    /// Applies every event after `after` up to the log's head now; returns
+    /// the last sequence applied.
+    pub async fn catch_up(&self, after: u64) -> u64 {
+        let head = self.log.head().await.unwrap_or(after);
+        for seq in after + 1..=head {
+            self.project(seq, head).await;
+        }
+        head.max(after)
+    }
+
+    /// Follows the log from `after` until `shutdown` turns true.
+    pub async fn run(self, mut after: u64, mut shutdown: watch::Receiver<bool>) {
+        let mut appended = self.log.watch_head();
+        loop {
+            after = self.catch_up(after).await;
+            tokio::select! {
+                changed = appended.wait_for(|head| *head > after) => if changed.is_err() { return },
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+}
