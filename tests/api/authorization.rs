@@ -6,9 +6,9 @@ use serde_json::json;
 
 use crate::helpers::Cluster;
 
-#[tokio::test]
-async fn a_third_user_cannot_read_mark_or_send_as_a() {
-    let c = Cluster::start(2).await;
+crate::contract!(a_third_user_cannot_read_mark_or_send_as_a, 2, a_third_user_cannot_read_mark_or_send_as_a);
+
+async fn a_third_user_cannot_read_mark_or_send_as_a(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
     let eve = c.register(0, "Eve").await;
@@ -46,5 +46,4 @@ async fn a_third_user_cannot_read_mark_or_send_as_a() {
     assert_eq!(c.unseen(1, &bob).await, json!({ amy.id.clone(): 1, eve.id.clone(): 1 }));
     let ab = c.history(1, &bob, &amy).await;
     assert_eq!(ab.len(), 1, "nothing was added to A–B");
-    c.stop().await;
 }

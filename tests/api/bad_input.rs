@@ -5,9 +5,9 @@ use serde_json::{Value, json};
 
 use crate::helpers::Cluster;
 
-#[tokio::test]
-async fn every_bad_request_is_a_clear_4xx_and_appends_nothing() {
-    let c = Cluster::start(1).await;
+crate::contract!(every_bad_request_is_a_clear_4xx_and_appends_nothing, 1, every_bad_request_is_a_clear_4xx_and_appends_nothing);
+
+async fn every_bad_request_is_a_clear_4xx_and_appends_nothing(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;
     let sent = c.send(0, &bob, &amy, "hi", None).await.ok();
@@ -65,5 +65,4 @@ async fn every_bad_request_is_a_clear_4xx_and_appends_nothing() {
     assert_eq!(c.unseen_from(0, &amy, &bob).await, 1);
     let r = c.request(0, Method::PATCH, &format!("/api/messages/{bobs_msg}/seen"), Some(&amy.token), None).await.ok();
     assert_eq!(r["upToSeq"], Value::from(1));
-    c.stop().await;
 }

@@ -10,7 +10,7 @@ async fn projections_and_parked_events_from_the_command_line() {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;
     c.send(0, &amy, &bob, "hello", None).await.ok();
-    let js = c.log.jetstream().clone();
+    let js = c.nats().jetstream().clone();
     // A poison event, parked by all three projectors …
     js.publish(format!("{}.ev.dm.x.y", c.cfg.subject_prefix), "not an event".into()).await.unwrap().await.unwrap();
     eventually("the poison event to be parked three times", || async {
@@ -20,8 +20,8 @@ async fn projections_and_parked_events_from_the_command_line() {
     })
     .await;
     // … and a good event parked by mongo-views (as a store fault might have).
-    let head = c.log.head().await.unwrap();
-    let good = c.log.get(head - 1).await.unwrap().envelope;
+    let head = c.nats().head().await.unwrap();
+    let good = c.nats().get(head - 1).await.unwrap().envelope;
     js.publish(format!("{}.parked.mongo-views", c.cfg.subject_prefix), good.encode().into()).await.unwrap().await.unwrap();
 
     let table = c.natter(&["projections"]).await;

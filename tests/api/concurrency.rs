@@ -4,9 +4,9 @@ use futures::future::join_all;
 
 use crate::helpers::Cluster;
 
-#[tokio::test]
-async fn fifty_concurrent_sends_get_sequences_one_to_fifty() {
-    let c = Cluster::start(2).await;
+crate::contract!(fifty_concurrent_sends_get_sequences_one_to_fifty, 2, fifty_concurrent_sends_get_sequences_one_to_fifty);
+
+async fn fifty_concurrent_sends_get_sequences_one_to_fifty(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
     let texts: Vec<String> = (0..50).map(|i| format!("msg {i}")).collect();
@@ -25,5 +25,4 @@ async fn fifty_concurrent_sends_get_sequences_one_to_fifty() {
     assert_eq!(order(&for_amy).len(), 50);
     assert_eq!(order(&for_amy), order(&for_bob), "the same order for both participants");
     assert_eq!(order(&for_amy).iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
-    c.stop().await;
 }

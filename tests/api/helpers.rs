@@ -1,5 +1,8 @@
 //! Spawns natter nodes in-process on port 0 against the shared services,
-//! each test with its own stream / subject prefix / database / key prefix.
+//! each test with its own stream / subject prefix / database / key prefix,
+//! or an embedded node on its own data directory ([`Cluster::embedded`]).
+//!
+//! [`contract!`](crate::contract) runs one scenario on both backends.
 
 use std::time::Duration;
 
@@ -18,12 +21,42 @@ fn service(var: &str) -> String {
     })
 }
 
-/// Several nodes sharing one log, one database and one Redis namespace.
+/// Several nodes sharing one log, one database and one Redis namespace; or
+/// one embedded node.
 pub struct Cluster {
     pub cfg: Config,
     pub nodes: Vec<RunningNode>,
     pub http: reqwest::Client,
-    pub log: NatsLog,
+    /// The JetStream log (distributed clusters only).
+    nats: Option<NatsLog>,
+}
+
+/// Runs a scenario `async fn(&Cluster)` against a distributed cluster of
+/// `nodes` nodes and against an embedded node: one behaviour, two backends.
+/// Scenarios address nodes through [`Cluster::other`] so that they cross
+/// nodes where there are several.
+#[macro_export]
+macro_rules! contract {
+    ($name:ident, $nodes:expr, $scenario:ident) => {
+        $crate::contract!($name, $nodes, |_cfg| {}, $scenario);
+    };
+    ($name:ident, $nodes:expr, $tweak:expr, $scenario:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn distributed() {
+                let c = $crate::helpers::Cluster::start_with($nodes, $tweak).await;
+                super::$scenario(&c).await;
+                c.stop().await;
+            }
+
+            #[tokio::test]
+            async fn embedded() {
+                let c = $crate::helpers::Cluster::embedded_with($tweak).await;
+                super::$scenario(&c).await;
+                c.stop().await;
+            }
+        }
+    };
 }
 
 /// Polls `check` until it holds, failing the test after 20 s.
@@ -114,9 +147,11 @@ impl Cluster {
         };
         tweak(&mut cfg);
         let mut cluster = Cluster {
-            log: NatsLog::connect(cfg.nats_url.as_deref().unwrap(), &cfg.stream, &cfg.subject_prefix, cfg.dedup_window)
-                .await
-                .expect("connect to NATS"),
+            nats: Some(
+                NatsLog::connect(cfg.nats_url.as_deref().unwrap(), &cfg.stream, &cfg.subject_prefix, cfg.dedup_window)
+                    .await
+                    .expect("connect to NATS"),
+            ),
             cfg,
             nodes: Vec::new(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
@@ -127,19 +162,79 @@ impl Cluster {
         cluster
     }
 
+    /// One embedded node (no services) on a fresh data directory.
+    pub async fn embedded() -> Cluster {
+        Self::embedded_with(|_| {}).await
+    }
+
+    pub async fn embedded_with(tweak: impl FnOnce(&mut Config)) -> Cluster {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let mut cfg = Config {
+            host: "127.0.0.1".into(),
+            port: 0,
+            data_dir: Self::data_dir(&id),
+            jwt_secret: Some(SECRET.to_string().into()),
+            max_message_chars: 200,
+            max_body_bytes: 8 * 1024,
+            ..Config::default()
+        };
+        tweak(&mut cfg);
+        let mut cluster =
+            Cluster { cfg, nats: None, nodes: Vec::new(), http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap() };
+        cluster.add_node().await;
+        cluster
+    }
+
+    /// A fresh data directory under the target directory.
+    pub fn data_dir(id: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("natter-{id}"))
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        self.nats.is_none()
+    }
+
+    /// The JetStream log of a distributed cluster.
+    #[track_caller]
+    pub fn nats(&self) -> &NatsLog {
+        self.nats.as_ref().expect("a distributed cluster (this one is embedded)")
+    }
+
+    /// The last node: another node than 0 where there are several.
+    pub fn other(&self) -> usize {
+        self.nodes.len() - 1
+    }
+
+    /// Stops an embedded node and starts it again on the same data directory.
+    pub async fn restart(&mut self) {
+        assert!(self.is_embedded(), "restart is for an embedded node");
+        self.nodes.pop().expect("a node").stop().await;
+        self.add_node().await;
+    }
+
     pub async fn add_node(&mut self) {
+        assert!(!self.is_embedded() || self.nodes.is_empty(), "an embedded cluster has one node");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node = natter::node::start(self.cfg.clone(), listener).await.expect("start node");
         self.nodes.push(node);
     }
 
+    /// Node `i` (modulo the node count: on one embedded node, every index
+    /// is that node).
+    pub fn node(&self, i: usize) -> &RunningNode {
+        &self.nodes[i % self.nodes.len()]
+    }
+
     pub fn url(&self, node: usize, path: &str) -> String {
-        format!("http://{}{path}", self.nodes[node].addr)
+        format!("http://{}{path}", self.node(node).addr)
     }
 
     /// Number of events in the log.
     pub async fn log_head(&self) -> u64 {
-        self.log.head().await.expect("log head")
+        match &self.nats {
+            Some(log) => log.head().await.expect("log head"),
+            None => self.nodes[0].node.log.head().await.expect("log head"),
+        }
     }
 
     pub async fn request(&self, node: usize, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Reply {
@@ -218,9 +313,17 @@ impl Cluster {
             .unwrap_or(0.0)
     }
 
-    /// The environment a `natter` process needs to join this cluster.
+    /// The environment a `natter` process needs to join this cluster (or,
+    /// embedded, to use its data directory).
     pub fn env(&self) -> Vec<(&'static str, String)> {
         let cfg = &self.cfg;
+        if self.is_embedded() {
+            return vec![
+                ("NATTER_DATA_DIR", cfg.data_dir.display().to_string()),
+                ("NATTER_JWT_SECRET", SECRET.to_owned()),
+                ("NATTER_MAX_MESSAGE_CHARS", cfg.max_message_chars.to_string()),
+            ];
+        }
         vec![
             ("NATTER_NATS_URL", cfg.nats_url.clone().unwrap()),
             ("NATTER_MONGO_URL", cfg.mongo_url.clone().unwrap()),
@@ -289,8 +392,12 @@ impl Cluster {
         for node in self.nodes {
             node.stop().await;
         }
-        let _ = self.log.jetstream().delete_stream(&self.cfg.stream).await;
-        let _ = self.log.jetstream().delete_stream(format!("{}_PARKED", self.cfg.stream)).await;
-        let _ = self.log.jetstream().delete_stream(format!("{}_INBOX", self.cfg.stream)).await;
+        let Some(log) = self.nats else {
+            let _ = std::fs::remove_dir_all(&self.cfg.data_dir);
+            return;
+        };
+        let _ = log.jetstream().delete_stream(&self.cfg.stream).await;
+        let _ = log.jetstream().delete_stream(format!("{}_PARKED", self.cfg.stream)).await;
+        let _ = log.jetstream().delete_stream(format!("{}_INBOX", self.cfg.stream)).await;
     }
 }

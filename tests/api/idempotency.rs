@@ -8,9 +8,9 @@ use serde_json::json;
 
 use crate::helpers::Cluster;
 
-#[tokio::test]
-async fn the_same_client_msg_id_five_times_is_one_message() {
-    let c = Cluster::start(2).await;
+crate::contract!(the_same_client_msg_id_five_times_is_one_message, 2, the_same_client_msg_id_five_times_is_one_message);
+
+async fn the_same_client_msg_id_five_times_is_one_message(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
     let head = c.log_head().await;
@@ -34,12 +34,11 @@ async fn the_same_client_msg_id_five_times_is_one_message() {
     assert_eq!(texts, vec!["only once", "also once"]);
     // Two messages and one seen mark: nothing else reached the log.
     assert_eq!(c.log_head().await, head + 3);
-    c.stop().await;
 }
 
-#[tokio::test]
-async fn a_client_msg_id_reused_for_other_content_is_refused() {
-    let c = Cluster::start(1).await;
+crate::contract!(a_client_msg_id_reused_for_other_content_is_refused, 1, a_client_msg_id_reused_for_other_content_is_refused);
+
+async fn a_client_msg_id_reused_for_other_content_is_refused(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;
     c.send(0, &amy, &bob, "first", Some("k1")).await.ok();
@@ -51,12 +50,11 @@ async fn a_client_msg_id_reused_for_other_content_is_refused() {
     let r = c.send(0, &bob, &amy, "bob's own", Some("k1")).await.ok();
     assert_eq!(r["data"]["senderId"], json!(bob.id));
     assert_eq!(c.log_head().await, head + 1);
-    c.stop().await;
 }
 
-#[tokio::test]
-async fn concurrent_registrations_of_one_email_make_one_account() {
-    let c = Cluster::start(2).await;
+crate::contract!(concurrent_registrations_of_one_email_make_one_account, 2, concurrent_registrations_of_one_email_make_one_account);
+
+async fn concurrent_registrations_of_one_email_make_one_account(c: &Cluster) {
     let email = format!("race-{}@example.com", uuid::Uuid::new_v4().simple());
     let replies = join_all((0..6).map(|i| {
         c.request(
@@ -71,5 +69,4 @@ async fn concurrent_registrations_of_one_email_make_one_account() {
     let created = replies.iter().filter(|r| r.status.as_u16() == 201).count();
     let conflicts = replies.iter().filter(|r| r.status.as_u16() == 409).count();
     assert_eq!((created, conflicts), (1, 5));
-    c.stop().await;
 }

@@ -101,11 +101,11 @@ async fn an_embedded_history_migrates_into_jetstream() {
     assert!(out.contains(&format!("migrated {} events", h.envelopes.len())), "{out}");
     let again = c.natter(&["migrate", "--from", dir.to_str().unwrap(), "--to", &nats]).await;
     assert!(again.contains("migrated 0 events") && again.contains(&format!("{} already there", h.envelopes.len())), "{again}");
-    assert_eq!(c.log.head().await.unwrap(), h.envelopes.len() as u64);
+    assert_eq!(c.nats().head().await.unwrap(), h.envelopes.len() as u64);
 
     c.add_node().await;
     let head = h.envelopes.len() as u64;
-    let stream = c.log.jetstream().get_stream(&c.cfg.stream).await.unwrap();
+    let stream = c.nats().jetstream().get_stream(&c.cfg.stream).await.unwrap();
     crate::helpers::eventually("the distributed projectors to catch up", || async {
         let mut ok = true;
         for d in ["mongo-views-v1", "redis-unseen-v1"] {

@@ -82,8 +82,8 @@ async fn mongo_and_redis_adapters_converge_like_the_in_memory_store() {
 /// applying it to the views.
 async fn append_all(c: &Cluster, envelopes: &[Envelope]) {
     for env in envelopes {
-        let expected = c.log.last(&env.subject).await.unwrap().map(|l| l.log_seq).unwrap_or(0);
-        c.log.append(env, expected).await.unwrap();
+        let expected = c.nats().last(&env.subject).await.unwrap().map(|l| l.log_seq).unwrap_or(0);
+        c.nats().append(env, expected).await.unwrap();
     }
 }
 
@@ -131,7 +131,7 @@ async fn projectors_on_two_nodes_apply_every_event_exactly_once() {
 #[tokio::test]
 async fn a_poison_event_is_parked_and_the_projectors_go_on() {
     let c = Cluster::start(1).await;
-    let js = c.log.jetstream().clone();
+    let js = c.nats().jetstream().clone();
     js.publish(format!("{}.ev.dm.x.y", c.cfg.subject_prefix), "{ not an event".into())
         .await
         .unwrap()
@@ -194,8 +194,8 @@ async fn projectors_killed_five_times_during_5000_events_converge_to_a_fresh_reb
         }
     }
     assert_eq!(kills, 5);
-    let head = c.log.head().await.unwrap();
-    let stream = c.log.jetstream().get_stream(&c.cfg.stream).await.unwrap();
+    let head = c.nats().head().await.unwrap();
+    let stream = c.nats().jetstream().get_stream(&c.cfg.stream).await.unwrap();
     // A killed node's unacknowledged events come back after the ack wait;
     // the catch-up of 5000 events against the test MongoDB takes a while.
     eventually_within("every projector to catch up with the log", 120, || async {

@@ -98,9 +98,9 @@ async fn a_send_reaches_every_socket_of_both_users_on_every_node() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn typing_is_rate_limited() {
-    let c = Cluster::start_with(1, |cfg| cfg.typing_per_sec = 2).await;
+crate::contract!(typing_is_rate_limited, 1, |cfg| cfg.typing_per_sec = 2, typing_is_rate_limited);
+
+async fn typing_is_rate_limited(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;
     let mut d = Driver::start().await;
@@ -114,12 +114,11 @@ async fn typing_is_rate_limited() {
     let rest = d.quiet("bob", Duration::from_millis(800)).await;
     let relayed = 1 + rest.iter().filter(|e| e["event"] == "typing").count();
     assert!(relayed < 40 && relayed <= 8, "a burst of 40 was cut to the bucket's size, got {relayed}");
-    c.stop().await;
 }
 
-#[tokio::test]
-async fn handshakes_without_a_valid_token_are_refused() {
-    let c = Cluster::start(1).await;
+crate::contract!(handshakes_without_a_valid_token_are_refused, 1, handshakes_without_a_valid_token_are_refused);
+
+async fn handshakes_without_a_valid_token_are_refused(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let now = chrono::Utc::now().timestamp();
     let sign = |claims: Value, secret: &str| {
@@ -146,12 +145,11 @@ async fn handshakes_without_a_valid_token_are_refused() {
             assert_eq!(message, "token expired");
         }
     }
-    c.stop().await;
 }
 
-#[tokio::test]
-async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
-    let c = Cluster::start(2).await;
+crate::contract!(a_client_resumes_on_another_node_with_exactly_what_it_missed, 2, a_client_resumes_on_another_node_with_exactly_what_it_missed);
+
+async fn a_client_resumes_on_another_node_with_exactly_what_it_missed(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;
     let mut d = Driver::start().await;
@@ -185,7 +183,6 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     d.emit("bob-b", "sync", json!({ "cursor": cursors[97] })).await;
     let again = d.events("bob-b", "newMessage", 3).await;
     assert_eq!(again.iter().map(|m| m["_id"].clone()).collect::<Vec<_>>(), vec![sent[98].clone(), sent[99].clone(), live]);
-    c.stop().await;
 }
 
 #[tokio::test]
@@ -195,7 +192,7 @@ async fn a_cursor_older_than_retention_gets_a_resync() {
     let bob = c.register(0, "Bob").await;
     c.send(0, &amy, &bob, "one", None).await.ok();
     // Purge the inbox as retention would.
-    let mut inbox = c.log.jetstream().get_stream(format!("{}_INBOX", c.cfg.stream)).await.unwrap();
+    let mut inbox = c.nats().jetstream().get_stream(format!("{}_INBOX", c.cfg.stream)).await.unwrap();
     inbox.purge().await.unwrap();
     let head = inbox.info().await.unwrap().state.last_sequence;
     let mut d = Driver::start().await;
@@ -211,9 +208,9 @@ async fn a_cursor_older_than_retention_gets_a_resync() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn deliveries_of_a_conversation_arrive_in_sequence_order() {
-    let c = Cluster::start(3).await;
+crate::contract!(deliveries_of_a_conversation_arrive_in_sequence_order, 3, deliveries_of_a_conversation_arrive_in_sequence_order);
+
+async fn deliveries_of_a_conversation_arrive_in_sequence_order(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
     let mut d = Driver::start().await;
@@ -235,5 +232,4 @@ async fn deliveries_of_a_conversation_arrive_in_sequence_order() {
     }
     let owners = HashMap::from([("amy", amy.id.as_str()), ("bob1", bob.id.as_str()), ("bob2", bob.id.as_str())]);
     assert_only_own(&d, &owners);
-    c.stop().await;
 }

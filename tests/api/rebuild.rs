@@ -94,8 +94,8 @@ async fn a_rebuild_during_traffic_serves_consistent_reads_and_ends_equal_to_a_fr
     let old = db.collection::<mongodb::bson::Document>("messages").count_documents(mongodb::bson::doc! {}).await.unwrap();
     assert_eq!(old, 0, "the old version is dropped");
     // wait for the nodes' projectors to have applied everything to v2
-    let head = c.log.head().await.unwrap();
-    let stream = c.log.jetstream().get_stream(&c.cfg.stream).await.unwrap();
+    let head = c.nats().head().await.unwrap();
+    let stream = c.nats().jetstream().get_stream(&c.cfg.stream).await.unwrap();
     crate::helpers::eventually("v2 projectors at the head", || async {
         let mut ok = true;
         for d in ["mongo-views-v2", "redis-unseen-v2"] {
@@ -106,7 +106,7 @@ async fn a_rebuild_during_traffic_serves_consistent_reads_and_ends_equal_to_a_fr
     .await;
     let (fresh_views, fresh_counts) = (MemoryViews::default(), MemoryCounts::default());
     for seq in 1..=head {
-        let env = c.log.get(seq).await.unwrap().envelope;
+        let env = c.nats().get(seq).await.unwrap().envelope;
         ViewStore::apply(&fresh_views, &env).await.unwrap();
         CountStore::apply(&fresh_counts, &env).await.unwrap();
     }

@@ -33,9 +33,9 @@ async fn unread(c: &Cluster, node: usize, u: &User) -> HashMap<String, u64> {
         .collect()
 }
 
-#[tokio::test]
-async fn rooms_over_rest_with_exact_unread_counts() {
-    let c = Cluster::start(2).await;
+crate::contract!(rooms_over_rest_with_exact_unread_counts, 2, rooms_over_rest_with_exact_unread_counts);
+
+async fn rooms_over_rest_with_exact_unread_counts(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
     let carol = c.register(0, "Carol").await;
@@ -79,12 +79,11 @@ async fn rooms_over_rest_with_exact_unread_counts() {
     let one = c.request(0, Method::GET, &format!("/api/rooms/{algebra}"), Some(&dave.token), None).await.ok();
     assert_eq!(one["room"]["isMember"], json!(false));
     assert_eq!(one["room"]["name"], json!("Algebra"));
-    c.stop().await;
 }
 
-#[tokio::test]
-async fn non_members_cannot_read_send_or_see_presence() {
-    let c = Cluster::start(1).await;
+crate::contract!(non_members_cannot_read_send_or_see_presence, 1, non_members_cannot_read_send_or_see_presence);
+
+async fn non_members_cannot_read_send_or_see_presence(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let eve = c.register(0, "Eve").await;
     let room = create_room(&c, 0, &amy, "Private-ish").await;
@@ -124,12 +123,11 @@ async fn non_members_cannot_read_send_or_see_presence() {
     room_send(&c, 0, &amy, &room, "still members only").await;
     let seen = d.quiet("eve", Duration::from_millis(500)).await;
     assert!(!seen.iter().any(|e| e["event"] == "message"), "{seen:?}");
-    c.stop().await;
 }
 
-#[tokio::test]
-async fn three_nodes_agree_on_presence_and_on_the_order_of_joins_leaves_and_messages() {
-    let c = Cluster::start(3).await;
+crate::contract!(three_nodes_agree_on_presence_and_on_the_order_of_joins_leaves_and_messages, 3, three_nodes_agree_on_presence_and_on_the_order_of_joins_leaves_and_messages);
+
+async fn three_nodes_agree_on_presence_and_on_the_order_of_joins_leaves_and_messages(c: &Cluster) {
     let users = [c.register(0, "Amy").await, c.register(1, "Bob").await, c.register(2, "Carol").await];
     let room = create_room(&c, 0, &users[0], "Chem").await;
     let mut d = Driver::start().await;
@@ -186,12 +184,11 @@ async fn three_nodes_agree_on_presence_and_on_the_order_of_joins_leaves_and_mess
     assert_eq!(orders[0], orders[1]);
     assert_eq!(orders[1], orders[2]);
     assert_eq!(orders[0].iter().filter(|(e, _, _)| e == "message").count(), 12);
-    c.stop().await;
 }
 
-#[tokio::test]
-async fn a_user_with_two_tabs_leaves_when_the_last_closes() {
-    let c = Cluster::start(2).await;
+crate::contract!(a_user_with_two_tabs_leaves_when_the_last_closes, 2, a_user_with_two_tabs_leaves_when_the_last_closes);
+
+async fn a_user_with_two_tabs_leaves_when_the_last_closes(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
     let room = create_room(&c, 0, &amy, "Bio").await;
@@ -219,7 +216,6 @@ async fn a_user_with_two_tabs_leaves_when_the_last_closes() {
     let left = d.next("amy", |e| e["event"] == "user-left", "user-left").await;
     assert_eq!(left["data"]["user"]["_id"], json!(bob.id));
     assert_eq!(count().await, 1);
-    c.stop().await;
 }
 
 #[tokio::test]
@@ -252,9 +248,9 @@ async fn members_of_a_killed_node_are_announced_as_left_within_twice_the_ttl() {
     c.stop().await;
 }
 
-#[tokio::test]
-async fn a_member_who_was_away_resumes_with_the_room_messages_they_missed() {
-    let c = Cluster::start(2).await;
+crate::contract!(a_member_who_was_away_resumes_with_the_room_messages_they_missed, 2, a_member_who_was_away_resumes_with_the_room_messages_they_missed);
+
+async fn a_member_who_was_away_resumes_with_the_room_messages_they_missed(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
     let room = create_room(&c, 0, &amy, "Lit").await;
@@ -274,5 +270,4 @@ async fn a_member_who_was_away_resumes_with_the_room_messages_they_missed() {
     assert_eq!(got, missed);
     let extra = d.quiet("bob-back", Duration::from_millis(400)).await;
     assert!(!extra.iter().any(|e| e["event"] == "message"), "nothing twice: {extra:?}");
-    c.stop().await;
 }

@@ -31,9 +31,9 @@ fn b64(v: &Value) -> String {
     out
 }
 
-#[tokio::test]
-async fn bad_tokens_are_refused_with_401() {
-    let c = Cluster::start(1).await;
+crate::contract!(bad_tokens_are_refused_with_401, 1, bad_tokens_are_refused_with_401);
+
+async fn bad_tokens_are_refused_with_401(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let claims = |sub: Option<&str>, exp: i64, iss: &str, aud: &str| {
         let mut v = json!({"exp": exp, "iat": now() - 10, "iss": iss, "aud": aud});
@@ -82,5 +82,4 @@ async fn bad_tokens_are_refused_with_401() {
         .await;
     assert_eq!(r.status.as_u16(), 401);
     assert_eq!(c.log_head().await, head);
-    c.stop().await;
 }

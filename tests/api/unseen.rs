@@ -5,9 +5,9 @@ use serde_json::json;
 
 use crate::helpers::Cluster;
 
-#[tokio::test]
-async fn counts_are_exact_through_sends_marks_and_opening() {
-    let c = Cluster::start(2).await;
+crate::contract!(counts_are_exact_through_sends_marks_and_opening, 2, counts_are_exact_through_sends_marks_and_opening);
+
+async fn counts_are_exact_through_sends_marks_and_opening(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
     let carol = c.register(0, "Carol").await;
@@ -68,5 +68,4 @@ async fn counts_are_exact_through_sends_marks_and_opening() {
     // A new message counts again.
     c.send(1, &amy, &bob, "one more", None).await.ok();
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 1);
-    c.stop().await;
 }
