@@ -284,6 +284,15 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
         after = last.log_seq;
         for logged in batch {
             let env = logged.envelope;
+            if !env.subject.starts_with(&format!("{}.", cfg.subject_prefix)) {
+                anyhow::bail!(
+                    "event {} is on subject {:?}, outside the subject prefix {:?} of the target: run migrate with the \
+                     NATTER_SUBJECT_PREFIX the embedded node used (nodes of the target must use it too)",
+                    logged.log_seq,
+                    env.subject,
+                    cfg.subject_prefix
+                );
+            }
             let current = target.last(&env.subject).await?;
             // Already there (an earlier, interrupted run): skip it.
             if current.as_ref().is_some_and(|c| c.envelope.position >= env.position) {

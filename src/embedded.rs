@@ -20,7 +20,10 @@
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long start-up waits for another process to release the data directory.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 use anyhow::Context;
 use natter_projections::memory::{MemoryCounts, MemoryViews};
@@ -53,14 +56,20 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another natter process is using the data directory {} (one embedded node per directory; \
-             stop it, or set NATTER_DATA_DIR to another directory)",
-            dir.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    // A node that is just stopping (or a process being spawned, which holds
+    // a copy of the descriptor for an instant) releases it shortly: wait.
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another natter process is using the data directory {} (one embedded node per directory; \
+                 stop it, or set NATTER_DATA_DIR to another directory)",
+                dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+        }
     }
 }
 

@@ -33,8 +33,9 @@ pub struct Cluster {
 
 /// Runs a scenario `async fn(&Cluster)` against a distributed cluster of
 /// `nodes` nodes and against an embedded node: one behaviour, two backends.
-/// Scenarios address nodes through [`Cluster::other`] so that they cross
-/// nodes where there are several.
+/// Scenarios address nodes by index as usual: on the embedded node every
+/// index is that node ([`Cluster::node`]), so they cross nodes where there
+/// are several.
 #[macro_export]
 macro_rules! contract {
     ($name:ident, $nodes:expr, $scenario:ident) => {
@@ -87,6 +88,16 @@ pub fn token_for(user_id: &str) -> String {
     let claims = json!({"sub": user_id, "exp": now + 3600, "iat": now, "iss": "natter", "aud": "natter"});
     jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()))
         .unwrap()
+}
+
+/// The `natter` binary, without the `NATTER_*` settings of the test run
+/// (the suite's service URLs must not turn an embedded node distributed).
+pub fn natter_command() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_natter"));
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("NATTER_")) {
+        cmd.env_remove(name);
+    }
+    cmd
 }
 
 /// A node running as its own process.
@@ -198,11 +209,6 @@ impl Cluster {
     #[track_caller]
     pub fn nats(&self) -> &NatsLog {
         self.nats.as_ref().expect("a distributed cluster (this one is embedded)")
-    }
-
-    /// The last node: another node than 0 where there are several.
-    pub fn other(&self) -> usize {
-        self.nodes.len() - 1
     }
 
     /// Stops an embedded node and starts it again on the same data directory.
@@ -341,7 +347,7 @@ impl Cluster {
     /// Runs a `natter` command (e.g. `["parked", "list"]`) for this cluster;
     /// returns its standard output.
     pub async fn natter(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+        let out = natter_command()
             .args(args)
             .envs(self.env())
             .env("RUST_LOG", "warn")
@@ -360,7 +366,7 @@ impl Cluster {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+        let child = natter_command()
             .envs(self.env())
             .env("NATTER_HOST", "127.0.0.1")
             .env("NATTER_PORT", port.to_string())

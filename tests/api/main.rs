@@ -4,6 +4,7 @@
 //! subject prefix, database and key prefix, so tests run in parallel.
 
 mod cli;
+mod embedded;
 mod client;
 mod heal;
 mod helpers;

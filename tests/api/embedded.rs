@@ -1,0 +1,327 @@
+//! The embedded node (no services): durability across stops, `kill -9` and
+//! torn writes; one node per data directory; `natter migrate` into
+//! JetStream. The behaviour shared with the distributed mode is in the
+//! contract scenarios (`contract!`) of the other test files.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use natter_projections::history::{Snapshot, snapshot};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::client::Driver;
+use crate::helpers::{Cluster, ProcessNode, SECRET, User, eventually, natter_command};
+
+async fn call(http: &reqwest::Client, method: Method, url: String, token: Option<&str>, body: Option<Value>) -> reqwest::Result<(u16, Value)> {
+    let mut req = http.request(method, url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await?;
+    let status = res.status().as_u16();
+    let text = res.text().await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+async fn register_at(http: &reqwest::Client, url: &str, name: &str) -> User {
+    let email = format!("{}-{}@example.com", name.to_lowercase(), uuid::Uuid::new_v4().simple());
+    let body = json!({ "name": name, "email": email, "password": "password123" });
+    let (status, r) = call(http, Method::POST, format!("{url}/api/auth/register"), None, Some(body)).await.unwrap();
+    assert_eq!(status, 201, "{r}");
+    User { id: r["user"]["_id"].as_str().unwrap().into(), token: r["token"].as_str().unwrap().into(), email }
+}
+
+/// Everything the views hold for these users, conversations and rooms.
+async fn views_of(c: &Cluster, node: usize, users: &[&User], rooms: &[String]) -> Snapshot {
+    let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
+    let mut convs = Vec::new();
+    for (i, a) in ids.iter().enumerate() {
+        for b in &ids[i + 1..] {
+            convs.push(natter_events::subjects::dm_conversation(a, b));
+        }
+    }
+    let n = &c.node(node).node;
+    snapshot(n.views.as_ref(), n.counts.as_ref(), &ids, &convs, rooms).await.unwrap()
+}
+
+/// A little of everything through the API: direct messages, a read mark,
+/// an opened conversation, rooms with messages, a join and a leave.
+async fn some_history(c: &Cluster, amy: &User, bob: &User, carol: &User) -> Vec<String> {
+    for i in 0..5 {
+        c.send(0, amy, bob, &format!("a→b {i}"), None).await.ok();
+        c.send(0, carol, bob, &format!("c→b {i}"), None).await.ok();
+    }
+    let third = c.send(0, bob, amy, "b→a", None).await.ok()["data"]["_id"].as_str().unwrap().to_owned();
+    c.send(0, bob, amy, "b→a again", None).await.ok();
+    c.request(0, Method::PATCH, &format!("/api/messages/{third}/seen"), Some(&amy.token), None).await.ok();
+    c.history(0, bob, carol).await;
+    let mut rooms = Vec::new();
+    for name in ["Algebra", "Biology"] {
+        let r = c.request(0, Method::POST, "/api/rooms", Some(&amy.token), Some(json!({ "name": name }))).await.ok();
+        rooms.push(r["room"]["_id"].as_str().unwrap().to_owned());
+    }
+    for u in [bob, carol] {
+        c.request(0, Method::POST, &format!("/api/rooms/{}/join", rooms[0]), Some(&u.token), None).await.ok();
+    }
+    for (i, u) in [amy, bob, carol, amy].into_iter().enumerate() {
+        let path = format!("/api/rooms/{}/messages", rooms[0]);
+        c.request(0, Method::POST, &path, Some(&u.token), Some(json!({ "message": format!("room {i}") }))).await.ok();
+    }
+    c.request(0, Method::POST, &format!("/api/rooms/{}/leave", rooms[0]), Some(&carol.token), None).await.ok();
+    c.request(0, Method::POST, &format!("/api/rooms/{}/messages", rooms[1]), Some(&amy.token), Some(json!({ "message": "solo" })))
+        .await
+        .ok();
+    rooms
+}
+
+#[tokio::test]
+async fn a_restart_restores_every_message_watermark_count_room_and_cursor() {
+    let mut c = Cluster::embedded().await;
+    let (amy, bob, carol) = (c.register(0, "Amy").await, c.register(0, "Bob").await, c.register(0, "Carol").await);
+    let mut d = Driver::start().await;
+    d.connected("bob", &c.socket_url(0), json!({ "token": bob.token })).await;
+    d.next("bob", |e| e["event"] == "synced", "synced").await;
+    let rooms = some_history(&c, &amy, &bob, &carol).await;
+    let pushed = d.events("bob", "newMessage", 12).await;
+    let cursor = pushed.last().unwrap()["cursor"].as_u64().unwrap();
+    d.disconnect("bob").await;
+    let users = [&amy, &bob, &carol];
+    let before = views_of(&c, 0, &users, &rooms).await;
+    let unseen_before = c.unseen(0, &bob).await;
+    assert_eq!(unseen_before, json!({ amy.id.clone(): 5 }), "carol's were opened");
+    let head = c.log_head().await;
+
+    c.restart().await;
+    assert_eq!(c.log_head().await, head);
+    assert_eq!(views_of(&c, 0, &users, &rooms).await, before, "the views rebuilt from the log equal the ones before");
+    assert_eq!(c.unseen(0, &bob).await, unseen_before);
+    let listed = c.request(0, Method::GET, "/api/rooms", Some(&bob.token), None).await.ok();
+    let algebra = listed["rooms"].as_array().unwrap().iter().find(|r| r["_id"] == json!(rooms[0])).unwrap().clone();
+    assert_eq!(algebra["isMember"], json!(true));
+
+    // A cursor from before the restart resumes with exactly what came after.
+    let after = c.send(0, &amy, &bob, "after the restart", None).await.ok()["data"]["_id"].clone();
+    d.connected("bob2", &c.socket_url(0), json!({ "token": bob.token, "cursor": cursor })).await;
+    let got = d.events("bob2", "newMessage", 1).await;
+    assert_eq!(got[0]["_id"], after);
+    assert!(got[0]["cursor"].as_u64().unwrap() > cursor);
+    d.next("bob2", |e| e["event"] == "synced", "synced").await;
+    let extra = d.quiet("bob2", Duration::from_millis(300)).await;
+    assert!(!extra.iter().any(|e| e["event"] == "newMessage"), "nothing from before the cursor again: {extra:?}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_cut_off_and_everything_before_it_kept() {
+    let mut c = Cluster::embedded().await;
+    let (amy, bob) = (c.register(0, "Amy").await, c.register(0, "Bob").await);
+    for i in 0..10 {
+        c.send(0, &amy, &bob, &format!("kept {i}"), None).await.ok();
+    }
+    let log_file = c.cfg.data_dir.join("events.log");
+    let whole = std::fs::metadata(&log_file).unwrap().len();
+    c.send(0, &amy, &bob, "torn", None).await.ok();
+    let head = c.log_head().await;
+    c.nodes.pop().unwrap().stop().await;
+
+    // A crash in the middle of writing the last record: its tail is missing.
+    let torn = std::fs::metadata(&log_file).unwrap().len() - 7;
+    std::fs::OpenOptions::new().write(true).open(&log_file).unwrap().set_len(torn).unwrap();
+    assert!(torn > whole);
+    c.add_node().await;
+    assert_eq!(c.log_head().await, head - 1, "the torn record is cut off");
+    assert_eq!(std::fs::metadata(&log_file).unwrap().len(), whole, "the file ends after the last whole record");
+    assert_eq!(c.unseen_from(0, &bob, &amy).await, 10);
+    let texts: Vec<Value> = c.history(0, &bob, &amy).await.iter().map(|m| m["message"].clone()).collect();
+    assert_eq!(texts, (0..10).map(|i| json!(format!("kept {i}"))).collect::<Vec<_>>());
+
+    // The log goes on from there, and reopens cleanly.
+    let next = c.send(0, &amy, &bob, "after", None).await.ok();
+    assert_eq!(next["data"]["seq"], json!(11));
+    c.restart().await;
+    assert_eq!(c.history(0, &bob, &amy).await.len(), 11);
+
+    // Garbage after the last record (a header promising more than is there)
+    // is a torn write too.
+    c.nodes.pop().unwrap().stop().await;
+    let mut bytes = std::fs::read(&log_file).unwrap();
+    let len = bytes.len();
+    bytes.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, b'{']);
+    std::fs::write(&log_file, &bytes).unwrap();
+    c.add_node().await;
+    assert_eq!(std::fs::metadata(&log_file).unwrap().len(), len as u64);
+    assert_eq!(c.history(0, &bob, &amy).await.len(), 11);
+    c.stop().await;
+}
+
+async fn spawn_on(c: &Cluster) -> ProcessNode {
+    c.spawn_process().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_a_stream_of_sends_loses_no_acknowledged_send() {
+    let mut c = Cluster::embedded().await;
+    // The node runs as its own process from here, so it can be killed.
+    c.nodes.pop().unwrap().stop().await;
+    let mut node = spawn_on(&c).await;
+    let http = c.http.clone();
+    let (amy, bob, carol) =
+        (register_at(&http, &node.url, "Amy").await, register_at(&http, &node.url, "Bob").await, register_at(&http, &node.url, "Carol").await);
+    let (amy, bob, carol) = (Arc::new(amy), Arc::new(bob), Arc::new(carol));
+
+    // Three senders, each sending one message at a time until the node dies;
+    // every acknowledged send and the one in flight are recorded.
+    let acked: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let in_flight: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let mut senders = Vec::new();
+    for (label, from, to) in [("amy", amy.clone(), bob.clone()), ("carol", carol.clone(), bob.clone()), ("bob", bob.clone(), amy.clone())] {
+        let (http, url, acked, in_flight) = (http.clone(), node.url.clone(), acked.clone(), in_flight.clone());
+        senders.push(tokio::spawn(async move {
+            for i in 0.. {
+                let cmd = format!("{label}-{i}");
+                let attempt = (from.id.clone(), to.id.clone(), cmd.clone());
+                let body = json!({ "message": format!("message {cmd}"), "clientMsgId": cmd });
+                match call(&http, Method::POST, format!("{url}/api/messages/{}", to.id), Some(&from.token), Some(body)).await {
+                    Ok((200, _)) => acked.lock().unwrap().push(attempt),
+                    Ok((status, body)) => panic!("send refused with {status}: {body}"),
+                    Err(_) => {
+                        in_flight.lock().unwrap().push(attempt);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    eventually("60 acknowledged sends", || async { acked.lock().unwrap().len() >= 60 }).await;
+    node.kill9().await;
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let in_flight = in_flight.lock().unwrap().clone();
+
+    let node = spawn_on(&c).await;
+    let users: HashMap<String, Arc<User>> = [&amy, &bob, &carol].into_iter().map(|u| (u.id.clone(), u.clone())).collect();
+    // The client retries what it never saw acknowledged, with the same id:
+    // stored once, whether or not the dead node had written it.
+    for (from, to, cmd) in &in_flight {
+        let body = json!({ "message": format!("message {cmd}"), "clientMsgId": cmd });
+        let (status, r) = call(&http, Method::POST, format!("{}/api/messages/{to}", node.url), Some(&users[from].token), Some(body)).await.unwrap();
+        assert_eq!(status, 200, "{r}");
+    }
+
+    // Counts first (reading a conversation marks it seen): exact.
+    let (_, r) = call(&http, Method::GET, format!("{}/api/users", node.url), Some(&bob.token), None).await.unwrap();
+    let sent_by = |u: &User, to: &User| acked.iter().chain(&in_flight).filter(|(f, t, _)| *f == u.id && *t == to.id).count() as u64;
+    assert_eq!(r["unseenMessages"], json!({ amy.id.clone(): sent_by(&amy, &bob), carol.id.clone(): sent_by(&carol, &bob) }));
+    let (_, r) = call(&http, Method::GET, format!("{}/api/users", node.url), Some(&amy.token), None).await.unwrap();
+    assert_eq!(r["unseenMessages"], json!({ bob.id.clone(): sent_by(&bob, &amy) }));
+
+    for (me, peer) in [(&bob, &amy), (&bob, &carol)] {
+        let (status, history) =
+            call(&http, Method::GET, format!("{}/api/messages/{}?limit=500", node.url, peer.id), Some(&me.token), None).await.unwrap();
+        assert_eq!(status, 200);
+        let history = history.as_array().unwrap();
+        let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=history.len() as u64).collect::<Vec<_>>(), "gapless");
+        let ids: Vec<&str> = history.iter().map(|m| m["clientMsgId"].as_str().unwrap()).collect();
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len(), "nothing twice");
+        let expected: HashSet<&str> = acked
+            .iter()
+            .chain(&in_flight)
+            .filter(|(f, t, _)| (*f == me.id && *t == peer.id) || (*f == peer.id && *t == me.id))
+            .map(|(_, _, cmd)| cmd.as_str())
+            .collect();
+        assert_eq!(ids.into_iter().collect::<HashSet<_>>(), expected, "every acknowledged send, once");
+    }
+    drop(node);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn with_nothing_configured_natter_runs_embedded_in_natter_data_and_keeps_its_tokens() {
+    let cwd = Cluster::data_dir(&uuid::Uuid::new_v4().simple().to_string());
+    std::fs::create_dir_all(&cwd).unwrap();
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
+    let start = |port: u16| {
+        natter_command()
+            .current_dir(&cwd)
+            .env("NATTER_HOST", "127.0.0.1")
+            .env("NATTER_PORT", port.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    let ready = || async { call(&http, Method::GET, format!("{url}/readyz"), None, None).await.is_ok_and(|(s, _)| s == 200) };
+    let first = start(port);
+    eventually("the embedded node to serve", ready).await;
+    let (_, r) = call(&http, Method::GET, format!("{url}/readyz"), None, None).await.unwrap();
+    assert_eq!(r["mode"], json!("embedded"));
+    assert!(cwd.join("natter-data/events.log").exists() && cwd.join("natter-data/jwt-secret").exists());
+    let amy = register_at(&http, &url, "Amy").await;
+    let bob = register_at(&http, &url, "Bob").await;
+
+    // A second node on the same directory is refused, and says why.
+    let out = start(free_port()).wait_with_output().await.unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another natter process is using the data directory"), "{stderr}");
+
+    // A clean stop (SIGTERM), then a start: the same data, and the tokens
+    // issued before still work (the secret is kept in the data directory).
+    let pid = first.id().unwrap();
+    std::process::Command::new("kill").arg(pid.to_string()).status().unwrap();
+    let out = first.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("embedded mode") && log.contains("natter-data"), "start-up says the mode and the data: {log}");
+    let _second = start(port);
+    eventually("the embedded node to serve again", ready).await;
+    let body = json!({ "message": "still here" });
+    let (status, r) = call(&http, Method::POST, format!("{url}/api/messages/{}", bob.id), Some(&amy.token), Some(body)).await.unwrap();
+    assert_eq!(status, 200, "{r}");
+    let (_, r) = call(&http, Method::GET, format!("{url}/api/users"), Some(&bob.token), None).await.unwrap();
+    assert_eq!(r["unseenMessages"], json!({ amy.id.clone(): 1 }));
+    drop(_second);
+    let _ = std::fs::remove_dir_all(&cwd);
+}
+
+/// `natter migrate` from a real embedded node's data directory: the
+/// distributed views built from the migrated log equal the embedded ones.
+#[tokio::test]
+async fn an_embedded_node_migrates_into_jetstream_with_equal_views() {
+    let prefix = format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let embedded = Cluster::embedded_with(|cfg| cfg.subject_prefix = prefix.clone()).await;
+    let (amy, bob, carol) = (embedded.register(0, "Amy").await, embedded.register(0, "Bob").await, embedded.register(0, "Carol").await);
+    let rooms = some_history(&embedded, &amy, &bob, &carol).await;
+    let users = [&amy, &bob, &carol];
+    let expected = views_of(&embedded, 0, &users, &rooms).await;
+    let head = embedded.log_head().await;
+    let dir = embedded.cfg.data_dir.clone();
+    let mut embedded = embedded;
+    embedded.nodes.pop().unwrap().stop().await;
+
+    let mut c = Cluster::start_with(0, |cfg| cfg.subject_prefix = prefix.clone()).await;
+    let nats = c.cfg.nats_url.clone().unwrap();
+    let out = c.natter(&["migrate", "--from", dir.to_str().unwrap(), "--to", &nats]).await;
+    assert!(out.contains(&format!("migrated {head} events")), "{out}");
+    c.add_node().await;
+    eventually("the distributed views to equal the embedded ones", || async { views_of(&c, 0, &users, &rooms).await == expected }).await;
+    // The users log in and go on where they were.
+    assert_eq!(c.unseen(0, &bob).await, json!({ amy.id.clone(): 5 }));
+    let next = c.send(0, &amy, &bob, "on the cluster", None).await.ok();
+    assert_eq!(next["data"]["seq"], json!(8), "amy and bob had 7 messages");
+    let _ = SECRET;
+    c.stop().await;
+    embedded.stop().await;
+}
