@@ -273,6 +273,12 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
 /// started on the target build their views from the migrated log.
 pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::Result<()> {
     use crate::log::file::{FileLog, SyncPolicy};
+    if !from.join("events.log").exists() {
+        anyhow::bail!("{} holds no event log (events.log): pass the embedded node's data directory with --from", from.display());
+    }
+    // The node must be stopped: opening the log cuts a torn tail, which
+    // would be a live node's half-written record.
+    let _lock = crate::embedded::lock_data_dir(from).context("stop the embedded node before migrating its data")?;
     let source = FileLog::open(from, SyncPolicy::Always, cfg.dedup_window).with_context(|| format!("opening {}", from.display()))?;
     let target = NatsLog::connect(to, &cfg.stream, &cfg.subject_prefix, cfg.dedup_window).await?;
     let total = source.head().await?;

@@ -47,7 +47,7 @@ use crate::tail::Tail;
 /// Takes the data directory's lock: two processes appending to one log
 /// would corrupt it. The lock is released when the process ends, however
 /// it ends (`kill -9` included).
-fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
     let path = dir.join("lock");
     let file = std::fs::OpenOptions::new()

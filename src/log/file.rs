@@ -12,7 +12,7 @@
 //! (expected last sequence of the subject) and command-id deduplication
 //! (within the window) behave as JetStream's do.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -63,6 +63,8 @@ struct State {
     last_by_subject: HashMap<String, u64>,
     /// Command id → (sequence, when appended), for deduplication.
     recent: HashMap<String, (u64, Instant)>,
+    /// The same command ids, oldest first, for pruning in O(expired).
+    recent_order: VecDeque<(Instant, String)>,
 }
 
 pub struct FileLog {
@@ -95,14 +97,16 @@ impl FileLog {
             .with_context(|| format!("opening event log {}", path.display()))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).with_context(|| format!("reading event log {}", path.display()))?;
-        let (mut offsets, mut last_by_subject, mut recent) = (Vec::new(), HashMap::new(), HashMap::new());
+        let (mut offsets, mut last_by_subject, mut recent, mut recent_order) = (Vec::new(), HashMap::new(), HashMap::new(), VecDeque::new());
+        let opened = Instant::now();
         let mut pos = 0usize;
         while pos < bytes.len() {
             match Self::parse(&bytes[pos..]) {
                 Some((record, size)) if record.seq == offsets.len() as u64 + 1 => {
                     offsets.push(pos as u64);
                     last_by_subject.insert(record.subject, record.seq);
-                    recent.insert(record.msg_id, (record.seq, Instant::now()));
+                    recent_order.push_back((opened, record.msg_id.clone()));
+                    recent.insert(record.msg_id, (record.seq, opened));
                     pos += size;
                 }
                 _ => break,
@@ -130,7 +134,7 @@ impl FileLog {
             path,
             sync,
             dedup_window,
-            state: Mutex::new(State { file, offsets, end: pos as u64, last_by_subject, recent }),
+            state: Mutex::new(State { file, offsets, end: pos as u64, last_by_subject, recent, recent_order }),
             head,
         })
     }
@@ -235,11 +239,26 @@ impl EventLog for FileLog {
     }
 }
 
+impl Drop for FileLog {
+    /// With [`SyncPolicy::Os`], a clean stop still leaves everything on disk.
+    fn drop(&mut self) {
+        if self.sync == SyncPolicy::Os {
+            if let Ok(state) = self.state.get_mut() {
+                let _ = state.file.sync_all();
+            }
+        }
+    }
+}
+
 impl FileLog {
     fn append_blocking(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
         let mut state = self.state.lock().expect("event log lock");
         let window = self.dedup_window;
-        state.recent.retain(|_, (_, at)| at.elapsed() < window);
+        while state.recent_order.front().is_some_and(|(at, _)| at.elapsed() >= window) {
+            if let Some((_, id)) = state.recent_order.pop_front() {
+                state.recent.remove(&id);
+            }
+        }
         if let Some((seq, _)) = state.recent.get(&env.command_id) {
             return Ok(Appended { log_seq: *seq, duplicate: true });
         }
@@ -266,7 +285,9 @@ impl FileLog {
         state.end += bytes.len() as u64;
         state.offsets.push(offset);
         state.last_by_subject.insert(env.subject.clone(), seq);
-        state.recent.insert(env.command_id.clone(), (seq, Instant::now()));
+        let now = Instant::now();
+        state.recent.insert(env.command_id.clone(), (seq, now));
+        state.recent_order.push_back((now, env.command_id.clone()));
         Ok(Appended { log_seq: seq, duplicate: false })
     }
 }
