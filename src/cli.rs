@@ -140,7 +140,6 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let fanout = Arc::new(FanOut {
         bus: Arc::new(bus),
         prefix: cfg.subject_prefix.clone(),
-        views: views.clone(),
         log: Arc::new(log.clone()),
     });
     let projections: [Arc<dyn Projection>; 3] = [views, counts, fanout];

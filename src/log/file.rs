@@ -12,7 +12,7 @@
 //! (expected last sequence of the subject) and command-id deduplication
 //! (within the window) behave as JetStream's do.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -60,7 +60,7 @@ struct State {
     /// Byte offset of each record, by sequence - 1.
     offsets: Vec<u64>,
     end: u64,
-    last_by_subject: HashMap<String, u64>,
+    last_by_subject: BTreeMap<String, u64>,
     /// Command id → (sequence, when appended), for deduplication.
     recent: HashMap<String, (u64, Instant)>,
     /// The same command ids, oldest first, for pruning in O(expired).
@@ -74,6 +74,9 @@ pub struct FileLog {
     state: Mutex<State>,
     /// The newest sequence, for tailing readers.
     head: tokio::sync::watch::Sender<u64>,
+    /// The last write failed (disk full, I/O error): `/readyz` says so until
+    /// one succeeds.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 const HEADER: u64 = 8;
@@ -97,7 +100,7 @@ impl FileLog {
             .with_context(|| format!("opening event log {}", path.display()))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).with_context(|| format!("reading event log {}", path.display()))?;
-        let (mut offsets, mut last_by_subject, mut recent, mut recent_order) = (Vec::new(), HashMap::new(), HashMap::new(), VecDeque::new());
+        let (mut offsets, mut last_by_subject, mut recent, mut recent_order) = (Vec::new(), BTreeMap::new(), HashMap::new(), VecDeque::new());
         let opened = Instant::now();
         let mut pos = 0usize;
         while pos < bytes.len() {
@@ -136,6 +139,7 @@ impl FileLog {
             dedup_window,
             state: Mutex::new(State { file, offsets, end: pos as u64, last_by_subject, recent, recent_order }),
             head,
+            failing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -218,7 +222,13 @@ impl EventLog for FileLog {
             tokio::task::block_in_place(|| self.append_blocking(env, expected_last))
         } else {
             self.append_blocking(env, expected_last)
-        }?;
+        };
+        match &appended {
+            Ok(_) => self.failing.store(false, std::sync::atomic::Ordering::Relaxed),
+            Err(LogError::Unavailable(_)) => self.failing.store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(_) => {}
+        }
+        let appended = appended?;
         if !appended.duplicate {
             self.head.send_replace(appended.log_seq);
         }
@@ -234,7 +244,22 @@ impl EventLog for FileLog {
         Ok(self.state.lock().expect("event log lock").offsets.len() as u64)
     }
 
+    async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError> {
+        let state = self.state.lock().expect("event log lock");
+        Ok(state
+            .last_by_subject
+            .range(prefix.to_owned()..)
+            .map(|(subject, _)| subject)
+            .take_while(|subject| subject.starts_with(prefix))
+            .filter(|subject| !subject[prefix.len()..].contains('.'))
+            .cloned()
+            .collect())
+    }
+
     async fn check(&self) -> Result<(), LogError> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(corrupt(&self.path, "the last append could not be written (disk full? see the error logged with it)"));
+        }
         Ok(())
     }
 }
@@ -280,6 +305,7 @@ impl FileLog {
         if let Err(e) = written {
             // Leave no half record behind for the next append to follow.
             let _ = state.file.set_len(offset);
+            tracing::error!(path = %self.path.display(), error = %e, "cannot write to the event log (disk full? read-only?); commands answer 503 until a write succeeds");
             return Err(corrupt(&self.path, format!("write failed: {e}")));
         }
         state.end += bytes.len() as u64;

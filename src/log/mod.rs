@@ -50,6 +50,10 @@ pub trait EventLog: Send + Sync {
     async fn get(&self, seq: u64) -> Result<Logged, LogError>;
     /// Sequence of the newest event in the whole log (0: empty).
     async fn head(&self) -> Result<u64, LogError>;
+    /// The subjects under `prefix` (which ends with `.`) holding at least
+    /// one event, one token deeper: for `x.member.r1.` the subjects
+    /// `x.member.r1.<user>`.
+    async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError>;
     /// Whether the log can take writes now (for `/readyz`).
     async fn check(&self) -> Result<(), LogError>;
 }

@@ -136,6 +136,15 @@ impl EventLog for NatsLog {
         Ok(info.state.last_sequence)
     }
 
+    async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError> {
+        use futures::TryStreamExt;
+        let stream = self.stream().await?;
+        let found = stream.info_with_subjects(format!("{prefix}*")).await.map_err(unavailable)?;
+        let mut subjects: Vec<String> = found.map_ok(|(subject, _)| subject).try_collect().await.map_err(unavailable)?;
+        subjects.sort();
+        Ok(subjects)
+    }
+
     async fn check(&self) -> Result<(), LogError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(LogError::Unavailable("nats: not connected".into()));

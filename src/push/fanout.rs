@@ -6,7 +6,8 @@
 //!   sender whose messages were read (read receipts) and to the reader's
 //!   other tabs.
 //! - `RoomMessageSent` → `message` (the room message) to every member of the
-//!   room, as the views know them when the event is fanned out.
+//!   room, as the log has them when the event is fanned out (each member
+//!   subject of the room whose newest event is a join).
 //! - `MemberJoined` / `MemberLeft` → `member-joined` / `member-left`
 //!   `{roomId, userId}` to the members and the user concerned. Being in the
 //!   same per-user streams as the messages, every member sees joins, leaves
@@ -21,7 +22,7 @@ use async_trait::async_trait;
 use natter_events::{Envelope, Event};
 use std::sync::Arc;
 
-use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView, ViewStore};
+use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView};
 use serde_json::json;
 
 use super::{Payload, PushBus};
@@ -32,10 +33,7 @@ use crate::wire::{message_json, room_message_json};
 pub struct FanOut {
     pub bus: Arc<dyn PushBus>,
     pub prefix: String,
-    /// Room membership, to address room messages.
-    pub views: Arc<dyn ViewStore>,
-    /// The log, to confirm each addressee is still a member (the views may
-    /// lag behind a leave).
+    /// The log, for room membership (who to address room messages to).
     pub log: Arc<dyn EventLog>,
 }
 
@@ -57,18 +55,18 @@ pub fn deliveries(env: &Envelope) -> Vec<(String, Payload)> {
 }
 
 impl FanOut {
-    /// The room's members per the views, each confirmed by the newest event
-    /// of their member subject in the log: a member whose leave the views
-    /// have not applied yet gets nothing more.
-    async fn confirmed_members(&self, room: &str) -> Result<Vec<String>, ApplyError> {
-        let candidates = self.views.room_members(room).await?;
-        let subjects: Vec<String> = candidates.iter().map(|u| natter_events::subjects::member(&self.prefix, room, u)).collect();
+    /// The room's members now, from the log alone: every user with a member
+    /// subject in the room, kept if the newest event there is a join. (The
+    /// views may lag behind a join or a leave; the log does not.)
+    async fn members(&self, room: &str) -> Result<Vec<String>, ApplyError> {
+        let unavailable = |e: crate::log::LogError| ApplyError::Unavailable(e.to_string());
+        let prefix = natter_events::subjects::member(&self.prefix, room, "");
+        let subjects = self.log.subjects(&prefix).await.map_err(unavailable)?;
         let lasts = futures::future::join_all(subjects.iter().map(|s| self.log.last(s))).await;
-        let mut members = Vec::with_capacity(candidates.len());
-        for (user, last) in candidates.into_iter().zip(lasts) {
-            let last = last.map_err(|e| ApplyError::Unavailable(e.to_string()))?;
-            if membership_after(last.as_ref()).member {
-                members.push(user);
+        let mut members = Vec::with_capacity(subjects.len());
+        for (subject, last) in subjects.iter().zip(lasts) {
+            if membership_after(last.map_err(unavailable)?.as_ref()).member {
+                members.push(subject[prefix.len()..].to_owned());
             }
         }
         Ok(members)
@@ -109,7 +107,7 @@ impl Projection for FanOut {
             _ => None,
         };
         if let Some((room, concerned, payload)) = room {
-            let mut members = self.confirmed_members(room).await?;
+            let mut members = self.members(room).await?;
             if let Some(user) = concerned {
                 members.retain(|m| m != user);
                 members.push(user.clone());
@@ -122,9 +120,65 @@ impl Projection for FanOut {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use natter_events::{DmState, MessageSent, MessagesSeen};
 
     use super::*;
+
+    /// Room deliveries are addressed from the log alone: a member whose join
+    /// no view has applied yet gets the message; one who left does not.
+    #[tokio::test]
+    async fn room_messages_reach_the_members_the_log_has_without_any_view() {
+        use natter_events::{MemberJoined, MemberLeft, RoomMessageSent, subjects};
+
+        use crate::log::file::{FileLog, SyncPolicy};
+        use crate::push::Replay;
+        use crate::push::memory::MemoryPush;
+
+        let dir = std::env::temp_dir().join(format!("natter-fanout-{}", uuid::Uuid::new_v4().simple()));
+        let log = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
+        let member = |u: &str, joined: bool, n: u64| {
+            let event = if joined {
+                Event::MemberJoined(MemberJoined { room_id: "r1".into(), user_id: u.into(), seen_up_to: 0 })
+            } else {
+                Event::MemberLeft(MemberLeft { room_id: "r1".into(), user_id: u.into() })
+            };
+            Envelope::new(format!("{u}:{n}"), subjects::member("p", "r1", u), n, event)
+        };
+        let mut expected: HashMap<String, u64> = HashMap::new();
+        for (u, joined, n) in [("amy", true, 1), ("bob", true, 1), ("eve", true, 1), ("eve", false, 2)] {
+            let env = member(u, joined, n);
+            let appended = log.append(&env, expected.get(u).copied().unwrap_or(0)).await.unwrap();
+            expected.insert(u.into(), appended.log_seq);
+        }
+        // Another room's member is no member of this one.
+        log.append(&Envelope::new("zed:1".into(), subjects::member("p", "r10", "zed"), 1, Event::MemberJoined(MemberJoined {
+            room_id: "r10".into(),
+            user_id: "zed".into(),
+            seen_up_to: 0,
+        })), 0)
+        .await
+        .unwrap();
+        let msg = Envelope::new("amy:m1".into(), subjects::room("p", "r1"), 2, Event::RoomMessageSent(RoomMessageSent {
+            message_id: "m1".into(),
+            room_id: "r1".into(),
+            sender_id: "amy".into(),
+            client_msg_id: None,
+            message: Some("hi".into()),
+            attachment: None,
+            seq: 1,
+        }));
+        let seq = log.append(&msg, 0).await.unwrap().log_seq;
+        let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
+        let fanout = FanOut { bus: bus.clone(), prefix: "p".into(), log: log.clone() };
+        fanout.apply_at(&msg, seq).await.unwrap();
+        for (user, gets) in [("amy", true), ("bob", true), ("eve", false), ("zed", false)] {
+            let Replay::Page(page) = bus.replay(user, 0, 10).await.unwrap() else { panic!("too old") };
+            assert_eq!(page.len(), usize::from(gets), "{user}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_message_goes_to_both_participants_and_nobody_else() {

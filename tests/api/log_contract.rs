@@ -35,6 +35,8 @@ async fn contract(log: &dyn EventLog, prefix: &str) {
     assert_eq!(again.log_seq, first.log_seq);
     assert!(log.last(&c).await.unwrap().is_none(), "a duplicate appends nothing");
 
+    assert_eq!(log.subjects(&format!("{prefix}.ev.user.")).await.unwrap(), [a.clone(), b.clone()], "subjects holding events");
+    assert!(log.subjects(&format!("{prefix}.ev.")).await.unwrap().is_empty(), "one token deeper only");
     assert_eq!(log.last(&a).await.unwrap().unwrap().envelope, e2);
     assert_eq!(log.last(&b).await.unwrap().unwrap().log_seq, third.log_seq);
     assert_eq!(log.get(first.log_seq).await.unwrap().envelope, e1);
