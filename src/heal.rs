@@ -1,7 +1,9 @@
 //! Self-healing unread counts.
 //!
 //! Redis holds a projection, not the truth: when it loses its data the
-//! marker `counts-ready` goes with it, reads answer "rebuilding" (never a
+//! marker `counts-ready` goes with it (or, when Redis restarted from a
+//! snapshot or failed over, the marker names another server run and is
+//! withdrawn), reads answer "rebuilding" (never a
 //! wrong number), and one node (under a Redis lock) restarts the
 //! `redis-unseen` projector from the start of the log. When that consumer
 //! has acknowledged everything the log held when the rebuild began, the
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream;
-use natter_projections::redis_counts::RedisCounts;
+use natter_projections::redis_counts::{Readiness, RedisCounts};
 use natter_projections::switch::Switch;
 use tokio::sync::watch;
 
@@ -47,7 +49,14 @@ impl Healer {
     /// the log head the rebuild must reach.
     pub async fn begin(&self) -> anyhow::Result<Option<(u64, u32)>> {
         let (version, counts) = (self.counts.active_version(), self.counts.active());
-        if counts.is_ready().await? || !counts.try_lock_heal(&self.owner, LOCK_TTL).await? {
+        let readiness = counts.readiness().await?;
+        if readiness == Readiness::Withdrawn {
+            tracing::warn!(
+                "Redis restarted (or failed over) since the unread counts were completed: writes after its last \
+                 snapshot may be lost, so the counts are rebuilt from the log; until done, count reads answer 503 rebuilding"
+            );
+        }
+        if readiness == Readiness::Ready || !counts.try_lock_heal(&self.owner, LOCK_TTL).await? {
             return Ok(None);
         }
         let head = self.log.head().await?;

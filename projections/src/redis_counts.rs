@@ -8,11 +8,15 @@
 //! (room → that member's read watermark), both only ever raised (`max`), so
 //! unread = last − watermark whatever the delivery order.
 //!
-//! Losing Redis' data (FLUSHALL, a restart without persistence) must never
-//! show a wrong count: every read checks, in the same transaction, the
-//! marker `<prefix>counts-ready`, which only a completed rebuild writes. While
-//! it is missing reads answer [`StoreError::Rebuilding`] and a node rebuilds
-//! the counts from the log (see the gateway's `heal` module).
+//! Losing Redis' data (FLUSHALL, a restart without persistence, a restart
+//! that reloads a snapshot older than the last writes, a failover to a
+//! lagging replica) must never leave a wrong count: every read checks, in
+//! the same transaction, the marker `<prefix>counts-ready`, which only a
+//! completed rebuild writes, with the `run_id` of the Redis server it
+//! completed on. While it is missing reads answer
+//! [`StoreError::Rebuilding`] and a node rebuilds the counts from the log
+//! (see the gateway's `heal` module); a marker from another server run is
+//! withdrawn by the first node that notices (within a second).
 //!
 //! Every direct-message event carries the conversation's state, so the count
 //! is arithmetic (`peer.sent - reader.seen_count`), never a query.
@@ -26,6 +30,16 @@ use redis::aio::ConnectionManager;
 
 use crate::projection::{ApplyError, Projection};
 use crate::views::{CountStore, StoreError};
+
+/// Whether the counts in Redis can be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// No marker: never built, or Redis lost its data.
+    Missing,
+    /// Completed by an earlier run of the Redis server: withdrawn just now.
+    Withdrawn,
+}
 
 const SET_IF_NEWER: &str = r#"
 local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
@@ -99,16 +113,50 @@ impl RedisCounts {
         format!("{}counts-heal", self.prefix)
     }
 
-    /// Whether the counts are complete (no data loss since the last rebuild).
-    pub async fn is_ready(&self) -> Result<bool, StoreError> {
+    /// The server's `run_id`: new at every Redis start (and on a failover
+    /// to another server).
+    async fn run_id(&self) -> Result<String, StoreError> {
         let mut conn = self.conn.clone();
-        redis::cmd("EXISTS").arg(self.ready_key()).query_async(&mut conn).await.map_err(unavailable)
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.map_err(unavailable)?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned())
+            .ok_or_else(|| StoreError::Unavailable("redis: INFO server has no run_id".into()))
     }
 
-    /// Declares the counts complete: only after a rebuild caught up.
-    pub async fn mark_ready(&self) -> Result<(), StoreError> {
+    /// Whether the counts are complete. The marker names the Redis server
+    /// run that completed them: after a restart (which reloads a snapshot
+    /// that may miss the last writes) or a failover (a replica that may lag)
+    /// the counts cannot be trusted, so the stale marker is withdrawn (reads
+    /// answer "rebuilding" from then on) and [`Readiness::Withdrawn`] tells
+    /// the caller to rebuild.
+    pub async fn readiness(&self) -> Result<Readiness, StoreError> {
         let mut conn = self.conn.clone();
-        redis::cmd("SET").arg(self.ready_key()).arg("1").query_async::<()>(&mut conn).await.map_err(unavailable)
+        let marker: Option<String> = redis::cmd("GET").arg(self.ready_key()).query_async(&mut conn).await.map_err(unavailable)?;
+        let Some(marker) = marker else { return Ok(Readiness::Missing) };
+        if marker == self.run_id().await? {
+            return Ok(Readiness::Ready);
+        }
+        let _: i64 = Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end")
+            .key(self.ready_key())
+            .arg(&marker)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(Readiness::Withdrawn)
+    }
+
+    /// Whether the counts are complete (see [`RedisCounts::readiness`]).
+    pub async fn is_ready(&self) -> Result<bool, StoreError> {
+        Ok(self.readiness().await? == Readiness::Ready)
+    }
+
+    /// Declares the counts complete, for this run of the Redis server: only
+    /// after a rebuild caught up.
+    pub async fn mark_ready(&self) -> Result<(), StoreError> {
+        let run = self.run_id().await?;
+        let mut conn = self.conn.clone();
+        redis::cmd("SET").arg(self.ready_key()).arg(run).query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
     /// Takes the cluster-wide "I am rebuilding the counts" lock for `ttl`.
