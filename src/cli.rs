@@ -246,10 +246,16 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
     if name == COUNTS {
         Versions::counts_at(redis, &cfg.redis_prefix, new).mark_ready().await?;
     }
-    write_pointer(db, name, Pointer { active: new, building: None }).await?;
+    // Readers switch to v{new}, but every node keeps writing v{old} too
+    // while others may still read it: a node that has switched must not
+    // leave holes in the version an unswitched node reads.
+    write_pointer(db, name, Pointer { active: new, building: Some(old) }).await?;
     eprintln!("{name}: readers switched to v{new}");
-    // Let every node follow the switch (and move its projector to v{new})
-    // before this process stops projecting and the old version goes.
+    tokio::time::sleep(POINTER_PROPAGATION).await;
+    // Every node reads v{new} now: stop writing v{old}, and let every node
+    // follow (and move its projector to v{new}) before this process stops
+    // projecting and the old version goes.
+    write_pointer(db, name, Pointer { active: new, building: None }).await?;
     tokio::time::sleep(POINTER_PROPAGATION).await;
     let _ = stop.send(true);
     let _ = task.await;
@@ -275,10 +281,10 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
     if !from.join("events.log").exists() {
         anyhow::bail!("{} holds no event log (events.log): pass the embedded node's data directory with --from", from.display());
     }
-    // The node must be stopped: opening the log cuts a torn tail, which
-    // would be a live node's half-written record.
-    let _lock = crate::embedded::lock_data_dir(from).context("stop the embedded node before migrating its data")?;
-    let source = FileLog::open(from, SyncPolicy::Always, cfg.dedup_window).with_context(|| format!("opening {}", from.display()))?;
+    // Opening takes the directory's lock: the node must be stopped (opening
+    // cuts a torn tail, which would be a live node's half-written record).
+    let source = FileLog::open(from, SyncPolicy::Always, cfg.dedup_window)
+        .with_context(|| format!("opening {} (stop the embedded node before migrating its data)", from.display()))?;
     let target = NatsLog::connect(to, &cfg.stream, &cfg.subject_prefix, cfg.dedup_window).await?;
     let total = source.head().await?;
     let started = Instant::now();

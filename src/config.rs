@@ -253,7 +253,7 @@ impl Config {
             presence_ttl: pick!(presence_ttl_ms).map(Duration::from_millis).unwrap_or(d.presence_ttl),
             data_dir: pick!(data_dir).unwrap_or(d.data_dir),
             sync: match pick!(sync) {
-                Some(s) => s.parse().map_err(|e: String| anyhow::anyhow!("NATTER_SYNC: {e}"))?,
+                Some(s) => s.parse().map_err(|e: String| anyhow::anyhow!("sync (--sync / NATTER_SYNC / sync in the config file): {e}"))?,
                 None => d.sync,
             },
         };

@@ -20,10 +20,7 @@
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// How long start-up waits for another process to release the data directory.
-const LOCK_WAIT: Duration = Duration::from_secs(3);
+use std::time::Instant;
 
 use anyhow::Context;
 use natter_projections::memory::{MemoryCounts, MemoryViews};
@@ -43,35 +40,6 @@ use crate::push::fanout::FanOut;
 use crate::push::hub::PushHub;
 use crate::push::memory::MemoryPush;
 use crate::tail::Tail;
-
-/// Takes the data directory's lock: two processes appending to one log
-/// would corrupt it. The lock is released when the process ends, however
-/// it ends (`kill -9` included).
-pub fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
-    let path = dir.join("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    // A node that is just stopping (or a process being spawned, which holds
-    // a copy of the descriptor for an instant) releases it shortly: wait.
-    let deadline = Instant::now() + LOCK_WAIT;
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(file),
-            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-                "another natter process is using the data directory {} (one embedded node per directory; \
-                 stop it, or set NATTER_DATA_DIR to another directory)",
-                dir.display()
-            ),
-            Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
-        }
-    }
-}
 
 /// The token secret kept in the data directory, created on first start.
 fn stored_secret(dir: &Path) -> anyhow::Result<SecretString> {
@@ -93,15 +61,19 @@ fn stored_secret(dir: &Path) -> anyhow::Result<SecretString> {
     Ok(SecretString::from(secret))
 }
 
-/// Opens the data directory, rebuilds the views from the log, serves.
+/// Opens the data directory, rebuilds the views from the log, serves. At
+/// shutdown the log is closed (and the directory released) once the server
+/// has drained.
 pub async fn start(mut cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Result<RunningNode> {
     let dir = cfg.data_dir.clone();
-    let lock = lock_data_dir(&dir)?;
+    // Opening takes the directory's lock (waiting a little for a node that
+    // is stopping) and reads the whole file: keep it off the async workers.
+    let (sync, window, at) = (cfg.sync, cfg.dedup_window, dir.clone());
+    let file_log = Arc::new(tokio::task::spawn_blocking(move || FileLog::open(&at, sync, window)).await??);
     if cfg.jwt_secret.is_none() {
         cfg.jwt_secret = Some(stored_secret(&dir)?);
     }
     let auth = Auth::from_config(&cfg)?;
-    let file_log = Arc::new(FileLog::open(&dir, cfg.sync, cfg.dedup_window)?);
     let log: Arc<dyn EventLog> = file_log.clone();
     let views = Arc::new(MemoryViews::default());
     let counts = Arc::new(MemoryCounts::default());
@@ -139,12 +111,14 @@ pub async fn start(mut cfg: Config, listener: tokio::net::TcpListener) -> anyhow
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = vec![tokio::spawn(tail.run(replayed, shutdown_rx.clone()))];
     let addr = serve(node.clone(), listener, shutdown_rx, &mut tasks)?;
-    // Hold the data directory until the server has drained (no request can
-    // append any more).
+    // Once the server has drained, close the log: a request handler or
+    // socket task still running is refused rather than allowed to append
+    // after the data directory is released to a successor.
     let server = tasks.pop().expect("serve starts the HTTP server task");
+    let closing = file_log.clone();
     tasks.push(tokio::spawn(async move {
         let _ = server.await;
-        drop(lock);
+        closing.close();
     }));
     let sync = match cfg.sync {
         crate::config::SyncPolicy::Always => "always (fsync before every acknowledgement)",

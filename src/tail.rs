@@ -45,23 +45,31 @@ impl Tail {
         }
     }
 
+    /// Reads the event at `seq`, retrying while the file cannot be read;
+    /// `None` for an event that cannot be decoded (parked).
+    async fn read(&self, seq: u64) -> Option<natter_events::Envelope> {
+        loop {
+            match self.log.get(seq).await {
+                Ok(logged) => return Some(logged.envelope),
+                Err(LogError::Corrupt { source, .. }) => {
+                    for p in &self.projections {
+                        self.park(p.name(), seq, &source.to_string());
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    // The file became unreadable: nothing sensible to skip to.
+                    self.log.set_read_failure();
+                    tracing::error!(seq, error = %e, "cannot read the event log; projections are stalled, retrying every second");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
     /// Applies the event at `seq` to every projection.
     async fn project(&self, seq: u64, head: u64) {
-        let env = match self.log.get(seq).await {
-            Ok(logged) => logged.envelope,
-            Err(LogError::Corrupt { source, .. }) => {
-                for p in &self.projections {
-                    self.park(p.name(), seq, &source.to_string());
-                }
-                return;
-            }
-            Err(e) => {
-                // The file became unreadable: nothing sensible to skip to.
-                tracing::error!(seq, error = %e, "cannot read the event log; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                return Box::pin(self.project(seq, head)).await;
-            }
-        };
+        let Some(env) = self.read(seq).await else { return };
         for p in &self.projections {
             let name = p.name();
             loop {
@@ -84,10 +92,10 @@ impl Tail {
         }
     }
 
-    /// Applies every event after `after` up to the log's head now; returns
-    /// the last sequence applied.
+    /// Applies every acknowledged event after `after` up to the log's head
+    /// now; returns the last sequence applied.
     pub async fn catch_up(&self, after: u64) -> u64 {
-        let head = self.log.head().await.unwrap_or(after);
+        let head = *self.log.watch_head().borrow();
         for seq in after + 1..=head {
             self.project(seq, head).await;
         }

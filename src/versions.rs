@@ -78,24 +78,24 @@ impl Versions {
     /// Re-reads the pointers and re-points the switches.
     pub async fn refresh(&self) -> Result<(), StoreError> {
         let vp = read_pointer(&self.db, VIEWS).await?;
-        if vp.active != self.views.active_version() {
-            tracing::info!(from = self.views.active_version(), to = vp.active, "views switched to a rebuilt version");
-            self.views.set_active(vp.active, Arc::new(MongoViews::open_version(&self.db, vp.active).await?));
-        }
-        if vp.building != self.views.building_version() {
+        if vp.active != self.views.active_version() || vp.building != self.views.building_version() {
+            if vp.active != self.views.active_version() {
+                tracing::info!(from = self.views.active_version(), to = vp.active, "views switched to a rebuilt version");
+            }
+            let active = (vp.active, Arc::new(MongoViews::open_version(&self.db, vp.active).await?));
             let building = match vp.building {
                 Some(v) => Some((v, Arc::new(MongoViews::open_version(&self.db, v).await?))),
                 None => None,
             };
-            self.views.set_building(building);
+            self.views.set_both(active, building);
         }
         let cp = read_pointer(&self.db, COUNTS).await?;
-        if cp.active != self.counts.active_version() {
-            tracing::info!(from = self.counts.active_version(), to = cp.active, "unread counts switched to a rebuilt version");
-            self.counts.set_active(cp.active, Arc::new(Self::counts_at(&self.redis, &self.redis_base, cp.active)));
-        }
-        if cp.building != self.counts.building_version() {
-            self.counts.set_building(cp.building.map(|v| (v, Arc::new(Self::counts_at(&self.redis, &self.redis_base, v)))));
+        if cp.active != self.counts.active_version() || cp.building != self.counts.building_version() {
+            if cp.active != self.counts.active_version() {
+                tracing::info!(from = self.counts.active_version(), to = cp.active, "unread counts switched to a rebuilt version");
+            }
+            let at = |v: u32| (v, Arc::new(Self::counts_at(&self.redis, &self.redis_base, v)));
+            self.counts.set_both(at(cp.active), cp.building.map(at));
         }
         Ok(())
     }

@@ -4,7 +4,9 @@
 //! and the writing node's own) goes to the active version and, during a
 //! rebuild, to the *building* one too. A rebuild ends by making the building
 //! version active: readers switch in one step and never see a half-built
-//! view.
+//! view. Right after the switch the old version takes the second slot for
+//! a moment, so nodes that switched keep writing it while nodes that have
+//! not yet noticed still read it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -48,9 +50,20 @@ impl<T> Switch<T> {
         *self.building.write().expect("switch lock") = building;
     }
 
+    /// Sets both slots in one step (no writer sees one changed and not the
+    /// other).
+    pub fn set_both(&self, active: Versioned<T>, building: Option<Versioned<T>>) {
+        let mut a = self.active.write().expect("switch lock");
+        let mut b = self.building.write().expect("switch lock");
+        *a = active;
+        *b = building;
+    }
+
     fn targets(&self) -> Vec<Arc<T>> {
-        let mut out = vec![self.active()];
-        if let Some((_, b)) = self.building.read().expect("switch lock").as_ref() {
+        let active = self.active.read().expect("switch lock");
+        let building = self.building.read().expect("switch lock");
+        let mut out = vec![active.1.clone()];
+        if let Some((_, b)) = building.as_ref() {
             out.push(b.clone());
         }
         out

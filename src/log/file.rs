@@ -7,10 +7,21 @@
 //! crash (nothing was acknowledged for it), so the file is truncated there
 //! and everything before it is kept.
 //!
-//! Appends are serialized by a lock and are acknowledged after the record is
-//! written and, with [`SyncPolicy::Always`], fsynced. Optimistic concurrency
-//! (expected last sequence of the subject) and command-id deduplication
-//! (within the window) behave as JetStream's do.
+//! Damage is only cut when nothing valid follows it: if a checksum-valid
+//! record exists anywhere after the first bad byte, the file was damaged in
+//! the middle (not by an interrupted write) and opening is refused. Cut
+//! bytes are kept beside the log in `events.log.cut-<unix time>`.
+//!
+//! Appends are written under a lock and acknowledged once on disk: with
+//! [`SyncPolicy::Always`] after an fsync, which runs outside the lock so
+//! concurrent appends share one (group commit). Readers tailing the log see
+//! an event only once it is acknowledged ([`FileLog::watch_head`]).
+//! Optimistic concurrency (expected last sequence of the subject) and
+//! command-id deduplication (within the window) behave as JetStream's do.
+//!
+//! The log holds the data directory's lock (`lock`, an OS file lock released
+//! with the process, however it ends) for as long as it is open: one
+//! process per directory.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -63,6 +74,9 @@ struct State {
     last_by_subject: BTreeMap<String, u64>,
     /// Command id → (sequence, when appended), for deduplication.
     recent: HashMap<String, (u64, Instant)>,
+    /// A write or fsync failed in a way that leaves the file's state
+    /// unknown: no more appends until natter restarts and re-reads it.
+    broken: Option<String>,
     /// The same command ids, oldest first, for pruning in O(expired).
     recent_order: VecDeque<(Instant, String)>,
 }
@@ -72,6 +86,13 @@ pub struct FileLog {
     sync: SyncPolicy,
     dedup_window: Duration,
     state: Mutex<State>,
+    /// A second handle on the file, for fsyncs outside the state lock.
+    sync_file: std::fs::File,
+    /// Held by the appender whose fsync is running; with it, how far the
+    /// file is known to be on disk.
+    synced: Mutex<u64>,
+    /// The data directory's lock, held until the log is closed or dropped.
+    dir_lock: Mutex<Option<std::fs::File>>,
     /// The newest sequence, for tailing readers.
     head: tokio::sync::watch::Sender<u64>,
     /// The last write failed (disk full, I/O error): `/readyz` says so until
@@ -89,15 +110,22 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> LogError {
 
 impl FileLog {
     /// Opens (or creates) the log in `dir`, cutting off a torn last record.
+    /// Blocks (file I/O, and up to a few seconds for the directory lock).
     pub fn open(dir: &Path, sync: SyncPolicy, dedup_window: Duration) -> anyhow::Result<FileLog> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+        let dir_lock = lock_dir(dir)?;
         let path = dir.join("events.log");
+        let created = !path.exists();
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(&path)
             .with_context(|| format!("opening event log {}", path.display()))?;
+        if created {
+            // Make the new file's name durable too.
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing data directory {}", dir.display()))?;
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).with_context(|| format!("reading event log {}", path.display()))?;
         let (mut offsets, mut last_by_subject, mut recent, mut recent_order) = (Vec::new(), BTreeMap::new(), HashMap::new(), VecDeque::new());
@@ -115,44 +143,55 @@ impl FileLog {
                 _ => break,
             }
         }
-        if pos < bytes.len() && !Self::is_torn_tail(&bytes[pos..]) {
+        if let Some(valid) = Self::valid_record_after(&bytes, pos) {
             anyhow::bail!(
-                "event log {} is corrupt at byte {pos} of {} with records after it: not an interrupted write, \
-                 so nothing is cut off automatically; restore the file from a backup (events 1..{} before it are intact)",
+                "event log {} is corrupt at byte {pos} of {}, and a valid record follows at byte {valid}: this is damage \
+                 in the middle of the file, not an interrupted write, so nothing is cut off automatically. Restore \
+                 events.log from a backup (events 1..{} before the damage are intact)",
                 path.display(),
                 bytes.len(),
                 offsets.len()
             );
         }
         if pos < bytes.len() {
+            let keep = dir.join(format!("events.log.cut-{}", chrono::Utc::now().timestamp()));
+            std::fs::write(&keep, &bytes[pos..]).with_context(|| format!("saving the torn tail to {}", keep.display()))?;
             tracing::warn!(
-                path = %path.display(), kept = offsets.len(), cut_bytes = bytes.len() - pos,
-                "event log ends with a torn or corrupt record (an interrupted write); cutting it off"
+                path = %path.display(), kept_events = offsets.len(), cut_bytes = bytes.len() - pos, saved_to = %keep.display(),
+                "event log ends with a torn or damaged record (an interrupted write); cutting it off"
             );
             file.set_len(pos as u64).with_context(|| format!("truncating event log {}", path.display()))?;
-            file.sync_all()?;
+            file.sync_all().with_context(|| format!("syncing event log {} after truncating it", path.display()))?;
         }
         let head = tokio::sync::watch::Sender::new(offsets.len() as u64);
+        let sync_file = file.try_clone().with_context(|| format!("opening event log {}", path.display()))?;
         Ok(FileLog {
             path,
             sync,
             dedup_window,
-            state: Mutex::new(State { file, offsets, end: pos as u64, last_by_subject, recent, recent_order }),
+            state: Mutex::new(State { file, offsets, end: pos as u64, last_by_subject, recent, recent_order, broken: None }),
+            sync_file,
+            synced: Mutex::new(pos as u64),
+            dir_lock: Mutex::new(Some(dir_lock)),
             head,
             failing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Whether the unreadable bytes at the end are one record cut short or
-    /// damaged in the last write (as opposed to corruption with records
-    /// after it).
-    fn is_torn_tail(rest: &[u8]) -> bool {
-        if rest.len() < HEADER as usize {
-            return true;
+    /// Where, after the unreadable byte at `from`, a checksum-valid record
+    /// starts (records are JSON objects beginning `{"seq":`), if anywhere.
+    fn valid_record_after(bytes: &[u8], from: usize) -> Option<usize> {
+        const START: &[u8] = b"{\"seq\":";
+        let mut at = from + 1;
+        while at + START.len() <= bytes.len() {
+            let found = bytes[at..].windows(START.len()).position(|w| w == START)?;
+            let body = at + found;
+            if body >= from + HEADER as usize && Self::parse(&bytes[body - HEADER as usize..]).is_some() {
+                return Some(body - HEADER as usize);
+            }
+            at = body + 1;
         }
-        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        // Cut short, or exactly the last record (its checksum or body failed).
-        rest.len() <= HEADER as usize + len
+        None
     }
 
     /// One record from the start of `bytes`: the record and its size.
@@ -192,9 +231,26 @@ impl FileLog {
         &self.path
     }
 
-    /// The newest sequence, updated after every append (for tailing).
+    /// The newest acknowledged sequence, updated after every append (for
+    /// tailing: an event is visible here only once it is on disk).
     pub fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
         self.head.subscribe()
+    }
+
+    /// Closes the log for appends (they are refused from now on), flushes it
+    /// and releases the data directory: another process may open it at once.
+    pub fn close(&self) {
+        let mut state = self.state.lock().expect("event log lock");
+        state.broken = Some("the node is stopping".into());
+        if let Err(e) = state.file.sync_all() {
+            tracing::error!(path = %self.path.display(), error = %e, "event log fsync at close failed");
+        }
+        drop(self.dir_lock.lock().expect("data directory lock").take());
+    }
+
+    /// Marks the log as failing for `/readyz` (a reader found it damaged).
+    pub fn set_read_failure(&self) {
+        self.failing.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every event after `after`, in order (for projectors and migration).
@@ -228,11 +284,7 @@ impl EventLog for FileLog {
             Err(LogError::Unavailable(_)) => self.failing.store(true, std::sync::atomic::Ordering::Relaxed),
             Err(_) => {}
         }
-        let appended = appended?;
-        if !appended.duplicate {
-            self.head.send_replace(appended.log_seq);
-        }
-        Ok(appended)
+        appended
     }
 
     async fn get(&self, seq: u64) -> Result<Logged, LogError> {
@@ -257,8 +309,11 @@ impl EventLog for FileLog {
     }
 
     async fn check(&self) -> Result<(), LogError> {
+        if let Some(why) = &self.state.lock().expect("event log lock").broken {
+            return Err(corrupt(&self.path, why));
+        }
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(corrupt(&self.path, "the last append could not be written (disk full? see the error logged with it)"));
+            return Err(corrupt(&self.path, "the event log could not be written or read (disk full? damaged? see the errors logged)"));
         }
         Ok(())
     }
@@ -277,44 +332,103 @@ impl Drop for FileLog {
 
 impl FileLog {
     fn append_blocking(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
-        let mut state = self.state.lock().expect("event log lock");
-        let window = self.dedup_window;
-        while state.recent_order.front().is_some_and(|(at, _)| at.elapsed() >= window) {
-            if let Some((_, id)) = state.recent_order.pop_front() {
-                state.recent.remove(&id);
+        let (seq, end) = {
+            let mut state = self.state.lock().expect("event log lock");
+            if let Some(why) = &state.broken {
+                return Err(corrupt(&self.path, why));
+            }
+            let window = self.dedup_window;
+            while state.recent_order.front().is_some_and(|(at, _)| at.elapsed() >= window) {
+                if let Some((_, id)) = state.recent_order.pop_front() {
+                    state.recent.remove(&id);
+                }
+            }
+            if let Some((seq, _)) = state.recent.get(&env.command_id) {
+                return Ok(Appended { log_seq: *seq, duplicate: true });
+            }
+            if state.last_by_subject.get(&env.subject).copied().unwrap_or(0) != expected_last {
+                return Err(LogError::Conflict);
+            }
+            let seq = state.offsets.len() as u64 + 1;
+            let record = Record { seq, msg_id: env.command_id.clone(), subject: env.subject.clone(), event: env.to_stored() };
+            let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
+            let mut bytes = Vec::with_capacity(HEADER as usize + body.len());
+            bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+            bytes.extend_from_slice(&body);
+            let offset = state.end;
+            if let Err(e) = state.file.write_all(&bytes) {
+                // Leave no half record behind for the next append to follow.
+                tracing::error!(path = %self.path.display(), error = %e, "cannot write to the event log (disk full? read-only?); commands answer 503 until a write succeeds");
+                if let Err(cut) = state.file.set_len(offset) {
+                    state.broken = Some(format!("a failed write could not be undone ({cut}): restart natter"));
+                    tracing::error!(path = %self.path.display(), error = %cut, "cannot undo a failed write; refusing appends until restarted");
+                }
+                return Err(corrupt(&self.path, format!("write failed: {e}")));
+            }
+            state.end += bytes.len() as u64;
+            state.offsets.push(offset);
+            state.last_by_subject.insert(env.subject.clone(), seq);
+            let now = Instant::now();
+            state.recent.insert(env.command_id.clone(), (seq, now));
+            state.recent_order.push_back((now, env.command_id.clone()));
+            (seq, state.end)
+        };
+        if self.sync == SyncPolicy::Always {
+            // Group commit: whoever holds this lock fsyncs everything
+            // written so far; appends waiting behind it are often covered.
+            let mut synced = self.synced.lock().expect("event log sync lock");
+            if *synced < end {
+                let target = self.state.lock().expect("event log lock").end;
+                if let Err(e) = self.sync_file.sync_data() {
+                    // After a failed fsync the kernel's view of the file is
+                    // unknown (and other appends may follow ours): stop
+                    // appending; a restart re-reads what is really there.
+                    let why = format!("fsync failed ({e}): restart natter");
+                    tracing::error!(path = %self.path.display(), error = %e, "event log fsync failed; refusing appends until restarted");
+                    self.state.lock().expect("event log lock").broken = Some(why.clone());
+                    return Err(corrupt(&self.path, why));
+                }
+                *synced = target;
             }
         }
-        if let Some((seq, _)) = state.recent.get(&env.command_id) {
-            return Ok(Appended { log_seq: *seq, duplicate: true });
-        }
-        if state.last_by_subject.get(&env.subject).copied().unwrap_or(0) != expected_last {
-            return Err(LogError::Conflict);
-        }
-        let seq = state.offsets.len() as u64 + 1;
-        let record = Record { seq, msg_id: env.command_id.clone(), subject: env.subject.clone(), event: env.to_stored() };
-        let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
-        let mut bytes = Vec::with_capacity(HEADER as usize + body.len());
-        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
-        let offset = state.end;
-        let written = state.file.write_all(&bytes).and_then(|()| match self.sync {
-            SyncPolicy::Always => state.file.sync_data(),
-            SyncPolicy::Os => Ok(()),
+        // Acknowledged: tailing readers may see it now (the head never
+        // moves back, whatever order concurrent appends get here in).
+        self.head.send_if_modified(|head| {
+            let newer = seq > *head;
+            if newer {
+                *head = seq;
+            }
+            newer
         });
-        if let Err(e) = written {
-            // Leave no half record behind for the next append to follow.
-            let _ = state.file.set_len(offset);
-            tracing::error!(path = %self.path.display(), error = %e, "cannot write to the event log (disk full? read-only?); commands answer 503 until a write succeeds");
-            return Err(corrupt(&self.path, format!("write failed: {e}")));
-        }
-        state.end += bytes.len() as u64;
-        state.offsets.push(offset);
-        state.last_by_subject.insert(env.subject.clone(), seq);
-        let now = Instant::now();
-        state.recent.insert(env.command_id.clone(), (seq, now));
-        state.recent_order.push_back((now, env.command_id.clone()));
         Ok(Appended { log_seq: seq, duplicate: false })
+    }
+}
+
+/// Takes the data directory's lock (`dir/lock`). A node that is just
+/// stopping, or a process being spawned (which holds a copy of the
+/// descriptor for an instant), releases it shortly: wait a little.
+fn lock_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    const WAIT: Duration = Duration::from_secs(3);
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another natter process is using the data directory {} (one embedded node per directory; \
+                 stop it, or set NATTER_DATA_DIR to another directory)",
+                dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+        }
     }
 }
 
@@ -388,6 +502,66 @@ mod tests {
         let err = FileLog::open(&d, SyncPolicy::Always, Duration::from_secs(60)).err().expect("refused");
         assert!(err.to_string().contains("corrupt at byte 0"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_length_in_the_middle_is_refused_however_long_it_claims() {
+        let d = dir("len");
+        {
+            let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+            for s in ["a", "b", "c", "d"] {
+                log.append(&env(s, &format!("s.{s}"), 1), 0).await.unwrap();
+            }
+        }
+        let path = d.join("events.log");
+        let original = std::fs::read(&path).unwrap();
+        let second = {
+            let first_len = u32::from_le_bytes(original[0..4].try_into().unwrap()) as usize;
+            HEADER as usize + first_len
+        };
+        // The second record's length now points past the end of the file:
+        // it looks like a record cut short, but valid records follow it.
+        for claimed in [u32::MAX, original.len() as u32, 0] {
+            let mut bytes = original.clone();
+            bytes[second..second + 4].copy_from_slice(&claimed.to_le_bytes());
+            std::fs::write(&path, &bytes).unwrap();
+            let err = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).err().expect("refused");
+            assert!(err.to_string().contains(&format!("corrupt at byte {second}")), "{err}");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn a_zero_filled_tail_is_cut_and_kept_aside() {
+        let d = dir("zeros");
+        {
+            let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+            log.append(&env("a", "s.a", 1), 0).await.unwrap();
+        }
+        let path = d.join("events.log");
+        let whole = std::fs::read(&path).unwrap();
+        let mut bytes = whole.clone();
+        bytes.extend_from_slice(&[0u8; 4096]); // space allocated, never written (power loss)
+        std::fs::write(&path, &bytes).unwrap();
+        let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        assert_eq!(log.head().await.unwrap(), 1);
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        let kept: Vec<_> = std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("events.log.cut-")).collect();
+        assert_eq!(kept.len(), 1, "the cut bytes are kept aside");
+        assert_eq!(std::fs::read(kept[0].path()).unwrap().len(), 4096);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn one_process_per_data_directory() {
+        let d = dir("lock");
+        let _log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        let err = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).err().expect("refused");
+        assert!(err.to_string().contains("another natter process is using the data directory"), "{err}");
+        drop(_log);
+        FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).expect("free again once closed");
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -140,7 +140,12 @@ impl PushBus for MemoryPush {
 
     async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Pushed>> {
         let (tx, mut rx) = mpsc::channel(LIVE_BUFFER);
-        self.lock().subscribers.entry(user.to_owned()).or_default().push(tx);
+        let mut state = self.lock();
+        let subs = state.subscribers.entry(user.to_owned()).or_default();
+        // Forget subscriptions already dropped, so a client reconnecting in
+        // a loop to a quiet user cannot pile them up.
+        subs.retain(|tx| !tx.is_closed());
+        subs.push(tx);
         Ok(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed())
     }
 
