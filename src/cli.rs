@@ -137,11 +137,7 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let versions = Versions::open(db, crate::node::connect_redis(redis_url).await?, &cfg.redis_prefix).await?;
     let (views, counts) = (versions.views.clone(), versions.counts.clone());
     let bus = crate::push::nats::NatsPush::connect(log.client().clone(), log.jetstream().clone(), &cfg.stream, &cfg.subject_prefix, cfg.push_retention).await?;
-    let fanout = Arc::new(FanOut {
-        bus: Arc::new(bus),
-        prefix: cfg.subject_prefix.clone(),
-        log: Arc::new(log.clone()),
-    });
+    let fanout = Arc::new(FanOut::new(Arc::new(bus), cfg.subject_prefix.clone(), Arc::new(log.clone())));
     let projections: [Arc<dyn Projection>; 3] = [views, counts, fanout];
     let stream = log.jetstream().get_stream(format!("{}_PARKED", cfg.stream)).await?;
     let (mut fixed, mut still) = (0, 0);
@@ -321,6 +317,27 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
         eprint!("\rmigrated {after}/{total} events ({:.0}/s)    ", after as f64 / started.elapsed().as_secs_f64().max(0.001));
     }
     eprintln!();
+    // Real-time delivery starts after the migrated history: the push
+    // fan-out does not re-push it, and the inbox numbers deliveries after the
+    // embedded cursors (which were log sequences), so a client resuming with
+    // one gets `resync` rather than someone else's deliveries.
+    let head = target.head().await?;
+    let stream = target.jetstream().get_stream(&cfg.stream).await?;
+    let fanout = "push-fanout-v1";
+    if stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>(fanout).await.is_err() {
+        let mut config = crate::projector::consumer_config(fanout, true);
+        config.deliver_policy = async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: head + 1 };
+        stream.create_consumer(config).await.context("creating the push fan-out consumer after the migrated history")?;
+    }
+    crate::push::nats::NatsPush::connect_from(
+        target.client().clone(),
+        target.jetstream().clone(),
+        &cfg.stream,
+        &cfg.subject_prefix,
+        cfg.push_retention,
+        Some(head + 1),
+    )
+    .await?;
     println!("migrated {copied} events to {to} (stream {}), {skipped} already there", cfg.stream);
     Ok(())
 }

@@ -87,7 +87,7 @@ pub async fn start(mut cfg: Config, listener: tokio::net::TcpListener) -> anyhow
         Limits { max_message_chars: cfg.max_message_chars, max_attachment_chars: cfg.max_attachment_chars },
         metrics.clone(),
     );
-    let fanout = Arc::new(FanOut { bus: bus.clone(), prefix: cfg.subject_prefix.clone(), log: log.clone() });
+    let fanout = Arc::new(FanOut::in_order(bus.clone(), cfg.subject_prefix.clone(), log.clone()));
     let projections: Vec<Arc<dyn Projection>> = vec![views.clone(), counts.clone(), fanout];
     let tail = Tail { log: file_log.clone(), projections, metrics: metrics.clone(), parked: dir.join("parked.jsonl") };
 

@@ -175,7 +175,7 @@ async fn start_distributed(cfg: Config, listener: tokio::net::TcpListener) -> an
         redis_base: cfg.redis_prefix.clone(),
     };
     let heal_to = healer.begin().await.context("checking the unread counts in Redis")?;
-    let fanout = Arc::new(FanOut { bus, prefix: cfg.subject_prefix.clone(), log: node.log.clone() });
+    let fanout = Arc::new(FanOut::new(bus, cfg.subject_prefix.clone(), node.log.clone()));
     let projections: [Arc<dyn Projection>; 3] = [mongo, counts, fanout];
     for projection in projections {
         let projector = Projector {

@@ -30,6 +30,21 @@ enum Flow {
     Follow,
 }
 
+/// The durable consumer of a projection, from the first event of the log.
+pub fn consumer_config(durable: &str, ordered: bool) -> pull::Config {
+    // Ordered projections get one event in flight across the cluster and a
+    // short ack wait, so a crashed node holds the line only briefly;
+    // a dead node's in-flight events return after the ack wait.
+    let (max_ack_pending, ack_wait) = if ordered { (1, Duration::from_secs(5)) } else { (1024, Duration::from_secs(10)) };
+    pull::Config {
+        durable_name: Some(durable.to_owned()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait,
+        max_ack_pending,
+        ..Default::default()
+    }
+}
+
 pub struct Projector {
     pub js: jetstream::Context,
     pub stream: String,
@@ -67,27 +82,8 @@ impl Projector {
 
     async fn consume(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Flow> {
         let durable = self.durable_name();
-        // Ordered projections get one event in flight across the cluster and
-        // a short ack wait, so a crashed node holds the line only briefly.
-        let (max_ack_pending, ack_wait) = if self.projection.ordered() {
-            (1, Duration::from_secs(5))
-        } else {
-            // A dead node's in-flight events return after the ack wait.
-            (1024, Duration::from_secs(10))
-        };
         let stream = self.js.get_stream(&self.stream).await?;
-        let consumer = stream
-            .get_or_create_consumer(
-                &durable,
-                pull::Config {
-                    durable_name: Some(durable.clone()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait,
-                    max_ack_pending,
-                    ..Default::default()
-                },
-            )
-            .await?;
+        let consumer = stream.get_or_create_consumer(&durable, consumer_config(&durable, self.projection.ordered())).await?;
         let mut messages = consumer.messages().await?;
         // A rebuilt projection becomes live under a new version: follow it
         // to its consumer.

@@ -18,9 +18,11 @@
 //! one event in flight across the cluster, so every user's deliveries are in
 //! log order, and so in sequence order within each conversation.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
 use async_trait::async_trait;
 use natter_events::{Envelope, Event};
-use std::sync::Arc;
 
 use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView};
 use serde_json::json;
@@ -35,6 +37,31 @@ pub struct FanOut {
     pub prefix: String,
     /// The log, for room membership (who to address room messages to).
     pub log: Arc<dyn EventLog>,
+    /// `Some` when this fan-out is given every event of the log in order
+    /// from the first (the embedded projector): room membership is then
+    /// tracked from the events themselves, exactly as of each event, so a
+    /// replay of the log makes the very same deliveries.
+    pub in_order: Option<Mutex<InOrder>>,
+}
+
+/// Room membership as of the last event fanned out.
+#[derive(Default)]
+pub struct InOrder {
+    last_seq: u64,
+    rooms: HashMap<String, BTreeSet<String>>,
+}
+
+impl FanOut {
+    /// A fan-out that reads membership from the log (distributed: any node
+    /// may fan out the next event).
+    pub fn new(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>) -> FanOut {
+        FanOut { bus, prefix, log, in_order: None }
+    }
+
+    /// A fan-out fed every event in log order (embedded).
+    pub fn in_order(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>) -> FanOut {
+        FanOut { bus, prefix, log, in_order: Some(Mutex::new(InOrder::default())) }
+    }
 }
 
 /// The deliveries an event makes: (user, payload). Pure.
@@ -107,7 +134,26 @@ impl Projection for FanOut {
             _ => None,
         };
         if let Some((room, concerned, payload)) = room {
-            let mut members = self.members(room).await?;
+            let mut members = match &self.in_order {
+                Some(table) => {
+                    let mut table = table.lock().expect("fan-out membership lock");
+                    let members: Vec<String> = table.rooms.get(room.as_str()).map(|m| m.iter().cloned().collect()).unwrap_or_default();
+                    if log_seq > table.last_seq {
+                        table.last_seq = log_seq;
+                        match &env.event {
+                            Event::MemberJoined(e) => {
+                                table.rooms.entry(e.room_id.clone()).or_default().insert(e.user_id.clone());
+                            }
+                            Event::MemberLeft(e) => {
+                                table.rooms.entry(e.room_id.clone()).or_default().remove(&e.user_id);
+                            }
+                            _ => {}
+                        }
+                    }
+                    members
+                }
+                None => self.members(room).await?,
+            };
             if let Some(user) = concerned {
                 members.retain(|m| m != user);
                 members.push(user.clone());
@@ -120,8 +166,6 @@ impl Projection for FanOut {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use natter_events::{DmState, MessageSent, MessagesSeen};
 
     use super::*;
@@ -171,12 +215,65 @@ mod tests {
         }));
         let seq = log.append(&msg, 0).await.unwrap().log_seq;
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-        let fanout = FanOut { bus: bus.clone(), prefix: "p".into(), log: log.clone() };
+        let fanout = FanOut::new(bus.clone(), "p".into(), log.clone());
         fanout.apply_at(&msg, seq).await.unwrap();
         for (user, gets) in [("amy", true), ("bob", true), ("eve", false), ("zed", false)] {
             let Replay::Page(page) = bus.replay(user, 0, 10).await.unwrap() else { panic!("too old") };
             assert_eq!(page.len(), usize::from(gets), "{user}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Fed every event in order, the fan-out addresses each room event to
+    /// the members as of that event, so replaying the log (an embedded
+    /// restart) makes exactly the same deliveries.
+    #[tokio::test]
+    async fn in_order_membership_is_as_of_each_event_and_replays_identically() {
+        use natter_events::{MemberJoined, MemberLeft, RoomMessageSent};
+
+        use crate::log::file::{FileLog, SyncPolicy};
+        use crate::push::Replay;
+        use crate::push::memory::MemoryPush;
+
+        let dir = std::env::temp_dir().join(format!("natter-inorder-{}", uuid::Uuid::new_v4().simple()));
+        let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
+        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0 });
+        let leave = |u: &str| Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into() });
+        let msg = |seq: u64| {
+            Event::RoomMessageSent(RoomMessageSent {
+                message_id: format!("m{seq}"),
+                room_id: "r".into(),
+                sender_id: "amy".into(),
+                client_msg_id: None,
+                message: Some("hi".into()),
+                attachment: None,
+                seq,
+            })
+        };
+        let events: Vec<Envelope> = [join("amy"), join("eve"), msg(1), leave("eve"), join("zed"), msg(2)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| Envelope::new(format!("c{i}"), "p.ev.x".into(), i as u64 + 1, e))
+            .collect();
+        let run = || async {
+            let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
+            let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone());
+            for (i, env) in events.iter().enumerate() {
+                fanout.apply_at(env, i as u64 + 1).await.unwrap();
+            }
+            let mut seen = Vec::new();
+            for user in ["amy", "eve", "zed"] {
+                let Replay::Page(page) = bus.replay(user, 0, 10).await.unwrap() else { panic!("too old") };
+                seen.push(page.iter().map(|d| (user, d.payload.event.clone(), d.cursor)).collect::<Vec<_>>());
+            }
+            seen
+        };
+        let first = run().await;
+        let events_of = |u: usize| first[u].iter().map(|(_, e, c)| format!("{e}@{c}")).collect::<Vec<_>>();
+        assert_eq!(events_of(0), ["member-joined@1", "member-joined@2", "message@3", "member-left@4", "member-joined@5", "message@6"]);
+        assert_eq!(events_of(1), ["member-joined@2", "message@3", "member-left@4"], "eve: the message before she left, nothing after");
+        assert_eq!(events_of(2), ["member-joined@5", "message@6"], "zed: nothing from before he joined");
+        assert_eq!(run().await, first, "a replay makes the same deliveries");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -32,6 +32,20 @@ impl NatsPush {
         prefix: &str,
         retention: Duration,
     ) -> anyhow::Result<NatsPush> {
+        Self::connect_from(client, js, stream_name, prefix, retention, None).await
+    }
+
+    /// As [`NatsPush::connect`]; a stream created now numbers its first
+    /// delivery `first` (so cursors from an earlier deployment fall before
+    /// it and get `resync`).
+    pub async fn connect_from(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        stream_name: &str,
+        prefix: &str,
+        retention: Duration,
+        first: Option<u64>,
+    ) -> anyhow::Result<NatsPush> {
         let inbox = inbox_stream(stream_name);
         js.get_or_create_stream(stream::Config {
             name: inbox.clone(),
@@ -40,6 +54,7 @@ impl NatsPush {
             max_age: retention,
             duplicate_window: Duration::from_secs(120).min(retention),
             allow_direct: true,
+            first_sequence: first,
             republish: Some(stream::Republish {
                 source: format!("{prefix}.inbox.user.*"),
                 destination: format!("{prefix}.push.user.{{{{wildcard(1)}}}}"),

@@ -303,7 +303,12 @@ async fn an_embedded_node_migrates_into_jetstream_with_equal_views() {
     let prefix = format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let embedded = Cluster::embedded_with(|cfg| cfg.subject_prefix = prefix.clone()).await;
     let (amy, bob, carol) = (embedded.register(0, "Amy").await, embedded.register(0, "Bob").await, embedded.register(0, "Carol").await);
+    let mut d = Driver::start().await;
+    d.connected("bob-embedded", &embedded.socket_url(0), json!({ "token": bob.token })).await;
     let rooms = some_history(&embedded, &amy, &bob, &carol).await;
+    let pushed = d.events("bob-embedded", "newMessage", 12).await;
+    let old_cursor = pushed.last().unwrap()["cursor"].as_u64().unwrap();
+    d.disconnect("bob-embedded").await;
     let users = [&amy, &bob, &carol];
     let expected = views_of(&embedded, 0, &users, &rooms).await;
     let head = embedded.log_head().await;
@@ -317,10 +322,16 @@ async fn an_embedded_node_migrates_into_jetstream_with_equal_views() {
     assert!(out.contains(&format!("migrated {head} events")), "{out}");
     c.add_node().await;
     eventually("the distributed views to equal the embedded ones", || async { views_of(&c, 0, &users, &rooms).await == expected }).await;
-    // The users log in and go on where they were.
+    // The users go on where they were. A cursor from the embedded node
+    // gets `resync` (deliveries are numbered anew), and history is not
+    // pushed again: only what is sent now arrives.
     assert_eq!(c.unseen(0, &bob).await, json!({ amy.id.clone(): 5 }));
+    d.connected("bob-cluster", &c.socket_url(0), json!({ "token": bob.token, "cursor": old_cursor })).await;
+    d.next("bob-cluster", |e| e["event"] == "resync", "resync for an embedded cursor").await;
     let next = c.send(0, &amy, &bob, "on the cluster", None).await.ok();
     assert_eq!(next["data"]["seq"], json!(8), "amy and bob had 7 messages");
+    let live = d.events("bob-cluster", "newMessage", 1).await;
+    assert_eq!(live[0]["_id"], next["data"]["_id"], "the first push after the migration is the new message");
     let _ = SECRET;
     c.stop().await;
     embedded.stop().await;
