@@ -91,10 +91,6 @@ pub async fn start(mut cfg: Config, listener: tokio::net::TcpListener) -> anyhow
     let projections: Vec<Arc<dyn Projection>> = vec![views.clone(), counts.clone(), fanout];
     let tail = Tail { log: file_log.clone(), projections, metrics: metrics.clone(), parked: dir.join("parked.jsonl") };
 
-    let started = Instant::now();
-    let replayed = tail.catch_up(0).await;
-    tracing::info!(events = replayed, secs = format!("{:.2}", started.elapsed().as_secs_f64()), "views rebuilt from the event log");
-
     let node = Arc::new(Node {
         cfg: cfg.clone(),
         commands,
@@ -106,11 +102,14 @@ pub async fn start(mut cfg: Config, listener: tokio::net::TcpListener) -> anyhow
         push: PushHub::new(bus, cfg.socket_queue),
         presence: Arc::new(MemoryPresence::new(cfg.presence_ttl)),
         mode: Mode::Embedded,
+        serving: std::sync::atomic::AtomicBool::new(false),
         node_id: uuid::Uuid::new_v4().simple().to_string(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut tasks = vec![tokio::spawn(tail.run(replayed, shutdown_rx.clone()))];
-    let addr = serve(node.clone(), listener, shutdown_rx, &mut tasks)?;
+    let mut tasks = Vec::new();
+    // Listen at once (liveness probes get /healthz during a long replay;
+    // everything else answers 503 starting), rebuild the views, then serve.
+    let addr = serve(node.clone(), listener, shutdown_rx.clone(), &mut tasks)?;
     // Once the server has drained, close the log: a request handler or
     // socket task still running is refused rather than allowed to append
     // after the data directory is released to a successor.
@@ -120,6 +119,13 @@ pub async fn start(mut cfg: Config, listener: tokio::net::TcpListener) -> anyhow
         let _ = server.await;
         closing.close();
     }));
+    let head = *file_log.watch_head().borrow();
+    tracing::info!(%addr, events = head, "rebuilding the views from the event log before serving");
+    let started = Instant::now();
+    let replayed = tail.catch_up(0).await;
+    tracing::info!(events = replayed, secs = format!("{:.2}", started.elapsed().as_secs_f64()), "views rebuilt from the event log");
+    node.serving.store(true, std::sync::atomic::Ordering::Release);
+    tasks.push(tokio::spawn(tail.run(replayed, shutdown_rx)));
     let sync = match cfg.sync {
         crate::config::SyncPolicy::Always => "always (fsync before every acknowledgement)",
         crate::config::SyncPolicy::Os => "os (flushed by the OS: survives a natter crash, not a power loss)",

@@ -40,6 +40,9 @@ pub struct Node {
     pub push: Arc<PushHub>,
     pub presence: Arc<dyn Presence>,
     pub mode: Mode,
+    /// False while an embedded node rebuilds its views at start-up: only
+    /// `/healthz`, `/readyz` and `/metrics` answer until then.
+    pub serving: std::sync::atomic::AtomicBool,
     /// Unique per process: names this node's presence connections.
     pub node_id: String,
 }
@@ -158,6 +161,7 @@ async fn start_distributed(cfg: Config, listener: tokio::net::TcpListener) -> an
         push,
         presence,
         mode: Mode::Distributed,
+        serving: std::sync::atomic::AtomicBool::new(true),
         node_id: uuid::Uuid::new_v4().simple().to_string(),
     });
 
@@ -217,7 +221,9 @@ pub fn serve(
     tasks.push(tokio::spawn(crate::socket::chat::presence_loop(node.clone(), shutdown_rx.clone())));
     let addr = listener.local_addr()?;
     let (sockets, io) = crate::socket::layer(node.clone());
-    let app = crate::http::router(node.clone()).layer(sockets);
+    let app = crate::http::router(node.clone())
+        .layer(sockets)
+        .layer(axum::middleware::from_fn_with_state(node.clone(), crate::http::gate));
     // A peer that stops reading is cut off once unacknowledged data sits for
     // this long, so a stalled client cannot pin a connection (and its
     // buffers) forever.

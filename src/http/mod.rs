@@ -62,6 +62,22 @@ async fn record(state: axum::extract::State<AppState>, req: Request, next: Next)
     response
 }
 
+/// Until the node serves (an embedded node rebuilding its views from the
+/// log at start-up), everything but `/healthz`, `/readyz` and `/metrics` —
+/// Socket.IO included — answers 503 `starting`: answers from half-built
+/// views would be wrong.
+pub async fn gate(state: axum::extract::State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if state.serving.load(std::sync::atomic::Ordering::Acquire) || matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        return next.run(req).await;
+    }
+    axum::response::IntoResponse::into_response(ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "starting",
+        "natter is rebuilding its views from the event log; retry shortly",
+    ))
+}
+
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
 }

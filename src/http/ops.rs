@@ -17,6 +17,10 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(node): State<AppState>) -> impl IntoResponse {
+    if !node.serving.load(std::sync::atomic::Ordering::Acquire) {
+        let body = json!({ "status": "starting", "mode": "embedded", "detail": "rebuilding the views from the event log" });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+    }
     let (log, views, counts) = tokio::join!(node.log.check(), node.views.check(), node.counts.check());
     // Details go to the log for the operator; the (unauthenticated) answer
     // only says which dependency is down.

@@ -336,3 +336,33 @@ async fn an_embedded_node_migrates_into_jetstream_with_equal_views() {
     c.stop().await;
     embedded.stop().await;
 }
+
+/// While an embedded node rebuilds its views at start-up it listens, but
+/// only `/healthz`, `/readyz` (503 starting) and `/metrics` answer: the API
+/// and Socket.IO get 503 `starting`, never answers from half-built views.
+#[tokio::test]
+async fn while_the_views_are_rebuilt_only_health_answers() {
+    use std::sync::atomic::Ordering;
+
+    let c = Cluster::embedded().await;
+    let amy = c.register(0, "Amy").await;
+    let node = &c.node(0).node;
+    node.serving.store(false, Ordering::Release);
+    assert_eq!(c.request(0, Method::GET, "/healthz", None, None).await.status.as_u16(), 200);
+    let r = c.request(0, Method::GET, "/readyz", None, None).await;
+    assert_eq!((r.status.as_u16(), r.body["status"].clone()), (503, json!("starting")));
+    let r = c.request(0, Method::GET, "/api/users", Some(&amy.token), None).await;
+    assert_eq!((r.status.as_u16(), r.body["code"].clone()), (503, json!("starting")), "{}", r.body);
+    let head = c.log_head().await;
+    let body = json!({ "name": "Bob", "email": "bob@example.com", "password": "password123" });
+    let r = c.request(0, Method::POST, "/api/auth/register", None, Some(body)).await;
+    assert_eq!(r.status.as_u16(), 503);
+    assert_eq!(c.log_head().await, head, "nothing appended while starting");
+    let (status, _) = call(&c.http, Method::GET, c.url(0, "/socket.io/?EIO=4&transport=polling"), None, None).await.unwrap();
+    assert_eq!(status, 503, "no Socket.IO handshake while starting");
+
+    node.serving.store(true, Ordering::Release);
+    assert!(c.request(0, Method::GET, "/api/users", Some(&amy.token), None).await.status.is_success());
+    assert_eq!(c.request(0, Method::GET, "/readyz", None, None).await.status.as_u16(), 200);
+    c.stop().await;
+}

@@ -376,7 +376,7 @@ impl Cluster {
             .spawn()
             .expect("spawn natter");
         let node = ProcessNode { child, url: format!("http://127.0.0.1:{port}") };
-        let health = format!("{}/healthz", node.url);
+        let health = format!("{}/readyz", node.url);
         eventually("the natter process to serve", || async {
             self.http.get(&health).send().await.is_ok_and(|r| r.status().is_success())
         })
