@@ -21,7 +21,7 @@ function connect(cmd) {
     forceNew: true,
     reconnection: false,
     transports: cmd.transports || ["websocket"],
-    timeout: 10000,
+    timeout: 25000,
   });
   sockets.set(cmd.id, socket);
   socket.on("connect", () => out({ id: cmd.id, type: "connect" }));
@@ -41,7 +41,7 @@ rl.on("line", (line) => {
       break;
     case "emit":
       if (cmd.ack) {
-        socket.timeout(10000).emit(cmd.event, cmd.data, (err, resp) =>
+        socket.timeout(25000).emit(cmd.event, cmd.data, (err, resp) =>
           out({ id: cmd.id, type: "ack", tag: cmd.tag, error: err ? String(err) : null, data: resp }));
       } else {
         socket.emit(cmd.event, cmd.data);
