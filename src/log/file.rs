@@ -71,7 +71,8 @@ struct State {
     /// Byte offset of each record, by sequence - 1.
     offsets: Vec<u64>,
     end: u64,
-    last_by_subject: BTreeMap<String, u64>,
+    /// Every event's sequence, by subject (the last is the subject's newest).
+    by_subject: BTreeMap<String, Vec<u64>>,
     /// Command id → (sequence, when appended), for deduplication.
     recent: HashMap<String, (u64, Instant)>,
     /// A write or fsync failed in a way that leaves the file's state
@@ -128,14 +129,14 @@ impl FileLog {
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).with_context(|| format!("reading event log {}", path.display()))?;
-        let (mut offsets, mut last_by_subject, mut recent, mut recent_order) = (Vec::new(), BTreeMap::new(), HashMap::new(), VecDeque::new());
+        let (mut offsets, mut by_subject, mut recent, mut recent_order) = (Vec::new(), BTreeMap::<String, Vec<u64>>::new(), HashMap::new(), VecDeque::new());
         let opened = Instant::now();
         let mut pos = 0usize;
         while pos < bytes.len() {
             match Self::parse(&bytes[pos..]) {
                 Some((record, size)) if record.seq == offsets.len() as u64 + 1 => {
                     offsets.push(pos as u64);
-                    last_by_subject.insert(record.subject, record.seq);
+                    by_subject.entry(record.subject).or_default().push(record.seq);
                     recent_order.push_back((opened, record.msg_id.clone()));
                     recent.insert(record.msg_id, (record.seq, opened));
                     pos += size;
@@ -169,7 +170,7 @@ impl FileLog {
             path,
             sync,
             dedup_window,
-            state: Mutex::new(State { file, offsets, end: pos as u64, last_by_subject, recent, recent_order, broken: None }),
+            state: Mutex::new(State { file, offsets, end: pos as u64, by_subject, recent, recent_order, broken: None }),
             sync_file,
             synced: Mutex::new(pos as u64),
             dir_lock: Mutex::new(Some(dir_lock)),
@@ -265,7 +266,7 @@ impl FileLog {
 impl EventLog for FileLog {
     async fn last(&self, subject: &str) -> Result<Option<Logged>, LogError> {
         let mut state = self.state.lock().expect("event log lock");
-        match state.last_by_subject.get(subject).copied() {
+        match state.by_subject.get(subject).and_then(|seqs| seqs.last()).copied() {
             Some(seq) => self.read_at(&mut state, seq).map(Some),
             None => Ok(None),
         }
@@ -296,10 +297,19 @@ impl EventLog for FileLog {
         Ok(self.state.lock().expect("event log lock").offsets.len() as u64)
     }
 
+    async fn last_before(&self, subject: &str, before: u64) -> Result<Option<Logged>, LogError> {
+        let mut state = self.state.lock().expect("event log lock");
+        let seqs = state.by_subject.get(subject).map(|seqs| seqs.as_slice()).unwrap_or_default();
+        match seqs.partition_point(|&s| s < before).checked_sub(1).map(|i| seqs[i]) {
+            Some(seq) => self.read_at(&mut state, seq).map(Some),
+            None => Ok(None),
+        }
+    }
+
     async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError> {
         let state = self.state.lock().expect("event log lock");
         Ok(state
-            .last_by_subject
+            .by_subject
             .range(prefix.to_owned()..)
             .map(|(subject, _)| subject)
             .take_while(|subject| subject.starts_with(prefix))
@@ -346,7 +356,7 @@ impl FileLog {
             if let Some((seq, _)) = state.recent.get(&env.command_id) {
                 return Ok(Appended { log_seq: *seq, duplicate: true });
             }
-            if state.last_by_subject.get(&env.subject).copied().unwrap_or(0) != expected_last {
+            if state.by_subject.get(&env.subject).and_then(|seqs| seqs.last()).copied().unwrap_or(0) != expected_last {
                 return Err(LogError::Conflict);
             }
             let seq = state.offsets.len() as u64 + 1;
@@ -368,7 +378,7 @@ impl FileLog {
             }
             state.end += bytes.len() as u64;
             state.offsets.push(offset);
-            state.last_by_subject.insert(env.subject.clone(), seq);
+            state.by_subject.entry(env.subject.clone()).or_default().push(seq);
             let now = Instant::now();
             state.recent.insert(env.command_id.clone(), (seq, now));
             state.recent_order.push_back((now, env.command_id.clone()));

@@ -42,6 +42,9 @@ pub enum LogError {
 pub trait EventLog: Send + Sync {
     /// The newest event on `subject`, if any.
     async fn last(&self, subject: &str) -> Result<Option<Logged>, LogError>;
+    /// The newest event on `subject` stored before log sequence `before`
+    /// (what the subject said as of that point of the log).
+    async fn last_before(&self, subject: &str, before: u64) -> Result<Option<Logged>, LogError>;
     /// Appends `env` on its subject if the subject's newest event is still
     /// the one at log sequence `expected_last` (0: the subject is empty).
     /// Deduplicates on `env.command_id`.

@@ -136,6 +136,29 @@ impl EventLog for NatsLog {
         Ok(info.state.last_sequence)
     }
 
+    async fn last_before(&self, subject: &str, before: u64) -> Result<Option<Logged>, LogError> {
+        // Usually the newest event is older than `before`: one read.
+        let last = self.last(subject).await?;
+        if last.as_ref().is_none_or(|l| l.log_seq < before) {
+            return Ok(last);
+        }
+        // The subject moved on since: walk it from its first event (member
+        // subjects hold a handful of joins and leaves).
+        let stream = self.stream().await?;
+        let (mut found, mut from) = (None, 1);
+        loop {
+            match stream.direct_get_next_for_subject(subject, Some(from)).await {
+                Ok(msg) if msg.sequence < before => {
+                    from = msg.sequence + 1;
+                    found = Some(Self::decode(msg.sequence, &msg.payload)?);
+                }
+                Ok(_) => return Ok(found),
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(found),
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+
     async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError> {
         use futures::TryStreamExt;
         let stream = self.stream().await?;

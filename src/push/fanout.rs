@@ -6,8 +6,8 @@
 //!   sender whose messages were read (read receipts) and to the reader's
 //!   other tabs.
 //! - `RoomMessageSent` → `message` (the room message) to every member of the
-//!   room, as the log has them when the event is fanned out (each member
-//!   subject of the room whose newest event is a join).
+//!   room as of that event: each member subject of the room whose newest
+//!   event before it in the log is a join (never the views, which may lag).
 //! - `MemberJoined` / `MemberLeft` → `member-joined` / `member-left`
 //!   `{roomId, userId}` to the members and the user concerned. Being in the
 //!   same per-user streams as the messages, every member sees joins, leaves
@@ -82,17 +82,19 @@ pub fn deliveries(env: &Envelope) -> Vec<(String, Payload)> {
 }
 
 impl FanOut {
-    /// The room's members now, from the log alone: every user with a member
-    /// subject in the room, kept if the newest event there is a join. (The
-    /// views may lag behind a join or a leave; the log does not.)
-    async fn members(&self, room: &str) -> Result<Vec<String>, ApplyError> {
+    /// The room's members as of the event at `log_seq`, from the log
+    /// alone: every user with a member subject in the room whose newest
+    /// event before `log_seq` is a join. (The views may lag behind a join
+    /// or a leave; the log does not, and a change after the event does not
+    /// count.)
+    async fn members(&self, room: &str, log_seq: u64) -> Result<Vec<String>, ApplyError> {
         let unavailable = |e: crate::log::LogError| ApplyError::Unavailable(e.to_string());
         let prefix = natter_events::subjects::member(&self.prefix, room, "");
         let subjects = self.log.subjects(&prefix).await.map_err(unavailable)?;
-        let lasts = futures::future::join_all(subjects.iter().map(|s| self.log.last(s))).await;
+        let states = futures::future::join_all(subjects.iter().map(|s| self.log.last_before(s, log_seq))).await;
         let mut members = Vec::with_capacity(subjects.len());
-        for (subject, last) in subjects.iter().zip(lasts) {
-            if membership_after(last.map_err(unavailable)?.as_ref()).member {
+        for (subject, state) in subjects.iter().zip(states) {
+            if membership_after(state.map_err(unavailable)?.as_ref()).member {
                 members.push(subject[prefix.len()..].to_owned());
             }
         }
@@ -152,7 +154,7 @@ impl Projection for FanOut {
                     }
                     members
                 }
-                None => self.members(room).await?,
+                None => self.members(room, log_seq).await?,
             };
             if let Some(user) = concerned {
                 members.retain(|m| m != user);
@@ -170,8 +172,9 @@ mod tests {
 
     use super::*;
 
-    /// Room deliveries are addressed from the log alone: a member whose join
-    /// no view has applied yet gets the message; one who left does not.
+    /// Room deliveries are addressed from the log alone, as of the message:
+    /// a member whose join no view has applied yet gets it, one who left
+    /// before it does not, and changes after it do not count.
     #[tokio::test]
     async fn room_messages_reach_the_members_the_log_has_without_any_view() {
         use natter_events::{MemberJoined, MemberLeft, RoomMessageSent, subjects};
@@ -214,10 +217,14 @@ mod tests {
             seq: 1,
         }));
         let seq = log.append(&msg, 0).await.unwrap().log_seq;
+        // After the message (the fan-out is behind): bob leaves, kim joins.
+        log.append(&member("bob", false, 2), expected["bob"]).await.unwrap();
+        log.append(&member("kim", true, 1), 0).await.unwrap();
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
         let fanout = FanOut::new(bus.clone(), "p".into(), log.clone());
         fanout.apply_at(&msg, seq).await.unwrap();
-        for (user, gets) in [("amy", true), ("bob", true), ("eve", false), ("zed", false)] {
+        // Membership as of the message: bob still in, kim not yet.
+        for (user, gets) in [("amy", true), ("bob", true), ("eve", false), ("zed", false), ("kim", false)] {
             let Replay::Page(page) = bus.replay(user, 0, 10).await.unwrap() else { panic!("too old") };
             assert_eq!(page.len(), usize::from(gets), "{user}");
         }

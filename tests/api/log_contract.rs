@@ -36,6 +36,11 @@ async fn contract(log: &dyn EventLog, prefix: &str) {
     assert!(log.last(&c).await.unwrap().is_none(), "a duplicate appends nothing");
 
     assert_eq!(log.subjects(&format!("{prefix}.ev.user.")).await.unwrap(), [a.clone(), b.clone()], "subjects holding events");
+    let as_of = |before: u64| log.last_before(&a, before);
+    assert!(as_of(first.log_seq).await.unwrap().is_none(), "nothing before the first event");
+    assert_eq!(as_of(second.log_seq).await.unwrap().unwrap().envelope, e1, "the subject as of its second event");
+    assert_eq!(as_of(second.log_seq + 1).await.unwrap().unwrap().envelope, e2);
+    assert_eq!(log.last_before(&b, u64::MAX).await.unwrap().unwrap().log_seq, third.log_seq);
     assert!(log.subjects(&format!("{prefix}.ev.")).await.unwrap().is_empty(), "one token deeper only");
     assert_eq!(log.last(&a).await.unwrap().unwrap().envelope, e2);
     assert_eq!(log.last(&b).await.unwrap().unwrap().log_seq, third.log_seq);
