@@ -84,7 +84,7 @@ pub async fn start(mut cfg: Config, listener: tokio::net::TcpListener) -> anyhow
         views.clone(),
         counts.clone(),
         cfg.subject_prefix.clone(),
-        Limits { max_message_chars: cfg.max_message_chars, max_attachment_chars: cfg.max_attachment_chars },
+        Limits::from_config(&cfg),
         metrics.clone(),
     );
     let fanout = Arc::new(FanOut::in_order(bus.clone(), cfg.subject_prefix.clone(), log.clone()));

@@ -147,7 +147,7 @@ async fn start_distributed(cfg: Config, listener: tokio::net::TcpListener) -> an
         mongo.clone(),
         counts.clone(),
         cfg.subject_prefix.clone(),
-        Limits { max_message_chars: cfg.max_message_chars, max_attachment_chars: cfg.max_attachment_chars },
+        Limits::from_config(&cfg),
         metrics.clone(),
     );
     let node = Arc::new(Node {

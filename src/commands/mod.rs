@@ -79,6 +79,12 @@ pub struct Limits {
     pub max_attachment_chars: usize,
 }
 
+impl Limits {
+    pub fn from_config(cfg: &crate::config::Config) -> Limits {
+        Limits { max_message_chars: cfg.max_message_chars, max_attachment_chars: cfg.max_attachment_chars }
+    }
+}
+
 /// How often an append is retried when other writers keep winning the race
 /// for the same conversation.
 pub(crate) const MAX_ATTEMPTS: u32 = 200;
