@@ -111,6 +111,9 @@ async fn parked(log: &NatsLog, cfg: &Config) -> anyhow::Result<Vec<Parked>> {
 
 /// `natter parked list`.
 pub async fn parked_list(cfg: &Config) -> anyhow::Result<()> {
+    if cfg.mode()? == crate::config::Mode::Embedded {
+        return embedded_parked_list(cfg);
+    }
     let log = connect_log(cfg).await?;
     let all = parked(&log, cfg).await?;
     if all.is_empty() {
@@ -122,6 +125,30 @@ pub async fn parked_list(cfg: &Config) -> anyhow::Result<()> {
             Err(_) => format!("{} undecodable bytes", p.payload.len()),
         };
         println!("#{:<6} {:<14} log seq {:<8} {what}\n        reason: {}", p.seq, p.projection, p.log_seq, p.reason);
+    }
+    Ok(())
+}
+
+/// `natter parked list` for an embedded node: the lines of
+/// `<data dir>/parked.jsonl` (readable while the node runs). There is no
+/// retry: an embedded node applies every event again at each start.
+fn embedded_parked_list(cfg: &Config) -> anyhow::Result<()> {
+    let path = cfg.data_dir.join("parked.jsonl");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut any = false;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        any = true;
+        let p: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|_| serde_json::json!({ "reason": line }));
+        println!("{:<14} log seq {:<8} at {}\n        reason: {}", p["projection"].as_str().unwrap_or("?"), p["seq"], p["at"].as_str().unwrap_or("?"), p["reason"].as_str().unwrap_or("?"));
+    }
+    if !any {
+        println!("no parked events ({})", path.display());
+    } else {
+        println!("(embedded node: fix the cause, then restart natter; it applies every event again at start)");
     }
     Ok(())
 }

@@ -366,3 +366,51 @@ async fn while_the_views_are_rebuilt_only_health_answers() {
     assert_eq!(c.request(0, Method::GET, "/readyz", None, None).await.status.as_u16(), 200);
     c.stop().await;
 }
+
+/// An event the embedded projector cannot apply (here: a schema version
+/// newer than this build knows) is parked in `parked.jsonl`, listed by
+/// `natter parked list`, and the node goes on serving and projecting.
+#[tokio::test]
+async fn a_poison_event_is_parked_and_the_node_goes_on() {
+    let mut c = Cluster::embedded().await;
+    let (amy, bob) = (c.register(0, "Amy").await, c.register(0, "Bob").await);
+    c.send(0, &amy, &bob, "before", None).await.ok();
+    let head = c.log_head().await;
+    c.nodes.pop().unwrap().stop().await;
+
+    // Append a copy of the last record as a v99 event on a subject of its own.
+    let log_file = c.cfg.data_dir.join("events.log");
+    let mut bytes = std::fs::read(&log_file).unwrap();
+    let mut at = 0;
+    let mut last = 0;
+    while at < bytes.len() {
+        last = at;
+        at += 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    }
+    let mut record: Value = serde_json::from_slice(&bytes[last + 8..]).unwrap();
+    record["seq"] = json!(head + 1);
+    record["msgId"] = json!("poison-1");
+    record["subject"] = json!(format!("{}.ev.dm.poison.x", c.cfg.subject_prefix));
+    record["event"]["subject"] = record["subject"].clone();
+    record["event"]["commandId"] = json!("poison-1");
+    record["event"]["v"] = json!(99);
+    let body = serde_json::to_vec(&record).unwrap();
+    bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    std::fs::write(&log_file, &bytes).unwrap();
+
+    c.add_node().await;
+    assert_eq!(c.log_head().await, head + 1, "the poison event is kept in the log");
+    let parked = std::fs::read_to_string(c.cfg.data_dir.join("parked.jsonl")).unwrap();
+    assert_eq!(parked.lines().count(), 3, "one line per projection: {parked}");
+    assert!(parked.lines().all(|l| l.contains(&format!("\"seq\":{}", head + 1))), "{parked}");
+    let listed = c.natter(&["parked", "list"]).await;
+    assert!(listed.contains("mongo-views") && listed.contains("push-fanout"), "{listed}");
+    assert!(listed.contains(&format!("log seq {}", head + 1)), "{listed}");
+    // The node goes on: everything before is there, new events project.
+    assert_eq!(c.unseen_from(0, &bob, &amy).await, 1);
+    c.send(0, &amy, &bob, "after", None).await.ok();
+    assert_eq!(c.unseen_from(0, &bob, &amy).await, 2);
+    c.stop().await;
+}
