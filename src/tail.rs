@@ -4,8 +4,9 @@
 //!
 //! In-process views start empty, so an embedded node replays its whole log
 //! at start-up ([`Tail::catch_up`]) before it serves, then follows new
-//! appends. One event at a time, every projection in turn: the fan-out sees
-//! the views as of at least that event. A poison event (undecodable, or
+//! appends. One event at a time, every projection in turn, strictly in log
+//! order (the fan-out relies on it to track room membership as of each
+//! event). A poison event (undecodable, or
 //! refused by a projection) is recorded in `parked.jsonl` beside the log,
 //! counted, and skipped for that projection, so it cannot stall the others.
 
