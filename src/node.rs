@@ -231,11 +231,13 @@ pub fn serve(
         let _ = socket2::SockRef::from(&*tcp).set_tcp_user_timeout(Some(Duration::from_secs(30)));
     });
     let mut rx = shutdown_rx.clone();
+    let closing_node = node.clone();
     tasks.push(tokio::spawn(async move {
         let stopped = async move {
             let _ = rx.wait_for(|stop| *stop).await;
-            // Close every socket so the server can drain.
-            io.close().await;
+            // End every socket's session, then close the connections so
+            // the server can drain.
+            crate::socket::close_all(&io, &closing_node).await;
         };
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
             tracing::error!(error = %e, "HTTP server failed");

@@ -29,7 +29,7 @@ use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
 use tokio::sync::watch;
 
-use super::session::{ControlTx, Filter, closed, error, on_sync, open};
+use super::session::{Filter, error, on_sync, open, release};
 use super::{SocketUser, StartCursor};
 use crate::commands::CommandError;
 use crate::commands::rooms::SendRoomMessage;
@@ -214,18 +214,20 @@ async fn on_send(
     }
 }
 
-async fn on_disconnect(
-    s: SocketRef,
-    State(node): State<Arc<Node>>,
-    Extension(SocketUser(me)): Extension<SocketUser>,
-    Extension(Entered(entered)): Extension<Entered>,
-    Extension(control): Extension<ControlTx>,
-    reason: DisconnectReason,
-) {
-    closed(&node, &control, reason);
+async fn on_disconnect(s: SocketRef, State(node): State<Arc<Node>>, reason: DisconnectReason) {
+    release_chat(&node, &s, reason).await;
+}
+
+/// Ends a `/chat` socket's session and presence, once (at disconnect or
+/// shutdown).
+pub async fn release_chat(node: &Node, s: &SocketRef, reason: DisconnectReason) {
+    if !release(node, s, reason) {
+        return;
+    }
+    let (Some(SocketUser(me)), Some(Entered(entered))) = (s.extensions.get::<SocketUser>(), s.extensions.get::<Entered>()) else { return };
     let rooms: Vec<String> = entered.lock().expect("entered rooms lock").drain().collect();
     for room in rooms {
-        exit_room(&node, &s, &me, &room).await;
+        exit_room(node, s, &me, &room).await;
     }
 }
 

@@ -24,7 +24,7 @@ use serde_json::json;
 use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
 
-use super::session::{ControlTx, Filter, closed, error, on_sync, open};
+use super::session::{Filter, error, on_sync, open, release};
 use super::{SocketUser, StartCursor};
 use crate::node::Node;
 use crate::push::Payload;
@@ -59,8 +59,8 @@ pub async fn on_connect(
     s.extensions.insert(TypingLimit(Arc::new(Mutex::new((f64::from(node.cfg.typing_per_sec) * 2.0, Instant::now())))));
     s.on("typing", on_typing);
     s.on("sync", on_sync);
-    s.on_disconnect(async |State(node): State<Arc<Node>>, Extension(control): Extension<ControlTx>, reason: DisconnectReason| {
-        closed(&node, &control, reason)
+    s.on_disconnect(async |s: SocketRef, State(node): State<Arc<Node>>, reason: DisconnectReason| {
+        release(&node, &s, reason);
     });
     open(s, node, user, start, Filter::Direct);
 }

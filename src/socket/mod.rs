@@ -105,6 +105,20 @@ pub async fn emit_patiently(s: &SocketRef, event: &str, data: &Value, patience: 
     }
 }
 
+/// At shutdown: ends every socket's session and presence (announcing the
+/// users who leave rooms), then closes the connections. Clients see a
+/// transport close and reconnect by themselves (to another node, behind a
+/// load balancer), resuming with their cursor.
+pub async fn close_all(io: &SocketIo, node: &Node) {
+    for s in io.of("/").map(|ns| ns.sockets()).unwrap_or_default() {
+        session::release(node, &s, socketioxide::socket::DisconnectReason::ClosingServer);
+    }
+    for s in io.of("/chat").map(|ns| ns.sockets()).unwrap_or_default() {
+        chat::release_chat(node, &s, socketioxide::socket::DisconnectReason::ClosingServer).await;
+    }
+    io.close().await;
+}
+
 /// Builds the Socket.IO layer and registers the namespaces.
 pub fn layer(node: Arc<Node>) -> (SocketIoLayer, SocketIo) {
     let (layer, io) = SocketIo::builder().with_state(node).build_layer();

@@ -184,8 +184,20 @@ pub fn open(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, fil
     tokio::spawn(run(s, node, user, start, filter, rx));
 }
 
-/// Ends a socket's session (from its disconnect handler).
-pub fn closed(node: &Node, ControlTx(tx): &ControlTx, reason: DisconnectReason) {
+/// Ends a socket's session, once: from its disconnect handler, or at
+/// shutdown (socketioxide's close does not run disconnect handlers).
+/// Returns false when it had already ended.
+pub fn release(node: &Node, s: &SocketRef, reason: DisconnectReason) -> bool {
+    match s.extensions.remove::<ControlTx>() {
+        Some(control) => {
+            closed(node, &control, reason);
+            true
+        }
+        None => false,
+    }
+}
+
+fn closed(node: &Node, ControlTx(tx): &ControlTx, reason: DisconnectReason) {
     node.metrics.socket_closed();
     let lost = matches!(reason, DisconnectReason::HeartbeatTimeout | DisconnectReason::TransportError);
     let _ = tx.try_send(Control::Closed { lost });

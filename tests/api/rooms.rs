@@ -271,3 +271,38 @@ async fn a_member_who_was_away_resumes_with_the_room_messages_they_missed(c: &Cl
     let extra = d.quiet("bob-back", Duration::from_millis(400)).await;
     assert!(!extra.iter().any(|e| e["event"] == "message"), "nothing twice: {extra:?}");
 }
+
+/// A node that stops (SIGTERM, a rolling deploy) ends its sockets' sessions
+/// and presence at once: the others hear `user-left` without waiting for
+/// the presence TTL, and its clients see a transport close, on which
+/// socket.io clients reconnect by themselves.
+#[tokio::test]
+async fn a_stopping_node_ends_its_sockets_presence_and_clients_reconnect() {
+    let mut c = Cluster::start_with(2, |cfg| cfg.presence_ttl = std::time::Duration::from_secs(120)).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let room = create_room(&c, 0, &amy, "Drain").await;
+    let mut d = Driver::start().await;
+    d.connected("amy", &c.chat_url(0), json!({ "token": amy.token })).await;
+    d.emit_ack("amy", "join-room", json!(room)).await;
+    d.connected("bob", &c.chat_url(1), json!({ "token": bob.token })).await;
+    d.emit_ack("bob", "join-room", json!(room)).await;
+    d.next("amy", |e| e["event"] == "user-joined", "user-joined").await;
+    d.connected("bob-dm", &c.socket_url(1), json!({ "token": bob.token })).await;
+    d.next("bob-dm", |e| e["event"] == "synced", "synced").await;
+
+    let stopping = c.nodes.pop().unwrap();
+    let hub = stopping.node.clone();
+    stopping.stop().await;
+    assert_eq!(hub.push.subscribed_users(), 0, "every session ended with the node");
+    // Long before the 120 s TTL could expire it.
+    let left = d.next("amy", |e| e["event"] == "user-left", "user-left from the stopping node").await;
+    assert_eq!(left["data"]["user"]["_id"], json!(bob.id));
+    for s in ["bob", "bob-dm"] {
+        let gone = d.next(s, |e| e["type"] == "disconnect", "disconnect").await;
+        assert_eq!(gone["reason"], json!("transport close"), "{s}: a reason on which clients reconnect");
+    }
+    let users = format!("/api/rooms/{room}/users");
+    assert_eq!(c.request(0, Method::GET, &users, Some(&amy.token), None).await.ok()["count"], json!(1));
+    c.stop().await;
+}
