@@ -89,7 +89,7 @@ pub async fn start(mut cfg: Config, listener: tokio::net::TcpListener) -> anyhow
     );
     let fanout = Arc::new(FanOut::in_order(bus.clone(), cfg.subject_prefix.clone(), log.clone()));
     let projections: Vec<Arc<dyn Projection>> = vec![views.clone(), counts.clone(), fanout];
-    let tail = Tail { log: file_log.clone(), projections, metrics: metrics.clone(), parked: dir.join("parked.jsonl") };
+    let tail = Tail::new(file_log.clone(), projections, metrics.clone(), dir.join("parked.jsonl"));
 
     let node = Arc::new(Node {
         cfg: cfg.clone(),

@@ -12,7 +12,8 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use natter_projections::{ApplyError, Projection};
@@ -24,17 +25,34 @@ use crate::log::{EventLog, LogError};
 use crate::metrics::Metrics;
 
 pub struct Tail {
-    pub log: Arc<FileLog>,
-    pub projections: Vec<Arc<dyn Projection>>,
-    pub metrics: Arc<Metrics>,
+    log: Arc<FileLog>,
+    projections: Vec<Arc<dyn Projection>>,
+    metrics: Arc<Metrics>,
     /// Where poison events are recorded (one JSON object per line).
-    pub parked: PathBuf,
+    parked: PathBuf,
+    /// (projection, seq) already in that file: every start replays the log
+    /// and meets the same poison events again; they are recorded once.
+    recorded: Mutex<HashSet<(String, u64)>>,
 }
 
 impl Tail {
+    pub fn new(log: Arc<FileLog>, projections: Vec<Arc<dyn Projection>>, metrics: Arc<Metrics>, parked: PathBuf) -> Tail {
+        let recorded = std::fs::read_to_string(&parked)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v["projection"].as_str()?.to_owned(), v["seq"].as_u64()?)))
+            .collect();
+        Tail { log, projections, metrics, parked, recorded: Mutex::new(recorded) }
+    }
+
     fn park(&self, projection: &str, seq: u64, reason: &str) {
-        tracing::error!(projection, seq, %reason, "parked a poison event; the projector goes on");
         self.metrics.projection_parked(projection);
+        if !self.recorded.lock().expect("parked set lock").insert((projection.to_owned(), seq)) {
+            tracing::warn!(projection, seq, %reason, "skipping an event parked at an earlier start (see parked.jsonl)");
+            return;
+        }
+        tracing::error!(projection, seq, %reason, "parked a poison event; the projector goes on");
         let line = json!({ "projection": projection, "seq": seq, "reason": reason, "at": chrono::Utc::now() });
         let written = std::fs::OpenOptions::new()
             .create(true)

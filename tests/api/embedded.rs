@@ -412,5 +412,10 @@ async fn a_poison_event_is_parked_and_the_node_goes_on() {
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 1);
     c.send(0, &amy, &bob, "after", None).await.ok();
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 2);
+    // A restart replays the log and meets the event again: recorded once.
+    c.restart().await;
+    let again = std::fs::read_to_string(c.cfg.data_dir.join("parked.jsonl")).unwrap();
+    assert_eq!(again, parked, "parked once, not at every start");
+    assert_eq!(c.unseen_from(0, &bob, &amy).await, 2);
     c.stop().await;
 }
