@@ -49,6 +49,22 @@ pub struct MongoViews {
     room_messages: Collection<RoomMessageView>,
 }
 
+/// Up to `limit` documents matching `filter`, in `_id` order (cursor paging).
+async fn first_by_id<T>(collection: &Collection<T>, filter: Document, limit: u32) -> Result<Vec<T>, StoreError>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    collection
+        .find(filter)
+        .sort(doc! {"_id": 1})
+        .limit(i64::from(limit))
+        .await
+        .map_err(unavailable)?
+        .try_collect()
+        .await
+        .map_err(unavailable)
+}
+
 fn unavailable(e: mongodb::error::Error) -> StoreError {
     StoreError::Unavailable(format!("mongodb: {e}"))
 }
@@ -234,15 +250,7 @@ impl ViewStore for MongoViews {
             Some(after) => doc! {"$and": [{"_id": {"$ne": except}}, {"_id": {"$gt": after}}]},
             None => doc! {"_id": {"$ne": except}},
         };
-        self.users
-            .find(filter)
-            .sort(doc! {"_id": 1})
-            .limit(i64::from(limit))
-            .await
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)
+        first_by_id(&self.users, filter, limit).await
     }
 
     async fn message(&self, id: &str) -> Result<Option<MessageView>, StoreError> {
@@ -282,15 +290,7 @@ impl ViewStore for MongoViews {
             Some(after) => doc! {"_id": {"$gt": after}},
             None => doc! {},
         };
-        self.rooms
-            .find(filter)
-            .sort(doc! {"_id": 1})
-            .limit(i64::from(limit))
-            .await
-            .map_err(unavailable)?
-            .try_collect()
-            .await
-            .map_err(unavailable)
+        first_by_id(&self.rooms, filter, limit).await
     }
 
     async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError> {
