@@ -10,19 +10,17 @@ use std::time::Instant;
 use natter::commands::register::Register;
 use natter::commands::send::SendMessage;
 use natter::config::{Config, SyncPolicy};
-use natter::node::RunningNode;
+use natter::startup::RunningNode;
 
 async fn start(dir: &std::path::Path, sync: SyncPolicy) -> RunningNode {
-    let cfg = Config {
-        host: "127.0.0.1".into(),
-        port: 0,
-        data_dir: dir.to_owned(),
-        sync,
-        jwt_secret: Some("bench".to_string().into()),
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.server.host = "127.0.0.1".into();
+    cfg.server.port = 0;
+    cfg.embedded.data_dir = dir.to_owned();
+    cfg.embedded.sync = sync;
+    cfg.auth.jwt_secret = Some("bench".to_string().into());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    natter::node::start(cfg, listener).await.unwrap()
+    natter::startup::start(cfg, listener).await.unwrap()
 }
 
 #[tokio::main]
@@ -31,23 +29,23 @@ async fn main() {
     let pairs = 16;
     for sync in [SyncPolicy::Always, SyncPolicy::Os] {
         let dir = std::env::temp_dir().join(format!("natter-bench-{}", uuid::Uuid::new_v4().simple()));
-        let node = start(&dir, sync).await;
+        let node = Arc::new(start(&dir, sync).await);
         let mut users = Vec::new();
         for i in 0..pairs * 2 {
             let cmd = Register { name: format!("u{i}"), email: format!("u{i}@bench.io"), password: "password123".into() };
-            users.push(node.node.commands.register(cmd).await.unwrap().id);
+            users.push(node.commands().register(cmd).await.unwrap().id);
         }
         let users = Arc::new(users);
         let started = Instant::now();
         let mut tasks = Vec::new();
         for p in 0..pairs {
-            let (node, users) = (node.node.clone(), users.clone());
+            let (node, users) = (node.clone(), users.clone());
             tasks.push(tokio::spawn(async move {
                 for i in 0..total / pairs {
                     let (a, b) = (users[2 * p].clone(), users[2 * p + 1].clone());
                     let (sender, receiver) = if i % 2 == 0 { (a, b) } else { (b, a) };
                     let cmd = SendMessage { sender, receiver, message: Some(format!("message {i}")), attachment: None, client_msg_id: None };
-                    node.commands.send(cmd).await.unwrap();
+                    node.commands().send(cmd).await.unwrap();
                 }
             }));
         }
@@ -56,7 +54,7 @@ async fn main() {
         }
         let secs = started.elapsed().as_secs_f64();
         println!("sync={sync:?}: {total} sends from {pairs} concurrent senders in {secs:.2} s = {:.0} sends/s", total as f64 / secs);
-        node.stop().await;
+        Arc::into_inner(node).expect("senders done").stop().await;
         let bytes = std::fs::metadata(dir.join("events.log")).unwrap().len();
         let started = Instant::now();
         let node = start(&dir, sync).await;

@@ -16,11 +16,11 @@ use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, decode, encode};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::config::Config;
+use crate::config::AuthSettings;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
@@ -53,11 +53,12 @@ fn now_secs() -> u64 {
 }
 
 impl Auth {
-    /// Builds the token keys. Without a configured secret, a random one is
+    /// Builds the token keys from the configured secret, else the one the
+    /// run mode keeps (`stored`). Without either, a random one is
     /// generated: fine for one node, but tokens then die with the process and
     /// other nodes refuse them (start-up logs a warning).
-    pub fn from_config(cfg: &Config) -> anyhow::Result<Auth> {
-        let secret: Vec<u8> = match &cfg.jwt_secret {
+    pub fn new(cfg: &AuthSettings, stored: Option<SecretString>) -> anyhow::Result<Auth> {
+        let secret: Vec<u8> = match cfg.jwt_secret.as_ref().or(stored.as_ref()) {
             Some(s) => s.expose_secret().as_bytes().to_vec(),
             None => {
                 tracing::warn!(
@@ -167,8 +168,8 @@ mod tests {
     use super::*;
 
     fn auth() -> Auth {
-        let cfg = Config { jwt_secret: Some("s3cret".to_string().into()), ..Config::default() };
-        Auth::from_config(&cfg).unwrap()
+        let cfg = AuthSettings { jwt_secret: Some("s3cret".to_string().into()), ..AuthSettings::default() };
+        Auth::new(&cfg, None).unwrap()
     }
 
     #[test]
@@ -181,7 +182,7 @@ mod tests {
     fn refuses_garbage_and_foreign_secrets() {
         let a = auth();
         assert!(a.verify("not.a.token").is_err());
-        let other = Auth::from_config(&Config { jwt_secret: Some("other".to_string().into()), ..Config::default() }).unwrap();
+        let other = Auth::new(&AuthSettings { jwt_secret: Some("other".to_string().into()), ..AuthSettings::default() }, None).unwrap();
         assert!(matches!(a.verify(&other.issue("amy")), Err(TokenError::Invalid(_))));
     }
 

@@ -14,34 +14,36 @@ use natter_projections::switch::Switch;
 use natter_projections::{ApplyError, Projection};
 
 use crate::config::Config;
+use crate::distributed::live_versions::{COUNTS, Pointer, VIEWS, Versions, read_pointer, write_pointer};
+use crate::distributed::{connect_mongo, connect_redis};
 use crate::log::EventLog;
-use crate::log::nats::NatsLog;
+use crate::log::nats::{NatsLog, parked_stream, parked_subject};
 use crate::metrics::Metrics;
-use crate::projector::Projector;
-use crate::push::fanout::FanOut;
-use crate::versions::{COUNTS, Pointer, VIEWS, Versions, read_pointer, write_pointer};
+use crate::projector::consumer_name;
+use crate::projector::jetstream::{Projector, consumer_config};
+use crate::push::fanout::{self, FanOut};
 
 /// Every projection a node runs, by name.
-pub const PROJECTIONS: [&str; 3] = [VIEWS, COUNTS, "push-fanout"];
+pub const PROJECTIONS: [&str; 3] = [VIEWS, COUNTS, fanout::NAME];
 
 async fn connect_log(cfg: &Config) -> anyhow::Result<NatsLog> {
-    let url = cfg.nats_url.as_deref().context(
+    let url = cfg.distributed.nats_url.as_deref().context(
         "NATTER_NATS_URL is not set. This command works on a distributed deployment; an embedded node rebuilds \
          its views from its log at every start, and records events a projection refused in <data dir>/parked.jsonl",
     )?;
-    NatsLog::connect(url, &cfg.stream, &cfg.subject_prefix, cfg.dedup_window).await
+    NatsLog::connect(url, &cfg.distributed.stream, &cfg.log.subject_prefix, cfg.log.dedup_window).await
 }
 
 /// `natter projections`: each projection's checkpoint, lag and parked events.
 pub async fn projections(cfg: &Config) -> anyhow::Result<()> {
     let log = connect_log(cfg).await?;
     let head = log.head().await?;
-    let stream = log.jetstream().get_stream(&cfg.stream).await?;
+    let stream = log.jetstream().get_stream(&cfg.distributed.stream).await?;
     let parked = parked_counts(&log, cfg).await?;
-    println!("log {}: {head} events", cfg.stream);
+    println!("log {}: {head} events", cfg.distributed.stream);
     println!("{:<16} {:>7} {:>12} {:>10} {:>10} {:>8}", "projection", "version", "checkpoint", "lag", "in flight", "parked");
-    let db = match &cfg.mongo_url {
-        Some(url) => Some(crate::node::connect_mongo(url, &cfg.mongo_db).await?),
+    let db = match &cfg.distributed.mongo_url {
+        Some(url) => Some(connect_mongo(url, &cfg.distributed.mongo_db).await?),
         None => None,
     };
     for name in PROJECTIONS {
@@ -53,7 +55,7 @@ pub async fn projections(cfg: &Config) -> anyhow::Result<()> {
         if let Some(b) = pointer.building {
             println!("{name}: v{b} is being built beside v{version}");
         }
-        let durable = format!("{name}-v{version}");
+        let durable = consumer_name(name, version);
         let (checkpoint, lag, in_flight) = match stream.consumer_info(&durable).await {
             Ok(info) => (info.ack_floor.stream_sequence.to_string(), info.num_pending.to_string(), info.num_ack_pending.to_string()),
             Err(_) => ("-".into(), format!("{head} (not started)"), "-".into()),
@@ -61,9 +63,9 @@ pub async fn projections(cfg: &Config) -> anyhow::Result<()> {
         let parked = parked.iter().find(|(p, _)| p == name).map_or(0, |(_, n)| *n);
         println!("{name:<16} {version:>7} {checkpoint:>12} {lag:>10} {in_flight:>10} {parked:>8}");
     }
-    if let (Some(url), Some(db)) = (&cfg.redis_url, &db) {
-        let redis = crate::node::connect_redis(url).await?;
-        let counts = Versions::counts_at(&redis, &cfg.redis_prefix, read_pointer(db, COUNTS).await?.active);
+    if let (Some(url), Some(db)) = (&cfg.distributed.redis_url, &db) {
+        let redis = connect_redis(url).await?;
+        let counts = Versions::counts_at(&redis, &cfg.distributed.redis_prefix, read_pointer(db, COUNTS).await?.active);
         let state = if counts.is_ready().await? { "complete" } else { "REBUILDING (reads answer 503 until done)" };
         println!("redis unread counts: {state}");
     }
@@ -72,8 +74,8 @@ pub async fn projections(cfg: &Config) -> anyhow::Result<()> {
 
 async fn parked_counts(log: &NatsLog, cfg: &Config) -> anyhow::Result<Vec<(String, usize)>> {
     use futures::StreamExt;
-    let stream = log.jetstream().get_stream(format!("{}_PARKED", cfg.stream)).await?;
-    let mut subjects = stream.info_with_subjects(format!("{}.parked.>", cfg.subject_prefix)).await?;
+    let stream = log.jetstream().get_stream(parked_stream(&cfg.distributed.stream)).await?;
+    let mut subjects = stream.info_with_subjects(parked_subject(&cfg.log.subject_prefix, ">")).await?;
     let mut out = Vec::new();
     while let Some(entry) = subjects.next().await {
         let (subject, n) = entry?;
@@ -92,7 +94,7 @@ pub struct Parked {
 }
 
 async fn parked(log: &NatsLog, cfg: &Config) -> anyhow::Result<Vec<Parked>> {
-    let mut stream = log.jetstream().get_stream(format!("{}_PARKED", cfg.stream)).await?;
+    let mut stream = log.jetstream().get_stream(parked_stream(&cfg.distributed.stream)).await?;
     let state = stream.info().await?.state.clone();
     let mut out = Vec::new();
     for seq in state.first_sequence..=state.last_sequence {
@@ -133,7 +135,7 @@ pub async fn parked_list(cfg: &Config) -> anyhow::Result<()> {
 /// `<data dir>/parked.jsonl` (readable while the node runs). There is no
 /// retry: an embedded node applies every event again at each start.
 fn embedded_parked_list(cfg: &Config) -> anyhow::Result<()> {
-    let path = cfg.data_dir.join("parked.jsonl");
+    let path = cfg.embedded.data_dir.join("parked.jsonl");
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -158,15 +160,15 @@ fn embedded_parked_list(cfg: &Config) -> anyhow::Result<()> {
 /// parked stream, the others stay with their new reason printed.
 pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let log = connect_log(cfg).await?;
-    let mongo_url = cfg.mongo_url.as_deref().context("NATTER_MONGO_URL is not set")?;
-    let redis_url = cfg.redis_url.as_deref().context("NATTER_REDIS_URL is not set")?;
-    let db = crate::node::connect_mongo(mongo_url, &cfg.mongo_db).await?;
-    let versions = Versions::open(db, crate::node::connect_redis(redis_url).await?, &cfg.redis_prefix).await?;
+    let mongo_url = cfg.distributed.mongo_url.as_deref().context("NATTER_MONGO_URL is not set")?;
+    let redis_url = cfg.distributed.redis_url.as_deref().context("NATTER_REDIS_URL is not set")?;
+    let db = connect_mongo(mongo_url, &cfg.distributed.mongo_db).await?;
+    let versions = Versions::open(db, connect_redis(redis_url).await?, &cfg.distributed.redis_prefix).await?;
     let (views, counts) = (versions.views.clone(), versions.counts.clone());
-    let bus = crate::push::nats::NatsPush::connect(log.client().clone(), log.jetstream().clone(), &cfg.stream, &cfg.subject_prefix, cfg.push_retention).await?;
-    let fanout = Arc::new(FanOut::new(Arc::new(bus), cfg.subject_prefix.clone(), Arc::new(log.clone())));
+    let bus = crate::push::nats::NatsPush::connect(log.client().clone(), log.jetstream().clone(), &cfg.distributed.stream, &cfg.log.subject_prefix, cfg.push.retention).await?;
+    let fanout = Arc::new(FanOut::new(Arc::new(bus), cfg.log.subject_prefix.clone(), Arc::new(log.clone())));
     let projections: [Arc<dyn Projection>; 3] = [views, counts, fanout];
-    let stream = log.jetstream().get_stream(format!("{}_PARKED", cfg.stream)).await?;
+    let stream = log.jetstream().get_stream(parked_stream(&cfg.distributed.stream)).await?;
     let (mut fixed, mut still) = (0, 0);
     for p in parked(&log, cfg).await? {
         if !only.is_empty() && !only.contains(&p.seq) {
@@ -210,8 +212,8 @@ pub async fn rebuild(cfg: &Config, which: &str) -> anyhow::Result<()> {
         other => anyhow::bail!("cannot rebuild {other:?}: choose {VIEWS}, {COUNTS} or all"),
     };
     let log = connect_log(cfg).await?;
-    let db = crate::node::connect_mongo(cfg.mongo_url.as_deref().context("NATTER_MONGO_URL is not set")?, &cfg.mongo_db).await?;
-    let redis = crate::node::connect_redis(cfg.redis_url.as_deref().context("NATTER_REDIS_URL is not set")?).await?;
+    let db = connect_mongo(cfg.distributed.mongo_url.as_deref().context("NATTER_MONGO_URL is not set")?, &cfg.distributed.mongo_db).await?;
+    let redis = connect_redis(cfg.distributed.redis_url.as_deref().context("NATTER_REDIS_URL is not set")?).await?;
     for name in targets {
         rebuild_one(cfg, &log, &db, &redis, name).await.with_context(|| format!("rebuilding {name}"))?;
     }
@@ -227,14 +229,14 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
     // An interrupted earlier build left `building` set: its storage and
     // consumer are those of `old + 1`, which are cleared below and reused.
     let new = old + 1;
-    let durable = |v: u32| format!("{name}-v{v}");
-    let stream = log.jetstream().get_stream(&cfg.stream).await?;
+    let durable = |v: u32| consumer_name(name, v);
+    let stream = log.jetstream().get_stream(&cfg.distributed.stream).await?;
     let _ = stream.delete_consumer(&durable(new)).await; // leftovers of an abandoned build
     let projection: Arc<dyn Projection> = if name == VIEWS {
         MongoViews::drop_version(db, new).await?;
         Arc::new(Switch::new(VIEWS, new, Arc::new(MongoViews::open_version(db, new).await?)))
     } else {
-        let counts = Versions::counts_at(redis, &cfg.redis_prefix, new);
+        let counts = Versions::counts_at(redis, &cfg.distributed.redis_prefix, new);
         counts.clear().await?;
         Arc::new(Switch::new(COUNTS, new, Arc::new(counts)))
     };
@@ -245,8 +247,8 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let projector = Projector {
         js: log.jetstream().clone(),
-        stream: cfg.stream.clone(),
-        prefix: cfg.subject_prefix.clone(),
+        stream: cfg.distributed.stream.clone(),
+        prefix: cfg.log.subject_prefix.clone(),
         projection,
         metrics: Arc::new(Metrics::default()),
     };
@@ -267,7 +269,7 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
     }
     eprintln!();
     if name == COUNTS {
-        Versions::counts_at(redis, &cfg.redis_prefix, new).mark_ready().await?;
+        Versions::counts_at(redis, &cfg.distributed.redis_prefix, new).mark_ready().await?;
     }
     // Readers switch to v{new}, but every node keeps writing v{old} too
     // while others may still read it: a node that has switched must not
@@ -285,7 +287,7 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
     if name == VIEWS {
         MongoViews::drop_version(db, old).await?;
     } else {
-        Versions::counts_at(redis, &cfg.redis_prefix, old).clear().await?;
+        Versions::counts_at(redis, &cfg.distributed.redis_prefix, old).clear().await?;
     }
     let _ = stream.delete_consumer(&durable(old)).await;
     eprintln!("{name}: dropped v{old}");
@@ -300,15 +302,16 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
 /// migration that is interrupted can simply be run again. Distributed nodes
 /// started on the target build their views from the migrated log.
 pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::Result<()> {
-    use crate::log::file::{FileLog, SyncPolicy};
+    use crate::config::SyncPolicy;
+    use crate::log::file::FileLog;
     if !from.join("events.log").exists() {
         anyhow::bail!("{} holds no event log (events.log): pass the embedded node's data directory with --from", from.display());
     }
     // Opening takes the directory's lock: the node must be stopped (opening
     // cuts a torn tail, which would be a live node's half-written record).
-    let source = FileLog::open(from, SyncPolicy::Always, cfg.dedup_window)
+    let source = FileLog::open(from, SyncPolicy::Always, cfg.log.dedup_window)
         .with_context(|| format!("opening {} (stop the embedded node before migrating its data)", from.display()))?;
-    let target = NatsLog::connect(to, &cfg.stream, &cfg.subject_prefix, cfg.dedup_window).await?;
+    let target = NatsLog::connect(to, &cfg.distributed.stream, &cfg.log.subject_prefix, cfg.log.dedup_window).await?;
     let total = source.head().await?;
     let started = Instant::now();
     let (mut copied, mut skipped, mut after) = (0u64, 0u64, 0u64);
@@ -318,13 +321,13 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
         after = last.log_seq;
         for logged in batch {
             let env = logged.envelope;
-            if !env.subject.starts_with(&format!("{}.", cfg.subject_prefix)) {
+            if !env.subject.starts_with(&format!("{}.", cfg.log.subject_prefix)) {
                 anyhow::bail!(
                     "event {} is on subject {:?}, outside the subject prefix {:?} of the target: run migrate with the \
                      NATTER_SUBJECT_PREFIX the embedded node used (nodes of the target must use it too)",
                     logged.log_seq,
                     env.subject,
-                    cfg.subject_prefix
+                    cfg.log.subject_prefix
                 );
             }
             let current = target.last(&env.subject).await?;
@@ -349,22 +352,22 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
     // embedded cursors (which were log sequences), so a client resuming with
     // one gets `resync` rather than someone else's deliveries.
     let head = target.head().await?;
-    let stream = target.jetstream().get_stream(&cfg.stream).await?;
-    let fanout = "push-fanout-v1";
+    let stream = target.jetstream().get_stream(&cfg.distributed.stream).await?;
+    let fanout = &consumer_name(fanout::NAME, fanout::VERSION);
     if stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>(fanout).await.is_err() {
-        let mut config = crate::projector::consumer_config(fanout, true);
+        let mut config = consumer_config(fanout, true);
         config.deliver_policy = async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: head + 1 };
         stream.create_consumer(config).await.context("creating the push fan-out consumer after the migrated history")?;
     }
     crate::push::nats::NatsPush::connect_from(
         target.client().clone(),
         target.jetstream().clone(),
-        &cfg.stream,
-        &cfg.subject_prefix,
-        cfg.push_retention,
+        &cfg.distributed.stream,
+        &cfg.log.subject_prefix,
+        cfg.push.retention,
         Some(head + 1),
     )
     .await?;
-    println!("migrated {copied} events to {to} (stream {}), {skipped} already there", cfg.stream);
+    println!("migrated {copied} events to {to} (stream {}), {skipped} already there", cfg.distributed.stream);
     Ok(())
 }

@@ -2,49 +2,53 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: operator commands (`natter projections`, `natter parked …`).
-//! - [`config`]: layered settings (flags > `NATTER_*` env > TOML > defaults).
-//! - [`telemetry`]: the tracing subscriber.
-//! - [`auth`]: JWT issue/verify, argon2id password hashing.
-//! - [`commands`]: the command side. Validation and decisions are pure
-//!   functions; [`commands::Commands`] appends to the log with optimistic
-//!   concurrency and applies new events to the views at once.
-//! - [`log`]: the event-log port ([`log::EventLog`]), its JetStream adapter
-//!   and the embedded file log.
-//! - [`projector`]: the projector runtime over durable JetStream consumers;
-//!   [`tail`]: the embedded one, tailing the file log.
-//! - [`heal`]: rebuilds the Redis unread counts when Redis loses its data.
-//! - [`http`]: the REST gateway (axum), one module per area.
-//! - [`push`]: real-time delivery: the push port ([`push::PushBus`], NATS
-//!   or in-process), the fan-out projector (log → per-user deliveries) and
-//!   the node's push hub (deliveries → sockets, resume).
-//! - [`presence`]: who is in a room now (port; Redis with heartbeats and a
-//!   TTL, or in-process).
-//! - [`socket`]: Socket.IO namespaces (handshake auth, push, resume).
-//! - [`versions`]: which version of each rebuildable projection is live.
-//! - [`wire`]: the JSON shapes clients see (REST and Socket.IO alike).
-//! - [`metrics`]: Prometheus counters and gauges.
-//! - [`node`]: wires a node together, serves, drains on shutdown;
-//!   [`embedded`]: the single-node mode with no services (the default).
+//! The composition root, [`startup`], builds a node from the adapters of
+//! its run mode and is imported by nothing below it. Arrows point down:
+//!
+//! - [`startup`]: `start(config, listener)` → a [`startup::RunningNode`]:
+//!   connects the mode's [`adapters`], builds the application state, runs
+//!   the projectors, serves, drains on shutdown.
+//! - `embedded` / [`distributed`]: each mode's `connect`, returning the
+//!   adapters (file log and in-process stores / JetStream, MongoDB, Redis)
+//!   and its projector runner. `distributed` also holds the live version of
+//!   each rebuildable projection and the Redis counts' recovery.
+//! - `http` (REST, one module per area) and `socket` (Socket.IO
+//!   namespaces, sessions, presence): the gateway. They depend on `state`
+//!   (the application state every handler shares), `error` (the one error
+//!   type with its status) and [`wire`] (JSON shapes), never on the wiring.
+//! - [`commands`]: the command side. Pure decisions per command; one append
+//!   path (read → decide → append with the expected sequence → retry →
+//!   apply) and one idempotency check for all.
+//! - `projector`: the one projector policy (applied / parked / retry
+//!   later) and its two runtimes (JetStream consumers, the embedded tail).
+//! - `push`: real-time delivery: the push port (NATS or in-process), the
+//!   fan-out projection (log → per-user deliveries) and the node's hub
+//!   (deliveries → sockets, resume).
+//! - [`log`]: the event-log port and its adapters; `presence`: who is in a
+//!   room now (port and adapters); `auth`: tokens and passwords;
+//!   `metrics`: Prometheus; [`telemetry`]: the tracing subscriber.
+//! - [`config`]: every setting, declared once, layered flags > `NATTER_*` >
+//!   TOML > defaults. [`cli`]: operator commands.
 //!
 //! Event types live in the `natter-events` crate; projections and view
 //! stores in `natter-projections`.
 
-pub mod auth;
+mod adapters;
+mod auth;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod embedded;
-pub mod heal;
-pub mod http;
+pub mod distributed;
+mod embedded;
+mod error;
+mod http;
 pub mod log;
-pub mod metrics;
-pub mod node;
-pub mod presence;
-pub mod projector;
-pub mod push;
-pub mod socket;
-pub mod tail;
+mod metrics;
+mod presence;
+mod projector;
+mod push;
+mod socket;
+pub mod startup;
+mod state;
 pub mod telemetry;
-pub mod versions;
 pub mod wire;

@@ -90,12 +90,12 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let cfg = Config::resolve(&args)?;
-    natter::telemetry::init(cfg.log_json);
-    let addr = format!("{}:{}", cfg.host, cfg.port);
+    natter::telemetry::init(cfg.server.log_format == natter::config::LogFormat::Json);
+    let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (port in use? set NATTER_PORT)"))?;
-    let running = natter::node::start(cfg, listener).await?;
+    let running = natter::startup::start(cfg, listener).await?;
     let stop = running.shutdown_handle();
     tokio::spawn(async move {
         shutdown_signal().await;

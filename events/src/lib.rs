@@ -29,4 +29,4 @@ pub use account::UserRegistered;
 pub use dm::{DmState, MessageSent, MessagesSeen, Side};
 pub use envelope::{DecodeError, Envelope, Event, StoredEvent, current_version};
 pub use ids::{IdError, validate_id};
-pub use room::{MemberJoined, MemberLeft, RoomCreated, RoomMessageSent, RoomRead};
+pub use room::{MemberJoined, MemberLeft, MemberState, RoomCreated, RoomMessageSent, RoomRead};

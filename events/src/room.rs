@@ -63,3 +63,41 @@ pub struct RoomMessageSent {
     /// Gapless per-room sequence, 1, 2, 3, ...
     pub seq: u64,
 }
+
+/// Where a user stands in a room, as the newest event of their member
+/// subject says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemberState {
+    pub member: bool,
+    /// Read watermark as of the member subject (joins and reads).
+    pub read_up_to: u64,
+}
+
+impl MemberState {
+    /// The state `newest`, the newest event of a member subject, leaves
+    /// (`None`: the user never joined). Pure.
+    pub fn after(newest: Option<&crate::Event>) -> MemberState {
+        match newest {
+            Some(crate::Event::MemberJoined(e)) => MemberState { member: true, read_up_to: e.seen_up_to },
+            Some(crate::Event::RoomRead(e)) => MemberState { member: true, read_up_to: e.up_to_seq },
+            _ => MemberState::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Event;
+
+    #[test]
+    fn membership_follows_the_newest_member_event() {
+        assert!(!MemberState::after(None).member);
+        let joined = Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: "u".into(), seen_up_to: 4 });
+        assert_eq!(MemberState::after(Some(&joined)), MemberState { member: true, read_up_to: 4 });
+        let read = Event::RoomRead(RoomRead { room_id: "r".into(), user_id: "u".into(), up_to_seq: 7 });
+        assert_eq!(MemberState::after(Some(&read)).read_up_to, 7);
+        let left = Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "u".into() });
+        assert!(!MemberState::after(Some(&left)).member);
+    }
+}

@@ -5,13 +5,13 @@
 //! two registrations of one address can never both land, on any number of
 //! nodes, without a lock or a unique index being the source of truth.
 
-use natter_events::{Envelope, Event, UserRegistered, subjects};
+use natter_events::{Event, UserRegistered, subjects};
 use natter_projections::UserView;
 use sha2::{Digest, Sha256};
 
 use super::{CommandError, Commands, Failure, Refusal};
 use crate::auth;
-use crate::log::LogError;
+use crate::log::Logged;
 
 #[derive(Debug, Clone)]
 pub struct Register {
@@ -71,16 +71,16 @@ impl Commands {
         let password_hash = auth::hash_password(cmd.password).await.map_err(|e| Failure::Internal(format!("{e:#}")))?;
         let user_id = uuid::Uuid::now_v7().to_string();
         let event = UserRegistered { user_id: user_id.clone(), name: cmd.name.trim().to_owned(), email, password_hash };
-        let env = Envelope::new(format!("register:{user_id}"), subject, 1, Event::UserRegistered(event.clone()));
-        match self.log.append(&env, 0).await {
-            Ok(_) => {
-                self.metrics.event_appended(env.event.type_name());
-                self.apply_now(&env).await;
-                Ok(UserView::from_event(&env, &event))
-            }
-            Err(LogError::Conflict) => Err(taken().into()),
-            Err(e) => Err(e.into()),
-        }
+        let env = self
+            .append(&subject, &format!("register:{user_id}"), |last: Option<Logged>| {
+                std::future::ready(match last {
+                    Some(_) => Err(taken().into()),
+                    None => Ok(Some(Event::UserRegistered(event.clone()))),
+                })
+            })
+            .await?
+            .ok_or_else(taken)?;
+        Ok(UserView::from_event(&env, &event))
     }
 
     /// Checks an e-mail address and password; the same answer for an unknown

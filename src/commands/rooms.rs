@@ -3,15 +3,17 @@
 //! A room's subject holds `RoomCreated` then its messages, so each message
 //! is appended with the expected last subject sequence and gets a gapless
 //! `seq`. Each member has a subject of their own in the room; its newest
-//! event says whether they are a member and how far they have read, so the
-//! membership check of every command is one read of the log itself.
+//! event says whether they are a member and how far they have read
+//! ([`MemberState`]), so the membership check of every command is one read
+//! of the log itself.
 
-use natter_events::{Envelope, Event, MemberJoined, MemberLeft, RoomCreated, RoomMessageSent, RoomRead, subjects};
+use natter_events::{Envelope, Event, MemberJoined, MemberLeft, MemberState, RoomCreated, RoomMessageSent, RoomRead, subjects};
 use natter_projections::{RoomMessageView, RoomView};
 
+use super::append::command_id;
 use super::send::validate_content;
-use super::{CommandError, Commands, Refusal};
-use crate::log::{LogError, Logged};
+use super::{CommandError, Commands, Failure, Refusal};
+use crate::log::Logged;
 
 pub const MAX_ROOM_NAME: usize = 100;
 pub const MAX_ROOM_DESCRIPTION: usize = 1000;
@@ -44,26 +46,6 @@ pub fn validate_room(cmd: &CreateRoom) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Where a user stands in a room, from the newest event of their member subject.
-#[derive(Debug, Clone, Default)]
-pub struct Membership {
-    pub last: Option<(u64, u64)>, // (log seq, position)
-    pub member: bool,
-    /// Read watermark as of the member subject (joins and reads).
-    pub read_up_to: u64,
-}
-
-/// The membership an event on a member subject leaves. Pure.
-pub fn membership_after(logged: Option<&Logged>) -> Membership {
-    let Some(l) = logged else { return Membership::default() };
-    let last = Some((l.log_seq, l.envelope.position));
-    match &l.envelope.event {
-        Event::MemberJoined(e) => Membership { last, member: true, read_up_to: e.seen_up_to },
-        Event::RoomRead(e) => Membership { last, member: true, read_up_to: e.up_to_seq },
-        _ => Membership { last, member: false, read_up_to: 0 },
-    }
-}
-
 /// The newest message seq of a room, from the newest event of its subject.
 fn room_last_seq(logged: &Logged) -> u64 {
     match &logged.envelope.event {
@@ -76,24 +58,29 @@ fn not_member() -> Refusal {
     Refusal::Forbidden("you are not a member of this room; join it first".into())
 }
 
-impl Commands {
-    fn room_not_found() -> Refusal {
-        Refusal::NotFound("Room not found".into())
-    }
+fn room_not_found() -> Refusal {
+    Refusal::NotFound("Room not found".into())
+}
 
+/// A room id fit for a subject; anything else names no room.
+fn room_id(room: &str) -> Result<(), Refusal> {
+    natter_events::validate_id(room).map_err(|_| room_not_found())
+}
+
+impl Commands {
     /// The room's newest event (its existence and last seq).
     async fn room_head(&self, room: &str) -> Result<Logged, CommandError> {
-        natter_events::validate_id(room).map_err(|_| Self::room_not_found())?;
-        Ok(self.log.last(&subjects::room(&self.prefix, room)).await?.ok_or_else(Self::room_not_found)?)
+        room_id(room)?;
+        Ok(self.log.last(&subjects::room(&self.prefix, room)).await?.ok_or_else(room_not_found)?)
     }
 
-    pub async fn membership(&self, room: &str, user: &str) -> Result<Membership, CommandError> {
+    async fn membership(&self, room: &str, user: &str) -> Result<MemberState, CommandError> {
         let last = self.log.last(&subjects::member(&self.prefix, room, user)).await?;
-        Ok(membership_after(last.as_ref()))
+        Ok(MemberState::after(last.as_ref().map(|l| &l.envelope.event)))
     }
 
     /// Fails unless `user` is a member of the existing room `room`.
-    pub async fn require_member(&self, room: &str, user: &str) -> Result<Membership, CommandError> {
+    pub async fn require_member(&self, room: &str, user: &str) -> Result<MemberState, CommandError> {
         self.room_head(room).await?;
         let m = self.membership(room, user).await?;
         if m.member { Ok(m) } else { Err(not_member().into()) }
@@ -109,43 +96,33 @@ impl Commands {
             description: cmd.description.map(|d| d.trim().to_owned()).filter(|d| !d.is_empty()),
             created_by: cmd.creator.clone(),
         };
-        let env = Envelope::new(
-            format!("{}:create:{room_id}", cmd.creator),
-            subjects::room(&self.prefix, &room_id),
-            1,
-            Event::RoomCreated(event.clone()),
-        );
-        self.log.append(&env, 0).await?;
-        self.metrics.event_appended(env.event.type_name());
-        self.apply_now(&env).await;
+        let subject = subjects::room(&self.prefix, &room_id);
+        let command_id = format!("{}:create:{room_id}", cmd.creator);
+        let env = self
+            .append(&subject, &command_id, |last: Option<Logged>| {
+                std::future::ready(Ok(last.is_none().then(|| Event::RoomCreated(event.clone()))))
+            })
+            .await?
+            .ok_or_else(|| Failure::Internal(format!("{subject}: a new room's subject already holds events")))?;
         self.join_room(&cmd.creator, &room_id).await?;
         Ok(RoomView::from_event(&env, &event))
     }
 
     /// Appends an event on `user`'s member subject of `room`, deciding from
-    /// the current membership; retries when the subject moved meanwhile.
+    /// the current membership and the room's last message seq.
     async fn append_member<F>(&self, room: &str, user: &str, decide: F) -> Result<Option<Envelope>, CommandError>
     where
-        F: Fn(&Membership, u64) -> Result<Option<Event>, Refusal>,
+        F: Fn(&MemberState, u64) -> Result<Option<Event>, Refusal>,
     {
+        room_id(room)?;
         let subject = subjects::member(&self.prefix, room, user);
-        for _ in 0..super::MAX_ATTEMPTS {
+        let command_id = format!("{user}:member:{}", uuid::Uuid::now_v7());
+        let decide = &decide;
+        self.append(&subject, &command_id, |last: Option<Logged>| async move {
             let head = self.room_head(room).await?;
-            let m = self.membership(room, user).await?;
-            let Some(event) = decide(&m, room_last_seq(&head))? else { return Ok(None) };
-            let (expected, position) = m.last.map_or((0, 1), |(seq, pos)| (seq, pos + 1));
-            let env = Envelope::new(format!("{user}:member:{}", uuid::Uuid::now_v7()), subject.clone(), position, event);
-            match self.log.append(&env, expected).await {
-                Ok(_) => {
-                    self.metrics.event_appended(env.event.type_name());
-                    self.apply_now(&env).await;
-                    return Ok(Some(env));
-                }
-                Err(LogError::Conflict) => self.metrics.append_conflict(),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(super::Failure::Internal(format!("{subject}: gave up after repeated conflicts")).into())
+            Ok(decide(&MemberState::after(last.as_ref().map(|l| &l.envelope.event)), room_last_seq(&head))?)
+        })
+        .await
     }
 
     /// Joins `room` as `user` (nothing happens if already a member).
@@ -191,78 +168,42 @@ impl Commands {
     #[tracing::instrument(skip_all, fields(sender = %cmd.sender, room = %cmd.room))]
     pub async fn send_room(&self, cmd: SendRoomMessage) -> Result<RoomMessageView, CommandError> {
         validate_content(cmd.message.as_deref(), cmd.attachment.as_deref(), cmd.client_msg_id.as_deref(), &self.limits)?;
-        let command_id = match &cmd.client_msg_id {
-            Some(c) => format!("{}:room:{c}", cmd.sender),
-            None => format!("{}:room:{}", cmd.sender, uuid::Uuid::now_v7()),
+        let command_id = command_id(&format!("{}:room", cmd.sender), cmd.client_msg_id.as_deref());
+        let append = async {
+            room_id(&cmd.room)?;
+            let subject = subjects::room(&self.prefix, &cmd.room);
+            let message_id = uuid::Uuid::now_v7().to_string();
+            let (cmd, message_id) = (&cmd, &message_id);
+            let env = self
+                .append(&subject, &command_id, |head: Option<Logged>| async move {
+                    let head = head.ok_or_else(room_not_found)?;
+                    if !self.membership(&cmd.room, &cmd.sender).await?.member {
+                        return Err(not_member().into());
+                    }
+                    Ok(Some(Event::RoomMessageSent(RoomMessageSent {
+                        message_id: message_id.clone(),
+                        room_id: cmd.room.clone(),
+                        sender_id: cmd.sender.clone(),
+                        client_msg_id: cmd.client_msg_id.clone(),
+                        message: cmd.message.clone(),
+                        attachment: cmd.attachment.clone(),
+                        seq: room_last_seq(&head) + 1,
+                    })))
+                })
+                .await?;
+            Ok(env.and_then(|env| match &env.event {
+                Event::RoomMessageSent(sent) => Some(RoomMessageView::from_event(&env, sent)),
+                _ => None,
+            }))
         };
         let same = |m: &RoomMessageView| m.room_id == cmd.room && m.message == cmd.message && m.attachment == cmd.attachment;
-        let reused = || Refusal::Conflict("clientMsgId was already used for a different message".into());
-        if cmd.client_msg_id.is_some() {
-            if let Some(existing) = self.views.room_message_by_command(&command_id).await? {
-                return if same(&existing) { Ok(existing) } else { Err(reused().into()) };
-            }
-        }
-        let subject = subjects::room(&self.prefix, &cmd.room);
-        let message_id = uuid::Uuid::now_v7().to_string();
-        for _ in 0..super::MAX_ATTEMPTS {
-            let head = self.room_head(&cmd.room).await?;
-            if !self.membership(&cmd.room, &cmd.sender).await?.member {
-                return Err(not_member().into());
-            }
-            let seq = room_last_seq(&head) + 1;
-            let event = RoomMessageSent {
-                message_id: message_id.clone(),
-                room_id: cmd.room.clone(),
-                sender_id: cmd.sender.clone(),
-                client_msg_id: cmd.client_msg_id.clone(),
-                message: cmd.message.clone(),
-                attachment: cmd.attachment.clone(),
-                seq,
-            };
-            let env = Envelope::new(command_id.clone(), subject.clone(), head.envelope.position + 1, Event::RoomMessageSent(event));
-            let env = match self.log.append(&env, head.log_seq).await {
-                Ok(a) if !a.duplicate => {
-                    self.metrics.event_appended(env.event.type_name());
-                    env
-                }
-                Ok(a) => self.log.get(a.log_seq).await?.envelope,
-                Err(LogError::Conflict) => {
-                    self.metrics.append_conflict();
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            self.apply_now(&env).await;
-            let Event::RoomMessageSent(sent) = &env.event else { return Err(reused().into()) };
-            let view = RoomMessageView::from_event(&env, sent);
-            return if same(&view) { Ok(view) } else { Err(reused().into()) };
-        }
-        Err(super::Failure::Internal(format!("{subject}: gave up after repeated conflicts")).into())
+        self.once(cmd.client_msg_id.is_some(), self.views.room_message_by_command(&command_id), append, same).await
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use natter_events::Envelope;
-
     use super::*;
-
-    fn logged(event: Event) -> Logged {
-        Logged { log_seq: 9, envelope: Envelope::new("c".into(), "s".into(), 3, event) }
-    }
-
-    #[test]
-    fn membership_follows_the_newest_member_event() {
-        assert!(!membership_after(None).member);
-        let joined = logged(Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: "u".into(), seen_up_to: 4 }));
-        let m = membership_after(Some(&joined));
-        assert!(m.member);
-        assert_eq!((m.read_up_to, m.last), (4, Some((9, 3))));
-        let read = logged(Event::RoomRead(RoomRead { room_id: "r".into(), user_id: "u".into(), up_to_seq: 7 }));
-        assert_eq!(membership_after(Some(&read)).read_up_to, 7);
-        let left = logged(Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "u".into() }));
-        assert!(!membership_after(Some(&left)).member);
-    }
 
     #[test]
     fn refuses_bad_rooms() {

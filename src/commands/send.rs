@@ -1,9 +1,11 @@
 //! Send a direct message (text, attachment URL, or both).
 
-use natter_events::{DmState, Envelope, Event, MessageSent};
+use natter_events::{DmState, Event, MessageSent};
 use natter_projections::MessageView;
 
-use super::{CommandError, Commands, Limits, Refusal};
+use super::append::command_id;
+use super::{CommandError, Commands, Refusal};
+use crate::config::Limits;
 
 #[derive(Debug, Clone)]
 pub struct SendMessage {
@@ -82,14 +84,10 @@ pub fn decide(cmd: &SendMessage, state: &DmState, message_id: &str) -> MessageSe
     }
 }
 
-/// Whether an already stored message is what this command asks for (a
-/// retry), as opposed to a reuse of its `clientMsgId` for something else.
+/// Whether a stored message is what this command asks for (a retry), as
+/// opposed to a reuse of its `clientMsgId` for something else.
 fn same_request(cmd: &SendMessage, m: &MessageView) -> bool {
     m.sender_id == cmd.sender && m.receiver_id == cmd.receiver && m.message == cmd.message && m.attachment == cmd.attachment
-}
-
-fn reused_key() -> Refusal {
-    Refusal::Conflict("clientMsgId was already used for a different message".into())
 }
 
 impl Commands {
@@ -98,28 +96,19 @@ impl Commands {
     #[tracing::instrument(skip_all, fields(sender = %cmd.sender, receiver = %cmd.receiver))]
     pub async fn send(&self, cmd: SendMessage) -> Result<MessageView, CommandError> {
         validate(&cmd, &self.limits)?;
-        let command_id = match &cmd.client_msg_id {
-            Some(c) => format!("{}:{c}", cmd.sender),
-            None => format!("{}:{}", cmd.sender, uuid::Uuid::now_v7()),
+        let command_id = command_id(&cmd.sender, cmd.client_msg_id.as_deref());
+        let append = async {
+            self.require_user(&cmd.receiver, "receiver").await?;
+            let message_id = uuid::Uuid::now_v7().to_string();
+            let env = self
+                .append_dm(&cmd.sender, &cmd.receiver, &command_id, |state| Ok(Some(Event::MessageSent(decide(&cmd, state, &message_id)))))
+                .await?;
+            Ok(env.and_then(|env| match &env.event {
+                Event::MessageSent(sent) => Some(MessageView::from_event(&env, sent)),
+                _ => None,
+            }))
         };
-        if cmd.client_msg_id.is_some() {
-            if let Some(existing) = self.views.message_by_command(&command_id).await? {
-                return if same_request(&cmd, &existing) { Ok(existing) } else { Err(reused_key().into()) };
-            }
-        }
-        self.require_user(&cmd.receiver, "receiver").await?;
-        let message_id = uuid::Uuid::now_v7().to_string();
-        let env: Envelope = self
-            .append_dm(&cmd.sender, &cmd.receiver, &command_id, |state| {
-                Ok(Some(Event::MessageSent(decide(&cmd, state, &message_id))))
-            })
-            .await?
-            .expect("a send always decides an event");
-        let Event::MessageSent(sent) = &env.event else {
-            return Err(reused_key().into());
-        };
-        let view = MessageView::from_event(&env, sent);
-        if same_request(&cmd, &view) { Ok(view) } else { Err(reused_key().into()) }
+        self.once(cmd.client_msg_id.is_some(), self.views.message_by_command(&command_id), append, |m| same_request(&cmd, m)).await
     }
 }
 
@@ -128,7 +117,7 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_message_chars: 10, max_attachment_chars: 40 }
+        Limits { max_message_chars: 10, max_attachment_chars: 40, ..Limits::default() }
     }
 
     fn cmd(text: Option<&str>, attachment: Option<&str>) -> SendMessage {

@@ -1,6 +1,8 @@
 //! `POST /api/auth/register`, `POST /api/auth/login`, and the [`Caller`]
 //! extractor that every other `/api` route uses.
 
+use std::sync::Arc;
+
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -10,16 +12,18 @@ use natter_projections::UserView;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, AppState};
+use super::extract::ApiJson;
+use crate::error::ApiError;
+use crate::state::AppState;
 use crate::commands::register::Register;
 
 /// The authenticated caller's user id, from `Authorization: Bearer <jwt>`.
 pub struct Caller(pub String);
 
-impl FromRequestParts<AppState> for Caller {
+impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -53,7 +57,7 @@ struct LoginBody {
     password: String,
 }
 
-async fn register(State(node): State<AppState>, ApiJson(body): ApiJson<RegisterBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn register(State(node): State<Arc<AppState>>, ApiJson(body): ApiJson<RegisterBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
     let user = node
         .commands
         .register(Register { name: body.name, email: body.email, password: body.password })
@@ -62,12 +66,12 @@ async fn register(State(node): State<AppState>, ApiJson(body): ApiJson<RegisterB
     Ok((StatusCode::CREATED, Json(json!({ "success": true, "token": token, "user": public_user(&user) }))))
 }
 
-async fn login(State(node): State<AppState>, ApiJson(body): ApiJson<LoginBody>) -> Result<Json<Value>, ApiError> {
+async fn login(State(node): State<Arc<AppState>>, ApiJson(body): ApiJson<LoginBody>) -> Result<Json<Value>, ApiError> {
     let user = node.commands.login(&body.email, body.password).await?;
     let token = node.auth.issue(&user.id);
     Ok(Json(json!({ "success": true, "token": token, "user": public_user(&user) })))
 }
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Arc<AppState>> {
     Router::new().route("/api/auth/register", post(register)).route("/api/auth/login", post(login))
 }

@@ -8,6 +8,8 @@
 //!
 //! The caller is always the token's `sub`; a `senderId` in a body is ignored.
 
+use std::sync::Arc;
+
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, patch, post};
@@ -17,16 +19,17 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::Caller;
-use super::{ApiError, ApiJson, AppState};
+use super::extract::ApiJson;
+use crate::error::ApiError;
+use crate::state::AppState;
 use crate::commands::send::SendMessage;
 use crate::wire::message_json;
-use crate::node::Node;
 
 pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 500;
 
-async fn is_seen(node: &Node, m: &MessageView) -> Result<bool, ApiError> {
-    let marks = node.views.watermarks(&m.conversation).await?;
+async fn is_seen(node: &AppState, m: &MessageView) -> Result<bool, ApiError> {
+    let marks = node.views().watermarks(&m.conversation).await?;
     Ok(marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq))
 }
 
@@ -37,7 +40,7 @@ struct HistoryQuery {
 }
 
 async fn history(
-    State(node): State<AppState>,
+    State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     Path(peer): Path<String>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
@@ -53,8 +56,8 @@ async fn history(
     node.commands.open_conversation(&me, &peer).await?;
     let conversation = natter_events::subjects::dm_conversation(&me, &peer);
     let (page, marks) = tokio::join!(
-        node.views.messages(&conversation, q.before, limit),
-        node.views.watermarks(&conversation)
+        node.views().messages(&conversation, q.before, limit),
+        node.views().watermarks(&conversation)
     );
     let (page, marks) = (page?, marks?);
     let out: Vec<Value> = page
@@ -79,14 +82,14 @@ struct AttachmentBody {
     client_msg_id: Option<String>,
 }
 
-async fn sent(node: &Node, cmd: SendMessage, what: &str) -> Result<Json<Value>, ApiError> {
+async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<Value>, ApiError> {
     let m = node.commands.send(cmd).await?;
     let seen = is_seen(node, &m).await?;
     Ok(Json(json!({ "success": true, "message": format!("{what} Sent Successfully"), "data": message_json(&m, seen) })))
 }
 
 async fn send(
-    State(node): State<AppState>,
+    State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     Path(peer): Path<String>,
     ApiJson(body): ApiJson<SendBody>,
@@ -96,7 +99,7 @@ async fn send(
 }
 
 async fn send_attachment(
-    State(node): State<AppState>,
+    State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     ApiJson(body): ApiJson<AttachmentBody>,
 ) -> Result<Json<Value>, ApiError> {
@@ -106,12 +109,12 @@ async fn send_attachment(
     sent(&node, cmd, "Attachment").await
 }
 
-async fn mark_seen(State(node): State<AppState>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn mark_seen(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let up_to = node.commands.mark_seen(&me, &id).await?;
     Ok(Json(json!({ "success": true, "upToSeq": up_to })))
 }
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/messages/{id}", get(history).post(send))
         .route("/api/messages/{id}/seen", patch(mark_seen))

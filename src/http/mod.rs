@@ -1,56 +1,34 @@
 //! The HTTP gateway. Each area exposes `router()`; [`router`] merges them
-//! over one shared [`Node`] state, adds the body limit, request metrics and
-//! the JSON 404.
+//! over the one shared [`AppState`], adds the body limit, request metrics
+//! and the JSON 404; [`gate`] holds requests off until the node serves.
 //!
 //! - [`auth`]: register, login, and the [`auth::Caller`] extractor.
 //! - [`users`]: `GET /api/users`.
 //! - [`messages`]: direct messages and seen marks.
 //! - [`rooms`]: study rooms.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`extract`]: [`extract::ApiJson`], a JSON body whose rejections are
+//!   [`ApiError`]s.
 
-pub mod auth;
-pub mod error;
-pub mod messages;
-pub mod ops;
-pub mod rooms;
-pub mod users;
+mod auth;
+mod extract;
+mod messages;
+mod ops;
+mod rooms;
+mod users;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::{Router, extract::DefaultBodyLimit};
-use serde::de::DeserializeOwned;
 
-pub use error::ApiError;
+use crate::error::ApiError;
+use crate::state::AppState;
 
-use crate::node::Node;
-
-pub type AppState = Arc<Node>;
-
-/// A JSON body whose rejections are [`ApiError`]s (400 malformed, 422 wrong
-/// shape, 413 too large, 415 not JSON).
-pub struct ApiJson<T>(pub T);
-
-impl<T, S> FromRequest<S> for ApiJson<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(value) = <axum::Json<T> as FromRequest<S>>::from_request(req, state)
-            .await
-            .map_err(|e: JsonRejection| ApiError::from(e))?;
-        Ok(ApiJson(value))
-    }
-}
-
-async fn record(state: axum::extract::State<AppState>, req: Request, next: Next) -> Response {
+async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -66,9 +44,9 @@ async fn record(state: axum::extract::State<AppState>, req: Request, next: Next)
 /// log at start-up), everything but `/healthz`, `/readyz` and `/metrics` —
 /// Socket.IO included — answers 503 `starting`: answers from half-built
 /// views would be wrong.
-pub async fn gate(state: axum::extract::State<AppState>, req: Request, next: Next) -> Response {
+pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if state.serving.load(std::sync::atomic::Ordering::Acquire) || matches!(path, "/healthz" | "/readyz" | "/metrics") {
+    if state.is_serving() || matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return next.run(req).await;
     }
     axum::response::IntoResponse::into_response(ApiError::new(
@@ -82,8 +60,8 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
 }
 
-pub fn router(state: AppState) -> Router {
-    let limit = state.cfg.max_body_bytes;
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.limits.max_body_bytes;
     Router::new()
         .merge(auth::router())
         .merge(users::router())

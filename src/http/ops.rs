@@ -2,6 +2,8 @@
 //! and Redis answer; 503 naming the failing one otherwise), `/metrics`
 //! (Prometheus text).
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -9,19 +11,23 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::AppState;
+use crate::state::AppState;
 use crate::config::Mode;
 
 async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-async fn readyz(State(node): State<AppState>) -> impl IntoResponse {
-    if !node.serving.load(std::sync::atomic::Ordering::Acquire) {
-        let body = json!({ "status": "starting", "mode": "embedded", "detail": "rebuilding the views from the event log" });
+async fn readyz(State(node): State<Arc<AppState>>) -> impl IntoResponse {
+    if !node.is_serving() {
+        let detail = match node.mode {
+            Mode::Embedded => "rebuilding the views from the event log",
+            Mode::Distributed => "starting the projectors",
+        };
+        let body = json!({ "status": "starting", "mode": node.mode.name(), "detail": detail });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
     }
-    let (log, views, counts) = tokio::join!(node.log.check(), node.views.check(), node.counts.check());
+    let [log, views, counts] = node.commands.check().await;
     // Details go to the log for the operator; the (unauthenticated) answer
     // only says which dependency is down.
     let verdict = |name: &str, r: Result<(), String>| match r {
@@ -38,19 +44,19 @@ async fn readyz(State(node): State<AppState>) -> impl IntoResponse {
     };
     let body = json!({
         "status": if ok { "ready" } else { "unavailable" },
-        "mode": match node.mode { Mode::Distributed => "distributed", Mode::Embedded => "embedded" },
-        "eventLog": verdict(log_name, log.map_err(|e| e.to_string())),
-        "views": verdict(views_name, views.map_err(|e| e.to_string())),
-        "counts": verdict(counts_name, counts.map_err(|e| e.to_string())),
+        "mode": node.mode.name(),
+        "eventLog": verdict(log_name, log),
+        "views": verdict(views_name, views),
+        "counts": verdict(counts_name, counts),
     });
     (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
-async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
+async fn metrics(State(node): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render())
 }
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -14,6 +14,8 @@
 //! - `GET /api/rooms/{id}/users` → `{success, users: [{_id, name}], count}`:
 //!   who is present now.
 
+use std::sync::Arc;
+
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -23,9 +25,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::Caller;
-use super::{ApiError, ApiJson, AppState};
+use super::extract::ApiJson;
+use crate::error::ApiError;
+use crate::state::AppState;
 use crate::commands::rooms::{CreateRoom, SendRoomMessage};
-use crate::node::Node;
 use crate::wire::{room_json, room_message_json};
 
 pub const DEFAULT_PAGE: u32 = 100;
@@ -52,33 +55,33 @@ fn limit_of(p: &Page) -> Result<u32, ApiError> {
     Ok(limit)
 }
 
-async fn present(node: &Node, room: &str) -> Result<Vec<String>, ApiError> {
+async fn present(node: &AppState, room: &str) -> Result<Vec<String>, ApiError> {
     node.presence.users(room).await.map_err(|e| {
         tracing::error!(%room, error = %e, "presence unavailable");
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "presence is temporarily unavailable")
     })
 }
 
-async fn room_or_404(node: &Node, id: &str) -> Result<natter_projections::RoomView, ApiError> {
+async fn room_or_404(node: &AppState, id: &str) -> Result<natter_projections::RoomView, ApiError> {
     natter_events::validate_id(id).map_err(|_| ApiError::not_found("Room not found"))?;
-    node.views.room(id).await?.ok_or_else(|| ApiError::not_found("Room not found"))
+    node.views().room(id).await?.ok_or_else(|| ApiError::not_found("Room not found"))
 }
 
-async fn create(State(node): State<AppState>, Caller(me): Caller, ApiJson(body): ApiJson<CreateBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn create(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiJson(body): ApiJson<CreateBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
     let room = node.commands.create_room(CreateRoom { creator: me, name: body.name, description: body.description }).await?;
     Ok((StatusCode::CREATED, Json(json!({ "success": true, "room": room_json(&room) }))))
 }
 
-async fn list(State(node): State<AppState>, Caller(me): Caller, page: Result<Query<Page>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+async fn list(State(node): State<Arc<AppState>>, Caller(me): Caller, page: Result<Query<Page>, QueryRejection>) -> Result<Json<Value>, ApiError> {
     let Query(page) = page?;
     let limit = limit_of(&page)?;
     if let Some(after) = &page.after {
         natter_events::validate_id(after).map_err(|e| ApiError::bad_request(format!("after is not a valid room id: {e}")))?;
     }
-    let rooms = node.views.rooms(page.after.as_deref(), limit).await?;
-    let memberships = futures::future::try_join_all(rooms.iter().map(|r| node.views.is_member(&r.id, &me))).await?;
+    let rooms = node.views().rooms(page.after.as_deref(), limit).await?;
+    let memberships = futures::future::try_join_all(rooms.iter().map(|r| node.views().is_member(&r.id, &me))).await?;
     let mine: Vec<String> = rooms.iter().zip(&memberships).filter(|(_, m)| **m).map(|(r, _)| r.id.clone()).collect();
-    let unread = node.counts.room_unread(&me, &mine).await?;
+    let unread = node.counts().room_unread(&me, &mine).await?;
     let mut out = Vec::with_capacity(rooms.len());
     for (r, member) in rooms.iter().zip(memberships) {
         let mut v = room_json(r);
@@ -91,27 +94,27 @@ async fn list(State(node): State<AppState>, Caller(me): Caller, page: Result<Que
     Ok(Json(json!({ "success": true, "rooms": out, "nextCursor": next })))
 }
 
-async fn one(State(node): State<AppState>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn one(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let room = room_or_404(&node, &id).await?;
     let mut v = room_json(&room);
-    v["isMember"] = json!(node.views.is_member(&id, &me).await?);
+    v["isMember"] = json!(node.views().is_member(&id, &me).await?);
     Ok(Json(json!({ "success": true, "room": v })))
 }
 
-async fn join(State(node): State<AppState>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn join(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let room = room_or_404(&node, &id).await?;
     node.commands.join_room(&me, &id).await?;
     Ok(Json(json!({ "success": true, "room": room_json(&room) })))
 }
 
-async fn leave(State(node): State<AppState>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn leave(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     room_or_404(&node, &id).await?;
     node.commands.leave_room(&me, &id).await?;
     Ok(Json(json!({ "success": true })))
 }
 
 async fn history(
-    State(node): State<AppState>,
+    State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     Path(id): Path<String>,
     page: Result<Query<Page>, QueryRejection>,
@@ -122,7 +125,7 @@ async fn history(
         return Err(ApiError::bad_request("before must be a message seq of 1 or more"));
     }
     node.commands.read_room(&me, &id).await?;
-    let messages = node.views.room_messages(&id, page.before, limit).await?;
+    let messages = node.views().room_messages(&id, page.before, limit).await?;
     Ok(Json(Value::Array(messages.iter().map(room_message_json).collect())))
 }
 
@@ -135,7 +138,7 @@ struct SendBody {
 }
 
 async fn send(
-    State(node): State<AppState>,
+    State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<SendBody>,
@@ -147,18 +150,18 @@ async fn send(
     Ok(Json(json!({ "success": true, "message": "Message Sent Successfully", "data": room_message_json(&m) })))
 }
 
-async fn users(State(node): State<AppState>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn users(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     node.commands.require_member(&id, &me).await?;
     let present = present(&node, &id).await?;
     let mut users = Vec::with_capacity(present.len());
     for u in &present {
-        let name = node.views.user(u).await?.map(|u| u.name);
+        let name = node.views().user(u).await?.map(|u| u.name);
         users.push(json!({ "_id": u, "name": name }));
     }
     Ok(Json(json!({ "success": true, "users": users, "count": present.len() })))
 }
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/rooms", post(create).get(list))
         .route("/api/rooms/{id}", get(one))

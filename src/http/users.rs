@@ -1,6 +1,8 @@
 //! `GET /api/users`: everyone but me, paged by id, with my unseen counts
 //! (`unseenMessages`: peer id → count, non-zero only) from one Redis read.
 
+use std::sync::Arc;
+
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::routing::get;
@@ -9,7 +11,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{Caller, public_user};
-use super::{ApiError, AppState};
+use crate::error::ApiError;
+use crate::state::AppState;
 
 pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 500;
@@ -21,7 +24,7 @@ struct Page {
 }
 
 async fn list(
-    State(node): State<AppState>,
+    State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -33,7 +36,7 @@ async fn list(
     if let Some(after) = &page.after {
         natter_events::validate_id(after).map_err(|e| ApiError::bad_request(format!("after is not a valid user id: {e}")))?;
     }
-    let (users, unseen) = tokio::join!(node.views.users(&me, page.after.as_deref(), limit), node.counts.unseen(&me));
+    let (users, unseen) = tokio::join!(node.views().users(&me, page.after.as_deref(), limit), node.counts().unseen(&me));
     let users = users?;
     let unseen = unseen?;
     let next = if users.len() == limit as usize { users.last().map(|u| u.id.clone()) } else { None };
@@ -45,6 +48,6 @@ async fn list(
     })))
 }
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Arc<AppState>> {
     Router::new().route("/api/users", get(list))
 }

@@ -35,27 +35,7 @@ use natter_events::{Envelope, StoredEvent};
 use serde::{Deserialize, Serialize};
 
 use super::{Appended, EventLog, LogError, Logged};
-
-/// When an append reaches the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncPolicy {
-    /// fsync before acknowledging: survives power loss.
-    Always,
-    /// Leave flushing to the OS: survives a process crash (`kill -9`), not
-    /// a power loss; much faster.
-    Os,
-}
-
-impl std::str::FromStr for SyncPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "always" => Ok(SyncPolicy::Always),
-            "os" => Ok(SyncPolicy::Os),
-            other => Err(format!("sync policy must be `always` or `os`, not {other:?}")),
-        }
-    }
-}
+use crate::config::SyncPolicy;
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -25,7 +25,12 @@ fn unavailable(e: impl std::fmt::Display) -> LogError {
     LogError::Unavailable(format!("nats: {e}"))
 }
 
-/// Subject filter of the parked-events stream.
+/// The stream of events projectors parked, beside the log `stream`.
+pub fn parked_stream(stream: &str) -> String {
+    format!("{stream}_PARKED")
+}
+
+/// Where events `projection` refused are parked (`>`: all of them).
 pub fn parked_subject(prefix: &str, projection: &str) -> String {
     format!("{prefix}.parked.{projection}")
 }
@@ -42,12 +47,12 @@ impl NatsLog {
             .max_reconnects(None)
             .connect(url)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e}", crate::config::redact(url)))?;
+            .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e}", crate::telemetry::redact(url)))?;
         // retry_on_initial_connect returns at once; wait for the first connection.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while client.connection_state() != async_nats::connection::State::Connected {
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("cannot connect to NATS at {} within 10 s: is nats-server running with JetStream?", crate::config::redact(url));
+                anyhow::bail!("cannot connect to NATS at {} within 10 s: is nats-server running with JetStream?", crate::telemetry::redact(url));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -61,15 +66,15 @@ impl NatsLog {
             ..Default::default()
         })
         .await
-        .map_err(|e| anyhow::anyhow!("creating JetStream stream {stream} on {}: {e} (is JetStream enabled?)", crate::config::redact(url)))?;
+        .map_err(|e| anyhow::anyhow!("creating JetStream stream {stream} on {}: {e} (is JetStream enabled?)", crate::telemetry::redact(url)))?;
         js.get_or_create_stream(stream::Config {
-            name: format!("{stream}_PARKED"),
-            subjects: vec![format!("{prefix}.parked.>")],
+            name: parked_stream(stream),
+            subjects: vec![parked_subject(prefix, ">")],
             storage: stream::StorageType::File,
             ..Default::default()
         })
         .await
-        .map_err(|e| anyhow::anyhow!("creating JetStream stream {stream}_PARKED: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("creating JetStream stream {}: {e}", parked_stream(stream)))?;
         Ok(NatsLog { client, js, stream: stream.to_owned() })
     }
 

@@ -22,15 +22,18 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use natter_events::{Envelope, Event};
+use natter_events::{Envelope, Event, MemberState};
 
 use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView};
 use serde_json::json;
 
 use super::{Payload, PushBus};
-use crate::commands::rooms::membership_after;
 use crate::log::EventLog;
 use crate::wire::{message_json, room_message_json};
+
+/// The fan-out projection's name and version.
+pub const NAME: &str = "push-fanout";
+pub const VERSION: u32 = 1;
 
 pub struct FanOut {
     pub bus: Arc<dyn PushBus>,
@@ -94,7 +97,7 @@ impl FanOut {
         let states = futures::future::join_all(subjects.iter().map(|s| self.log.last_before(s, log_seq))).await;
         let mut members = Vec::with_capacity(subjects.len());
         for (subject, state) in subjects.iter().zip(states) {
-            if membership_after(state.map_err(unavailable)?.as_ref()).member {
+            if MemberState::after(state.map_err(unavailable)?.as_ref().map(|l| &l.envelope.event)).member {
                 members.push(subject[prefix.len()..].to_owned());
             }
         }
@@ -105,10 +108,10 @@ impl FanOut {
 #[async_trait]
 impl Projection for FanOut {
     fn name(&self) -> &'static str {
-        "push-fanout"
+        NAME
     }
     fn version(&self) -> u32 {
-        1
+        VERSION
     }
     fn ordered(&self) -> bool {
         true
@@ -179,7 +182,8 @@ mod tests {
     async fn room_messages_reach_the_members_the_log_has_without_any_view() {
         use natter_events::{MemberJoined, MemberLeft, RoomMessageSent, subjects};
 
-        use crate::log::file::{FileLog, SyncPolicy};
+        use crate::config::SyncPolicy;
+        use crate::log::file::FileLog;
         use crate::push::Replay;
         use crate::push::memory::MemoryPush;
 
@@ -238,7 +242,8 @@ mod tests {
     async fn in_order_membership_is_as_of_each_event_and_replays_identically() {
         use natter_events::{MemberJoined, MemberLeft, RoomMessageSent};
 
-        use crate::log::file::{FileLog, SyncPolicy};
+        use crate::config::SyncPolicy;
+        use crate::log::file::FileLog;
         use crate::push::Replay;
         use crate::push::memory::MemoryPush;
 

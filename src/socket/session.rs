@@ -14,8 +14,9 @@ use socketioxide::extract::{Extension, SocketRef, TryData};
 use socketioxide::socket::DisconnectReason;
 use tokio::sync::mpsc;
 
-use super::{EmitError, emit_patiently, parse_cursor};
-use crate::node::Node;
+use super::emit::{EmitError, emit_patiently};
+use super::handshake::parse_cursor;
+use crate::state::AppState;
 use crate::push::{Pushed, Replay};
 use crate::push::{Delivery, Payload};
 
@@ -88,7 +89,7 @@ pub fn error(code: &str, message: impl Into<String>) -> Value {
 struct Session {
     filter: Filter,
     s: SocketRef,
-    node: Arc<Node>,
+    node: Arc<AppState>,
     user: String,
     cursor: u64,
 }
@@ -177,7 +178,7 @@ impl Session {
 /// Opens a socket's session: counts it, gives its handlers the control
 /// channel ([`ControlTx`]) and starts its delivery loop. The namespace
 /// registers its own handlers; its disconnect handler calls [`closed`].
-pub fn open(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, filter: Filter) {
+pub fn open(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>, filter: Filter) {
     node.metrics.socket_opened();
     let (tx, rx) = mpsc::channel(16);
     s.extensions.insert(ControlTx(tx));
@@ -187,7 +188,7 @@ pub fn open(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, fil
 /// Ends a socket's session, once: from its disconnect handler, or at
 /// shutdown (socketioxide's close does not run disconnect handlers).
 /// Returns false when it had already ended.
-pub fn release(node: &Node, s: &SocketRef, reason: DisconnectReason) -> bool {
+pub fn release(node: &AppState, s: &SocketRef, reason: DisconnectReason) -> bool {
     match s.extensions.remove::<ControlTx>() {
         Some(control) => {
             closed(node, &control, reason);
@@ -197,14 +198,14 @@ pub fn release(node: &Node, s: &SocketRef, reason: DisconnectReason) -> bool {
     }
 }
 
-fn closed(node: &Node, ControlTx(tx): &ControlTx, reason: DisconnectReason) {
+fn closed(node: &AppState, ControlTx(tx): &ControlTx, reason: DisconnectReason) {
     node.metrics.socket_closed();
     let lost = matches!(reason, DisconnectReason::HeartbeatTimeout | DisconnectReason::TransportError);
     let _ = tx.try_send(Control::Closed { lost });
 }
 
 /// Runs a socket's deliveries until it disconnects or falls behind.
-async fn run(s: SocketRef, node: Arc<Node>, user: String, start: Option<u64>, filter: Filter, mut control: mpsc::Receiver<Control>) {
+async fn run(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>, filter: Filter, mut control: mpsc::Receiver<Control>) {
     // Without a cursor the client starts from "now": the head read *before*
     // subscribing, so a delivery stored in between is caught up, not lost.
     let joined = async {

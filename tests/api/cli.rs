@@ -12,7 +12,7 @@ async fn projections_and_parked_events_from_the_command_line() {
     c.send(0, &amy, &bob, "hello", None).await.ok();
     let js = c.nats().jetstream().clone();
     // A poison event, parked by all three projectors …
-    js.publish(format!("{}.ev.dm.x.y", c.cfg.subject_prefix), "not an event".into()).await.unwrap().await.unwrap();
+    js.publish(format!("{}.ev.dm.x.y", c.cfg.log.subject_prefix), "not an event".into()).await.unwrap().await.unwrap();
     eventually("the poison event to be parked three times", || async {
         c.metric(0, "natter_projection_parked_total{projection=\"push-fanout\"}").await == 1.0
             && c.metric(0, "natter_projection_parked_total{projection=\"mongo-views\"}").await == 1.0
@@ -22,7 +22,7 @@ async fn projections_and_parked_events_from_the_command_line() {
     // … and a good event parked by mongo-views (as a store fault might have).
     let head = c.nats().head().await.unwrap();
     let good = c.nats().get(head - 1).await.unwrap().envelope;
-    js.publish(format!("{}.parked.mongo-views", c.cfg.subject_prefix), good.encode().into()).await.unwrap().await.unwrap();
+    js.publish(format!("{}.parked.mongo-views", c.cfg.log.subject_prefix), good.encode().into()).await.unwrap().await.unwrap();
 
     let table = c.natter(&["projections"]).await;
     for name in ["mongo-views", "redis-unseen", "push-fanout"] {

@@ -45,8 +45,8 @@ async fn views_of(c: &Cluster, node: usize, users: &[&User], rooms: &[String]) -
             convs.push(natter_events::subjects::dm_conversation(a, b));
         }
     }
-    let n = &c.node(node).node;
-    snapshot(n.views.as_ref(), n.counts.as_ref(), &ids, &convs, rooms).await.unwrap()
+    let n = c.node(node);
+    snapshot(n.views(), n.counts(), &ids, &convs, rooms).await.unwrap()
 }
 
 /// A little of everything through the API: direct messages, a read mark,
@@ -123,7 +123,7 @@ async fn a_torn_last_record_is_cut_off_and_everything_before_it_kept() {
     for i in 0..10 {
         c.send(0, &amy, &bob, &format!("kept {i}"), None).await.ok();
     }
-    let log_file = c.cfg.data_dir.join("events.log");
+    let log_file = c.cfg.embedded.data_dir.join("events.log");
     let whole = std::fs::metadata(&log_file).unwrap().len();
     c.send(0, &amy, &bob, "torn", None).await.ok();
     let head = c.log_head().await;
@@ -301,7 +301,7 @@ async fn with_nothing_configured_natter_runs_embedded_in_natter_data_and_keeps_i
 #[tokio::test]
 async fn an_embedded_node_migrates_into_jetstream_with_equal_views() {
     let prefix = format!("m{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let embedded = Cluster::embedded_with(|cfg| cfg.subject_prefix = prefix.clone()).await;
+    let embedded = Cluster::embedded_with(|cfg| cfg.log.subject_prefix = prefix.clone()).await;
     let (amy, bob, carol) = (embedded.register(0, "Amy").await, embedded.register(0, "Bob").await, embedded.register(0, "Carol").await);
     let mut d = Driver::start().await;
     d.connected("bob-embedded", &embedded.socket_url(0), json!({ "token": bob.token })).await;
@@ -312,12 +312,12 @@ async fn an_embedded_node_migrates_into_jetstream_with_equal_views() {
     let users = [&amy, &bob, &carol];
     let expected = views_of(&embedded, 0, &users, &rooms).await;
     let head = embedded.log_head().await;
-    let dir = embedded.cfg.data_dir.clone();
+    let dir = embedded.cfg.embedded.data_dir.clone();
     let mut embedded = embedded;
     embedded.nodes.pop().unwrap().stop().await;
 
-    let mut c = Cluster::start_with(0, |cfg| cfg.subject_prefix = prefix.clone()).await;
-    let nats = c.cfg.nats_url.clone().unwrap();
+    let mut c = Cluster::start_with(0, |cfg| cfg.log.subject_prefix = prefix.clone()).await;
+    let nats = c.cfg.distributed.nats_url.clone().unwrap();
     let out = c.natter(&["migrate", "--from", dir.to_str().unwrap(), "--to", &nats]).await;
     assert!(out.contains(&format!("migrated {head} events")), "{out}");
     c.add_node().await;
@@ -342,12 +342,10 @@ async fn an_embedded_node_migrates_into_jetstream_with_equal_views() {
 /// and Socket.IO get 503 `starting`, never answers from half-built views.
 #[tokio::test]
 async fn while_the_views_are_rebuilt_only_health_answers() {
-    use std::sync::atomic::Ordering;
-
     let c = Cluster::embedded().await;
     let amy = c.register(0, "Amy").await;
-    let node = &c.node(0).node;
-    node.serving.store(false, Ordering::Release);
+    let node = c.node(0);
+    node.set_serving(false);
     assert_eq!(c.request(0, Method::GET, "/healthz", None, None).await.status.as_u16(), 200);
     let r = c.request(0, Method::GET, "/readyz", None, None).await;
     assert_eq!((r.status.as_u16(), r.body["status"].clone()), (503, json!("starting")));
@@ -361,7 +359,7 @@ async fn while_the_views_are_rebuilt_only_health_answers() {
     let (status, _) = call(&c.http, Method::GET, c.url(0, "/socket.io/?EIO=4&transport=polling"), None, None).await.unwrap();
     assert_eq!(status, 503, "no Socket.IO handshake while starting");
 
-    node.serving.store(true, Ordering::Release);
+    node.set_serving(true);
     assert!(c.request(0, Method::GET, "/api/users", Some(&amy.token), None).await.status.is_success());
     assert_eq!(c.request(0, Method::GET, "/readyz", None, None).await.status.as_u16(), 200);
     c.stop().await;
@@ -379,7 +377,7 @@ async fn a_poison_event_is_parked_and_the_node_goes_on() {
     c.nodes.pop().unwrap().stop().await;
 
     // Append a copy of the last record as a v99 event on a subject of its own.
-    let log_file = c.cfg.data_dir.join("events.log");
+    let log_file = c.cfg.embedded.data_dir.join("events.log");
     let mut bytes = std::fs::read(&log_file).unwrap();
     let mut at = 0;
     let mut last = 0;
@@ -390,7 +388,7 @@ async fn a_poison_event_is_parked_and_the_node_goes_on() {
     let mut record: Value = serde_json::from_slice(&bytes[last + 8..]).unwrap();
     record["seq"] = json!(head + 1);
     record["msgId"] = json!("poison-1");
-    record["subject"] = json!(format!("{}.ev.dm.poison.x", c.cfg.subject_prefix));
+    record["subject"] = json!(format!("{}.ev.dm.poison.x", c.cfg.log.subject_prefix));
     record["event"]["subject"] = record["subject"].clone();
     record["event"]["commandId"] = json!("poison-1");
     record["event"]["v"] = json!(99);
@@ -402,7 +400,7 @@ async fn a_poison_event_is_parked_and_the_node_goes_on() {
 
     c.add_node().await;
     assert_eq!(c.log_head().await, head + 1, "the poison event is kept in the log");
-    let parked = std::fs::read_to_string(c.cfg.data_dir.join("parked.jsonl")).unwrap();
+    let parked = std::fs::read_to_string(c.cfg.embedded.data_dir.join("parked.jsonl")).unwrap();
     assert_eq!(parked.lines().count(), 3, "one line per projection: {parked}");
     assert!(parked.lines().all(|l| l.contains(&format!("\"seq\":{}", head + 1))), "{parked}");
     let listed = c.natter(&["parked", "list"]).await;
@@ -414,7 +412,7 @@ async fn a_poison_event_is_parked_and_the_node_goes_on() {
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 2);
     // A restart replays the log and meets the event again: recorded once.
     c.restart().await;
-    let again = std::fs::read_to_string(c.cfg.data_dir.join("parked.jsonl")).unwrap();
+    let again = std::fs::read_to_string(c.cfg.embedded.data_dir.join("parked.jsonl")).unwrap();
     assert_eq!(again, parked, "parked once, not at every start");
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 2);
     c.stop().await;

@@ -16,7 +16,7 @@ const DB: u32 = 7;
 async fn a_redis_wipe_during_traffic_never_shows_a_wrong_count_and_heals() {
     let base = std::env::var("NATTER_REDIS_URL").unwrap();
     let url = format!("{}/{DB}", base.trim_end_matches('/'));
-    let c = Cluster::start_with(2, |cfg| cfg.redis_url = Some(url.clone())).await;
+    let c = Cluster::start_with(2, |cfg| cfg.distributed.redis_url = Some(url.clone())).await;
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
 
@@ -120,7 +120,7 @@ async fn a_redis_restart_from_an_older_snapshot_rebuilds_exact_counts() {
     };
     let mut redis_server = spawn_redis();
     eventually("redis to answer", answers).await;
-    let c = Cluster::start_with(1, |cfg| cfg.redis_url = Some(url.clone())).await;
+    let c = Cluster::start_with(1, |cfg| cfg.distributed.redis_url = Some(url.clone())).await;
     let (amy, bob) = (c.register(0, "Amy").await, c.register(0, "Bob").await);
     for i in 0..5 {
         c.send(0, &amy, &bob, &format!("saved {i}"), None).await.ok();

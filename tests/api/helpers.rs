@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use natter::config::Config;
+use natter::config::{Config, Distributed};
 use natter::log::EventLog;
 use natter::log::nats::NatsLog;
-use natter::node::RunningNode;
+use natter::startup::RunningNode;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -141,25 +141,20 @@ impl Cluster {
     /// A cluster whose config `tweak` adjusts first.
     pub async fn start_with(nodes: usize, tweak: impl FnOnce(&mut Config)) -> Cluster {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let mut cfg = Config {
-            host: "127.0.0.1".into(),
-            port: 0,
+        let mut cfg = Self::test_config();
+        cfg.distributed = Distributed {
             nats_url: Some(service("NATTER_NATS_URL")),
             mongo_url: Some(service("NATTER_MONGO_URL")),
             redis_url: Some(service("NATTER_REDIS_URL")),
             mongo_db: format!("natter_t{id}"),
             redis_prefix: format!("t{id}:"),
             stream: format!("T{id}"),
-            subject_prefix: format!("t{id}"),
-            jwt_secret: Some(SECRET.to_string().into()),
-            max_message_chars: 200,
-            max_body_bytes: 8 * 1024,
-            ..Config::default()
         };
+        cfg.log.subject_prefix = format!("t{id}");
         tweak(&mut cfg);
         let mut cluster = Cluster {
             nats: Some(
-                NatsLog::connect(cfg.nats_url.as_deref().unwrap(), &cfg.stream, &cfg.subject_prefix, cfg.dedup_window)
+                NatsLog::connect(cfg.distributed.nats_url.as_deref().unwrap(), &cfg.distributed.stream, &cfg.log.subject_prefix, cfg.log.dedup_window)
                     .await
                     .expect("connect to NATS"),
             ),
@@ -173,6 +168,17 @@ impl Cluster {
         cluster
     }
 
+    /// What every test node shares: loopback, the test secret, small limits.
+    fn test_config() -> Config {
+        let mut cfg = Config::default();
+        cfg.server.host = "127.0.0.1".into();
+        cfg.server.port = 0;
+        cfg.auth.jwt_secret = Some(SECRET.to_string().into());
+        cfg.limits.max_message_chars = 200;
+        cfg.limits.max_body_bytes = 8 * 1024;
+        cfg
+    }
+
     /// One embedded node (no services) on a fresh data directory.
     pub async fn embedded() -> Cluster {
         Self::embedded_with(|_| {}).await
@@ -180,15 +186,8 @@ impl Cluster {
 
     pub async fn embedded_with(tweak: impl FnOnce(&mut Config)) -> Cluster {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let mut cfg = Config {
-            host: "127.0.0.1".into(),
-            port: 0,
-            data_dir: Self::data_dir(&id),
-            jwt_secret: Some(SECRET.to_string().into()),
-            max_message_chars: 200,
-            max_body_bytes: 8 * 1024,
-            ..Config::default()
-        };
+        let mut cfg = Self::test_config();
+        cfg.embedded.data_dir = Self::data_dir(&id);
         tweak(&mut cfg);
         let mut cluster =
             Cluster { cfg, nats: None, nodes: Vec::new(), http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap() };
@@ -221,7 +220,7 @@ impl Cluster {
     pub async fn add_node(&mut self) {
         assert!(!self.is_embedded() || self.nodes.is_empty(), "an embedded cluster has one node");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let node = natter::node::start(self.cfg.clone(), listener).await.expect("start node");
+        let node = natter::startup::start(self.cfg.clone(), listener).await.expect("start node");
         self.nodes.push(node);
     }
 
@@ -239,7 +238,7 @@ impl Cluster {
     pub async fn log_head(&self) -> u64 {
         match &self.nats {
             Some(log) => log.head().await.expect("log head"),
-            None => self.nodes[0].node.log.head().await.expect("log head"),
+            None => self.nodes[0].log().head().await.expect("log head"),
         }
     }
 
@@ -325,22 +324,22 @@ impl Cluster {
         let cfg = &self.cfg;
         if self.is_embedded() {
             return vec![
-                ("NATTER_DATA_DIR", cfg.data_dir.display().to_string()),
+                ("NATTER_DATA_DIR", cfg.embedded.data_dir.display().to_string()),
                 ("NATTER_JWT_SECRET", SECRET.to_owned()),
-                ("NATTER_MAX_MESSAGE_CHARS", cfg.max_message_chars.to_string()),
+                ("NATTER_MAX_MESSAGE_CHARS", cfg.limits.max_message_chars.to_string()),
             ];
         }
         vec![
-            ("NATTER_NATS_URL", cfg.nats_url.clone().unwrap()),
-            ("NATTER_MONGO_URL", cfg.mongo_url.clone().unwrap()),
-            ("NATTER_REDIS_URL", cfg.redis_url.clone().unwrap()),
-            ("NATTER_MONGO_DB", cfg.mongo_db.clone()),
-            ("NATTER_REDIS_PREFIX", cfg.redis_prefix.clone()),
-            ("NATTER_STREAM", cfg.stream.clone()),
-            ("NATTER_SUBJECT_PREFIX", cfg.subject_prefix.clone()),
+            ("NATTER_NATS_URL", cfg.distributed.nats_url.clone().unwrap()),
+            ("NATTER_MONGO_URL", cfg.distributed.mongo_url.clone().unwrap()),
+            ("NATTER_REDIS_URL", cfg.distributed.redis_url.clone().unwrap()),
+            ("NATTER_MONGO_DB", cfg.distributed.mongo_db.clone()),
+            ("NATTER_REDIS_PREFIX", cfg.distributed.redis_prefix.clone()),
+            ("NATTER_STREAM", cfg.distributed.stream.clone()),
+            ("NATTER_SUBJECT_PREFIX", cfg.log.subject_prefix.clone()),
             ("NATTER_JWT_SECRET", SECRET.to_owned()),
-            ("NATTER_MAX_MESSAGE_CHARS", cfg.max_message_chars.to_string()),
-            ("NATTER_PRESENCE_TTL_MS", cfg.presence_ttl.as_millis().to_string()),
+            ("NATTER_MAX_MESSAGE_CHARS", cfg.limits.max_message_chars.to_string()),
+            ("NATTER_PRESENCE_TTL_MS", cfg.push.presence_ttl.as_millis().to_string()),
         ]
     }
 
@@ -399,11 +398,11 @@ impl Cluster {
             node.stop().await;
         }
         let Some(log) = self.nats else {
-            let _ = std::fs::remove_dir_all(&self.cfg.data_dir);
+            let _ = std::fs::remove_dir_all(&self.cfg.embedded.data_dir);
             return;
         };
-        let _ = log.jetstream().delete_stream(&self.cfg.stream).await;
-        let _ = log.jetstream().delete_stream(format!("{}_PARKED", self.cfg.stream)).await;
-        let _ = log.jetstream().delete_stream(format!("{}_INBOX", self.cfg.stream)).await;
+        let _ = log.jetstream().delete_stream(&self.cfg.distributed.stream).await;
+        let _ = log.jetstream().delete_stream(format!("{}_PARKED", self.cfg.distributed.stream)).await;
+        let _ = log.jetstream().delete_stream(format!("{}_INBOX", self.cfg.distributed.stream)).await;
     }
 }

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use natter::log::file::{FileLog, SyncPolicy};
+use natter::config::SyncPolicy;
+use natter::log::file::FileLog;
 use natter::log::nats::NatsLog;
 use natter::log::{EventLog, LogError};
 use natter_events::{Envelope, Event, UserRegistered};
@@ -83,7 +84,7 @@ async fn an_embedded_history_migrates_into_jetstream() {
     use natter_projections::{CountStore, ViewStore};
 
     let mut c = crate::helpers::Cluster::start(0).await;
-    let mut h = History::new(&c.cfg.subject_prefix, 4);
+    let mut h = History::new(&c.cfg.log.subject_prefix, 4);
     h.create_room(0);
     for i in 0..60usize {
         let (a, b) = (i % 4, (i * 7 + 1) % 4);
@@ -103,7 +104,7 @@ async fn an_embedded_history_migrates_into_jetstream() {
             log.append(env, expected).await.unwrap();
         }
     }
-    let nats = c.cfg.nats_url.clone().unwrap();
+    let nats = c.cfg.distributed.nats_url.clone().unwrap();
     let out = c.natter(&["migrate", "--from", dir.to_str().unwrap(), "--to", &nats]).await;
     assert!(out.contains(&format!("migrated {} events", h.envelopes.len())), "{out}");
     let again = c.natter(&["migrate", "--from", dir.to_str().unwrap(), "--to", &nats]).await;
@@ -112,7 +113,7 @@ async fn an_embedded_history_migrates_into_jetstream() {
 
     c.add_node().await;
     let head = h.envelopes.len() as u64;
-    let stream = c.nats().jetstream().get_stream(&c.cfg.stream).await.unwrap();
+    let stream = c.nats().jetstream().get_stream(&c.cfg.distributed.stream).await.unwrap();
     crate::helpers::eventually("the distributed projectors to catch up", || async {
         let mut ok = true;
         for d in ["mongo-views-v1", "redis-unseen-v1"] {
@@ -126,9 +127,9 @@ async fn an_embedded_history_migrates_into_jetstream() {
         ViewStore::apply(&views, env).await.unwrap();
         CountStore::apply(&counts, env).await.unwrap();
     }
-    let node = &c.nodes[0].node;
+    let node = &c.nodes[0];
     let expected = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
-    let migrated = snapshot(node.views.as_ref(), node.counts.as_ref(), &h.users, &h.conversations(), &h.rooms).await.unwrap();
+    let migrated = snapshot(node.views(), node.counts(), &h.users, &h.conversations(), &h.rooms).await.unwrap();
     assert_eq!(migrated, expected);
     let _ = std::fs::remove_dir_all(&dir);
     c.stop().await;

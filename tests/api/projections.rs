@@ -51,10 +51,10 @@ async fn memory_snapshot(h: &History) -> natter_projections::history::Snapshot {
 #[tokio::test]
 async fn mongo_and_redis_adapters_converge_like_the_in_memory_store() {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let db = natter::node::connect_mongo(&std::env::var("NATTER_MONGO_URL").unwrap(), &format!("natter_p{}", &id[..12]))
+    let db = natter::distributed::connect_mongo(&std::env::var("NATTER_MONGO_URL").unwrap(), &format!("natter_p{}", &id[..12]))
         .await
         .unwrap();
-    let redis = natter::node::connect_redis(&std::env::var("NATTER_REDIS_URL").unwrap()).await.unwrap();
+    let redis = natter::distributed::connect_redis(&std::env::var("NATTER_REDIS_URL").unwrap()).await.unwrap();
     let views = MongoViews::open(&db).await.unwrap();
     let counts = RedisCounts::new(redis, format!("p{}:", &id[..12]));
     counts.mark_ready().await.unwrap(); // a fresh key space: complete by definition
@@ -95,7 +95,7 @@ async fn unseen_via_api(c: &Cluster, node: usize, user: &str) -> BTreeMap<String
 #[tokio::test]
 async fn projectors_on_two_nodes_apply_every_event_exactly_once() {
     let c = Cluster::start(2).await;
-    let h = random_history(&c.cfg.subject_prefix, 4, 150, 11);
+    let h = random_history(&c.cfg.log.subject_prefix, 4, 150, 11);
     append_all(&c, &h.envelopes).await;
     let total = h.envelopes.len() as f64;
 
@@ -119,10 +119,10 @@ async fn projectors_on_two_nodes_apply_every_event_exactly_once() {
         assert_eq!(unseen_via_api(&c, i % 2, u).await, h.expected_unseen(u), "unseen counts of {u}");
     }
     // The message views equal an in-order replay.
-    let db = natter::node::connect_mongo(c.cfg.mongo_url.as_deref().unwrap(), &c.cfg.mongo_db).await.unwrap();
-    let redis = natter::node::connect_redis(c.cfg.redis_url.as_deref().unwrap()).await.unwrap();
+    let db = natter::distributed::connect_mongo(c.cfg.distributed.mongo_url.as_deref().unwrap(), &c.cfg.distributed.mongo_db).await.unwrap();
+    let redis = natter::distributed::connect_redis(c.cfg.distributed.redis_url.as_deref().unwrap()).await.unwrap();
     let views = MongoViews::open(&db).await.unwrap();
-    let counts = RedisCounts::new(redis, c.cfg.redis_prefix.clone());
+    let counts = RedisCounts::new(redis, c.cfg.distributed.redis_prefix.clone());
     let real = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
     assert_eq!(real, memory_snapshot(&h).await);
     c.stop().await;
@@ -132,12 +132,12 @@ async fn projectors_on_two_nodes_apply_every_event_exactly_once() {
 async fn a_poison_event_is_parked_and_the_projectors_go_on() {
     let c = Cluster::start(1).await;
     let js = c.nats().jetstream().clone();
-    js.publish(format!("{}.ev.dm.x.y", c.cfg.subject_prefix), "{ not an event".into())
+    js.publish(format!("{}.ev.dm.x.y", c.cfg.log.subject_prefix), "{ not an event".into())
         .await
         .unwrap()
         .await
         .unwrap();
-    let mut h = History::new(&c.cfg.subject_prefix, 2);
+    let mut h = History::new(&c.cfg.log.subject_prefix, 2);
     h.send(0, 1);
     append_all(&c, &h.envelopes).await;
     let bob = h.users[1].clone();
@@ -151,7 +151,7 @@ async fn a_poison_event_is_parked_and_the_projectors_go_on() {
             && c.metric(0, "natter_projection_parked_total{projection=\"push-fanout\"}").await == 1.0
     })
     .await;
-    let mut parked = js.get_stream(format!("{}_PARKED", c.cfg.stream)).await.unwrap();
+    let mut parked = js.get_stream(format!("{}_PARKED", c.cfg.distributed.stream)).await.unwrap();
     let state = parked.info().await.unwrap().state.clone();
     assert_eq!(state.messages, 3, "one parked copy per projection");
     let first = parked.get_raw_message(state.first_sequence).await.unwrap();
@@ -164,7 +164,7 @@ async fn a_poison_event_is_parked_and_the_projectors_go_on() {
 #[tokio::test]
 async fn projectors_killed_five_times_during_5000_events_converge_to_a_fresh_rebuild() {
     let c = Cluster::start(0).await;
-    let mut h = random_history(&c.cfg.subject_prefix, 6, 0, 3);
+    let mut h = random_history(&c.cfg.log.subject_prefix, 6, 0, 3);
     let mut seed = 99u64;
     while h.envelopes.len() < 5000 {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -195,7 +195,7 @@ async fn projectors_killed_five_times_during_5000_events_converge_to_a_fresh_reb
     }
     assert_eq!(kills, 5);
     let head = c.nats().head().await.unwrap();
-    let stream = c.nats().jetstream().get_stream(&c.cfg.stream).await.unwrap();
+    let stream = c.nats().jetstream().get_stream(&c.cfg.distributed.stream).await.unwrap();
     // A killed node's unacknowledged events come back after the ack wait;
     // the catch-up of 5000 events against the test MongoDB takes a while.
     eventually_within("every projector to catch up with the log", 120, || async {
@@ -206,10 +206,10 @@ async fn projectors_killed_five_times_during_5000_events_converge_to_a_fresh_reb
         done
     })
     .await;
-    let db = natter::node::connect_mongo(c.cfg.mongo_url.as_deref().unwrap(), &c.cfg.mongo_db).await.unwrap();
-    let redis = natter::node::connect_redis(c.cfg.redis_url.as_deref().unwrap()).await.unwrap();
+    let db = natter::distributed::connect_mongo(c.cfg.distributed.mongo_url.as_deref().unwrap(), &c.cfg.distributed.mongo_db).await.unwrap();
+    let redis = natter::distributed::connect_redis(c.cfg.distributed.redis_url.as_deref().unwrap()).await.unwrap();
     let views = MongoViews::open(&db).await.unwrap();
-    let counts = RedisCounts::new(redis, c.cfg.redis_prefix.clone());
+    let counts = RedisCounts::new(redis, c.cfg.distributed.redis_prefix.clone());
     let real = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
     assert_eq!(real, memory_snapshot(&h).await, "the views equal a fresh in-order rebuild");
     for u in &h.users {

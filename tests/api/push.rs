@@ -86,21 +86,21 @@ async fn a_send_reaches_every_socket_of_both_users_on_every_node(c: &Cluster) {
     // (on one embedded node, both of bob's sockets are on it).
     let (here, there) = (c.node(2), c.node(1));
     let bob_here = if c.is_embedded() { 2 } else { 1 };
-    assert_eq!(here.node.push.sockets_of(&bob.id), bob_here);
+    assert_eq!(here.sockets_of(&bob.id), bob_here);
     d.disconnect("bob3").await;
-    eventually("bob's third-node socket to leave the hub", || async { here.node.push.sockets_of(&bob.id) == bob_here - 1 }).await;
-    assert_eq!(here.node.push.subscribed_users(), if c.is_embedded() { 2 } else { 1 }, "amy's socket is still there");
-    assert_eq!(there.node.push.sockets_of(&bob.id), 1, "bob's socket on node 2 is untouched");
+    eventually("bob's third-node socket to leave the hub", || async { here.sockets_of(&bob.id) == bob_here - 1 }).await;
+    assert_eq!(here.subscribed_users(), if c.is_embedded() { 2 } else { 1 }, "amy's socket is still there");
+    assert_eq!(there.sockets_of(&bob.id), 1, "bob's socket on node 2 is untouched");
     for s in ["bob2", "amy3"] {
         d.disconnect(s).await;
     }
     eventually("every subscription to go with the last socket", || async {
-        c.nodes.iter().all(|n| n.node.push.subscribed_users() == 0)
+        c.nodes.iter().all(|n| n.subscribed_users() == 0)
     })
     .await;
 }
 
-crate::contract!(typing_is_rate_limited, 1, |cfg| cfg.typing_per_sec = 2, typing_is_rate_limited);
+crate::contract!(typing_is_rate_limited, 1, |cfg| cfg.limits.typing_per_sec = 2, typing_is_rate_limited);
 
 async fn typing_is_rate_limited(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
@@ -194,7 +194,7 @@ async fn a_cursor_older_than_retention_gets_a_resync() {
     let bob = c.register(0, "Bob").await;
     c.send(0, &amy, &bob, "one", None).await.ok();
     // Purge the inbox as retention would.
-    let mut inbox = c.nats().jetstream().get_stream(format!("{}_INBOX", c.cfg.stream)).await.unwrap();
+    let mut inbox = c.nats().jetstream().get_stream(format!("{}_INBOX", c.cfg.distributed.stream)).await.unwrap();
     inbox.purge().await.unwrap();
     let head = inbox.info().await.unwrap().state.last_sequence;
     let mut d = Driver::start().await;

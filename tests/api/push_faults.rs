@@ -99,9 +99,9 @@ async fn clients_of_a_killed_node_resume_elsewhere_with_every_message_once() {
 #[tokio::test]
 async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving() {
     let c = Cluster::start_with(1, |cfg| {
-        cfg.socket_queue = 64;
-        cfg.max_message_chars = 64_000;
-        cfg.max_body_bytes = 256 * 1024;
+        cfg.limits.socket_queue = 64;
+        cfg.limits.max_message_chars = 64_000;
+        cfg.limits.max_body_bytes = 256 * 1024;
     })
     .await;
     let amy = c.register(0, "Amy").await;
@@ -132,7 +132,7 @@ async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving
     }
     // Deadlines are generous: on a loaded 2-core machine this test competes
     // with the whole suite for the CPU.
-    eventually_within("both sockets registered", 60, || async { c.nodes[0].node.push.sockets_of(&bob.id) == 2 }).await;
+    eventually_within("both sockets registered", 60, || async { c.nodes[0].sockets_of(&bob.id) == 2 }).await;
 
     // Send ~64 KB messages until the stalled socket is dropped: how many it
     // takes depends on the kernel's socket buffers, so the loop is bounded
@@ -144,7 +144,7 @@ async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving
     let path = format!("/api/messages/{}", bob.id);
     let mut sent = 0;
     let mut seqs: Vec<u64> = Vec::new();
-    while sent < MAX && c.nodes[0].node.push.sockets_of(&bob.id) == 2 {
+    while sent < MAX && c.nodes[0].sockets_of(&bob.id) == 2 {
         let sends = (sent..sent + 20).map(|i| c.request(0, Method::POST, &path, Some(&amy.token), Some(json!({ "message": format!("{i:04}{big}") }))));
         for r in futures::future::join_all(sends).await {
             r.ok();
@@ -163,7 +163,7 @@ async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving
     })
     .await;
     assert_eq!(seqs, (1..=sent as u64).collect::<Vec<_>>(), "the reading socket got everything, in order");
-    assert_eq!(c.nodes[0].node.push.sockets_of(&bob.id), 1, "the hub no longer queues for the stalled socket");
+    assert_eq!(c.nodes[0].sockets_of(&bob.id), 1, "the hub no longer queues for the stalled socket");
     drop(ws);
     c.stop().await;
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use natter::log::EventLog;
-use natter::versions::{COUNTS, VIEWS, Versions, read_pointer};
+use natter::distributed::live_versions::{COUNTS, VIEWS, Versions, read_pointer};
 use natter_projections::history::snapshot;
 use natter_projections::memory::{MemoryCounts, MemoryViews};
 use natter_projections::{CountStore, ViewStore};
@@ -87,15 +87,15 @@ async fn a_rebuild_during_traffic_serves_consistent_reads_and_ends_equal_to_a_fr
     assert!(dm_acked.load(Ordering::SeqCst) < 1500, "writes went on until the switch, not past the bound");
 
     // The live versions are 2, and equal a fresh replay of the whole log.
-    let db = natter::node::connect_mongo(c.cfg.mongo_url.as_deref().unwrap(), &c.cfg.mongo_db).await.unwrap();
-    let redis = natter::node::connect_redis(c.cfg.redis_url.as_deref().unwrap()).await.unwrap();
+    let db = natter::distributed::connect_mongo(c.cfg.distributed.mongo_url.as_deref().unwrap(), &c.cfg.distributed.mongo_db).await.unwrap();
+    let redis = natter::distributed::connect_redis(c.cfg.distributed.redis_url.as_deref().unwrap()).await.unwrap();
     assert_eq!(read_pointer(&db, VIEWS).await.unwrap().active, 2);
     assert_eq!(read_pointer(&db, COUNTS).await.unwrap().active, 2);
     let old = db.collection::<mongodb::bson::Document>("messages").count_documents(mongodb::bson::doc! {}).await.unwrap();
     assert_eq!(old, 0, "the old version is dropped");
     // wait for the nodes' projectors to have applied everything to v2
     let head = c.nats().head().await.unwrap();
-    let stream = c.nats().jetstream().get_stream(&c.cfg.stream).await.unwrap();
+    let stream = c.nats().jetstream().get_stream(&c.cfg.distributed.stream).await.unwrap();
     crate::helpers::eventually("v2 projectors at the head", || async {
         let mut ok = true;
         for d in ["mongo-views-v2", "redis-unseen-v2"] {
@@ -110,7 +110,7 @@ async fn a_rebuild_during_traffic_serves_consistent_reads_and_ends_equal_to_a_fr
         ViewStore::apply(&fresh_views, &env).await.unwrap();
         CountStore::apply(&fresh_counts, &env).await.unwrap();
     }
-    let versions = Versions::open(db, redis, &c.cfg.redis_prefix).await.unwrap();
+    let versions = Versions::open(db, redis, &c.cfg.distributed.redis_prefix).await.unwrap();
     let users = [amy.id.clone(), bob.id.clone(), carol.id.clone()];
     let convs = [natter_events::subjects::dm_conversation(&amy.id, &bob.id)];
     let rooms = [room.clone()];

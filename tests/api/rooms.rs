@@ -221,7 +221,7 @@ async fn a_user_with_two_tabs_leaves_when_the_last_closes(c: &Cluster) {
 #[tokio::test]
 async fn members_of_a_killed_node_are_announced_as_left_within_twice_the_ttl() {
     let ttl = Duration::from_millis(3000);
-    let c = Cluster::start_with(1, |cfg| cfg.presence_ttl = ttl).await;
+    let c = Cluster::start_with(1, |cfg| cfg.push.presence_ttl = ttl).await;
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;
     let room = create_room(&c, 0, &amy, "Geo").await;
@@ -278,7 +278,7 @@ async fn a_member_who_was_away_resumes_with_the_room_messages_they_missed(c: &Cl
 /// socket.io clients reconnect by themselves.
 #[tokio::test]
 async fn a_stopping_node_ends_its_sockets_presence_and_clients_reconnect() {
-    let mut c = Cluster::start_with(2, |cfg| cfg.presence_ttl = std::time::Duration::from_secs(120)).await;
+    let mut c = Cluster::start_with(2, |cfg| cfg.push.presence_ttl = std::time::Duration::from_secs(120)).await;
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;
     let room = create_room(&c, 0, &amy, "Drain").await;
@@ -292,9 +292,9 @@ async fn a_stopping_node_ends_its_sockets_presence_and_clients_reconnect() {
     d.next("bob-dm", |e| e["event"] == "synced", "synced").await;
 
     let stopping = c.nodes.pop().unwrap();
-    let hub = stopping.node.clone();
+    let hub = stopping.sockets();
     stopping.stop().await;
-    assert_eq!(hub.push.subscribed_users(), 0, "every session ended with the node");
+    assert_eq!(hub.subscribed_users(), 0, "every session ended with the node");
     // Long before the 120 s TTL could expire it.
     let left = d.next("amy", |e| e["event"] == "user-left", "user-left from the stopping node").await;
     assert_eq!(left["data"]["user"]["_id"], json!(bob.id));

@@ -25,8 +25,8 @@ use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
 
 use super::session::{Filter, error, on_sync, open, release};
-use super::{SocketUser, StartCursor};
-use crate::node::Node;
+use super::handshake::{SocketUser, StartCursor};
+use crate::state::AppState;
 use crate::push::Payload;
 
 /// Token bucket for `typing`.
@@ -50,16 +50,16 @@ impl TypingLimit {
     }
 }
 
-pub async fn on_connect(
+pub(crate) async fn on_connect(
     s: SocketRef,
-    State(node): State<Arc<Node>>,
+    State(node): State<Arc<AppState>>,
     Extension(SocketUser(user)): Extension<SocketUser>,
     Extension(StartCursor(start)): Extension<StartCursor>,
 ) {
-    s.extensions.insert(TypingLimit(Arc::new(Mutex::new((f64::from(node.cfg.typing_per_sec) * 2.0, Instant::now())))));
+    s.extensions.insert(TypingLimit(Arc::new(Mutex::new((f64::from(node.limits.typing_per_sec) * 2.0, Instant::now())))));
     s.on("typing", on_typing);
     s.on("sync", on_sync);
-    s.on_disconnect(async |s: SocketRef, State(node): State<Arc<Node>>, reason: DisconnectReason| {
+    s.on_disconnect(async |s: SocketRef, State(node): State<Arc<AppState>>, reason: DisconnectReason| {
         release(&node, &s, reason);
     });
     open(s, node, user, start, Filter::Direct);
@@ -78,7 +78,7 @@ fn yes() -> bool {
 
 async fn on_typing(
     s: SocketRef,
-    State(node): State<Arc<Node>>,
+    State(node): State<Arc<AppState>>,
     Extension(SocketUser(me)): Extension<SocketUser>,
     Extension(limit): Extension<TypingLimit>,
     TryData(input): TryData<TypingIn>,
@@ -87,14 +87,14 @@ async fn on_typing(
         let _ = s.emit("error", &error("bad_request", "typing needs {to: <userId>, typing: <bool>}"));
         return;
     };
-    if !limit.allow(node.cfg.typing_per_sec) {
+    if !limit.allow(node.limits.typing_per_sec) {
         return; // rate-limited: typing notices are best-effort
     }
     if natter_events::validate_id(&input.to).is_err() || input.to == me {
         let _ = s.emit("error", &error("bad_request", "typing: `to` must be another user's id"));
         return;
     }
-    match node.views.user(&input.to).await {
+    match node.views().user(&input.to).await {
         Ok(Some(_)) => {}
         Ok(None) => {
             let _ = s.emit("error", &error("not_found", "typing: no such user"));

@@ -27,24 +27,23 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
-use tokio::sync::watch;
 
+use super::handshake::{SocketUser, StartCursor};
+use super::presence::{announce, connection, exit_room};
 use super::session::{Filter, error, on_sync, open, release};
-use super::{SocketUser, StartCursor};
 use crate::commands::CommandError;
 use crate::commands::rooms::SendRoomMessage;
-use crate::http::ApiError;
-use crate::node::Node;
-use crate::push::Payload;
+use crate::error::ApiError;
+use crate::state::AppState;
 use crate::wire::room_message_json;
 
 /// The rooms a socket has entered (its presence).
 #[derive(Clone)]
 struct Entered(Arc<Mutex<HashSet<String>>>);
 
-pub async fn on_connect(
+pub(crate) async fn on_connect(
     s: SocketRef,
-    State(node): State<Arc<Node>>,
+    State(node): State<Arc<AppState>>,
     Extension(SocketUser(user)): Extension<SocketUser>,
     Extension(StartCursor(start)): Extension<StartCursor>,
 ) {
@@ -69,10 +68,6 @@ fn room_arg(v: &Value) -> Option<String> {
     Some(id.to_owned())
 }
 
-fn connection(node: &Node, s: &SocketRef) -> String {
-    format!("{}-{}", node.node_id, s.id)
-}
-
 /// Refuses a client event: an `error` event, and the ack if one was asked for.
 fn refuse(s: &SocketRef, ack: AckSender, code: &str, message: &str) {
     let _ = s.emit("error", &error(code, message));
@@ -85,42 +80,9 @@ fn refuse_command(s: &SocketRef, ack: AckSender, e: CommandError) {
     refuse(s, ack, e.code, &e.message);
 }
 
-async fn user_json(node: &Node, user: &str) -> Value {
-    let name = node.views.user(user).await.ok().flatten().map(|u| u.name);
-    json!({ "_id": user, "name": name })
-}
-
-/// Tells everyone present in `room` who is there now, after `change`
-/// (`user-joined` / `user-left` of `who`) if any.
-pub async fn announce(node: &Node, room: &str, change: Option<(&str, &str)>) {
-    let present = match node.presence.users(room).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(%room, error = %e, "presence unavailable; room-users not announced");
-            return;
-        }
-    };
-    let mut users = Vec::with_capacity(present.len());
-    for u in &present {
-        users.push(user_json(node, u).await);
-    }
-    let mut payloads = Vec::new();
-    if let Some((event, who)) = change {
-        payloads.push(Payload { event: event.into(), data: json!({ "roomId": room, "user": user_json(node, who).await }) });
-    }
-    payloads.push(Payload { event: "room-users".into(), data: json!({ "roomId": room, "users": users }) });
-    for u in &present {
-        for p in &payloads {
-            if let Err(e) = node.push.signal(u, p).await {
-                tracing::warn!(%room, user = %u, error = %e, "presence signal not sent");
-            }
-        }
-    }
-}
-
 async fn on_join(
     s: SocketRef,
-    State(node): State<Arc<Node>>,
+    State(node): State<Arc<AppState>>,
     Extension(SocketUser(me)): Extension<SocketUser>,
     Extension(Entered(entered)): Extension<Entered>,
     TryData(v): TryData<Value>,
@@ -154,17 +116,9 @@ async fn on_join(
     let _ = ack.send(&json!({ "success": true, "roomId": room, "users": users }));
 }
 
-async fn exit_room(node: &Node, s: &SocketRef, me: &str, room: &str) {
-    match node.presence.exit(room, me, &connection(node, s)).await {
-        Ok(true) => announce(node, room, Some(("user-left", me))).await,
-        Ok(false) => {}
-        Err(e) => tracing::warn!(%room, error = %e, "presence exit failed; the entry expires with its TTL"),
-    }
-}
-
 async fn on_leave(
     s: SocketRef,
-    State(node): State<Arc<Node>>,
+    State(node): State<Arc<AppState>>,
     Extension(SocketUser(me)): Extension<SocketUser>,
     Extension(Entered(entered)): Extension<Entered>,
     TryData(v): TryData<Value>,
@@ -191,7 +145,7 @@ struct SendIn {
 
 async fn on_send(
     s: SocketRef,
-    State(node): State<Arc<Node>>,
+    State(node): State<Arc<AppState>>,
     Extension(SocketUser(me)): Extension<SocketUser>,
     TryData(input): TryData<SendIn>,
     ack: AckSender,
@@ -214,13 +168,13 @@ async fn on_send(
     }
 }
 
-async fn on_disconnect(s: SocketRef, State(node): State<Arc<Node>>, reason: DisconnectReason) {
+async fn on_disconnect(s: SocketRef, State(node): State<Arc<AppState>>, reason: DisconnectReason) {
     release_chat(&node, &s, reason).await;
 }
 
 /// Ends a `/chat` socket's session and presence, once (at disconnect or
 /// shutdown).
-pub async fn release_chat(node: &Node, s: &SocketRef, reason: DisconnectReason) {
+pub(crate) async fn release_chat(node: &AppState, s: &SocketRef, reason: DisconnectReason) {
     if !release(node, s, reason) {
         return;
     }
@@ -228,33 +182,5 @@ pub async fn release_chat(node: &Node, s: &SocketRef, reason: DisconnectReason) 
     let rooms: Vec<String> = entered.lock().expect("entered rooms lock").drain().collect();
     for room in rooms {
         exit_room(node, s, &me, &room).await;
-    }
-}
-
-/// Heartbeats this node's presence every TTL/3 and sweeps expired presence
-/// every TTL/2, announcing users whose last connection expired (a crashed
-/// node's users).
-pub async fn presence_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let ttl = node.presence.ttl();
-    let mut beat = tokio::time::interval(ttl / 3);
-    let mut sweep = tokio::time::interval(ttl / 2);
-    loop {
-        tokio::select! {
-            _ = beat.tick() => {
-                if let Err(e) = node.presence.heartbeat().await {
-                    tracing::warn!(error = %e, "presence heartbeat failed; this node's users may be announced as left");
-                }
-            }
-            _ = sweep.tick() => match node.presence.sweep().await {
-                Ok(gone) => {
-                    for (room, user) in gone {
-                        tracing::info!(%room, %user, "presence expired (node gone?); announcing user-left");
-                        announce(&node, &room, Some(("user-left", &user))).await;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
-            },
-            _ = shutdown.changed() => return,
-        }
     }
 }

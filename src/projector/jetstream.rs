@@ -1,25 +1,26 @@
-//! Projector runtime over JetStream: consume → apply → acknowledge.
+//! The projector runtime over JetStream: consume → [`project`] → acknowledge.
 //!
 //! Each projection has its own durable pull consumer, `<name>-v<version>`,
 //! shared by every node: JetStream hands each event to one node at a time,
 //! and the consumer's acknowledged position is the projection's checkpoint.
 //! An event is acknowledged only after it has been applied, so the
-//! checkpoint never passes an unapplied event. A store that is down gets the
-//! event back later (nak with delay); a poison event (undecodable, or one the
-//! projection refuses) is parked on `<prefix>.parked.<projection>` with the
-//! reason, counted, and acknowledged, so it cannot stall the projector.
+//! checkpoint never passes an unapplied event. What becomes of an event is
+//! the shared policy's call ([`project`]): "retry later" is a nak with that
+//! delay; poison events are parked on `<prefix>.parked.<projection>`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_trait::async_trait;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use natter_events::Envelope;
-use natter_projections::{ApplyError, Projection};
+use natter_projections::Projection;
 use tokio::sync::watch;
 
+use super::{Next, Parking, consumer_name, project};
 use crate::log::nats::parked_subject;
 use crate::metrics::Metrics;
 
@@ -55,7 +56,7 @@ pub struct Projector {
 
 impl Projector {
     pub fn durable_name(&self) -> String {
-        format!("{}-v{}", self.projection.name(), self.projection.version())
+        consumer_name(self.projection.name(), self.projection.version())
     }
 
     /// Runs until `shutdown` turns true. Connection trouble is logged and
@@ -113,51 +114,33 @@ impl Projector {
     }
 
     async fn handle(&self, msg: &jetstream::Message) {
-        let name = self.projection.name();
         let (seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
-        self.metrics.projection_lag(name, pending);
-        let outcome = match Envelope::decode(&msg.payload) {
-            Err(e) => Err(ApplyError::Poison(e.to_string())),
-            Ok(env) => {
-                let span = tracing::debug_span!("project", projection = name, seq, event = %env.id, kind = env.event.type_name());
-                let _guard = span.enter();
-                self.projection.apply_at(&env, seq).await
-            }
-        };
-        let ack = match outcome {
-            Ok(()) => {
-                self.metrics.projection_applied(name);
-                AckKind::Ack
-            }
-            Err(ApplyError::Poison(reason)) => match self.park(msg, seq, &reason).await {
-                Ok(()) => {
-                    tracing::error!(projection = name, seq, %reason, "parked a poison event; the projector goes on");
-                    self.metrics.projection_parked(name);
-                    AckKind::Ack
-                }
-                Err(e) => {
-                    tracing::error!(projection = name, seq, error = %e, "cannot park a poison event; will retry");
-                    AckKind::Nak(Some(Duration::from_secs(1)))
-                }
-            },
-            Err(ApplyError::Unavailable(e)) => {
-                tracing::warn!(projection = name, seq, error = %e, "view store unavailable; event will be redelivered");
-                AckKind::Nak(Some(Duration::from_millis(500)))
-            }
+        let decoded = Envelope::decode(&msg.payload).map_err(|e| e.to_string());
+        let next = project(self.projection.as_ref(), decoded.as_ref().map_err(Clone::clone), seq, &msg.payload, pending, self, &self.metrics).await;
+        let ack = match next {
+            Next::Done => AckKind::Ack,
+            Next::RetryAfter(delay) => AckKind::Nak(Some(delay)),
         };
         if let Err(e) = msg.ack_with(ack).await {
-            tracing::warn!(projection = name, seq, error = %e, "acknowledgement lost; the event will be redelivered and re-applied (idempotent)");
+            tracing::warn!(projection = self.projection.name(), seq, error = %e, "acknowledgement lost; the event will be redelivered and re-applied (idempotent)");
         }
     }
+}
 
-    async fn park(&self, msg: &jetstream::Message, seq: u64, reason: &str) -> anyhow::Result<()> {
+/// A poison event goes to the parked stream, on `<prefix>.parked.<projection>`,
+/// with its log sequence and the reason in headers.
+#[async_trait]
+impl Parking for Projector {
+    async fn park(&self, projection: &str, seq: u64, reason: &str, payload: &[u8]) -> Result<(), String> {
         let mut headers = HeaderMap::new();
         headers.insert("Natter-Stream-Seq", seq.to_string().as_str());
         headers.insert("Natter-Reason", reason.replace(['\r', '\n'], " ").as_str());
         self.js
-            .publish_with_headers(parked_subject(&self.prefix, self.projection.name()), headers, msg.payload.clone())
-            .await?
-            .await?;
+            .publish_with_headers(parked_subject(&self.prefix, projection), headers, bytes::Bytes::copy_from_slice(payload))
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 }

@@ -18,12 +18,13 @@ use natter_projections::redis_counts::{Readiness, RedisCounts};
 use natter_projections::switch::Switch;
 use tokio::sync::watch;
 
+use super::live_versions::{COUNTS, Versions};
 use crate::log::EventLog;
-use crate::versions::Versions;
+use crate::projector::consumer_name;
 
 /// Durable consumer of a version of the counts projection.
 fn consumer(version: u32) -> String {
-    format!("redis-unseen-v{version}")
+    consumer_name(COUNTS, version)
 }
 
 /// The rebuild lock lapses unless renewed: a healer that dies frees it.

@@ -1,0 +1,132 @@
+//! The one write path of every command, and the one idempotency check of
+//! every send.
+
+use std::future::Future;
+use std::time::Duration;
+
+use natter_events::{DmState, Envelope, Event, subjects};
+use natter_projections::{ApplyError, StoreError};
+
+use super::{CommandError, Commands, Failure, MAX_ATTEMPTS, Refusal};
+use crate::log::{LogError, Logged};
+
+/// The conversation state an event on a DM subject carries.
+fn dm_state(env: &Envelope) -> Option<&DmState> {
+    match &env.event {
+        Event::MessageSent(e) => Some(&e.state),
+        Event::MessagesSeen(e) => Some(&e.state),
+        _ => None,
+    }
+}
+
+/// The command id of a send: the sender's `clientMsgId` under `scope`
+/// (the sender, and what they send to), or a new one.
+pub(crate) fn command_id(scope: &str, client_msg_id: Option<&str>) -> String {
+    match client_msg_id {
+        Some(c) => format!("{scope}:{c}"),
+        None => format!("{scope}:{}", uuid::Uuid::now_v7()),
+    }
+}
+
+fn reused_key() -> Refusal {
+    Refusal::Conflict("clientMsgId was already used for a different message".into())
+}
+
+impl Commands {
+    /// Appends the event `decide` makes of `subject`'s newest event (`None`:
+    /// the subject is empty), if the subject has not moved meanwhile; when
+    /// it has, reads again and decides again (with a little jitter, so that
+    /// competing writers stop colliding). `decide` may refuse, or return
+    /// `None` when there is nothing to do. An event whose `command_id` is
+    /// already in the log is not appended again: the original is returned.
+    /// The event is applied to the views before this returns, so a read
+    /// through any node sees it (the projectors apply it again, idempotently;
+    /// if a store is down the event is safe in the log and they catch up).
+    pub(crate) async fn append<D, F>(&self, subject: &str, command_id: &str, decide: D) -> Result<Option<Envelope>, CommandError>
+    where
+        D: Fn(Option<Logged>) -> F,
+        F: Future<Output = Result<Option<Event>, CommandError>>,
+    {
+        for attempt in 0..MAX_ATTEMPTS {
+            let last = self.log.last(subject).await?;
+            let (position, expected) = last.as_ref().map_or((1, 0), |l| (l.envelope.position + 1, l.log_seq));
+            let Some(event) = decide(last).await? else { return Ok(None) };
+            let env = Envelope::new(command_id.to_owned(), subject.to_owned(), position, event);
+            match self.log.append(&env, expected).await {
+                Ok(appended) if !appended.duplicate => {
+                    self.metrics.event_appended(env.event.type_name());
+                    self.apply_now(&env).await;
+                    return Ok(Some(env));
+                }
+                Ok(appended) => {
+                    let original = self.log.get(appended.log_seq).await?.envelope;
+                    self.apply_now(&original).await;
+                    return Ok(Some(original));
+                }
+                Err(LogError::Conflict) => {
+                    self.metrics.append_conflict();
+                    let jitter = (uuid::Uuid::new_v4().as_u128() % 4) as u64 * u64::from(attempt.min(5));
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Failure::Internal(format!("{subject}: gave up after {MAX_ATTEMPTS} concurrent-append conflicts")).into())
+    }
+
+    /// [`Commands::append`] on the direct conversation of `a` and `b`,
+    /// deciding from the conversation state its newest event carries.
+    pub(crate) async fn append_dm<F>(&self, a: &str, b: &str, command_id: &str, decide: F) -> Result<Option<Envelope>, CommandError>
+    where
+        F: Fn(&DmState) -> Result<Option<Event>, Refusal>,
+    {
+        let subject = subjects::dm(&self.prefix, a, b);
+        self.append(&subject, command_id, |last: Option<Logged>| {
+            let state = match &last {
+                Some(l) => dm_state(&l.envelope).cloned().ok_or_else(|| {
+                    Failure::Internal(format!("event at log sequence {} on {} is not a DM event", l.log_seq, l.envelope.subject)).into()
+                }),
+                None => Ok(DmState::new(a, b)),
+            };
+            std::future::ready(state.and_then(|state| Ok(decide(&state)?)))
+        })
+        .await
+    }
+
+    /// The one idempotency check of every send. With a `clientMsgId`
+    /// (`keyed`), a message the views already hold under the command id
+    /// (`stored`) is a retry, however long after; otherwise `append` makes
+    /// it (the log deduplicates within its window and returns the original).
+    /// Either way the message returned must be what this command asks for
+    /// (`same`): a key reused for another message is a 409.
+    pub(crate) async fn once<V, S, A>(&self, keyed: bool, stored: S, append: A, same: impl Fn(&V) -> bool) -> Result<V, CommandError>
+    where
+        S: Future<Output = Result<Option<V>, StoreError>>,
+        A: Future<Output = Result<Option<V>, CommandError>>,
+    {
+        let found = if keyed { stored.await? } else { None };
+        let message = match found {
+            Some(m) => m,
+            None => append.await?.ok_or_else(reused_key)?,
+        };
+        if same(&message) { Ok(message) } else { Err(reused_key().into()) }
+    }
+
+    /// Applies a just-appended event to the views.
+    async fn apply_now(&self, env: &Envelope) {
+        let (views, counts) = tokio::join!(self.views.apply(env), self.counts.apply(env));
+        for (name, res) in [("mongo-views", views), ("redis-unseen", counts)] {
+            match res {
+                Ok(()) => {}
+                Err(ApplyError::Unavailable(e)) => tracing::warn!(
+                    projection = name, event = %env.id, error = %e,
+                    "could not apply a new event at once; the projector will apply it when the store is back"
+                ),
+                Err(ApplyError::Poison(e)) => tracing::error!(
+                    projection = name, event = %env.id, error = %e,
+                    "a new event contradicts the view; the projector will park it"
+                ),
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The distributed mode's adapters: the log in NATS JetStream, views in
+//! MongoDB, unread counts and presence in Redis, push through NATS. Any
+//! number of nodes share them.
+//!
+//! - [`connect`]: connects the services and returns the [`Adapters`].
+//! - [`live_versions`]: which version of each rebuildable projection
+//!   (MongoDB views, Redis counts) is live, followed by every node.
+//! - [`counts_recovery`]: rebuilds the Redis unread counts when Redis loses
+//!   them.
+
+pub mod counts_recovery;
+pub mod live_versions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use async_trait::async_trait;
+use mongodb::bson::doc;
+use natter_projections::Projection;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::adapters::Adapters;
+use crate::config::{Config, Mode};
+use crate::log::EventLog;
+use crate::log::nats::NatsLog;
+use crate::metrics::Metrics;
+use crate::presence::redis::RedisPresence;
+use crate::projector::Runner;
+use crate::projector::jetstream::Projector;
+use crate::push::nats::NatsPush;
+use crate::telemetry::redact;
+use counts_recovery::Healer;
+use live_versions::Versions;
+
+pub async fn connect_mongo(url: &str, db: &str) -> anyhow::Result<mongodb::Database> {
+    let mut options = mongodb::options::ClientOptions::parse(url)
+        .await
+        .with_context(|| format!("NATTER_MONGO_URL {:?} is not a valid MongoDB URL", redact(url)))?;
+    options.app_name = Some("natter".into());
+    options.server_selection_timeout = Some(Duration::from_secs(5));
+    options.connect_timeout = Some(Duration::from_secs(5));
+    let client = mongodb::Client::with_options(options)?;
+    let db = client.database(db);
+    db.run_command(doc! {"ping": 1})
+        .await
+        .with_context(|| format!("cannot reach MongoDB at {} (is it running?)", redact(url)))?;
+    Ok(db)
+}
+
+pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
+    let client = redis::Client::open(url).with_context(|| format!("NATTER_REDIS_URL {:?} is not a valid Redis URL", redact(url)))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), redis::aio::ConnectionManager::new_with_config(client, config))
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot reach Redis at {} within 10 s", redact(url)))?
+        .with_context(|| format!("cannot reach Redis at {} (is it running?)", redact(url)))?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .with_context(|| format!("Redis at {} does not answer PING", redact(url)))?;
+    Ok(conn)
+}
+
+/// The URL of a service the distributed mode needs.
+fn url<'a>(url: &'a Option<String>, var: &str) -> anyhow::Result<&'a str> {
+    url.as_deref().with_context(|| format!("{var} is not set (the distributed mode needs NATTER_NATS_URL, NATTER_MONGO_URL and NATTER_REDIS_URL)"))
+}
+
+/// Connects to NATS, MongoDB and Redis (failing clearly when one cannot be
+/// reached). `node_id` names this node's locks and presence.
+pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
+    let d = &cfg.distributed;
+    let (nats_url, mongo_url, redis_url) = (url(&d.nats_url, "NATTER_NATS_URL")?, url(&d.mongo_url, "NATTER_MONGO_URL")?, url(&d.redis_url, "NATTER_REDIS_URL")?);
+    let (log, db, redis) = tokio::try_join!(
+        NatsLog::connect(nats_url, &d.stream, &cfg.log.subject_prefix, cfg.log.dedup_window),
+        connect_mongo(mongo_url, &d.mongo_db),
+        connect_redis(redis_url),
+    )?;
+    let versions = Arc::new(
+        Versions::open(db, redis.clone(), &d.redis_prefix)
+            .await
+            .with_context(|| format!("opening the views in MongoDB database {}", d.mongo_db))?,
+    );
+    let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), &d.stream, &cfg.log.subject_prefix, cfg.push.retention).await?;
+    let log_port: Arc<dyn EventLog> = Arc::new(log.clone());
+    let healer = Healer {
+        counts: versions.counts.clone(),
+        js: log.jetstream().clone(),
+        stream: d.stream.clone(),
+        log: log_port.clone(),
+        owner: node_id.to_owned(),
+        redis: redis.clone(),
+        redis_base: d.redis_prefix.clone(),
+    };
+    let runner = JetStreamRunner {
+        js: log.jetstream().clone(),
+        stream: d.stream.clone(),
+        prefix: cfg.log.subject_prefix.clone(),
+        versions: versions.clone(),
+        healer,
+    };
+    Ok(Adapters {
+        mode: Mode::Distributed,
+        log: log_port,
+        views: versions.views.clone(),
+        counts: versions.counts.clone(),
+        projections: vec![versions.views.clone(), versions.counts.clone()],
+        bus: Arc::new(bus),
+        presence: Arc::new(RedisPresence::new(redis, &d.redis_prefix, cfg.push.presence_ttl)),
+        runner: Box::new(runner),
+        stored_secret: None,
+        after_drain: Box::new(|| {}),
+        describe: format!(
+            "distributed mode: NATS {} stream {}, MongoDB {} database {}, Redis {}",
+            redact(nats_url),
+            d.stream,
+            redact(mongo_url),
+            d.mongo_db,
+            redact(redis_url)
+        ),
+    })
+}
+
+/// Durable JetStream consumers shared by every node, the live-version
+/// follower, and the unread counts' recovery.
+struct JetStreamRunner {
+    js: jetstream::Context,
+    stream: String,
+    prefix: String,
+    versions: Arc<Versions>,
+    healer: Healer,
+}
+
+#[async_trait]
+impl Runner for JetStreamRunner {
+    fn in_log_order(&self) -> bool {
+        false
+    }
+
+    async fn start(
+        self: Box<Self>,
+        projections: Vec<Arc<dyn Projection>>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        let JetStreamRunner { js, stream, prefix, versions, healer } = *self;
+        // Before the counts projector starts: if Redis has lost the counts (or
+        // this is a fresh deployment), restart it from the beginning of the log.
+        let heal_to = healer.begin().await.context("checking the unread counts in Redis")?;
+        let mut tasks = Vec::new();
+        for projection in projections {
+            let projector = Projector { js: js.clone(), stream: stream.clone(), prefix: prefix.clone(), projection, metrics: metrics.clone() };
+            tasks.push(tokio::spawn(projector.run(shutdown.clone())));
+        }
+        tasks.push(tokio::spawn(versions.run(shutdown.clone())));
+        if let Some(target) = heal_to {
+            // Serve only once the counts are whole when that is quick; if it is
+            // not, serve anyway (count reads answer 503 rebuilding until done).
+            if let Err(e) = healer.finish(target).await {
+                tracing::error!(error = %format!("{e:#}"), "unread counts not rebuilt at start-up; serving, and retrying in the background");
+            }
+        }
+        tasks.push(tokio::spawn(healer.run(shutdown)));
+        Ok(tasks)
+    }
+}

@@ -1,0 +1,26 @@
+//! Request extractors shared by the HTTP areas.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A JSON body whose rejections are [`ApiError`]s (400 malformed, 422 wrong
+/// shape, 413 too large, 415 not JSON).
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(value) = <axum::Json<T> as FromRequest<S>>::from_request(req, state)
+            .await
+            .map_err(|e: JsonRejection| ApiError::from(e))?;
+        Ok(ApiJson(value))
+    }
+}

@@ -1,0 +1,123 @@
+//! The embedded projector runtime: tails the local event log and gives
+//! every event, in log order, to each in-process projection (views, counts,
+//! fan-out) before the next, through the shared policy ([`project`]).
+//!
+//! In-process views start empty, so an embedded node replays its whole log
+//! at start-up ([`FileTail::catch_up`]) before it serves, then follows new
+//! appends. One event at a time, every projection in turn, strictly in log
+//! order (the fan-out relies on it to track room membership as of each
+//! event). A poison event is recorded in `parked.jsonl` beside the log
+//! ([`ParkedFile`]) and skipped for that projection, so it cannot stall the
+//! others; "retry later" waits and applies the event again.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use natter_projections::Projection;
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::{Next, Parking, project};
+use crate::log::file::FileLog;
+use crate::log::{EventLog, LogError};
+use crate::metrics::Metrics;
+
+/// `parked.jsonl`: one JSON object per parked (projection, event).
+pub struct ParkedFile {
+    path: PathBuf,
+    /// (projection, seq) already in the file: every start replays the log
+    /// and meets the same poison events again; they are recorded once.
+    recorded: Mutex<HashSet<(String, u64)>>,
+}
+
+impl ParkedFile {
+    pub fn open(path: PathBuf) -> ParkedFile {
+        let recorded = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v["projection"].as_str()?.to_owned(), v["seq"].as_u64()?)))
+            .collect();
+        ParkedFile { path, recorded: Mutex::new(recorded) }
+    }
+}
+
+#[async_trait]
+impl Parking for ParkedFile {
+    async fn park(&self, projection: &str, seq: u64, reason: &str, _payload: &[u8]) -> Result<(), String> {
+        if self.recorded.lock().expect("parked set lock").contains(&(projection.to_owned(), seq)) {
+            return Ok(()); // parked at an earlier start
+        }
+        let line = json!({ "projection": projection, "seq": seq, "reason": reason, "at": chrono::Utc::now() });
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| writeln!(f, "{line}"))
+            .map_err(|e| format!("cannot record a parked event in {}: {e}", self.path.display()))?;
+        self.recorded.lock().expect("parked set lock").insert((projection.to_owned(), seq));
+        Ok(())
+    }
+}
+
+pub struct FileTail {
+    log: Arc<FileLog>,
+    projections: Vec<Arc<dyn Projection>>,
+    metrics: Arc<Metrics>,
+    parked: ParkedFile,
+}
+
+impl FileTail {
+    pub fn new(log: Arc<FileLog>, projections: Vec<Arc<dyn Projection>>, metrics: Arc<Metrics>, parked: ParkedFile) -> FileTail {
+        FileTail { log, projections, metrics, parked }
+    }
+
+    /// Applies the event at `seq` to every projection.
+    async fn project(&self, seq: u64, head: u64) {
+        let (event, payload) = loop {
+            match self.log.get(seq).await {
+                Ok(logged) => break (Ok(logged.envelope), Vec::new()),
+                Err(LogError::Corrupt { source, .. }) => break (Err(source.to_string()), Vec::new()),
+                Err(e) => {
+                    // The file became unreadable: nothing sensible to skip to.
+                    self.log.set_read_failure();
+                    tracing::error!(seq, error = %e, "cannot read the event log; projections are stalled, retrying every second");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        for p in &self.projections {
+            while let Next::RetryAfter(delay) =
+                project(p.as_ref(), event.as_ref().map_err(Clone::clone), seq, &payload, head - seq, &self.parked, &self.metrics).await
+            {
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+
+    /// Applies every acknowledged event after `after` up to the log's head
+    /// now; returns the last sequence applied.
+    pub async fn catch_up(&self, after: u64) -> u64 {
+        let head = *self.log.watch_head().borrow();
+        for seq in after + 1..=head {
+            self.project(seq, head).await;
+        }
+        head.max(after)
+    }
+
+    /// Follows the log from `after` until `shutdown` turns true.
+    pub async fn run(self, mut after: u64, mut shutdown: watch::Receiver<bool>) {
+        let mut appended = self.log.watch_head();
+        loop {
+            after = self.catch_up(after).await;
+            tokio::select! {
+                changed = appended.wait_for(|head| *head > after) => if changed.is_err() { return },
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+}
