@@ -51,4 +51,7 @@ mod socket;
 pub mod startup;
 mod state;
 pub mod telemetry;
-pub mod wire;
+mod wire;
+
+#[cfg(test)]
+mod layering;
