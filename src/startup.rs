@@ -7,9 +7,9 @@
 //! Start: connect the adapters → build the application state → listen at
 //! once (everything but `/healthz`, `/readyz` and `/metrics` answers 503
 //! `starting`) → let the projector runner bring the projections up to date
-//! and spawn the projectors → serve. Stop: sockets end their sessions and
-//! close, the HTTP server drains, projectors stop, then the adapters'
-//! `after_drain` runs.
+//! and spawn the projectors → serve (both modes answer 503 `starting` until
+//! then). Stop: sockets end their sessions and close, the HTTP server
+//! drains and the adapters' `after_drain` runs; projectors stop beside it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -19,6 +19,13 @@ fn dm_state(env: &Envelope) -> Option<&DmState> {
     }
 }
 
+/// Where an event after `last` (the subject's newest) goes: its position
+/// on the subject, and the log sequence the subject must still end at (0:
+/// empty). Pure.
+fn next_on(last: Option<&Logged>) -> (u64, u64) {
+    last.map_or((1, 0), |l| (l.envelope.position + 1, l.log_seq))
+}
+
 /// The command id of a send: the sender's `clientMsgId` under `scope`
 /// (the sender, and what they send to), or a new one.
 pub(crate) fn command_id(scope: &str, client_msg_id: Option<&str>) -> String {
@@ -49,7 +56,7 @@ impl Commands {
     {
         for attempt in 0..MAX_ATTEMPTS {
             let last = self.log.last(subject).await?;
-            let (position, expected) = last.as_ref().map_or((1, 0), |l| (l.envelope.position + 1, l.log_seq));
+            let (position, expected) = next_on(last.as_ref());
             let Some(event) = decide(last).await? else { return Ok(None) };
             let env = Envelope::new(command_id.to_owned(), subject.to_owned(), position, event);
             match self.log.append(&env, expected).await {
@@ -129,4 +136,26 @@ impl Commands {
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use natter_events::MemberLeft;
+
+    use super::*;
+
+    #[test]
+    fn the_next_event_follows_the_newest_one_of_its_subject() {
+        assert_eq!(next_on(None), (1, 0), "first on an empty subject");
+        let left = Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "u".into() });
+        let last = Logged { log_seq: 9, envelope: Envelope::new("c".into(), "s".into(), 3, left) };
+        assert_eq!(next_on(Some(&last)), (4, 9), "position 4, appended only while the subject still ends at log seq 9");
+    }
+
+    #[test]
+    fn a_send_with_a_client_id_has_a_stable_command_id() {
+        assert_eq!(command_id("amy", Some("c-1")), "amy:c-1");
+        assert_eq!(command_id("amy:room", Some("c-1")), "amy:room:c-1");
+        assert_ne!(command_id("amy", None), command_id("amy", None));
+        }
 }

@@ -48,19 +48,22 @@ impl ParkedFile {
 
 #[async_trait]
 impl Parking for ParkedFile {
-    async fn park(&self, projection: &str, seq: u64, reason: &str, _payload: &[u8]) -> Result<(), String> {
+    /// A line that cannot be written is logged, and the event skipped all
+    /// the same: a full or read-only disk must not stall the node's views
+    /// (every start applies every event again anyway).
+    async fn park(&self, projection: &str, seq: u64, reason: &str, _payload: &[u8]) -> Result<bool, String> {
         if self.recorded.lock().expect("parked set lock").contains(&(projection.to_owned(), seq)) {
-            return Ok(()); // parked at an earlier start
+            return Ok(false);
         }
         let line = json!({ "projection": projection, "seq": seq, "reason": reason, "at": chrono::Utc::now() });
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .and_then(|mut f| writeln!(f, "{line}"))
-            .map_err(|e| format!("cannot record a parked event in {}: {e}", self.path.display()))?;
-        self.recorded.lock().expect("parked set lock").insert((projection.to_owned(), seq));
-        Ok(())
+        let written = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).and_then(|mut f| writeln!(f, "{line}"));
+        match written {
+            Ok(()) => {
+                self.recorded.lock().expect("parked set lock").insert((projection.to_owned(), seq));
+            }
+            Err(e) => tracing::error!(path = %self.path.display(), projection, seq, error = %e, "cannot record a parked event; skipping it unrecorded"),
+        }
+        Ok(true)
     }
 }
 

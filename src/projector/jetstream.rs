@@ -131,7 +131,7 @@ impl Projector {
 /// with its log sequence and the reason in headers.
 #[async_trait]
 impl Parking for Projector {
-    async fn park(&self, projection: &str, seq: u64, reason: &str, payload: &[u8]) -> Result<(), String> {
+    async fn park(&self, projection: &str, seq: u64, reason: &str, payload: &[u8]) -> Result<bool, String> {
         let mut headers = HeaderMap::new();
         headers.insert("Natter-Stream-Seq", seq.to_string().as_str());
         headers.insert("Natter-Reason", reason.replace(['\r', '\n'], " ").as_str());
@@ -141,6 +141,6 @@ impl Parking for Projector {
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| e.to_string())?;
-        Ok(())
+        Ok(true)
     }
 }

@@ -39,8 +39,10 @@ pub fn consumer_name(projection: &str, version: u32) -> String {
 #[async_trait]
 pub trait Parking: Send + Sync {
     /// Records `payload` (the event as stored, at log sequence `seq`) as
-    /// refused by `projection` for `reason`.
-    async fn park(&self, projection: &str, seq: u64, reason: &str, payload: &[u8]) -> Result<(), String>;
+    /// refused by `projection` for `reason`. `Ok(false)`: it was recorded
+    /// before (an embedded node meets its parked events again at every
+    /// start). An error means the event must not be skipped yet.
+    async fn park(&self, projection: &str, seq: u64, reason: &str, payload: &[u8]) -> Result<bool, String>;
 }
 
 /// What the runtime does after [`project`].
@@ -81,8 +83,12 @@ pub async fn project(
             Next::Done
         }
         Err(ApplyError::Poison(reason)) => match parking.park(name, seq, &reason, payload).await {
-            Ok(()) => {
-                tracing::error!(projection = name, seq, %reason, "parked a poison event; the projector goes on (see `natter parked list`)");
+            Ok(recorded) => {
+                if recorded {
+                    tracing::error!(projection = name, seq, %reason, "parked a poison event; the projector goes on (see `natter parked list`)");
+                } else {
+                    tracing::warn!(projection = name, seq, %reason, "skipping an event parked before");
+                }
                 metrics.projection_parked(name);
                 Next::Done
             }
@@ -146,12 +152,12 @@ mod tests {
 
     #[async_trait]
     impl Parking for Parked {
-        async fn park(&self, _projection: &str, seq: u64, reason: &str, _payload: &[u8]) -> Result<(), String> {
+        async fn park(&self, _projection: &str, seq: u64, reason: &str, _payload: &[u8]) -> Result<bool, String> {
             if self.1 {
-                return Err("disk full".into());
+                return Err("stream unavailable".into());
             }
             self.0.lock().unwrap().push((seq, reason.to_owned()));
-            Ok(())
+            Ok(true)
         }
     }
 

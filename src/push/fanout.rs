@@ -22,6 +22,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use natter_events::{Envelope, Event, MemberState};
 
 use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView};
@@ -30,6 +31,9 @@ use serde_json::json;
 use super::{Payload, PushBus};
 use crate::log::EventLog;
 use crate::wire::{message_json, room_message_json};
+
+/// Member subjects read at once while addressing a room event.
+const MEMBER_READS: usize = 64;
 
 /// The fan-out projection's name and version.
 pub const NAME: &str = "push-fanout";
@@ -94,7 +98,8 @@ impl FanOut {
         let unavailable = |e: crate::log::LogError| ApplyError::Unavailable(e.to_string());
         let prefix = natter_events::subjects::member(&self.prefix, room, "");
         let subjects = self.log.subjects(&prefix).await.map_err(unavailable)?;
-        let states = futures::future::join_all(subjects.iter().map(|s| self.log.last_before(s, log_seq))).await;
+        let reads: Vec<_> = subjects.iter().map(|s| self.log.last_before(s, log_seq)).collect();
+        let states: Vec<_> = futures::stream::iter(reads).buffered(MEMBER_READS).collect().await;
         let mut members = Vec::with_capacity(subjects.len());
         for (subject, state) in subjects.iter().zip(states) {
             if MemberState::after(state.map_err(unavailable)?.as_ref().map(|l| &l.envelope.event)).member {

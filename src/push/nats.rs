@@ -11,6 +11,10 @@ use futures::stream::BoxStream;
 
 use super::{Delivery, Payload, PushBus, Pushed, Replay, inbox_stream, inbox_subject, push_subject, signal_subject};
 
+/// Deliveries published before their acks are awaited. Well under the
+/// JetStream context's limit of pending acks (5,000 by default).
+const PUBLISH_WINDOW: usize = 512;
+
 pub struct NatsPush {
     client: async_nats::Client,
     js: jetstream::Context,
@@ -24,7 +28,9 @@ fn header_u64(headers: Option<&async_nats::HeaderMap>, name: &str) -> Option<u64
 
 impl NatsPush {
     /// Makes sure the inbox stream exists (with republish to the push
-    /// subjects).
+    /// subjects). Deliveries are published through a JetStream context of
+    /// their own: a large fan-out never takes pending-ack slots from the
+    /// log's appends.
     pub async fn connect(
         client: async_nats::Client,
         js: jetstream::Context,
@@ -64,6 +70,7 @@ impl NatsPush {
         })
         .await
         .with_context(|| format!("creating the push inbox stream {inbox}"))?;
+        let js = jetstream::new(client.clone());
         Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox })
     }
 
@@ -91,17 +98,22 @@ fn live_delivery(user: &str, msg: async_nats::Message) -> Option<Pushed> {
 #[async_trait]
 impl PushBus for NatsPush {
     async fn deliver(&self, event: &natter_events::Envelope, _log_seq: u64, deliveries: Vec<(String, Payload)>) -> Result<(), String> {
-        // Send every delivery, then wait for all the acks: one round trip
-        // per event rather than per member (publishes on one connection are
-        // stored in the order sent).
-        let mut acks = Vec::with_capacity(deliveries.len());
-        for (user, payload) in deliveries {
-            let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
-            let publish = jetstream::message::PublishMessage::build().payload(body.into()).message_id(format!("{}:{user}", event.id));
-            acks.push(self.js.send_publish(inbox_subject(&self.prefix, &user), publish).await.map_err(|e| format!("nats: {e}"))?);
-        }
-        for ack in acks {
-            ack.await.map_err(|e| format!("nats: {e}"))?;
+        // Send a window of deliveries, then wait for its acks: a round trip
+        // per window rather than per member (publishes on one connection are
+        // stored in the order sent), and never more acks pending than the
+        // context allows, whatever the room's size (waiting on more than
+        // that would wait forever).
+        let mut deliveries = deliveries.into_iter().peekable();
+        while deliveries.peek().is_some() {
+            let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
+            for (user, payload) in deliveries.by_ref().take(PUBLISH_WINDOW) {
+                let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
+                let publish = jetstream::message::PublishMessage::build().payload(body.into()).message_id(format!("{}:{user}", event.id));
+                acks.push(self.js.send_publish(inbox_subject(&self.prefix, &user), publish).await.map_err(|e| format!("nats: {e}"))?);
+            }
+            for ack in acks {
+                ack.await.map_err(|e| format!("nats: {e}"))?;
+            }
         }
         Ok(())
     }

@@ -167,3 +167,67 @@ async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving
     drop(ws);
     c.stop().await;
 }
+
+/// A room event with more recipients than a JetStream context allows
+/// pending acks (5,000) reaches every member, and the node goes on
+/// appending and delivering: the fan-out used to wait forever on the
+/// 5,001st publish, and with it every append of the node.
+#[tokio::test]
+async fn a_room_of_more_than_5000_members_is_delivered_and_nothing_wedges() {
+    use natter_events::{Envelope, Event, MemberJoined, RoomCreated, subjects};
+
+    const FANS: usize = 5_000;
+    // No node yet: the room and its members go straight into the log, and
+    // the fan-out starts after them (as after `natter migrate`), so the
+    // test measures one 5,002-recipient event, not a join storm.
+    let mut c = Cluster::start(0).await;
+    let prefix = c.cfg.log.subject_prefix.clone();
+    let js = c.nats().jetstream().clone();
+    let (room, amy) = ("stadium".to_owned(), "amy-5k".to_owned());
+    let created = RoomCreated { room_id: room.clone(), name: "Stadium".into(), description: None, created_by: amy.clone() };
+    let mut events = vec![Envelope::new("create".into(), subjects::room(&prefix, &room), 1, Event::RoomCreated(created))];
+    for user in std::iter::once(amy.clone()).chain((0..FANS).map(|i| format!("fan{i:04}"))) {
+        let joined = MemberJoined { room_id: room.clone(), user_id: user.clone(), seen_up_to: 0 };
+        events.push(Envelope::new(format!("{user}:join"), subjects::member(&prefix, &room, &user), 1, Event::MemberJoined(joined)));
+    }
+    let publishes = events.iter().map(|env| {
+        let js = js.clone();
+        async move { js.publish(env.subject.clone(), env.encode().into()).await.unwrap().await.unwrap() }
+    });
+    futures::stream::iter(publishes).buffer_unordered(256).collect::<Vec<_>>().await;
+    let head = c.log_head().await;
+    let stream = js.get_stream(&c.cfg.distributed.stream).await.unwrap();
+    let fanout = async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some("push-fanout-v1".into()),
+        deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: head + 1 },
+        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+        max_ack_pending: 1,
+        ..Default::default()
+    };
+    stream.create_consumer(fanout).await.unwrap();
+    c.add_node().await;
+
+    let token = crate::helpers::token_for(&amy);
+    let path = format!("/api/rooms/{room}/messages");
+    for text in ["to all 5,001", "and then the next"] {
+        let r = c.request(0, Method::POST, &path, Some(&token), Some(json!({ "message": text }))).await;
+        assert!(r.status.is_success(), "the node still appends: {}", r.body);
+    }
+    let mut inbox = js.get_stream(format!("{}_INBOX", c.cfg.distributed.stream)).await.unwrap();
+    let last_for = |user: &str| format!("{prefix}.inbox.user.{user}");
+    eventually_within("both messages delivered to the last member and to amy", 120, || {
+        let (inbox, amy_subject, fan_subject) = (&inbox, last_for(&amy), last_for(&format!("fan{:04}", FANS - 1)));
+        async move {
+            let text = |subject: String| async move {
+                let msg = inbox.get_last_raw_message_by_subject(&subject).await.ok()?;
+                let payload: Value = serde_json::from_slice(&msg.payload).ok()?;
+                payload["data"]["message"].as_str().map(str::to_owned)
+            };
+            text(amy_subject).await.as_deref() == Some("and then the next") && text(fan_subject).await.as_deref() == Some("and then the next")
+        }
+    })
+    .await;
+    let state = inbox.info().await.unwrap().state.clone();
+    assert_eq!(state.messages, 2 * (FANS as u64 + 1), "every member got both messages once");
+    c.stop().await;
+}
