@@ -20,7 +20,8 @@ use crate::log::EventLog;
 use crate::log::nats::{NatsLog, parked_stream, parked_subject};
 use crate::metrics::Metrics;
 use crate::projector::consumer_name;
-use crate::projector::jetstream::{Projector, consumer_config};
+use crate::projector::jetstream::{Feed, Projector};
+use crate::projector::partitions::{PARTITIONS, ensure_feed, fanout_stream, origin_seq, partition_consumer};
 use crate::push::fanout::{self, FanOut};
 
 /// Every projection a node runs, by name.
@@ -55,10 +56,13 @@ pub async fn projections(cfg: &Config) -> anyhow::Result<()> {
         if let Some(b) = pointer.building {
             println!("{name}: v{b} is being built beside v{version}");
         }
-        let durable = consumer_name(name, version);
-        let (checkpoint, lag, in_flight) = match stream.consumer_info(&durable).await {
-            Ok(info) => (info.ack_floor.stream_sequence.to_string(), info.num_pending.to_string(), info.num_ack_pending.to_string()),
-            Err(_) => ("-".into(), format!("{head} (not started)"), "-".into()),
+        let (checkpoint, lag, in_flight) = if name == fanout::NAME {
+            partitions_state(&log, cfg, version).await
+        } else {
+            match stream.consumer_info(&consumer_name(name, version)).await {
+                Ok(info) => (info.ack_floor.stream_sequence.to_string(), info.num_pending.to_string(), info.num_ack_pending.to_string()),
+                Err(_) => ("-".into(), format!("{head} (not started)"), "-".into()),
+            }
         };
         let parked = parked.iter().find(|(p, _)| p == name).map_or(0, |(_, n)| *n);
         println!("{name:<16} {version:>7} {checkpoint:>12} {lag:>10} {in_flight:>10} {parked:>8}");
@@ -70,6 +74,34 @@ pub async fn projections(cfg: &Config) -> anyhow::Result<()> {
         println!("redis unread counts: {state}");
     }
     Ok(())
+}
+
+/// The fan-out's partitions together: (checkpoint, lag, in flight). Its
+/// checkpoint is the log sequence before the oldest event still in its
+/// feed (every event up to it is fanned out: the feed is a work queue), or
+/// what the feed has sourced from the log when it is empty; the lag counts
+/// the events of every partition not applied yet.
+async fn partitions_state(log: &NatsLog, cfg: &Config, version: u32) -> (String, String, String) {
+    let not_started = || ("-".into(), "(not started)".into(), "-".into());
+    let Ok(mut feed) = log.jetstream().get_stream(fanout_stream(&cfg.distributed.stream)).await else { return not_started() };
+    let Ok(info) = feed.info().await.cloned() else { return not_started() };
+    let checkpoint = if info.state.messages > 0 {
+        match feed.get_raw_message(info.state.first_sequence).await {
+            Ok(oldest) => origin_seq(Some(&oldest.headers)).map_or("?".into(), |seq| (seq - 1).to_string()),
+            Err(_) => "?".into(),
+        }
+    } else {
+        let lag = info.sources.first().map_or(0, |s| s.lag);
+        log.head().await.map_or("?".into(), |head| head.saturating_sub(lag).to_string())
+    };
+    let (mut lag, mut in_flight) = (0u64, 0u64);
+    for index in 0..PARTITIONS {
+        if let Ok(info) = feed.consumer_info(partition_consumer(fanout::NAME, version, index)).await {
+            lag += info.num_pending;
+            in_flight += info.num_ack_pending as u64;
+        }
+    }
+    (checkpoint, lag.to_string(), in_flight.to_string())
 }
 
 async fn parked_counts(log: &NatsLog, cfg: &Config) -> anyhow::Result<Vec<(String, usize)>> {
@@ -247,7 +279,7 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let projector = Projector {
         js: log.jetstream().clone(),
-        stream: cfg.distributed.stream.clone(),
+        feed: Feed::Log { stream: cfg.distributed.stream.clone() },
         prefix: cfg.log.subject_prefix.clone(),
         projection,
         metrics: Arc::new(Metrics::default()),
@@ -352,13 +384,9 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
     // embedded cursors (which were log sequences), so a client resuming with
     // one gets `resync` rather than someone else's deliveries.
     let head = target.head().await?;
-    let stream = target.jetstream().get_stream(&cfg.distributed.stream).await?;
-    let fanout = &consumer_name(fanout::NAME, fanout::VERSION);
-    if stream.get_consumer::<async_nats::jetstream::consumer::pull::Config>(fanout).await.is_err() {
-        let mut config = consumer_config(fanout, true);
-        config.deliver_policy = async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: head + 1 };
-        stream.create_consumer(config).await.context("creating the push fan-out consumer after the migrated history")?;
-    }
+    ensure_feed(target.jetstream(), &cfg.distributed.stream, &cfg.log.subject_prefix, Some(head + 1))
+        .await
+        .context("creating the push fan-out feed after the migrated history")?;
     crate::push::nats::NatsPush::connect_from(
         target.client().clone(),
         target.jetstream().clone(),

@@ -28,8 +28,9 @@ use crate::log::EventLog;
 use crate::log::nats::NatsLog;
 use crate::metrics::Metrics;
 use crate::presence::redis::RedisPresence;
-use crate::projector::Runner;
-use crate::projector::jetstream::Projector;
+use crate::projector::jetstream::{Feed, Projector};
+use crate::projector::partitions::{PARTITIONS, ensure_feed, fanout_stream};
+use crate::projector::{Runner, consumer_name};
 use crate::push::nats::NatsPush;
 use crate::telemetry::redact;
 use counts_recovery::Healer;
@@ -126,6 +127,19 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
     })
 }
 
+/// Where a new partitioned feed of `projection` starts: after what the
+/// projection's unpartitioned consumer (natter before partitions) had
+/// acknowledged, so an upgraded deployment neither repeats nor skips
+/// deliveries; from the first event otherwise.
+async fn feed_start(js: &jetstream::Context, stream: &str, projection: &dyn Projection) -> anyhow::Result<Option<u64>> {
+    let legacy = consumer_name(projection.name(), projection.version());
+    let log = js.get_stream(stream).await?;
+    match log.consumer_info(&legacy).await {
+        Ok(info) => Ok(Some(info.ack_floor.stream_sequence + 1)),
+        Err(_) => Ok(None),
+    }
+}
+
 /// Durable JetStream consumers shared by every node, the live-version
 /// follower, and the unread counts' recovery.
 struct JetStreamRunner {
@@ -154,8 +168,16 @@ impl Runner for JetStreamRunner {
         let heal_to = healer.begin().await.context("checking the unread counts in Redis")?;
         let mut tasks = Vec::new();
         for projection in projections {
-            let projector = Projector { js: js.clone(), stream: stream.clone(), prefix: prefix.clone(), projection, metrics: metrics.clone() };
-            tasks.push(tokio::spawn(projector.run(shutdown.clone())));
+            let feeds = if projection.ordered() {
+                ensure_feed(&js, &stream, &prefix, feed_start(&js, &stream, projection.as_ref()).await?).await?;
+                (0..PARTITIONS).map(|index| Feed::Partition { stream: fanout_stream(&stream), index }).collect()
+            } else {
+                vec![Feed::Log { stream: stream.clone() }]
+            };
+            for feed in feeds {
+                let projector = Projector { js: js.clone(), feed, prefix: prefix.clone(), projection: projection.clone(), metrics: metrics.clone() };
+                tasks.push(tokio::spawn(projector.run(shutdown.clone())));
+            }
         }
         tasks.push(tokio::spawn(versions.run(shutdown.clone())));
         if let Some(target) = heal_to {

@@ -95,7 +95,7 @@ impl FileTail {
         };
         for p in &self.projections {
             while let Next::RetryAfter(delay) =
-                project(p.as_ref(), event.as_ref().map_err(Clone::clone), seq, &payload, head - seq, &self.parked, &self.metrics).await
+                project(p.as_ref(), p.name(), event.as_ref().map_err(Clone::clone), seq, &payload, head - seq, &self.parked, &self.metrics).await
             {
                 tokio::time::sleep(delay).await;
             }

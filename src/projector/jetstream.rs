@@ -1,7 +1,8 @@
 //! The projector runtime over JetStream: consume → [`project`] → acknowledge.
 //!
-//! Each projection has its own durable pull consumer, `<name>-v<version>`,
-//! shared by every node: JetStream hands each event to one node at a time,
+//! Each projection has its own durable pull consumer, `<name>-v<version>`
+//! (ordered projections one per partition of their feed, see
+//! [`super::partitions`]), shared by every node: JetStream hands each event to one node at a time,
 //! and the consumer's acknowledged position is the projection's checkpoint.
 //! An event is acknowledged only after it has been applied, so the
 //! checkpoint never passes an unapplied event. What becomes of an event is
@@ -20,6 +21,7 @@ use natter_events::Envelope;
 use natter_projections::Projection;
 use tokio::sync::watch;
 
+use super::partitions::{origin_seq, partition_consumer, partition_subject};
 use super::{Next, Parking, consumer_name, project};
 use crate::log::nats::parked_subject;
 use crate::metrics::Metrics;
@@ -46,9 +48,21 @@ pub fn consumer_config(durable: &str, ordered: bool) -> pull::Config {
     }
 }
 
+/// Where a projector's events come from.
+#[derive(Debug, Clone)]
+pub enum Feed {
+    /// The log stream itself, through the durable of the projection's live
+    /// version.
+    Log { stream: String },
+    /// One partition of an ordered projection's feed (see
+    /// [`super::partitions`]): the events of its conversations and rooms,
+    /// one at a time, each with the log sequence it has in the log.
+    Partition { stream: String, index: u32 },
+}
+
 pub struct Projector {
     pub js: jetstream::Context,
-    pub stream: String,
+    pub feed: Feed,
     pub prefix: String,
     pub projection: Arc<dyn Projection>,
     pub metrics: Arc<Metrics>,
@@ -56,13 +70,36 @@ pub struct Projector {
 
 impl Projector {
     pub fn durable_name(&self) -> String {
-        consumer_name(self.projection.name(), self.projection.version())
+        let (name, version) = (self.projection.name(), self.projection.version());
+        match &self.feed {
+            Feed::Log { .. } => consumer_name(name, version),
+            Feed::Partition { index, .. } => partition_consumer(name, version, *index),
+        }
+    }
+
+    /// What metrics and logs call this projector.
+    fn label(&self) -> String {
+        match &self.feed {
+            Feed::Log { .. } => self.projection.name().to_owned(),
+            Feed::Partition { index, .. } => format!("{}-p{index}", self.projection.name()),
+        }
+    }
+
+    fn consumer(&self, durable: &str) -> (&str, pull::Config) {
+        match &self.feed {
+            Feed::Log { stream } => (stream, consumer_config(durable, self.projection.ordered())),
+            Feed::Partition { stream, index } => {
+                let mut config = consumer_config(durable, true);
+                config.filter_subject = partition_subject(&self.prefix, *index);
+                (stream, config)
+            }
+        }
     }
 
     /// Runs until `shutdown` turns true. Connection trouble is logged and
     /// retried; it never ends the loop.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let name = self.projection.name();
+        let name = self.label();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -83,8 +120,9 @@ impl Projector {
 
     async fn consume(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Flow> {
         let durable = self.durable_name();
-        let stream = self.js.get_stream(&self.stream).await?;
-        let consumer = stream.get_or_create_consumer(&durable, consumer_config(&durable, self.projection.ordered())).await?;
+        let (stream, config) = self.consumer(&durable);
+        let stream = self.js.get_stream(stream).await?;
+        let consumer = stream.get_or_create_consumer(&durable, config).await?;
         let mut messages = consumer.messages().await?;
         // A rebuilt projection becomes live under a new version: follow it
         // to its consumer.
@@ -104,7 +142,7 @@ impl Projector {
             let msg = match next {
                 Some(Ok(msg)) => msg,
                 Some(Err(e)) => {
-                    tracing::warn!(projection = self.projection.name(), error = %e, "consumer stream error");
+                    tracing::warn!(projection = %self.label(), error = %e, "consumer stream error");
                     continue;
                 }
                 None => anyhow::bail!("consumer {durable} stream ended"),
@@ -114,15 +152,22 @@ impl Projector {
     }
 
     async fn handle(&self, msg: &jetstream::Message) {
-        let (seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
-        let decoded = Envelope::decode(&msg.payload).map_err(|e| e.to_string());
-        let next = project(self.projection.as_ref(), decoded.as_ref().map_err(Clone::clone), seq, &msg.payload, pending, self, &self.metrics).await;
+        let (stream_seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
+        let (seq, decoded) = match &self.feed {
+            Feed::Log { .. } => (stream_seq, Envelope::decode(&msg.payload).map_err(|e| e.to_string())),
+            Feed::Partition { .. } => match origin_seq(msg.headers.as_ref()) {
+                Some(seq) => (seq, Envelope::decode(&msg.payload).map_err(|e| e.to_string())),
+                None => (0, Err(format!("fan-out feed message {stream_seq} has no Nats-Stream-Source log sequence"))),
+            },
+        };
+        let label = self.label();
+        let next = project(self.projection.as_ref(), &label, decoded.as_ref().map_err(Clone::clone), seq, &msg.payload, pending, self, &self.metrics).await;
         let ack = match next {
             Next::Done => AckKind::Ack,
             Next::RetryAfter(delay) => AckKind::Nak(Some(delay)),
         };
         if let Err(e) = msg.ack_with(ack).await {
-            tracing::warn!(projection = self.projection.name(), seq, error = %e, "acknowledgement lost; the event will be redelivered and re-applied (idempotent)");
+            tracing::warn!(projection = %label, seq, error = %e, "acknowledgement lost; the event will be redelivered and re-applied (idempotent)");
         }
     }
 }

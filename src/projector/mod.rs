@@ -18,6 +18,7 @@
 
 pub mod embedded;
 pub mod jetstream;
+pub mod partitions;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,10 +57,13 @@ pub enum Next {
 
 /// The one projector policy: applies `event` (the decoded event at log
 /// sequence `seq`, or why it cannot be decoded) to `projection`, parks a
-/// poison event, counts, and says what the runtime does next. `lag` is how
-/// many events are still to be projected after this one.
+/// poison event, counts (under `label`: the projection, or one partition
+/// of it), and says what the runtime does next. `lag` is how many events
+/// are still to be projected after this one.
+#[allow(clippy::too_many_arguments)]
 pub async fn project(
     projection: &dyn Projection,
+    label: &str,
     event: Result<&Envelope, String>,
     seq: u64,
     payload: &[u8],
@@ -68,7 +72,7 @@ pub async fn project(
     metrics: &Metrics,
 ) -> Next {
     let name = projection.name();
-    metrics.projection_lag(name, lag);
+    metrics.projection_lag(label, lag);
     let outcome = match event {
         Err(reason) => Err(ApplyError::Poison(reason)),
         Ok(env) => {
@@ -171,16 +175,16 @@ mod tests {
         let (env, metrics) = (event(), Metrics::default());
         let parked = Parked::default();
         let ok = Refusing(Ok(()));
-        assert_eq!(project(&ok, Ok(&env), 1, b"", 0, &parked, &metrics).await, Next::Done);
-        assert_eq!(project(&ok, Err("not JSON".into()), 2, b"x", 0, &parked, &metrics).await, Next::Done);
+        assert_eq!(project(&ok, "test", Ok(&env), 1, b"", 0, &parked, &metrics).await, Next::Done);
+        assert_eq!(project(&ok, "test", Err("not JSON".into()), 2, b"x", 0, &parked, &metrics).await, Next::Done);
         let poison = Refusing(Err(|| ApplyError::Poison("contradicts the view".into())));
-        assert_eq!(project(&poison, Ok(&env), 3, b"", 0, &parked, &metrics).await, Next::Done);
+        assert_eq!(project(&poison, "test", Ok(&env), 3, b"", 0, &parked, &metrics).await, Next::Done);
         assert_eq!(*parked.0.lock().unwrap(), vec![(2, "not JSON".to_owned()), (3, "contradicts the view".to_owned())]);
         let down = Refusing(Err(|| ApplyError::Unavailable("connection refused".into())));
-        assert!(matches!(project(&down, Ok(&env), 4, b"", 0, &parked, &metrics).await, Next::RetryAfter(_)));
+        assert!(matches!(project(&down, "test", Ok(&env), 4, b"", 0, &parked, &metrics).await, Next::RetryAfter(_)));
         // A poison event that cannot be parked is not skipped.
         let full = Parked(Mutex::default(), true);
-        assert!(matches!(project(&poison, Ok(&env), 5, b"", 0, &full, &metrics).await, Next::RetryAfter(_)));
+        assert!(matches!(project(&poison, "test", Ok(&env), 5, b"", 0, &full, &metrics).await, Next::RetryAfter(_)));
         let text = metrics.render();
         assert!(text.contains("natter_projection_parked_total{projection=\"test\"} 2"), "{text}");
         assert!(text.contains("natter_projection_applied_total{projection=\"test\"} 1"), "{text}");

@@ -15,8 +15,12 @@
 //!
 //! Each delivery is published with `Nats-Msg-Id = <event id>:<user>`, so a
 //! redelivered event does not deliver twice. The projection is `ordered`:
-//! one event in flight across the cluster, so every user's deliveries are in
-//! log order, and so in sequence order within each conversation.
+//! each conversation's and each room's events are fanned out one at a time,
+//! in log order (distributed: one event in flight per partition of the
+//! feed, see `projector::partitions`; embedded: the whole log in order), so
+//! deliveries are in sequence order within each conversation and room.
+//! A user's cursor stays exact whatever the partitions' interleaving: it is
+//! the user's own inbox subject that numbers and chains their deliveries.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

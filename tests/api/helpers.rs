@@ -404,5 +404,6 @@ impl Cluster {
         let _ = log.jetstream().delete_stream(&self.cfg.distributed.stream).await;
         let _ = log.jetstream().delete_stream(format!("{}_PARKED", self.cfg.distributed.stream)).await;
         let _ = log.jetstream().delete_stream(format!("{}_INBOX", self.cfg.distributed.stream)).await;
+        let _ = log.jetstream().delete_stream(format!("{}_FANOUT", self.cfg.distributed.stream)).await;
     }
 }

@@ -170,52 +170,55 @@ async fn a_client_that_never_reads_is_disconnected_and_the_others_keep_receiving
 
 /// A room event with more recipients than a JetStream context allows
 /// pending acks (5,000) reaches every member, and the node goes on
-/// appending and delivering: the fan-out used to wait forever on the
-/// 5,001st publish, and with it every append of the node.
+/// appending and delivering (the fan-out used to wait forever on the
+/// 5,001st publish, and with it every append of the node); while that room
+/// is fanned out, a direct conversation's messages arrive, in seq order.
 #[tokio::test]
 async fn a_room_of_more_than_5000_members_is_delivered_and_nothing_wedges() {
+    use natter::config::SyncPolicy;
+    use natter::log::EventLog;
+    use natter::log::file::FileLog;
     use natter_events::{Envelope, Event, MemberJoined, RoomCreated, subjects};
 
     const FANS: usize = 5_000;
-    // No node yet: the room and its members go straight into the log, and
-    // the fan-out starts after them (as after `natter migrate`), so the
-    // test measures one 5,002-recipient event, not a join storm.
+    // The room and its members are history migrated from an embedded
+    // node's log: the fan-out starts after it, so the test measures one
+    // 5,002-recipient event, not a join storm.
     let mut c = Cluster::start(0).await;
     let prefix = c.cfg.log.subject_prefix.clone();
-    let js = c.nats().jetstream().clone();
     let (room, amy) = ("stadium".to_owned(), "amy-5k".to_owned());
-    let created = RoomCreated { room_id: room.clone(), name: "Stadium".into(), description: None, created_by: amy.clone() };
-    let mut events = vec![Envelope::new("create".into(), subjects::room(&prefix, &room), 1, Event::RoomCreated(created))];
-    for user in std::iter::once(amy.clone()).chain((0..FANS).map(|i| format!("fan{i:04}"))) {
-        let joined = MemberJoined { room_id: room.clone(), user_id: user.clone(), seen_up_to: 0 };
-        events.push(Envelope::new(format!("{user}:join"), subjects::member(&prefix, &room, &user), 1, Event::MemberJoined(joined)));
+    let dir = Cluster::data_dir(&format!("5k-{}", &prefix));
+    {
+        let log = FileLog::open(&dir, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        let created = RoomCreated { room_id: room.clone(), name: "Stadium".into(), description: None, created_by: amy.clone() };
+        let env = Envelope::new("create".into(), subjects::room(&prefix, &room), 1, Event::RoomCreated(created));
+        log.append(&env, 0).await.unwrap();
+        for user in std::iter::once(amy.clone()).chain((0..FANS).map(|i| format!("fan{i:04}"))) {
+            let joined = MemberJoined { room_id: room.clone(), user_id: user.clone(), seen_up_to: 0 };
+            let env = Envelope::new(format!("{user}:join"), subjects::member(&prefix, &room, &user), 1, Event::MemberJoined(joined));
+            log.append(&env, 0).await.unwrap();
+        }
+        log.close();
     }
-    let publishes = events.iter().map(|env| {
-        let js = js.clone();
-        async move { js.publish(env.subject.clone(), env.encode().into()).await.unwrap().await.unwrap() }
-    });
-    futures::stream::iter(publishes).buffer_unordered(256).collect::<Vec<_>>().await;
-    let head = c.log_head().await;
-    let stream = js.get_stream(&c.cfg.distributed.stream).await.unwrap();
-    let fanout = async_nats::jetstream::consumer::pull::Config {
-        durable_name: Some("push-fanout-v1".into()),
-        deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: head + 1 },
-        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-        max_ack_pending: 1,
-        ..Default::default()
-    };
-    stream.create_consumer(fanout).await.unwrap();
+    let nats = c.cfg.distributed.nats_url.clone().unwrap();
+    c.natter(&["migrate", "--from", dir.to_str().unwrap(), "--to", &nats]).await;
     c.add_node().await;
+    let (bob, carol) = (c.register(0, "Bob").await, c.register(0, "Carol").await);
 
     let token = crate::helpers::token_for(&amy);
     let path = format!("/api/rooms/{room}/messages");
-    for text in ["to all 5,001", "and then the next"] {
-        let r = c.request(0, Method::POST, &path, Some(&token), Some(json!({ "message": text }))).await;
-        assert!(r.status.is_success(), "the node still appends: {}", r.body);
+    let r = c.request(0, Method::POST, &path, Some(&token), Some(json!({ "message": "to all 5,001" }))).await;
+    assert!(r.status.is_success(), "{}", r.body);
+    for i in 1..=20 {
+        c.send(0, &carol, &bob, &format!("dm {i}"), None).await.ok();
     }
+    let r = c.request(0, Method::POST, &path, Some(&token), Some(json!({ "message": "and then the next" }))).await;
+    assert!(r.status.is_success(), "the node still appends: {}", r.body);
+
+    let js = c.nats().jetstream().clone();
     let mut inbox = js.get_stream(format!("{}_INBOX", c.cfg.distributed.stream)).await.unwrap();
     let last_for = |user: &str| format!("{prefix}.inbox.user.{user}");
-    eventually_within("both messages delivered to the last member and to amy", 120, || {
+    eventually_within("both room messages delivered to the last member and to amy", 120, || {
         let (inbox, amy_subject, fan_subject) = (&inbox, last_for(&amy), last_for(&format!("fan{:04}", FANS - 1)));
         async move {
             let text = |subject: String| async move {
@@ -227,7 +230,17 @@ async fn a_room_of_more_than_5000_members_is_delivered_and_nothing_wedges() {
         }
     })
     .await;
+    // Bob's deliveries, in inbox (cursor) order: the conversation's seqs 1..20.
+    let mut seqs = Vec::new();
+    let mut after = 0;
+    while let Ok(msg) = inbox.direct_get_next_for_subject(last_for(&bob.id), Some(after + 1)).await {
+        after = msg.sequence;
+        let payload: Value = serde_json::from_slice(&msg.payload).unwrap();
+        seqs.push(payload["data"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, (1..=20).collect::<Vec<u64>>(), "one conversation's deliveries in seq order, each once");
     let state = inbox.info().await.unwrap().state.clone();
-    assert_eq!(state.messages, 2 * (FANS as u64 + 1), "every member got both messages once");
+    assert_eq!(state.messages, 2 * (FANS as u64 + 1) + 2 * 20, "every member got both room messages once, bob and carol every DM");
+    let _ = std::fs::remove_dir_all(&dir);
     c.stop().await;
 }

@@ -1,0 +1,104 @@
+//! The partitioned feed of ordered projections (the push fan-out) in the
+//! distributed mode.
+//!
+//! An ordered projection needs each conversation's and each room's events
+//! one at a time, in log order; it does not need the whole log in one line.
+//! So it does not consume the log directly: `<STREAM>_FANOUT`, a work-queue
+//! stream, sources the log's direct-conversation, room and membership
+//! subjects, and NATS's subject transforms put each into one of
+//! [`PARTITIONS`] partitions by the conversation's user pair or the room id:
+//!
+//! ```text
+//! <prefix>.ev.dm.<lo>.<hi>          → <prefix>.fan.<p(lo,hi)>.dm.<lo>.<hi>
+//! <prefix>.ev.room.<room>           → <prefix>.fan.<p(room)>.room.<room>
+//! <prefix>.ev.member.<room>.<user>  → <prefix>.fan.<p(room)>.member.<room>.<user>
+//! ```
+//!
+//! A room's messages and its membership changes land in the same partition,
+//! in log order. Each partition has its own durable consumer with one event
+//! in flight, and every node pulls from every partition: up to
+//! [`PARTITIONS`] events are fanned out at once across the cluster, a busy
+//! room holds up only its own partition, and capacity grows with nodes.
+//! Sourcing keeps the log's order and says each event's log sequence in the
+//! `Nats-Stream-Source` header ([`origin_seq`]); an event leaves the stream
+//! once its partition acknowledged it. Account events make no deliveries
+//! and are not sourced.
+
+use anyhow::Context;
+use async_nats::jetstream::{self, stream};
+
+use super::consumer_name;
+
+/// Partitions of the fan-out. Fixed: the transforms of an existing stream
+/// decide where events go, so changing it needs a new stream.
+pub const PARTITIONS: u32 = 16;
+
+/// The partitioned feed beside the log `stream`.
+pub fn fanout_stream(stream: &str) -> String {
+    format!("{stream}_FANOUT")
+}
+
+/// The subjects of partition `index`.
+pub fn partition_subject(prefix: &str, index: u32) -> String {
+    format!("{prefix}.fan.{index}.>")
+}
+
+/// The durable consumer of partition `index` of a projection.
+pub fn partition_consumer(projection: &str, version: u32, index: u32) -> String {
+    format!("{}-p{index}", consumer_name(projection, version))
+}
+
+/// The log sequence of a sourced event, from its `Nats-Stream-Source`
+/// header (`<stream> <seq> …`).
+pub fn origin_seq(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
+    headers?.get("Nats-Stream-Source")?.as_str().split(' ').nth(1)?.parse().ok()
+}
+
+/// Makes sure the partitioned feed of the log `stream` exists. A feed
+/// created now starts at log sequence `start` (default: the first event).
+pub async fn ensure_feed(js: &jetstream::Context, stream: &str, prefix: &str, start: Option<u64>) -> anyhow::Result<()> {
+    let name = fanout_stream(stream);
+    if js.get_stream(&name).await.is_ok() {
+        return Ok(());
+    }
+    let n = PARTITIONS;
+    let transform = |source: String, destination: String| stream::SubjectTransform { source, destination };
+    let transforms = vec![
+        transform(format!("{prefix}.ev.dm.*.*"), format!("{prefix}.fan.{{{{partition({n},1,2)}}}}.dm.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}")),
+        transform(format!("{prefix}.ev.room.*"), format!("{prefix}.fan.{{{{partition({n},1)}}}}.room.{{{{wildcard(1)}}}}")),
+        transform(
+            format!("{prefix}.ev.member.*.*"),
+            format!("{prefix}.fan.{{{{partition({n},1)}}}}.member.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"),
+        ),
+    ];
+    js.get_or_create_stream(stream::Config {
+        name: name.clone(),
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        sources: Some(vec![stream::Source {
+            name: stream.to_owned(),
+            start_sequence: start,
+            subject_transforms: transforms,
+            ..Default::default()
+        }]),
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("creating the fan-out feed {name} (NATS 2.10 or newer is needed for subject transforms)"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_sequence_comes_from_the_source_header() {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Stream-Source", "NATTER 1234 t.ev.dm.*.*\u{c}t.ev.room.* t.fan.x t.ev.dm.a.b OURchBd0");
+        assert_eq!(origin_seq(Some(&h)), Some(1234));
+        assert_eq!(origin_seq(None), None);
+        assert_eq!(partition_consumer("push-fanout", 1, 7), "push-fanout-v1-p7");
+        assert_eq!(partition_subject("t", 3), "t.fan.3.>");
+    }
+}
