@@ -1,0 +1,261 @@
+// natter's load tool: drives running natter nodes over REST and the official
+// socket.io-client and reports delivery latency and CPU per message.
+// Reports figures; never fails on a timing. Usually started by
+// benches/load/run.sh, which starts the nodes and passes their pids.
+//
+//   node benches/load/load.js --nodes http://127.0.0.1:5101,http://127.0.0.1:5102 \
+//        --pids natter=123,natter=124,nats=99,redis=98,mongo=97 \
+//        [--scenarios dm,room100,room1000,mixed] [--secs 10] [--rate 200] [--users 100]
+//
+// Scenarios:
+//   dm        U users, one socket each (spread over the nodes), random direct
+//             messages at R/s for T s: latency from the send to the
+//             receiver's `newMessage`.
+//   roomN     a room of N members (joined over REST), 20 of them listening
+//             on /chat across the nodes, a message every 100 ms for T s:
+//             latency from the send to each listener's `message`.
+//   joinstorm N members join a room in a burst, then one message: how long
+//             until every listener has it.
+//   mixed     dm and room1000 at once: what a busy room does to DMs.
+//
+// Latency is measured on this machine's clock (sender and receivers are
+// this process). CPU is read from /proc/<pid>/stat (utime + stime) around
+// each sending phase.
+const { io } = require("socket.io-client");
+const fs = require("fs");
+
+const args = Object.fromEntries(
+  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith("--") ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
+);
+const nodes = (args.nodes || "http://127.0.0.1:5000").split(",");
+const pids = (args.pids || "").split(",").filter(Boolean).map((kv) => kv.split("="));
+const scenarios = (args.scenarios || "dm,room100,room1000,joinstorm,mixed").split(",");
+const secs = Number(args.secs || 10);
+const rate = Number(args.rate || 200);
+const userCount = Number(args.users || 100);
+const run = Math.random().toString(36).slice(2, 8);
+const TICK = 100; // clock ticks per second on Linux
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const node = (i) => nodes[i % nodes.length];
+
+async function api(base, method, path, token, body) {
+  for (let attempt = 0; ; attempt++) {
+    const res = await fetch(base + path, {
+      method,
+      headers: { "content-type": "application/json", ...(token ? { authorization: `Bearer ${token}` } : {}) },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    if ((res.status === 429 || res.status === 503) && attempt < 20) {
+      await sleep(200);
+      continue;
+    }
+    const json = await res.json().catch(() => ({}));
+    if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${JSON.stringify(json)}`);
+    return json;
+  }
+}
+
+/// Runs `f` over `items` with at most `n` at once.
+async function pool(items, n, f) {
+  const out = new Array(items.length);
+  let next = 0;
+  await Promise.all(Array.from({ length: Math.min(n, items.length) }, async () => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await f(items[i], i);
+    }
+  }));
+  return out;
+}
+
+async function register(n, tag) {
+  return pool(Array.from({ length: n }, (_, i) => i), 8, async (i) => {
+    const email = `${tag}-${i}-${run}@load.test`;
+    const r = await api(node(i), "POST", "/api/auth/register", null, { name: `${tag}${i}`, email, password: "load-password" });
+    return { id: r.user._id, token: r.token, i };
+  });
+}
+
+function connect(url, token) {
+  return new Promise((resolve, reject) => {
+    const s = io(url, { auth: { token }, forceNew: true, reconnection: false, transports: ["websocket"], timeout: 30000 });
+    s.once("connect", () => resolve(s));
+    s.once("connect_error", (e) => reject(new Error(e.message)));
+  });
+}
+
+function cpuTicks() {
+  return pids.map(([name, pid]) => {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      return [name, Number(fields[11]) + Number(fields[12])];
+    } catch {
+      return [name, NaN];
+    }
+  });
+}
+
+function cpuPerMessage(before, after, messages) {
+  const per = {};
+  for (let i = 0; i < before.length; i++) {
+    const [name] = before[i];
+    per[name] = (per[name] || 0) + (after[i][1] - before[i][1]) / TICK;
+  }
+  return Object.entries(per).map(([name, s]) => `${name} ${((s * 1000) / Math.max(messages, 1)).toFixed(2)}`).join(", ");
+}
+
+function stats(xs) {
+  if (!xs.length) return { n: 0, p50: NaN, p99: NaN, max: NaN };
+  const s = [...xs].sort((a, b) => a - b);
+  const q = (p) => s[Math.min(s.length - 1, Math.floor(p * s.length))];
+  return { n: s.length, p50: q(0.5), p99: q(0.99), max: s[s.length - 1] };
+}
+
+const rows = [];
+function report(name, lat, expected, cpu, note = "") {
+  const st = stats(lat);
+  rows.push({ name, ...st, expected, cpu, note });
+  console.error(`[load] ${name}: delivered ${st.n}/${expected}, p50 ${st.p50} ms, p99 ${st.p99} ms, max ${st.max} ms; CPU ms/msg: ${cpu} ${note}`);
+}
+
+async function dmPhase(users, sockets, lat, stopAt, counter) {
+  const interval = 1000 / rate;
+  let due = Date.now();
+  const sends = [];
+  while (Date.now() < stopAt) {
+    const a = users[Math.floor(Math.random() * users.length)];
+    let b = users[Math.floor(Math.random() * users.length)];
+    if (b === a) b = users[(a.i + 1) % users.length];
+    const text = `t${Date.now()}`;
+    counter.sent++;
+    sends.push(api(node(a.i), "POST", `/api/messages/${b.id}`, a.token, { message: text }).catch((e) => counter.failed.push(e.message)));
+    due += interval;
+    const wait = due - Date.now();
+    if (wait > 0) await sleep(wait);
+  }
+  await Promise.all(sends);
+}
+
+function listenDm(users, sockets, lat) {
+  sockets.forEach((s, i) => {
+    s.on("newMessage", (m) => {
+      if (m.receiverId !== users[i].id) return; // the sender's own echo
+      const t = Number(String(m.message).slice(1));
+      if (t) lat.push(Date.now() - t);
+    });
+  });
+}
+
+async function dm() {
+  const users = await register(userCount, "dm");
+  const sockets = await Promise.all(users.map((u) => connect(node(u.i) + "/", u.token)));
+  const lat = [];
+  listenDm(users, sockets, lat);
+  const counter = { sent: 0, failed: [] };
+  const before = cpuTicks();
+  await dmPhase(users, sockets, lat, Date.now() + secs * 1000, counter);
+  await sleep(2000);
+  const after = cpuTicks();
+  report(`dm ${rate}/s, ${userCount} users`, lat, counter.sent, cpuPerMessage(before, after, counter.sent), counter.failed.length ? `(${counter.failed.length} sends failed)` : "");
+  sockets.forEach((s) => s.disconnect());
+}
+
+async function makeRoom(members, tag) {
+  const users = await register(members, tag);
+  const room = (await api(node(0), "POST", "/api/rooms", users[0].token, { name: `${tag}-${run}` })).room._id;
+  await pool(users.slice(1), 16, (u) => api(node(u.i), "POST", `/api/rooms/${room}/join`, u.token));
+  return { users, room };
+}
+
+async function listen(users, room, count, lat) {
+  const listeners = users.slice(0, count);
+  const sockets = await Promise.all(listeners.map((u) => connect(node(u.i) + "/chat", u.token)));
+  await Promise.all(sockets.map((s) => s.timeout(30000).emitWithAck("join-room", room)));
+  sockets.forEach((s) => s.on("message", (m) => {
+    const t = Number(String(m.message).slice(1));
+    if (t && m.roomId === room) lat.push(Date.now() - t);
+  }));
+  return sockets;
+}
+
+async function roomPhase(sender, room, stopAt) {
+  let sent = 0;
+  while (Date.now() < stopAt) {
+    api(node(sender.i), "POST", `/api/rooms/${room}/messages`, sender.token, { message: `t${Date.now()}` }).catch(() => {});
+    sent++;
+    await sleep(100);
+  }
+  return sent;
+}
+
+async function roomScenario(members) {
+  const { users, room } = await makeRoom(members, `room${members}`);
+  await sleep(3000); // let the joins' fan-out settle
+  const lat = [];
+  const sockets = await listen(users, room, 20, lat);
+  const before = cpuTicks();
+  const sent = await roomPhase(users[0], room, Date.now() + secs * 1000);
+  await sleep(2000);
+  const after = cpuTicks();
+  report(`room of ${members}, 20 listening`, lat, sent * 20, cpuPerMessage(before, after, sent));
+  sockets.forEach((s) => s.disconnect());
+}
+
+async function joinStorm() {
+  const members = 1000;
+  const users = await register(members, "storm");
+  const room = (await api(node(0), "POST", "/api/rooms", users[0].token, { name: `storm-${run}` })).room._id;
+  const lat = [];
+  const sockets = await listen(users.slice(0, 1).concat([]), room, 1, lat);
+  const started = Date.now();
+  await pool(users.slice(1), 32, (u) => api(node(u.i), "POST", `/api/rooms/${room}/join`, u.token));
+  const joinSecs = (Date.now() - started) / 1000;
+  const t0 = Date.now();
+  await api(node(0), "POST", `/api/rooms/${room}/messages`, users[0].token, { message: `t${t0}` });
+  const deadline = Date.now() + 60000;
+  while (!lat.length && Date.now() < deadline) await sleep(20);
+  report(`${members} joins in ${joinSecs.toFixed(1)} s, then a message`, lat, 1, "-", lat.length ? "" : "(not delivered within 60 s)");
+  sockets.forEach((s) => s.disconnect());
+}
+
+async function mixed() {
+  const users = await register(userCount, "mix");
+  const sockets = await Promise.all(users.map((u) => connect(node(u.i) + "/", u.token)));
+  const dmLat = [];
+  listenDm(users, sockets, dmLat);
+  const { users: members, room } = await makeRoom(1000, "mixroom");
+  await sleep(3000);
+  const roomLat = [];
+  const listeners = await listen(members, room, 20, roomLat);
+  const counter = { sent: 0, failed: [] };
+  const before = cpuTicks();
+  const stopAt = Date.now() + secs * 1000;
+  const [, roomSent] = await Promise.all([dmPhase(users, sockets, dmLat, stopAt, counter), roomPhase(members[0], room, stopAt)]);
+  await sleep(2000);
+  const after = cpuTicks();
+  const cpu = cpuPerMessage(before, after, counter.sent + roomSent);
+  report(`mixed: dm ${rate}/s beside a busy room of 1000`, dmLat, counter.sent, cpu);
+  report(`mixed: the room of 1000, 20 listening`, roomLat, roomSent * 20, cpu);
+  sockets.forEach((s) => s.disconnect());
+  listeners.forEach((s) => s.disconnect());
+}
+
+(async () => {
+  console.error(`[load] ${nodes.length} node(s): ${nodes.join(" ")}; ${secs} s per phase`);
+  for (const s of scenarios) {
+    if (s === "dm") await dm();
+    else if (s === "mixed") await mixed();
+    else if (s === "joinstorm") await joinStorm();
+    else if (s.startsWith("room")) await roomScenario(Number(s.slice(4)));
+    else throw new Error(`unknown scenario ${s}`);
+  }
+  console.log("| scenario | delivered | p50 ms | p99 ms | max ms | CPU ms per message |");
+  console.log("| --- | --- | --- | --- | --- | --- |");
+  for (const r of rows) console.log(`| ${r.name} | ${r.n}/${r.expected} ${r.note} | ${r.p50} | ${r.p99} | ${r.max} | ${r.cpu} |`);
+  process.exit(0);
+})().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# benches/load/run.sh — measure natter under load on this machine.
+#
+#   benches/load/run.sh [--embedded] [NODES] [-- load.js options]
+#
+# Builds natter (release), starts the services (scripts/services.sh) unless
+# --embedded, starts NODES natter nodes (default 2; one when embedded) on
+# ports 5101.. with a fresh stream, database and key prefix, runs
+# benches/load/load.js against them (official socket.io-client, installed
+# by npm ci in tests/client) with their pids and the services' pids for
+# CPU figures, prints the table, and stops the nodes. Reports figures only.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+embedded=0
+if [[ ${1:-} == --embedded ]]; then embedded=1; shift; fi
+count=${1:-2}
+[[ $embedded == 1 ]] && count=1
+shift || true
+[[ ${1:-} == -- ]] && shift
+
+cargo build --release --locked --quiet
+(cd tests/client && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+
+run=$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export NATTER_JWT_SECRET="load-$run-secret-load-$run"
+export RUST_LOG=${RUST_LOG:-warn}
+pids=()
+service_pids=()
+data=""
+if [[ $embedded == 0 ]]; then
+  scripts/services.sh start >/dev/null
+  # shellcheck disable=SC1091
+  . target/services/env
+  export NATTER_NATS_URL NATTER_MONGO_URL NATTER_REDIS_URL
+  export NATTER_STREAM="LOAD$run" NATTER_SUBJECT_PREFIX="load$run" NATTER_MONGO_DB="load$run" NATTER_REDIS_PREFIX="load$run:"
+  for s in nats redis mongo; do service_pids+=("$s=$(cat "target/services/$s.pid")"); done
+else
+  data=$(mktemp -d "${TMPDIR:-/tmp}/natter-load-XXXXXX")
+  export NATTER_DATA_DIR=$data NATTER_SYNC=${NATTER_SYNC:-always}
+fi
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [[ -n $data ]]; then rm -rf "$data"; fi
+}
+trap cleanup EXIT
+
+urls=()
+for i in $(seq 1 "$count"); do
+  port=$((5100 + i))
+  NATTER_HOST=127.0.0.1 NATTER_PORT=$port target/release/natter >"target/load-node$i.log" 2>&1 &
+  pids+=("$!")
+  urls+=("http://127.0.0.1:$port")
+done
+for u in "${urls[@]}"; do
+  for _ in $(seq 1 300); do
+    curl -sf "$u/readyz" >/dev/null && break
+    sleep 0.1
+  done
+done
+pid_args=()
+for p in "${pids[@]}"; do pid_args+=("natter=$p"); done
+pid_args+=("${service_pids[@]}")
+NODE_PATH=tests/client/node_modules node benches/load/load.js \
+  --nodes "$(IFS=,; echo "${urls[*]}")" --pids "$(IFS=,; echo "${pid_args[*]}")" "$@"
