@@ -2,6 +2,7 @@
 # benches/load/run.sh — measure natter under load on this machine.
 #
 #   benches/load/run.sh [--embedded] [NODES] [-- load.js options]
+#   NATTER_BIN=path/to/natter benches/load/run.sh …   # another build
 #
 # Builds natter (release), starts the services (scripts/services.sh) unless
 # --embedded, starts NODES natter nodes (default 2; one when embedded) on
@@ -19,7 +20,9 @@ count=${1:-2}
 shift || true
 [[ ${1:-} == -- ]] && shift
 
-cargo build --release --locked --quiet
+# NATTER_BIN: measure that binary instead (e.g. an older build to compare).
+bin=${NATTER_BIN:-target/release/natter}
+if [[ -z ${NATTER_BIN:-} ]]; then cargo build --release --locked --quiet; fi
 (cd tests/client && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 
 run=$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')
@@ -49,7 +52,7 @@ trap cleanup EXIT
 urls=()
 for i in $(seq 1 "$count"); do
   port=$((5100 + i))
-  NATTER_HOST=127.0.0.1 NATTER_PORT=$port target/release/natter >"target/load-node$i.log" 2>&1 &
+  NATTER_HOST=127.0.0.1 NATTER_PORT=$port "$bin" >"target/load-node$i.log" 2>&1 &
   pids+=("$!")
   urls+=("http://127.0.0.1:$port")
 done

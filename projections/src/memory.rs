@@ -123,6 +123,11 @@ impl ViewStore for MemoryViews {
         Ok(self.lock().users.get(id).cloned())
     }
 
+    async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<UserView>, StoreError> {
+        let v = self.lock();
+        Ok(ids.iter().filter_map(|id| v.users.get(id).cloned()).collect())
+    }
+
     async fn user_by_email(&self, email: &str) -> Result<Option<UserView>, StoreError> {
         let v = self.lock();
         Ok(v.emails.get(email).and_then(|id| v.users.get(id)).cloned())

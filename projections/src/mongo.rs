@@ -241,6 +241,14 @@ impl ViewStore for MongoViews {
         self.users.find_one(doc! {"_id": id}).await.map_err(unavailable)
     }
 
+    async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<UserView>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cursor = self.users.find(doc! {"_id": {"$in": ids}}).await.map_err(unavailable)?;
+        cursor.try_collect().await.map_err(unavailable)
+    }
+
     async fn user_by_email(&self, email: &str) -> Result<Option<UserView>, StoreError> {
         self.users.find_one(doc! {"email": email}).await.map_err(unavailable)
     }

@@ -103,6 +103,9 @@ impl<T: ViewStore + 'static> ViewStore for Switch<T> {
     async fn user(&self, id: &str) -> Result<Option<UserView>, StoreError> {
         self.active().user(id).await
     }
+    async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<UserView>, StoreError> {
+        self.active().users_by_ids(ids).await
+    }
     async fn user_by_email(&self, email: &str) -> Result<Option<UserView>, StoreError> {
         self.active().user_by_email(email).await
     }

@@ -176,6 +176,8 @@ pub trait ViewStore: Send + Sync {
     async fn check(&self) -> Result<(), StoreError>;
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError>;
     async fn user(&self, id: &str) -> Result<Option<UserView>, StoreError>;
+    /// The users among `ids` that exist, in one read (any order).
+    async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<UserView>, StoreError>;
     async fn user_by_email(&self, email: &str) -> Result<Option<UserView>, StoreError>;
     /// Users other than `except`, ordered by id, after the cursor `after`.
     async fn users(&self, except: &str, after: Option<&str>, limit: u32) -> Result<Vec<UserView>, StoreError>;

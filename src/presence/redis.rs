@@ -2,9 +2,15 @@
 //!
 //! `<prefix>pres:<roomId>` is a hash `<userId>|<connection>` → expiry (ms);
 //! `<prefix>pres-rooms` is the set of rooms with entries. Each node
-//! refreshes the expiry of its own live connections every TTL/3 (Redis only,
-//! no database write) and sweeps expired entries every TTL/2, so
-//! a crashed node's users are gone, and announced as left, within 1.5 × TTL.
+//! refreshes the expiry of its own live connections every TTL/3 (one script
+//! call per thousand connections; Redis only, no database write), and one
+//! node per TTL/2 (whichever takes `<prefix>pres-sweep` first) sweeps expired
+//! entries, so a crashed node's users are gone, and announced as left,
+//! within 1.5 × TTL. `<prefix>pres-alive:<node>` marks a node's entries as
+//! there: when Redis loses them (FLUSHALL, a restart without persistence),
+//! the node's next heartbeat enters its live connections again, so presence
+//! re-forms within TTL/3 (a connection that exits during that heartbeat may
+//! linger until the next sweep).
 //!
 //! Entering and leaving are Lua scripts that also say whether this was the
 //! user's first live connection in the room (announce `user-joined`) or the
@@ -44,12 +50,26 @@ end
 return 1
 "#;
 
-/// Refreshes an entry's expiry only if it still exists (a heartbeat must
-/// not resurrect an entry that exit or a sweep removed).
-const REFRESH: &str = r#"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+/// Refreshes the expiry of a batch of a node's entries (`KEYS[i+1]` the
+/// room hash of entry i, `ARGV[2i+1]` its field, `ARGV[2i+2]` its room id;
+/// `KEYS[1]` the rooms set, `ARGV[1]` the expiry). Only entries that still
+/// exist (a heartbeat must not resurrect an entry that exit or a sweep
+/// removed) — unless `ARGV[2]` is `reform`: Redis lost its data, and the
+/// node's live connections are entered again.
+const HEARTBEAT: &str = r#"
+local reform = ARGV[2] == 'reform'
+for i = 2, #KEYS do
+  local field, room = ARGV[2 * i - 1], ARGV[2 * i]
+  if reform or redis.call('HEXISTS', KEYS[i], field) == 1 then
+    redis.call('HSET', KEYS[i], field, ARGV[1])
+    if reform then redis.call('SADD', KEYS[1], room) end
+  end
+end
 return 0
 "#;
+
+/// Entries refreshed per script call.
+const HEARTBEAT_BATCH: usize = 1000;
 
 const SWEEP: &str = r#"
 local all = redis.call('HGETALL', KEYS[1])
@@ -82,8 +102,9 @@ pub struct RedisPresence {
     local: Mutex<HashMap<(String, String), String>>,
     enter: Script,
     exit: Script,
-    refresh: Script,
+    heartbeat: Script,
     sweep: Script,
+    node: String,
 }
 
 impl RedisPresence {
@@ -95,8 +116,9 @@ impl RedisPresence {
             local: Mutex::new(HashMap::new()),
             enter: Script::new(ENTER),
             exit: Script::new(EXIT),
-            refresh: Script::new(REFRESH),
+            heartbeat: Script::new(HEARTBEAT),
             sweep: Script::new(SWEEP),
+            node: uuid::Uuid::new_v4().simple().to_string(),
         }
     }
 
@@ -106,6 +128,18 @@ impl RedisPresence {
 
     fn rooms_key(&self) -> String {
         format!("{}pres-rooms", self.prefix)
+    }
+
+    /// This node's mark that Redis holds its presence entries: gone after a
+    /// FLUSHALL or a restart without persistence (and three TTLs after the
+    /// node stops heartbeating).
+    fn alive_key(&self) -> String {
+        format!("{}pres-alive:{}", self.prefix, self.node)
+    }
+
+    /// Held by the node sweeping this interval.
+    fn sweep_key(&self) -> String {
+        format!("{}pres-sweep", self.prefix)
     }
 
     fn expiry(&self) -> u64 {
@@ -160,7 +194,9 @@ impl Presence for RedisPresence {
         Ok(users.into_iter().collect())
     }
 
-    /// Refreshes the expiry of this node's connections (one round trip).
+    /// Refreshes the expiry of this node's connections: one script call per
+    /// thousand connections. When Redis has lost the presence data, enters
+    /// them all again, so presence re-forms within one heartbeat.
     async fn heartbeat(&self) -> anyhow::Result<()> {
         let entries: Vec<((String, String), String)> =
             self.local.lock().expect("presence lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -169,16 +205,35 @@ impl Presence for RedisPresence {
         }
         let expiry = self.expiry();
         let mut r = self.redis.clone();
-        for ((room, conn), user) in &entries {
-            let _: i64 = self.refresh.key(self.key(room)).arg(format!("{user}|{conn}")).arg(expiry).invoke_async(&mut r).await?;
+        let alive: bool = redis::cmd("EXISTS").arg(self.alive_key()).query_async(&mut r).await?;
+        if !alive {
+            tracing::warn!(connections = entries.len(), "presence data missing in Redis (flushed or restarted?); entering this node's connections again");
         }
+        for batch in entries.chunks(HEARTBEAT_BATCH) {
+            let mut call = self.heartbeat.key(self.rooms_key());
+            call.arg(expiry).arg(if alive { "refresh" } else { "reform" });
+            for ((room, conn), user) in batch {
+                call.key(self.key(room)).arg(format!("{user}|{conn}")).arg(room);
+            }
+            let _: i64 = call.invoke_async(&mut r).await?;
+        }
+        let mark_for = (self.ttl * 3).as_millis() as u64;
+        let _: () = redis::cmd("SET").arg(self.alive_key()).arg(1).arg("PX").arg(mark_for).query_async(&mut r).await?;
         Ok(())
     }
 
     /// Removes expired connections everywhere; returns (room, user) for each
     /// user this call found gone from a room.
+    /// One node sweeps per interval (a lock that lapses before the next),
+    /// so the work does not grow with the number of nodes.
     async fn sweep(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut r = self.redis.clone();
+        let lease = (self.ttl / 2).saturating_sub(Duration::from_millis(50)).max(Duration::from_millis(100));
+        let mine: Option<String> =
+            redis::cmd("SET").arg(self.sweep_key()).arg(&self.node).arg("NX").arg("PX").arg(lease.as_millis() as u64).query_async(&mut r).await?;
+        if mine.is_none() {
+            return Ok(Vec::new());
+        }
         let rooms: Vec<String> = redis::cmd("SMEMBERS").arg(self.rooms_key()).query_async(&mut r).await?;
         let mut gone = Vec::new();
         for room in rooms {

@@ -2,8 +2,8 @@
 //! present, and the node-wide loop that keeps this node's presence alive
 //! and announces users whose node went away.
 //!
-//! A change costs one `room-users` list to everyone present plus the
-//! delta (`user-joined` / `user-left`).
+//! A change costs O(present): the socket that enters gets the whole list
+//! (`room-users`), everyone else one delta (`user-joined` / `user-left`).
 
 use std::sync::Arc;
 
@@ -24,9 +24,21 @@ async fn user_json(node: &AppState, user: &str) -> Value {
     json!({ "_id": user, "name": name })
 }
 
-/// Tells everyone present in `room` who is there now, after `change`
-/// (`user-joined` / `user-left` of `who`) if any.
-pub(crate) async fn announce(node: &AppState, room: &str, change: Option<(&str, &str)>) {
+/// Sends `payload` to every user in `to` (each user's sockets that entered
+/// the room).
+async fn signal_all(node: &AppState, room: &str, to: &[String], payload: &Payload) {
+    for u in to {
+        if let Err(e) = node.push.signal(u, payload).await {
+            tracing::warn!(%room, user = %u, error = %e, "presence signal not sent");
+        }
+    }
+}
+
+/// `who`'s socket `s` entered `room`: it gets the whole present list
+/// (`room-users`, names resolved in one read); when this was `who`'s first
+/// connection there (`first`), everyone else present gets one
+/// `user-joined`. O(present) in all.
+pub(crate) async fn announce_joined(node: &AppState, room: &str, who: &str, first: bool, s: &SocketRef) {
     let present = match node.presence.users(room).await {
         Ok(p) => p,
         Err(e) => {
@@ -34,29 +46,39 @@ pub(crate) async fn announce(node: &AppState, room: &str, change: Option<(&str, 
             return;
         }
     };
-    let mut users = Vec::with_capacity(present.len());
-    for u in &present {
-        users.push(user_json(node, u).await);
+    let named = node.views().users_by_ids(&present).await.unwrap_or_else(|e| {
+        tracing::warn!(%room, error = %e, "user names unavailable; room-users without names");
+        Vec::new()
+    });
+    let name = |id: &str| named.iter().find(|u| u.id == id).map(|u| u.name.clone());
+    let users: Vec<Value> = present.iter().map(|u| json!({ "_id": u, "name": name(u) })).collect();
+    let _ = s.emit("room-users", &json!({ "roomId": room, "users": users }));
+    if first {
+        let delta = Payload { event: "user-joined".into(), data: json!({ "roomId": room, "user": { "_id": who, "name": name(who) } }) };
+        let others: Vec<String> = present.into_iter().filter(|u| u != who).collect();
+        signal_all(node, room, &others, &delta).await;
     }
-    let mut payloads = Vec::new();
-    if let Some((event, who)) = change {
-        payloads.push(Payload { event: event.into(), data: json!({ "roomId": room, "user": user_json(node, who).await }) });
-    }
-    payloads.push(Payload { event: "room-users".into(), data: json!({ "roomId": room, "users": users }) });
-    for u in &present {
-        for p in &payloads {
-            if let Err(e) = node.push.signal(u, p).await {
-                tracing::warn!(%room, user = %u, error = %e, "presence signal not sent");
-            }
+}
+
+/// `who` is no longer in `room`: everyone still present gets one
+/// `user-left`.
+pub(crate) async fn announce_left(node: &AppState, room: &str, who: &str) {
+    let present = match node.presence.users(room).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%room, error = %e, "presence unavailable; user-left not announced");
+            return;
         }
-    }
+    };
+    let delta = Payload { event: "user-left".into(), data: json!({ "roomId": room, "user": user_json(node, who).await }) };
+    signal_all(node, room, &present, &delta).await;
 }
 
 /// Takes socket `s` of `me` out of `room`'s presence, announcing it when
 /// it was `me`'s last connection there.
 pub(crate) async fn exit_room(node: &AppState, s: &SocketRef, me: &str, room: &str) {
     match node.presence.exit(room, me, &connection(node, s)).await {
-        Ok(true) => announce(node, room, Some(("user-left", me))).await,
+        Ok(true) => announce_left(node, room, me).await,
         Ok(false) => {}
         Err(e) => tracing::warn!(%room, error = %e, "presence exit failed; the entry expires with its TTL"),
     }
@@ -80,7 +102,7 @@ pub async fn presence_loop(node: Arc<AppState>, mut shutdown: watch::Receiver<bo
                 Ok(gone) => {
                     for (room, user) in gone {
                         tracing::info!(%room, %user, "presence expired (node gone?); announcing user-left");
-                        announce(&node, &room, Some(("user-left", &user))).await;
+                        announce_left(&node, &room, &user).await;
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "presence sweep failed"),

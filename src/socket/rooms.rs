@@ -15,9 +15,9 @@
 //! - `message`: a room message (with `cursor`), for every room the user is
 //!   a member of; `member-joined` / `member-left` `{roomId, userId, cursor}`.
 //!   These come in log order: every member sees them in the same order.
-//! - `room-users` `{roomId, users: [{_id, name}]}`, `user-joined` /
-//!   `user-left` `{roomId, user: {_id, name}}`: presence, for the rooms this
-//!   socket entered.
+//! - `room-users` `{roomId, users: [{_id, name}]}` to a socket when it
+//!   enters a room, then `user-joined` / `user-left` `{roomId, user: {_id,
+//!   name}}` deltas: presence, for the rooms this socket entered.
 //! - `synced`, `resync`, `error` as on `/`.
 
 use std::collections::HashSet;
@@ -29,7 +29,7 @@ use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
 
 use super::handshake::{SocketUser, StartCursor};
-use super::presence::{announce, connection, exit_room};
+use super::presence::{announce_joined, connection, exit_room};
 use super::session::{Filter, error, on_sync, open, release};
 use crate::commands::CommandError;
 use crate::commands::rooms::SendRoomMessage;
@@ -105,7 +105,7 @@ async fn on_join(
                 exit_room(&node, &s, &me, &room).await;
                 return;
             }
-            announce(&node, &room, first.then_some(("user-joined", me.as_str()))).await;
+            announce_joined(&node, &room, &me, first, &s).await;
         }
         Err(e) => {
             tracing::warn!(%room, error = %e, "presence unavailable on join-room");

@@ -1,6 +1,6 @@
 //! Study rooms over REST and `/chat`, with presence across nodes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use reqwest::Method;
@@ -8,6 +8,21 @@ use serde_json::{Value, json};
 
 use crate::client::Driver;
 use crate::helpers::{Cluster, User, eventually};
+
+/// Folds a presence event into a socket's view of who is present.
+fn apply_presence(present: &mut BTreeSet<String>, e: &Value) {
+    let id = |u: &Value| u["_id"].as_str().unwrap().to_owned();
+    match e["event"].as_str().unwrap() {
+        "room-users" => *present = e["data"]["users"].as_array().unwrap().iter().map(id).collect(),
+        "user-joined" => {
+            present.insert(id(&e["data"]["user"]));
+        }
+        "user-left" => {
+            present.remove(&id(&e["data"]["user"]));
+        }
+        other => panic!("not a presence event: {other}"),
+    }
+}
 
 async fn create_room(c: &Cluster, node: usize, owner: &User, name: &str) -> String {
     let r = c.request(node, Method::POST, "/api/rooms", Some(&owner.token), Some(json!({ "name": name }))).await;
@@ -138,21 +153,15 @@ async fn three_nodes_agree_on_presence_and_on_the_order_of_joins_leaves_and_mess
         let ack = d.emit_ack(&s, "join-room", json!(room)).await;
         assert_eq!(ack["success"], json!(true), "{ack}");
     }
-    // Everyone's latest room-users lists all three, on every node.
-    let everyone: Vec<Value> = {
-        let mut ids: Vec<Value> = users.iter().map(|u| json!(u.id)).collect();
-        ids.sort_by_key(|v| v.as_str().unwrap().to_owned());
-        ids
-    };
+    // On every node, each socket's presence (the list it got on entering,
+    // then the deltas) comes to all three.
+    let everyone: BTreeSet<String> = users.iter().map(|u| u.id.clone()).collect();
     for i in 0..3 {
         let s = format!("s{i}");
-        loop {
-            let e = d.next(&s, |e| e["event"] == "room-users", "room-users").await;
-            let mut ids: Vec<Value> = e["data"]["users"].as_array().unwrap().iter().map(|u| u["_id"].clone()).collect();
-            ids.sort_by_key(|v| v.as_str().unwrap().to_owned());
-            if ids == everyone {
-                break;
-            }
+        let mut present = BTreeSet::new();
+        while present != everyone {
+            let e = d.next(&s, |e| ["room-users", "user-joined", "user-left"].contains(&e["event"].as_str().unwrap_or("")), "presence").await;
+            apply_presence(&mut present, &e);
         }
     }
     // Joins (membership over REST), leaves and messages from all nodes.
@@ -305,4 +314,87 @@ async fn a_stopping_node_ends_its_sockets_presence_and_clients_reconnect() {
     let users = format!("/api/rooms/{room}/users");
     assert_eq!(c.request(0, Method::GET, &users, Some(&amy.token), None).await.ok()["count"], json!(1));
     c.stop().await;
+}
+
+crate::contract!(presence_costs_one_delta_per_present_user, 2, presence_costs_one_delta_per_present_user);
+
+/// The socket that enters a room gets the whole list; everyone already
+/// there gets one delta, never the list again (O(N) per change, not O(N²)).
+async fn presence_costs_one_delta_per_present_user(c: &Cluster) {
+    let users = [c.register(0, "Amy").await, c.register(1, "Bob").await, c.register(0, "Carol").await];
+    let room = create_room(&c, 0, &users[0], "Delta").await;
+    let mut d = Driver::start().await;
+    for (i, u) in users.iter().enumerate() {
+        let s = format!("s{i}");
+        d.connected(&s, &c.chat_url(i), json!({ "token": u.token })).await;
+        d.next(&s, |e| e["event"] == "synced", "synced").await;
+        d.emit_ack(&s, "join-room", json!(room)).await;
+        let list = d.next(&s, |e| e["event"] == "room-users", "room-users on entering").await;
+        let ids: BTreeSet<&str> = list["data"]["users"].as_array().unwrap().iter().map(|u| u["_id"].as_str().unwrap()).collect();
+        let expected: BTreeSet<&str> = users[..=i].iter().map(|u| u.id.as_str()).collect();
+        assert_eq!(ids, expected, "{s} gets everyone present when it enters");
+        assert!(list["data"]["users"].as_array().unwrap().iter().all(|u| u["name"].is_string()), "with names: {list}");
+    }
+    for (i, who) in [(0, &users[1]), (0, &users[2]), (1, &users[2])] {
+        let s = format!("s{i}");
+        let e = d.next(&s, |e| e["event"] == "user-joined", "user-joined").await;
+        assert_eq!(e["data"]["user"]["_id"], json!(who.id), "{s}");
+    }
+    d.emit_ack("s2", "leave-room", json!(room)).await;
+    for s in ["s0", "s1"] {
+        let e = d.next(s, |e| e["event"] == "user-left", "user-left").await;
+        assert_eq!(e["data"]["user"]["_id"], json!(users[2].id));
+    }
+    for s in ["s0", "s1", "s2"] {
+        let rest = d.quiet(s, Duration::from_millis(500)).await;
+        let presence: Vec<&Value> = rest.iter().filter(|e| ["room-users", "user-joined", "user-left"].contains(&e["event"].as_str().unwrap_or(""))).collect();
+        assert!(presence.is_empty(), "{s}: one delta per change, no list: {presence:?}");
+    }
+}
+
+/// Redis losing its data (FLUSHALL) loses presence with it; the nodes'
+/// next heartbeats enter their live connections again.
+#[tokio::test]
+async fn presence_re_forms_after_redis_loses_its_data() {
+    let dir = Cluster::data_dir(&format!("redis-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis_server = tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server on PATH (scripts/services.sh installs it)");
+    let url = format!("redis://127.0.0.1:{port}");
+    let client = redis::Client::open(url.clone()).unwrap();
+    eventually("redis to answer", || async { client.get_multiplexed_async_connection().await.is_ok() }).await;
+    let c = Cluster::start_with(2, |cfg| {
+        cfg.distributed.redis_url = Some(url.clone());
+        cfg.push.presence_ttl = Duration::from_millis(1500);
+    })
+    .await;
+    let (amy, bob) = (c.register(0, "Amy").await, c.register(1, "Bob").await);
+    let room = create_room(&c, 0, &amy, "Flush").await;
+    c.request(1, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await.ok();
+    let mut d = Driver::start().await;
+    for (s, u, node) in [("amy", &amy, 0), ("bob", &bob, 1)] {
+        d.connected(s, &c.chat_url(node), json!({ "token": u.token })).await;
+        d.emit_ack(s, "join-room", json!(room)).await;
+    }
+    let users = format!("/api/rooms/{room}/users");
+    let count = || async { c.request(0, Method::GET, &users, Some(&amy.token), None).await.body["count"].clone() };
+    eventually("both present", || async { count().await == json!(2) }).await;
+
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await.unwrap();
+    eventually("presence to re-form", || async { count().await == json!(2) }).await;
+    // Re-forming is silent: nobody left, so nobody is announced as leaving.
+    let seen = d.quiet("amy", Duration::from_millis(500)).await;
+    assert!(!seen.iter().any(|e| e["event"] == "user-left"), "{seen:?}");
+    c.stop().await;
+    redis_server.start_kill().unwrap();
+    let _ = redis_server.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
