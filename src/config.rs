@@ -222,6 +222,9 @@ section! {
     Push, PushArgs, "Real time" {
         /// How long per-user push deliveries are kept for resume, in seconds.
         retention: Duration = Duration::from_secs(7 * 24 * 3600), "push-retention-secs", "NATTER_PUSH_RETENTION_SECS", secs;
+        /// Distributed: most bytes the inbox of deliveries kept for resume may
+        /// hold; the oldest go first (their cursors get `resync`).
+        max_bytes: u64 = 1 << 30, "push-max-bytes", "NATTER_PUSH_MAX_BYTES";
         /// Presence time-to-live in milliseconds: a crashed node's users leave
         /// their rooms within 1.5 × this.
         presence_ttl: Duration = Duration::from_secs(30), "presence-ttl-ms", "NATTER_PRESENCE_TTL_MS", millis;
@@ -355,6 +358,9 @@ impl Config {
         }
         if self.limits.socket_queue == 0 || self.push.retention.is_zero() {
             bail!("socket queue and push retention must be positive");
+        }
+        if self.push.max_bytes < 64 * 1024 {
+            bail!("the push inbox needs at least 65536 bytes (NATTER_PUSH_MAX_BYTES)");
         }
         let l = &self.limits;
         if l.max_message_chars == 0 || l.max_attachment_chars == 0 || l.max_body_bytes < 1024 {

@@ -11,6 +11,14 @@ use futures::stream::BoxStream;
 
 use super::{Delivery, Payload, PushBus, Pushed, Replay, inbox_stream, inbox_subject, push_subject, signal_subject};
 
+/// How much the inbox keeps for resume: deliveries older than `retention`
+/// or beyond `max_bytes` (oldest first) go, and their cursors get `resync`.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub retention: Duration,
+    pub max_bytes: u64,
+}
+
 /// Deliveries published before their acks are awaited. Well under the
 /// JetStream context's limit of pending acks (5,000 by default).
 const PUBLISH_WINDOW: usize = 512;
@@ -31,14 +39,8 @@ impl NatsPush {
     /// subjects). Deliveries are published through a JetStream context of
     /// their own: a large fan-out never takes pending-ack slots from the
     /// log's appends.
-    pub async fn connect(
-        client: async_nats::Client,
-        js: jetstream::Context,
-        stream_name: &str,
-        prefix: &str,
-        retention: Duration,
-    ) -> anyhow::Result<NatsPush> {
-        Self::connect_from(client, js, stream_name, prefix, retention, None).await
+    pub async fn connect(client: async_nats::Client, js: jetstream::Context, stream_name: &str, prefix: &str, bounds: Bounds) -> anyhow::Result<NatsPush> {
+        Self::connect_from(client, js, stream_name, prefix, bounds, None).await
     }
 
     /// As [`NatsPush::connect`]; a stream created now numbers its first
@@ -49,15 +51,19 @@ impl NatsPush {
         js: jetstream::Context,
         stream_name: &str,
         prefix: &str,
-        retention: Duration,
+        bounds: Bounds,
         first: Option<u64>,
     ) -> anyhow::Result<NatsPush> {
+        let Bounds { retention, max_bytes } = bounds;
         let inbox = inbox_stream(stream_name);
-        js.get_or_create_stream(stream::Config {
+        let mut created = js
+            .get_or_create_stream(stream::Config {
             name: inbox.clone(),
             subjects: vec![format!("{prefix}.inbox.user.*")],
             storage: stream::StorageType::File,
             max_age: retention,
+            max_bytes: max_bytes as i64,
+            discard: stream::DiscardPolicy::Old,
             duplicate_window: Duration::from_secs(120).min(retention),
             allow_direct: true,
             first_sequence: first,
@@ -70,6 +76,13 @@ impl NatsPush {
         })
         .await
         .with_context(|| format!("creating the push inbox stream {inbox}"))?;
+        // An inbox made with other bounds takes the configured ones.
+        let config = created.info().await.with_context(|| format!("reading the push inbox stream {inbox}"))?.config.clone();
+        if config.max_age != retention || config.max_bytes != max_bytes as i64 {
+            js.update_stream(stream::Config { max_age: retention, max_bytes: max_bytes as i64, ..config })
+                .await
+                .with_context(|| format!("setting the bounds of the push inbox stream {inbox}"))?;
+        }
         let js = jetstream::new(client.clone());
         Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox })
     }

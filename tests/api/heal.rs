@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{Cluster, eventually};
+use crate::helpers::{Cluster, PrivateRedis, eventually};
 
 /// A Redis database of its own, so flushing it touches no other test.
 const DB: u32 = 7;
@@ -97,29 +97,8 @@ async fn a_redis_wipe_during_traffic_never_shows_a_wrong_count_and_heals() {
 /// so after the restart it is withdrawn and the counts are rebuilt, exactly.
 #[tokio::test]
 async fn a_redis_restart_from_an_older_snapshot_rebuilds_exact_counts() {
-    let dir = Cluster::data_dir(&format!("redis-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let spawn_redis = || {
-        tokio::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server on PATH (scripts/services.sh installs it)")
-    };
-    let url = format!("redis://127.0.0.1:{port}");
-    let client = redis::Client::open(url.clone()).unwrap();
-    let answers = || async {
-        match client.get_multiplexed_async_connection().await {
-            Ok(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok(),
-            Err(_) => false,
-        }
-    };
-    let mut redis_server = spawn_redis();
-    eventually("redis to answer", answers).await;
+    let mut redis = PrivateRedis::start().await;
+    let (url, client) = (redis.url.clone(), redis.client());
     let c = Cluster::start_with(1, |cfg| cfg.distributed.redis_url = Some(url.clone())).await;
     let (amy, bob) = (c.register(0, "Amy").await, c.register(0, "Bob").await);
     for i in 0..5 {
@@ -134,17 +113,12 @@ async fn a_redis_restart_from_an_older_snapshot_rebuilds_exact_counts() {
     }
     eventually("10 unseen", || async { c.unseen_from(0, &bob, &amy).await == 10 }).await;
 
-    redis_server.start_kill().unwrap();
-    let _ = redis_server.wait().await;
-    let mut redis_server = spawn_redis();
-    eventually("redis to answer again", answers).await;
+    redis.restart().await;
     eventually("the counts to be rebuilt to the exact value", || async {
         let r = c.request(0, Method::GET, "/api/users", Some(&bob.token), None).await;
         r.status.is_success() && r.body["unseenMessages"][&amy.id] == json!(10)
     })
     .await;
     c.stop().await;
-    redis_server.start_kill().unwrap();
-    let _ = redis_server.wait().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    redis.stop().await;
 }

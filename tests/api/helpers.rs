@@ -407,3 +407,66 @@ impl Cluster {
         let _ = log.jetstream().delete_stream(format!("{}_FANOUT", self.cfg.distributed.stream)).await;
     }
 }
+
+/// A `redis-server` of a test's own (one it may FLUSHALL or restart
+/// without disturbing the tests sharing the suite's Redis), on a free port,
+/// with its files under the target directory. Killed when dropped.
+pub struct PrivateRedis {
+    pub url: String,
+    port: u16,
+    dir: std::path::PathBuf,
+    child: tokio::process::Child,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let dir = Cluster::data_dir(&format!("redis-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Self::spawn(port, &dir);
+        let redis = PrivateRedis { url: format!("redis://127.0.0.1:{port}"), port, dir, child };
+        redis.wait_until_up().await;
+        redis
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> tokio::process::Child {
+        tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server on PATH (scripts/services.sh installs it)")
+    }
+
+    async fn wait_until_up(&self) {
+        let client = self.client();
+        eventually("the private redis to answer", || async {
+            match client.get_multiplexed_async_connection().await {
+                Ok(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url.clone()).unwrap()
+    }
+
+    /// Kills the server and starts it again on the same port and directory
+    /// (it loads the snapshot saved there, if any).
+    pub async fn restart(&mut self) {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+        self.child = Self::spawn(self.port, &self.dir);
+        self.wait_until_up().await;
+    }
+
+    pub async fn stop(mut self) {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -210,6 +210,40 @@ async fn a_cursor_older_than_retention_gets_a_resync() {
     c.stop().await;
 }
 
+/// The inbox is bounded by size as well as age: past NATTER_PUSH_MAX_BYTES
+/// the oldest deliveries go, a cursor among them gets `resync`, and a
+/// recent cursor still resumes with exactly what it missed.
+#[tokio::test]
+async fn the_inbox_is_bounded_by_size_and_older_cursors_get_a_resync() {
+    let c = Cluster::start_with(1, |cfg| {
+        cfg.push.max_bytes = 64 * 1024;
+        cfg.limits.max_message_chars = 2000;
+    })
+    .await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let text = "x".repeat(1500);
+    for i in 0..80 {
+        c.send(0, &amy, &bob, &format!("{i:02}{text}"), None).await.ok();
+    }
+    let inbox = c.nats().jetstream().get_stream(format!("{}_INBOX", c.cfg.distributed.stream)).await.unwrap();
+    eventually("all 160 deliveries made", || async { inbox.get_info().await.unwrap().state.last_sequence == 160 }).await;
+    let state = inbox.get_info().await.unwrap().state;
+    assert!(state.bytes <= 64 * 1024, "the inbox holds {} bytes", state.bytes);
+    assert!(state.first_sequence > 1, "the oldest deliveries are gone");
+    let mut d = Driver::start().await;
+    d.connected("old", &c.socket_url(0), json!({ "token": bob.token, "cursor": 1 })).await;
+    d.next("old", |e| e["event"] == "resync", "resync for a cursor the inbox no longer holds").await;
+    // Bob's last three deliveries are still there: resuming before them gets them.
+    let recent = state.last_sequence - 6;
+    d.connected("recent", &c.socket_url(0), json!({ "token": bob.token, "cursor": recent })).await;
+    let got = d.events("recent", "newMessage", 3).await;
+    let texts: Vec<String> = got.iter().map(|m| m["message"].as_str().unwrap()[..2].to_owned()).collect();
+    assert_eq!(texts, ["77", "78", "79"]);
+    d.next("recent", |e| e["event"] == "synced", "synced").await;
+    c.stop().await;
+}
+
 crate::contract!(deliveries_of_a_conversation_arrive_in_sequence_order, 3, deliveries_of_a_conversation_arrive_in_sequence_order);
 
 async fn deliveries_of_a_conversation_arrive_in_sequence_order(c: &Cluster) {

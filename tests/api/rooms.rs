@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::Driver;
-use crate::helpers::{Cluster, User, eventually};
+use crate::helpers::{Cluster, PrivateRedis, User, eventually};
 
 /// Folds a presence event into a socket's view of who is present.
 fn apply_presence(present: &mut BTreeSet<String>, e: &Value) {
@@ -356,20 +356,8 @@ async fn presence_costs_one_delta_per_present_user(c: &Cluster) {
 /// next heartbeats enter their live connections again.
 #[tokio::test]
 async fn presence_re_forms_after_redis_loses_its_data() {
-    let dir = Cluster::data_dir(&format!("redis-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut redis_server = tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server on PATH (scripts/services.sh installs it)");
-    let url = format!("redis://127.0.0.1:{port}");
-    let client = redis::Client::open(url.clone()).unwrap();
-    eventually("redis to answer", || async { client.get_multiplexed_async_connection().await.is_ok() }).await;
+    let redis = PrivateRedis::start().await;
+    let url = redis.url.clone();
     let c = Cluster::start_with(2, |cfg| {
         cfg.distributed.redis_url = Some(url.clone());
         cfg.push.presence_ttl = Duration::from_millis(1500);
@@ -387,14 +375,12 @@ async fn presence_re_forms_after_redis_loses_its_data() {
     let count = || async { c.request(0, Method::GET, &users, Some(&amy.token), None).await.body["count"].clone() };
     eventually("both present", || async { count().await == json!(2) }).await;
 
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis.client().get_multiplexed_async_connection().await.unwrap();
     redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await.unwrap();
     eventually("presence to re-form", || async { count().await == json!(2) }).await;
     // Re-forming is silent: nobody left, so nobody is announced as leaving.
     let seen = d.quiet("amy", Duration::from_millis(500)).await;
     assert!(!seen.iter().any(|e| e["event"] == "user-left"), "{seen:?}");
     c.stop().await;
-    redis_server.start_kill().unwrap();
-    let _ = redis_server.wait().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    redis.stop().await;
 }
