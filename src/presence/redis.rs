@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -50,22 +51,30 @@ end
 return 1
 "#;
 
-/// Refreshes the expiry of a batch of a node's entries (`KEYS[i+1]` the
-/// room hash of entry i, `ARGV[2i+1]` its field, `ARGV[2i+2]` its room id;
-/// `KEYS[1]` the rooms set, `ARGV[1]` the expiry). Only entries that still
-/// exist (a heartbeat must not resurrect an entry that exit or a sweep
-/// removed) — unless `ARGV[2]` is `reform`: Redis lost its data, and the
-/// node's live connections are entered again.
+/// Refreshes the expiry of a batch of a node's entries: `KEYS[1]` the rooms
+/// set, `KEYS[2]` the node's mark, then entry j's room hash `KEYS[2+j]`,
+/// field `ARGV[2+2j]` and room id `ARGV[3+2j]`; `ARGV[1]` the expiry,
+/// `ARGV[3]` how long the mark lives (ms). Only entries that still exist are
+/// refreshed (a heartbeat must not resurrect an entry that exit or a sweep
+/// removed) — unless the mode `ARGV[2]` is `reform`, or `auto` and the mark
+/// is gone: Redis lost the node's entries, and they are entered again. The
+/// check and the mark are one step, so a flush cannot fall between them.
+/// Returns the mode used.
 const HEARTBEAT: &str = r#"
-local reform = ARGV[2] == 'reform'
-for i = 2, #KEYS do
-  local field, room = ARGV[2 * i - 1], ARGV[2 * i]
-  if reform or redis.call('HEXISTS', KEYS[i], field) == 1 then
-    redis.call('HSET', KEYS[i], field, ARGV[1])
+local mode = ARGV[2]
+if mode == 'auto' then
+  if redis.call('EXISTS', KEYS[2]) == 1 then mode = 'refresh' else mode = 'reform' end
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+local reform = mode == 'reform'
+for j = 1, #KEYS - 2 do
+  local key, field, room = KEYS[2 + j], ARGV[2 + 2 * j], ARGV[3 + 2 * j]
+  if reform or redis.call('HEXISTS', key, field) == 1 then
+    redis.call('HSET', key, field, ARGV[1])
     if reform then redis.call('SADD', KEYS[1], room) end
   end
 end
-return 0
+return mode
 "#;
 
 /// Entries refreshed per script call.
@@ -105,6 +114,8 @@ pub struct RedisPresence {
     heartbeat: Script,
     sweep: Script,
     node: String,
+    /// Whether this node has set its mark (its absence before is no loss).
+    marked: AtomicBool,
 }
 
 impl RedisPresence {
@@ -119,6 +130,7 @@ impl RedisPresence {
             heartbeat: Script::new(HEARTBEAT),
             sweep: Script::new(SWEEP),
             node: uuid::Uuid::new_v4().simple().to_string(),
+            marked: AtomicBool::new(false),
         }
     }
 
@@ -195,35 +207,31 @@ impl Presence for RedisPresence {
     }
 
     /// Refreshes the expiry of this node's connections: one script call per
-    /// thousand connections. When Redis has lost the presence data, enters
-    /// them all again, so presence re-forms within one heartbeat.
+    /// thousand connections (one call with none, to keep the node's mark).
+    /// When Redis has lost them, enters them all again, so presence
+    /// re-forms within one heartbeat.
     async fn heartbeat(&self) -> anyhow::Result<()> {
         let entries: Vec<((String, String), String)> =
             self.local.lock().expect("presence lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let expiry = self.expiry();
+        let (expiry, mark_for) = (self.expiry(), (self.ttl * 3).as_millis() as u64);
         let mut r = self.redis.clone();
-        let alive: bool = redis::cmd("EXISTS").arg(self.alive_key()).query_async(&mut r).await?;
-        if !alive {
-            tracing::warn!(connections = entries.len(), "presence data missing in Redis (flushed or restarted?); entering this node's connections again");
-        }
-        for batch in entries.chunks(HEARTBEAT_BATCH) {
+        let mut mode = "auto".to_owned();
+        for batch in entries.chunks(HEARTBEAT_BATCH).chain(entries.is_empty().then_some(&entries[..])) {
             let mut call = self.heartbeat.key(self.rooms_key());
-            call.arg(expiry).arg(if alive { "refresh" } else { "reform" });
+            call.key(self.alive_key()).arg(expiry).arg(&mode).arg(mark_for);
             for ((room, conn), user) in batch {
                 call.key(self.key(room)).arg(format!("{user}|{conn}")).arg(room);
             }
-            let _: i64 = call.invoke_async(&mut r).await?;
+            let used: String = call.invoke_async(&mut r).await?;
+            if mode == "auto" && used == "reform" && self.marked.swap(true, Ordering::Relaxed) && !entries.is_empty() {
+                tracing::warn!(connections = entries.len(), "presence data missing in Redis (flushed or restarted?); entered this node's connections again");
+            }
+            self.marked.store(true, Ordering::Relaxed);
+            mode = used;
         }
-        let mark_for = (self.ttl * 3).as_millis() as u64;
-        let _: () = redis::cmd("SET").arg(self.alive_key()).arg(1).arg("PX").arg(mark_for).query_async(&mut r).await?;
         Ok(())
     }
 
-    /// Removes expired connections everywhere; returns (room, user) for each
-    /// user this call found gone from a room.
     /// One node sweeps per interval (a lock that lapses before the next),
     /// so the work does not grow with the number of nodes.
     async fn sweep(&self) -> anyhow::Result<Vec<(String, String)>> {

@@ -26,6 +26,10 @@ use super::{Next, Parking, consumer_name, project};
 use crate::log::nats::parked_subject;
 use crate::metrics::Metrics;
 
+/// How often a projector working on one event says so (well within the
+/// shortest ack wait, 5 s).
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
 /// Why a consumer loop ended without an error.
 enum Flow {
     Stop,
@@ -161,7 +165,20 @@ impl Projector {
             },
         };
         let label = self.label();
-        let next = project(self.projection.as_ref(), &label, decoded.as_ref().map_err(Clone::clone), seq, &msg.payload, pending, self, &self.metrics).await;
+        let work = project(self.projection.as_ref(), &label, decoded.as_ref().map_err(Clone::clone), seq, &msg.payload, pending, self, &self.metrics);
+        tokio::pin!(work);
+        // A long event (a big room's fan-out) tells JetStream it is still
+        // being worked on, so the ack wait does not hand it to another node.
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.tick().await;
+        let next = loop {
+            tokio::select! {
+                next = &mut work => break next,
+                _ = progress.tick() => {
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                }
+            }
+        };
         let ack = match next {
             Next::Done => AckKind::Ack,
             Next::RetryAfter(delay) => AckKind::Nak(Some(delay)),

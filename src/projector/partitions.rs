@@ -22,7 +22,10 @@
 //! Sourcing keeps the log's order and says each event's log sequence in the
 //! `Nats-Stream-Source` header ([`origin_seq`]); an event leaves the stream
 //! once its partition acknowledged it. Account events make no deliveries
-//! and are not sourced.
+//! and are not sourced. NATS 2.15 or newer keeps a source's position across
+//! server restarts even when the feed is empty (older servers would source
+//! again from the feed's start): [`crate::log::nats::NatsLog::connect`]
+//! refuses older servers.
 
 use anyhow::Context;
 use async_nats::jetstream::{self, stream};
@@ -56,6 +59,8 @@ pub fn origin_seq(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
 
 /// Makes sure the partitioned feed of the log `stream` exists. A feed
 /// created now starts at log sequence `start` (default: the first event).
+/// Two nodes creating it at once with different starts both succeed: the
+/// first one's feed stands.
 pub async fn ensure_feed(js: &jetstream::Context, stream: &str, prefix: &str, start: Option<u64>) -> anyhow::Result<()> {
     let name = fanout_stream(stream);
     if js.get_stream(&name).await.is_ok() {
@@ -71,7 +76,8 @@ pub async fn ensure_feed(js: &jetstream::Context, stream: &str, prefix: &str, st
             format!("{prefix}.fan.{{{{partition({n},1)}}}}.member.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"),
         ),
     ];
-    js.get_or_create_stream(stream::Config {
+    let created = js
+        .get_or_create_stream(stream::Config {
         name: name.clone(),
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
@@ -83,9 +89,12 @@ pub async fn ensure_feed(js: &jetstream::Context, stream: &str, prefix: &str, st
         }]),
         ..Default::default()
     })
-    .await
-    .with_context(|| format!("creating the fan-out feed {name} (NATS 2.10 or newer is needed for subject transforms)"))?;
-    Ok(())
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(_) if js.get_stream(&name).await.is_ok() => Ok(()), // another node made it meanwhile
+        Err(e) => Err(e).with_context(|| format!("creating the fan-out feed {name}")),
+    }
 }
 
 #[cfg(test)]

@@ -19,9 +19,10 @@ pub struct Bounds {
     pub max_bytes: u64,
 }
 
-/// Deliveries published before their acks are awaited. Well under the
-/// JetStream context's limit of pending acks (5,000 by default).
-const PUBLISH_WINDOW: usize = 512;
+/// Deliveries published before their acks are awaited. Every fan-out
+/// partition of a node may be publishing a window at once, through this
+/// context, whose pending acks are limited to 5,000: 16 × 256 stays under.
+const PUBLISH_WINDOW: usize = 256;
 
 pub struct NatsPush {
     client: async_nats::Client,

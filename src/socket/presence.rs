@@ -5,6 +5,7 @@
 //! A change costs O(present): the socket that enters gets the whole list
 //! (`room-users`), everyone else one delta (`user-joined` / `user-left`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -46,17 +47,27 @@ pub(crate) async fn announce_joined(node: &AppState, room: &str, who: &str, firs
             return;
         }
     };
-    let named = node.views().users_by_ids(&present).await.unwrap_or_else(|e| {
-        tracing::warn!(%room, error = %e, "user names unavailable; room-users without names");
-        Vec::new()
-    });
-    let name = |id: &str| named.iter().find(|u| u.id == id).map(|u| u.name.clone());
-    let users: Vec<Value> = present.iter().map(|u| json!({ "_id": u, "name": name(u) })).collect();
+    let names: HashMap<String, String> = match node.views().users_by_ids(&present).await {
+        Ok(users) => users.into_iter().map(|u| (u.id, u.name)).collect(),
+        Err(e) => {
+            tracing::warn!(%room, error = %e, "user names unavailable; room-users without names");
+            HashMap::new()
+        }
+    };
+    let user = |id: &str| json!({ "_id": id, "name": names.get(id) });
+    let users: Vec<Value> = present.iter().map(|u| user(u)).collect();
     let _ = s.emit("room-users", &json!({ "roomId": room, "users": users }));
     if first {
-        let delta = Payload { event: "user-joined".into(), data: json!({ "roomId": room, "user": { "_id": who, "name": name(who) } }) };
-        let others: Vec<String> = present.into_iter().filter(|u| u != who).collect();
+        let delta = Payload { event: "user-joined".into(), data: json!({ "roomId": room, "user": user(who) }) };
+        let others: Vec<String> = present.iter().filter(|u| *u != who).cloned().collect();
         signal_all(node, room, &others, &delta).await;
+    }
+    // Someone who entered while the list was read and sent may have had
+    // their `user-joined` reach this socket before the list: tell it again.
+    if let Ok(now) = node.presence.users(room).await {
+        for late in now.iter().filter(|u| !present.contains(u)) {
+            let _ = s.emit("user-joined", &json!({ "roomId": room, "user": user_json(node, late).await }));
+        }
     }
 }
 

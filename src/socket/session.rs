@@ -92,6 +92,20 @@ struct Session {
     node: Arc<AppState>,
     user: String,
     cursor: u64,
+    /// When a delivery was last handed to the socket.
+    last_emit: Option<tokio::time::Instant>,
+}
+
+/// A connection that dies this soon after a delivery was handed to it died
+/// while data was on its way: the node cuts a peer that leaves sent data
+/// unacknowledged for 30 s (TCP_USER_TIMEOUT), so such a death means the
+/// client stopped reading.
+const DIED_SENDING: Duration = Duration::from_secs(40);
+
+impl Session {
+    fn died_sending(&self) -> bool {
+        self.last_emit.is_some_and(|at| at.elapsed() < DIED_SENDING)
+    }
 }
 
 enum Stop {
@@ -111,6 +125,7 @@ impl Session {
         if let Some(obj) = data.as_object_mut() {
             obj.insert("cursor".into(), json!(d.cursor));
         }
+        self.last_emit = Some(tokio::time::Instant::now());
         emit_patiently(&self.s, &d.payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
         self.cursor = d.cursor;
         self.node.metrics.pushed();
@@ -224,7 +239,7 @@ async fn run(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>
             return;
         }
     };
-    let mut session = Session { filter: filter.clone(), s: s.clone(), node: node.clone(), user: user.clone(), cursor };
+    let mut session = Session { filter: filter.clone(), s: s.clone(), node: node.clone(), user: user.clone(), cursor, last_emit: None };
     let mut outcome = match session.catch_up().await {
         Ok(()) => session.synced().await,
         Err(e) => Err(e),
@@ -252,9 +267,10 @@ async fn run(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>
                     }
                 }
                 // A connection that died while deliveries were backed up for
-                // it (a peer that stopped reading misses its heartbeats) fell
-                // behind as surely as one we drop.
-                Some(Control::Closed { lost: true }) if !registration.rx.is_empty() || registration.rx.is_closed() => {
+                // it, or right after we sent to it (a peer that stopped
+                // reading misses its heartbeats, or is cut by the TCP user
+                // timeout), fell behind as surely as one we drop.
+                Some(Control::Closed { lost: true }) if !registration.rx.is_empty() || registration.rx.is_closed() || session.died_sending() => {
                     Err(Stop::Emit(EmitError::TooSlow))
                 }
                 Some(Control::Closed { .. }) | None => break,
@@ -264,7 +280,7 @@ async fn run(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>
     // A socket whose connection died while deliveries were backed up for
     // it (the kernel's TCP_USER_TIMEOUT cuts a peer that stopped reading)
     // fell behind as surely as one we dropped.
-    if matches!(outcome, Err(Stop::Emit(EmitError::Closed))) && (!registration.rx.is_empty() || registration.rx.is_closed()) {
+    if matches!(outcome, Err(Stop::Emit(EmitError::Closed))) && (!registration.rx.is_empty() || registration.rx.is_closed() || session.died_sending()) {
         outcome = Err(Stop::Emit(EmitError::TooSlow));
     }
     if matches!(outcome, Err(Stop::Emit(EmitError::TooSlow))) {

@@ -231,14 +231,18 @@ async fn a_room_of_more_than_5000_members_is_delivered_and_nothing_wedges() {
     })
     .await;
     // Bob's deliveries, in inbox (cursor) order: the conversation's seqs 1..20.
-    let mut seqs = Vec::new();
-    let mut after = 0;
-    while let Ok(msg) = inbox.direct_get_next_for_subject(last_for(&bob.id), Some(after + 1)).await {
-        after = msg.sequence;
-        let payload: Value = serde_json::from_slice(&msg.payload).unwrap();
-        seqs.push(payload["data"]["seq"].as_u64().unwrap());
-    }
-    assert_eq!(seqs, (1..=20).collect::<Vec<u64>>(), "one conversation's deliveries in seq order, each once");
+    let bobs = || async {
+        let mut seqs = Vec::new();
+        let mut after = 0;
+        while let Ok(msg) = inbox.direct_get_next_for_subject(last_for(&bob.id), Some(after + 1)).await {
+            after = msg.sequence;
+            let payload: Value = serde_json::from_slice(&msg.payload).unwrap();
+            seqs.push(payload["data"]["seq"].as_u64().unwrap());
+        }
+        seqs
+    };
+    eventually_within("bob's 20 deliveries", 60, || async { bobs().await.len() >= 20 }).await;
+    assert_eq!(bobs().await, (1..=20).collect::<Vec<u64>>(), "one conversation's deliveries in seq order, each once");
     let state = inbox.info().await.unwrap().state.clone();
     assert_eq!(state.messages, 2 * (FANS as u64 + 1) + 2 * 20, "every member got both room messages once, bob and carol every DM");
     let _ = std::fs::remove_dir_all(&dir);
