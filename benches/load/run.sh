@@ -5,7 +5,8 @@
 #   NATTER_BIN=path/to/natter benches/load/run.sh …   # another build
 #
 # Builds natter (release), starts the services (scripts/services.sh) unless
-# --embedded, starts NODES natter nodes (default 2; one when embedded) on
+# --embedded, plus a NATS server of the run's own (its store is deleted at
+# the end), starts NODES natter nodes (default 2; one when embedded) on
 # ports 5101.. with a fresh stream, database and key prefix, runs
 # benches/load/load.js against them (official socket.io-client, installed
 # by npm ci in tests/client) with their pids and the services' pids for
@@ -31,13 +32,29 @@ export RUST_LOG=${RUST_LOG:-warn}
 pids=()
 service_pids=()
 data=""
+nats_pid=""
+nats_dir=""
 if [[ $embedded == 0 ]]; then
   scripts/services.sh start >/dev/null
   # shellcheck disable=SC1091
   . target/services/env
   export NATTER_NATS_URL NATTER_MONGO_URL NATTER_REDIS_URL
+  # A NATS server of this run's own, its store removed afterwards: a load
+  # run writes gigabytes of deliveries that must not fill the shared one.
+  nats_bin=target/services/venv/bin/nats-server   # what services.sh installed, else PATH's
+  [[ -x $nats_bin ]] || nats_bin=$(command -v nats-server)
+  nats_dir=$(mktemp -d "${TMPDIR:-/tmp}/natter-load-nats-XXXXXX")
+  nats_port=$((24000 + RANDOM % 1000))
+  "$nats_bin" -c nats.conf -a 127.0.0.1 -p "$nats_port" -sd "$nats_dir" >"target/load-nats.log" 2>&1 &
+  nats_pid=$!
+  export NATTER_NATS_URL="nats://127.0.0.1:$nats_port"
+  for _ in $(seq 1 100); do
+    (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
+    sleep 0.1
+  done
   export NATTER_STREAM="LOAD$run" NATTER_SUBJECT_PREFIX="load$run" NATTER_MONGO_DB="load$run" NATTER_REDIS_PREFIX="load$run:"
-  for s in nats redis mongo; do service_pids+=("$s=$(cat "target/services/$s.pid")"); done
+  service_pids+=("nats=$nats_pid")
+  for s in redis mongo; do service_pids+=("$s=$(cat "target/services/$s.pid")"); done
 else
   data=$(mktemp -d "${TMPDIR:-/tmp}/natter-load-XXXXXX")
   export NATTER_DATA_DIR=$data NATTER_SYNC=${NATTER_SYNC:-always}
@@ -46,6 +63,8 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   if [[ -n $data ]]; then rm -rf "$data"; fi
+  if [[ -n $nats_pid ]]; then kill "$nats_pid" 2>/dev/null || true; wait "$nats_pid" 2>/dev/null || true; fi
+  if [[ -n $nats_dir ]]; then rm -rf "$nats_dir"; fi
 }
 trap cleanup EXIT
 

@@ -57,8 +57,8 @@ impl Presence for MemoryPresence {
         Ok(rooms.get(room).map(|users| users.keys().cloned().collect()).unwrap_or_default())
     }
 
-    async fn heartbeat(&self) -> anyhow::Result<()> {
-        Ok(())
+    async fn heartbeat(&self) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
     }
 
     async fn sweep(&self) -> anyhow::Result<Vec<(String, String)>> {

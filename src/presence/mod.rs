@@ -29,7 +29,9 @@ pub trait Presence: Send + Sync {
     /// Distinct users present in `room`, sorted.
     async fn users(&self, room: &str) -> anyhow::Result<Vec<String>>;
     /// Refreshes the expiry of this node's connections.
-    async fn heartbeat(&self) -> anyhow::Result<()>;
+    /// Returns the rooms whose entries it had to enter again because the
+    /// store lost them (normally none).
+    async fn heartbeat(&self) -> anyhow::Result<Vec<String>>;
     /// Removes expired connections; returns (room, user) for each user this
     /// call found gone from a room.
     async fn sweep(&self) -> anyhow::Result<Vec<(String, String)>>;

@@ -9,8 +9,9 @@
 //! within 1.5 × TTL. `<prefix>pres-alive:<node>` marks a node's entries as
 //! there: when Redis loses them (FLUSHALL, a restart without persistence),
 //! the node's next heartbeat enters its live connections again, so presence
-//! re-forms within TTL/3 (a connection that exits during that heartbeat may
-//! linger until the next sweep).
+//! re-forms within TTL/3, and everyone present gets the whole list again
+//! (whoever left meanwhile was announced to nobody). A connection that
+//! exits during that heartbeat may linger until the next sweep.
 //!
 //! Entering and leaving are Lua scripts that also say whether this was the
 //! user's first live connection in the room (announce `user-joined`) or the
@@ -41,6 +42,9 @@ redis.call('SADD', KEYS[2], ARGV[5])
 if had == 0 then return 1 else return 0 end
 "#;
 
+/// Removes a connection; 1 when it was the user's last live one in the
+/// room. An entry already gone (swept: announced then; or lost with Redis's
+/// data: settled by the list sent when presence re-forms) says 0.
 const EXIT: &str = r#"
 local prefix = ARGV[1] .. '|'
 if redis.call('HDEL', KEYS[1], prefix .. ARGV[2]) == 0 then return 0 end
@@ -210,7 +214,7 @@ impl Presence for RedisPresence {
     /// thousand connections (one call with none, to keep the node's mark).
     /// When Redis has lost them, enters them all again, so presence
     /// re-forms within one heartbeat.
-    async fn heartbeat(&self) -> anyhow::Result<()> {
+    async fn heartbeat(&self) -> anyhow::Result<Vec<String>> {
         let entries: Vec<((String, String), String)> =
             self.local.lock().expect("presence lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let (expiry, mark_for) = (self.expiry(), (self.ttl * 3).as_millis() as u64);
@@ -229,7 +233,11 @@ impl Presence for RedisPresence {
             self.marked.store(true, Ordering::Relaxed);
             mode = used;
         }
-        Ok(())
+        if mode != "reform" {
+            return Ok(Vec::new());
+        }
+        let rooms: std::collections::BTreeSet<String> = entries.into_iter().map(|((room, _), _)| room).collect();
+        Ok(rooms.into_iter().collect())
     }
 
     /// One node sweeps per interval (a lock that lapses before the next),

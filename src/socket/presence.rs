@@ -71,6 +71,17 @@ pub(crate) async fn announce_joined(node: &AppState, room: &str, who: &str, firs
     }
 }
 
+/// Everyone present in `room` gets the whole list (after the store lost
+/// presence and it re-formed: rare, so O(N²) bytes are fine here).
+async fn announce_list(node: &AppState, room: &str) {
+    let Ok(present) = node.presence.users(room).await else { return };
+    let names: HashMap<String, String> =
+        node.views().users_by_ids(&present).await.map(|us| us.into_iter().map(|u| (u.id, u.name)).collect()).unwrap_or_default();
+    let users: Vec<Value> = present.iter().map(|u| json!({ "_id": u, "name": names.get(u) })).collect();
+    let list = Payload { event: "room-users".into(), data: json!({ "roomId": room, "users": users }) };
+    signal_all(node, room, &present, &list).await;
+}
+
 /// `who` is no longer in `room`: everyone still present gets one
 /// `user-left`.
 pub(crate) async fn announce_left(node: &AppState, room: &str, who: &str) {
@@ -105,8 +116,13 @@ pub async fn presence_loop(node: Arc<AppState>, mut shutdown: watch::Receiver<bo
     loop {
         tokio::select! {
             _ = beat.tick() => {
-                if let Err(e) = node.presence.heartbeat().await {
-                    tracing::warn!(error = %e, "presence heartbeat failed; this node's users may be announced as left");
+                match node.presence.heartbeat().await {
+                    // Whoever left while the store had lost presence was
+                    // announced to nobody: everyone present gets the list again.
+                    Ok(reformed) => for room in reformed {
+                        announce_list(&node, &room).await;
+                    },
+                    Err(e) => tracing::warn!(error = %e, "presence heartbeat failed; this node's users may be announced as left"),
                 }
             }
             _ = sweep.tick() => match node.presence.sweep().await {

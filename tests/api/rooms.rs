@@ -384,3 +384,39 @@ async fn presence_re_forms_after_redis_loses_its_data() {
     c.stop().await;
     redis.stop().await;
 }
+
+/// A user who leaves while Redis has lost presence (FLUSHALL, before the
+/// next heartbeat re-forms it) was announced to nobody: when presence
+/// re-forms, everyone present gets the list again, without them.
+#[tokio::test]
+async fn leaving_after_redis_lost_presence_is_settled_when_it_re_forms() {
+    let redis = PrivateRedis::start().await;
+    let url = redis.url.clone();
+    // Heartbeats every 2 s: the leave below lands before the re-forming.
+    let c = Cluster::start_with(1, |cfg| {
+        cfg.distributed.redis_url = Some(url.clone());
+        cfg.push.presence_ttl = Duration::from_secs(6);
+    })
+    .await;
+    let (amy, bob) = (c.register(0, "Amy").await, c.register(0, "Bob").await);
+    let room = create_room(&c, 0, &amy, "Gone").await;
+    c.request(0, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await.ok();
+    let mut d = Driver::start().await;
+    for s in ["amy", "bob"] {
+        let token = if s == "amy" { &amy.token } else { &bob.token };
+        d.connected(s, &c.chat_url(0), json!({ "token": token })).await;
+        d.emit_ack(s, "join-room", json!(room)).await;
+    }
+    d.next("amy", |e| e["event"] == "user-joined", "bob's user-joined").await;
+    let mut conn = redis.client().get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await.unwrap();
+    d.emit_ack("bob", "leave-room", json!(room)).await;
+    let mut present = BTreeSet::from([amy.id.clone(), bob.id.clone()]);
+    while present.contains(&bob.id) {
+        let e = d.next("amy", |e| ["room-users", "user-joined", "user-left"].contains(&e["event"].as_str().unwrap_or("")), "presence").await;
+        apply_presence(&mut present, &e);
+    }
+    assert_eq!(present, BTreeSet::from([amy.id.clone()]), "amy sees herself alone");
+    c.stop().await;
+    redis.stop().await;
+}
