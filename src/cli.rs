@@ -23,11 +23,7 @@ use crate::projector::consumer_name;
 use crate::projector::jetstream::{Feed, Projector};
 use crate::projector::partitions::{PARTITIONS, ensure_feed, fanout_stream, origin_seq, partition_consumer};
 use crate::push::fanout::{self, FanOut};
-use crate::push::nats::{Bounds, NatsPush};
-
-fn push_bounds(cfg: &Config) -> Bounds {
-    Bounds { retention: cfg.push.retention, max_bytes: cfg.push.max_bytes }
-}
+use crate::push::nats::NatsPush;
 
 /// Every projection a node runs, by name.
 pub const PROJECTIONS: [&str; 3] = [VIEWS, COUNTS, fanout::NAME];
@@ -202,7 +198,7 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let db = connect_mongo(mongo_url, &cfg.distributed.mongo_db).await?;
     let versions = Versions::open(db, connect_redis(redis_url).await?, &cfg.distributed.redis_prefix).await?;
     let (views, counts) = (versions.views.clone(), versions.counts.clone());
-    let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), &cfg.distributed.stream, &cfg.log.subject_prefix, push_bounds(cfg)).await?;
+    let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), &cfg.distributed.stream, &cfg.log.subject_prefix, (&cfg.push).into()).await?;
     let fanout = Arc::new(FanOut::new(Arc::new(bus), cfg.log.subject_prefix.clone(), Arc::new(log.clone())));
     let projections: [Arc<dyn Projection>; 3] = [views, counts, fanout];
     let stream = log.jetstream().get_stream(parked_stream(&cfg.distributed.stream)).await?;
@@ -392,7 +388,7 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
     ensure_feed(target.jetstream(), &cfg.distributed.stream, &cfg.log.subject_prefix, Some(head + 1))
         .await
         .context("creating the push fan-out feed after the migrated history")?;
-    NatsPush::connect_from(target.client().clone(), target.jetstream().clone(), &cfg.distributed.stream, &cfg.log.subject_prefix, push_bounds(cfg), Some(head + 1))
+    NatsPush::connect_from(target.client().clone(), target.jetstream().clone(), &cfg.distributed.stream, &cfg.log.subject_prefix, (&cfg.push).into(), Some(head + 1))
         .await?;
     println!("migrated {copied} events to {to} (stream {}), {skipped} already there", cfg.distributed.stream);
     Ok(())

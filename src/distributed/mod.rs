@@ -31,7 +31,7 @@ use crate::presence::redis::RedisPresence;
 use crate::projector::jetstream::{Feed, Projector};
 use crate::projector::partitions::{PARTITIONS, ensure_feed, fanout_stream};
 use crate::projector::{Runner, consumer_name};
-use crate::push::nats::{Bounds, NatsPush};
+use crate::push::nats::NatsPush;
 use crate::telemetry::redact;
 use counts_recovery::Healer;
 use live_versions::Versions;
@@ -87,8 +87,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
             .await
             .with_context(|| format!("opening the views in MongoDB database {}", d.mongo_db))?,
     );
-    let bounds = Bounds { retention: cfg.push.retention, max_bytes: cfg.push.max_bytes };
-    let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), &d.stream, &cfg.log.subject_prefix, bounds).await?;
+    let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), &d.stream, &cfg.log.subject_prefix, (&cfg.push).into()).await?;
     let log_port: Arc<dyn EventLog> = Arc::new(log.clone());
     let healer = Healer {
         counts: versions.counts.clone(),

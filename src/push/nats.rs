@@ -19,6 +19,12 @@ pub struct Bounds {
     pub max_bytes: u64,
 }
 
+impl From<&crate::config::Push> for Bounds {
+    fn from(push: &crate::config::Push) -> Bounds {
+        Bounds { retention: push.retention, max_bytes: push.max_bytes }
+    }
+}
+
 /// Deliveries published before their acks are awaited. Every fan-out
 /// partition of a node may be publishing a window at once, through this
 /// context, whose pending acks are limited to 5,000: 16 × 256 stays under.

@@ -35,30 +35,46 @@ async fn signal_all(node: &AppState, room: &str, to: &[String], payload: &Payloa
     }
 }
 
-/// `who`'s socket `s` entered `room`: it gets the whole present list
-/// (`room-users`, names resolved in one read); when this was `who`'s first
-/// connection there (`first`), everyone else present gets one
-/// `user-joined`. O(present) in all.
-pub(crate) async fn announce_joined(node: &AppState, room: &str, who: &str, first: bool, s: &SocketRef) {
-    let present = match node.presence.users(room).await {
-        Ok(p) => p,
+/// Who is present in `room`; `None` (logged, nothing announced) when
+/// presence is unavailable.
+async fn present(node: &AppState, room: &str) -> Option<Vec<String>> {
+    match node.presence.users(room).await {
+        Ok(p) => Some(p),
         Err(e) => {
-            tracing::warn!(%room, error = %e, "presence unavailable; room-users not announced");
-            return;
+            tracing::warn!(%room, error = %e, "presence unavailable; presence change not announced");
+            None
         }
-    };
-    let names: HashMap<String, String> = match node.views().users_by_ids(&present).await {
+    }
+}
+
+/// `{_id, name}` of each of `ids`, names resolved in one read (without
+/// names when the views do not answer).
+async fn named(node: &AppState, ids: &[String]) -> HashMap<String, Value> {
+    let names: HashMap<String, String> = match node.views().users_by_ids(ids).await {
         Ok(users) => users.into_iter().map(|u| (u.id, u.name)).collect(),
         Err(e) => {
-            tracing::warn!(%room, error = %e, "user names unavailable; room-users without names");
+            tracing::warn!(error = %e, "user names unavailable; presence without names");
             HashMap::new()
         }
     };
-    let user = |id: &str| json!({ "_id": id, "name": names.get(id) });
-    let users: Vec<Value> = present.iter().map(|u| user(u)).collect();
-    let _ = s.emit("room-users", &json!({ "roomId": room, "users": users }));
+    ids.iter().map(|id| (id.clone(), json!({ "_id": id, "name": names.get(id) }))).collect()
+}
+
+/// The `room-users` list of `present`.
+fn list(room: &str, present: &[String], named: &HashMap<String, Value>) -> Value {
+    json!({ "roomId": room, "users": present.iter().map(|u| &named[u]).collect::<Vec<_>>() })
+}
+
+/// `who`'s socket `s` entered `room`: it gets the whole present list
+/// (`room-users`); when this was `who`'s first connection there (`first`),
+/// everyone else present gets one `user-joined`. O(present) in all.
+pub(crate) async fn announce_joined(node: &AppState, room: &str, who: &str, first: bool, s: &SocketRef) {
+    let Some(present) = present(node, room).await else { return };
+    let named = named(node, &present).await;
+    let _ = s.emit("room-users", &list(room, &present, &named));
     if first {
-        let delta = Payload { event: "user-joined".into(), data: json!({ "roomId": room, "user": user(who) }) };
+        let user = named.get(who).cloned().unwrap_or_else(|| json!({ "_id": who, "name": null }));
+        let delta = Payload { event: "user-joined".into(), data: json!({ "roomId": room, "user": user }) };
         let others: Vec<String> = present.iter().filter(|u| *u != who).cloned().collect();
         signal_all(node, room, &others, &delta).await;
     }
@@ -74,24 +90,16 @@ pub(crate) async fn announce_joined(node: &AppState, room: &str, who: &str, firs
 /// Everyone present in `room` gets the whole list (after the store lost
 /// presence and it re-formed: rare, so O(N²) bytes are fine here).
 async fn announce_list(node: &AppState, room: &str) {
-    let Ok(present) = node.presence.users(room).await else { return };
-    let names: HashMap<String, String> =
-        node.views().users_by_ids(&present).await.map(|us| us.into_iter().map(|u| (u.id, u.name)).collect()).unwrap_or_default();
-    let users: Vec<Value> = present.iter().map(|u| json!({ "_id": u, "name": names.get(u) })).collect();
-    let list = Payload { event: "room-users".into(), data: json!({ "roomId": room, "users": users }) };
-    signal_all(node, room, &present, &list).await;
+    let Some(present) = present(node, room).await else { return };
+    let named = named(node, &present).await;
+    let payload = Payload { event: "room-users".into(), data: list(room, &present, &named) };
+    signal_all(node, room, &present, &payload).await;
 }
 
 /// `who` is no longer in `room`: everyone still present gets one
 /// `user-left`.
 pub(crate) async fn announce_left(node: &AppState, room: &str, who: &str) {
-    let present = match node.presence.users(room).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(%room, error = %e, "presence unavailable; user-left not announced");
-            return;
-        }
-    };
+    let Some(present) = present(node, room).await else { return };
     let delta = Payload { event: "user-left".into(), data: json!({ "roomId": room, "user": user_json(node, who).await }) };
     signal_all(node, room, &present, &delta).await;
 }

@@ -352,31 +352,43 @@ async fn presence_costs_one_delta_per_present_user(c: &Cluster) {
     }
 }
 
+/// Amy and Bob present over `/chat` in a room of Amy's, on `nodes` nodes
+/// (Bob on the last) sharing a private Redis, presence TTL `ttl`.
+async fn present_pair(redis: &PrivateRedis, nodes: usize, ttl: Duration) -> (Cluster, User, User, String, Driver) {
+    let url = redis.url.clone();
+    let c = Cluster::start_with(nodes, |cfg| {
+        cfg.distributed.redis_url = Some(url.clone());
+        cfg.push.presence_ttl = ttl;
+    })
+    .await;
+    let (amy, bob) = (c.register(0, "Amy").await, c.register(nodes - 1, "Bob").await);
+    let room = create_room(&c, 0, &amy, "Present").await;
+    c.request(0, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await.ok();
+    let mut d = Driver::start().await;
+    for (s, u, node) in [("amy", &amy, 0), ("bob", &bob, nodes - 1)] {
+        d.connected(s, &c.chat_url(node), json!({ "token": u.token })).await;
+        d.emit_ack(s, "join-room", json!(room)).await;
+    }
+    d.next("amy", |e| e["event"] == "user-joined", "bob's user-joined").await;
+    (c, amy, bob, room, d)
+}
+
+async fn flushall(redis: &PrivateRedis) {
+    let mut conn = redis.client().get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await.unwrap();
+}
+
 /// Redis losing its data (FLUSHALL) loses presence with it; the nodes'
 /// next heartbeats enter their live connections again.
 #[tokio::test]
 async fn presence_re_forms_after_redis_loses_its_data() {
     let redis = PrivateRedis::start().await;
-    let url = redis.url.clone();
-    let c = Cluster::start_with(2, |cfg| {
-        cfg.distributed.redis_url = Some(url.clone());
-        cfg.push.presence_ttl = Duration::from_millis(1500);
-    })
-    .await;
-    let (amy, bob) = (c.register(0, "Amy").await, c.register(1, "Bob").await);
-    let room = create_room(&c, 0, &amy, "Flush").await;
-    c.request(1, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await.ok();
-    let mut d = Driver::start().await;
-    for (s, u, node) in [("amy", &amy, 0), ("bob", &bob, 1)] {
-        d.connected(s, &c.chat_url(node), json!({ "token": u.token })).await;
-        d.emit_ack(s, "join-room", json!(room)).await;
-    }
+    let (c, amy, _bob, room, mut d) = present_pair(&redis, 2, Duration::from_millis(1500)).await;
     let users = format!("/api/rooms/{room}/users");
     let count = || async { c.request(0, Method::GET, &users, Some(&amy.token), None).await.body["count"].clone() };
     eventually("both present", || async { count().await == json!(2) }).await;
 
-    let mut conn = redis.client().get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await.unwrap();
+    flushall(&redis).await;
     eventually("presence to re-form", || async { count().await == json!(2) }).await;
     // Re-forming is silent: nobody left, so nobody is announced as leaving.
     let seen = d.quiet("amy", Duration::from_millis(500)).await;
@@ -391,25 +403,9 @@ async fn presence_re_forms_after_redis_loses_its_data() {
 #[tokio::test]
 async fn leaving_after_redis_lost_presence_is_settled_when_it_re_forms() {
     let redis = PrivateRedis::start().await;
-    let url = redis.url.clone();
     // Heartbeats every 2 s: the leave below lands before the re-forming.
-    let c = Cluster::start_with(1, |cfg| {
-        cfg.distributed.redis_url = Some(url.clone());
-        cfg.push.presence_ttl = Duration::from_secs(6);
-    })
-    .await;
-    let (amy, bob) = (c.register(0, "Amy").await, c.register(0, "Bob").await);
-    let room = create_room(&c, 0, &amy, "Gone").await;
-    c.request(0, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await.ok();
-    let mut d = Driver::start().await;
-    for s in ["amy", "bob"] {
-        let token = if s == "amy" { &amy.token } else { &bob.token };
-        d.connected(s, &c.chat_url(0), json!({ "token": token })).await;
-        d.emit_ack(s, "join-room", json!(room)).await;
-    }
-    d.next("amy", |e| e["event"] == "user-joined", "bob's user-joined").await;
-    let mut conn = redis.client().get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await.unwrap();
+    let (c, amy, bob, room, mut d) = present_pair(&redis, 1, Duration::from_secs(6)).await;
+    flushall(&redis).await;
     d.emit_ack("bob", "leave-room", json!(room)).await;
     let mut present = BTreeSet::from([amy.id.clone(), bob.id.clone()]);
     while present.contains(&bob.id) {
