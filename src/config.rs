@@ -223,7 +223,8 @@ section! {
         /// How long per-user push deliveries are kept for resume, in seconds.
         retention: Duration = Duration::from_secs(7 * 24 * 3600), "push-retention-secs", "NATTER_PUSH_RETENTION_SECS", secs;
         /// Distributed: most bytes the inbox of deliveries kept for resume may
-        /// hold; the oldest go first (their cursors get `resync`).
+        /// hold; the oldest go first (their cursors get `resync`). JetStream
+        /// reserves it from the server's store.
         max_bytes: u64 = 1 << 30, "push-max-bytes", "NATTER_PUSH_MAX_BYTES";
         /// Presence time-to-live in milliseconds: a crashed node's users leave
         /// their rooms within 1.5 × this.

@@ -34,6 +34,14 @@ service_pids=()
 data=""
 nats_pid=""
 nats_dir=""
+cleanup() {
+  for p in ${pids[@]+"${pids[@]}"}; do kill "$p" 2>/dev/null || true; done
+  for p in ${pids[@]+"${pids[@]}"}; do wait "$p" 2>/dev/null || true; done
+  if [[ -n $data ]]; then rm -rf "$data"; fi
+  if [[ -n $nats_pid ]]; then kill "$nats_pid" 2>/dev/null || true; wait "$nats_pid" 2>/dev/null || true; fi
+  if [[ -n $nats_dir ]]; then rm -rf "$nats_dir"; fi
+}
+trap cleanup EXIT
 if [[ $embedded == 0 ]]; then
   scripts/services.sh start >/dev/null
   # shellcheck disable=SC1091
@@ -43,15 +51,18 @@ if [[ $embedded == 0 ]]; then
   # run writes gigabytes of deliveries that must not fill the shared one.
   nats_bin=target/services/venv/bin/nats-server   # what services.sh installed, else PATH's
   [[ -x $nats_bin ]] || nats_bin=$(command -v nats-server)
-  nats_dir=$(mktemp -d "${TMPDIR:-/tmp}/natter-load-nats-XXXXXX")
+  nats_dir=target/load-nats-$run
   nats_port=$((24000 + RANDOM % 1000))
   "$nats_bin" -c nats.conf -a 127.0.0.1 -p "$nats_port" -sd "$nats_dir" >"target/load-nats.log" 2>&1 &
   nats_pid=$!
   export NATTER_NATS_URL="nats://127.0.0.1:$nats_port"
+  up=0
   for _ in $(seq 1 100); do
-    (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
+    kill -0 "$nats_pid" 2>/dev/null || break   # exited (port taken?)
+    if (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null; then up=1; break; fi
     sleep 0.1
   done
+  if [[ $up == 0 ]]; then echo "the load run's nats-server did not start on port $nats_port (see target/load-nats.log)" >&2; exit 1; fi
   export NATTER_STREAM="LOAD$run" NATTER_SUBJECT_PREFIX="load$run" NATTER_MONGO_DB="load$run" NATTER_REDIS_PREFIX="load$run:"
   service_pids+=("nats=$nats_pid")
   for s in redis mongo; do service_pids+=("$s=$(cat "target/services/$s.pid")"); done
@@ -59,14 +70,6 @@ else
   data=$(mktemp -d "${TMPDIR:-/tmp}/natter-load-XXXXXX")
   export NATTER_DATA_DIR=$data NATTER_SYNC=${NATTER_SYNC:-always}
 fi
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [[ -n $data ]]; then rm -rf "$data"; fi
-  if [[ -n $nats_pid ]]; then kill "$nats_pid" 2>/dev/null || true; wait "$nats_pid" 2>/dev/null || true; fi
-  if [[ -n $nats_dir ]]; then rm -rf "$nats_dir"; fi
-}
-trap cleanup EXIT
 
 urls=()
 for i in $(seq 1 "$count"); do
@@ -83,6 +86,6 @@ for u in "${urls[@]}"; do
 done
 pid_args=()
 for p in "${pids[@]}"; do pid_args+=("natter=$p"); done
-pid_args+=("${service_pids[@]}")
+pid_args+=(${service_pids[@]+"${service_pids[@]}"})
 NODE_PATH=tests/client/node_modules node benches/load/load.js \
   --nodes "$(IFS=,; echo "${urls[*]}")" --pids "$(IFS=,; echo "${pid_args[*]}")" "$@"

@@ -62,12 +62,17 @@ return 1
 /// refreshed (a heartbeat must not resurrect an entry that exit or a sweep
 /// removed) — unless the mode `ARGV[2]` is `reform`, or `auto` and the mark
 /// is gone: Redis lost the node's entries, and they are entered again. The
-/// check and the mark are one step, so a flush cannot fall between them.
+/// check and the mark are one step, so a flush cannot fall between them;
+/// a later batch (`refresh`/`reform`) that finds the mark gone does nothing
+/// and says `lost`, and the next heartbeat enters everything again.
 /// Returns the mode used.
 const HEARTBEAT: &str = r#"
 local mode = ARGV[2]
+local marked = redis.call('EXISTS', KEYS[2]) == 1
 if mode == 'auto' then
-  if redis.call('EXISTS', KEYS[2]) == 1 then mode = 'refresh' else mode = 'reform' end
+  if marked then mode = 'refresh' else mode = 'reform' end
+elseif not marked then
+  return 'lost'
 end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 local reform = mode == 'reform'
@@ -147,8 +152,8 @@ impl RedisPresence {
     }
 
     /// This node's mark that Redis holds its presence entries: gone after a
-    /// FLUSHALL or a restart without persistence (and three TTLs after the
-    /// node stops heartbeating).
+    /// FLUSHALL or a restart without persistence (and a TTL after the node
+    /// stops heartbeating).
     fn alive_key(&self) -> String {
         format!("{}pres-alive:{}", self.prefix, self.node)
     }
@@ -217,7 +222,9 @@ impl Presence for RedisPresence {
     async fn heartbeat(&self) -> anyhow::Result<Vec<String>> {
         let entries: Vec<((String, String), String)> =
             self.local.lock().expect("presence lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let (expiry, mark_for) = (self.expiry(), (self.ttl * 3).as_millis() as u64);
+        // The mark lives as long as the entries: a node cut off from Redis
+        // long enough for its entries to be swept enters them again.
+        let (expiry, mark_for) = (self.expiry(), self.ttl.as_millis() as u64);
         let mut r = self.redis.clone();
         let mut mode = "auto".to_owned();
         for batch in entries.chunks(HEARTBEAT_BATCH).chain(entries.is_empty().then_some(&entries[..])) {
@@ -227,6 +234,9 @@ impl Presence for RedisPresence {
                 call.key(self.key(room)).arg(format!("{user}|{conn}")).arg(room);
             }
             let used: String = call.invoke_async(&mut r).await?;
+            if used == "lost" {
+                return Ok(Vec::new()); // flushed mid-heartbeat: the next one re-forms
+            }
             if mode == "auto" && used == "reform" && self.marked.swap(true, Ordering::Relaxed) && !entries.is_empty() {
                 tracing::warn!(connections = entries.len(), "presence data missing in Redis (flushed or restarted?); entered this node's connections again");
             }

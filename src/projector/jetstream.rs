@@ -29,6 +29,8 @@ use crate::metrics::Metrics;
 /// How often a projector working on one event says so (well within the
 /// shortest ack wait, 5 s).
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// How long one event may hold its place by progress acks.
+const PROGRESS_AT_MOST: Duration = Duration::from_secs(120);
 
 /// Why a consumer loop ended without an error.
 enum Flow {
@@ -171,10 +173,13 @@ impl Projector {
         // being worked on, so the ack wait does not hand it to another node.
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.tick().await;
+        let started = tokio::time::Instant::now();
         let next = loop {
             tokio::select! {
                 next = &mut work => break next,
-                _ = progress.tick() => {
+                // Not forever: an event stuck longer goes back to the
+                // cluster after the ack wait.
+                _ = progress.tick(), if started.elapsed() < PROGRESS_AT_MOST => {
                     let _ = msg.ack_with(AckKind::Progress).await;
                 }
             }

@@ -86,7 +86,8 @@ impl NatsPush {
         // An inbox made with other bounds takes the configured ones.
         let config = created.info().await.with_context(|| format!("reading the push inbox stream {inbox}"))?.config.clone();
         if config.max_age != retention || config.max_bytes != max_bytes as i64 {
-            js.update_stream(stream::Config { max_age: retention, max_bytes: max_bytes as i64, ..config })
+            let duplicate_window = Duration::from_secs(120).min(retention);
+            js.update_stream(stream::Config { max_age: retention, max_bytes: max_bytes as i64, duplicate_window, ..config })
                 .await
                 .with_context(|| format!("setting the bounds of the push inbox stream {inbox}"))?;
         }

@@ -78,11 +78,14 @@ pub(crate) async fn announce_joined(node: &AppState, room: &str, who: &str, firs
         let others: Vec<String> = present.iter().filter(|u| *u != who).cloned().collect();
         signal_all(node, room, &others, &delta).await;
     }
-    // Someone who entered while the list was read and sent may have had
-    // their `user-joined` reach this socket before the list: tell it again.
+    // Someone who entered or left while the list was read and sent may have
+    // had their delta reach this socket before the list: say it again.
     if let Ok(now) = node.presence.users(room).await {
         for late in now.iter().filter(|u| !present.contains(u)) {
             let _ = s.emit("user-joined", &json!({ "roomId": room, "user": user_json(node, late).await }));
+        }
+        for gone in present.iter().filter(|u| !now.contains(u)) {
+            let _ = s.emit("user-left", &json!({ "roomId": room, "user": &named[gone] }));
         }
     }
 }
@@ -121,15 +124,18 @@ pub async fn presence_loop(node: Arc<AppState>, mut shutdown: watch::Receiver<bo
     let ttl = node.presence.ttl();
     let mut beat = tokio::time::interval(ttl / 3);
     let mut sweep = tokio::time::interval(ttl / 2);
+    // Rooms this node entered again after the store lost presence: whoever
+    // left meanwhile was announced to nobody, so everyone present gets the
+    // list again, one heartbeat later (when every node has re-formed).
+    let mut reformed: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             _ = beat.tick() => {
+                for room in std::mem::take(&mut reformed) {
+                    announce_list(&node, &room).await;
+                }
                 match node.presence.heartbeat().await {
-                    // Whoever left while the store had lost presence was
-                    // announced to nobody: everyone present gets the list again.
-                    Ok(reformed) => for room in reformed {
-                        announce_list(&node, &room).await;
-                    },
+                    Ok(rooms) => reformed = rooms,
                     Err(e) => tracing::warn!(error = %e, "presence heartbeat failed; this node's users may be announced as left"),
                 }
             }

@@ -176,6 +176,9 @@ impl Cluster {
         cfg.auth.jwt_secret = Some(SECRET.to_string().into());
         cfg.limits.max_message_chars = 200;
         cfg.limits.max_body_bytes = 8 * 1024;
+        // JetStream reserves an inbox's whole bound: many test clusters share
+        // one NATS store.
+        cfg.push.max_bytes = 16 * 1024 * 1024;
         cfg
     }
 
