@@ -229,6 +229,11 @@ section! {
         /// Presence time-to-live in milliseconds: a crashed node's users leave
         /// their rooms within 1.5 × this.
         presence_ttl: Duration = Duration::from_secs(30), "presence-ttl-ms", "NATTER_PRESENCE_TTL_MS", millis;
+        /// Rooms of at most this many members tell every member of a join
+        /// or a leave (`member-joined` / `member-left`); larger rooms tell
+        /// the user concerned only (a burst of joins would otherwise cost
+        /// the square of the room's size).
+        announce_max: usize = 100, "room-announce-max", "NATTER_ROOM_ANNOUNCE_MAX";
     }
 }
 

@@ -298,6 +298,18 @@ impl EventLog for FileLog {
             .collect())
     }
 
+    async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError> {
+        let mut state = self.state.lock().expect("event log lock");
+        let next = state
+            .by_subject
+            .range(prefix.to_owned()..)
+            .take_while(|(subject, _)| subject.starts_with(prefix))
+            .filter(|(subject, _)| !subject[prefix.len()..].contains('.'))
+            .filter_map(|(_, seqs)| seqs.get(seqs.partition_point(|&s| s < from)).copied())
+            .min();
+        next.map(|seq| self.read_at(&mut state, seq)).transpose()
+    }
+
     async fn check(&self) -> Result<(), LogError> {
         if let Some(why) = &self.state.lock().expect("event log lock").broken {
             return Err(corrupt(&self.path, why));

@@ -57,6 +57,9 @@ pub trait EventLog: Send + Sync {
     /// one event, one token deeper: for `x.member.r1.` the subjects
     /// `x.member.r1.<user>`.
     async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError>;
+    /// The first event at log sequence `from` or later on any subject
+    /// under `prefix` (which ends with `.`), one token deeper.
+    async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError>;
     /// Whether the log can take writes now (for `/readyz`).
     async fn check(&self) -> Result<(), LogError>;
 }

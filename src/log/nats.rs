@@ -188,6 +188,15 @@ impl EventLog for NatsLog {
         Ok(subjects)
     }
 
+    async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError> {
+        let stream = self.stream().await?;
+        match stream.direct_get_next_for_subject(format!("{prefix}*"), Some(from.max(1))).await {
+            Ok(msg) => Self::decode(msg.sequence, &msg.payload).map(Some),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     async fn check(&self) -> Result<(), LogError> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(LogError::Unavailable("nats: not connected".into()));

@@ -6,12 +6,13 @@
 //!   sender whose messages were read (read receipts) and to the reader's
 //!   other tabs.
 //! - `RoomMessageSent` → `message` (the room message) to every member of the
-//!   room as of that event: each member subject of the room whose newest
-//!   event before it in the log is a join (never the views, which may lag).
+//!   room as of that event ([`super::members`]: a table per room, caught up
+//!   from the log's membership events, never from the views, which may lag).
 //! - `MemberJoined` / `MemberLeft` → `member-joined` / `member-left`
-//!   `{roomId, userId}` to the members and the user concerned. Being in the
-//!   same per-user streams as the messages, every member sees joins, leaves
-//!   and messages in the same (log) order.
+//!   `{roomId, userId}` to the user concerned and, in rooms of at most
+//!   `announce_max` members, to every member. Being in the same per-user
+//!   streams as the messages, members see joins, leaves and messages in the
+//!   same (log) order.
 //!
 //! Each delivery is published with `Nats-Msg-Id = <event id>:<user>`, so a
 //! redelivered event does not deliver twice. The projection is `ordered`:
@@ -22,56 +23,42 @@
 //! A user's cursor stays exact whatever the partitions' interleaving: it is
 //! the user's own inbox subject that numbers and chains their deliveries.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::StreamExt;
-use natter_events::{Envelope, Event, MemberState};
+use natter_events::{Envelope, Event};
 
 use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView};
 use serde_json::json;
 
+use super::members::Membership;
 use super::{Payload, PushBus};
 use crate::log::EventLog;
 use crate::wire::{message_json, room_message_json};
-
-/// Member subjects read at once while addressing a room event.
-const MEMBER_READS: usize = 64;
 
 /// The fan-out projection's name and version.
 pub const NAME: &str = "push-fanout";
 pub const VERSION: u32 = 1;
 
 pub struct FanOut {
-    pub bus: Arc<dyn PushBus>,
-    pub prefix: String,
-    /// The log, for room membership (who to address room messages to).
-    pub log: Arc<dyn EventLog>,
-    /// `Some` when this fan-out is given every event of the log in order
-    /// from the first (the embedded projector): room membership is then
-    /// tracked from the events themselves, exactly as of each event, so a
-    /// replay of the log makes the very same deliveries.
-    pub in_order: Option<Mutex<InOrder>>,
-}
-
-/// Room membership as of the last event fanned out.
-#[derive(Default)]
-pub struct InOrder {
-    last_seq: u64,
-    rooms: HashMap<String, BTreeSet<String>>,
+    bus: Arc<dyn PushBus>,
+    members: Membership,
+    /// Rooms of more members than this (before the change) announce a
+    /// join or a leave to the user concerned only.
+    announce_max: usize,
 }
 
 impl FanOut {
-    /// A fan-out that reads membership from the log (distributed: any node
-    /// may fan out the next event).
-    pub fn new(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>) -> FanOut {
-        FanOut { bus, prefix, log, in_order: None }
+    /// A fan-out that may be handed any room's next event (distributed:
+    /// any node may fan out the next event of a partition).
+    pub fn new(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>, announce_max: usize) -> FanOut {
+        FanOut { bus, members: Membership::new(log, prefix, false), announce_max }
     }
 
-    /// A fan-out fed every event in log order (embedded).
-    pub fn in_order(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>) -> FanOut {
-        FanOut { bus, prefix, log, in_order: Some(Mutex::new(InOrder::default())) }
+    /// A fan-out fed every event in log order, from the first (embedded):
+    /// a replay of the log makes the very same deliveries.
+    pub fn in_order(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>, announce_max: usize) -> FanOut {
+        FanOut { bus, members: Membership::new(log, prefix, true), announce_max }
     }
 }
 
@@ -89,28 +76,6 @@ pub fn deliveries(env: &Envelope) -> Vec<(String, Payload)> {
             vec![(e.peer_id.clone(), payload.clone()), (e.reader_id.clone(), payload)]
         }
         _ => Vec::new(),
-    }
-}
-
-impl FanOut {
-    /// The room's members as of the event at `log_seq`, from the log
-    /// alone: every user with a member subject in the room whose newest
-    /// event before `log_seq` is a join. (The views may lag behind a join
-    /// or a leave; the log does not, and a change after the event does not
-    /// count.)
-    async fn members(&self, room: &str, log_seq: u64) -> Result<Vec<String>, ApplyError> {
-        let unavailable = |e: crate::log::LogError| ApplyError::Unavailable(e.to_string());
-        let prefix = natter_events::subjects::member(&self.prefix, room, "");
-        let subjects = self.log.subjects(&prefix).await.map_err(unavailable)?;
-        let reads: Vec<_> = subjects.iter().map(|s| self.log.last_before(s, log_seq)).collect();
-        let states: Vec<_> = futures::stream::iter(reads).buffered(MEMBER_READS).collect().await;
-        let mut members = Vec::with_capacity(subjects.len());
-        for (subject, state) in subjects.iter().zip(states) {
-            if MemberState::after(state.map_err(unavailable)?.as_ref().map(|l| &l.envelope.event)).member {
-                members.push(subject[prefix.len()..].to_owned());
-            }
-        }
-        Ok(members)
     }
 }
 
@@ -148,27 +113,14 @@ impl Projection for FanOut {
             _ => None,
         };
         if let Some((room, concerned, payload)) = room {
-            let mut members = match &self.in_order {
-                Some(table) => {
-                    let mut table = table.lock().expect("fan-out membership lock");
-                    let members: Vec<String> = table.rooms.get(room.as_str()).map(|m| m.iter().cloned().collect()).unwrap_or_default();
-                    if log_seq > table.last_seq {
-                        table.last_seq = log_seq;
-                        match &env.event {
-                            Event::MemberJoined(e) => {
-                                table.rooms.entry(e.room_id.clone()).or_default().insert(e.user_id.clone());
-                            }
-                            Event::MemberLeft(e) => {
-                                table.rooms.entry(e.room_id.clone()).or_default().remove(&e.user_id);
-                            }
-                            _ => {}
-                        }
-                    }
-                    members
-                }
-                None => self.members(room, log_seq).await?,
-            };
+            let mut members = self.members.as_of(room, log_seq, &env.event).await?;
             if let Some(user) = concerned {
+                // A large room's joins and leaves would cost the square of
+                // its size in a burst: only the user concerned hears them
+                // (the others see presence, and the member list over REST).
+                if members.len() > self.announce_max {
+                    members.clear();
+                }
                 members.retain(|m| m != user);
                 members.push(user.clone());
             }
@@ -180,6 +132,8 @@ impl Projection for FanOut {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use natter_events::{DmState, MessageSent, MessagesSeen};
 
     use super::*;
@@ -234,7 +188,7 @@ mod tests {
         log.append(&member("bob", false, 2), expected["bob"]).await.unwrap();
         log.append(&member("kim", true, 1), 0).await.unwrap();
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-        let fanout = FanOut::new(bus.clone(), "p".into(), log.clone());
+        let fanout = FanOut::new(bus.clone(), "p".into(), log.clone(), 100);
         fanout.apply_at(&msg, seq).await.unwrap();
         // Membership as of the message: bob still in, kim not yet.
         for (user, gets) in [("amy", true), ("bob", true), ("eve", false), ("zed", false), ("kim", false)] {
@@ -278,7 +232,7 @@ mod tests {
             .collect();
         let run = || async {
             let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-            let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone());
+            let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), 100);
             for (i, env) in events.iter().enumerate() {
                 fanout.apply_at(env, i as u64 + 1).await.unwrap();
             }
@@ -295,6 +249,93 @@ mod tests {
         assert_eq!(events_of(1), ["member-joined@2", "message@3", "member-left@4"], "eve: the message before she left, nothing after");
         assert_eq!(events_of(2), ["member-joined@5", "message@6"], "zed: nothing from before he joined");
         assert_eq!(run().await, first, "a replay makes the same deliveries");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Two nodes take turns on a room's events (distributed: any node may
+    /// handle the partition's next event): each catches up on the
+    /// membership changes the other handled, reading only those.
+    #[tokio::test]
+    async fn a_node_catches_up_on_the_membership_changes_another_node_handled() {
+        use natter_events::{MemberJoined, MemberLeft, RoomMessageSent, subjects};
+
+        use crate::config::SyncPolicy;
+        use crate::log::file::FileLog;
+        use crate::push::Replay;
+        use crate::push::memory::MemoryPush;
+
+        let dir = std::env::temp_dir().join(format!("natter-turns-{}", uuid::Uuid::new_v4().simple()));
+        let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
+        let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
+        let nodes = [FanOut::new(bus.clone(), "p".into(), log.clone(), 100), FanOut::new(bus.clone(), "p".into(), log.clone(), 100)];
+        let mut positions: HashMap<String, (u64, u64)> = HashMap::new(); // subject → (position, its last log seq)
+        let join = |u: &str| (subjects::member("p", "r", u), Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0 }));
+        let leave = |u: &str| (subjects::member("p", "r", u), Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into() }));
+        let msg = |n: u64| {
+            (subjects::room("p", "r"), Event::RoomMessageSent(RoomMessageSent {
+                message_id: format!("m{n}"),
+                room_id: "r".into(),
+                sender_id: "amy".into(),
+                client_msg_id: None,
+                message: Some("hi".into()),
+                attachment: None,
+                seq: n,
+            }))
+        };
+        // (event, which node handles it)
+        let script = [(join("amy"), 0), (join("bob"), 0), (msg(1), 0), (leave("bob"), 1), (join("kim"), 1), (msg(2), 0), (join("bob"), 1), (msg(3), 1), (leave("kim"), 0), (msg(4), 1)];
+        for ((subject, event), node) in script {
+            let (position, last) = positions.get(&subject).copied().unwrap_or((0, 0));
+            let env = Envelope::new(format!("c{}", uuid::Uuid::new_v4().simple()), subject.clone(), position + 1, event);
+            let seq = log.append(&env, last).await.unwrap().log_seq;
+            positions.insert(subject, (position + 1, seq));
+            nodes[node].apply_at(&env, seq).await.unwrap();
+        }
+        let messages = |user: &str| {
+            let bus = bus.clone();
+            let user = user.to_owned();
+            async move {
+                let Replay::Page(page) = bus.replay(&user, 0, 100).await.unwrap() else { panic!("too old") };
+                page.iter().filter(|d| d.payload.event == "message").map(|d| d.payload.data["_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(messages("amy").await, ["m1", "m2", "m3", "m4"]);
+        assert_eq!(messages("bob").await, ["m1", "m3", "m4"], "bob left before m2 and came back before m3");
+        assert_eq!(messages("kim").await, ["m2", "m3"], "kim joined after m1 and left before m4");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Joins and leaves reach every member of a small room, and only the
+    /// user concerned in a large one.
+    #[tokio::test]
+    async fn large_rooms_tell_only_the_user_concerned_of_a_join() {
+        use natter_events::{MemberJoined, subjects};
+
+        use crate::config::SyncPolicy;
+        use crate::log::file::FileLog;
+        use crate::push::Replay;
+        use crate::push::memory::MemoryPush;
+
+        let dir = std::env::temp_dir().join(format!("natter-announce-{}", uuid::Uuid::new_v4().simple()));
+        let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
+        let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
+        let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), 2);
+        for u in ["u1", "u2", "u3", "u4"] {
+            let env = Envelope::new(format!("{u}:j"), subjects::member("p", "r", u), 1, Event::MemberJoined(MemberJoined {
+                room_id: "r".into(),
+                user_id: u.into(),
+                seen_up_to: 0,
+            }));
+            let seq = log.append(&env, 0).await.unwrap().log_seq;
+            fanout.apply_at(&env, seq).await.unwrap();
+        }
+        let mut heard = Vec::new();
+        for u in ["u1", "u2", "u3", "u4"] {
+            let Replay::Page(page) = bus.replay(u, 0, 10).await.unwrap() else { panic!("too old") };
+            heard.push(page.iter().map(|d| d.payload.data["userId"].as_str().unwrap().to_owned()).collect::<Vec<_>>());
+        }
+        // u3 joined a room of two (everyone hears); u4 a room of three (only u4).
+        assert_eq!(heard, [vec!["u1", "u2", "u3"], vec!["u2", "u3"], vec!["u3"], vec!["u4"]]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

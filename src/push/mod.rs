@@ -15,6 +15,7 @@
 //!
 //! - [`fanout`]: the projector that turns events into per-user deliveries
 //!   (one at a time, in log order, deduplicated by `<event id>:<user>`).
+//! - [`members`]: room membership as of each event, kept per room.
 //! - [`hub`]: a node's subscriptions (one per user with sockets here, gone
 //!   with the user's last socket), typing relay, and replay from a cursor.
 //!
@@ -31,6 +32,7 @@
 
 pub mod fanout;
 pub mod hub;
+pub mod members;
 pub mod memory;
 pub mod nats;
 

@@ -43,6 +43,13 @@ async fn contract(log: &dyn EventLog, prefix: &str) {
     assert_eq!(as_of(second.log_seq + 1).await.unwrap().unwrap().envelope, e2);
     assert_eq!(log.last_before(&b, u64::MAX).await.unwrap().unwrap().log_seq, third.log_seq);
     assert!(log.subjects(&format!("{prefix}.ev.")).await.unwrap().is_empty(), "one token deeper only");
+    let next = |under: String, from: u64| async move { log.next_under(&under, from).await.unwrap().map(|l| l.log_seq) };
+    let users = format!("{prefix}.ev.user.");
+    assert_eq!(next(users.clone(), 0).await, Some(first.log_seq), "the first event under the prefix");
+    assert_eq!(next(users.clone(), first.log_seq + 1).await, Some(second.log_seq), "on any subject under it");
+    assert_eq!(next(users.clone(), second.log_seq + 1).await, Some(third.log_seq));
+    assert_eq!(next(users.clone(), third.log_seq + 1).await, None, "nothing after the last");
+    assert_eq!(next(format!("{prefix}.ev."), 0).await, None, "one token deeper only");
     assert_eq!(log.last(&a).await.unwrap().unwrap().envelope, e2);
     assert_eq!(log.last(&b).await.unwrap().unwrap().log_seq, third.log_seq);
     assert_eq!(log.get(first.log_seq).await.unwrap().envelope, e1);

@@ -1,0 +1,213 @@
+//! Room membership as of each event, for the fan-out.
+//!
+//! A room event goes to the room's members as of that event: neither the
+//! views (which may lag behind a join or a leave) nor a change made after
+//! it count. The fan-out keeps a table per room of the members as of the
+//! last event it handled there (`as_of`, a log sequence), so a room event
+//! costs what the room's membership changed since, not what it ever was:
+//!
+//! - **Fed in order** (embedded: the projector hands over every event of
+//!   the log, in order): the table follows the membership events as they
+//!   come and is never read back from the log.
+//! - **Distributed**: any node may handle a room's next event (the room's
+//!   partition has one event in flight, but the previous one may have been
+//!   another node's), so before using its table a node asks the log for
+//!   the room's membership events after `as_of` and before the event: one
+//!   read when nothing changed, one more per change.
+//! - **Cold** (a room first seen since start, or evicted): built from the
+//!   log alone, reading each member subject the room has had as of the
+//!   event. That costs a read per member it ever had, once per node.
+//!
+//! The table is bounded: past [`CAPACITY`] members in all, the rooms used
+//! least recently are dropped (and built cold again when next needed).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use natter_events::{Event, MemberState, subjects};
+use natter_projections::ApplyError;
+
+use crate::log::{EventLog, LogError};
+
+/// Members held in all rooms' tables before the least recently used
+/// rooms are dropped (about 100 bytes each).
+pub const CAPACITY: usize = 500_000;
+/// Member subjects read at once while building a room's table cold.
+const COLD_READS: usize = 64;
+
+/// What a membership event changes.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    Joined(&'a str),
+    Left(&'a str),
+}
+
+impl<'a> Change<'a> {
+    fn of(event: &'a Event) -> Option<Change<'a>> {
+        match event {
+            Event::MemberJoined(e) => Some(Change::Joined(&e.user_id)),
+            Event::MemberLeft(e) => Some(Change::Left(&e.user_id)),
+            _ => None,
+        }
+    }
+
+    fn apply(self, members: &mut BTreeSet<String>) {
+        match self {
+            Change::Joined(user) => {
+                members.insert(user.to_owned());
+            }
+            Change::Left(user) => {
+                members.remove(user);
+            }
+        }
+    }
+}
+
+pub struct Membership {
+    log: Arc<dyn EventLog>,
+    prefix: String,
+    /// Every event of the log comes in order, from the first.
+    fed_in_order: bool,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    rooms: HashMap<String, Room>,
+    /// Members held in all rooms.
+    held: usize,
+    clock: u64,
+}
+
+struct Room {
+    /// Every membership change of the room up to this log sequence is in.
+    as_of: u64,
+    members: BTreeSet<String>,
+    used: u64,
+}
+
+impl Table {
+    fn take(&mut self, room: &str) -> Option<Room> {
+        let taken = self.rooms.remove(room)?;
+        self.held -= taken.members.len();
+        Some(taken)
+    }
+
+    fn put(&mut self, id: &str, mut room: Room) {
+        self.clock += 1;
+        room.used = self.clock;
+        self.held += room.members.len();
+        if let Some(old) = self.rooms.insert(id.to_owned(), room) {
+            self.held -= old.members.len();
+        }
+        while self.held > CAPACITY && self.rooms.len() > 1 {
+            let Some(coldest) = self.rooms.iter().filter(|(r, _)| r.as_str() != id).min_by_key(|(_, r)| r.used).map(|(id, _)| id.clone()) else {
+                break;
+            };
+            self.take(&coldest);
+        }
+    }
+}
+
+impl Membership {
+    pub fn new(log: Arc<dyn EventLog>, prefix: String, fed_in_order: bool) -> Membership {
+        Membership { log, prefix, fed_in_order, table: Mutex::new(Table::default()) }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().expect("membership table lock")
+    }
+
+    /// The members of `room` as of the event at `log_seq` (changes before
+    /// it count, its own and later ones do not); then takes in the event's
+    /// own change, if it is a membership event of the room.
+    pub async fn as_of(&self, room: &str, log_seq: u64, event: &Event) -> Result<Vec<String>, ApplyError> {
+        let taken = self.table().take(room);
+        let mut entry = match taken {
+            Some(entry) if entry.as_of < log_seq => entry,
+            Some(newer) => {
+                // An event before the table's (a redelivery, a parked
+                // event retried): answered from the log, the table kept.
+                self.table().put(room, newer);
+                return self.from_log(room, log_seq).await;
+            }
+            None => Room { as_of: log_seq - 1, members: self.from_log(room, log_seq).await?.into_iter().collect(), used: 0 },
+        };
+        if !self.fed_in_order {
+            self.catch_up(room, &mut entry, log_seq).await?;
+        }
+        let members = entry.members.iter().cloned().collect();
+        if let Some(change) = Change::of(event) {
+            change.apply(&mut entry.members);
+        }
+        entry.as_of = log_seq;
+        self.table().put(room, entry);
+        Ok(members)
+    }
+
+    /// Takes in the room's membership events after the table's `as_of`
+    /// and before `log_seq`.
+    async fn catch_up(&self, room: &str, entry: &mut Room, log_seq: u64) -> Result<(), ApplyError> {
+        let prefix = subjects::member(&self.prefix, room, "");
+        let mut from = entry.as_of + 1;
+        while from < log_seq {
+            match self.log.next_under(&prefix, from).await.map_err(unavailable)? {
+                Some(found) if found.log_seq < log_seq => {
+                    if let Some(change) = Change::of(&found.envelope.event) {
+                        change.apply(&mut entry.members);
+                    }
+                    from = found.log_seq + 1;
+                }
+                _ => break,
+            }
+        }
+        entry.as_of = log_seq - 1;
+        Ok(())
+    }
+
+    /// The room's members as of `log_seq`, from the log alone: every user
+    /// with a member subject in the room whose newest event before
+    /// `log_seq` is a join.
+    async fn from_log(&self, room: &str, log_seq: u64) -> Result<Vec<String>, ApplyError> {
+        let prefix = subjects::member(&self.prefix, room, "");
+        let subjects = self.log.subjects(&prefix).await.map_err(unavailable)?;
+        let reads: Vec<_> = subjects.iter().map(|s| self.log.last_before(s, log_seq)).collect();
+        let states: Vec<_> = futures::stream::iter(reads).buffered(COLD_READS).collect().await;
+        let mut members = Vec::with_capacity(subjects.len());
+        for (subject, state) in subjects.iter().zip(states) {
+            if MemberState::after(state.map_err(unavailable)?.as_ref().map(|l| &l.envelope.event)).member {
+                members.push(subject[prefix.len()..].to_owned());
+            }
+        }
+        Ok(members)
+    }
+}
+
+fn unavailable(e: LogError) -> ApplyError {
+    ApplyError::Unavailable(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_drops_the_rooms_used_least_recently_past_its_capacity() {
+        let mut table = Table::default();
+        let room = |n: usize, tag: &str| Room { as_of: 1, members: (0..n).map(|i| format!("{tag}{i}")).collect(), used: 0 };
+        table.put("old", room(CAPACITY / 2, "o"));
+        table.put("mid", room(CAPACITY / 4, "m"));
+        let _ = table.take("old").map(|r| table.put("old", r)); // used again: now the newest
+        table.put("new", room(CAPACITY / 2, "n"));
+        assert!(table.held <= CAPACITY, "{}", table.held);
+        let mut kept: Vec<_> = table.rooms.keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, ["new", "old"], "the room used least recently went first");
+        assert_eq!(table.held, CAPACITY);
+        // A room bigger than the whole table is still kept (alone).
+        table.put("huge", room(CAPACITY + 1, "h"));
+        assert_eq!(table.rooms.keys().collect::<Vec<_>>(), ["huge"]);
+        assert_eq!(table.held, CAPACITY + 1);
+    }
+}
