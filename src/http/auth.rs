@@ -39,9 +39,17 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     }
 }
 
-/// A user as clients see them: no password hash.
+/// Another user as clients see them: who they are, never their email (a
+/// directory of addresses is what spammers and phishers page through).
 pub fn public_user(u: &UserView) -> Value {
-    json!({ "_id": u.id, "name": u.name, "email": u.email, "createdAt": u.created_at })
+    json!({ "_id": u.id, "name": u.name, "createdAt": u.created_at })
+}
+
+/// The caller themselves (register and login answers): with their email.
+fn own_user(u: &UserView) -> Value {
+    let mut v = public_user(u);
+    v["email"] = json!(u.email);
+    v
 }
 
 #[derive(Deserialize)]
@@ -63,13 +71,13 @@ async fn register(State(node): State<Arc<AppState>>, ApiJson(body): ApiJson<Regi
         .register(Register { name: body.name, email: body.email, password: body.password })
         .await?;
     let token = node.auth.issue(&user.id);
-    Ok((StatusCode::CREATED, Json(json!({ "success": true, "token": token, "user": public_user(&user) }))))
+    Ok((StatusCode::CREATED, Json(json!({ "success": true, "token": token, "user": own_user(&user) }))))
 }
 
 async fn login(State(node): State<Arc<AppState>>, ApiJson(body): ApiJson<LoginBody>) -> Result<Json<Value>, ApiError> {
     let user = node.commands.login(&body.email, body.password).await?;
     let token = node.auth.issue(&user.id);
-    Ok(Json(json!({ "success": true, "token": token, "user": public_user(&user) })))
+    Ok(Json(json!({ "success": true, "token": token, "user": own_user(&user) })))
 }
 
 pub fn router() -> Router<Arc<AppState>> {

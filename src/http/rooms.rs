@@ -4,8 +4,9 @@
 //! - `POST /api/rooms` `{name, description?}` → 201 `{success, room}` (the
 //!   creator is a member).
 //! - `GET /api/rooms?limit=&after=` → `{success, rooms, nextCursor}`; each
-//!   room has `isMember`, `unread` (members: messages above my watermark)
-//!   and `activeUsers` (present now).
+//!   room has `isMember`, and for members `unread` (messages above my
+//!   watermark) and `activeUsers` (how many are present now); who is in a
+//!   room is for its members only.
 //! - `GET /api/rooms/{id}` → `{success, room}`.
 //! - `POST /api/rooms/{id}/join`, `POST /api/rooms/{id}/leave`.
 //! - `GET /api/rooms/{id}/messages?before=&limit=` → oldest first; marks the
@@ -87,7 +88,9 @@ async fn list(State(node): State<Arc<AppState>>, Caller(me): Caller, page: Resul
         let mut v = room_json(r);
         v["isMember"] = json!(member);
         v["unread"] = json!(if member { unread.get(&r.id).copied().unwrap_or(0) } else { 0 });
-        v["activeUsers"] = json!(present(&node, &r.id).await?.len());
+        if member {
+            v["activeUsers"] = json!(present(&node, &r.id).await?.len());
+        }
         out.push(v);
     }
     let next = if rooms.len() == limit as usize { rooms.last().map(|r| r.id.clone()) } else { None };
@@ -153,11 +156,8 @@ async fn send(
 async fn users(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     node.commands.require_member(&id, &me).await?;
     let present = present(&node, &id).await?;
-    let mut users = Vec::with_capacity(present.len());
-    for u in &present {
-        let name = node.views().user(u).await?.map(|u| u.name);
-        users.push(json!({ "_id": u, "name": name }));
-    }
+    let names: std::collections::HashMap<String, String> = node.views().users_by_ids(&present).await?.into_iter().map(|u| (u.id, u.name)).collect();
+    let users: Vec<Value> = present.iter().map(|u| json!({ "_id": u, "name": names.get(u) })).collect();
     Ok(Json(json!({ "success": true, "users": users, "count": present.len() })))
 }
 

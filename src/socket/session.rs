@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 
 use super::emit::{EmitError, emit_patiently};
 use super::handshake::parse_cursor;
+use super::presence::exit_room;
+use crate::commands::CommandError;
 use crate::state::AppState;
 use crate::push::{Pushed, Replay};
 use crate::push::{Delivery, Payload};
@@ -51,6 +53,21 @@ pub enum Filter {
 }
 
 impl Filter {
+    /// A `/chat` socket whose user left `room`'s membership (over REST,
+    /// from any node) leaves its presence there too: it no longer gets the
+    /// room's presence, and the others see it go.
+    fn left_room(&self, user: &str, p: &Payload) -> Option<String> {
+        let Filter::Chat(entered) = self else { return None };
+        let room = p.data.get("roomId").and_then(Value::as_str)?;
+        let concerned = p.event == "member-left" && p.data.get("userId").and_then(Value::as_str) == Some(user);
+        (concerned && entered.lock().expect("entered rooms lock").contains(room)).then(|| room.to_owned())
+    }
+
+    /// Takes `room` out of the rooms this socket entered; false if it was not in.
+    fn forget(&self, room: &str) -> bool {
+        matches!(self, Filter::Chat(entered) if entered.lock().expect("entered rooms lock").remove(room))
+    }
+
     fn delivery(&self, p: &Payload) -> bool {
         match self {
             Filter::Direct => matches!(p.event.as_str(), "newMessage" | "messagesSeen"),
@@ -117,6 +134,14 @@ enum Stop {
 
 impl Session {
     async fn emit_delivery(&mut self, d: &Delivery) -> Result<(), Stop> {
+        if let Some(room) = self.filter.left_room(&self.user, &d.payload) {
+            // A leave replayed from an old cursor must not take the socket
+            // out of a room its user joined again since: the log decides.
+            let refused = matches!(self.node.commands.require_member(&room, &self.user).await, Err(CommandError::Refused(_)));
+            if refused && self.filter.forget(&room) {
+                exit_room(&self.node, &self.s, &self.user, &room).await;
+            }
+        }
         if !self.filter.delivery(&d.payload) {
             self.cursor = d.cursor;
             return Ok(());

@@ -10,6 +10,7 @@ mod heal;
 mod helpers;
 mod log_contract;
 
+mod abuse;
 mod authorization;
 mod bad_input;
 mod concurrency;
