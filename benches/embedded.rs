@@ -18,7 +18,7 @@ async fn start(dir: &std::path::Path, sync: SyncPolicy) -> RunningNode {
     cfg.server.port = 0;
     cfg.embedded.data_dir = dir.to_owned();
     cfg.embedded.sync = sync;
-    cfg.auth.jwt_secret = Some("bench".to_string().into());
+    cfg.auth.jwt_secret = Some("bench-secret-bench-secret-bench-secret".to_string().into());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     natter::startup::start(cfg, listener).await.unwrap()
 }

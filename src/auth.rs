@@ -39,6 +39,17 @@ pub enum TokenError {
     Invalid(String),
 }
 
+/// Shortest token secret accepted.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Who a valid token speaks for, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    /// The token's `exp`, in seconds since the Unix epoch.
+    pub expires: u64,
+}
+
 #[derive(Clone)]
 pub struct Auth {
     encoding: EncodingKey,
@@ -54,24 +65,25 @@ fn now_secs() -> u64 {
 
 impl Auth {
     /// Builds the token keys from the configured secret, else the one the
-    /// run mode keeps (`stored`). Without either, a random one is
-    /// generated: fine for one node, but tokens then die with the process and
-    /// other nodes refuse them (start-up logs a warning).
+    /// run mode keeps (`stored`: the embedded node's, in its data
+    /// directory). Without either, or with a secret shorter than
+    /// [`MIN_SECRET_BYTES`], the node refuses to start: a node that invents
+    /// its own secret issues tokens no other node accepts, and a short one
+    /// can be guessed offline from any token.
     pub fn new(cfg: &AuthSettings, stored: Option<SecretString>) -> anyhow::Result<Auth> {
-        let secret: Vec<u8> = match cfg.jwt_secret.as_ref().or(stored.as_ref()) {
-            Some(s) => s.expose_secret().as_bytes().to_vec(),
-            None => {
-                tracing::warn!(
-                    "NATTER_JWT_SECRET is not set: using a random secret. Tokens will not survive a restart \
-                     and other nodes will refuse them; set the same secret on every node"
-                );
-                let mut bytes = [0u8; 32];
-                for chunk in bytes.chunks_mut(16) {
-                    chunk.copy_from_slice(&uuid::Uuid::new_v4().into_bytes());
-                }
-                bytes.to_vec()
-            }
+        let Some(secret) = cfg.jwt_secret.as_ref().or(stored.as_ref()) else {
+            anyhow::bail!(
+                "no token secret: set NATTER_JWT_SECRET to the same random value of {MIN_SECRET_BYTES}+ bytes on every node \
+                 (e.g. `head -c 32 /dev/urandom | base64`)"
+            );
         };
+        let secret: Vec<u8> = secret.expose_secret().as_bytes().to_vec();
+        if secret.len() < MIN_SECRET_BYTES {
+            anyhow::bail!(
+                "NATTER_JWT_SECRET is {} bytes; it must be at least {MIN_SECRET_BYTES} (a short secret can be guessed offline from any token)",
+                secret.len()
+            );
+        }
         let mut decoding = vec![(Algorithm::HS256, DecodingKey::from_secret(&secret))];
         if let Some(path) = &cfg.jwt_public_key_file {
             let pem = std::fs::read(path).with_context(|| format!("reading JWT public key {}", path.display()))?;
@@ -104,8 +116,8 @@ impl Auth {
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing cannot fail")
     }
 
-    /// Returns the caller's user id.
-    pub fn verify(&self, token: &str) -> Result<String, TokenError> {
+    /// The caller's identity, if the token is valid now.
+    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
         let (alg, key) = self
             .decoding
@@ -120,6 +132,7 @@ impl Auth {
         #[derive(Deserialize)]
         struct Subject {
             sub: String,
+            exp: u64,
         }
         let data = decode::<Subject>(token, key, &validation).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
@@ -127,7 +140,7 @@ impl Auth {
         })?;
         natter_events::validate_id(&data.claims.sub)
             .map_err(|e| TokenError::Invalid(format!("`sub` is not a valid user id: {e}")))?;
-        Ok(data.claims.sub)
+        Ok(Identity { user: data.claims.sub, expires: data.claims.exp })
     }
 }
 
@@ -168,21 +181,34 @@ mod tests {
     use super::*;
 
     fn auth() -> Auth {
-        let cfg = AuthSettings { jwt_secret: Some("s3cret".to_string().into()), ..AuthSettings::default() };
+        let cfg = AuthSettings { jwt_secret: Some("s3cret-s3cret-s3cret-s3cret-s3cret".to_string().into()), ..AuthSettings::default() };
         Auth::new(&cfg, None).unwrap()
     }
 
     #[test]
-    fn issued_tokens_verify_to_their_subject() {
+    fn issued_tokens_verify_to_their_subject_and_expiry() {
         let a = auth();
-        assert_eq!(a.verify(&a.issue("amy")), Ok("amy".into()));
+        let id = a.verify(&a.issue("amy")).unwrap();
+        assert_eq!(id.user, "amy");
+        assert!(id.expires > now_secs() && id.expires <= now_secs() + a.ttl_secs);
+    }
+
+    #[test]
+    fn a_node_without_a_secret_or_with_a_short_one_refuses_to_start() {
+        let err = Auth::new(&AuthSettings::default(), None).err().expect("no secret refused");
+        assert!(err.to_string().contains("NATTER_JWT_SECRET"), "{err}");
+        let short = AuthSettings { jwt_secret: Some("x".repeat(MIN_SECRET_BYTES - 1).into()), ..AuthSettings::default() };
+        let err = Auth::new(&short, None).err().expect("short secret refused");
+        assert!(err.to_string().contains("at least 32"), "{err}");
+        let exact = AuthSettings { jwt_secret: Some("x".repeat(MIN_SECRET_BYTES).into()), ..AuthSettings::default() };
+        assert!(Auth::new(&exact, None).is_ok());
     }
 
     #[test]
     fn refuses_garbage_and_foreign_secrets() {
         let a = auth();
         assert!(a.verify("not.a.token").is_err());
-        let other = Auth::new(&AuthSettings { jwt_secret: Some("other".to_string().into()), ..AuthSettings::default() }, None).unwrap();
+        let other = Auth::new(&AuthSettings { jwt_secret: Some("other-other-other-other-other-other".to_string().into()), ..AuthSettings::default() }, None).unwrap();
         assert!(matches!(a.verify(&other.issue("amy")), Err(TokenError::Invalid(_))));
     }
 

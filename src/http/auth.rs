@@ -35,7 +35,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
-        Ok(Caller(state.auth.verify(token)?))
+        Ok(Caller(state.auth.verify(token)?.user))
     }
 }
 

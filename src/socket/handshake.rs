@@ -14,6 +14,11 @@ use crate::state::AppState;
 #[derive(Clone, Debug)]
 pub struct SocketUser(pub String);
 
+/// When the socket's token expires (seconds since the Unix epoch): the
+/// socket ends then, with `error {code: "token_expired"}`.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenExpiry(pub u64);
+
 /// The cursor a client resumes from, from `auth.cursor` or `?cursor=`.
 #[derive(Clone, Debug)]
 pub struct StartCursor(pub Option<u64>);
@@ -49,12 +54,13 @@ pub async fn authenticate(s: SocketRef, State(node): State<Arc<AppState>>, TryDa
         .token
         .filter(|t| !t.is_empty())
         .ok_or("authentication required: connect with auth: { token: \"<jwt>\" }")?;
-    let user = node.auth.verify(&token).map_err(|e| e.to_string())?;
+    let identity = node.auth.verify(&token).map_err(|e| e.to_string())?;
     let cursor = match &auth.cursor {
         None | Some(Value::Null) => query_cursor(&s),
         Some(v) => Some(parse_cursor(v).ok_or("cursor must be a non-negative integer")?),
     };
-    s.extensions.insert(SocketUser(user));
+    s.extensions.insert(SocketUser(identity.user));
+    s.extensions.insert(TokenExpiry(identity.expires));
     s.extensions.insert(StartCursor(cursor));
     Ok(())
 }

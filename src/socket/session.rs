@@ -15,7 +15,7 @@ use socketioxide::socket::DisconnectReason;
 use tokio::sync::mpsc;
 
 use super::emit::{EmitError, emit_patiently};
-use super::handshake::parse_cursor;
+use super::handshake::{TokenExpiry, parse_cursor};
 use super::presence::exit_room;
 use crate::commands::CommandError;
 use crate::state::AppState;
@@ -130,6 +130,8 @@ enum Stop {
     Emit(EmitError),
     /// The inbox cannot be read.
     Unavailable(String),
+    /// The socket's token expired.
+    Expired,
 }
 
 impl Session {
@@ -222,7 +224,19 @@ pub fn open(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>,
     node.metrics.socket_opened();
     let (tx, rx) = mpsc::channel(16);
     s.extensions.insert(ControlTx(tx));
-    tokio::spawn(run(s, node, user, start, filter, rx));
+    let expires = s.extensions.get::<TokenExpiry>().map(|TokenExpiry(at)| at);
+    tokio::spawn(run(s, node, user, start, filter, rx, expires));
+}
+
+/// Longest single wait for a token's expiry (tokio's timers stop at about
+/// two years; a later `exp` is waited for in steps).
+const EXPIRY_STEP: Duration = Duration::from_secs(24 * 3600);
+
+/// How long until `expires` (Unix seconds), at most [`EXPIRY_STEP`]; zero
+/// when it has passed.
+fn until_expiry(expires: u64) -> Duration {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(expires.min(i64::MAX as u64 / 2));
+    at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO).min(EXPIRY_STEP)
 }
 
 /// Ends a socket's session, once: from its disconnect handler, or at
@@ -245,7 +259,15 @@ fn closed(node: &AppState, ControlTx(tx): &ControlTx, reason: DisconnectReason) 
 }
 
 /// Runs a socket's deliveries until it disconnects or falls behind.
-async fn run(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>, filter: Filter, mut control: mpsc::Receiver<Control>) {
+async fn run(
+    s: SocketRef,
+    node: Arc<AppState>,
+    user: String,
+    start: Option<u64>,
+    filter: Filter,
+    mut control: mpsc::Receiver<Control>,
+    expires: Option<u64>,
+) {
     // Without a cursor the client starts from "now": the head read *before*
     // subscribing, so a delivery stored in between is caught up, not lost.
     let joined = async {
@@ -271,9 +293,19 @@ async fn run(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>
     };
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.tick().await; // the first tick is immediate: just caught up
+    let expiry = tokio::time::sleep(expires.map_or(EXPIRY_STEP, until_expiry));
+    tokio::pin!(expiry);
     while outcome.is_ok() {
         outcome = tokio::select! {
             _ = sweep.tick() => session.catch_up().await,
+            _ = &mut expiry, if expires.is_some() => match expires.map(until_expiry) {
+                Some(left) if left.is_zero() => Err(Stop::Expired),
+                // Far in the future: wait another step.
+                left => {
+                    expiry.as_mut().reset(tokio::time::Instant::now() + left.unwrap_or(EXPIRY_STEP));
+                    Ok(())
+                }
+            },
             pushed = registration.rx.recv() => match pushed {
                 Some(Pushed::Delivery(d)) => session.live(d).await,
                 Some(Pushed::Signal(p)) if filter.signal(&p) => emit_patiently(&s, &p.event, &p.data, PATIENCE).await.map_err(Stop::Emit),
@@ -316,6 +348,11 @@ async fn run(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>
         Err(Stop::Emit(EmitError::TooSlow)) => {
             tracing::warn!(%user, socket = %s.id, "disconnecting a socket too slow to keep up with its deliveries");
             let _ = s.emit("error", &error("slow_consumer", "disconnected: this client did not keep up with its deliveries; reconnect with your last cursor"));
+            let _ = s.disconnect();
+        }
+        Err(Stop::Expired) => {
+            tracing::debug!(%user, socket = %s.id, "token expired; disconnecting the socket");
+            let _ = s.emit("error", &error("token_expired", "your token expired; reconnect with a fresh one and your last cursor"));
             let _ = s.disconnect();
         }
         Err(Stop::Unavailable(e)) => {

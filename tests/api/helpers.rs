@@ -13,7 +13,7 @@ use natter::startup::RunningNode;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-pub const SECRET: &str = "test-secret-do-not-use";
+pub const SECRET: &str = "test-secret-do-not-use-anywhere-else";
 
 fn service(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {

@@ -83,3 +83,46 @@ async fn bad_tokens_are_refused_with_401(c: &Cluster) {
     assert_eq!(r.status.as_u16(), 401);
     assert_eq!(c.log_head().await, head);
 }
+
+crate::contract!(a_live_socket_ends_when_its_token_expires, 1, a_live_socket_ends_when_its_token_expires);
+
+/// A socket connected with a token that expires in a few seconds gets
+/// `error {code: token_expired}` then is disconnected by the server; one
+/// with a fresh token stays.
+async fn a_live_socket_ends_when_its_token_expires(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let short = sign(&json!({"sub": amy.id, "exp": now() + 3, "iat": now(), "iss": "natter", "aud": "natter"}), SECRET);
+    let mut d = crate::client::Driver::start().await;
+    d.connected("short", &c.socket_url(0), json!({ "token": short })).await;
+    d.connected("fresh", &c.chat_url(0), json!({ "token": amy.token })).await;
+    let e = d.next("short", |e| e["event"] == "error", "token_expired").await;
+    assert_eq!(e["data"]["code"], json!("token_expired"), "{e}");
+    let gone = d.next("short", |e| e["type"] == "disconnect", "disconnect").await;
+    assert_eq!(gone["reason"], json!("io server disconnect"), "the server ended it: {gone}");
+    let fresh = d.quiet("fresh", std::time::Duration::from_millis(300)).await;
+    assert!(!fresh.iter().any(|e| e["type"] == "disconnect"), "{fresh:?}");
+}
+
+/// A distributed node without a token secret, or with a short one, does
+/// not start (it would issue tokens no other node accepts, or guessable
+/// ones): it exits with a message naming the setting.
+#[tokio::test]
+async fn a_distributed_node_refuses_to_start_without_a_strong_secret() {
+    let c = Cluster::start(1).await;
+    for (secret, says) in [(None, "no token secret"), (Some("too-short"), "at least 32")] {
+        let mut cmd = crate::helpers::natter_command();
+        cmd.envs(c.env().into_iter().filter(|(k, _)| *k != "NATTER_JWT_SECRET"))
+            .env("NATTER_HOST", "127.0.0.1")
+            .env("NATTER_PORT", "0")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        if let Some(s) = secret {
+            cmd.env("NATTER_JWT_SECRET", s);
+        }
+        let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output()).await.expect("natter exits").expect("run natter");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{secret:?}: started anyway");
+        assert!(stderr.contains(says) && stderr.contains("NATTER_JWT_SECRET"), "{secret:?}: {stderr}");
+    }
+    c.stop().await;
+}
