@@ -141,6 +141,39 @@ section! {
         port: u16 = 5000, "port", "NATTER_PORT";
         /// Log format: text or json.
         log_format: LogFormat = LogFormat::Text, "log-format", "NATTER_LOG_FORMAT";
+        /// Origins whose browser pages may call the API and open sockets
+        /// (CORS), comma-separated, e.g. `http://localhost:3000`; `*` for
+        /// any (development). Empty: same origin only.
+        cors_origins: String = String::new(), "cors-origins", "NATTER_CORS_ORIGINS";
+    }
+}
+
+/// Which browser origins may call natter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// Same origin only: no CORS headers.
+    None,
+    Any,
+    List(Vec<String>),
+}
+
+impl Server {
+    /// The parsed `cors_origins`; each origin is `scheme://host[:port]`.
+    pub fn cors(&self) -> anyhow::Result<CorsOrigins> {
+        let origins: Vec<&str> = self.cors_origins.split(',').map(str::trim).filter(|o| !o.is_empty()).collect();
+        if origins.is_empty() {
+            return Ok(CorsOrigins::None);
+        }
+        if origins.contains(&"*") {
+            return Ok(CorsOrigins::Any);
+        }
+        for o in &origins {
+            let rest = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));
+            if rest.is_none_or(|r| r.is_empty() || r.contains(['/', ' ', '?', '#'])) {
+                bail!("NATTER_CORS_ORIGINS: {o:?} is not an origin (scheme://host[:port], no path), e.g. http://localhost:3000");
+            }
+        }
+        Ok(CorsOrigins::List(origins.into_iter().map(str::to_owned).collect()))
     }
 }
 
@@ -355,6 +388,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        self.server.cors()?;
         natter_events::validate_id(&self.log.subject_prefix)
             .map_err(|e| anyhow::anyhow!("subject prefix {:?}: {e}", self.log.subject_prefix))?;
         natter_events::validate_id(&self.distributed.stream)
@@ -404,6 +438,20 @@ mod tests {
         let path = dir.join("natter.toml");
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn cors_origins_parse_and_refuse_what_is_not_an_origin() {
+        let server = |o: &str| Server { cors_origins: o.into(), ..Server::default() };
+        assert_eq!(server("").cors().unwrap(), CorsOrigins::None);
+        assert_eq!(server(" * ").cors().unwrap(), CorsOrigins::Any);
+        assert_eq!(
+            server("http://localhost:3000, https://chat.example").cors().unwrap(),
+            CorsOrigins::List(vec!["http://localhost:3000".into(), "https://chat.example".into()])
+        );
+        for bad in ["localhost:3000", "http://x.example/app", "ftp://x.example", "http://"] {
+            assert!(server(bad).cors().is_err(), "{bad}");
+        }
     }
 
     #[test]

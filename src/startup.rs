@@ -137,7 +137,8 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let addr = listener.local_addr()?;
-    let mut tasks = vec![serve(state.clone(), listener, shutdown_rx.clone(), after_drain)];
+    let cors = crate::http::cors(&cfg.server.cors()?);
+    let mut tasks = vec![serve(state.clone(), listener, shutdown_rx.clone(), after_drain, cors)];
     match runner.start(projections, metrics, shutdown_rx.clone()).await {
         Ok(projectors) => tasks.extend(projectors),
         Err(e) => {
@@ -161,11 +162,18 @@ fn serve(
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
     after_drain: Box<dyn FnOnce() + Send>,
+    cors: Option<tower_http::cors::CorsLayer>,
 ) -> JoinHandle<()> {
     let (sockets, io) = crate::socket::layer(state.clone());
     let app = crate::http::router(state.clone())
         .layer(sockets)
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::http::gate));
+    // Outermost, so refusals (401, 429, 503) carry the headers a browser
+    // needs to read them, and Socket.IO's long-polling is covered too.
+    let app = match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
     // A peer that stops reading is cut off once unacknowledged data sits for
     // this long, so a stalled client cannot pin a connection (and its
     // buffers) forever.

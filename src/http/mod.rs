@@ -60,6 +60,27 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
 }
 
+/// The CORS layer for the configured origins (`None`: same origin only).
+/// Tokens travel in headers and the Socket.IO handshake, never cookies, so
+/// credentials are not allowed.
+pub fn cors(origins: &crate::config::CorsOrigins) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = match origins {
+        crate::config::CorsOrigins::None => return None,
+        crate::config::CorsOrigins::Any => AllowOrigin::any(),
+        crate::config::CorsOrigins::List(list) => AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok())),
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::PUT, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.limits.max_body_bytes;
     Router::new()

@@ -84,3 +84,46 @@ async fn leaving_a_room_over_rest_ends_the_sockets_presence_there(c: &Cluster) {
     let presence: Vec<&Value> = bob_got.iter().filter(|e| ["room-users", "user-joined", "user-left"].contains(&e["event"].as_str().unwrap_or(""))).collect();
     assert!(presence.is_empty(), "bob left the room: no presence of it for him: {presence:?}");
 }
+
+/// CORS: a page on an allowed origin may call the API and open a
+/// Socket.IO long-polling session; another origin gets no CORS headers
+/// (the browser then refuses it); with nothing configured, none at all.
+#[tokio::test]
+async fn browsers_on_the_configured_origins_only_may_call_natter() {
+    let c = Cluster::start_with(1, |cfg| cfg.server.cors_origins = "http://app.example:3000, https://chat.example".into()).await;
+    let http = reqwest::Client::new();
+    let allowed = |r: &reqwest::Response| r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_owned());
+    let preflight = |origin: &str, path: &str| {
+        http.request(Method::OPTIONS, c.url(0, path))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header("Access-Control-Request-Headers", "authorization, content-type")
+            .send()
+    };
+    let ok = preflight("http://app.example:3000", "/api/auth/login").await.unwrap();
+    assert!(ok.status().is_success(), "{}", ok.status());
+    assert_eq!(allowed(&ok).as_deref(), Some("http://app.example:3000"));
+    let methods = ok.headers().get("access-control-allow-methods").unwrap().to_str().unwrap().to_owned();
+    assert!(methods.contains("POST") && methods.contains("PATCH"), "{methods}");
+    let headers = ok.headers().get("access-control-allow-headers").unwrap().to_str().unwrap().to_lowercase();
+    assert!(headers.contains("authorization") && headers.contains("content-type"), "{headers}");
+    assert_eq!(allowed(&preflight("http://evil.example", "/api/auth/login").await.unwrap()), None, "another origin");
+
+    // A real request and an error answer carry the header too.
+    let amy = c.register(0, "Amy").await;
+    let listed = http.get(c.url(0, "/api/users")).header("Origin", "https://chat.example").bearer_auth(&amy.token).send().await.unwrap();
+    assert_eq!(allowed(&listed).as_deref(), Some("https://chat.example"));
+    let refused = http.get(c.url(0, "/api/users")).header("Origin", "https://chat.example").send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    assert_eq!(allowed(&refused).as_deref(), Some("https://chat.example"), "the browser can read the refusal");
+    // Socket.IO's long-polling handshake.
+    let polling = http.get(c.url(0, "/socket.io/?EIO=4&transport=polling")).header("Origin", "http://app.example:3000").send().await.unwrap();
+    assert!(polling.status().is_success(), "{}", polling.status());
+    assert_eq!(allowed(&polling).as_deref(), Some("http://app.example:3000"));
+    c.stop().await;
+
+    let plain = Cluster::embedded().await;
+    let r = http.get(plain.url(0, "/api/users")).header("Origin", "http://app.example:3000").send().await.unwrap();
+    assert_eq!(allowed(&r), None, "same origin only unless configured");
+    plain.stop().await;
+}
