@@ -13,6 +13,7 @@ use crate::log::EventLog;
 use crate::presence::Presence;
 use crate::projector::Runner;
 use crate::push::PushBus;
+use crate::ratelimit::Counter;
 
 pub struct Adapters {
     pub mode: Mode,
@@ -24,6 +25,8 @@ pub struct Adapters {
     pub projections: Vec<Arc<dyn Projection>>,
     pub bus: Arc<dyn PushBus>,
     pub presence: Arc<dyn Presence>,
+    /// Rate-limit windows every node shares (login attempts, registrations).
+    pub counter: Arc<dyn Counter>,
     /// Runs the projectors (views, counts and the push fan-out).
     pub runner: Box<dyn Runner>,
     /// The token secret the mode keeps for itself when none is configured

@@ -151,9 +151,34 @@ fn hashing_slots() -> &'static tokio::sync::Semaphore {
     SLOTS.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)))
 }
 
+/// Password hashes waiting for a slot beyond which more are refused: a
+/// flood of logins gets 503s at once instead of queueing without bound.
+const MAX_WAITING: usize = 64;
+
+/// Every password-hashing slot is taken and the queue is full.
+#[derive(Debug, Error)]
+#[error("password checks are saturated; retry shortly")]
+pub struct Busy;
+
+/// A hashing slot, or [`Busy`] when [`MAX_WAITING`] already wait for one.
+async fn hashing_slot() -> Result<tokio::sync::SemaphorePermit<'static>, Busy> {
+    static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    use std::sync::atomic::Ordering::AcqRel;
+    if let Ok(permit) = hashing_slots().try_acquire() {
+        return Ok(permit);
+    }
+    if WAITING.fetch_add(1, AcqRel) >= MAX_WAITING {
+        WAITING.fetch_sub(1, AcqRel);
+        return Err(Busy);
+    }
+    let permit = hashing_slots().acquire().await;
+    WAITING.fetch_sub(1, AcqRel);
+    permit.map_err(|_| Busy)
+}
+
 /// Hashes a password with argon2id (on the blocking pool).
 pub async fn hash_password(password: String) -> anyhow::Result<String> {
-    let _slot = hashing_slots().acquire().await.context("password hashing slots closed")?;
+    let _slot = hashing_slot().await?;
     tokio::task::spawn_blocking(move || {
         Argon2::default()
             .hash_password(password.as_bytes())
@@ -165,15 +190,15 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 }
 
 /// Checks a password against a stored PHC string (on the blocking pool).
-pub async fn verify_password(password: String, phc: String) -> bool {
-    let Ok(_slot) = hashing_slots().acquire().await else { return false };
-    tokio::task::spawn_blocking(move || {
+pub async fn verify_password(password: String, phc: String) -> Result<bool, Busy> {
+    let _slot = hashing_slot().await?;
+    Ok(tokio::task::spawn_blocking(move || {
         PasswordHash::new(&phc)
             .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
             .unwrap_or(false)
     })
     .await
-    .unwrap_or(false)
+    .unwrap_or(false))
 }
 
 #[cfg(test)]
@@ -216,8 +241,8 @@ mod tests {
     async fn passwords_verify_only_with_the_right_one() {
         let phc = hash_password("correct horse".into()).await.unwrap();
         assert!(phc.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse".into(), phc.clone()).await);
-        assert!(!verify_password("wrong".into(), phc.clone()).await);
-        assert!(!verify_password("x".into(), "garbage".into()).await);
+        assert!(verify_password("correct horse".into(), phc.clone()).await.unwrap());
+        assert!(!verify_password("wrong".into(), phc.clone()).await.unwrap());
+        assert!(!verify_password("x".into(), "garbage".into()).await.unwrap());
     }
 }

@@ -207,6 +207,22 @@ section! {
         socket_queue: usize = 1024, "socket-queue", "NATTER_SOCKET_QUEUE";
         /// Typing notices a socket may send per second (excess is dropped).
         typing_per_sec: u32 = 5, "typing-per-sec", "NATTER_TYPING_PER_SEC";
+        /// Login attempts per client IP per minute, across the nodes (0: no limit).
+        login_per_min: u32 = 30, "login-per-min", "NATTER_LOGIN_PER_MIN";
+        /// Failed logins per account per 15 minutes (three times this per
+        /// client IP), across the nodes; then 429 until the window ends (0: no limit).
+        login_failures: u32 = 10, "login-failures", "NATTER_LOGIN_FAILURES";
+        /// Registrations per client IP per hour, across the nodes (0: no limit).
+        register_per_hour: u32 = 20, "register-per-hour", "NATTER_REGISTER_PER_HOUR";
+        /// Messages (direct and room) per account per second on a node,
+        /// with bursts of twice that (0: no limit).
+        sends_per_sec: u32 = 20, "sends-per-sec", "NATTER_SENDS_PER_SEC";
+        /// Rooms created, joined or left per account per minute on a node (0: no limit).
+        room_changes_per_min: u32 = 60, "room-changes-per-min", "NATTER_ROOM_CHANGES_PER_MIN";
+        /// Behind a proxy: the request header that carries the client's IP
+        /// (e.g. `x-real-ip`, which the proxy must set, overwriting what the
+        /// client sent). Empty: the peer address.
+        client_ip_header: String = String::new(), "client-ip-header", "NATTER_CLIENT_IP_HEADER";
     }
 }
 

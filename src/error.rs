@@ -16,11 +16,19 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// `Retry-After` (seconds); every 503 has one (1 s unless set).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), retry_after: None }
+    }
+
+    /// A 503 that asks the client to come back in `secs`.
+    pub fn retry_in(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -50,6 +58,10 @@ impl ApiError {
                     "the service is temporarily unavailable; retry shortly (with the same clientMsgId)",
                 )
             }
+            Failure::Busy(_) => {
+                tracing::warn!("request refused: password checks saturated");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "the server is busy; retry shortly").retry_in(1)
+            }
             Failure::Log(LogError::Corrupt { .. }) | Failure::Internal(_) => {
                 tracing::error!(error = %f, "request failed: internal error");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal Server Error")
@@ -61,7 +73,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "success": false, "message": self.message, "code": self.code });
-        (self.status, Json(body)).into_response()
+        let retry_after = self.retry_after.or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -95,6 +112,16 @@ fn rebuilding(what: &str) -> ApiError {
         "rebuilding",
         format!("{what} are being rebuilt from the event log; retry in a few seconds"),
     )
+    .retry_in(5)
+}
+
+impl From<crate::ratelimit::Limited> for ApiError {
+    fn from(l: crate::ratelimit::Limited) -> Self {
+        let secs = l.retry_after.as_secs_f64().ceil() as u64;
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many {}; retry in {secs} s", l.what));
+        e.retry_after = Some(secs.max(1));
+        e
+    }
 }
 
 impl From<TokenError> for ApiError {

@@ -25,7 +25,8 @@
 //!   fan-out projection (log → per-user deliveries) and the node's hub
 //!   (deliveries → sockets, resume).
 //! - [`log`]: the event-log port and its adapters; `presence`: who is in a
-//!   room now (port and adapters); `auth`: tokens and passwords;
+//!   room now (port and adapters); `ratelimit`: per-IP and per-account
+//!   limits (counters shared in Redis, or in-process); `auth`: tokens and passwords;
 //!   `metrics`: Prometheus; [`telemetry`]: the tracing subscriber.
 //! - [`config`]: every setting, declared once, layered flags > `NATTER_*` >
 //!   TOML > defaults. [`cli`]: operator commands.
@@ -47,6 +48,7 @@ mod metrics;
 mod presence;
 mod projector;
 mod push;
+mod ratelimit;
 mod socket;
 pub mod startup;
 mod state;

@@ -120,7 +120,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         Mode::Embedded => crate::embedded::connect(&cfg).await?,
         Mode::Distributed => crate::distributed::connect(&cfg, &node_id).await?,
     };
-    let Adapters { mode, log, views, counts, projections, bus, presence, runner, stored_secret, after_drain, describe } = adapters;
+    let Adapters { mode, log, views, counts, projections, bus, presence, counter, runner, stored_secret, after_drain, describe } = adapters;
     let auth = Auth::new(&cfg.auth, stored_secret)?;
     let metrics = Arc::new(Metrics::default());
     let commands = Commands::new(log.clone(), views.clone(), counts.clone(), cfg.log.subject_prefix.clone(), cfg.limits.clone(), metrics.clone());
@@ -133,7 +133,8 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     let mut projections = projections;
     projections.push(Arc::new(fanout));
     let push = PushHub::new(bus, cfg.limits.socket_queue);
-    let state = Arc::new(AppState::new(commands, auth, push, presence, mode, cfg.limits.clone(), node_id));
+    let rate = crate::ratelimit::RateLimits::new(counter, &cfg.limits);
+    let state = Arc::new(AppState::new(commands, auth, push, presence, rate, mode, cfg.limits.clone(), node_id));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let addr = listener.local_addr()?;
@@ -149,10 +150,22 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
             return Err(e);
         }
     }
-    tasks.push(tokio::spawn(crate::socket::presence::presence_loop(state.clone(), shutdown_rx)));
+    tasks.push(tokio::spawn(crate::socket::presence::presence_loop(state.clone(), shutdown_rx.clone())));
+    tasks.push(tokio::spawn(rate_housekeeping(state.clone(), shutdown_rx)));
     state.set_serving(true);
     tracing::info!(%addr, mode = mode.name(), "natter node serving ({describe})");
     Ok(RunningNode { addr, state, log, shutdown, tasks })
+}
+
+/// Drops idle rate-limit buckets every minute, so they stay bounded.
+async fn rate_housekeeping(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = every.tick() => state.rate.housekeeping(),
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Serves REST and Socket.IO on `listener` until shutdown; then ends every
@@ -187,6 +200,7 @@ fn serve(
             // the server can drain.
             crate::socket::close_all(&io, &state).await;
         };
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
             tracing::error!(error = %e, "HTTP server failed");
         }

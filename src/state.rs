@@ -13,6 +13,7 @@ use crate::config::{Limits, Mode};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::push::hub::PushHub;
+use crate::ratelimit::RateLimits;
 
 pub struct AppState {
     /// The write side, and through it the views it keeps up to date.
@@ -22,6 +23,7 @@ pub struct AppState {
     /// This node's sockets' subscriptions.
     pub push: Arc<PushHub>,
     pub presence: Arc<dyn Presence>,
+    pub rate: RateLimits,
     pub mode: Mode,
     pub limits: Limits,
     /// Unique per process: names this node's presence connections.
@@ -33,9 +35,19 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(commands: Commands, auth: Auth, push: Arc<PushHub>, presence: Arc<dyn Presence>, mode: Mode, limits: Limits, node_id: String) -> AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        commands: Commands,
+        auth: Auth,
+        push: Arc<PushHub>,
+        presence: Arc<dyn Presence>,
+        rate: RateLimits,
+        mode: Mode,
+        limits: Limits,
+        node_id: String,
+    ) -> AppState {
         let metrics = commands.metrics().clone();
-        AppState { commands, auth, metrics, push, presence, mode, limits, node_id, serving: AtomicBool::new(false) }
+        AppState { commands, auth, metrics, push, presence, rate, mode, limits, node_id, serving: AtomicBool::new(false) }
     }
 
     pub fn views(&self) -> &dyn ViewStore {

@@ -51,6 +51,9 @@ pub enum Failure {
     Store(#[from] StoreError),
     #[error("{0}")]
     Internal(String),
+    /// The node is saturated (its password checks): retry shortly.
+    #[error(transparent)]
+    Busy(#[from] crate::auth::Busy),
 }
 
 #[derive(Debug, Error)]

@@ -68,7 +68,10 @@ impl Commands {
         if self.log.last(&subject).await?.is_some() {
             return Err(taken().into());
         }
-        let password_hash = auth::hash_password(cmd.password).await.map_err(|e| Failure::Internal(format!("{e:#}")))?;
+        let password_hash = auth::hash_password(cmd.password).await.map_err(|e| match e.downcast::<auth::Busy>() {
+            Ok(busy) => Failure::Busy(busy),
+            Err(e) => Failure::Internal(format!("{e:#}")),
+        })?;
         let user_id = uuid::Uuid::now_v7().to_string();
         let event = UserRegistered { user_id: user_id.clone(), name: cmd.name.trim().to_owned(), email, password_hash };
         let env = self
@@ -90,7 +93,7 @@ impl Commands {
         let refused = || Refusal::Unauthenticated("invalid email or password".into());
         match self.views.user_by_email(&normalise_email(email)).await? {
             Some(user) => {
-                if auth::verify_password(password, user.password_hash.clone()).await {
+                if auth::verify_password(password, user.password_hash.clone()).await.map_err(Failure::Busy)? {
                     Ok(user)
                 } else {
                     Err(refused().into())
@@ -99,7 +102,11 @@ impl Commands {
             None => {
                 // Spend the same argon2 time for unknown addresses, so response
                 // times do not tell which addresses have accounts.
-                let _ = auth::hash_password(password).await;
+                if let Err(e) = auth::hash_password(password).await {
+                    if let Ok(busy) = e.downcast::<auth::Busy>() {
+                        return Err(Failure::Busy(busy).into());
+                    }
+                }
                 Err(refused().into())
             }
         }

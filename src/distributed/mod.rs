@@ -112,6 +112,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
         counts: versions.counts.clone(),
         projections: vec![versions.views.clone(), versions.counts.clone()],
         bus: Arc::new(bus),
+        counter: Arc::new(crate::ratelimit::redis::RedisCounter::new(redis.clone(), &d.redis_prefix)),
         presence: Arc::new(RedisPresence::new(redis, &d.redis_prefix, cfg.push.presence_ttl)),
         runner: Box::new(runner),
         stored_secret: None,

@@ -90,6 +90,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
         projections: vec![views, counts],
         bus: Arc::new(MemoryPush::new(cfg.push.retention)),
         presence: Arc::new(MemoryPresence::new(cfg.push.presence_ttl)),
+        counter: Arc::new(crate::ratelimit::MemoryCounter::default()),
         runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log }),
         stored_secret,
         after_drain: Box::new(move || closing.close()),

@@ -12,7 +12,7 @@ use natter_projections::UserView;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ClientIp};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::register::Register;
@@ -65,7 +65,12 @@ struct LoginBody {
     password: String,
 }
 
-async fn register(State(node): State<Arc<AppState>>, ApiJson(body): ApiJson<RegisterBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn register(
+    State(node): State<Arc<AppState>>,
+    ClientIp(ip): ClientIp,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    node.rate.register(&ip).await?;
     let user = node
         .commands
         .register(Register { name: body.name, email: body.email, password: body.password })
@@ -74,8 +79,18 @@ async fn register(State(node): State<Arc<AppState>>, ApiJson(body): ApiJson<Regi
     Ok((StatusCode::CREATED, Json(json!({ "success": true, "token": token, "user": own_user(&user) }))))
 }
 
-async fn login(State(node): State<Arc<AppState>>, ApiJson(body): ApiJson<LoginBody>) -> Result<Json<Value>, ApiError> {
-    let user = node.commands.login(&body.email, body.password).await?;
+async fn login(State(node): State<Arc<AppState>>, ClientIp(ip): ClientIp, ApiJson(body): ApiJson<LoginBody>) -> Result<Json<Value>, ApiError> {
+    let account = crate::commands::register::email_key(&body.email);
+    node.rate.login(&ip, &account).await?;
+    let user = match node.commands.login(&body.email, body.password).await {
+        Ok(user) => user,
+        Err(e) => {
+            if matches!(e, crate::commands::CommandError::Refused(_)) {
+                node.rate.login_failed(&ip, &account).await;
+            }
+            return Err(e.into());
+        }
+    };
     let token = node.auth.issue(&user.id);
     Ok(Json(json!({ "success": true, "token": token, "user": own_user(&user) })))
 }

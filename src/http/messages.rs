@@ -83,6 +83,7 @@ struct AttachmentBody {
 }
 
 async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<Value>, ApiError> {
+    node.rate.send(&cmd.sender)?;
     let m = node.commands.send(cmd).await?;
     let seen = is_seen(node, &m).await?;
     Ok(Json(json!({ "success": true, "message": format!("{what} Sent Successfully"), "data": message_json(&m, seen) })))

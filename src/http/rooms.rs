@@ -69,6 +69,7 @@ async fn room_or_404(node: &AppState, id: &str) -> Result<natter_projections::Ro
 }
 
 async fn create(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiJson(body): ApiJson<CreateBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    node.rate.room_change(&me)?;
     let room = node.commands.create_room(CreateRoom { creator: me, name: body.name, description: body.description }).await?;
     Ok((StatusCode::CREATED, Json(json!({ "success": true, "room": room_json(&room) }))))
 }
@@ -106,12 +107,14 @@ async fn one(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Pa
 
 async fn join(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let room = room_or_404(&node, &id).await?;
+    node.rate.room_change(&me)?;
     node.commands.join_room(&me, &id).await?;
     Ok(Json(json!({ "success": true, "room": room_json(&room) })))
 }
 
 async fn leave(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     room_or_404(&node, &id).await?;
+    node.rate.room_change(&me)?;
     node.commands.leave_room(&me, &id).await?;
     Ok(Json(json!({ "success": true })))
 }
@@ -146,6 +149,7 @@ async fn send(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<Json<Value>, ApiError> {
+    node.rate.send(&me)?;
     let m = node
         .commands
         .send_room(SendRoomMessage { sender: me, room: id, message: body.message, attachment: body.attachment, client_msg_id: body.client_msg_id })

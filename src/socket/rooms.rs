@@ -91,6 +91,10 @@ async fn on_join(
     let Some(room) = v.ok().as_ref().and_then(room_arg) else {
         return refuse(&s, ack, "bad_request", "join-room needs a room id");
     };
+    if let Err(l) = node.rate.room_change(&me) {
+        let e = ApiError::from(l);
+        return refuse(&s, ack, e.code, &e.message);
+    }
     if let Err(e) = node.commands.join_room(&me, &room).await {
         return refuse_command(&s, ack, e);
     }
@@ -160,6 +164,10 @@ async fn on_send(
         attachment: input.attachment,
         client_msg_id: input.client_msg_id,
     };
+    if let Err(l) = node.rate.send(&cmd.sender) {
+        let e = ApiError::from(l);
+        return refuse(&s, ack, e.code, &e.message);
+    }
     match node.commands.send_room(cmd).await {
         Ok(m) => {
             let _ = ack.send(&json!({ "success": true, "data": room_message_json(&m) }));

@@ -127,3 +127,123 @@ async fn browsers_on_the_configured_origins_only_may_call_natter() {
     assert_eq!(allowed(&r), None, "same origin only unless configured");
     plain.stop().await;
 }
+
+fn limited(r: &crate::helpers::Reply) -> bool {
+    r.status.as_u16() == 429 && r.body["code"] == json!("rate_limited")
+}
+
+crate::contract!(
+    failed_logins_lock_the_account_and_attempts_are_limited_per_address_across_nodes,
+    2,
+    |cfg| {
+        cfg.limits.login_failures = 3;
+        cfg.limits.login_per_min = 6;
+    },
+    failed_logins_lock_the_account_and_attempts_are_limited_per_address_across_nodes
+);
+
+/// Three failed logins for Amy, through both nodes: the next attempt, even
+/// with her password, is refused (429 with Retry-After) on every node,
+/// while Bob still logs in; then the address runs out of attempts.
+async fn failed_logins_lock_the_account_and_attempts_are_limited_per_address_across_nodes(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let login = |node: usize, email: &str, password: &str| {
+        c.request(node, Method::POST, "/api/auth/login", None, Some(json!({ "email": email, "password": password })))
+    };
+    for node in [0, 1, 0] {
+        assert_eq!(login(node, &amy.email, "wrong-password").await.status.as_u16(), 401);
+    }
+    for node in [1, 0] {
+        let r = login(node, &amy.email, "password123").await;
+        assert!(limited(&r), "node {node}: {} {}", r.status, r.body);
+    }
+    assert_eq!(login(1, &bob.email, "password123").await.status.as_u16(), 200, "other accounts log in");
+    // Six attempts from this address so far (refused ones count): the seventh is over the minute's limit.
+    let r = login(0, &bob.email, "password123").await;
+    assert!(limited(&r), "{} {}", r.status, r.body);
+}
+
+crate::contract!(
+    sends_room_changes_and_registrations_are_limited_and_refusals_change_nothing,
+    1,
+    |cfg| {
+        cfg.limits.sends_per_sec = 2;
+        cfg.limits.room_changes_per_min = 2;
+        cfg.limits.register_per_hour = 3;
+    },
+    sends_room_changes_and_registrations_are_limited_and_refusals_change_nothing
+);
+
+async fn sends_room_changes_and_registrations_are_limited_and_refusals_change_nothing(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    for i in 0..4 {
+        assert_eq!(c.send(0, &amy, &bob, &format!("m{i}"), None).await.status.as_u16(), 200, "a burst of twice the rate");
+    }
+    let head = c.log_head().await;
+    let over = c.send(0, &amy, &bob, "one too many", None).await;
+    assert!(limited(&over), "{} {}", over.status, over.body);
+    assert_eq!(c.log_head().await, head, "a refused send appends nothing");
+    assert_eq!(c.send(0, &bob, &amy, "bob has his own budget", None).await.status.as_u16(), 200);
+
+    let room = create_room(c, &amy, "R").await;
+    let join = c.request(0, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await;
+    assert_eq!(join.status.as_u16(), 200);
+    let second = c.request(0, Method::POST, &format!("/api/rooms/{room}/leave"), Some(&bob.token), None).await;
+    assert_eq!(second.status.as_u16(), 200);
+    let third = c.request(0, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await;
+    assert!(limited(&third), "{} {}", third.status, third.body);
+
+    c.register(0, "Carol").await; // the third registration from this address
+    let r = c
+        .request(0, Method::POST, "/api/auth/register", None, Some(json!({ "name": "Dan", "email": "dan@example.com", "password": "password123" })))
+        .await;
+    assert!(limited(&r), "{} {}", r.status, r.body);
+}
+
+/// The refusals carry `Retry-After`; a flood of logins is answered at once
+/// (503 `busy` once the password checks' queue is full) rather than queued
+/// without bound.
+#[tokio::test]
+async fn refusals_say_when_to_retry_and_a_login_flood_is_shed() {
+    let c = Cluster::embedded_with(|cfg| {
+        cfg.limits.sends_per_sec = 1;
+        cfg.limits.login_per_min = 0;
+        cfg.limits.login_failures = 0;
+    })
+    .await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let http = reqwest::Client::new();
+    let send = || {
+        http.post(c.url(0, &format!("/api/messages/{}", bob.id))).bearer_auth(&amy.token).json(&json!({ "message": "hi" })).send()
+    };
+    for _ in 0..2 {
+        assert!(send().await.unwrap().status().is_success());
+    }
+    let over = send().await.unwrap();
+    assert_eq!(over.status().as_u16(), 429);
+    let retry: u64 = over.headers().get("retry-after").expect("Retry-After").to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+
+    let flood = (0..300).map(|i| {
+        http.post(c.url(0, "/api/auth/login")).json(&json!({ "email": format!("nobody{i}@example.com"), "password": "password123" })).send()
+    });
+    let answers = futures::future::join_all(flood).await;
+    let mut busy = 0;
+    for a in answers {
+        let a = a.unwrap();
+        match a.status().as_u16() {
+            401 => {}
+            503 => {
+                assert!(a.headers().contains_key("retry-after"));
+                assert_eq!(a.json::<Value>().await.unwrap()["code"], json!("busy"));
+                busy += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(busy > 0, "300 logins at once: some are shed");
+    c.stop().await;
+}

@@ -179,6 +179,11 @@ impl Cluster {
         // JetStream reserves an inbox's whole bound: many test clusters share
         // one NATS store.
         cfg.push.max_bytes = 16 * 1024 * 1024;
+        // Tests register, send and join from one address as fast as they
+        // can: the rate limits are tested on their own (abuse.rs).
+        cfg.limits.register_per_hour = 0;
+        cfg.limits.sends_per_sec = 0;
+        cfg.limits.room_changes_per_min = 0;
         cfg
     }
 
@@ -329,6 +334,9 @@ impl Cluster {
             return vec![
                 ("NATTER_DATA_DIR", cfg.embedded.data_dir.display().to_string()),
                 ("NATTER_JWT_SECRET", SECRET.to_owned()),
+            ("NATTER_REGISTER_PER_HOUR", "0".to_owned()),
+            ("NATTER_SENDS_PER_SEC", "0".to_owned()),
+            ("NATTER_ROOM_CHANGES_PER_MIN", "0".to_owned()),
                 ("NATTER_MAX_MESSAGE_CHARS", cfg.limits.max_message_chars.to_string()),
             ];
         }
@@ -341,6 +349,9 @@ impl Cluster {
             ("NATTER_STREAM", cfg.distributed.stream.clone()),
             ("NATTER_SUBJECT_PREFIX", cfg.log.subject_prefix.clone()),
             ("NATTER_JWT_SECRET", SECRET.to_owned()),
+            ("NATTER_REGISTER_PER_HOUR", "0".to_owned()),
+            ("NATTER_SENDS_PER_SEC", "0".to_owned()),
+            ("NATTER_ROOM_CHANGES_PER_MIN", "0".to_owned()),
             ("NATTER_MAX_MESSAGE_CHARS", cfg.limits.max_message_chars.to_string()),
             ("NATTER_PRESENCE_TTL_MS", cfg.push.presence_ttl.as_millis().to_string()),
         ]

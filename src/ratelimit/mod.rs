@@ -1,0 +1,251 @@
+//! Rate limits: no client may flood natter or guess passwords.
+//!
+//! - **Shared across nodes** where abuse spans them — login attempts per
+//!   IP, failed logins per account and per IP, registrations per IP —
+//!   counted in fixed windows in a [`Counter`] every node shares (Redis,
+//!   [`redis::RedisCounter`]; in-process when embedded,
+//!   [`MemoryCounter`]). A client that spreads its guesses over the nodes
+//!   behind a load balancer gets no more of them.
+//! - **Per node, per account** — sends, room changes — with token buckets
+//!   (`governor`): a burst, then a steady rate. A user's requests land on
+//!   a few nodes at most, so the cluster-wide rate is a small multiple.
+//!
+//! Over a limit a client gets 429 `rate_limited` with `Retry-After`.
+//! Nothing here grows without bound: windows expire, and idle buckets are
+//! dropped by [`RateLimits::housekeeping`].
+
+pub mod redis;
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use governor::{DefaultKeyedRateLimiter, Quota};
+
+use crate::config::Limits;
+
+/// Fixed-window counters shared by the nodes.
+#[async_trait]
+pub trait Counter: Send + Sync {
+    /// Counts one hit on `key` in its current window (a new window of
+    /// `window` starts with the first hit); returns the hits in the window,
+    /// this one included, and the time left in it.
+    async fn hit(&self, key: &str, window: Duration) -> anyhow::Result<(u64, Duration)>;
+    /// The hits on `key` in its current window, without counting one.
+    async fn peek(&self, key: &str) -> anyhow::Result<(u64, Duration)>;
+}
+
+/// Windows held in memory before expired ones are swept.
+const MEMORY_SWEEP_AT: usize = 10_000;
+
+/// The embedded node's counters.
+#[derive(Default)]
+pub struct MemoryCounter {
+    windows: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+#[async_trait]
+impl Counter for MemoryCounter {
+    async fn hit(&self, key: &str, window: Duration) -> anyhow::Result<(u64, Duration)> {
+        let now = Instant::now();
+        let mut windows = self.windows.lock().expect("rate windows lock");
+        if windows.len() >= MEMORY_SWEEP_AT {
+            windows.retain(|_, (end, _)| *end > now);
+        }
+        let entry = windows.entry(key.to_owned()).or_insert((now + window, 0));
+        if entry.0 <= now {
+            *entry = (now + window, 0);
+        }
+        entry.1 += 1;
+        Ok((entry.1, entry.0 - now))
+    }
+
+    async fn peek(&self, key: &str) -> anyhow::Result<(u64, Duration)> {
+        let now = Instant::now();
+        Ok(match self.windows.lock().expect("rate windows lock").get(key) {
+            Some((end, n)) if *end > now => (*n, *end - now),
+            _ => (0, Duration::ZERO),
+        })
+    }
+}
+
+/// A request over a limit: answered 429 with `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limited {
+    pub what: &'static str,
+    pub retry_after: Duration,
+}
+
+/// What a counter outage does: the limit is not applied (logged), rather
+/// than every login failing while Redis is away.
+fn open_on_error<T>(what: &str, r: anyhow::Result<T>) -> Option<T> {
+    r.map_err(|e| tracing::warn!(limit = what, error = %format!("{e:#}"), "rate-limit counter unavailable; not limiting")).ok()
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+/// The window failed logins are counted in.
+const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+pub struct RateLimits {
+    counter: std::sync::Arc<dyn Counter>,
+    login_per_min: u64,
+    login_failures: u64,
+    register_per_hour: u64,
+    sends: Option<DefaultKeyedRateLimiter<String>>,
+    room_changes: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+/// A bucket of `per_sec` a second with a burst of twice that (`None`: no limit).
+fn bucket(per_sec: u32) -> Option<DefaultKeyedRateLimiter<String>> {
+    let rate = NonZeroU32::new(per_sec)?;
+    let burst = NonZeroU32::new(per_sec.saturating_mul(2)).unwrap_or(rate);
+    Some(governor::RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
+}
+
+fn per_minute(per_min: u32) -> Option<DefaultKeyedRateLimiter<String>> {
+    let rate = NonZeroU32::new(per_min)?;
+    Some(governor::RateLimiter::keyed(Quota::per_minute(rate)))
+}
+
+impl RateLimits {
+    pub fn new(counter: std::sync::Arc<dyn Counter>, limits: &Limits) -> RateLimits {
+        RateLimits {
+            counter,
+            login_per_min: u64::from(limits.login_per_min),
+            login_failures: u64::from(limits.login_failures),
+            register_per_hour: u64::from(limits.register_per_hour),
+            sends: bucket(limits.sends_per_sec),
+            room_changes: per_minute(limits.room_changes_per_min),
+        }
+    }
+
+    /// A fixed-window limit of `max` hits (0: none) on `key`.
+    async fn window(&self, what: &'static str, key: String, max: u64, window: Duration) -> Result<(), Limited> {
+        if max == 0 {
+            return Ok(());
+        }
+        match open_on_error(what, self.counter.hit(&key, window).await) {
+            Some((n, left)) if n > max => Err(Limited { what, retry_after: left.max(Duration::from_secs(1)) }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A login attempt from `ip` for the account `account` (a digest of
+    /// the address): refused while the IP is over its attempts, or the
+    /// account or the IP over their failures.
+    pub async fn login(&self, ip: &str, account: &str) -> Result<(), Limited> {
+        self.window("login attempts from this address", format!("login:ip:{ip}"), self.login_per_min, MINUTE).await?;
+        if self.login_failures == 0 {
+            return Ok(());
+        }
+        for (what, key, max) in [
+            ("failed logins for this account", format!("fail:acct:{account}"), self.login_failures),
+            ("failed logins from this address", format!("fail:ip:{ip}"), self.login_failures * 3),
+        ] {
+            if let Some((n, left)) = open_on_error(what, self.counter.peek(&key).await) {
+                if n >= max {
+                    return Err(Limited { what, retry_after: left.max(Duration::from_secs(1)) });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a failed login (for the account and the IP).
+    pub async fn login_failed(&self, ip: &str, account: &str) {
+        if self.login_failures == 0 {
+            return;
+        }
+        for key in [format!("fail:acct:{account}"), format!("fail:ip:{ip}")] {
+            open_on_error("failed logins", self.counter.hit(&key, FAILURE_WINDOW).await);
+        }
+    }
+
+    /// A registration from `ip`.
+    pub async fn register(&self, ip: &str) -> Result<(), Limited> {
+        self.window("registrations from this address", format!("register:ip:{ip}"), self.register_per_hour, HOUR).await
+    }
+
+    fn bucket(limiter: Option<&DefaultKeyedRateLimiter<String>>, what: &'static str, user: &str) -> Result<(), Limited> {
+        let Some(limiter) = limiter else { return Ok(()) };
+        limiter.check_key(&user.to_owned()).map_err(|not_until| Limited {
+            what,
+            retry_after: not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default())).max(Duration::from_secs(1)),
+        })
+    }
+
+    /// A message (direct or room) sent by `user`.
+    pub fn send(&self, user: &str) -> Result<(), Limited> {
+        Self::bucket(self.sends.as_ref(), "messages from this account", user)
+    }
+
+    /// A room created, joined or left by `user`.
+    pub fn room_change(&self, user: &str) -> Result<(), Limited> {
+        Self::bucket(self.room_changes.as_ref(), "room changes from this account", user)
+    }
+
+    /// Forgets the buckets of accounts idle long enough to be full again
+    /// (run every minute or so).
+    pub fn housekeeping(&self) {
+        for limiter in [&self.sends, &self.room_changes].into_iter().flatten() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { login_per_min: 3, login_failures: 2, register_per_hour: 2, sends_per_sec: 1, room_changes_per_min: 1, ..Limits::default() }
+    }
+
+    #[tokio::test]
+    async fn windows_count_per_key_and_say_when_to_retry() {
+        let r = RateLimits::new(Arc::new(MemoryCounter::default()), &limits());
+        for _ in 0..3 {
+            r.login("1.2.3.4", "acct").await.unwrap();
+        }
+        let over = r.login("1.2.3.4", "acct").await.unwrap_err();
+        assert!(over.retry_after > Duration::from_secs(50) && over.retry_after <= MINUTE, "{over:?}");
+        r.login("5.6.7.8", "acct").await.expect("another address has its own window");
+        r.register("1.2.3.4").await.unwrap();
+        r.register("1.2.3.4").await.unwrap();
+        assert!(r.register("1.2.3.4").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn failed_logins_lock_the_account_from_every_address() {
+        let r = RateLimits::new(Arc::new(MemoryCounter::default()), &limits());
+        r.login_failed("1.1.1.1", "amy").await;
+        r.login("2.2.2.2", "amy").await.expect("one failure: still allowed");
+        r.login_failed("2.2.2.2", "amy").await;
+        let locked = r.login("3.3.3.3", "amy").await.unwrap_err();
+        assert_eq!(locked.what, "failed logins for this account");
+        assert!(locked.retry_after > Duration::from_secs(14 * 60));
+        r.login("3.3.3.3", "bob").await.expect("other accounts are not locked");
+    }
+
+    #[test]
+    fn buckets_allow_a_burst_then_refuse_and_zero_means_no_limit() {
+        let r = RateLimits::new(Arc::new(MemoryCounter::default()), &limits());
+        r.send("amy").unwrap();
+        r.send("amy").unwrap();
+        assert!(r.send("amy").is_err(), "a burst of twice the rate, then refused");
+        r.send("bob").expect("per account");
+        r.room_change("amy").unwrap();
+        assert!(r.room_change("amy").is_err());
+        let open = RateLimits::new(Arc::new(MemoryCounter::default()), &Limits { sends_per_sec: 0, ..limits() });
+        for _ in 0..100 {
+            open.send("amy").unwrap();
+        }
+        r.housekeeping();
+    }
+}
