@@ -219,6 +219,17 @@ section! {
         sends_per_sec: u32 = 20, "sends-per-sec", "NATTER_SENDS_PER_SEC";
         /// Rooms created, joined or left per account per minute on a node (0: no limit).
         room_changes_per_min: u32 = 60, "room-changes-per-min", "NATTER_ROOM_CHANGES_PER_MIN";
+        /// Sockets one user may have open on a node (0: no cap).
+        sockets_per_user: usize = 20, "sockets-per-user", "NATTER_SOCKETS_PER_USER";
+        /// Sockets one client IP may have open on a node (0: no cap).
+        sockets_per_ip: usize = 500, "sockets-per-ip", "NATTER_SOCKETS_PER_IP";
+        /// Rooms one `/chat` socket may have entered at once.
+        rooms_per_socket: usize = 100, "rooms-per-socket", "NATTER_ROOMS_PER_SOCKET";
+        /// Socket.IO events one socket may have in flight; more are refused
+        /// at once, and a socket that keeps sending them is disconnected.
+        socket_events_in_flight: usize = 16, "socket-events-in-flight", "NATTER_SOCKET_EVENTS_IN_FLIGHT";
+        /// `sync` replays one socket may ask for per minute (0: no limit).
+        syncs_per_min: u32 = 10, "syncs-per-min", "NATTER_SYNCS_PER_MIN";
         /// Behind a proxy: the request header that carries the client's IP
         /// (e.g. `x-real-ip`, which the proxy must set, overwriting what the
         /// client sent). Empty: the peer address.

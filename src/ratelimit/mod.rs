@@ -14,6 +14,7 @@
 //! Nothing here grows without bound: windows expire, and idle buckets are
 //! dropped by [`RateLimits::housekeeping`].
 
+pub mod connections;
 pub mod redis;
 
 use std::collections::HashMap;
@@ -25,6 +26,20 @@ use async_trait::async_trait;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::config::Limits;
+
+/// The client's IP: the peer address, or behind a proxy the header it sets
+/// (`header`, e.g. `x-real-ip`; its last value, the one the nearest proxy
+/// added).
+pub fn client_ip(parts: &axum::http::request::Parts, header: &str) -> String {
+    if !header.is_empty() {
+        let values = parts.headers.get_all(header).iter().filter_map(|v| v.to_str().ok());
+        if let Some(ip) = values.flat_map(|v| v.split(',')).map(str::trim).filter(|v| !v.is_empty()).last() {
+            return ip.chars().take(64).collect();
+        }
+    }
+    let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip().to_string());
+    peer.unwrap_or_else(|| "unknown".into())
+}
 
 /// Fixed-window counters shared by the nodes.
 #[async_trait]
@@ -90,6 +105,9 @@ const HOUR: Duration = Duration::from_secs(3600);
 const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 pub struct RateLimits {
+    /// Sockets per user and per IP on this node.
+    pub connections: connections::Connections,
+    syncs: Option<DefaultKeyedRateLimiter<String>>,
     counter: std::sync::Arc<dyn Counter>,
     login_per_min: u64,
     login_failures: u64,
@@ -113,6 +131,8 @@ fn per_minute(per_min: u32) -> Option<DefaultKeyedRateLimiter<String>> {
 impl RateLimits {
     pub fn new(counter: std::sync::Arc<dyn Counter>, limits: &Limits) -> RateLimits {
         RateLimits {
+            connections: connections::Connections::new(limits.sockets_per_user, limits.sockets_per_ip),
+            syncs: per_minute(limits.syncs_per_min),
             counter,
             login_per_min: u64::from(limits.login_per_min),
             login_failures: u64::from(limits.login_failures),
@@ -187,10 +207,15 @@ impl RateLimits {
         Self::bucket(self.room_changes.as_ref(), "room changes from this account", user)
     }
 
+    /// A `sync` replay asked for by socket `socket`.
+    pub fn sync(&self, socket: &str) -> Result<(), Limited> {
+        Self::bucket(self.syncs.as_ref(), "sync replays on this socket", socket)
+    }
+
     /// Forgets the buckets of accounts idle long enough to be full again
     /// (run every minute or so).
     pub fn housekeeping(&self) {
-        for limiter in [&self.sends, &self.room_changes].into_iter().flatten() {
+        for limiter in [&self.sends, &self.room_changes, &self.syncs].into_iter().flatten() {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }

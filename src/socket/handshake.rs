@@ -5,10 +5,42 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use socketioxide::extract::{SocketRef, State, TryData};
+use tokio::sync::OwnedSemaphorePermit;
 
+use crate::ratelimit::connections::{InFlight, Refused, Slot, TooMany};
 use crate::state::AppState;
+
+/// The socket's place in the node's socket counts (per user, per IP),
+/// given back when the socket is gone.
+#[derive(Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] pub Arc<Slot>);
+
+/// The socket's requests in flight.
+#[derive(Clone)]
+pub struct Requests(pub Arc<InFlight>);
+
+/// What a refused request is told.
+pub const TOO_MANY_IN_FLIGHT: &str = "too many requests in flight on this socket; wait for their answers";
+
+/// A place for one of the socket's requests, held until the permit is
+/// dropped; `None` when the socket is over its cap (it gets `error
+/// {code: rate_limited}`, and is disconnected if it keeps at it).
+pub fn admit(s: &SocketRef) -> Option<OwnedSemaphorePermit> {
+    let Requests(requests) = s.extensions.get::<Requests>()?;
+    match requests.enter() {
+        Ok(permit) => Some(permit),
+        Err(refused) => {
+            let _ = s.emit("error", &json!({ "code": "rate_limited", "message": TOO_MANY_IN_FLIGHT }));
+            if refused == Refused::Persisting {
+                tracing::warn!(socket = %s.id, "disconnecting a socket that keeps sending past its requests-in-flight cap");
+                let _ = s.clone().disconnect();
+            }
+            None
+        }
+    }
+}
 
 /// The authenticated user of a socket (its extensions).
 #[derive(Clone, Debug)]
@@ -55,6 +87,10 @@ pub async fn authenticate(s: SocketRef, State(node): State<Arc<AppState>>, TryDa
         .filter(|t| !t.is_empty())
         .ok_or("authentication required: connect with auth: { token: \"<jwt>\" }")?;
     let identity = node.auth.verify(&token).map_err(|e| e.to_string())?;
+    let ip = crate::ratelimit::client_ip(s.req_parts(), &node.limits.client_ip_header);
+    let slot = node.rate.connections.open(&identity.user, &ip).map_err(|TooMany(why)| why)?;
+    s.extensions.insert(ConnectionSlot(Arc::new(slot)));
+    s.extensions.insert(Requests(Arc::new(InFlight::new(node.limits.socket_events_in_flight))));
     let cursor = match &auth.cursor {
         None | Some(Value::Null) => query_cursor(&s),
         Some(v) => Some(parse_cursor(v).ok_or("cursor must be a non-negative integer")?),

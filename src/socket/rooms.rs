@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, Extension, SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
 
-use super::handshake::{SocketUser, StartCursor};
+use super::handshake::{SocketUser, StartCursor, TOO_MANY_IN_FLIGHT, admit};
 use super::presence::{announce_joined, connection, exit_room};
 use super::session::{Filter, error, on_sync, open, release};
 use crate::commands::CommandError;
@@ -74,6 +74,11 @@ fn refuse(s: &SocketRef, ack: AckSender, code: &str, message: &str) {
     let _ = ack.send(&json!({ "success": false, "code": code, "message": message }));
 }
 
+/// Answers the ack of an event refused by [`admit`] (which emitted the `error`).
+fn refuse_quietly(ack: AckSender) {
+    let _ = ack.send(&json!({ "success": false, "code": "rate_limited", "message": TOO_MANY_IN_FLIGHT }));
+}
+
 /// Refuses a client event whose command failed, with the REST error's code.
 fn refuse_command(s: &SocketRef, ack: AckSender, e: CommandError) {
     let e = ApiError::from(e);
@@ -88,9 +93,20 @@ async fn on_join(
     TryData(v): TryData<Value>,
     ack: AckSender,
 ) {
+    let Some(_request) = admit(&s) else {
+        return refuse_quietly(ack);
+    };
     let Some(room) = v.ok().as_ref().and_then(room_arg) else {
         return refuse(&s, ack, "bad_request", "join-room needs a room id");
     };
+    let full = {
+        let entered = entered.lock().expect("entered rooms lock");
+        !entered.contains(&room) && entered.len() >= node.limits.rooms_per_socket
+    };
+    if full {
+        let message = format!("this socket is in {} rooms already; leave one first", node.limits.rooms_per_socket);
+        return refuse(&s, ack, "too_many_rooms", &message);
+    }
     if let Err(l) = node.rate.room_change(&me) {
         let e = ApiError::from(l);
         return refuse(&s, ack, e.code, &e.message);
@@ -128,6 +144,9 @@ async fn on_leave(
     TryData(v): TryData<Value>,
     ack: AckSender,
 ) {
+    let Some(_request) = admit(&s) else {
+        return refuse_quietly(ack);
+    };
     let Some(room) = v.ok().as_ref().and_then(room_arg) else {
         return refuse(&s, ack, "bad_request", "leave-room needs a room id");
     };
@@ -154,6 +173,9 @@ async fn on_send(
     TryData(input): TryData<SendIn>,
     ack: AckSender,
 ) {
+    let Some(_request) = admit(&s) else {
+        return refuse_quietly(ack);
+    };
     let Ok(input) = input else {
         return refuse(&s, ack, "bad_request", "send-message needs {roomId, message?, attachment?, clientMsgId?}");
     };

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use socketioxide::extract::{Extension, SocketRef, TryData};
+use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::socket::DisconnectReason;
 use tokio::sync::mpsc;
 
@@ -88,10 +88,18 @@ impl Filter {
 }
 
 /// `sync {cursor}`: replay from a cursor without reconnecting.
-pub async fn on_sync(s: SocketRef, Extension(ControlTx(tx)): Extension<ControlTx>, TryData(v): TryData<Value>) {
+pub async fn on_sync(s: SocketRef, State(node): State<Arc<AppState>>, Extension(ControlTx(tx)): Extension<ControlTx>, TryData(v): TryData<Value>) {
     match v.ok().as_ref().and_then(|v| v.get("cursor")).and_then(parse_cursor) {
         Some(cursor) => {
-            let _ = tx.send(Control::Sync(cursor)).await;
+            if let Err(l) = node.rate.sync(&s.id.to_string()) {
+                let e = crate::error::ApiError::from(l);
+                let _ = s.emit("error", &error(e.code, e.message));
+                return;
+            }
+            // A sync already waiting for the delivery loop is enough.
+            if tx.try_send(Control::Sync(cursor)).is_err() {
+                let _ = s.emit("error", &error("rate_limited", "a sync is already pending on this socket"));
+            }
         }
         None => {
             let _ = s.emit("error", &error("bad_request", "sync needs {cursor: <integer>}"));

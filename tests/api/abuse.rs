@@ -247,3 +247,69 @@ async fn refusals_say_when_to_retry_and_a_login_flood_is_shed() {
     assert!(busy > 0, "300 logins at once: some are shed");
     c.stop().await;
 }
+
+crate::contract!(
+    sockets_are_capped_per_user_and_per_address_and_rooms_and_syncs_per_socket,
+    1,
+    |cfg| {
+        cfg.limits.sockets_per_user = 2;
+        cfg.limits.sockets_per_ip = 4;
+        cfg.limits.rooms_per_socket = 2;
+        cfg.limits.syncs_per_min = 2;
+    },
+    sockets_are_capped_per_user_and_per_address_and_rooms_and_syncs_per_socket
+);
+
+async fn sockets_are_capped_per_user_and_per_address_and_rooms_and_syncs_per_socket(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let carol = c.register(0, "Carol").await;
+    let mut d = Driver::start().await;
+    d.connected("amy-1", &c.chat_url(0), json!({ "token": amy.token })).await;
+    d.connected("amy-2", &c.socket_url(0), json!({ "token": amy.token })).await;
+    d.connect("amy-3", &c.chat_url(0), json!({ "token": amy.token })).await;
+    let refused = d.next("amy-3", |e| e["type"] == "connect_error" || e["type"] == "connect", "amy's third socket").await;
+    assert_eq!(refused["type"], json!("connect_error"), "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains("too many sockets for this user"), "{refused}");
+    d.connected("bob-1", &c.chat_url(0), json!({ "token": bob.token })).await;
+    d.connected("bob-2", &c.chat_url(0), json!({ "token": bob.token })).await;
+    d.connect("carol-1", &c.chat_url(0), json!({ "token": carol.token })).await;
+    let refused = d.next("carol-1", |e| e["type"] == "connect_error" || e["type"] == "connect", "carol's socket").await;
+    assert!(refused["message"].as_str().unwrap_or("").contains("from this address"), "four sockets from this address already: {refused}");
+
+    // Rooms per socket.
+    let rooms = [create_room(c, &amy, "R1").await, create_room(c, &amy, "R2").await, create_room(c, &amy, "R3").await];
+    for room in &rooms[..2] {
+        assert_eq!(d.emit_ack("amy-1", "join-room", json!(room)).await["success"], json!(true));
+    }
+    let third = d.emit_ack("amy-1", "join-room", json!(rooms[2])).await;
+    assert_eq!(third["code"], json!("too_many_rooms"), "{third}");
+    d.emit_ack("amy-1", "leave-room", json!(rooms[0])).await;
+    assert_eq!(d.emit_ack("amy-1", "join-room", json!(rooms[2])).await["success"], json!(true), "after leaving one");
+
+    // `sync` replays per minute.
+    for _ in 0..2 {
+        d.emit("amy-2", "sync", json!({ "cursor": 0 })).await;
+        d.next("amy-2", |e| e["event"] == "synced", "synced").await;
+    }
+    d.emit("amy-2", "sync", json!({ "cursor": 0 })).await;
+    let e = d.next("amy-2", |e| e["event"] == "error", "the third sync refused").await;
+    assert_eq!(e["data"]["code"], json!("rate_limited"), "{e}");
+
+    // A closed socket gives its place back.
+    d.disconnect("amy-1").await;
+    // Polled (a fresh socket each try; a refused one leaves nothing
+    // behind) until the server has seen the close, with a deadline.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let id = format!("amy-again-{attempt}");
+        d.connect(&id, &c.chat_url(0), json!({ "token": amy.token })).await;
+        let e = d.next(&id, |e| e["type"] == "connect_error" || e["type"] == "connect", "amy again").await;
+        if e["type"] == "connect" {
+            break;
+        }
+        assert!(attempt < 100, "amy's closed socket never gave its place back: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -184,6 +184,7 @@ impl Cluster {
         cfg.limits.register_per_hour = 0;
         cfg.limits.sends_per_sec = 0;
         cfg.limits.room_changes_per_min = 0;
+        cfg.limits.sockets_per_ip = 0;
         cfg
     }
 
@@ -337,6 +338,7 @@ impl Cluster {
             ("NATTER_REGISTER_PER_HOUR", "0".to_owned()),
             ("NATTER_SENDS_PER_SEC", "0".to_owned()),
             ("NATTER_ROOM_CHANGES_PER_MIN", "0".to_owned()),
+            ("NATTER_SOCKETS_PER_IP", "0".to_owned()),
                 ("NATTER_MAX_MESSAGE_CHARS", cfg.limits.max_message_chars.to_string()),
             ];
         }
