@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TooMany(pub String);
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Counts {
     users: HashMap<String, usize>,
     ips: HashMap<String, usize>,
@@ -26,6 +26,7 @@ pub struct Connections {
 }
 
 /// A socket's place in the counts; dropping it gives the place back.
+#[derive(Debug)]
 pub struct Slot {
     counts: Arc<Mutex<Counts>>,
     user: String,
