@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
@@ -37,5 +37,32 @@ where
             .await
             .map_err(|e: JsonRejection| ApiError::from(e))?;
         Ok(ApiJson(value))
+    }
+}
+
+/// An id in the path whose rejections are [`ApiError`]s (a segment that
+/// is not UTF-8 or not decodable is a 400 in the usual shape, never axum's
+/// plain-text answer).
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match <Path<T> as FromRequestParts<S>>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(e) => Err(ApiError::bad_request(format!("invalid path: {}", path_reason(&e)))),
+        }
+    }
+}
+
+fn path_reason(e: &PathRejection) -> String {
+    match e {
+        PathRejection::FailedToDeserializePathParams(inner) => inner.body_text(),
+        other => other.body_text(),
     }
 }

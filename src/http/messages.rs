@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use natter_projections::MessageView;
@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::Caller;
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ApiPath};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::send::SendMessage;
@@ -42,7 +42,7 @@ struct HistoryQuery {
 async fn history(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
-    Path(peer): Path<String>,
+    ApiPath(peer): ApiPath<String>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query?;
@@ -92,7 +92,7 @@ async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<Valu
 async fn send(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
-    Path(peer): Path<String>,
+    ApiPath(peer): ApiPath<String>,
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<Json<Value>, ApiError> {
     let cmd = SendMessage { sender: me, receiver: peer, message: body.message, attachment: None, client_msg_id: body.client_msg_id };
@@ -110,7 +110,7 @@ async fn send_attachment(
     sent(&node, cmd, "Attachment").await
 }
 
-async fn mark_seen(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn mark_seen(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let up_to = node.commands.mark_seen(&me, &id).await?;
     Ok(Json(json!({ "success": true, "upToSeq": up_to })))
 }

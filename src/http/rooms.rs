@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::Caller;
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ApiPath};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::rooms::{CreateRoom, SendRoomMessage};
@@ -98,21 +98,21 @@ async fn list(State(node): State<Arc<AppState>>, Caller(me): Caller, page: Resul
     Ok(Json(json!({ "success": true, "rooms": out, "nextCursor": next })))
 }
 
-async fn one(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn one(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let room = room_or_404(&node, &id).await?;
     let mut v = room_json(&room);
     v["isMember"] = json!(node.views().is_member(&id, &me).await?);
     Ok(Json(json!({ "success": true, "room": v })))
 }
 
-async fn join(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn join(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let room = room_or_404(&node, &id).await?;
     node.rate.room_change(&me)?;
     node.commands.join_room(&me, &id).await?;
     Ok(Json(json!({ "success": true, "room": room_json(&room) })))
 }
 
-async fn leave(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn leave(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     room_or_404(&node, &id).await?;
     node.rate.room_change(&me)?;
     node.commands.leave_room(&me, &id).await?;
@@ -122,7 +122,7 @@ async fn leave(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): 
 async fn history(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(page) = page?;
@@ -146,7 +146,7 @@ struct SendBody {
 async fn send(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<Json<Value>, ApiError> {
     node.rate.send(&me)?;
@@ -157,7 +157,7 @@ async fn send(
     Ok(Json(json!({ "success": true, "message": "Message Sent Successfully", "data": room_message_json(&m) })))
 }
 
-async fn users(State(node): State<Arc<AppState>>, Caller(me): Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn users(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     node.commands.require_member(&id, &me).await?;
     let present = present(&node, &id).await?;
     let names: std::collections::HashMap<String, String> = node.views().users_by_ids(&present).await?.into_iter().map(|u| (u.id, u.name)).collect();

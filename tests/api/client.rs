@@ -78,9 +78,21 @@ impl Driver {
 
     /// Emits with an acknowledgement and returns the ack's data.
     pub async fn emit_ack(&mut self, id: &str, event: &str, data: Value) -> Value {
+        let tag = self.emit_tagged(id, event, data).await;
+        self.ack(id, tag).await
+    }
+
+    /// Emits asking for an acknowledgement without waiting for it; returns
+    /// the tag [`Driver::ack`] waits for (so many can be in flight).
+    pub async fn emit_tagged(&mut self, id: &str, event: &str, data: Value) -> u64 {
         self.tags += 1;
         let tag = self.tags;
         self.send(json!({"op": "emit", "id": id, "event": event, "data": data, "ack": true, "tag": tag})).await;
+        tag
+    }
+
+    /// The data of acknowledgement `tag` on socket `id`.
+    pub async fn ack(&mut self, id: &str, tag: u64) -> Value {
         let ack = self.next(id, |e| e["type"] == "ack" && e["tag"] == tag, "ack").await;
         assert!(ack["error"].is_null(), "ack error: {ack}");
         ack["data"].clone()

@@ -5,6 +5,7 @@
 
 mod cli;
 mod embedded;
+mod fuzz;
 mod client;
 mod heal;
 mod helpers;
