@@ -9,6 +9,7 @@
 //! Passwords are argon2id PHC strings, hashed and verified on the blocking
 //! pool so a burst of logins cannot stall the runtime.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -145,15 +146,23 @@ impl Auth {
 }
 
 /// argon2id uses ~19 MiB per hash: at most this many run at once (about
-/// the core count), so a flood of logins queues instead of exhausting memory.
-fn hashing_slots() -> &'static tokio::sync::Semaphore {
-    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)))
+/// the core count), so a flood of logins cannot exhaust memory.
+fn hashing_slots() -> &'static Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2))))
 }
 
 /// Password hashes waiting for a slot beyond which more are refused: a
 /// flood of logins gets 503s at once instead of queueing without bound.
 const MAX_WAITING: usize = 64;
+
+/// Places in the queue for a hashing slot (a place is given back when its
+/// request gets a slot, or is dropped while waiting: a client that hangs
+/// up cannot leak one).
+fn waiting_places() -> &'static tokio::sync::Semaphore {
+    static PLACES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_WAITING);
+    &PLACES
+}
 
 /// Every password-hashing slot is taken and the queue is full.
 #[derive(Debug, Error)]
@@ -161,25 +170,21 @@ const MAX_WAITING: usize = 64;
 pub struct Busy;
 
 /// A hashing slot, or [`Busy`] when [`MAX_WAITING`] already wait for one.
-async fn hashing_slot() -> Result<tokio::sync::SemaphorePermit<'static>, Busy> {
-    static WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    use std::sync::atomic::Ordering::AcqRel;
-    if let Ok(permit) = hashing_slots().try_acquire() {
-        return Ok(permit);
+/// The slot is held by the hashing job itself (moved into it), so a request
+/// dropped mid-hash does not free a slot its job still uses.
+async fn hashing_slot() -> Result<tokio::sync::OwnedSemaphorePermit, Busy> {
+    if let Ok(slot) = hashing_slots().clone().try_acquire_owned() {
+        return Ok(slot);
     }
-    if WAITING.fetch_add(1, AcqRel) >= MAX_WAITING {
-        WAITING.fetch_sub(1, AcqRel);
-        return Err(Busy);
-    }
-    let permit = hashing_slots().acquire().await;
-    WAITING.fetch_sub(1, AcqRel);
-    permit.map_err(|_| Busy)
+    let _place = waiting_places().try_acquire().map_err(|_| Busy)?;
+    hashing_slots().clone().acquire_owned().await.map_err(|_| Busy)
 }
 
 /// Hashes a password with argon2id (on the blocking pool).
 pub async fn hash_password(password: String) -> anyhow::Result<String> {
-    let _slot = hashing_slot().await?;
+    let slot = hashing_slot().await?;
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         Argon2::default()
             .hash_password(password.as_bytes())
             .map(|h| h.to_string())
@@ -191,8 +196,9 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 
 /// Checks a password against a stored PHC string (on the blocking pool).
 pub async fn verify_password(password: String, phc: String) -> Result<bool, Busy> {
-    let _slot = hashing_slot().await?;
+    let slot = hashing_slot().await?;
     Ok(tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         PasswordHash::new(&phc)
             .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
             .unwrap_or(false)

@@ -83,11 +83,14 @@ async fn login(State(node): State<Arc<AppState>>, ClientIp(ip): ClientIp, ApiJso
     let account = crate::commands::register::email_key(&body.email);
     node.rate.login(&ip, &account).await?;
     let user = match node.commands.login(&body.email, body.password).await {
-        Ok(user) => user,
+        Ok(user) => {
+            node.rate.login_counted_out(&ip, &account).await;
+            user
+        }
+        // A wrong address or password stays counted as a failure.
+        Err(e @ crate::commands::CommandError::Refused(_)) => return Err(e.into()),
         Err(e) => {
-            if matches!(e, crate::commands::CommandError::Refused(_)) {
-                node.rate.login_failed(&ip, &account).await;
-            }
+            node.rate.login_counted_out(&ip, &account).await;
             return Err(e.into());
         }
     };

@@ -107,7 +107,10 @@ async fn one(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id):
 
 async fn join(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let room = room_or_404(&node, &id).await?;
-    node.rate.room_change(&me)?;
+    // Joining a room one is in changes nothing and costs nothing.
+    if node.commands.require_member(&id, &me).await.is_err() {
+        node.rate.room_change(&me)?;
+    }
     node.commands.join_room(&me, &id).await?;
     Ok(Json(json!({ "success": true, "room": room_json(&room) })))
 }

@@ -21,7 +21,7 @@
 //! The table is bounded: past [`CAPACITY`] members in all, the rooms used
 //! least recently are dropped (and built cold again when next needed).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -52,16 +52,20 @@ impl<'a> Change<'a> {
         }
     }
 
-    fn apply(self, members: &mut BTreeSet<String>) {
+    /// Applies the change; returns how to undo it (`None`: it changed nothing).
+    fn apply(self, members: &mut BTreeSet<String>) -> Option<Undo> {
         match self {
-            Change::Joined(user) => {
-                members.insert(user.to_owned());
-            }
-            Change::Left(user) => {
-                members.remove(user);
-            }
+            Change::Joined(user) => members.insert(user.to_owned()).then(|| Undo::Remove(user.to_owned())),
+            Change::Left(user) => members.remove(user).then(|| Undo::Insert(user.to_owned())),
         }
     }
+}
+
+/// How to take back the last change a room's table took in.
+#[derive(Debug, Clone)]
+enum Undo {
+    Insert(String),
+    Remove(String),
 }
 
 pub struct Membership {
@@ -75,6 +79,8 @@ pub struct Membership {
 #[derive(Default)]
 struct Table {
     rooms: HashMap<String, Room>,
+    /// Rooms by when they were last used, oldest first.
+    by_use: BTreeMap<u64, String>,
     /// Members held in all rooms.
     held: usize,
     clock: u64,
@@ -84,28 +90,44 @@ struct Room {
     /// Every membership change of the room up to this log sequence is in.
     as_of: u64,
     members: BTreeSet<String>,
+    /// Undoes the change of the event at `as_of`, if it made one: the
+    /// members before it, for a retry of that very event.
+    undo: Option<Undo>,
     used: u64,
+}
+
+impl Room {
+    /// What the table holds for the room (at least one, so empty rooms count).
+    fn weight(&self) -> usize {
+        self.members.len() + 1
+    }
 }
 
 impl Table {
     fn take(&mut self, room: &str) -> Option<Room> {
         let taken = self.rooms.remove(room)?;
-        self.held -= taken.members.len();
+        self.by_use.remove(&taken.used);
+        self.held -= taken.weight();
         Some(taken)
     }
 
     fn put(&mut self, id: &str, mut room: Room) {
+        self.take(id);
         self.clock += 1;
         room.used = self.clock;
-        self.held += room.members.len();
-        if let Some(old) = self.rooms.insert(id.to_owned(), room) {
-            self.held -= old.members.len();
-        }
+        self.held += room.weight();
+        self.by_use.insert(room.used, id.to_owned());
+        self.rooms.insert(id.to_owned(), room);
         while self.held > CAPACITY && self.rooms.len() > 1 {
-            let Some(coldest) = self.rooms.iter().filter(|(r, _)| r.as_str() != id).min_by_key(|(_, r)| r.used).map(|(id, _)| id.clone()) else {
-                break;
-            };
-            self.take(&coldest);
+            let Some((_, coldest)) = self.by_use.pop_first() else { break };
+            if coldest == id {
+                // Never the room just put: back at the newest end.
+                self.by_use.insert(self.clock, coldest);
+                continue;
+            }
+            if let Some(dropped) = self.rooms.remove(&coldest) {
+                self.held -= dropped.weight();
+            }
         }
     }
 }
@@ -126,21 +148,41 @@ impl Membership {
         let taken = self.table().take(room);
         let mut entry = match taken {
             Some(entry) if entry.as_of < log_seq => entry,
+            Some(same) if same.as_of == log_seq => {
+                // The table's own last event again (its delivery failed and
+                // it came back here): the members before it are the table
+                // with that event's change undone.
+                let mut before = same.members.clone();
+                match &same.undo {
+                    Some(Undo::Insert(user)) => {
+                        before.insert(user.clone());
+                    }
+                    Some(Undo::Remove(user)) => {
+                        before.remove(user);
+                    }
+                    None => {}
+                }
+                self.table().put(room, same);
+                return Ok(before.into_iter().collect());
+            }
             Some(newer) => {
-                // An event before the table's (a redelivery, a parked
-                // event retried): answered from the log, the table kept.
+                // An older event (a parked event retried): answered from
+                // the log, the table kept.
                 self.table().put(room, newer);
                 return self.from_log(room, log_seq).await;
             }
-            None => Room { as_of: log_seq - 1, members: self.from_log(room, log_seq).await?.into_iter().collect(), used: 0 },
+            None => Room { as_of: log_seq - 1, members: self.from_log(room, log_seq).await?.into_iter().collect(), undo: None, used: 0 },
         };
         if !self.fed_in_order {
-            self.catch_up(room, &mut entry, log_seq).await?;
+            if let Err(e) = self.catch_up(room, &mut entry, log_seq).await {
+                // Changes taken in so far are kept (`as_of` not moved):
+                // replaying them from `as_of` again, in order, ends the same.
+                self.table().put(room, entry);
+                return Err(e);
+            }
         }
         let members = entry.members.iter().cloned().collect();
-        if let Some(change) = Change::of(event) {
-            change.apply(&mut entry.members);
-        }
+        entry.undo = Change::of(event).and_then(|change| change.apply(&mut entry.members));
         entry.as_of = log_seq;
         self.table().put(room, entry);
         Ok(members)
@@ -163,6 +205,7 @@ impl Membership {
             }
         }
         entry.as_of = log_seq - 1;
+        entry.undo = None;
         Ok(())
     }
 
@@ -192,22 +235,53 @@ fn unavailable(e: LogError) -> ApplyError {
 mod tests {
     use super::*;
 
+    /// A retry of the table's own last event (its delivery failed) gets the
+    /// members before that event, without reading the log again.
+    #[tokio::test]
+    async fn a_retry_of_the_last_event_gets_the_members_before_it() {
+        use natter_events::{Envelope, MemberJoined};
+
+        use crate::config::SyncPolicy;
+        use crate::log::file::FileLog;
+
+        let dir = std::env::temp_dir().join(format!("natter-members-{}", uuid::Uuid::new_v4().simple()));
+        let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
+        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0 });
+        let mut seqs = Vec::new();
+        for u in ["amy", "bob"] {
+            let env = Envelope::new(format!("{u}:j"), subjects::member("p", "r", u), 1, join(u));
+            seqs.push((log.append(&env, 0).await.unwrap().log_seq, env.event));
+        }
+        let m = Membership::new(log.clone(), "p".into(), false);
+        assert_eq!(m.as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), Vec::<String>::new());
+        assert_eq!(m.as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), ["amy"]);
+        assert_eq!(m.as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), ["amy"], "the retry: bob's join not yet in");
+        assert_eq!(m.as_of("r", seqs[1].0 + 1, &Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into() })).await.unwrap(), ["amy", "bob"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_table_drops_the_rooms_used_least_recently_past_its_capacity() {
         let mut table = Table::default();
-        let room = |n: usize, tag: &str| Room { as_of: 1, members: (0..n).map(|i| format!("{tag}{i}")).collect(), used: 0 };
-        table.put("old", room(CAPACITY / 2, "o"));
-        table.put("mid", room(CAPACITY / 4, "m"));
+        let room = |n: usize, tag: &str| Room { as_of: 1, members: (0..n).map(|i| format!("{tag}{i}")).collect(), undo: None, used: 0 };
+        // Each room weighs its members plus one.
+        table.put("old", room(CAPACITY / 2 - 1, "o"));
+        table.put("mid", room(CAPACITY / 4 - 1, "m"));
         let _ = table.take("old").map(|r| table.put("old", r)); // used again: now the newest
-        table.put("new", room(CAPACITY / 2, "n"));
+        table.put("new", room(CAPACITY / 2 - 1, "n"));
         assert!(table.held <= CAPACITY, "{}", table.held);
         let mut kept: Vec<_> = table.rooms.keys().cloned().collect();
         kept.sort();
         assert_eq!(kept, ["new", "old"], "the room used least recently went first");
         assert_eq!(table.held, CAPACITY);
+        // Empty rooms weigh too: enough of them push the others out.
+        for i in 0..CAPACITY {
+            table.put(&format!("empty{i}"), room(0, ""));
+        }
+        assert!(table.held <= CAPACITY && !table.rooms.contains_key("old"), "{}", table.held);
         // A room bigger than the whole table is still kept (alone).
         table.put("huge", room(CAPACITY + 1, "h"));
         assert_eq!(table.rooms.keys().collect::<Vec<_>>(), ["huge"]);
-        assert_eq!(table.held, CAPACITY + 1);
+        assert_eq!(table.held, CAPACITY + 2);
     }
 }

@@ -48,8 +48,9 @@ pub trait Counter: Send + Sync {
     /// `window` starts with the first hit); returns the hits in the window,
     /// this one included, and the time left in it.
     async fn hit(&self, key: &str, window: Duration) -> anyhow::Result<(u64, Duration)>;
-    /// The hits on `key` in its current window, without counting one.
-    async fn peek(&self, key: &str) -> anyhow::Result<(u64, Duration)>;
+    /// Takes back one hit on `key` (an attempt counted up front that
+    /// turned out not to count).
+    async fn forgive(&self, key: &str) -> anyhow::Result<()>;
 }
 
 /// Windows held in memory before expired ones are swept.
@@ -77,12 +78,11 @@ impl Counter for MemoryCounter {
         Ok((entry.1, entry.0 - now))
     }
 
-    async fn peek(&self, key: &str) -> anyhow::Result<(u64, Duration)> {
-        let now = Instant::now();
-        Ok(match self.windows.lock().expect("rate windows lock").get(key) {
-            Some((end, n)) if *end > now => (*n, *end - now),
-            _ => (0, Duration::ZERO),
-        })
+    async fn forgive(&self, key: &str) -> anyhow::Result<()> {
+        if let Some((_, n)) = self.windows.lock().expect("rate windows lock").get_mut(key) {
+            *n = n.saturating_sub(1);
+        }
+        Ok(())
     }
 }
 
@@ -155,32 +155,45 @@ impl RateLimits {
 
     /// A login attempt from `ip` for the account `account` (a digest of
     /// the address): refused while the IP is over its attempts, or the
-    /// account or the IP over their failures.
+    /// account or the IP over their failures. Every attempt counts as a
+    /// failure until [`RateLimits::login_counted_out`] takes it back (a
+    /// success, or a check that never ran), so attempts made in parallel
+    /// cannot all slip under the limit before the first one fails.
     pub async fn login(&self, ip: &str, account: &str) -> Result<(), Limited> {
         self.window("login attempts from this address", format!("login:ip:{ip}"), self.login_per_min, MINUTE).await?;
         if self.login_failures == 0 {
             return Ok(());
         }
-        for (what, key, max) in [
+        let checks = [
             ("failed logins for this account", format!("fail:acct:{account}"), self.login_failures),
             ("failed logins from this address", format!("fail:ip:{ip}"), self.login_failures * 3),
-        ] {
-            if let Some((n, left)) = open_on_error(what, self.counter.peek(&key).await) {
-                if n >= max {
-                    return Err(Limited { what, retry_after: left.max(Duration::from_secs(1)) });
+        ];
+        let mut over = None;
+        for (what, key, max) in &checks {
+            if let Some((n, left)) = open_on_error(what, self.counter.hit(key, FAILURE_WINDOW).await) {
+                if n > *max && over.is_none() {
+                    over = Some(Limited { what, retry_after: left.max(Duration::from_secs(1)) });
                 }
             }
         }
-        Ok(())
+        match over {
+            Some(limited) => {
+                // A refused attempt is no guess: it does not extend the lock.
+                self.login_counted_out(ip, account).await;
+                Err(limited)
+            }
+            None => Ok(()),
+        }
     }
 
-    /// Counts a failed login (for the account and the IP).
-    pub async fn login_failed(&self, ip: &str, account: &str) {
+    /// Takes back what [`RateLimits::login`] counted as a failure: the
+    /// login succeeded, or the password was never checked.
+    pub async fn login_counted_out(&self, ip: &str, account: &str) {
         if self.login_failures == 0 {
             return;
         }
         for key in [format!("fail:acct:{account}"), format!("fail:ip:{ip}")] {
-            open_on_error("failed logins", self.counter.hit(&key, FAILURE_WINDOW).await);
+            open_on_error("failed logins", self.counter.forgive(&key).await);
         }
     }
 
@@ -247,15 +260,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failed_logins_lock_the_account_from_every_address() {
-        let r = RateLimits::new(Arc::new(MemoryCounter::default()), &limits());
-        r.login_failed("1.1.1.1", "amy").await;
-        r.login("2.2.2.2", "amy").await.expect("one failure: still allowed");
-        r.login_failed("2.2.2.2", "amy").await;
+    async fn failed_logins_lock_the_account_from_every_address_even_in_parallel() {
+        let r = RateLimits::new(Arc::new(MemoryCounter::default()), &Limits { login_per_min: 0, ..limits() });
+        // Two attempts in flight at once (neither has failed yet): both count.
+        r.login("1.1.1.1", "amy").await.unwrap();
+        r.login("2.2.2.2", "amy").await.unwrap();
         let locked = r.login("3.3.3.3", "amy").await.unwrap_err();
         assert_eq!(locked.what, "failed logins for this account");
         assert!(locked.retry_after > Duration::from_secs(14 * 60));
         r.login("3.3.3.3", "bob").await.expect("other accounts are not locked");
+        // A success takes its attempt back.
+        let r = RateLimits::new(Arc::new(MemoryCounter::default()), &Limits { login_per_min: 0, ..limits() });
+        for _ in 0..5 {
+            r.login("1.1.1.1", "amy").await.unwrap();
+            r.login_counted_out("1.1.1.1", "amy").await;
+        }
     }
 
     #[test]

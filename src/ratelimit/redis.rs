@@ -22,15 +22,23 @@ end
 return {n, ttl}
 ";
 
+/// Takes back a hit, never below zero.
+const FORGIVE: &str = r"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n > 0 then return redis.call('DECR', KEYS[1]) end
+return 0
+";
+
 pub struct RedisCounter {
     conn: ConnectionManager,
     prefix: String,
     hit: Script,
+    forgive: Script,
 }
 
 impl RedisCounter {
     pub fn new(conn: ConnectionManager, prefix: &str) -> RedisCounter {
-        RedisCounter { conn, prefix: format!("{prefix}rl:"), hit: Script::new(HIT) }
+        RedisCounter { conn, prefix: format!("{prefix}rl:"), hit: Script::new(HIT), forgive: Script::new(FORGIVE) }
     }
 }
 
@@ -43,10 +51,10 @@ impl Counter for RedisCounter {
         Ok((n, Duration::from_millis(ttl.max(0) as u64)))
     }
 
-    async fn peek(&self, key: &str) -> anyhow::Result<(u64, Duration)> {
+    async fn forgive(&self, key: &str) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
-        let k = format!("{}{key}", self.prefix);
-        let (n, ttl): (Option<u64>, i64) = redis::pipe().get(&k).pttl(&k).query_async(&mut conn).await?;
-        Ok((n.unwrap_or(0), Duration::from_millis(ttl.max(0) as u64)))
+        let _: i64 = self.forgive.key(format!("{}{key}", self.prefix)).invoke_async(&mut conn).await?;
+        Ok(())
     }
+
 }

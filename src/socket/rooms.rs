@@ -107,9 +107,13 @@ async fn on_join(
         let message = format!("this socket is in {} rooms already; leave one first", node.limits.rooms_per_socket);
         return refuse(&s, ack, "too_many_rooms", &message);
     }
-    if let Err(l) = node.rate.room_change(&me) {
-        let e = ApiError::from(l);
-        return refuse(&s, ack, e.code, &e.message);
+    // Entering a room one is a member of (a reconnect, another tab)
+    // changes no membership and costs nothing.
+    if node.commands.require_member(&room, &me).await.is_err() {
+        if let Err(l) = node.rate.room_change(&me) {
+            let e = ApiError::from(l);
+            return refuse(&s, ack, e.code, &e.message);
+        }
     }
     if let Err(e) = node.commands.join_room(&me, &room).await {
         return refuse_command(&s, ack, e);

@@ -377,12 +377,18 @@ impl Cluster {
     /// Starts a node as a separate `natter` process (so a test can
     /// `kill -9` it), sharing this cluster's services and names.
     pub async fn spawn_process(&self) -> ProcessNode {
+        self.spawn_process_with(&[]).await
+    }
+
+    /// As [`Cluster::spawn_process`], with more environment.
+    pub async fn spawn_process_with(&self, extra: &[(&str, &str)]) -> ProcessNode {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
         let child = natter_command()
             .envs(self.env())
+            .envs(extra.iter().copied())
             .env("NATTER_HOST", "127.0.0.1")
             .env("NATTER_PORT", port.to_string())
             .env("RUST_LOG", "warn")
