@@ -247,7 +247,7 @@ mod tests {
 
     #[tokio::test]
     async fn windows_count_per_key_and_say_when_to_retry() {
-        let r = RateLimits::new(Arc::new(MemoryCounter::default()), &limits());
+        let r = RateLimits::new(Arc::new(MemoryCounter::default()), &Limits { login_failures: 0, ..limits() });
         for _ in 0..3 {
             r.login("1.2.3.4", "acct").await.unwrap();
         }
