@@ -43,6 +43,34 @@ pub enum TokenError {
 /// Shortest token secret accepted.
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// The secret's bytes, if there is one of at least [`MIN_SECRET_BYTES`].
+fn checked_secret(secret: Option<&SecretString>) -> anyhow::Result<Vec<u8>> {
+    let Some(secret) = secret else {
+        anyhow::bail!(
+            "no token secret: set NATTER_JWT_SECRET to the same random value of {MIN_SECRET_BYTES}+ bytes on every node \
+             (e.g. `head -c 32 /dev/urandom | base64`)"
+        );
+    };
+    let secret = secret.expose_secret().as_bytes().to_vec();
+    if secret.len() < MIN_SECRET_BYTES {
+        anyhow::bail!(
+            "NATTER_JWT_SECRET is {} bytes; it must be at least {MIN_SECRET_BYTES} (a short secret can be guessed offline from any token)",
+            secret.len()
+        );
+    }
+    Ok(secret)
+}
+
+/// Checks the configured secret before anything is connected: a node
+/// that would refuse it later must not have touched shared services.
+/// Embedded nodes may have none (they keep one in their data directory).
+pub fn check_settings(cfg: &AuthSettings, shared: bool) -> anyhow::Result<()> {
+    if shared || cfg.jwt_secret.is_some() {
+        checked_secret(cfg.jwt_secret.as_ref())?;
+    }
+    Ok(())
+}
+
 /// Who a valid token speaks for, and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -72,19 +100,7 @@ impl Auth {
     /// its own secret issues tokens no other node accepts, and a short one
     /// can be guessed offline from any token.
     pub fn new(cfg: &AuthSettings, stored: Option<SecretString>) -> anyhow::Result<Auth> {
-        let Some(secret) = cfg.jwt_secret.as_ref().or(stored.as_ref()) else {
-            anyhow::bail!(
-                "no token secret: set NATTER_JWT_SECRET to the same random value of {MIN_SECRET_BYTES}+ bytes on every node \
-                 (e.g. `head -c 32 /dev/urandom | base64`)"
-            );
-        };
-        let secret: Vec<u8> = secret.expose_secret().as_bytes().to_vec();
-        if secret.len() < MIN_SECRET_BYTES {
-            anyhow::bail!(
-                "NATTER_JWT_SECRET is {} bytes; it must be at least {MIN_SECRET_BYTES} (a short secret can be guessed offline from any token)",
-                secret.len()
-            );
-        }
+        let secret = checked_secret(cfg.jwt_secret.as_ref().or(stored.as_ref()))?;
         let mut decoding = vec![(Algorithm::HS256, DecodingKey::from_secret(&secret))];
         if let Some(path) = &cfg.jwt_public_key_file {
             let pem = std::fs::read(path).with_context(|| format!("reading JWT public key {}", path.display()))?;

@@ -223,7 +223,7 @@ section! {
         sockets_per_user: usize = 20, "sockets-per-user", "NATTER_SOCKETS_PER_USER";
         /// Sockets one client IP may have open on a node (0: no cap).
         sockets_per_ip: usize = 500, "sockets-per-ip", "NATTER_SOCKETS_PER_IP";
-        /// Rooms one `/chat` socket may have entered at once.
+        /// Rooms one `/chat` socket may have entered at once (0: no cap).
         rooms_per_socket: usize = 100, "rooms-per-socket", "NATTER_ROOMS_PER_SOCKET";
         /// Socket.IO events one socket may have in flight; more are refused
         /// at once, and a socket that keeps sending them is disconnected.

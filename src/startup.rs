@@ -116,7 +116,9 @@ impl NodeSockets {
 /// distributed when NATS, MongoDB and Redis all are.
 pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Result<RunningNode> {
     let node_id = uuid::Uuid::new_v4().simple().to_string();
-    let adapters = match cfg.mode()? {
+    let mode = cfg.mode()?;
+    crate::auth::check_settings(&cfg.auth, matches!(mode, Mode::Distributed))?;
+    let adapters = match mode {
         Mode::Embedded => crate::embedded::connect(&cfg).await?,
         Mode::Distributed => crate::distributed::connect(&cfg, &node_id).await?,
     };

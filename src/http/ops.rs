@@ -18,14 +18,14 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-async fn readyz(State(node): State<Arc<AppState>>) -> impl IntoResponse {
+async fn readyz(State(node): State<Arc<AppState>>) -> axum::response::Response {
     if !node.is_serving() {
         let detail = match node.mode {
             Mode::Embedded => "rebuilding the views from the event log",
             Mode::Distributed => "starting the projectors",
         };
         let body = json!({ "status": "starting", "mode": node.mode.name(), "detail": detail });
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+        return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response();
     }
     let [log, views, counts] = node.commands.check().await;
     // Details go to the log for the operator; the (unauthenticated) answer
@@ -49,7 +49,10 @@ async fn readyz(State(node): State<Arc<AppState>>) -> impl IntoResponse {
         "views": verdict(views_name, views),
         "counts": verdict(counts_name, counts),
     });
-    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+    match ok {
+        true => (StatusCode::OK, Json(body)).into_response(),
+        false => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response(),
+    }
 }
 
 async fn metrics(State(node): State<Arc<AppState>>) -> impl IntoResponse {

@@ -74,8 +74,8 @@ impl Connections {
     }
 }
 
-/// Refusals a socket may collect for requests over its in-flight cap
-/// before it is disconnected.
+/// Refusals in a row a socket may collect for requests over its in-flight
+/// cap before it is disconnected.
 pub const STRIKES: u32 = 50;
 
 /// Requests a socket has in flight (socketioxide runs each event in a task
@@ -100,10 +100,17 @@ impl InFlight {
     }
 
     /// A place for one request, held until the permit is dropped.
+    /// A request let through clears the refusals so far: only a socket
+    /// that keeps at it, refused after refused, is disconnected.
     pub fn enter(&self) -> Result<OwnedSemaphorePermit, Refused> {
-        self.slots.clone().try_acquire_owned().map_err(|_| {
-            if self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES { Refused::Persisting } else { Refused::Once }
-        })
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.strikes.store(0, Ordering::Relaxed);
+                Ok(permit)
+            }
+            Err(_) if self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES => Err(Refused::Persisting),
+            Err(_) => Err(Refused::Once),
+        }
     }
 }
 

@@ -53,22 +53,32 @@ pub trait Counter: Send + Sync {
     async fn forgive(&self, key: &str) -> anyhow::Result<()>;
 }
 
-/// Windows held in memory before expired ones are swept.
+/// Windows held in memory before expired ones are swept (at most once a
+/// second).
 const MEMORY_SWEEP_AT: usize = 10_000;
+/// Windows held in memory at most: past it (after a sweep) the counters
+/// start again from nothing, logged, rather than grow.
+const MEMORY_MAX: usize = 1_000_000;
 
 /// The embedded node's counters.
 #[derive(Default)]
 pub struct MemoryCounter {
-    windows: Mutex<HashMap<String, (Instant, u64)>>,
+    windows: Mutex<(HashMap<String, (Instant, u64)>, Option<Instant>)>,
 }
 
 #[async_trait]
 impl Counter for MemoryCounter {
     async fn hit(&self, key: &str, window: Duration) -> anyhow::Result<(u64, Duration)> {
         let now = Instant::now();
-        let mut windows = self.windows.lock().expect("rate windows lock");
-        if windows.len() >= MEMORY_SWEEP_AT {
+        let mut guard = self.windows.lock().expect("rate windows lock");
+        let (windows, swept) = &mut *guard;
+        if windows.len() >= MEMORY_SWEEP_AT && swept.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
             windows.retain(|_, (end, _)| *end > now);
+            *swept = Some(now);
+            if windows.len() >= MEMORY_MAX {
+                tracing::warn!(windows = windows.len(), "rate-limit windows over their bound; starting them afresh");
+                windows.clear();
+            }
         }
         let entry = windows.entry(key.to_owned()).or_insert((now + window, 0));
         if entry.0 <= now {
@@ -79,7 +89,7 @@ impl Counter for MemoryCounter {
     }
 
     async fn forgive(&self, key: &str) -> anyhow::Result<()> {
-        if let Some((_, n)) = self.windows.lock().expect("rate windows lock").get_mut(key) {
+        if let Some((_, n)) = self.windows.lock().expect("rate windows lock").0.get_mut(key) {
             *n = n.saturating_sub(1);
         }
         Ok(())

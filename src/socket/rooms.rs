@@ -99,23 +99,36 @@ async fn on_join(
     let Some(room) = v.ok().as_ref().and_then(room_arg) else {
         return refuse(&s, ack, "bad_request", "join-room needs a room id");
     };
-    let full = {
-        let entered = entered.lock().expect("entered rooms lock");
-        !entered.contains(&room) && entered.len() >= node.limits.rooms_per_socket
+    // The place is taken under the lock (joins run concurrently), and
+    // given back if the join fails.
+    let cap = node.limits.rooms_per_socket;
+    let reserved = {
+        let mut entered = entered.lock().expect("entered rooms lock");
+        if entered.contains(&room) {
+            false
+        } else if cap > 0 && entered.len() >= cap {
+            drop(entered);
+            return refuse(&s, ack, "too_many_rooms", &format!("this socket is in {cap} rooms already; leave one first"));
+        } else {
+            entered.insert(room.clone())
+        }
     };
-    if full {
-        let message = format!("this socket is in {} rooms already; leave one first", node.limits.rooms_per_socket);
-        return refuse(&s, ack, "too_many_rooms", &message);
-    }
+    let give_back = || {
+        if reserved {
+            entered.lock().expect("entered rooms lock").remove(&room);
+        }
+    };
     // Entering a room one is a member of (a reconnect, another tab)
     // changes no membership and costs nothing.
     if node.commands.require_member(&room, &me).await.is_err() {
         if let Err(l) = node.rate.room_change(&me) {
+            give_back();
             let e = ApiError::from(l);
             return refuse(&s, ack, e.code, &e.message);
         }
     }
     if let Err(e) = node.commands.join_room(&me, &room).await {
+        give_back();
         return refuse_command(&s, ack, e);
     }
     entered.lock().expect("entered rooms lock").insert(room.clone());

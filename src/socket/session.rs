@@ -42,6 +42,10 @@ pub enum Control {
 #[derive(Clone)]
 pub struct ControlTx(pub mpsc::Sender<Control>);
 
+/// Set while a `sync` waits for the delivery loop: one at a time.
+#[derive(Clone)]
+pub struct SyncPending(Arc<std::sync::atomic::AtomicBool>);
+
 /// Which deliveries and signals a namespace's sockets emit.
 #[derive(Clone)]
 pub enum Filter {
@@ -88,7 +92,13 @@ impl Filter {
 }
 
 /// `sync {cursor}`: replay from a cursor without reconnecting.
-pub async fn on_sync(s: SocketRef, State(node): State<Arc<AppState>>, Extension(ControlTx(tx)): Extension<ControlTx>, TryData(v): TryData<Value>) {
+pub async fn on_sync(
+    s: SocketRef,
+    State(node): State<Arc<AppState>>,
+    Extension(ControlTx(tx)): Extension<ControlTx>,
+    Extension(SyncPending(pending)): Extension<SyncPending>,
+    TryData(v): TryData<Value>,
+) {
     match v.ok().as_ref().and_then(|v| v.get("cursor")).and_then(parse_cursor) {
         Some(cursor) => {
             if let Err(l) = node.rate.sync(&s.id.to_string()) {
@@ -97,8 +107,11 @@ pub async fn on_sync(s: SocketRef, State(node): State<Arc<AppState>>, Extension(
                 return;
             }
             // A sync already waiting for the delivery loop is enough.
-            if tx.try_send(Control::Sync(cursor)).is_err() {
+            if pending.swap(true, std::sync::atomic::Ordering::AcqRel) {
                 let _ = s.emit("error", &error("rate_limited", "a sync is already pending on this socket"));
+            } else if tx.try_send(Control::Sync(cursor)).is_err() {
+                pending.store(false, std::sync::atomic::Ordering::Release);
+                let _ = s.emit("error", &error("unavailable", "this socket is closing"));
             }
         }
         None => {
@@ -232,8 +245,10 @@ pub fn open(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>,
     node.metrics.socket_opened();
     let (tx, rx) = mpsc::channel(16);
     s.extensions.insert(ControlTx(tx));
+    let pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    s.extensions.insert(SyncPending(pending.clone()));
     let expires = s.extensions.get::<TokenExpiry>().map(|TokenExpiry(at)| at);
-    tokio::spawn(run(s, node, user, start, filter, rx, expires));
+    tokio::spawn(run(s, node, user, start, filter, rx, expires, pending));
 }
 
 /// Longest single wait for a token's expiry (tokio's timers stop at about
@@ -275,6 +290,7 @@ async fn run(
     filter: Filter,
     mut control: mpsc::Receiver<Control>,
     expires: Option<u64>,
+    sync_pending: Arc<std::sync::atomic::AtomicBool>,
 ) {
     // Without a cursor the client starts from "now": the head read *before*
     // subscribing, so a delivery stored in between is caught up, not lost.
@@ -325,6 +341,7 @@ async fn run(
             _ = registration.kicked.notified() => Err(Stop::Emit(EmitError::TooSlow)),
             c = control.recv() => match c {
                 Some(Control::Sync(c)) => {
+                    sync_pending.store(false, std::sync::atomic::Ordering::Release);
                     session.cursor = c;
                     match session.catch_up().await {
                         Ok(()) => session.synced().await,
