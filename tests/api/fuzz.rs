@@ -18,7 +18,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::Driver;
-use crate::helpers::Cluster;
+use crate::helpers::{Cluster, User};
 
 /// Panics raised by natter's own code (not by a test's assertions).
 static SERVER_PANICS: AtomicUsize = AtomicUsize::new(0);
@@ -169,6 +169,18 @@ fn inputs() -> usize {
     std::env::var("NATTER_FUZZ_INPUTS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000)
 }
 
+/// An embedded node with Amy, Bob and a room of Amy's.
+async fn setup(tweak: impl FnOnce(&mut natter::config::Config)) -> (Cluster, User, User, String) {
+    let c = Cluster::embedded_with(tweak).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let room = c.request(0, Method::POST, "/api/rooms", Some(&amy.token), Some(json!({ "name": "Fuzz" }))).await.ok()["room"]["_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (c, amy, bob, room)
+}
+
 /// One REST target: how to build a request from the generator.
 struct Target {
     name: &'static str,
@@ -181,17 +193,11 @@ async fn every_rest_route_survives_generated_input_and_refusals_change_nothing()
     let seed = seed();
     let n = inputs();
     eprintln!("[fuzz] REST seed {seed} ({n} inputs per target; NATTER_FUZZ_SEED={seed} replays)");
-    let c = Cluster::embedded_with(|cfg| {
+    let (c, amy, bob, room) = setup(|cfg| {
         cfg.limits.login_per_min = 0;
         cfg.limits.login_failures = 0;
     })
     .await;
-    let amy = c.register(0, "Amy").await;
-    let bob = c.register(0, "Bob").await;
-    let room = c.request(0, Method::POST, "/api/rooms", Some(&amy.token), Some(json!({ "name": "Fuzz" }))).await.ok()["room"]["_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let sent = c.send(0, &bob, &amy, "for seen", None).await.ok();
     let message_id = sent["data"]["_id"].as_str().unwrap().to_owned();
     let ids: Vec<String> = vec![bob.id.clone(), room.clone(), message_id.clone(), amy.id.clone(), "nobody".into()];
@@ -294,16 +300,7 @@ async fn every_socket_event_survives_generated_payloads() {
     let seed = seed().wrapping_add(1);
     let n = inputs();
     eprintln!("[fuzz] Socket.IO seed {seed} ({n} payloads per event; NATTER_FUZZ_SEED={} replays)", seed.wrapping_sub(1));
-    let c = Cluster::embedded_with(|cfg| {
-        cfg.limits.syncs_per_min = 0;
-    })
-    .await;
-    let amy = c.register(0, "Amy").await;
-    let bob = c.register(0, "Bob").await;
-    let room = c.request(0, Method::POST, "/api/rooms", Some(&amy.token), Some(json!({ "name": "Fuzz" }))).await.ok()["room"]["_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (c, amy, bob, room) = setup(|cfg| cfg.limits.syncs_per_min = 0).await;
     let mut d = Driver::start().await;
     d.connected("direct", &c.socket_url(0), json!({ "token": amy.token })).await;
     d.connected("chat", &c.chat_url(0), json!({ "token": amy.token })).await;
