@@ -326,3 +326,32 @@ async fn sockets_are_capped_per_user_and_per_address_and_rooms_and_syncs_per_soc
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+crate::contract!(an_old_leave_replayed_from_a_cursor_does_not_undo_a_later_join, 1, an_old_leave_replayed_from_a_cursor_does_not_undo_a_later_join);
+
+/// Bob left the room and joined it again; his socket enters it, then asks
+/// for a replay from the start (`sync {cursor: 0}`), which carries the old
+/// `member-left`: he stays in the room's presence.
+async fn an_old_leave_replayed_from_a_cursor_does_not_undo_a_later_join(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let carol = c.register(0, "Carol").await;
+    let room = create_room(c, &amy, "Again").await;
+    for action in ["join", "leave", "join"] {
+        c.request(0, Method::POST, &format!("/api/rooms/{room}/{action}"), Some(&bob.token), None).await.ok();
+    }
+    let mut d = Driver::start().await;
+    d.connected("bob", &c.chat_url(0), json!({ "token": bob.token })).await;
+    d.next("bob", |e| e["event"] == "synced", "synced").await;
+    assert_eq!(d.emit_ack("bob", "join-room", json!(room)).await["success"], json!(true));
+    d.emit("bob", "sync", json!({ "cursor": 0 })).await;
+    let left = d.next("bob", |e| e["event"] == "member-left", "the old member-left, replayed").await;
+    assert_eq!(left["data"]["userId"], json!(bob.id));
+    d.next("bob", |e| e["event"] == "synced", "synced after the replay").await;
+    // Still present: Carol's entry reaches Bob, and the room counts him.
+    d.connected("carol", &c.chat_url(0), json!({ "token": carol.token })).await;
+    assert_eq!(d.emit_ack("carol", "join-room", json!(room)).await["success"], json!(true));
+    d.next("bob", |e| e["event"] == "user-joined" && e["data"]["user"]["_id"] == json!(carol.id), "carol's user-joined").await;
+    let users = c.request(0, Method::GET, &format!("/api/rooms/{room}/users"), Some(&amy.token), None).await.ok();
+    assert_eq!(users["count"], json!(2), "bob and carol: {users}");
+}
