@@ -87,7 +87,13 @@ pub struct Commands {
     pub(crate) prefix: String,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
+    /// Users known to exist (accounts are never deleted): a send to one of
+    /// them needs no views read. Bounded: emptied when full.
+    known_users: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// Users [`Commands`] remembers as existing before it starts afresh.
+const KNOWN_USERS: usize = 100_000;
 
 impl Commands {
     pub fn new(
@@ -98,7 +104,7 @@ impl Commands {
         limits: Limits,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Commands { log, views, counts, prefix, limits, metrics }
+        Commands { log, views, counts, prefix, limits, metrics, known_users: Default::default() }
     }
 
     /// The views this command side keeps up to date (read-your-writes).
@@ -123,8 +129,18 @@ impl Commands {
     /// Checks that `user` is a registered user; `what` names them in the error.
     pub(crate) async fn require_user(&self, user: &str, what: &str) -> Result<(), CommandError> {
         natter_events::validate_id(user).map_err(|e| Refusal::BadInput(format!("{what} id is not valid: {e}")))?;
+        if self.known_users.lock().expect("known users lock").contains(user) {
+            return Ok(());
+        }
         match self.views.user(user).await? {
-            Some(_) => Ok(()),
+            Some(_) => {
+                let mut known = self.known_users.lock().expect("known users lock");
+                if known.len() >= KNOWN_USERS {
+                    known.clear();
+                }
+                known.insert(user.to_owned());
+                Ok(())
+            }
             None => Err(Refusal::NotFound(format!("{what} not found")).into()),
         }
     }
