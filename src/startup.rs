@@ -117,7 +117,13 @@ impl NodeSockets {
 pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Result<RunningNode> {
     let node_id = uuid::Uuid::new_v4().simple().to_string();
     let mode = cfg.mode()?;
+    // Settings that would refuse the node later are checked before any
+    // shared service is touched.
     crate::auth::check_settings(&cfg.auth, matches!(mode, Mode::Distributed))?;
+    if matches!(mode, Mode::Distributed) {
+        Auth::new(&cfg.auth, None)?;
+    }
+    cfg.server.cors()?;
     let adapters = match mode {
         Mode::Embedded => crate::embedded::connect(&cfg).await?,
         Mode::Distributed => crate::distributed::connect(&cfg, &node_id).await?,

@@ -175,8 +175,6 @@ impl Membership {
         };
         if !self.fed_in_order {
             if let Err(e) = self.catch_up(room, &mut entry, log_seq).await {
-                // Changes taken in so far are kept (`as_of` not moved):
-                // replaying them from `as_of` again, in order, ends the same.
                 self.table().put(room, entry);
                 return Err(e);
             }
@@ -193,15 +191,21 @@ impl Membership {
     async fn catch_up(&self, room: &str, entry: &mut Room, log_seq: u64) -> Result<(), ApplyError> {
         let prefix = subjects::member(&self.prefix, room, "");
         let mut from = entry.as_of + 1;
+        // Taken in only once every change is read: a failure leaves the
+        // table exactly as it was (as of `as_of`, with its undo).
+        let mut found_events = Vec::new();
         while from < log_seq {
             match self.log.next_under(&prefix, from).await.map_err(unavailable)? {
                 Some(found) if found.log_seq < log_seq => {
-                    if let Some(change) = Change::of(&found.envelope.event) {
-                        change.apply(&mut entry.members);
-                    }
                     from = found.log_seq + 1;
+                    found_events.push(found.envelope.event);
                 }
                 _ => break,
+            }
+        }
+        for event in &found_events {
+            if let Some(change) = Change::of(event) {
+                change.apply(&mut entry.members);
             }
         }
         entry.as_of = log_seq - 1;
@@ -257,6 +261,72 @@ mod tests {
         assert_eq!(m.as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), ["amy"]);
         assert_eq!(m.as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), ["amy"], "the retry: bob's join not yet in");
         assert_eq!(m.as_of("r", seqs[1].0 + 1, &Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into() })).await.unwrap(), ["amy", "bob"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A catch-up that fails part way leaves the table as it was: a retry
+    /// of its last event still gets the members before that event.
+    #[tokio::test]
+    async fn a_failed_catch_up_leaves_the_table_as_it_was() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        use async_trait::async_trait;
+        use natter_events::{Envelope, MemberJoined};
+
+        use crate::config::SyncPolicy;
+        use crate::log::file::FileLog;
+        use crate::log::{Appended, Logged};
+
+        /// The file log, with `next_under` failing after its first answer.
+        struct Flaky(Arc<dyn EventLog>, AtomicBool);
+        #[async_trait]
+        impl EventLog for Flaky {
+            async fn last(&self, s: &str) -> Result<Option<Logged>, LogError> {
+                self.0.last(s).await
+            }
+            async fn last_before(&self, s: &str, b: u64) -> Result<Option<Logged>, LogError> {
+                self.0.last_before(s, b).await
+            }
+            async fn append(&self, e: &Envelope, x: u64) -> Result<Appended, LogError> {
+                self.0.append(e, x).await
+            }
+            async fn get(&self, seq: u64) -> Result<Logged, LogError> {
+                self.0.get(seq).await
+            }
+            async fn head(&self) -> Result<u64, LogError> {
+                self.0.head().await
+            }
+            async fn subjects(&self, p: &str) -> Result<Vec<String>, LogError> {
+                self.0.subjects(p).await
+            }
+            async fn next_under(&self, p: &str, from: u64) -> Result<Option<Logged>, LogError> {
+                if self.1.swap(true, Ordering::SeqCst) {
+                    return Err(LogError::Unavailable("flaky".into()));
+                }
+                self.0.next_under(p, from).await
+            }
+            async fn check(&self) -> Result<(), LogError> {
+                self.0.check().await
+            }
+        }
+
+        let dir = std::env::temp_dir().join(format!("natter-flaky-{}", uuid::Uuid::new_v4().simple()));
+        let file: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
+        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0 });
+        let mut seqs = Vec::new();
+        for u in ["amy", "bob", "carol"] {
+            let env = Envelope::new(format!("{u}:j"), subjects::member("p", "r", u), 1, join(u));
+            seqs.push((file.append(&env, 0).await.unwrap().log_seq, env.event));
+        }
+        let flaky = Arc::new(Flaky(file, AtomicBool::new(true)));
+        let m = Membership::new(flaky.clone(), "p".into(), false);
+        assert_eq!(m.as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), Vec::<String>::new());
+        // The next event is past bob's and carol's joins: the catch-up reads
+        // bob's, then fails.
+        flaky.1.store(false, Ordering::SeqCst);
+        let msg = Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into() });
+        assert!(m.as_of("r", seqs[2].0 + 1, &msg).await.is_err());
+        assert_eq!(m.as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), Vec::<String>::new(), "amy's join retried: still nobody before it");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -3,7 +3,6 @@
 //! and requests in flight per socket.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -74,15 +73,17 @@ impl Connections {
     }
 }
 
-/// Refusals in a row a socket may collect for requests over its in-flight
-/// cap before it is disconnected.
+/// Refusals a socket may collect for requests over its in-flight cap within
+/// [`STRIKE_WINDOW`] before it is disconnected.
 pub const STRIKES: u32 = 50;
+pub const STRIKE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Requests a socket has in flight (socketioxide runs each event in a task
 /// of its own): over the cap, an event is refused at once.
 pub struct InFlight {
     slots: Arc<Semaphore>,
-    strikes: AtomicU32,
+    /// Refusals since the window began.
+    strikes: Mutex<(std::time::Instant, u32)>,
 }
 
 /// What became of a request over the cap.
@@ -96,21 +97,21 @@ pub enum Refused {
 
 impl InFlight {
     pub fn new(cap: usize) -> InFlight {
-        InFlight { slots: Arc::new(Semaphore::new(cap.max(1))), strikes: AtomicU32::new(0) }
+        InFlight { slots: Arc::new(Semaphore::new(cap.max(1))), strikes: Mutex::new((std::time::Instant::now(), 0)) }
     }
 
     /// A place for one request, held until the permit is dropped.
-    /// A request let through clears the refusals so far: only a socket
-    /// that keeps at it, refused after refused, is disconnected.
+    /// A place for one request; a socket refused [`STRIKES`] times within
+    /// [`STRIKE_WINDOW`] is to be disconnected (whatever got through between).
     pub fn enter(&self) -> Result<OwnedSemaphorePermit, Refused> {
-        match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.strikes.store(0, Ordering::Relaxed);
-                Ok(permit)
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            let mut strikes = self.strikes.lock().expect("strikes lock");
+            if strikes.0.elapsed() > STRIKE_WINDOW {
+                *strikes = (std::time::Instant::now(), 0);
             }
-            Err(_) if self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES => Err(Refused::Persisting),
-            Err(_) => Err(Refused::Once),
-        }
+            strikes.1 += 1;
+            if strikes.1 >= STRIKES { Refused::Persisting } else { Refused::Once }
+        })
     }
 }
 

@@ -73,11 +73,13 @@ impl Counter for MemoryCounter {
         let mut guard = self.windows.lock().expect("rate windows lock");
         let (windows, swept) = &mut *guard;
         if windows.len() >= MEMORY_SWEEP_AT && swept.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
-            windows.retain(|_, (end, _)| *end > now);
+            windows.retain(|_, (end, n)| *end > now && *n > 0);
             *swept = Some(now);
             if windows.len() >= MEMORY_MAX {
-                tracing::warn!(windows = windows.len(), "rate-limit windows over their bound; starting them afresh");
-                windows.clear();
+                // Account lock-outs are kept: a flood of made-up keys must
+                // not be a way to lift one.
+                tracing::warn!(windows = windows.len(), "rate-limit windows over their bound; keeping only failed-login counts");
+                windows.retain(|key, _| key.starts_with("fail:acct:"));
             }
         }
         let entry = windows.entry(key.to_owned()).or_insert((now + window, 0));
@@ -118,6 +120,7 @@ pub struct RateLimits {
     /// Sockets per user and per IP on this node.
     pub connections: connections::Connections,
     syncs: Option<DefaultKeyedRateLimiter<String>>,
+    enters: Option<DefaultKeyedRateLimiter<String>>,
     counter: std::sync::Arc<dyn Counter>,
     login_per_min: u64,
     login_failures: u64,
@@ -143,6 +146,8 @@ impl RateLimits {
         RateLimits {
             connections: connections::Connections::new(limits.sockets_per_user, limits.sockets_per_ip),
             syncs: per_minute(limits.syncs_per_min),
+            // A reconnecting socket re-enters all its rooms at once.
+            enters: per_minute(u32::try_from(limits.rooms_per_socket.max(60)).unwrap_or(u32::MAX)),
             counter,
             login_per_min: u64::from(limits.login_per_min),
             login_failures: u64::from(limits.login_failures),
@@ -230,6 +235,12 @@ impl RateLimits {
         Self::bucket(self.room_changes.as_ref(), "room changes from this account", user)
     }
 
+    /// `user` entering a room's presence (`join-room` of a room the socket
+    /// is not in): each costs presence writes and a delta to everyone there.
+    pub fn enter_room(&self, user: &str) -> Result<(), Limited> {
+        Self::bucket(self.enters.as_ref(), "rooms entered by this account", user)
+    }
+
     /// A `sync` replay asked for by socket `socket`.
     pub fn sync(&self, socket: &str) -> Result<(), Limited> {
         Self::bucket(self.syncs.as_ref(), "sync replays on this socket", socket)
@@ -238,7 +249,7 @@ impl RateLimits {
     /// Forgets the buckets of accounts idle long enough to be full again
     /// (run every minute or so).
     pub fn housekeeping(&self) {
-        for limiter in [&self.sends, &self.room_changes, &self.syncs].into_iter().flatten() {
+        for limiter in [&self.sends, &self.room_changes, &self.syncs, &self.enters].into_iter().flatten() {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }

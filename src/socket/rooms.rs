@@ -99,39 +99,37 @@ async fn on_join(
     let Some(room) = v.ok().as_ref().and_then(room_arg) else {
         return refuse(&s, ack, "bad_request", "join-room needs a room id");
     };
-    // The place is taken under the lock (joins run concurrently), and
-    // given back if the join fails.
     let cap = node.limits.rooms_per_socket;
-    let reserved = {
-        let mut entered = entered.lock().expect("entered rooms lock");
-        if entered.contains(&room) {
-            false
-        } else if cap > 0 && entered.len() >= cap {
-            drop(entered);
-            return refuse(&s, ack, "too_many_rooms", &format!("this socket is in {cap} rooms already; leave one first"));
-        } else {
-            entered.insert(room.clone())
-        }
+    let full = |entered: &HashSet<String>| !entered.contains(&room) && cap > 0 && entered.len() >= cap;
+    let too_many = format!("this socket is in {cap} rooms already; leave one first");
+    if full(&entered.lock().expect("entered rooms lock")) {
+        return refuse(&s, ack, "too_many_rooms", &too_many);
+    }
+    // Entering a room's presence is limited per user (a burst of a whole
+    // socket's rooms, for a reconnect); joining its membership as well.
+    let already_in = entered.lock().expect("entered rooms lock").contains(&room);
+    let limited = if already_in { Ok(()) } else { node.rate.enter_room(&me) };
+    let limited = match limited {
+        Ok(()) if node.commands.require_member(&room, &me).await.is_err() => node.rate.room_change(&me),
+        other => other,
     };
-    let give_back = || {
-        if reserved {
-            entered.lock().expect("entered rooms lock").remove(&room);
-        }
-    };
-    // Entering a room one is a member of (a reconnect, another tab)
-    // changes no membership and costs nothing.
-    if node.commands.require_member(&room, &me).await.is_err() {
-        if let Err(l) = node.rate.room_change(&me) {
-            give_back();
-            let e = ApiError::from(l);
-            return refuse(&s, ack, e.code, &e.message);
-        }
+    if let Err(l) = limited {
+        let e = ApiError::from(l);
+        return refuse(&s, ack, e.code, &e.message);
     }
     if let Err(e) = node.commands.join_room(&me, &room).await {
-        give_back();
         return refuse_command(&s, ack, e);
     }
-    entered.lock().expect("entered rooms lock").insert(room.clone());
+    {
+        // The cap is checked again where the place is taken: joins run
+        // concurrently.
+        let mut entered = entered.lock().expect("entered rooms lock");
+        if full(&entered) {
+            drop(entered);
+            return refuse(&s, ack, "too_many_rooms", &too_many);
+        }
+        entered.insert(room.clone());
+    }
     match node.presence.enter(&room, &me, &connection(&node, &s)).await {
         Ok(first) => {
             // Handlers run concurrently: if the socket left the room (or
@@ -140,6 +138,7 @@ async fn on_join(
             let still_in = s.connected() && entered.lock().expect("entered rooms lock").contains(&room);
             if !still_in {
                 exit_room(&node, &s, &me, &room).await;
+                let _ = ack.send(&json!({ "success": false, "code": "left", "message": "the socket left the room while entering it" }));
                 return;
             }
             announce_joined(&node, &room, &me, first, &s).await;

@@ -193,8 +193,10 @@ async fn a_cursor_older_than_retention_gets_a_resync() {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;
     c.send(0, &amy, &bob, "one", None).await.ok();
-    // Purge the inbox as retention would.
+    // Purge the inbox as retention would, once the fan-out has made both
+    // deliveries (it runs after the send is acknowledged).
     let mut inbox = c.nats().jetstream().get_stream(format!("{}_INBOX", c.cfg.distributed.stream)).await.unwrap();
+    eventually("both deliveries of the send made", || async { inbox.get_info().await.unwrap().state.last_sequence == 2 }).await;
     inbox.purge().await.unwrap();
     let head = inbox.info().await.unwrap().state.last_sequence;
     let mut d = Driver::start().await;
