@@ -185,6 +185,15 @@ fn waiting_places() -> &'static tokio::sync::Semaphore {
 #[error("password checks are saturated; retry shortly")]
 pub struct Busy;
 
+/// Why a password could not be hashed.
+#[derive(Debug, Error)]
+pub enum HashError {
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A hashing slot, or [`Busy`] when [`MAX_WAITING`] already wait for one.
 /// The slot is held by the hashing job itself (moved into it), so a request
 /// dropped mid-hash does not free a slot its job still uses.
@@ -197,17 +206,14 @@ async fn hashing_slot() -> Result<tokio::sync::OwnedSemaphorePermit, Busy> {
 }
 
 /// Hashes a password with argon2id (on the blocking pool).
-pub async fn hash_password(password: String) -> anyhow::Result<String> {
+pub async fn hash_password(password: String) -> Result<String, HashError> {
     let slot = hashing_slot().await?;
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        Argon2::default()
-            .hash_password(password.as_bytes())
-            .map(|h| h.to_string())
-            .map_err(|e| anyhow::anyhow!("argon2: {e}"))
+        Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(|e| HashError::Failed(format!("argon2: {e}")))
     })
     .await
-    .context("password hashing task")?
+    .map_err(|e| HashError::Failed(format!("password hashing task: {e}")))?
 }
 
 /// Checks a password against a stored PHC string (on the blocking pool).

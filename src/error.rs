@@ -25,7 +25,7 @@ impl ApiError {
         ApiError { status, code, message: message.into(), retry_after: None }
     }
 
-    /// A 503 that asks the client to come back in `secs`.
+    /// Asks the client to come back in `secs` (`Retry-After`).
     pub fn retry_in(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs.max(1));
         self
@@ -118,9 +118,7 @@ fn rebuilding(what: &str) -> ApiError {
 impl From<crate::ratelimit::Limited> for ApiError {
     fn from(l: crate::ratelimit::Limited) -> Self {
         let secs = l.retry_after.as_secs_f64().ceil() as u64;
-        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many {}; retry in {secs} s", l.what));
-        e.retry_after = Some(secs.max(1));
-        e
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many {}; retry in {secs} s", l.what)).retry_in(secs)
     }
 }
 

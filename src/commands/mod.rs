@@ -56,6 +56,15 @@ pub enum Failure {
     Busy(#[from] crate::auth::Busy),
 }
 
+impl From<crate::auth::HashError> for Failure {
+    fn from(e: crate::auth::HashError) -> Self {
+        match e {
+            crate::auth::HashError::Busy(busy) => Failure::Busy(busy),
+            crate::auth::HashError::Failed(why) => Failure::Internal(why),
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum CommandError {
     #[error(transparent)]

@@ -68,10 +68,7 @@ impl Commands {
         if self.log.last(&subject).await?.is_some() {
             return Err(taken().into());
         }
-        let password_hash = auth::hash_password(cmd.password).await.map_err(|e| match e.downcast::<auth::Busy>() {
-            Ok(busy) => Failure::Busy(busy),
-            Err(e) => Failure::Internal(format!("{e:#}")),
-        })?;
+        let password_hash = auth::hash_password(cmd.password).await.map_err(Failure::from)?;
         let user_id = uuid::Uuid::now_v7().to_string();
         let event = UserRegistered { user_id: user_id.clone(), name: cmd.name.trim().to_owned(), email, password_hash };
         let env = self
@@ -102,10 +99,8 @@ impl Commands {
             None => {
                 // Spend the same argon2 time for unknown addresses, so response
                 // times do not tell which addresses have accounts.
-                if let Err(e) = auth::hash_password(password).await {
-                    if let Ok(busy) = e.downcast::<auth::Busy>() {
-                        return Err(Failure::Busy(busy).into());
-                    }
+                if let Err(auth::HashError::Busy(busy)) = auth::hash_password(password).await {
+                    return Err(Failure::Busy(busy).into());
                 }
                 Err(refused().into())
             }

@@ -169,15 +169,13 @@ impl Membership {
                 // An older event (a parked event retried): answered from
                 // the log, the table kept.
                 self.table().put(room, newer);
-                return self.from_log(room, log_seq).await;
+                return self.read_cold(room, log_seq).await;
             }
-            None => Room { as_of: log_seq - 1, members: self.from_log(room, log_seq).await?.into_iter().collect(), undo: None, used: 0 },
+            None => Room { as_of: log_seq - 1, members: self.read_cold(room, log_seq).await?.into_iter().collect(), undo: None, used: 0 },
         };
-        if !self.fed_in_order {
-            if let Err(e) = self.catch_up(room, &mut entry, log_seq).await {
-                self.table().put(room, entry);
-                return Err(e);
-            }
+        if let Err(e) = if self.fed_in_order { Ok(()) } else { self.catch_up(room, &mut entry, log_seq).await } {
+            self.table().put(room, entry);
+            return Err(e);
         }
         let members = entry.members.iter().cloned().collect();
         entry.undo = Change::of(event).and_then(|change| change.apply(&mut entry.members));
@@ -216,7 +214,7 @@ impl Membership {
     /// The room's members as of `log_seq`, from the log alone: every user
     /// with a member subject in the room whose newest event before
     /// `log_seq` is a join.
-    async fn from_log(&self, room: &str, log_seq: u64) -> Result<Vec<String>, ApplyError> {
+    async fn read_cold(&self, room: &str, log_seq: u64) -> Result<Vec<String>, ApplyError> {
         let prefix = subjects::member(&self.prefix, room, "");
         let subjects = self.log.subjects(&prefix).await.map_err(unavailable)?;
         let reads: Vec<_> = subjects.iter().map(|s| self.log.last_before(s, log_seq)).collect();

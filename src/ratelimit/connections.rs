@@ -100,8 +100,7 @@ impl InFlight {
         InFlight { slots: Arc::new(Semaphore::new(cap.max(1))), strikes: Mutex::new((std::time::Instant::now(), 0)) }
     }
 
-    /// A place for one request, held until the permit is dropped.
-    /// A place for one request; a socket refused [`STRIKES`] times within
+    /// A place for one request, held until the permit is dropped; a socket refused [`STRIKES`] times within
     /// [`STRIKE_WINDOW`] is to be disconnected (whatever got through between).
     pub fn enter(&self) -> Result<OwnedSemaphorePermit, Refused> {
         self.slots.clone().try_acquire_owned().map_err(|_| {

@@ -33,7 +33,7 @@ use crate::config::Limits;
 pub fn client_ip(parts: &axum::http::request::Parts, header: &str) -> String {
     if !header.is_empty() {
         let values = parts.headers.get_all(header).iter().filter_map(|v| v.to_str().ok());
-        if let Some(ip) = values.flat_map(|v| v.split(',')).map(str::trim).filter(|v| !v.is_empty()).last() {
+        if let Some(ip) = values.flat_map(|v| v.split(',')).map(str::trim).rfind(|v| !v.is_empty()) {
             return ip.chars().take(64).collect();
         }
     }
@@ -60,10 +60,14 @@ const MEMORY_SWEEP_AT: usize = 10_000;
 /// start again from nothing, logged, rather than grow.
 const MEMORY_MAX: usize = 1_000_000;
 
+/// Windows by key: (end, hits).
+type Windows = HashMap<String, (Instant, u64)>;
+
 /// The embedded node's counters.
 #[derive(Default)]
 pub struct MemoryCounter {
-    windows: Mutex<(HashMap<String, (Instant, u64)>, Option<Instant>)>,
+    /// The windows, and when they were last swept.
+    windows: Mutex<(Windows, Option<Instant>)>,
 }
 
 #[async_trait]
@@ -185,10 +189,9 @@ impl RateLimits {
         ];
         let mut over = None;
         for (what, key, max) in &checks {
-            if let Some((n, left)) = open_on_error(what, self.counter.hit(key, FAILURE_WINDOW).await) {
-                if n > *max && over.is_none() {
-                    over = Some(Limited { what, retry_after: left.max(Duration::from_secs(1)) });
-                }
+            let hit = open_on_error(what, self.counter.hit(key, FAILURE_WINDOW).await);
+            if let Some((_, left)) = hit.filter(|(n, _)| n > max && over.is_none()) {
+                over = Some(Limited { what, retry_after: left.max(Duration::from_secs(1)) });
             }
         }
         match over {

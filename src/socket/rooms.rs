@@ -31,7 +31,6 @@ use socketioxide::socket::DisconnectReason;
 use super::handshake::{SocketUser, StartCursor, TOO_MANY_IN_FLIGHT, admit};
 use super::presence::{announce_joined, connection, exit_room};
 use super::session::{Filter, error, on_sync, open, release};
-use crate::commands::CommandError;
 use crate::commands::rooms::SendRoomMessage;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -79,9 +78,10 @@ fn refuse_quietly(ack: AckSender) {
     let _ = ack.send(&json!({ "success": false, "code": "rate_limited", "message": TOO_MANY_IN_FLIGHT }));
 }
 
-/// Refuses a client event whose command failed, with the REST error's code.
-fn refuse_command(s: &SocketRef, ack: AckSender, e: CommandError) {
-    let e = ApiError::from(e);
+/// Refuses a client event whose command failed (or was over a rate
+/// limit), with the REST error's code.
+fn refuse_command(s: &SocketRef, ack: AckSender, e: impl Into<ApiError>) {
+    let e: ApiError = e.into();
     refuse(s, ack, e.code, &e.message);
 }
 
@@ -102,20 +102,22 @@ async fn on_join(
     let cap = node.limits.rooms_per_socket;
     let full = |entered: &HashSet<String>| !entered.contains(&room) && cap > 0 && entered.len() >= cap;
     let too_many = format!("this socket is in {cap} rooms already; leave one first");
-    if full(&entered.lock().expect("entered rooms lock")) {
+    let (is_full, already_in) = {
+        let entered = entered.lock().expect("entered rooms lock");
+        (full(&entered), entered.contains(&room))
+    };
+    if is_full {
         return refuse(&s, ack, "too_many_rooms", &too_many);
     }
     // Entering a room's presence is limited per user (a burst of a whole
     // socket's rooms, for a reconnect); joining its membership as well.
-    let already_in = entered.lock().expect("entered rooms lock").contains(&room);
     let limited = if already_in { Ok(()) } else { node.rate.enter_room(&me) };
     let limited = match limited {
         Ok(()) if node.commands.require_member(&room, &me).await.is_err() => node.rate.room_change(&me),
         other => other,
     };
     if let Err(l) = limited {
-        let e = ApiError::from(l);
-        return refuse(&s, ack, e.code, &e.message);
+        return refuse_command(&s, ack, l);
     }
     if let Err(e) = node.commands.join_room(&me, &room).await {
         return refuse_command(&s, ack, e);
@@ -203,8 +205,7 @@ async fn on_send(
         client_msg_id: input.client_msg_id,
     };
     if let Err(l) = node.rate.send(&cmd.sender) {
-        let e = ApiError::from(l);
-        return refuse(&s, ack, e.code, &e.message);
+        return refuse_command(&s, ack, l);
     }
     match node.commands.send_room(cmd).await {
         Ok(m) => {
