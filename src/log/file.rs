@@ -286,6 +286,22 @@ impl EventLog for FileLog {
         }
     }
 
+    async fn subjects_matching(&self, filter: &str) -> Result<Vec<String>, LogError> {
+        let state = self.state.lock().expect("event log lock");
+        let wanted: Vec<&str> = filter.split('.').collect();
+        let matches = |subject: &str| {
+            let tokens: Vec<&str> = subject.split('.').collect();
+            tokens.len() == wanted.len() && tokens.iter().zip(&wanted).all(|(t, w)| *w == "*" || t == w)
+        };
+        Ok(state.by_subject.keys().filter(|s| matches(s)).cloned().collect())
+    }
+
+    async fn history(&self, subject: &str, before: u64) -> Result<Vec<Logged>, LogError> {
+        let mut state = self.state.lock().expect("event log lock");
+        let seqs: Vec<u64> = state.by_subject.get(subject).map(|seqs| seqs.iter().copied().take_while(|&s| s < before).collect()).unwrap_or_default();
+        seqs.into_iter().map(|seq| self.read_at(&mut state, seq)).collect()
+    }
+
     async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError> {
         let state = self.state.lock().expect("event log lock");
         Ok(state

@@ -57,6 +57,12 @@ pub trait EventLog: Send + Sync {
     /// one event, one token deeper: for `x.member.r1.` the subjects
     /// `x.member.r1.<user>`.
     async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError>;
+    /// The subjects matching `filter`, a subject whose tokens may be `*`
+    /// (for `x.member.*.amy`: amy's member subjects in every room).
+    async fn subjects_matching(&self, filter: &str) -> Result<Vec<String>, LogError>;
+    /// Every event on `subject` stored before log sequence `before`,
+    /// oldest first.
+    async fn history(&self, subject: &str, before: u64) -> Result<Vec<Logged>, LogError>;
     /// The first event at log sequence `from` or later on any subject
     /// under `prefix` (which ends with `.`), one token deeper.
     async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError>;

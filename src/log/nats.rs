@@ -163,20 +163,31 @@ impl EventLog for NatsLog {
             return Ok(last);
         }
         // The subject moved on since: walk it from its first event (member
-        // subjects hold a handful of joins and leaves).
+        // subjects hold a handful of joins, leaves and reads).
+        Ok(self.history(subject, before).await?.pop())
+    }
+
+    async fn history(&self, subject: &str, before: u64) -> Result<Vec<Logged>, LogError> {
         let stream = self.stream().await?;
-        let (mut found, mut from) = (None, 1);
+        let (mut found, mut from) = (Vec::new(), 1);
         loop {
             match stream.direct_get_next_for_subject(subject, Some(from)).await {
                 Ok(msg) if msg.sequence < before => {
                     from = msg.sequence + 1;
-                    found = Some(Self::decode(msg.sequence, &msg.payload)?);
+                    found.push(Self::decode(msg.sequence, &msg.payload)?);
                 }
                 Ok(_) => return Ok(found),
                 Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(found),
                 Err(e) => return Err(unavailable(e)),
             }
         }
+    }
+
+    async fn subjects_matching(&self, filter: &str) -> Result<Vec<String>, LogError> {
+        use futures::TryStreamExt;
+        let stream = self.stream().await?;
+        let found = stream.info_with_subjects(filter).await.map_err(unavailable)?;
+        found.map_ok(|(subject, _)| subject).try_collect().await.map_err(unavailable)
     }
 
     async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError> {

@@ -32,7 +32,7 @@ use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView};
 use serde_json::json;
 
 use super::members::Membership;
-use super::{Payload, PushBus};
+use super::{Payload, PushBus, To};
 use crate::log::EventLog;
 use crate::wire::{message_json, room_message_json};
 
@@ -62,7 +62,7 @@ impl FanOut {
     }
 }
 
-/// The deliveries an event makes: (user, payload). Pure.
+/// The direct deliveries an event makes: (user, payload). Pure.
 pub fn deliveries(env: &Envelope) -> Vec<(String, Payload)> {
     match &env.event {
         Event::MessageSent(e) => {
@@ -95,7 +95,7 @@ impl Projection for FanOut {
     }
 
     async fn apply_at(&self, env: &Envelope, log_seq: u64) -> Result<(), ApplyError> {
-        let mut deliveries = deliveries(env);
+        let mut deliveries: Vec<(To, Payload)> = deliveries(env).into_iter().map(|(user, payload)| (To::User(user), payload)).collect();
         let room = match &env.event {
             Event::RoomMessageSent(e) => {
                 Some((&e.room_id, None, Payload { event: "message".into(), data: room_message_json(&RoomMessageView::from_event(env, e)) }))
@@ -112,19 +112,35 @@ impl Projection for FanOut {
             )),
             _ => None,
         };
-        if let Some((room, concerned, payload)) = room {
-            let mut members = self.members.as_of(room, log_seq, &env.event).await?;
-            if let Some(user) = concerned {
-                // A large room's joins and leaves would cost the square of
-                // its size in a burst: only the user concerned hears them
-                // (the others see presence, and the member list over REST).
-                if members.len() > self.announce_max {
-                    members.clear();
+        let shared = self.bus.shares_rooms();
+        match room {
+            // Stored once for the room: no membership to read here (the
+            // reader addresses it to the members as of the event).
+            Some((room, None, payload)) if shared => deliveries.push((To::Room(room.clone()), payload)),
+            Some((room, concerned, payload)) => {
+                let mut members = self.members.as_of(room, log_seq, &env.event).await?;
+                if let Some(user) = concerned {
+                    // A large room's joins and leaves would cost the square
+                    // of its size in a burst: only the user concerned hears
+                    // them (the others see presence, and the member list
+                    // over REST). The user concerned always does, on their
+                    // own chain: it is what tells a reader their rooms.
+                    let announce = members.len() <= self.announce_max;
+                    members.retain(|m| m != user);
+                    if !announce {
+                        members.clear();
+                    } else if shared {
+                        // Before the user's own copy: a reader that skips
+                        // the room's copy of a user's own change then sees
+                        // no gap in the room's chain.
+                        members.clear();
+                        deliveries.push((To::Room(room.clone()), payload.clone()));
+                    }
+                    deliveries.push((To::User(user.clone()), payload.clone()));
                 }
-                members.retain(|m| m != user);
-                members.push(user.clone());
+                deliveries.extend(members.into_iter().map(|m| (To::User(m), payload.clone())));
             }
-            deliveries.extend(members.into_iter().map(|m| (m, payload.clone())));
+            None => {}
         }
         self.bus.deliver(env, log_seq, deliveries).await.map_err(ApplyError::Unavailable)
     }

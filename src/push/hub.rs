@@ -117,12 +117,13 @@ impl PushHub {
     fn fan(&self, user: &str, pushed: Pushed) {
         let mut users = self.users.lock().expect("push hub lock");
         let Some(entry) = users.get_mut(user) else { return };
-        let is_signal = matches!(pushed, Pushed::Signal(_));
+        let is_signal = !matches!(pushed, Pushed::Delivery(_));
         entry.sockets.retain(|_, slot| match slot.tx.try_send(pushed.clone()) {
             Ok(()) => true,
-            // Ephemeral signals (typing, presence) are best-effort: a full
-            // queue drops them rather than costing the socket its connection
-            // (so nobody can get a user kicked by flooding them with typing).
+            // Ephemeral signals (typing, presence) and rechecks are
+            // best-effort: a full queue drops them rather than costing the
+            // socket its connection (so nobody can get a user kicked by
+            // flooding them with typing; a full queue is caught up anyway).
             Err(mpsc::error::TrySendError::Full(_)) if is_signal => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 // The socket task counts and disconnects it.
@@ -136,6 +137,11 @@ impl PushHub {
     /// The deliveries of `user` after `cursor` (a page of at most `limit`).
     pub async fn replay(&self, user: &str, cursor: u64, limit: usize) -> anyhow::Result<Replay> {
         self.bus.replay(user, cursor, limit).await
+    }
+
+    /// Whether `user` was a member of `room` as of log sequence `log_seq`.
+    pub async fn member_at(&self, user: &str, room: &str, log_seq: u64) -> anyhow::Result<bool> {
+        self.bus.member_at(user, room, log_seq).await
     }
 
     /// Relays an ephemeral signal to `to`'s sockets on every node.

@@ -297,6 +297,12 @@ mod tests {
             async fn subjects(&self, p: &str) -> Result<Vec<String>, LogError> {
                 self.0.subjects(p).await
             }
+            async fn subjects_matching(&self, f: &str) -> Result<Vec<String>, LogError> {
+                self.0.subjects_matching(f).await
+            }
+            async fn history(&self, s: &str, b: u64) -> Result<Vec<Logged>, LogError> {
+                self.0.history(s, b).await
+            }
             async fn next_under(&self, p: &str, from: u64) -> Result<Option<Logged>, LogError> {
                 if self.1.swap(true, Ordering::SeqCst) {
                     return Err(LogError::Unavailable("flaky".into()));

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::mpsc;
 
-use super::{Delivery, Payload, PushBus, Pushed, Replay};
+use super::{Delivery, Payload, PushBus, Pushed, Replay, To};
 
 /// Most deliveries kept for resume, whatever the retention.
 pub const MAX_RETAINED: usize = 250_000;
@@ -96,7 +96,7 @@ impl MemoryPush {
             let previous = state.last.insert(user.clone(), log_seq).unwrap_or(0);
             state.order.push_back((log_seq, user.clone(), at_ms));
             state.by_user.entry(user.clone()).or_default().insert(log_seq, payload.clone());
-            let pushed = Pushed::Delivery(Delivery { cursor: log_seq, previous, payload });
+            let pushed = Pushed::Delivery(Delivery { cursor: log_seq, previous, payload, check: None });
             Self::publish(&mut state, &user, &pushed);
         }
         self.prune(&mut state);
@@ -105,10 +105,17 @@ impl MemoryPush {
 
 #[async_trait]
 impl PushBus for MemoryPush {
-    async fn deliver(&self, event: &natter_events::Envelope, log_seq: u64, deliveries: Vec<(String, Payload)>) -> Result<(), String> {
+    async fn deliver(&self, event: &natter_events::Envelope, log_seq: u64, deliveries: Vec<(To, Payload)>) -> Result<(), String> {
         if log_seq == 0 {
             return Err("the embedded push bus needs the event's log sequence".into());
         }
+        let deliveries = deliveries
+            .into_iter()
+            .map(|(to, payload)| match to {
+                To::User(user) => Ok((user, payload)),
+                To::Room(room) => Err(format!("the embedded push bus addresses users only (a delivery for room {room})")),
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         self.deliver_at(log_seq, event.at.timestamp_millis(), deliveries);
         Ok(())
     }
@@ -129,7 +136,7 @@ impl PushBus for MemoryPush {
                 .range(cursor + 1..)
                 .take(limit)
                 .map(|(&c, payload)| {
-                    let d = Delivery { cursor: c, previous, payload: payload.clone() };
+                    let d = Delivery { cursor: c, previous, payload: payload.clone(), check: None };
                     previous = c;
                     d
                 })

@@ -35,6 +35,8 @@ pub mod hub;
 pub mod members;
 pub mod memory;
 pub mod nats;
+pub mod router;
+pub mod user_rooms;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -49,14 +51,36 @@ pub struct Payload {
     pub data: Value,
 }
 
+/// Whom a delivery is stored for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum To {
+    /// One user's own deliveries.
+    User(String),
+    /// Every member of the room as of the event (stored once, only by a bus
+    /// that [`PushBus::shares_rooms`]).
+    Room(String),
+}
+
 /// A delivery as a socket receives it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     /// Position in the inbox stream: the client's resume cursor.
     pub cursor: u64,
-    /// The same user's previous delivery (0: none retained before it).
+    /// The previous delivery of the same chain (the user's own, or the
+    /// room's for a room delivery; 0: none retained before it).
     pub previous: u64,
     pub payload: Payload,
+    /// A room delivery whose recipient's membership as of the event is not
+    /// known yet (it changed around the subscription): the session asks
+    /// the log before emitting it.
+    pub check: Option<MemberCheck>,
+}
+
+/// "Was the user a member of `room` as of log sequence `log_seq`?"
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberCheck {
+    pub room: String,
+    pub log_seq: u64,
 }
 
 /// Subjects of the push pipeline under a prefix.
@@ -66,6 +90,15 @@ pub fn inbox_subject(prefix: &str, user: &str) -> String {
 
 pub fn push_subject(prefix: &str, user: &str) -> String {
     format!("{prefix}.push.user.{user}")
+}
+
+/// A room's shared chain (stored once per room event).
+pub fn room_inbox_subject(prefix: &str, room: &str) -> String {
+    format!("{prefix}.inbox.room.{room}")
+}
+
+pub fn room_push_subject(prefix: &str, room: &str) -> String {
+    format!("{prefix}.push.room.{room}")
 }
 
 pub fn signal_subject(prefix: &str, user: &str) -> String {
@@ -83,6 +116,10 @@ pub enum Pushed {
     Delivery(Delivery),
     /// An ephemeral signal (typing, presence): no cursor, never replayed.
     Signal(Payload),
+    /// Deliveries may have been stored that the live subscription could
+    /// not see (it just started listening to a room): catch up from the
+    /// cursor.
+    Recheck,
 }
 
 /// Where a replay stands.
@@ -101,7 +138,12 @@ pub enum Replay {
 pub trait PushBus: Send + Sync {
     /// Stores and publishes the deliveries of `event` (at log sequence
     /// `log_seq`). Delivering the same event again delivers nothing twice.
-    async fn deliver(&self, event: &natter_events::Envelope, log_seq: u64, deliveries: Vec<(String, Payload)>) -> Result<(), String>;
+    async fn deliver(&self, event: &natter_events::Envelope, log_seq: u64, deliveries: Vec<(To, Payload)>) -> Result<(), String>;
+    /// Whether a room event is stored once for the room ([`To::Room`]) and
+    /// addressed to its members when read, rather than once per member.
+    fn shares_rooms(&self) -> bool {
+        false
+    }
     /// The newest cursor (0: nothing delivered yet).
     async fn head(&self) -> anyhow::Result<u64>;
     /// The deliveries of `user` after `cursor` (a page of at most `limit`).
@@ -112,4 +154,10 @@ pub trait PushBus: Send + Sync {
     async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Pushed>>;
     /// Relays an ephemeral signal to `to`'s sockets on every node.
     async fn signal(&self, to: &str, payload: &Payload) -> anyhow::Result<()>;
+    /// Whether `user` was a member of `room` as of log sequence `log_seq`
+    /// (for a delivery that came with a [`MemberCheck`]; only a bus that
+    /// [`PushBus::shares_rooms`] sends those).
+    async fn member_at(&self, _user: &str, _room: &str, _log_seq: u64) -> anyhow::Result<bool> {
+        Ok(true)
+    }
 }

@@ -1,15 +1,26 @@
 //! The distributed push bus: the inbox stream `<STREAM>_INBOX`, republished
 //! on core NATS, shared by every node.
+//!
+//! The inbox holds two kinds of chains: a user's own deliveries
+//! (`<prefix>.inbox.user.<id>`: direct messages, receipts, their own joins
+//! and leaves) and a room's (`<prefix>.inbox.room.<id>`: its messages and,
+//! in small rooms, its joins and leaves), stored once per room event
+//! whatever the room's size. A user's deliveries are their own chain and
+//! their rooms' chains while they were members ([`super::user_rooms`]),
+//! merged in inbox order: live by the node's [`Router`], on replay here.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::stream::BoxStream;
 
-use super::{Delivery, Payload, PushBus, Pushed, Replay, inbox_stream, inbox_subject, push_subject, signal_subject};
+use super::router::{LOG_SEQ, Router, header_u64, own_change};
+use super::user_rooms::{self, Timeline};
+use super::{Delivery, Payload, PushBus, Pushed, Replay, To, inbox_stream, inbox_subject, room_inbox_subject, signal_subject};
+use crate::log::EventLog;
 
 /// How much the inbox keeps for resume: deliveries older than `retention`
 /// or beyond `max_bytes` (oldest first) go, and their cursors get `resync`.
@@ -35,10 +46,8 @@ pub struct NatsPush {
     js: jetstream::Context,
     prefix: String,
     inbox: String,
-}
-
-fn header_u64(headers: Option<&async_nats::HeaderMap>, name: &str) -> Option<u64> {
-    headers?.get(name)?.as_str().parse().ok()
+    log: Arc<dyn EventLog>,
+    router: Router,
 }
 
 impl NatsPush {
@@ -46,8 +55,15 @@ impl NatsPush {
     /// subjects). Deliveries are published through a JetStream context of
     /// their own: a large fan-out never takes pending-ack slots from the
     /// log's appends.
-    pub async fn connect(client: async_nats::Client, js: jetstream::Context, stream_name: &str, prefix: &str, bounds: Bounds) -> anyhow::Result<NatsPush> {
-        Self::connect_from(client, js, stream_name, prefix, bounds, None).await
+    pub async fn connect(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        log: Arc<dyn EventLog>,
+        stream_name: &str,
+        prefix: &str,
+        bounds: Bounds,
+    ) -> anyhow::Result<NatsPush> {
+        Self::connect_from(client, js, log, stream_name, prefix, bounds, None).await
     }
 
     /// As [`NatsPush::connect`]; a stream created now numbers its first
@@ -56,6 +72,7 @@ impl NatsPush {
     pub async fn connect_from(
         client: async_nats::Client,
         js: jetstream::Context,
+        log: Arc<dyn EventLog>,
         stream_name: &str,
         prefix: &str,
         bounds: Bounds,
@@ -63,10 +80,16 @@ impl NatsPush {
     ) -> anyhow::Result<NatsPush> {
         let Bounds { retention, max_bytes } = bounds;
         let inbox = inbox_stream(stream_name);
+        let subjects = vec![format!("{prefix}.inbox.user.*"), format!("{prefix}.inbox.room.*")];
+        let republish = stream::Republish {
+            source: format!("{prefix}.inbox.>"),
+            destination: format!("{prefix}.push.>"),
+            headers_only: false,
+        };
         let mut created = js
             .get_or_create_stream(stream::Config {
             name: inbox.clone(),
-            subjects: vec![format!("{prefix}.inbox.user.*")],
+            subjects: subjects.clone(),
             storage: stream::StorageType::File,
             max_age: retention,
             max_bytes: max_bytes as i64,
@@ -74,25 +97,30 @@ impl NatsPush {
             duplicate_window: Duration::from_secs(120).min(retention),
             allow_direct: true,
             first_sequence: first,
-            republish: Some(stream::Republish {
-                source: format!("{prefix}.inbox.user.*"),
-                destination: format!("{prefix}.push.user.{{{{wildcard(1)}}}}"),
-                headers_only: false,
-            }),
+            republish: Some(republish.clone()),
             ..Default::default()
         })
         .await
         .with_context(|| format!("creating the push inbox stream {inbox}"))?;
-        // An inbox made with other bounds takes the configured ones.
+        // An inbox made with other bounds (or before room chains) takes
+        // the configured ones.
         let config = created.info().await.with_context(|| format!("reading the push inbox stream {inbox}"))?.config.clone();
-        if config.max_age != retention || config.max_bytes != max_bytes as i64 {
+        if config.max_age != retention || config.max_bytes != max_bytes as i64 || config.subjects != subjects || config.republish.as_ref() != Some(&republish) {
             let duplicate_window = Duration::from_secs(120).min(retention);
-            js.update_stream(stream::Config { max_age: retention, max_bytes: max_bytes as i64, duplicate_window, ..config })
-                .await
-                .with_context(|| format!("setting the bounds of the push inbox stream {inbox}"))?;
+            js.update_stream(stream::Config {
+                max_age: retention,
+                max_bytes: max_bytes as i64,
+                duplicate_window,
+                subjects,
+                republish: Some(republish),
+                ..config
+            })
+            .await
+            .with_context(|| format!("updating the push inbox stream {inbox} (bounds, room chains)"))?;
         }
         let js = jetstream::new(client.clone());
-        Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox })
+        let router = Router::new(client.clone(), prefix.to_owned(), log.clone());
+        Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox, log, router })
     }
 
     async fn stream_state(&self) -> anyhow::Result<stream::State> {
@@ -101,24 +129,9 @@ impl NatsPush {
     }
 }
 
-fn live_delivery(user: &str, msg: async_nats::Message) -> Option<Pushed> {
-    let headers = msg.headers.as_ref();
-    let (Some(cursor), Some(previous)) = (header_u64(headers, "Nats-Sequence"), header_u64(headers, "Nats-Last-Sequence")) else {
-        tracing::warn!(%user, subject = %msg.subject, "push without stream sequence headers; dropped");
-        return None;
-    };
-    match serde_json::from_slice::<Payload>(&msg.payload) {
-        Ok(payload) => Some(Pushed::Delivery(Delivery { cursor, previous, payload })),
-        Err(e) => {
-            tracing::warn!(%user, cursor, error = %e, "undecodable push; the socket will fetch it on the next gap check");
-            None
-        }
-    }
-}
-
 #[async_trait]
 impl PushBus for NatsPush {
-    async fn deliver(&self, event: &natter_events::Envelope, _log_seq: u64, deliveries: Vec<(String, Payload)>) -> Result<(), String> {
+    async fn deliver(&self, event: &natter_events::Envelope, log_seq: u64, deliveries: Vec<(To, Payload)>) -> Result<(), String> {
         // Send a window of deliveries, then wait for its acks: a round trip
         // per window rather than per member (publishes on one connection are
         // stored in the order sent), and never more acks pending than the
@@ -127,16 +140,24 @@ impl PushBus for NatsPush {
         let mut deliveries = deliveries.into_iter().peekable();
         while deliveries.peek().is_some() {
             let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
-            for (user, payload) in deliveries.by_ref().take(PUBLISH_WINDOW) {
+            for (to, payload) in deliveries.by_ref().take(PUBLISH_WINDOW) {
                 let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
-                let publish = jetstream::message::PublishMessage::build().payload(body.into()).message_id(format!("{}:{user}", event.id));
-                acks.push(self.js.send_publish(inbox_subject(&self.prefix, &user), publish).await.map_err(|e| format!("nats: {e}"))?);
+                let (subject, id) = match &to {
+                    To::User(user) => (inbox_subject(&self.prefix, user), format!("{}:{user}", event.id)),
+                    To::Room(room) => (room_inbox_subject(&self.prefix, room), format!("{}@{room}", event.id)),
+                };
+                let publish = jetstream::message::PublishMessage::build().payload(body.into()).message_id(id).header(LOG_SEQ, log_seq.to_string().as_str());
+                acks.push(self.js.send_publish(subject, publish).await.map_err(|e| format!("nats: {e}"))?);
             }
             for ack in acks {
                 ack.await.map_err(|e| format!("nats: {e}"))?;
             }
         }
         Ok(())
+    }
+
+    fn shares_rooms(&self) -> bool {
+        true
     }
 
     async fn head(&self) -> anyhow::Result<u64> {
@@ -149,38 +170,86 @@ impl PushBus for NatsPush {
             return Ok(Replay::TooOld { head: state.last_sequence });
         }
         let stream = self.js.get_stream(&self.inbox).await?;
-        let subject = inbox_subject(&self.prefix, user);
+        let mut rooms = self.router.rooms_of(user).await?;
+        let mut chains = vec![Chain::new(inbox_subject(&self.prefix, user), None, cursor)];
+        chains.extend(rooms.keys().map(|room| Chain::new(room_inbox_subject(&self.prefix, room), Some(room.clone()), cursor)));
         let mut page = Vec::new();
         let mut previous = cursor;
         while page.len() < limit {
-            match stream.direct_get_next_for_subject(&subject, Some(previous + 1)).await {
-                Ok(msg) => {
-                    let payload: Payload = serde_json::from_slice(&msg.payload)
-                        .with_context(|| format!("inbox message {} is not a delivery", msg.sequence))?;
-                    page.push(Delivery { cursor: msg.sequence, previous, payload });
-                    previous = msg.sequence;
+            // Each chain's next message, then the oldest of them.
+            let reads = chains.iter_mut().filter(|c| c.head.is_none() && !c.done).map(|c| c.fill(&stream));
+            futures::future::try_join_all(reads).await?;
+            let Some(chain) = chains.iter_mut().filter(|c| c.head.is_some()).min_by_key(|c| c.head.as_ref().map(|m| m.sequence)) else {
+                break;
+            };
+            let msg = chain.head.take().expect("a chain with a head");
+            chain.from = msg.sequence + 1;
+            let payload: Payload = serde_json::from_slice(&msg.payload).with_context(|| format!("inbox message {} is not a delivery", msg.sequence))?;
+            let log_seq = header_u64(Some(&msg.headers), LOG_SEQ).unwrap_or(0);
+            let include = match &chain.room {
+                None => {
+                    if let Some((room, joined)) = own_change(&payload, user) {
+                        rooms.entry(room.to_owned()).or_insert_with(|| Timeline::from_newest(None)).record(log_seq, joined);
+                    }
+                    true
                 }
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(e.into()),
+                // Their own join or leave came on their own chain.
+                Some(_) if own_change(&payload, user).is_some() => false,
+                Some(room) => {
+                    let timeline = rooms.entry(room.clone()).or_insert_with(|| Timeline::from_newest(None));
+                    if timeline.at(log_seq).is_none() {
+                        timeline.complete(user_rooms::history(&*self.log, &self.prefix, user, room).await?);
+                    }
+                    chain.done = timeline.ended_by(log_seq);
+                    timeline.at(log_seq).unwrap_or(false)
+                }
+            };
+            if include {
+                page.push(Delivery { cursor: msg.sequence, previous, payload, check: None });
+                previous = msg.sequence;
             }
         }
         Ok(Replay::Page(page))
     }
 
     async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Pushed>> {
-        let live = self.client.subscribe(push_subject(&self.prefix, user)).await?;
-        let signals = self.client.subscribe(signal_subject(&self.prefix, user)).await?;
-        // The server has the subscriptions once it answers a flush.
-        self.client.flush().await?;
-        let owner = user.to_owned();
-        let live = live.filter_map(move |msg| futures::future::ready(live_delivery(&owner, msg)));
-        let signals = signals.filter_map(|msg| futures::future::ready(serde_json::from_slice::<Payload>(&msg.payload).ok().map(Pushed::Signal)));
-        Ok(futures::stream::select(live, signals).boxed())
+        self.router.subscribe(user).await
+    }
+
+    async fn member_at(&self, user: &str, room: &str, log_seq: u64) -> anyhow::Result<bool> {
+        self.router.member_at(user, room, log_seq).await
     }
 
     async fn signal(&self, to: &str, payload: &Payload) -> anyhow::Result<()> {
         let body = serde_json::to_vec(payload)?;
         self.client.publish(signal_subject(&self.prefix, to), body.into()).await?;
+        Ok(())
+    }
+}
+
+/// One chain of a replay: the user's own, or one of their rooms'.
+struct Chain {
+    subject: String,
+    room: Option<String>,
+    /// The next inbox sequence to read from.
+    from: u64,
+    head: Option<jetstream::message::StreamMessage>,
+    /// Nothing further on it is for the user.
+    done: bool,
+}
+
+impl Chain {
+    fn new(subject: String, room: Option<String>, cursor: u64) -> Chain {
+        Chain { subject, room, from: cursor + 1, head: None, done: false }
+    }
+
+    /// Reads the chain's next message (none: done).
+    async fn fill(&mut self, stream: &stream::Stream) -> anyhow::Result<()> {
+        match stream.direct_get_next_for_subject(&self.subject, Some(self.from)).await {
+            Ok(msg) => self.head = Some(msg),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => self.done = true,
+            Err(e) => return Err(e.into()),
+        }
         Ok(())
     }
 }

@@ -217,6 +217,14 @@ impl Session {
         if d.cursor <= self.cursor {
             return Ok(()); // already delivered (during a catch-up)
         }
+        if let Some(check) = &d.check {
+            // A room delivery from around the time this node read the
+            // user's rooms: for them only if they were a member then.
+            let member = self.node.push.member_at(&self.user, &check.room, check.log_seq).await;
+            if !member.map_err(|e| Stop::Unavailable(format!("{e:#}")))? {
+                return Ok(());
+            }
+        }
         if d.previous > self.cursor {
             // A delivery of this user is missing: fetch it (and d) in order.
             self.catch_up().await?;
@@ -334,6 +342,7 @@ async fn run(
                 Some(Pushed::Delivery(d)) => session.live(d).await,
                 Some(Pushed::Signal(p)) if filter.signal(&p) => emit_patiently(&s, &p.event, &p.data, PATIENCE).await.map_err(Stop::Emit),
                 Some(Pushed::Signal(_)) => Ok(()),
+                Some(Pushed::Recheck) => session.catch_up().await,
                 // The hub drops a socket's queue only when the socket fell
                 // too far behind (it is notified too, but may see this first).
                 None => Err(Stop::Emit(EmitError::TooSlow)),

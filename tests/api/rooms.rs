@@ -416,3 +416,52 @@ async fn leaving_after_redis_lost_presence_is_settled_when_it_re_forms() {
     c.stop().await;
     redis.stop().await;
 }
+
+crate::contract!(room_messages_reach_the_members_as_of_each_message_live_and_on_replay, 2, room_messages_reach_the_members_as_of_each_message_live_and_on_replay);
+
+/// A room message is for the members as of that message: one who left
+/// gets nothing until they join again, one who joined nothing from before,
+/// and a replay from the start gives each of them exactly what they got
+/// live (distributed: the room's messages are stored once and addressed
+/// to its members when read).
+async fn room_messages_reach_the_members_as_of_each_message_live_and_on_replay(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let carol = c.register(0, "Carol").await;
+    let room = create_room(&c, 0, &amy, "Comings and goings").await;
+    let join = format!("/api/rooms/{room}/join");
+    let leave = format!("/api/rooms/{room}/leave");
+    c.request(1, Method::POST, &join, Some(&bob.token), None).await.ok();
+    let mut d = Driver::start().await;
+    d.connected("bob", &c.chat_url(1), json!({ "token": bob.token })).await;
+    d.connected("carol", &c.chat_url(0), json!({ "token": carol.token })).await;
+    for s in ["bob", "carol"] {
+        d.next(s, |e| e["event"] == "synced", "synced").await;
+    }
+    let m1 = room_send(&c, 0, &amy, &room, "m1 (bob in)").await["_id"].clone();
+    d.events("bob", "message", 1).await;
+    c.request(0, Method::POST, &leave, Some(&bob.token), None).await.ok();
+    d.next("bob", |e| e["event"] == "member-left", "bob's own leave").await;
+    room_send(&c, 1, &amy, &room, "m2 (bob out)").await;
+    c.request(0, Method::POST, &join, Some(&carol.token), None).await.ok();
+    let m3 = room_send(&c, 0, &amy, &room, "m3 (carol in)").await["_id"].clone();
+    c.request(1, Method::POST, &join, Some(&bob.token), None).await.ok();
+    d.next("bob", |e| e["event"] == "member-joined" && e["data"]["userId"] == json!(bob.id), "bob's own join").await;
+    let m4 = room_send(&c, 1, &amy, &room, "m4 (both in)").await["_id"].clone();
+
+    let ids = |events: Vec<Value>| events.iter().map(|m| m["_id"].clone()).collect::<Vec<_>>();
+    let bob_live = ids(d.events("bob", "message", 1).await);
+    assert_eq!(bob_live, [m4.clone()], "bob: nothing while he was out");
+    assert_eq!(ids(d.events("carol", "message", 2).await), [m3.clone(), m4.clone()], "carol: nothing from before she joined");
+    for s in ["bob", "carol"] {
+        let extra = d.quiet(s, Duration::from_millis(400)).await;
+        assert!(!extra.iter().any(|e| e["event"] == "message"), "{s}: nothing more: {extra:?}");
+    }
+    // The same from a replay, on the other node.
+    for (s, user, want) in [("bob-again", &bob, vec![m1, m4.clone()]), ("carol-again", &carol, vec![m3, m4])] {
+        d.connected(s, &c.chat_url(0), json!({ "token": user.token, "cursor": 0 })).await;
+        d.next(s, |e| e["event"] == "synced", "synced").await;
+        let replayed: Vec<Value> = d.quiet(s, Duration::ZERO).await.iter().filter(|e| e["event"] == "message").map(|e| e["data"]["_id"].clone()).collect();
+        assert_eq!(replayed, want, "{s}");
+    }
+}
