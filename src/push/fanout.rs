@@ -1,4 +1,4 @@
-//! The fan-out projector: events → per-user deliveries in the inbox stream.
+//! The fan-out projector: events → deliveries in the inbox.
 //!
 //! - `MessageSent` → `newMessage` (the message, as REST shows it) to the
 //!   receiver and to the sender (their other tabs and devices).
@@ -6,24 +6,29 @@
 //!   sender whose messages were read (read receipts) and to the reader's
 //!   other tabs.
 //! - `RoomMessageSent` → `message` (the room message) to every member of the
-//!   room as of that event ([`super::members`]: a table per room, caught up
+//!   room as of that event. Distributed, it is stored once for the room
+//!   ([`To::Room`]) and the reader addresses it ([`super::user_rooms`]);
+//!   embedded, once per member ([`super::members`]: a table per room, fed
 //!   from the log's membership events, never from the views, which may lag).
 //! - `MemberJoined` / `MemberLeft` → `member-joined` / `member-left`
-//!   `{roomId, userId}` to the user concerned and, in rooms of at most
-//!   `announce_max` members, to every member. Being in the same per-user
-//!   streams as the messages, members see joins, leaves and messages in the
-//!   same (log) order.
+//!   `{roomId, userId}` to the user concerned (always, on their own chain:
+//!   it tells a reader their rooms) and, in rooms of at most `announce_max`
+//!   members, to every member. Members see joins, leaves and messages in
+//!   the same (log) order.
 //!
-//! Each delivery is published with `Nats-Msg-Id = <event id>:<user>`, so a
-//! redelivered event does not deliver twice. The projection is `ordered`:
-//! each conversation's and each room's events are fanned out one at a time,
-//! in log order (distributed: one event in flight per partition of the
-//! feed, see `projector::partitions`; embedded: the whole log in order), so
-//! deliveries are in sequence order within each conversation and room.
-//! A user's cursor stays exact whatever the partitions' interleaving: it is
-//! the user's own inbox subject that numbers and chains their deliveries.
+//! Each delivery is published with `Nats-Msg-Id = <event id>:<user>` (or
+//! `<event id>@<room>`), so a redelivered event does not deliver twice. The
+//! projection is `ordered`: each conversation's and each room's events are
+//! fanned out one at a time, in log order (distributed: one event in flight
+//! per partition of the feed, see `projector::partitions`; embedded: the
+//! whole log in order), so deliveries are in sequence order within each
+//! conversation and room. A user's cursor stays exact whatever the
+//! partitions' interleaving: it numbers the user's own chain and their
+//! rooms' chains in one inbox.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use natter_events::{Envelope, Event};
@@ -46,19 +51,49 @@ pub struct FanOut {
     /// Rooms of more members than this (before the change) announce a
     /// join or a leave to the user concerned only.
     announce_max: usize,
+    /// Rooms found larger than `announce_max`, and when (distributed
+    /// only; see [`LARGE_FOR`]).
+    large: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a room found larger than `announce_max` is taken to be, with
+/// no membership read (distributed). Reading it costs a read per change
+/// another node fanned out since this one last looked: in a burst of
+/// joins, most of the partition's time. Taking a large room as large for
+/// a minute costs, at worst, a minute of joins not announced in a room
+/// that shrank below the limit meanwhile.
+const LARGE_FOR: Duration = Duration::from_secs(60);
+/// Most rooms remembered as large (forgotten all at once beyond).
+const LARGE_ROOMS: usize = 10_000;
 
 impl FanOut {
     /// A fan-out that may be handed any room's next event (distributed:
     /// any node may fan out the next event of a partition).
     pub fn new(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>, announce_max: usize) -> FanOut {
-        FanOut { bus, members: Membership::new(log, prefix, false), announce_max }
+        FanOut { bus, members: Membership::new(log, prefix, false), announce_max, large: Mutex::default() }
     }
 
     /// A fan-out fed every event in log order, from the first (embedded):
     /// a replay of the log makes the very same deliveries.
     pub fn in_order(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>, announce_max: usize) -> FanOut {
-        FanOut { bus, members: Membership::new(log, prefix, true), announce_max }
+        FanOut { bus, members: Membership::new(log, prefix, true), announce_max, large: Mutex::default() }
+    }
+
+    /// Whether `room` was found large within [`LARGE_FOR`] (never when
+    /// fed in order: the embedded table is exact and costs no read).
+    fn known_large(&self, room: &str) -> bool {
+        !self.members.fed_in_order() && self.large.lock().expect("large rooms lock").get(room).is_some_and(|at| at.elapsed() < LARGE_FOR)
+    }
+
+    fn found_large(&self, room: &str) {
+        if self.members.fed_in_order() {
+            return;
+        }
+        let mut large = self.large.lock().expect("large rooms lock");
+        if large.len() >= LARGE_ROOMS {
+            large.clear();
+        }
+        large.insert(room.to_owned(), Instant::now());
     }
 }
 
@@ -117,6 +152,8 @@ impl Projection for FanOut {
             // Stored once for the room: no membership to read here (the
             // reader addresses it to the members as of the event).
             Some((room, None, payload)) if shared => deliveries.push((To::Room(room.clone()), payload)),
+            // A large room's join or leave: the user concerned only.
+            Some((room, Some(user), payload)) if self.known_large(room) => deliveries.push((To::User(user.clone()), payload)),
             Some((room, concerned, payload)) => {
                 let mut members = self.members.as_of(room, log_seq, &env.event).await?;
                 if let Some(user) = concerned {
@@ -126,6 +163,9 @@ impl Projection for FanOut {
                     // over REST). The user concerned always does, on their
                     // own chain: it is what tells a reader their rooms.
                     let announce = members.len() <= self.announce_max;
+                    if !announce {
+                        self.found_large(room);
+                    }
                     members.retain(|m| m != user);
                     if !announce {
                         members.clear();

@@ -137,6 +137,12 @@ impl Membership {
         Membership { log, prefix, fed_in_order, table: Mutex::new(Table::default()) }
     }
 
+    /// Fed every event in log order (embedded): the tables are exact
+    /// without reading the log.
+    pub fn fed_in_order(&self) -> bool {
+        self.fed_in_order
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().expect("membership table lock")
     }
