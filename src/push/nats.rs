@@ -198,7 +198,7 @@ impl PushBus for NatsPush {
                 Some(room) => {
                     let timeline = rooms.entry(room.clone()).or_insert_with(|| Timeline::from_newest(None));
                     if timeline.at(log_seq).is_none() {
-                        timeline.complete(user_rooms::history(&*self.log, &self.prefix, user, room).await?);
+                        timeline.take_in(user_rooms::history(&*self.log, &self.prefix, user, room).await?);
                     }
                     chain.done = timeline.ended_by(log_seq);
                     timeline.at(log_seq).unwrap_or(false)

@@ -133,41 +133,61 @@ impl Router {
         let inner = &self.inner;
         let (tx, rx) = mpsc::channel(LIVE_BUFFER);
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Dropping it (a failure below included) leaves again.
         let subscription = Subscription { rx, inner: inner.clone(), user: user.into(), id };
         if let Some(slot) = inner.lock().users.get_mut(user) {
             slot.subscribers.push((id, tx));
             return Ok(subscription.boxed());
         }
-        let rooms = user_rooms::load(&*inner.log, &inner.prefix, user).await?;
         let own = inner.client.subscribe(push_subject(&inner.prefix, user)).await?;
         let signals = inner.client.subscribe(signal_subject(&inner.prefix, user)).await?;
-        let mut new_rooms = Vec::new();
+        let user: Arc<str> = user.into();
         {
             let mut state = inner.lock();
-            if let Some(slot) = state.users.get_mut(user) {
+            if let Some(slot) = state.users.get_mut(&user) {
                 // Another subscription of the user got here first.
                 slot.subscribers.push((id, tx));
                 return Ok(subscription.boxed());
             }
-            let user: Arc<str> = user.into();
             let own = inner.feed(own, Source::User(user.clone()));
             let signals = inner.feed(signals, Source::Signal(user.clone()));
-            for (room, timeline) in &rooms {
+            state.users.insert(user.clone(), UserSlot { subscribers: vec![(id, tx)], rooms: HashMap::new(), feeds: [own, signals] });
+        }
+        // The user's own chain is live before their rooms are read: a join
+        // or leave is either in what is read or heard after it.
+        inner.client.flush().await?;
+        let read = user_rooms::load(&*inner.log, &inner.prefix, &user).await?;
+        let mut new_rooms = Vec::new();
+        {
+            let mut state = inner.lock();
+            let State { users, rooms } = &mut *state;
+            let Some(slot) = users.get_mut(&user) else { anyhow::bail!("the push subscription of {user} ended while starting") };
+            for (room, timeline) in read {
+                slot.rooms.entry(room).or_insert_with(|| Timeline::from_newest(None)).take_in(timeline);
+            }
+            for (room, timeline) in &slot.rooms {
                 if timeline.now()
-                    && let Some(registration) = enter(&mut state.rooms, room, &user)
+                    && let Some(registration) = enter(rooms, room, &user)
                 {
                     new_rooms.push((room.clone(), registration));
                 }
             }
-            state.users.insert(user, UserSlot { subscribers: vec![(id, tx)], rooms, feeds: [own, signals] });
         }
         for (room, registration) in new_rooms {
-            // A failure here drops `subscription`, which leaves again.
             let sub = inner.client.subscribe(room_push_subject(&inner.prefix, &room)).await?;
             inner.add_feed(sub, Source::Room(room.as_str().into()), registration);
         }
         // The server has the subscriptions once it answers a flush.
         inner.client.flush().await?;
+        // Other subscriptions of the user that joined while their rooms
+        // were being read catch up now that they are complete.
+        if let Some(slot) = inner.lock().users.get(&user) {
+            for (other, tx) in &slot.subscribers {
+                if *other != id {
+                    let _ = tx.try_send(Pushed::Recheck);
+                }
+            }
+        }
         Ok(subscription.boxed())
     }
 
@@ -180,7 +200,7 @@ impl Router {
         let history = user_rooms::history(&*self.inner.log, &self.inner.prefix, user, room).await?;
         let member = history.at(log_seq).unwrap_or(false);
         if let Some(slot) = self.inner.lock().users.get_mut(user) {
-            slot.rooms.entry(room.to_owned()).or_insert_with(|| Timeline::from_newest(None)).complete(history);
+            slot.rooms.entry(room.to_owned()).or_insert_with(|| Timeline::from_newest(None)).take_in(history);
         }
         Ok(member)
     }

@@ -95,11 +95,11 @@ impl Timeline {
         }
     }
 
-    /// Takes in the subject's whole history (read from the log), keeping
-    /// the changes heard since that the history did not have yet.
-    pub fn complete(&mut self, history: Timeline) {
+    /// Takes in what the log says (the newest event, or the whole
+    /// history), keeping the changes heard that it did not have yet.
+    pub fn take_in(&mut self, read: Timeline) {
         let heard = std::mem::take(&mut self.changes);
-        *self = history;
+        *self = read;
         for (s, m) in heard {
             self.record(s, m);
         }
@@ -148,7 +148,7 @@ mod tests {
         assert!(t.now());
         assert!(!t.ended_by(25), "joined again later");
         // The history fills in what came before: joined at 3, left at 6, joined at 10.
-        t.complete(Timeline { known_after: 0, initial: false, changes: vec![(3, true), (6, false), (10, true)] });
+        t.take_in(Timeline { known_after: 0, initial: false, changes: vec![(3, true), (6, false), (10, true)] });
         assert_eq!([2, 4, 7, 11, 21, 31].map(|s| t.at(s)), [Some(false), Some(true), Some(false), Some(true), Some(false), Some(true)]);
         t.record(40, false);
         assert!(t.ended_by(41) && !t.now());
