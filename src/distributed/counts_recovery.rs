@@ -85,7 +85,11 @@ impl Healer {
         let stream = self.js.get_stream(&self.stream).await.context("counts rebuild: stream")?;
         let started = tokio::time::Instant::now();
         let (mut floor, mut progressed) = (0, tokio::time::Instant::now());
-        while head > 0 {
+        // An empty log has nothing to wait for.
+        loop {
+            if head == 0 {
+                break;
+            }
             if let Ok(info) = stream.consumer_info(consumer(version)).await {
                 if info.ack_floor.stream_sequence >= head {
                     break;

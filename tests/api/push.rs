@@ -115,7 +115,7 @@ async fn typing_is_rate_limited(c: &Cluster) {
     d.events("bob", "typing", 1).await;
     let rest = d.quiet("bob", Duration::from_millis(800)).await;
     let relayed = 1 + rest.iter().filter(|e| e["event"] == "typing").count();
-    assert!(relayed < 40 && relayed <= 8, "a burst of 40 was cut to the bucket's size, got {relayed}");
+    assert!(relayed <= 8, "a burst of 40 was cut to the bucket's size, got {relayed}");
 }
 
 crate::contract!(handshakes_without_a_valid_token_are_refused, 1, handshakes_without_a_valid_token_are_refused);
