@@ -117,13 +117,14 @@ impl PushHub {
     fn fan(&self, user: &str, pushed: Pushed) {
         let mut users = self.users.lock().expect("push hub lock");
         let Some(entry) = users.get_mut(user) else { return };
-        let is_signal = !matches!(pushed, Pushed::Delivery(_));
+        let is_signal = matches!(pushed, Pushed::Signal(_));
         entry.sockets.retain(|_, slot| match slot.tx.try_send(pushed.clone()) {
             Ok(()) => true,
-            // Ephemeral signals (typing, presence) and rechecks are
-            // best-effort: a full queue drops them rather than costing the
-            // socket its connection (so nobody can get a user kicked by
-            // flooding them with typing; a full queue is caught up anyway).
+            // Ephemeral signals (typing, presence) are best-effort: a full
+            // queue drops them rather than costing the socket its
+            // connection (so nobody can get a user kicked by flooding them
+            // with typing). A delivery or a recheck it cannot take would be
+            // lost: the socket is dropped, and resumes by its cursor.
             Err(mpsc::error::TrySendError::Full(_)) if is_signal => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 // The socket task counts and disconnects it.
@@ -152,7 +153,17 @@ impl PushHub {
 
 async fn dispatch(hub: Weak<PushHub>, user: String, mut live: BoxStream<'static, Pushed>) {
     while let Some(pushed) = live.next().await {
-        let Some(hub) = hub.upgrade() else { break };
+        let Some(hub) = hub.upgrade() else { return };
         hub.fan(&user, pushed);
+    }
+    // The bus ended the user's live feed (it could not keep it exact):
+    // their sockets here reconnect and resume by their cursors.
+    let Some(hub) = hub.upgrade() else { return };
+    tracing::warn!(%user, "live deliveries ended; disconnecting the user's sockets here so they resume by cursor");
+    let mut users = hub.users.lock().expect("push hub lock");
+    if let Some(entry) = users.remove(&user) {
+        for slot in entry.sockets.values() {
+            slot.kick.notify_one();
+        }
     }
 }

@@ -16,9 +16,10 @@ use anyhow::Context;
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt, TryStreamExt};
 
 use super::router::{LOG_SEQ, Router, header_u64, own_change};
-use super::user_rooms::{self, Timeline};
+use super::user_rooms::Timeline;
 use super::{Delivery, Payload, PushBus, Pushed, Replay, To, inbox_stream, inbox_subject, room_inbox_subject, signal_subject};
 use crate::log::EventLog;
 
@@ -36,6 +37,9 @@ impl From<&crate::config::Push> for Bounds {
     }
 }
 
+/// Chains read at once by a replay.
+const REPLAY_READS: usize = 16;
+
 /// Deliveries published before their acks are awaited. Every fan-out
 /// partition of a node may be publishing a window at once, through this
 /// context, whose pending acks are limited to 5,000: 16 × 256 stays under.
@@ -46,7 +50,6 @@ pub struct NatsPush {
     js: jetstream::Context,
     prefix: String,
     inbox: String,
-    log: Arc<dyn EventLog>,
     router: Router,
 }
 
@@ -119,8 +122,8 @@ impl NatsPush {
             .with_context(|| format!("updating the push inbox stream {inbox} (bounds, room chains)"))?;
         }
         let js = jetstream::new(client.clone());
-        let router = Router::new(client.clone(), prefix.to_owned(), log.clone());
-        Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox, log, router })
+        let router = Router::new(client.clone(), prefix.to_owned(), log);
+        Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox, router })
     }
 
     async fn stream_state(&self) -> anyhow::Result<stream::State> {
@@ -176,9 +179,15 @@ impl PushBus for NatsPush {
         let mut page = Vec::new();
         let mut previous = cursor;
         while page.len() < limit {
-            // Each chain's next message, then the oldest of them.
-            let reads = chains.iter_mut().filter(|c| c.head.is_none() && !c.done).map(|c| c.fill(&stream));
-            futures::future::try_join_all(reads).await?;
+            // Each chain's next message (16 reads at a time), then the
+            // oldest of them.
+            let mut reads = Vec::new();
+            for chain in chains.iter_mut() {
+                if chain.head.is_none() && !chain.done {
+                    reads.push(chain.fill(&stream).boxed());
+                }
+            }
+            futures::stream::iter(reads).buffer_unordered(REPLAY_READS).try_collect::<Vec<()>>().await?;
             let Some(chain) = chains.iter_mut().filter(|c| c.head.is_some()).min_by_key(|c| c.head.as_ref().map(|m| m.sequence)) else {
                 break;
             };
@@ -186,10 +195,12 @@ impl PushBus for NatsPush {
             chain.from = msg.sequence + 1;
             let payload: Payload = serde_json::from_slice(&msg.payload).with_context(|| format!("inbox message {} is not a delivery", msg.sequence))?;
             let log_seq = header_u64(Some(&msg.headers), LOG_SEQ).unwrap_or(0);
+            let mut joined_room = None;
             let include = match &chain.room {
                 None => {
                     if let Some((room, joined)) = own_change(&payload, user) {
                         rooms.entry(room.to_owned()).or_insert_with(|| Timeline::from_newest(None)).record(log_seq, joined);
+                        joined_room = joined.then(|| room.to_owned());
                     }
                     true
                 }
@@ -198,12 +209,24 @@ impl PushBus for NatsPush {
                 Some(room) => {
                     let timeline = rooms.entry(room.clone()).or_insert_with(|| Timeline::from_newest(None));
                     if timeline.at(log_seq).is_none() {
-                        timeline.take_in(user_rooms::history(&*self.log, &self.prefix, user, room).await?);
+                        // Older than what was read: the router reads (and
+                        // keeps) the member subject's history.
+                        timeline.take_in(self.router.history_of(user, room).await?);
                     }
                     chain.done = timeline.ended_by(log_seq);
                     timeline.at(log_seq).unwrap_or(false)
                 }
             };
+            if let Some(room) = joined_room {
+                // A room joined after the cursor: its chain from the join on
+                // (a chain that ended before is read again from there).
+                let from = msg.sequence + 1;
+                match chains.iter_mut().find(|c| c.room.as_deref() == Some(room.as_str())) {
+                    Some(c) if c.done => *c = Chain::new(c.subject.clone(), Some(room), from - 1),
+                    Some(_) => {}
+                    None => chains.push(Chain::new(room_inbox_subject(&self.prefix, &room), Some(room), from - 1)),
+                }
+            }
             if include {
                 page.push(Delivery { cursor: msg.sequence, previous, payload, check: None });
                 previous = msg.sequence;

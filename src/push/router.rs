@@ -18,20 +18,20 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use futures::FutureExt;
 use futures::StreamExt;
-use futures::stream::{AbortHandle, AbortRegistration, Abortable, BoxStream, SelectAll};
-use tokio::sync::mpsc;
+use futures::stream::{AbortHandle, AbortRegistration, Abortable, BoxStream};
+use tokio::sync::{mpsc, watch};
 
 use super::user_rooms::{self, Timeline};
 use super::{Delivery, MemberCheck, Payload, Pushed, push_subject, room_push_subject, signal_subject};
 use crate::log::EventLog;
 
-/// Live items a user's subscription may hold before new ones are dropped
-/// (the socket then fills the gap from the inbox).
+/// Live items a user's subscription may hold; one that overflows misses
+/// what follows until it takes a recheck (see [`Sub`]).
 const LIVE_BUFFER: usize = 4096;
-/// Most messages sorted and dispatched at once.
-const BATCH: usize = 4096;
+/// Most messages taken from one subscription per pass (a subscription cut
+/// short bounds what the pass may dispatch, see [`run`]).
+const PER_FEED: usize = 4096;
 /// The header carrying a delivery's event's log sequence.
 pub const LOG_SEQ: &str = "Natter-Log-Seq";
 
@@ -46,22 +46,43 @@ type Feed = Abortable<BoxStream<'static, (Source, async_nats::Message)>>;
 /// A message read, with its delivery decoded (none for a signal).
 type Read = (Source, Option<(Delivery, u64)>, async_nats::Message);
 
+/// One subscription of a user. A delivery it cannot take (full, or held
+/// back while a room of the user's starts here) makes it `lagging`: it
+/// gets nothing more until it takes a [`Pushed::Recheck`], which has its
+/// sockets catch up from their cursors (before anything newer: exact).
+struct Sub {
+    id: u64,
+    tx: mpsc::Sender<Pushed>,
+    lagging: bool,
+}
+
 struct UserSlot {
-    subscribers: Vec<(u64, mpsc::Sender<Pushed>)>,
+    subs: Vec<Sub>,
     rooms: HashMap<String, Timeline>,
     feeds: [AbortHandle; 2],
+    /// Set once the user's rooms are read and subscribed.
+    loaded: watch::Sender<bool>,
+    /// Rooms of the user whose subscription here is still starting:
+    /// deliveries are held back (see [`Sub`]) until it is live.
+    starting: usize,
 }
 
 struct RoomSlot {
     /// This node's users who are members now.
     users: HashSet<Arc<str>>,
     feed: AbortHandle,
+    /// The subscription took effect; until then, `waiting` users' deliveries
+    /// are held back.
+    live: bool,
+    waiting: Vec<Arc<str>>,
 }
 
 #[derive(Default)]
 struct State {
     users: HashMap<Arc<str>, UserSlot>,
     rooms: HashMap<String, RoomSlot>,
+    /// The client's connection count when last looked at.
+    connects: u64,
 }
 
 pub struct Router {
@@ -109,12 +130,31 @@ pub fn own_change<'a>(payload: &'a Payload, user: &str) -> Option<(&'a str, bool
     Some((payload.data.get("roomId")?.as_str()?, joined))
 }
 
-/// Hands `pushed` to every subscription of a user; a full one misses it
-/// (its socket fills the gap from the inbox).
-fn hand(slot: &UserSlot, pushed: &Pushed) {
-    for (_, tx) in &slot.subscribers {
-        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(pushed.clone()) {
-            tracing::debug!("a user's live buffer is full; their sockets will fetch what it missed");
+/// Hands `pushed` to every subscription of a user. A delivery one cannot
+/// take makes it lagging; a lagging one takes a recheck first.
+fn hand(slot: &mut UserSlot, pushed: &Pushed) {
+    let signal = matches!(pushed, Pushed::Signal(_));
+    for sub in &mut slot.subs {
+        if signal {
+            let _ = sub.tx.try_send(pushed.clone());
+            continue;
+        }
+        if slot.starting > 0 {
+            sub.lagging = true;
+            continue;
+        }
+        if sub.lagging {
+            if sub.tx.try_send(Pushed::Recheck).is_err() {
+                continue;
+            }
+            sub.lagging = false;
+            if matches!(pushed, Pushed::Recheck) {
+                continue;
+            }
+        }
+        if let Err(mpsc::error::TrySendError::Full(_)) = sub.tx.try_send(pushed.clone()) {
+            tracing::warn!("a user's live buffer is full; their sockets catch up from the inbox once it drains");
+            sub.lagging = true;
         }
     }
 }
@@ -122,36 +162,55 @@ fn hand(slot: &UserSlot, pushed: &Pushed) {
 impl Router {
     pub fn new(client: async_nats::Client, prefix: String, log: Arc<dyn EventLog>) -> Router {
         let (feeds, rx) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner { client, prefix, log, state: Mutex::new(State::default()), feeds, next_id: AtomicU64::new(1) });
+        let connects = client.statistics().connects.load(Ordering::Relaxed);
+        let state = State { connects, ..State::default() };
+        let inner = Arc::new(Inner { client, prefix, log, state: Mutex::new(state), feeds, next_id: AtomicU64::new(1) });
         tokio::spawn(run(Arc::downgrade(&inner), rx));
         Router { inner }
     }
 
     /// `user`'s live deliveries (their own and their rooms') and signals
-    /// from the moment this returns, until the stream is dropped.
+    /// from the moment this returns, until the stream is dropped (or ended
+    /// by the router when it cannot keep it exact: reconnect and resume).
     pub async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Pushed>> {
         let inner = &self.inner;
         let (tx, rx) = mpsc::channel(LIVE_BUFFER);
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         // Dropping it (a failure below included) leaves again.
         let subscription = Subscription { rx, inner: inner.clone(), user: user.into(), id };
-        if let Some(slot) = inner.lock().users.get_mut(user) {
-            slot.subscribers.push((id, tx));
-            return Ok(subscription.boxed());
-        }
-        let own = inner.client.subscribe(push_subject(&inner.prefix, user)).await?;
-        let signals = inner.client.subscribe(signal_subject(&inner.prefix, user)).await?;
         let user: Arc<str> = user.into();
-        {
-            let mut state = inner.lock();
-            if let Some(slot) = state.users.get_mut(&user) {
-                // Another subscription of the user got here first.
-                slot.subscribers.push((id, tx));
+        let mut tx = Some(tx);
+        loop {
+            // Another subscription of the user is here or starting: once
+            // their rooms are read, join it.
+            let loaded = inner.lock().users.get(&user).map(|slot| slot.loaded.subscribe());
+            let Some(mut loaded) = loaded else { break };
+            if loaded.wait_for(|done| *done).await.is_ok()
+                && let Some(slot) = inner.lock().users.get_mut(&user)
+            {
+                slot.subs.push(Sub { id, tx: tx.take().expect("joined once"), lagging: false });
                 return Ok(subscription.boxed());
             }
-            let own = inner.feed(own, Source::User(user.clone()));
-            let signals = inner.feed(signals, Source::Signal(user.clone()));
-            state.users.insert(user.clone(), UserSlot { subscribers: vec![(id, tx)], rooms: HashMap::new(), feeds: [own, signals] });
+            // It failed and left: start over.
+        }
+        let own = inner.client.subscribe(push_subject(&inner.prefix, &user)).await?;
+        let signals = inner.client.subscribe(signal_subject(&inner.prefix, &user)).await?;
+        let raced = {
+            let mut state = inner.lock();
+            let raced = state.users.contains_key(&user);
+            if !raced {
+                let own = inner.feed(own, Source::User(user.clone()));
+                let signals = inner.feed(signals, Source::Signal(user.clone()));
+                let sub = Sub { id, tx: tx.take().expect("one sender"), lagging: false };
+                let slot = UserSlot { subs: vec![sub], rooms: HashMap::new(), feeds: [own, signals], loaded: watch::channel(false).0, starting: 0 };
+                state.users.insert(user.clone(), slot);
+            }
+            raced
+        };
+        if raced {
+            // Another subscription of the user started meanwhile: join it.
+            drop(subscription);
+            return Box::pin(self.subscribe(&user)).await;
         }
         // The user's own chain is live before their rooms are read: a join
         // or leave is either in what is read or heard after it.
@@ -160,33 +219,54 @@ impl Router {
         let mut new_rooms = Vec::new();
         {
             let mut state = inner.lock();
-            let State { users, rooms } = &mut *state;
+            let State { users, rooms, .. } = &mut *state;
             let Some(slot) = users.get_mut(&user) else { anyhow::bail!("the push subscription of {user} ended while starting") };
             for (room, timeline) in read {
                 slot.rooms.entry(room).or_insert_with(|| Timeline::from_newest(None)).take_in(timeline);
             }
-            for (room, timeline) in &slot.rooms {
-                if timeline.now()
-                    && let Some(registration) = enter(rooms, room, &user)
-                {
-                    new_rooms.push((room.clone(), registration));
+            let member_of: Vec<String> = slot.rooms.iter().filter(|(_, t)| t.now()).map(|(r, _)| r.clone()).collect();
+            for room in member_of {
+                // This subscription catches up once it returns; rooms that
+                // start meanwhile hold back only what it would repeat.
+                if let Some(registration) = enter(rooms, users, &room, &user, false) {
+                    new_rooms.push((room, registration));
                 }
             }
         }
-        for (room, registration) in new_rooms {
-            let sub = inner.client.subscribe(room_push_subject(&inner.prefix, &room)).await?;
-            inner.add_feed(sub, Source::Room(room.as_str().into()), registration);
+        let mut started = Vec::with_capacity(new_rooms.len());
+        let mut new_rooms = new_rooms.into_iter();
+        while let Some((room, registration)) = new_rooms.next() {
+            match inner.client.subscribe(room_push_subject(&inner.prefix, &room)).await {
+                Ok(sub) => inner.add_feed(sub, Source::Room(room.as_str().into()), registration),
+                Err(e) => {
+                    // Rooms left without a feed would hold back whoever
+                    // waits for them: their members here start over.
+                    let mut state = inner.lock();
+                    for (room, _) in std::iter::once((room, registration)).chain(new_rooms) {
+                        let members: Vec<Arc<str>> = state.rooms.get(&room).map(|slot| slot.users.iter().cloned().collect()).unwrap_or_default();
+                        for member in members {
+                            remove_user(&mut state, &member);
+                        }
+                    }
+                    return Err(e.into());
+                }
+            }
+            started.push(room);
         }
         // The server has the subscriptions once it answers a flush.
         inner.client.flush().await?;
-        // Other subscriptions of the user that joined while their rooms
-        // were being read catch up now that they are complete.
-        if let Some(slot) = inner.lock().users.get(&user) {
-            for (other, tx) in &slot.subscribers {
-                if *other != id {
-                    let _ = tx.try_send(Pushed::Recheck);
+        let mut state = inner.lock();
+        let State { users, rooms, .. } = &mut *state;
+        for room in started {
+            if let Some(slot) = rooms.get_mut(&room) {
+                slot.live = true;
+                for waiting in std::mem::take(&mut slot.waiting) {
+                    release_hold(users, &waiting);
                 }
             }
+        }
+        if let Some(slot) = users.get_mut(&user) {
+            slot.loaded.send_replace(true);
         }
         Ok(subscription.boxed())
     }
@@ -197,12 +277,21 @@ impl Router {
         if let Some(known) = self.inner.lock().users.get(user).and_then(|slot| slot.rooms.get(room)).and_then(|t| t.at(log_seq)) {
             return Ok(known);
         }
+        Ok(self.history_of(user, room).await?.at(log_seq).unwrap_or(false))
+    }
+
+    /// `user`'s whole membership of `room`, read from the log (and kept for
+    /// a user with a subscription here, so it is read once).
+    pub async fn history_of(&self, user: &str, room: &str) -> anyhow::Result<Timeline> {
         let history = user_rooms::history(&*self.inner.log, &self.inner.prefix, user, room).await?;
-        let member = history.at(log_seq).unwrap_or(false);
-        if let Some(slot) = self.inner.lock().users.get_mut(user) {
-            slot.rooms.entry(room.to_owned()).or_insert_with(|| Timeline::from_newest(None)).take_in(history);
+        match self.inner.lock().users.get_mut(user) {
+            Some(slot) => {
+                let timeline = slot.rooms.entry(room.to_owned()).or_insert_with(|| Timeline::from_newest(None));
+                timeline.take_in(history);
+                Ok(timeline.clone())
+            }
+            None => Ok(history),
         }
-        Ok(member)
     }
 
     /// `user`'s rooms as this node knows them (read from the log when the
@@ -216,25 +305,56 @@ impl Router {
 }
 
 /// Adds `user` to `room`'s local members; a registration for a feed to
-/// start when the node had no subscription to the room yet.
-fn enter(rooms: &mut HashMap<String, RoomSlot>, room: &str, user: &Arc<str>) -> Option<AbortRegistration> {
-    if let Some(slot) = rooms.get_mut(room) {
-        slot.users.insert(user.clone());
-        return None;
+/// start when the node had no subscription to the room yet. The user's
+/// deliveries are held back until the room's subscription is live when it
+/// is still starting, or (`hold_new`) when this starts it.
+fn enter(rooms: &mut HashMap<String, RoomSlot>, users: &mut HashMap<Arc<str>, UserSlot>, room: &str, user: &Arc<str>, hold_new: bool) -> Option<AbortRegistration> {
+    let (registration, hold) = match rooms.get_mut(room) {
+        Some(slot) => {
+            slot.users.insert(user.clone());
+            (None, !slot.live)
+        }
+        None => {
+            let (feed, registration) = AbortHandle::new_pair();
+            rooms.insert(room.to_owned(), RoomSlot { users: HashSet::from([user.clone()]), feed, live: false, waiting: Vec::new() });
+            (Some(registration), hold_new)
+        }
+    };
+    if hold
+        && let (Some(slot), Some(u)) = (rooms.get_mut(room), users.get_mut(user))
+    {
+        slot.waiting.push(user.clone());
+        u.starting += 1;
     }
-    let (feed, registration) = AbortHandle::new_pair();
-    rooms.insert(room.to_owned(), RoomSlot { users: HashSet::from([user.clone()]), feed });
-    Some(registration)
+    registration
 }
 
 /// Takes `user` out of `room`'s local members, ending the node's
 /// subscription to the room with its last one.
-fn exit(rooms: &mut HashMap<String, RoomSlot>, room: &str, user: &str) {
+fn exit(rooms: &mut HashMap<String, RoomSlot>, users: &mut HashMap<Arc<str>, UserSlot>, room: &str, user: &str) {
     if let Some(slot) = rooms.get_mut(room) {
         slot.users.remove(user);
+        if let Some(i) = slot.waiting.iter().position(|w| &**w == user) {
+            slot.waiting.swap_remove(i);
+            release_hold(users, user);
+        }
         if slot.users.is_empty() {
             slot.feed.abort();
+            for waiting in std::mem::take(&mut slot.waiting) {
+                release_hold(users, &waiting);
+            }
             rooms.remove(room);
+        }
+    }
+}
+
+/// One room `user` waited for is live (or gone): when it was the last,
+/// their subscriptions recheck before anything newer.
+fn release_hold(users: &mut HashMap<Arc<str>, UserSlot>, user: &str) {
+    if let Some(slot) = users.get_mut(user) {
+        slot.starting = slot.starting.saturating_sub(1);
+        if slot.starting == 0 {
+            hand(slot, &Pushed::Recheck);
         }
     }
 }
@@ -261,57 +381,65 @@ impl Inner {
     fn release(&self, user: &str, id: u64) {
         let mut state = self.lock();
         let Some(slot) = state.users.get_mut(user) else { return };
-        slot.subscribers.retain(|(i, _)| *i != id);
-        if !slot.subscribers.is_empty() {
-            return;
-        }
-        let Some(slot) = state.users.remove(user) else { return };
-        for feed in &slot.feeds {
-            feed.abort();
-        }
-        for room in slot.rooms.keys() {
-            exit(&mut state.rooms, room, user);
+        slot.subs.retain(|sub| sub.id != id);
+        if slot.subs.is_empty() {
+            remove_user(&mut state, user);
         }
     }
 
-    /// Hands a sorted batch to the users it is for.
-    fn dispatch(self: &Arc<Self>, batch: Vec<(Source, async_nats::Message)>) {
-        let mut items: Vec<Read> =
-            batch.into_iter().map(|(source, msg)| (source.clone(), if matches!(source, Source::Signal(_)) { None } else { decode(&msg) }, msg)).collect();
-        // Signals (no cursor) first; deliveries in inbox order.
+    /// Hands a batch, in inbox order, to the users it is for.
+    fn dispatch(self: &Arc<Self>, mut items: Vec<Read>) {
         items.sort_by_key(|(_, d, _)| d.as_ref().map_or(0, |(d, _)| d.cursor));
         let mut state = self.lock();
+        // Messages published while the connection was down were lost to
+        // every subscription at once, after everything handed so far:
+        // every user here catches up from their cursor before anything
+        // newer.
+        let connects = self.client.statistics().connects.load(Ordering::Relaxed);
+        if connects != state.connects {
+            state.connects = connects;
+            tracing::warn!("the push connection to NATS reconnected; every socket here catches up from its cursor");
+            for slot in state.users.values_mut() {
+                for sub in &mut slot.subs {
+                    sub.lagging = true;
+                }
+                hand(slot, &Pushed::Recheck);
+            }
+        }
         let mut new_rooms = Vec::new();
         for (source, decoded, msg) in items {
+            let State { users, rooms, .. } = &mut *state;
             match source {
                 Source::Signal(user) => {
-                    if let (Some(slot), Ok(payload)) = (state.users.get(&*user), serde_json::from_slice::<Payload>(&msg.payload)) {
+                    if let (Some(slot), Ok(payload)) = (users.get_mut(&*user), serde_json::from_slice::<Payload>(&msg.payload)) {
                         hand(slot, &Pushed::Signal(payload));
                     }
                 }
                 Source::User(user) => {
                     let Some((d, log_seq)) = decoded else { continue };
-                    let State { users, rooms } = &mut *state;
                     let Some(slot) = users.get_mut(&*user) else { continue };
-                    if let Some((room, joined)) = own_change(&d.payload, &user)
-                        && log_seq > 0
-                    {
-                        slot.rooms.entry(room.to_owned()).or_insert_with(|| Timeline::from_newest(None)).record(log_seq, joined);
-                        if joined {
-                            if let Some(registration) = enter(rooms, room, &user) {
-                                new_rooms.push((room.to_owned(), registration));
-                            }
-                        } else {
-                            exit(rooms, room, &user);
-                        }
+                    let change = own_change(&d.payload, &user).filter(|_| log_seq > 0).map(|(room, joined)| (room.to_owned(), joined));
+                    if let Some((room, joined)) = &change {
+                        slot.rooms.entry(room.clone()).or_insert_with(|| Timeline::from_newest(None)).record(log_seq, *joined);
                     }
+                    // The user's own join is handed before the hold starts:
+                    // their cursor is then before anything of the room's.
                     hand(slot, &Pushed::Delivery(d));
+                    match change {
+                        Some((room, true)) => {
+                            if let Some(registration) = enter(rooms, users, &room, &user, true) {
+                                new_rooms.push((room, registration));
+                            }
+                        }
+                        Some((room, false)) => exit(rooms, users, &room, &user),
+                        None => {}
+                    }
                 }
                 Source::Room(room) => {
                     let Some((d, log_seq)) = decoded else { continue };
-                    let Some(members) = state.rooms.get(&*room) else { continue };
+                    let Some(members) = rooms.get(&*room) else { continue };
                     for user in &members.users {
-                        let Some(slot) = state.users.get(user) else { continue };
+                        let Some(slot) = users.get_mut(user) else { continue };
                         // Their own join or leave came on their own chain.
                         if own_change(&d.payload, user).is_some() {
                             continue;
@@ -335,62 +463,139 @@ impl Inner {
         }
     }
 
-    /// Subscribes the node to a room one of its users just joined, then has
-    /// the room's local members catch up on what was stored before the
+    /// Subscribes the node to a room one of its users just joined; the
+    /// users waiting for it then catch up on what was stored before the
     /// subscription took effect.
     async fn start_room(self: Arc<Self>, room: String, registration: AbortRegistration) {
-        match self.client.subscribe(room_push_subject(&self.prefix, &room)).await {
-            Ok(sub) => {
-                self.add_feed(sub, Source::Room(room.as_str().into()), registration);
-                if let Err(e) = self.client.flush().await {
-                    tracing::warn!(%room, error = %e, "flushing a room subscription failed; its members catch up on their next check");
+        let started = async {
+            let sub = self.client.subscribe(room_push_subject(&self.prefix, &room)).await?;
+            self.add_feed(sub, Source::Room(room.as_str().into()), registration);
+            self.client.flush().await?;
+            anyhow::Ok(())
+        };
+        let outcome = started.await;
+        let mut state = self.lock();
+        let State { users, rooms, .. } = &mut *state;
+        match outcome {
+            Ok(()) => {
+                if let Some(slot) = rooms.get_mut(&room) {
+                    slot.live = true;
+                    for waiting in std::mem::take(&mut slot.waiting) {
+                        release_hold(users, &waiting);
+                    }
                 }
             }
             Err(e) => {
-                tracing::error!(%room, error = %e, "cannot subscribe to a room's live deliveries; its members here get them from their periodic catch-up");
-            }
-        }
-        let state = self.lock();
-        if let Some(members) = state.rooms.get(&room) {
-            for user in &members.users {
-                if let Some(slot) = state.users.get(user) {
-                    hand(slot, &Pushed::Recheck);
+                // Without the room's feed its members here would miss its
+                // messages: their sockets reconnect (and subscribe again).
+                tracing::error!(%room, error = %format!("{e:#}"), "cannot subscribe to a room's live deliveries; disconnecting its members' sockets on this node so they resume elsewhere or again");
+                let members: Vec<Arc<str>> = rooms.get(&room).map(|slot| slot.users.iter().cloned().collect()).unwrap_or_default();
+                for user in members {
+                    remove_user(&mut state, &user);
                 }
             }
         }
     }
 }
 
-/// The router task: reads every feed, dispatching what is ready in inbox order.
-async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
-    let mut live: SelectAll<Feed> = SelectAll::new();
-    loop {
-        tokio::select! {
-            biased;
-            feed = feeds.recv() => match feed {
-                Some(feed) => live.push(feed),
-                None => break,
-            },
-            Some(first) = live.next(), if !live.is_empty() => {
-                let mut batch = vec![first];
-                // Everything already queued: a message queued before one
-                // seen here is queued by now too (one connection, one
-                // order), so sorting the batch restores the server's order.
-                let mut idle = 0;
-                while batch.len() < BATCH && idle < 3 {
-                    match live.next().now_or_never() {
-                        Some(Some(item)) => {
-                            batch.push(item);
-                            idle = 0;
-                        }
-                        Some(None) => break,
-                        None => idle += 1,
-                    }
+/// Ends a user's live feed here (their subscriptions see it end).
+fn remove_user(state: &mut State, user: &str) {
+    let Some(slot) = state.users.remove(user) else { return };
+    for feed in &slot.feeds {
+        feed.abort();
+    }
+    for room in slot.rooms.keys() {
+        exit(&mut state.rooms, &mut state.users, room, user);
+    }
+}
+
+/// Takes what is ready on every feed now: each feed until it has nothing
+/// more or gave [`PER_FEED`]. Returns the messages and the highest
+/// sequence at or below which the pass is sure to hold every message a
+/// cut-short feed still has (`u64::MAX` when none was cut short).
+fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>, out: &mut Vec<Read>) -> u64 {
+    let mut cut = u64::MAX;
+    live.retain_mut(|feed| {
+        let mut taken = 0;
+        loop {
+            if taken == PER_FEED {
+                let last = out.last().and_then(|(_, d, _)| d.as_ref().map(|(d, _)| d.cursor)).unwrap_or(0);
+                cut = cut.min(last);
+                return true;
+            }
+            match feed.poll_next_unpin(cx) {
+                std::task::Poll::Ready(Some((source, msg))) => {
+                    taken += 1;
+                    let decoded = if matches!(source, Source::Signal(_)) { None } else { decode(&msg) };
+                    out.push((source, decoded, msg));
                 }
-                let Some(inner) = inner.upgrade() else { break };
-                inner.dispatch(batch);
+                std::task::Poll::Ready(None) => return false,
+                std::task::Poll::Pending => return true,
             }
         }
+    });
+    cut
+}
+
+fn seq_of(read: &Read) -> u64 {
+    read.1.as_ref().map_or(0, |(d, _)| d.cursor)
+}
+
+/// The router task. NATS sends the connection its messages in order and
+/// async-nats queues them per subscription in that order, so a pass that
+/// empties every subscription holds every message queued before it ended.
+/// A message of the previous pass was queued before it ended: everything
+/// up to the previous pass's highest sequence is in hand after this pass,
+/// and is dispatched sorted; the rest waits for the next pass (at once
+/// when this pass found nothing new).
+async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
+    let mut live: Vec<Feed> = Vec::new();
+    let mut held: Vec<Read> = Vec::new();
+    let mut previous_max = 0u64;
+    loop {
+        // Wait for something new unless messages are held.
+        if held.is_empty() {
+            tokio::select! {
+                feed = feeds.recv() => match feed {
+                    Some(feed) => live.push(feed),
+                    None => return,
+                },
+                batch = futures::future::poll_fn(|cx| {
+                    let mut out = Vec::new();
+                    let cut = drain(&mut live, cx, &mut out);
+                    if out.is_empty() { std::task::Poll::Pending } else { std::task::Poll::Ready((out, cut)) }
+                }) => {
+                    let (out, cut) = batch;
+                    previous_max = out.iter().map(seq_of).max().unwrap_or(0).min(cut);
+                    held = out;
+                }
+            }
+            while let Ok(feed) = feeds.try_recv() {
+                live.push(feed);
+            }
+            continue;
+        }
+        // One more pass (not subject to the task budget: it must empty every
+        // feed to tell what is complete).
+        let (out, cut) = tokio::task::unconstrained(futures::future::poll_fn(|cx| {
+            let mut out = Vec::new();
+            let cut = drain(&mut live, cx, &mut out);
+            std::task::Poll::Ready((out, cut))
+        }))
+        .await;
+        let bound = if out.is_empty() { u64::MAX } else { previous_max };
+        previous_max = out.iter().map(seq_of).max().unwrap_or(previous_max).min(cut);
+        held.extend(out);
+        let (ready, later): (Vec<Read>, Vec<Read>) = held.drain(..).partition(|r| seq_of(r) <= bound);
+        held = later;
+        let Some(inner) = inner.upgrade() else { return };
+        if !ready.is_empty() {
+            inner.dispatch(ready);
+        }
+        while let Ok(feed) = feeds.try_recv() {
+            live.push(feed);
+        }
+        tokio::task::yield_now().await;
     }
 }
 
