@@ -431,11 +431,16 @@ async fn room_messages_reach_the_members_as_of_each_message_live_and_on_replay(c
     let room = create_room(&c, 0, &amy, "Comings and goings").await;
     let join = format!("/api/rooms/{room}/join");
     let leave = format!("/api/rooms/{room}/leave");
+    let dave = c.register(1, "Dave").await;
     c.request(1, Method::POST, &join, Some(&bob.token), None).await.ok();
+    c.request(1, Method::POST, &join, Some(&dave.token), None).await.ok();
     let mut d = Driver::start().await;
+    // Dave stays a member beside Bob: Bob's node keeps the room's
+    // subscription while he is out.
+    d.connected("dave", &c.chat_url(1), json!({ "token": dave.token })).await;
     d.connected("bob", &c.chat_url(1), json!({ "token": bob.token })).await;
     d.connected("carol", &c.chat_url(0), json!({ "token": carol.token })).await;
-    for s in ["bob", "carol"] {
+    for s in ["dave", "bob", "carol"] {
         d.next(s, |e| e["event"] == "synced", "synced").await;
     }
     let m1 = room_send(&c, 0, &amy, &room, "m1 (bob in)").await["_id"].clone();
@@ -450,6 +455,7 @@ async fn room_messages_reach_the_members_as_of_each_message_live_and_on_replay(c
     let m4 = room_send(&c, 1, &amy, &room, "m4 (both in)").await["_id"].clone();
 
     let ids = |events: Vec<Value>| events.iter().map(|m| m["_id"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(d.events("dave", "message", 4).await).len(), 4, "dave: every message");
     let bob_live = ids(d.events("bob", "message", 1).await);
     assert_eq!(bob_live, [m4.clone()], "bob: nothing while he was out");
     assert_eq!(ids(d.events("carol", "message", 2).await), [m3.clone(), m4.clone()], "carol: nothing from before she joined");
@@ -464,4 +470,42 @@ async fn room_messages_reach_the_members_as_of_each_message_live_and_on_replay(c
         let replayed: Vec<Value> = d.quiet(s, Duration::ZERO).await.iter().filter(|e| e["event"] == "message").map(|e| e["data"]["_id"].clone()).collect();
         assert_eq!(replayed, want, "{s}");
     }
+}
+
+crate::contract!(a_join_and_a_second_socket_racing_the_subscription_miss_nothing, 2, a_join_and_a_second_socket_racing_the_subscription_miss_nothing);
+
+/// Joining a room nobody on the node is in, immediately followed by a
+/// room message and a direct message (the node starts listening to the
+/// room meanwhile), loses neither; a user's `/` and `/chat` sockets opened
+/// at once with a cursor both replay what they missed.
+async fn a_join_and_a_second_socket_racing_the_subscription_miss_nothing(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let mut d = Driver::start().await;
+    d.connected("bob-chat", &c.chat_url(1), json!({ "token": bob.token })).await;
+    d.connected("bob-dm", &c.socket_url(1), json!({ "token": bob.token })).await;
+    for s in ["bob-chat", "bob-dm"] {
+        d.next(s, |e| e["event"] == "synced", "synced").await;
+    }
+    let mut rooms = Vec::new();
+    for i in 0..5 {
+        let room = create_room(&c, 0, &amy, &format!("Race {i}")).await;
+        c.request(1, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await.ok();
+        let (text, dm_text) = (format!("right after the join {i}"), format!("dm {i}"));
+        let (m, dm) = tokio::join!(room_send(&c, 0, &amy, &room, &text), c.send(0, &amy, &bob, &dm_text, None));
+        rooms.push((m["_id"].clone(), dm.ok()["data"]["_id"].clone()));
+    }
+    let ids = |events: Vec<Value>| events.iter().map(|m| m["_id"].clone()).collect::<Vec<_>>();
+    let got = ids(d.events("bob-chat", "message", 5).await);
+    assert_eq!(got, rooms.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>(), "every room message right after its join");
+    let dms = ids(d.events("bob-dm", "newMessage", 5).await);
+    assert_eq!(dms, rooms.iter().map(|(_, dm)| dm.clone()).collect::<Vec<_>>());
+    // The other node: both namespaces at once, from the start.
+    d.connect("chat-again", &c.chat_url(0), json!({ "token": bob.token, "cursor": 0 })).await;
+    d.connect("dm-again", &c.socket_url(0), json!({ "token": bob.token, "cursor": 0 })).await;
+    for s in ["chat-again", "dm-again"] {
+        d.next(s, |e| e["event"] == "synced", "synced").await;
+    }
+    let replayed: Vec<Value> = d.quiet("chat-again", Duration::ZERO).await.iter().filter(|e| e["event"] == "message").map(|e| e["data"]["_id"].clone()).collect();
+    assert_eq!(replayed, got, "the /chat socket opened beside / replays every room message");
 }
