@@ -519,8 +519,11 @@ fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>, out: &mut Vec<Re
         let mut taken = 0;
         loop {
             if taken == PER_FEED {
-                let last = out.last().and_then(|(_, d, _)| d.as_ref().map(|(d, _)| d.cursor)).unwrap_or(0);
-                cut = cut.min(last);
+                // What the feed still holds comes after what it gave (signals
+                // have no order to keep).
+                if let Some(last) = out.last().and_then(|(_, d, _)| d.as_ref().map(|(d, _)| d.cursor)) {
+                    cut = cut.min(last);
+                }
                 return true;
             }
             match feed.poll_next_unpin(cx) {
@@ -539,6 +542,11 @@ fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>, out: &mut Vec<Re
 
 fn seq_of(read: &Read) -> u64 {
     read.1.as_ref().map_or(0, |(d, _)| d.cursor)
+}
+
+/// The highest inbox sequence among `reads` (none: only signals).
+fn highest(reads: &[Read]) -> Option<u64> {
+    reads.iter().map(seq_of).filter(|&s| s > 0).max()
 }
 
 /// The router task. NATS sends the connection its messages in order and
@@ -566,7 +574,7 @@ async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
                     if out.is_empty() { std::task::Poll::Pending } else { std::task::Poll::Ready((out, cut)) }
                 }) => {
                     let (out, cut) = batch;
-                    previous_max = out.iter().map(seq_of).max().unwrap_or(0).min(cut);
+                    previous_max = highest(&out).unwrap_or(previous_max).min(cut);
                     held = out;
                 }
             }
@@ -584,7 +592,7 @@ async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
         }))
         .await;
         let bound = if out.is_empty() { u64::MAX } else { previous_max };
-        previous_max = out.iter().map(seq_of).max().unwrap_or(previous_max).min(cut);
+        previous_max = highest(&out).unwrap_or(previous_max).min(cut);
         held.extend(out);
         let (ready, later): (Vec<Read>, Vec<Read>) = held.drain(..).partition(|r| seq_of(r) <= bound);
         held = later;
@@ -617,5 +625,66 @@ impl futures::Stream for Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.inner.release(&self.user, self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn delivery(cursor: u64) -> Pushed {
+        Pushed::Delivery(Delivery { cursor, previous: 0, payload: Payload { event: "message".into(), data: json!({}) }, check: None })
+    }
+
+    fn taken(rx: &mut mpsc::Receiver<Pushed>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            out.push(match p {
+                Pushed::Delivery(d) => d.cursor.to_string(),
+                Pushed::Recheck => "recheck".into(),
+                Pushed::Signal(_) => "signal".into(),
+            });
+        }
+        out
+    }
+
+    /// A delivery a subscription cannot take (held back while a room
+    /// starts, or a full buffer) is never followed by a newer one before
+    /// a recheck: the socket catches up from its cursor first.
+    #[test]
+    fn nothing_newer_reaches_a_subscription_before_the_recheck_of_what_it_missed() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let user: Arc<str> = "amy".into();
+        let mut users = HashMap::new();
+        let feeds = [AbortHandle::new_pair().0, AbortHandle::new_pair().0];
+        let slot = UserSlot { subs: vec![Sub { id: 1, tx, lagging: false }], rooms: HashMap::new(), feeds, loaded: watch::channel(true).0, starting: 0 };
+        users.insert(user.clone(), slot);
+        let mut rooms = HashMap::new();
+        // A room that starts here: what comes meanwhile is held back.
+        assert!(enter(&mut rooms, &mut users, "r", &user, true).is_some());
+        hand(users.get_mut(&user).unwrap(), &delivery(5));
+        assert!(taken(&mut rx).is_empty());
+        let slot = rooms.get_mut("r").unwrap();
+        slot.live = true;
+        for waiting in std::mem::take(&mut slot.waiting) {
+            release_hold(&mut users, &waiting);
+        }
+        hand(users.get_mut(&user).unwrap(), &delivery(6));
+        assert_eq!(taken(&mut rx), ["recheck", "6"]);
+        // A full buffer: 7 and 8 fit, 9 does not; 10 comes after a recheck.
+        for c in 7..=9 {
+            hand(users.get_mut(&user).unwrap(), &delivery(c));
+        }
+        assert_eq!(taken(&mut rx), ["7", "8"]);
+        hand(users.get_mut(&user).unwrap(), &delivery(10));
+        assert_eq!(taken(&mut rx), ["recheck", "10"]);
+        // Leaving a room still starting releases the hold.
+        assert!(enter(&mut rooms, &mut users, "s", &user, true).is_some());
+        exit(&mut rooms, &mut users, "s", &user);
+        assert_eq!(taken(&mut rx), ["recheck"]);
+        hand(users.get_mut(&user).unwrap(), &delivery(11));
+        assert_eq!(taken(&mut rx), ["11"]);
     }
 }
