@@ -188,7 +188,14 @@ impl PushBus for NatsPush {
                 }
             }
             futures::stream::iter(reads).buffer_unordered(REPLAY_READS).try_collect::<Vec<()>>().await?;
-            let Some(chain) = chains.iter_mut().filter(|c| c.head.is_some()).min_by_key(|c| c.head.as_ref().map(|m| m.sequence)) else {
+            // Up to the head as it was when the replay began: a chain found
+            // empty is not read again, so anything stored since might be
+            // passed over (the caller asks again until a page is empty).
+            let Some(chain) = chains
+                .iter_mut()
+                .filter(|c| c.head.as_ref().is_some_and(|m| m.sequence <= state.last_sequence))
+                .min_by_key(|c| c.head.as_ref().map(|m| m.sequence))
+            else {
                 break;
             };
             let msg = chain.head.take().expect("a chain with a head");

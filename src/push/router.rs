@@ -68,6 +68,9 @@ struct UserSlot {
 }
 
 struct RoomSlot {
+    /// Which subscription of the room this is (a room left and joined
+    /// again starts a new one).
+    generation: u64,
     /// This node's users who are members now.
     users: HashSet<Arc<str>>,
     feed: AbortHandle,
@@ -83,6 +86,7 @@ struct State {
     rooms: HashMap<String, RoomSlot>,
     /// The client's connection count when last looked at.
     connects: u64,
+    generations: u64,
 }
 
 pub struct Router {
@@ -187,6 +191,7 @@ impl Router {
             let Some(mut loaded) = loaded else { break };
             if loaded.wait_for(|done| *done).await.is_ok()
                 && let Some(slot) = inner.lock().users.get_mut(&user)
+                && *slot.loaded.borrow()
             {
                 slot.subs.push(Sub { id, tx: tx.take().expect("joined once"), lagging: false });
                 return Ok(subscription.boxed());
@@ -216,57 +221,29 @@ impl Router {
         // or leave is either in what is read or heard after it.
         inner.client.flush().await?;
         let read = user_rooms::load(&*inner.log, &inner.prefix, &user).await?;
-        let mut new_rooms = Vec::new();
+        let mut starts = Vec::new();
         {
             let mut state = inner.lock();
-            let State { users, rooms, .. } = &mut *state;
-            let Some(slot) = users.get_mut(&user) else { anyhow::bail!("the push subscription of {user} ended while starting") };
+            let Some(slot) = state.users.get_mut(&user) else { anyhow::bail!("the push subscription of {user} ended while starting") };
             for (room, timeline) in read {
                 slot.rooms.entry(room).or_insert_with(|| Timeline::from_newest(None)).take_in(timeline);
             }
             let member_of: Vec<String> = slot.rooms.iter().filter(|(_, t)| t.now()).map(|(r, _)| r.clone()).collect();
+            // Deliveries are held back until each room is live here, then
+            // the user's sockets catch up (a room whose subscription fails
+            // ends its members' feeds here).
             for room in member_of {
-                // This subscription catches up once it returns; rooms that
-                // start meanwhile hold back only what it would repeat.
-                if let Some(registration) = enter(rooms, users, &room, &user, false) {
-                    new_rooms.push((room, registration));
+                if let Some(start) = enter(&mut state, &room, &user) {
+                    starts.push((room, start));
                 }
             }
-        }
-        let mut started = Vec::with_capacity(new_rooms.len());
-        let mut new_rooms = new_rooms.into_iter();
-        while let Some((room, registration)) = new_rooms.next() {
-            match inner.client.subscribe(room_push_subject(&inner.prefix, &room)).await {
-                Ok(sub) => inner.add_feed(sub, Source::Room(room.as_str().into()), registration),
-                Err(e) => {
-                    // Rooms left without a feed would hold back whoever
-                    // waits for them: their members here start over.
-                    let mut state = inner.lock();
-                    for (room, _) in std::iter::once((room, registration)).chain(new_rooms) {
-                        let members: Vec<Arc<str>> = state.rooms.get(&room).map(|slot| slot.users.iter().cloned().collect()).unwrap_or_default();
-                        for member in members {
-                            remove_user(&mut state, &member);
-                        }
-                    }
-                    return Err(e.into());
-                }
-            }
-            started.push(room);
-        }
-        // The server has the subscriptions once it answers a flush.
-        inner.client.flush().await?;
-        let mut state = inner.lock();
-        let State { users, rooms, .. } = &mut *state;
-        for room in started {
-            if let Some(slot) = rooms.get_mut(&room) {
-                slot.live = true;
-                for waiting in std::mem::take(&mut slot.waiting) {
-                    release_hold(users, &waiting);
-                }
+            if let Some(slot) = state.users.get_mut(&user) {
+                slot.loaded.send_replace(true);
             }
         }
-        if let Some(slot) = users.get_mut(&user) {
-            slot.loaded.send_replace(true);
+        for (room, start) in starts {
+            let inner = inner.clone();
+            tokio::spawn(async move { inner.start_room(room, start).await });
         }
         Ok(subscription.boxed())
     }
@@ -304,29 +281,36 @@ impl Router {
     }
 }
 
-/// Adds `user` to `room`'s local members; a registration for a feed to
-/// start when the node had no subscription to the room yet. The user's
-/// deliveries are held back until the room's subscription is live when it
-/// is still starting, or (`hold_new`) when this starts it.
-fn enter(rooms: &mut HashMap<String, RoomSlot>, users: &mut HashMap<Arc<str>, UserSlot>, room: &str, user: &Arc<str>, hold_new: bool) -> Option<AbortRegistration> {
-    let (registration, hold) = match rooms.get_mut(room) {
+/// A room subscription to start: (generation, registration).
+type Start = (u64, AbortRegistration);
+
+/// Adds `user` to `room`'s local members, with a subscription to start
+/// when the node had none to the room yet. The user's deliveries are held
+/// back until the room's subscription is live.
+fn enter(state: &mut State, room: &str, user: &Arc<str>) -> Option<Start> {
+    let State { users, rooms, generations, .. } = state;
+    let start = match rooms.get_mut(room) {
         Some(slot) => {
             slot.users.insert(user.clone());
-            (None, !slot.live)
+            None
         }
         None => {
             let (feed, registration) = AbortHandle::new_pair();
-            rooms.insert(room.to_owned(), RoomSlot { users: HashSet::from([user.clone()]), feed, live: false, waiting: Vec::new() });
-            (Some(registration), hold_new)
+            *generations += 1;
+            let slot = RoomSlot { generation: *generations, users: HashSet::from([user.clone()]), feed, live: false, waiting: Vec::new() };
+            rooms.insert(room.to_owned(), slot);
+            Some((*generations, registration))
         }
     };
+    let hold = rooms.get(room).is_some_and(|slot| !slot.live);
     if hold
         && let (Some(slot), Some(u)) = (rooms.get_mut(room), users.get_mut(user))
+        && !slot.waiting.contains(user)
     {
         slot.waiting.push(user.clone());
         u.starting += 1;
     }
-    registration
+    start
 }
 
 /// Takes `user` out of `room`'s local members, ending the node's
@@ -408,16 +392,16 @@ impl Inner {
         }
         let mut new_rooms = Vec::new();
         for (source, decoded, msg) in items {
-            let State { users, rooms, .. } = &mut *state;
+            let state = &mut *state;
             match source {
                 Source::Signal(user) => {
-                    if let (Some(slot), Ok(payload)) = (users.get_mut(&*user), serde_json::from_slice::<Payload>(&msg.payload)) {
+                    if let (Some(slot), Ok(payload)) = (state.users.get_mut(&*user), serde_json::from_slice::<Payload>(&msg.payload)) {
                         hand(slot, &Pushed::Signal(payload));
                     }
                 }
                 Source::User(user) => {
                     let Some((d, log_seq)) = decoded else { continue };
-                    let Some(slot) = users.get_mut(&*user) else { continue };
+                    let Some(slot) = state.users.get_mut(&*user) else { continue };
                     let change = own_change(&d.payload, &user).filter(|_| log_seq > 0).map(|(room, joined)| (room.to_owned(), joined));
                     if let Some((room, joined)) = &change {
                         slot.rooms.entry(room.clone()).or_insert_with(|| Timeline::from_newest(None)).record(log_seq, *joined);
@@ -427,16 +411,17 @@ impl Inner {
                     hand(slot, &Pushed::Delivery(d));
                     match change {
                         Some((room, true)) => {
-                            if let Some(registration) = enter(rooms, users, &room, &user, true) {
-                                new_rooms.push((room, registration));
+                            if let Some(start) = enter(state, &room, &user) {
+                                new_rooms.push((room, start));
                             }
                         }
-                        Some((room, false)) => exit(rooms, users, &room, &user),
+                        Some((room, false)) => exit(&mut state.rooms, &mut state.users, &room, &user),
                         None => {}
                     }
                 }
                 Source::Room(room) => {
                     let Some((d, log_seq)) = decoded else { continue };
+                    let State { users, rooms, .. } = state;
                     let Some(members) = rooms.get(&*room) else { continue };
                     for user in &members.users {
                         let Some(slot) = users.get_mut(user) else { continue };
@@ -457,16 +442,16 @@ impl Inner {
             }
         }
         drop(state);
-        for (room, registration) in new_rooms {
+        for (room, start) in new_rooms {
             let inner = self.clone();
-            tokio::spawn(async move { inner.start_room(room, registration).await });
+            tokio::spawn(async move { inner.start_room(room, start).await });
         }
     }
 
     /// Subscribes the node to a room one of its users just joined; the
     /// users waiting for it then catch up on what was stored before the
     /// subscription took effect.
-    async fn start_room(self: Arc<Self>, room: String, registration: AbortRegistration) {
+    async fn start_room(self: Arc<Self>, room: String, (generation, registration): Start) {
         let started = async {
             let sub = self.client.subscribe(room_push_subject(&self.prefix, &room)).await?;
             self.add_feed(sub, Source::Room(room.as_str().into()), registration);
@@ -475,9 +460,14 @@ impl Inner {
         };
         let outcome = started.await;
         let mut state = self.lock();
-        let State { users, rooms, .. } = &mut *state;
+        // The room may have been left (and joined again) meanwhile: only
+        // this subscription's slot is ours.
+        if state.rooms.get(&room).is_none_or(|slot| slot.generation != generation) {
+            return;
+        }
         match outcome {
             Ok(()) => {
+                let State { users, rooms, .. } = &mut *state;
                 if let Some(slot) = rooms.get_mut(&room) {
                     slot.live = true;
                     for waiting in std::mem::take(&mut slot.waiting) {
@@ -489,7 +479,7 @@ impl Inner {
                 // Without the room's feed its members here would miss its
                 // messages: their sockets reconnect (and subscribe again).
                 tracing::error!(%room, error = %format!("{e:#}"), "cannot subscribe to a room's live deliveries; disconnecting its members' sockets on this node so they resume elsewhere or again");
-                let members: Vec<Arc<str>> = rooms.get(&room).map(|slot| slot.users.iter().cloned().collect()).unwrap_or_default();
+                let members: Vec<Arc<str>> = state.rooms.get(&room).map(|slot| slot.users.iter().cloned().collect()).unwrap_or_default();
                 for user in members {
                     remove_user(&mut state, &user);
                 }
@@ -516,12 +506,12 @@ fn remove_user(state: &mut State, user: &str) {
 fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>, out: &mut Vec<Read>) -> u64 {
     let mut cut = u64::MAX;
     live.retain_mut(|feed| {
-        let mut taken = 0;
+        let (mut taken, mut last) = (0, None);
         loop {
             if taken == PER_FEED {
                 // What the feed still holds comes after what it gave (signals
                 // have no order to keep).
-                if let Some(last) = out.last().and_then(|(_, d, _)| d.as_ref().map(|(d, _)| d.cursor)) {
+                if let Some(last) = last {
                     cut = cut.min(last);
                 }
                 return true;
@@ -530,6 +520,9 @@ fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>, out: &mut Vec<Re
                 std::task::Poll::Ready(Some((source, msg))) => {
                     taken += 1;
                     let decoded = if matches!(source, Source::Signal(_)) { None } else { decode(&msg) };
+                    if let Some((d, _)) = &decoded {
+                        last = Some(d.cursor);
+                    }
                     out.push((source, decoded, msg));
                 }
                 std::task::Poll::Ready(None) => return false,
@@ -591,7 +584,7 @@ async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
             std::task::Poll::Ready((out, cut))
         }))
         .await;
-        let bound = if out.is_empty() { u64::MAX } else { previous_max };
+        let bound = if out.is_empty() { u64::MAX } else { previous_max.min(cut) };
         previous_max = highest(&out).unwrap_or(previous_max).min(cut);
         held.extend(out);
         let (ready, later): (Vec<Read>, Vec<Read>) = held.drain(..).partition(|r| seq_of(r) <= bound);
@@ -657,34 +650,36 @@ mod tests {
     fn nothing_newer_reaches_a_subscription_before_the_recheck_of_what_it_missed() {
         let (tx, mut rx) = mpsc::channel(2);
         let user: Arc<str> = "amy".into();
-        let mut users = HashMap::new();
+        let mut state = State::default();
         let feeds = [AbortHandle::new_pair().0, AbortHandle::new_pair().0];
         let slot = UserSlot { subs: vec![Sub { id: 1, tx, lagging: false }], rooms: HashMap::new(), feeds, loaded: watch::channel(true).0, starting: 0 };
-        users.insert(user.clone(), slot);
-        let mut rooms = HashMap::new();
+        state.users.insert(user.clone(), slot);
         // A room that starts here: what comes meanwhile is held back.
-        assert!(enter(&mut rooms, &mut users, "r", &user, true).is_some());
-        hand(users.get_mut(&user).unwrap(), &delivery(5));
+        let (generation, _registration) = enter(&mut state, "r", &user).expect("a subscription to start");
+        assert!(enter(&mut state, "r", &user).is_none(), "entered twice: still one subscription, one hold");
+        hand(state.users.get_mut(&user).unwrap(), &delivery(5));
         assert!(taken(&mut rx).is_empty());
+        let State { users, rooms, .. } = &mut state;
         let slot = rooms.get_mut("r").unwrap();
+        assert_eq!(slot.generation, generation);
         slot.live = true;
         for waiting in std::mem::take(&mut slot.waiting) {
-            release_hold(&mut users, &waiting);
+            release_hold(users, &waiting);
         }
-        hand(users.get_mut(&user).unwrap(), &delivery(6));
+        hand(state.users.get_mut(&user).unwrap(), &delivery(6));
         assert_eq!(taken(&mut rx), ["recheck", "6"]);
         // A full buffer: 7 and 8 fit, 9 does not; 10 comes after a recheck.
         for c in 7..=9 {
-            hand(users.get_mut(&user).unwrap(), &delivery(c));
+            hand(state.users.get_mut(&user).unwrap(), &delivery(c));
         }
         assert_eq!(taken(&mut rx), ["7", "8"]);
-        hand(users.get_mut(&user).unwrap(), &delivery(10));
+        hand(state.users.get_mut(&user).unwrap(), &delivery(10));
         assert_eq!(taken(&mut rx), ["recheck", "10"]);
         // Leaving a room still starting releases the hold.
-        assert!(enter(&mut rooms, &mut users, "s", &user, true).is_some());
-        exit(&mut rooms, &mut users, "s", &user);
+        assert!(enter(&mut state, "s", &user).is_some());
+        exit(&mut state.rooms, &mut state.users, "s", &user);
         assert_eq!(taken(&mut rx), ["recheck"]);
-        hand(users.get_mut(&user).unwrap(), &delivery(11));
+        hand(state.users.get_mut(&user).unwrap(), &delivery(11));
         assert_eq!(taken(&mut rx), ["11"]);
     }
 }
