@@ -198,7 +198,7 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let db = connect_mongo(mongo_url, &cfg.distributed.mongo_db).await?;
     let versions = Versions::open(db, connect_redis(redis_url).await?, &cfg.distributed.redis_prefix).await?;
     let (views, counts) = (versions.views.clone(), versions.counts.clone());
-    let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), Arc::new(log.clone()), &cfg.distributed.stream, &cfg.log.subject_prefix, (&cfg.push).into()).await?;
+    let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), Arc::new(log.clone()), &cfg.distributed.stream, &cfg.log.subject_prefix, (&cfg.push).into(), None).await?;
     let fanout = Arc::new(FanOut::new(Arc::new(bus), cfg.log.subject_prefix.clone(), Arc::new(log.clone()), cfg.push.announce_max));
     let projections: [Arc<dyn Projection>; 3] = [views, counts, fanout];
     let stream = log.jetstream().get_stream(parked_stream(&cfg.distributed.stream)).await?;
@@ -388,7 +388,7 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
     ensure_feed(target.jetstream(), &cfg.distributed.stream, &cfg.log.subject_prefix, Some(head + 1))
         .await
         .context("creating the push fan-out feed after the migrated history")?;
-    NatsPush::connect_from(
+    NatsPush::connect(
         target.client().clone(),
         target.jetstream().clone(),
         Arc::new(target.clone()),

@@ -88,7 +88,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
             .with_context(|| format!("opening the views in MongoDB database {}", d.mongo_db))?,
     );
     let log_port: Arc<dyn EventLog> = Arc::new(log.clone());
-    let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), log_port.clone(), &d.stream, &cfg.log.subject_prefix, (&cfg.push).into()).await?;
+    let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), log_port.clone(), &d.stream, &cfg.log.subject_prefix, (&cfg.push).into(), None).await?;
     let healer = Healer {
         counts: versions.counts.clone(),
         js: log.jetstream().clone(),

@@ -57,22 +57,10 @@ impl NatsPush {
     /// Makes sure the inbox stream exists (with republish to the push
     /// subjects). Deliveries are published through a JetStream context of
     /// their own: a large fan-out never takes pending-ack slots from the
-    /// log's appends.
+    /// log's appends. A stream created now numbers its first delivery
+    /// `first` when given (so cursors from an earlier deployment fall
+    /// before it and get `resync`).
     pub async fn connect(
-        client: async_nats::Client,
-        js: jetstream::Context,
-        log: Arc<dyn EventLog>,
-        stream_name: &str,
-        prefix: &str,
-        bounds: Bounds,
-    ) -> anyhow::Result<NatsPush> {
-        Self::connect_from(client, js, log, stream_name, prefix, bounds, None).await
-    }
-
-    /// As [`NatsPush::connect`]; a stream created now numbers its first
-    /// delivery `first` (so cursors from an earlier deployment fall before
-    /// it and get `resync`).
-    pub async fn connect_from(
         client: async_nats::Client,
         js: jetstream::Context,
         log: Arc<dyn EventLog>,
