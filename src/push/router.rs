@@ -60,7 +60,8 @@ struct UserSlot {
     subs: Vec<Sub>,
     rooms: HashMap<String, Timeline>,
     feeds: [AbortHandle; 2],
-    /// Set once the user's rooms are read and subscribed.
+    /// Set once the user's rooms are read and entered (each holds the
+    /// user's deliveries back until its subscription is live).
     loaded: watch::Sender<bool>,
     /// Rooms of the user whose subscription here is still starting:
     /// deliveries are held back (see [`Sub`]) until it is live.
@@ -217,14 +218,22 @@ impl Router {
             drop(subscription);
             return Box::pin(self.subscribe(&user)).await;
         }
-        // The user's own chain is live before their rooms are read: a join
-        // or leave is either in what is read or heard after it.
+        // The user's own chain is subscribed before their rooms are read
+        // (the SUB is written out first, and the server handles one
+        // connection's commands in order): a join or leave is either in what
+        // is read or heard after it. (On a cluster, interest reaches the
+        // stream's leader a little later; a delivery missed in between is
+        // found by the next gap check or the sweep.)
         inner.client.flush().await?;
         let read = user_rooms::load(&*inner.log, &inner.prefix, &user).await?;
         let mut starts = Vec::new();
         {
             let mut state = inner.lock();
-            let Some(slot) = state.users.get_mut(&user) else { anyhow::bail!("the push subscription of {user} ended while starting") };
+            // Only the slot this call made (it may have ended, and another
+            // subscription made a new one, while the rooms were read).
+            let Some(slot) = state.users.get_mut(&user).filter(|slot| slot.subs.iter().any(|sub| sub.id == id)) else {
+                anyhow::bail!("the push subscription of {user} ended while starting")
+            };
             for (room, timeline) in read {
                 slot.rooms.entry(room).or_insert_with(|| Timeline::from_newest(None)).take_in(timeline);
             }
@@ -237,7 +246,7 @@ impl Router {
                     starts.push((room, start));
                 }
             }
-            if let Some(slot) = state.users.get_mut(&user) {
+            if let Some(slot) = state.users.get_mut(&user).filter(|slot| slot.subs.iter().any(|sub| sub.id == id)) {
                 slot.loaded.send_replace(true);
             }
         }
