@@ -19,7 +19,6 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
 use super::router::{LOG_SEQ, Router, header_u64, own_change};
-use super::user_rooms::Timeline;
 use super::{Delivery, Payload, PushBus, Pushed, Replay, To, inbox_stream, inbox_subject, room_inbox_subject, signal_subject};
 use crate::log::EventLog;
 
@@ -194,7 +193,7 @@ impl PushBus for NatsPush {
             let include = match &chain.room {
                 None => {
                     if let Some((room, joined)) = own_change(&payload, user) {
-                        rooms.entry(room.to_owned()).or_insert_with(|| Timeline::from_newest(None)).record(log_seq, joined);
+                        rooms.entry(room.to_owned()).or_default().record(log_seq, joined);
                         joined_room = joined.then(|| room.to_owned());
                     }
                     true
@@ -202,7 +201,7 @@ impl PushBus for NatsPush {
                 // Their own join or leave came on their own chain.
                 Some(_) if own_change(&payload, user).is_some() => false,
                 Some(room) => {
-                    let timeline = rooms.entry(room.clone()).or_insert_with(|| Timeline::from_newest(None));
+                    let timeline = rooms.entry(room.clone()).or_default();
                     if timeline.at(log_seq).is_none() {
                         // Older than what was read: the router reads (and
                         // keeps) the member subject's history.

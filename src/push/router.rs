@@ -6,10 +6,10 @@
 //! one subscription per room per node, however many of its members have
 //! sockets here). The server sends one connection its messages in the
 //! order it sends them, and async-nats queues them per subscription in
-//! that order; the task takes everything ready on all subscriptions at
-//! once and sorts it by inbox sequence, so a user's deliveries leave the
-//! router in inbox order whichever chain they came on (their cursor stays
-//! one number). A room delivery goes to the node's users who were members
+//! that order; the task dispatches, sorted by inbox sequence, what its
+//! passes over all subscriptions prove complete (see [`run`]), so a user's
+//! deliveries leave the router in inbox order whichever chain they came on
+//! (their cursor stays one number). A room delivery goes to the node's users who were members
 //! as of its event ([`super::user_rooms`]); a user's own `member-joined`
 //! / `member-left` keep their rooms (and the node's room subscriptions)
 //! current.
@@ -231,11 +231,12 @@ impl Router {
             let mut state = inner.lock();
             // Only the slot this call made (it may have ended, and another
             // subscription made a new one, while the rooms were read).
-            let Some(slot) = state.users.get_mut(&user).filter(|slot| slot.subs.iter().any(|sub| sub.id == id)) else {
+            let mine = |slot: &&mut UserSlot| slot.subs.iter().any(|sub| sub.id == id);
+            let Some(slot) = state.users.get_mut(&user).filter(mine) else {
                 anyhow::bail!("the push subscription of {user} ended while starting")
             };
             for (room, timeline) in read {
-                slot.rooms.entry(room).or_insert_with(|| Timeline::from_newest(None)).take_in(timeline);
+                slot.rooms.entry(room).or_default().take_in(timeline);
             }
             let member_of: Vec<String> = slot.rooms.iter().filter(|(_, t)| t.now()).map(|(r, _)| r.clone()).collect();
             // Deliveries are held back until each room is live here, then
@@ -246,7 +247,7 @@ impl Router {
                     starts.push((room, start));
                 }
             }
-            if let Some(slot) = state.users.get_mut(&user).filter(|slot| slot.subs.iter().any(|sub| sub.id == id)) {
+            if let Some(slot) = state.users.get_mut(&user).filter(mine) {
                 slot.loaded.send_replace(true);
             }
         }
@@ -272,7 +273,7 @@ impl Router {
         let history = user_rooms::history(&*self.inner.log, &self.inner.prefix, user, room).await?;
         match self.inner.lock().users.get_mut(user) {
             Some(slot) => {
-                let timeline = slot.rooms.entry(room.to_owned()).or_insert_with(|| Timeline::from_newest(None));
+                let timeline = slot.rooms.entry(room.to_owned()).or_default();
                 timeline.take_in(history);
                 Ok(timeline.clone())
             }
@@ -382,7 +383,7 @@ impl Inner {
 
     /// Hands a batch, in inbox order, to the users it is for.
     fn dispatch(self: &Arc<Self>, mut items: Vec<Read>) {
-        items.sort_by_key(|(_, d, _)| d.as_ref().map_or(0, |(d, _)| d.cursor));
+        items.sort_by_key(seq_of);
         let mut state = self.lock();
         // Messages published while the connection was down were lost to
         // every subscription at once, after everything handed so far:
@@ -393,9 +394,6 @@ impl Inner {
             state.connects = connects;
             tracing::warn!("the push connection to NATS reconnected; every socket here catches up from its cursor");
             for slot in state.users.values_mut() {
-                for sub in &mut slot.subs {
-                    sub.lagging = true;
-                }
                 hand(slot, &Pushed::Recheck);
             }
         }
@@ -413,7 +411,7 @@ impl Inner {
                     let Some(slot) = state.users.get_mut(&*user) else { continue };
                     let change = own_change(&d.payload, &user).filter(|_| log_seq > 0).map(|(room, joined)| (room.to_owned(), joined));
                     if let Some((room, joined)) = &change {
-                        slot.rooms.entry(room.clone()).or_insert_with(|| Timeline::from_newest(None)).record(log_seq, *joined);
+                        slot.rooms.entry(room.clone()).or_default().record(log_seq, *joined);
                     }
                     // The user's own join is handed before the hold starts:
                     // their cursor is then before anything of the room's.
@@ -512,8 +510,8 @@ fn remove_user(state: &mut State, user: &str) {
 /// more or gave [`PER_FEED`]. Returns the messages and the highest
 /// sequence at or below which the pass is sure to hold every message a
 /// cut-short feed still has (`u64::MAX` when none was cut short).
-fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>, out: &mut Vec<Read>) -> u64 {
-    let mut cut = u64::MAX;
+fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>) -> (Vec<Read>, u64) {
+    let (mut out, mut cut) = (Vec::new(), u64::MAX);
     live.retain_mut(|feed| {
         let (mut taken, mut last) = (0, None);
         loop {
@@ -539,7 +537,7 @@ fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>, out: &mut Vec<Re
             }
         }
     });
-    cut
+    (out, cut)
 }
 
 fn seq_of(read: &Read) -> u64 {
@@ -571,8 +569,7 @@ async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
                     None => return,
                 },
                 batch = futures::future::poll_fn(|cx| {
-                    let mut out = Vec::new();
-                    let cut = drain(&mut live, cx, &mut out);
+                    let (out, cut) = drain(&mut live, cx);
                     if out.is_empty() { std::task::Poll::Pending } else { std::task::Poll::Ready((out, cut)) }
                 }) => {
                     let (out, cut) = batch;
@@ -587,12 +584,7 @@ async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
         }
         // One more pass (not subject to the task budget: it must empty every
         // feed to tell what is complete).
-        let (out, cut) = tokio::task::unconstrained(futures::future::poll_fn(|cx| {
-            let mut out = Vec::new();
-            let cut = drain(&mut live, cx, &mut out);
-            std::task::Poll::Ready((out, cut))
-        }))
-        .await;
+        let (out, cut) = tokio::task::unconstrained(futures::future::poll_fn(|cx| std::task::Poll::Ready(drain(&mut live, cx)))).await;
         let bound = if out.is_empty() { u64::MAX } else { previous_max.min(cut) };
         previous_max = highest(&out).unwrap_or(previous_max).min(cut);
         held.extend(out);

@@ -23,8 +23,9 @@ use crate::log::{EventLog, LogError, Logged};
 /// Member subjects read at once when loading a user's rooms.
 const LOAD_READS: usize = 16;
 
-/// One user's membership of one room over log sequences.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One user's membership of one room over log sequences (by default:
+/// never a member, as far as heard).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Timeline {
     /// Membership is known for the log sequences after this one.
     known_after: u64,
