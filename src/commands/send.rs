@@ -90,16 +90,23 @@ fn same_request(cmd: &SendMessage, m: &MessageView) -> bool {
     m.sender_id == cmd.sender && m.receiver_id == cmd.receiver && m.message == cmd.message && m.attachment == cmd.attachment
 }
 
+/// A send's outcome: the message, and whether its receiver has seen it.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub message: MessageView,
+    pub seen: bool,
+}
+
 impl Commands {
     /// Sends a message. A retry with the same `clientMsgId` returns the
     /// original message, however long after.
     #[tracing::instrument(skip_all, fields(sender = %cmd.sender, receiver = %cmd.receiver))]
-    pub async fn send(&self, cmd: SendMessage) -> Result<MessageView, CommandError> {
+    pub async fn send(&self, cmd: SendMessage) -> Result<Sent, CommandError> {
         validate(&cmd, &self.limits)?;
         let command_id = command_id(&cmd.sender, cmd.client_msg_id.as_deref());
+        let message_id = uuid::Uuid::now_v7().to_string();
         let append = async {
             self.require_user(&cmd.receiver, "receiver").await?;
-            let message_id = uuid::Uuid::now_v7().to_string();
             let env = self
                 .append_dm(&cmd.sender, &cmd.receiver, &command_id, |state| Ok(Some(Event::MessageSent(decide(&cmd, state, &message_id)))))
                 .await?;
@@ -108,7 +115,19 @@ impl Commands {
                 _ => None,
             }))
         };
-        self.once(cmd.client_msg_id.is_some(), self.views.message_by_command(&command_id), append, |m| same_request(&cmd, m)).await
+        let message =
+            self.once(cmd.client_msg_id.is_some(), self.views.message_by_command(&command_id), append, |m| same_request(&cmd, m)).await?;
+        // A message this call appended is newer than any watermark (a
+        // watermark only moves up to a message a reader already had): no
+        // read. A retry's original may have been seen since.
+        let seen = message.id != message_id && self.is_seen(&message).await?;
+        Ok(Sent { message, seen })
+    }
+
+    /// Whether `m`'s receiver has seen it (their watermark is at or past it).
+    async fn is_seen(&self, m: &MessageView) -> Result<bool, CommandError> {
+        let marks = self.views.watermarks(&m.conversation).await?;
+        Ok(marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq))
     }
 }
 

@@ -14,7 +14,6 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
-use natter_projections::MessageView;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -27,11 +26,6 @@ use crate::wire::message_json;
 
 pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 500;
-
-async fn is_seen(node: &AppState, m: &MessageView) -> Result<bool, ApiError> {
-    let marks = node.views().watermarks(&m.conversation).await?;
-    Ok(marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq))
-}
 
 #[derive(Deserialize)]
 struct HistoryQuery {
@@ -84,9 +78,8 @@ struct AttachmentBody {
 
 async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<Value>, ApiError> {
     node.rate.send(&cmd.sender)?;
-    let m = node.commands.send(cmd).await?;
-    let seen = is_seen(node, &m).await?;
-    Ok(Json(json!({ "success": true, "message": format!("{what} Sent Successfully"), "data": message_json(&m, seen) })))
+    let sent = node.commands.send(cmd).await?;
+    Ok(Json(json!({ "success": true, "message": format!("{what} Sent Successfully"), "data": message_json(&sent.message, sent.seen) })))
 }
 
 async fn send(

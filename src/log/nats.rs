@@ -19,6 +19,9 @@ pub struct NatsLog {
     client: async_nats::Client,
     js: jetstream::Context,
     stream: String,
+    /// The log stream's handle: reads through it cost no stream-info
+    /// request (one per call through `get_stream`).
+    handle: stream::Stream<()>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> LogError {
@@ -90,7 +93,8 @@ impl NatsLog {
         })
         .await
         .map_err(|e| anyhow::anyhow!("creating JetStream stream {}: {e}", parked_stream(stream)))?;
-        Ok(NatsLog { client, js, stream: stream.to_owned() })
+        let handle = js.get_stream_no_info(stream).await?;
+        Ok(NatsLog { client, js, stream: stream.to_owned(), handle })
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -105,8 +109,8 @@ impl NatsLog {
         &self.stream
     }
 
-    async fn stream(&self) -> Result<stream::Stream, LogError> {
-        self.js.get_stream(&self.stream).await.map_err(unavailable)
+    fn stream(&self) -> &stream::Stream<()> {
+        &self.handle
     }
 
     fn decode(seq: u64, payload: &[u8]) -> Result<Logged, LogError> {
@@ -118,7 +122,7 @@ impl NatsLog {
 #[async_trait]
 impl EventLog for NatsLog {
     async fn last(&self, subject: &str) -> Result<Option<Logged>, LogError> {
-        let stream = self.stream().await?;
+        let stream = self.stream();
         match stream.get_last_raw_message_by_subject(subject).await {
             Ok(msg) => Self::decode(msg.sequence, &msg.payload).map(Some),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
@@ -145,14 +149,13 @@ impl EventLog for NatsLog {
     }
 
     async fn get(&self, seq: u64) -> Result<Logged, LogError> {
-        let stream = self.stream().await?;
+        let stream = self.stream();
         let msg = stream.get_raw_message(seq).await.map_err(unavailable)?;
         Self::decode(msg.sequence, &msg.payload)
     }
 
     async fn head(&self) -> Result<u64, LogError> {
-        let mut stream = self.stream().await?;
-        let info = stream.info().await.map_err(unavailable)?;
+        let info = self.stream().get_info().await.map_err(unavailable)?;
         Ok(info.state.last_sequence)
     }
 
@@ -168,7 +171,7 @@ impl EventLog for NatsLog {
     }
 
     async fn history(&self, subject: &str, before: u64) -> Result<Vec<Logged>, LogError> {
-        let stream = self.stream().await?;
+        let stream = self.stream();
         let (mut found, mut from) = (Vec::new(), 1);
         loop {
             match stream.direct_get_next_for_subject(subject, Some(from)).await {
@@ -185,14 +188,14 @@ impl EventLog for NatsLog {
 
     async fn subjects_matching(&self, filter: &str) -> Result<Vec<String>, LogError> {
         use futures::TryStreamExt;
-        let stream = self.stream().await?;
+        let stream = self.stream();
         let found = stream.info_with_subjects(filter).await.map_err(unavailable)?;
         found.map_ok(|(subject, _)| subject).try_collect().await.map_err(unavailable)
     }
 
     async fn subjects(&self, prefix: &str) -> Result<Vec<String>, LogError> {
         use futures::TryStreamExt;
-        let stream = self.stream().await?;
+        let stream = self.stream();
         let found = stream.info_with_subjects(format!("{prefix}*")).await.map_err(unavailable)?;
         let mut subjects: Vec<String> = found.map_ok(|(subject, _)| subject).try_collect().await.map_err(unavailable)?;
         subjects.sort();
@@ -200,7 +203,7 @@ impl EventLog for NatsLog {
     }
 
     async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError> {
-        let stream = self.stream().await?;
+        let stream = self.stream();
         match stream.direct_get_next_for_subject(format!("{prefix}*"), Some(from.max(1))).await {
             Ok(msg) => Self::decode(msg.sequence, &msg.payload).map(Some),
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
