@@ -301,6 +301,9 @@ async fn rebuild_one(cfg: &Config, log: &NatsLog, db: &mongodb::Database, redis:
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     eprintln!();
+    let caught_up = started.elapsed().as_secs_f64();
+    let events = log.head().await?;
+    println!("{name} v{new}: caught up with {events} events in {caught_up:.1} s ({:.0} events/s)", events as f64 / caught_up.max(0.001));
     if name == COUNTS {
         Versions::counts_at(redis, &cfg.distributed.redis_prefix, new).mark_ready().await?;
     }

@@ -54,7 +54,11 @@ impl Metrics {
     }
 
     pub fn projection_applied(&self, projection: &str) {
-        self.add(format!("natter_projection_applied_total{{projection=\"{projection}\"}}"), 1.0);
+        self.projection_applied_n(projection, 1);
+    }
+
+    pub fn projection_applied_n(&self, projection: &str, n: usize) {
+        self.add(format!("natter_projection_applied_total{{projection=\"{projection}\"}}"), n as f64);
     }
 
     pub fn projection_parked(&self, projection: &str) {

@@ -356,6 +356,61 @@ impl MongoViews {
     }
 }
 
+/// The `_id` of a view document.
+fn id_of(doc: &Document) -> Result<String, ApplyError> {
+    doc.get_str("_id").map(str::to_owned).map_err(|e| ApplyError::Poison(format!("view document without a string _id: {e}")))
+}
+
+fn to_doc<T: serde::Serialize>(view: &T) -> Result<Document, ApplyError> {
+    bson::to_document(view).map_err(|e| ApplyError::Poison(e.to_string()))
+}
+
+impl MongoViews {
+    /// Inserts those of `docs` whose `_id` is not there yet: one read to
+    /// find them (live, the writing node applied nearly every event
+    /// already) and one unordered insert of the rest (a rebuild: nearly
+    /// all). A document that another writer inserted between the two was
+    /// applied; one refused for another unique key held by a different
+    /// document is poison.
+    async fn insert_missing<T: Send + Sync>(coll: &Collection<T>, docs: Vec<Document>) -> Result<(), ApplyError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let coll = coll.clone_with_type::<Document>();
+        let ids = docs.iter().map(id_of).collect::<Result<Vec<String>, _>>()?;
+        let present = |ids: Vec<String>| {
+            let coll = coll.clone();
+            async move {
+                let found: Vec<Document> = coll.find(doc! {"_id": {"$in": ids}}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+                found.iter().map(id_of).collect::<Result<std::collections::HashSet<String>, _>>()
+            }
+        };
+        let there = present(ids.clone()).await?;
+        let mut seen = std::collections::HashSet::new();
+        let (missing, missing_ids): (Vec<Document>, Vec<String>) =
+            docs.into_iter().zip(ids).filter(|(_, id)| !there.contains(id) && seen.insert(id.clone())).unzip();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let Err(e) = coll.insert_many(missing).ordered(false).await else { return Ok(()) };
+        let refused: Vec<String> = match e.kind.as_ref() {
+            ErrorKind::InsertMany(failure)
+                if failure.write_concern_error.is_none()
+                    && failure.write_errors.as_ref().is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY && w.index < missing_ids.len())) =>
+            {
+                failure.write_errors.iter().flatten().map(|w| missing_ids[w.index].clone()).collect()
+            }
+            _ if is_duplicate_key(&e) => missing_ids.clone(),
+            _ => return Err(unavailable(e).into()),
+        };
+        let inserted_meanwhile = present(refused.clone()).await?;
+        match refused.iter().find(|id| !inserted_meanwhile.contains(*id)) {
+            None => Ok(()),
+            Some(id) => Err(ApplyError::Poison(format!("{id}: unique key already held by another document: {e}"))),
+        }
+    }
+}
+
 /// The MongoDB views as a named projection for the runtime.
 #[async_trait]
 impl Projection for MongoViews {
@@ -367,5 +422,62 @@ impl Projection for MongoViews {
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
         ViewStore::apply(self, env).await
+    }
+
+    /// A batch in a few round trips per collection, the collections at
+    /// once: documents inserted once ([`MongoViews::insert_missing`]), one
+    /// `$max` per conversation for its read marks, memberships one by one
+    /// (rare, and each a guarded read-modify-write).
+    async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
+        let (mut users, mut messages, mut rooms, mut room_messages) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut marks: HashMap<String, Document> = HashMap::new();
+        let mut memberships = Vec::new();
+        for (env, _) in batch {
+            match &env.event {
+                Event::UserRegistered(e) => users.push(to_doc(&UserView::from_event(env, e))?),
+                Event::MessageSent(e) => messages.push(to_doc(&MessageView::from_event(env, e))?),
+                Event::RoomCreated(e) => rooms.push(to_doc(&RoomView::from_event(env, e))?),
+                Event::RoomMessageSent(e) => room_messages.push(to_doc(&RoomMessageView::from_event(env, e))?),
+                Event::MemberJoined(e) => memberships.push((&e.room_id, &e.user_id, true, env.position)),
+                Event::MemberLeft(e) => memberships.push((&e.room_id, &e.user_id, false, env.position)),
+                Event::RoomRead(_) => {}
+                Event::MessagesSeen(e) => {
+                    let fields = marks.entry(subjects::dm_conversation(&e.reader_id, &e.peer_id)).or_default();
+                    let field = format!("{WATERMARK}{}", e.reader_id);
+                    let up_to = e.up_to_seq as i64;
+                    if fields.get_i64(&field).is_ok_and(|v| v >= up_to) {
+                        continue;
+                    }
+                    fields.insert(field, up_to);
+                }
+            }
+        }
+        let marks = async {
+            for (conversation, fields) in marks {
+                self.conversations.update_one(doc! {"_id": conversation}, doc! {"$max": fields}).upsert(true).await.map_err(unavailable)?;
+            }
+            Ok::<_, ApplyError>(())
+        };
+        let members = async {
+            for (room, user, member, position) in memberships {
+                self.set_membership(room, user, member, position).await?;
+            }
+            Ok(())
+        };
+        let (u, m, r, rm, w, mb) = futures::join!(
+            Self::insert_missing(&self.users, users),
+            Self::insert_missing(&self.messages, messages),
+            Self::insert_missing(&self.rooms, rooms),
+            Self::insert_missing(&self.room_messages, room_messages),
+            marks,
+            members
+        );
+        // A poison event is reported before a store that is down: the
+        // runtime then applies the batch one by one and parks it.
+        let all = [u, m, r, rm, w, mb];
+        if let Some(poison) = all.iter().position(|r| matches!(r, Err(ApplyError::Poison(_)))) {
+            return all.into_iter().nth(poison).expect("found above");
+        }
+        all.into_iter().collect()
     }
 }

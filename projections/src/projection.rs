@@ -35,4 +35,16 @@ pub trait Projection: Send + Sync {
         let _ = log_seq;
         self.apply(env).await
     }
+    /// Applies a batch of events (each with its log sequence), with the
+    /// same outcome as applying them one by one in any order; stores
+    /// override it to write a batch in a few round trips. An error says
+    /// nothing about which events were applied (some may have been: apply
+    /// is idempotent), so the runtime retries them all, or applies them
+    /// one by one to find a poison event.
+    async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
+        for (env, log_seq) in batch {
+            self.apply_at(env, *log_seq).await?;
+        }
+        Ok(())
+    }
 }

@@ -209,29 +209,61 @@ impl RedisCounts {
         format!("{}room-wm:{user}", self.prefix)
     }
 
-    /// Raises `field` of hash `key` to `value` (never lowers it).
-    async fn raise(&self, key: String, field: &str, value: u64) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = self.raise.key(key).arg(field).arg(value).invoke_async(&mut conn).await.map_err(unavailable)?;
-        Ok(())
-    }
-
-    async fn store_state(&self, position: u64, state: &DmState) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        for (reader, peer) in [(&state.lo, &state.hi), (&state.hi, &state.lo)] {
-            let count = state.unseen(&reader.user_id, &peer.user_id);
-            let _: i64 = self
-                .script
-                .key(self.counts_key(&reader.user_id))
-                .key(self.pos_key(&reader.user_id))
-                .arg(&peer.user_id)
-                .arg(position)
-                .arg(count)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+    /// Writes what `events` change, in one round trip: per conversation
+    /// the counts of its newest event in the batch (each guarded by the
+    /// event's position, so an older state never replaces a newer one),
+    /// per room watermark the highest value (only ever raised).
+    async fn write<'a>(&self, events: &[&'a Envelope]) -> Result<(), StoreError> {
+        let mut states: HashMap<&str, (u64, &DmState)> = HashMap::new();
+        let mut raises: HashMap<(String, &'a str), u64> = HashMap::new();
+        let mut raise = |key: String, field: &'a str, value: u64| {
+            let v = raises.entry((key, field)).or_insert(value);
+            *v = (*v).max(value);
+        };
+        for env in events {
+            match &env.event {
+                Event::MessageSent(natter_events::MessageSent { state, .. }) | Event::MessagesSeen(natter_events::MessagesSeen { state, .. }) => {
+                    let newest = states.entry(env.subject.as_str()).or_insert((env.position, state));
+                    if env.position > newest.0 {
+                        *newest = (env.position, state);
+                    }
+                }
+                Event::RoomMessageSent(e) => {
+                    raise(self.room_last_key(), &e.room_id, e.seq);
+                    raise(self.room_wm_key(&e.sender_id), &e.room_id, e.seq);
+                }
+                Event::MemberJoined(e) => raise(self.room_wm_key(&e.user_id), &e.room_id, e.seen_up_to),
+                Event::RoomRead(e) => raise(self.room_wm_key(&e.user_id), &e.room_id, e.up_to_seq),
+                Event::UserRegistered(_) | Event::RoomCreated(_) | Event::MemberLeft(_) => {}
+            }
         }
-        Ok(())
+        if states.is_empty() && raises.is_empty() {
+            return Ok(());
+        }
+        // The scripts are loaded in the same pipeline, before their first
+        // use (a no-op when Redis has them already).
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(SET_IF_NEWER).ignore();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(RAISE).ignore();
+        for (position, state) in states.values() {
+            for (reader, peer) in [(&state.lo, &state.hi), (&state.hi, &state.lo)] {
+                let count = state.unseen(&reader.user_id, &peer.user_id);
+                pipe.cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(2)
+                    .arg(self.counts_key(&reader.user_id))
+                    .arg(self.pos_key(&reader.user_id))
+                    .arg(&peer.user_id)
+                    .arg(*position)
+                    .arg(count)
+                    .ignore();
+            }
+        }
+        for ((key, field), value) in raises {
+            pipe.cmd("EVALSHA").arg(self.raise.get_hash()).arg(1).arg(key).arg(field).arg(value).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 }
 
@@ -243,17 +275,7 @@ impl CountStore for RedisCounts {
     }
 
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
-        match &env.event {
-            Event::MessageSent(e) => Ok(self.store_state(env.position, &e.state).await?),
-            Event::MessagesSeen(e) => Ok(self.store_state(env.position, &e.state).await?),
-            Event::RoomMessageSent(e) => {
-                self.raise(self.room_last_key(), &e.room_id, e.seq).await?;
-                Ok(self.raise(self.room_wm_key(&e.sender_id), &e.room_id, e.seq).await?)
-            }
-            Event::MemberJoined(e) => Ok(self.raise(self.room_wm_key(&e.user_id), &e.room_id, e.seen_up_to).await?),
-            Event::RoomRead(e) => Ok(self.raise(self.room_wm_key(&e.user_id), &e.room_id, e.up_to_seq).await?),
-            Event::UserRegistered(_) | Event::RoomCreated(_) | Event::MemberLeft(_) => Ok(()),
-        }
+        Ok(self.write(&[env]).await?)
     }
 
     async fn room_unread(&self, user: &str, rooms: &[String]) -> Result<HashMap<String, u64>, StoreError> {
@@ -312,5 +334,9 @@ impl Projection for RedisCounts {
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
         CountStore::apply(self, env).await
+    }
+    async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
+        let events: Vec<&Envelope> = batch.iter().map(|(env, _)| *env).collect();
+        Ok(self.write(&events).await?)
     }
 }

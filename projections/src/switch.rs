@@ -87,6 +87,12 @@ impl<T: Projection + 'static> Projection for Switch<T> {
         }
         Ok(())
     }
+    async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
+        for target in self.targets() {
+            target.apply_batch(batch).await?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]

@@ -22,7 +22,7 @@ use natter_projections::Projection;
 use tokio::sync::watch;
 
 use super::partitions::{origin_seq, partition_consumer, partition_subject};
-use super::{Next, Parking, consumer_name, project};
+use super::{BatchNext, Next, Parking, consumer_name, project, project_batch};
 use crate::log::nats::parked_subject;
 use crate::metrics::Metrics;
 
@@ -31,6 +31,12 @@ use crate::metrics::Metrics;
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// How long one event may hold its place by progress acks.
 const PROGRESS_AT_MOST: Duration = Duration::from_secs(120);
+/// Most events an order-free projection applies together.
+const BATCH: usize = 256;
+/// How long a batch waits for more events after its first: live, a few
+/// events share the stores' round trips (reads stay fresh: the writing
+/// node applied each event already); a rebuild's batches fill at once.
+const LINGER: Duration = Duration::from_millis(20);
 
 /// Why a consumer loop ended without an error.
 enum Flow {
@@ -153,7 +159,92 @@ impl Projector {
                 }
                 None => anyhow::bail!("consumer {durable} stream ended"),
             };
-            self.handle(&msg).await;
+            if !self.batches() {
+                self.handle(&msg).await;
+                continue;
+            }
+            // What else arrives within the linger joins the batch (a
+            // rebuild's pulls fill it at once). An error or the end of
+            // the stream closes it; the next turn reports them.
+            let mut batch = vec![msg];
+            let linger = tokio::time::Instant::now() + LINGER;
+            while batch.len() < BATCH {
+                match tokio::time::timeout_at(linger, messages.next()).await {
+                    Ok(Some(Ok(msg))) => batch.push(msg),
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(projection = %self.label(), error = %e, "consumer stream error");
+                        break;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.handle_batch(&batch).await;
+        }
+    }
+
+    /// Whether events are applied in batches: order-free projections on
+    /// the log (an ordered one has one event in flight anyway).
+    fn batches(&self) -> bool {
+        matches!(self.feed, Feed::Log { .. }) && !self.projection.ordered()
+    }
+
+    /// Applies `msgs` together ([`project_batch`]); an undecodable one, or
+    /// all of them when the batch holds a poison event, go through
+    /// [`Projector::handle`] one by one.
+    async fn handle_batch(&self, msgs: &[jetstream::Message]) {
+        let label = self.label();
+        let mut decoded = Vec::with_capacity(msgs.len());
+        let mut lag = 0;
+        for msg in msgs {
+            let (seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
+            lag = pending;
+            match Envelope::decode(&msg.payload) {
+                Ok(env) => decoded.push((env, seq, msg)),
+                Err(_) => self.handle(msg).await,
+            }
+        }
+        if decoded.is_empty() {
+            return;
+        }
+        let events: Vec<(&Envelope, u64)> = decoded.iter().map(|(env, seq, _)| (env, *seq)).collect();
+        let work = project_batch(self.projection.as_ref(), &label, &events, lag, &self.metrics);
+        let next = self.keep_alive(work, decoded.iter().map(|(_, _, msg)| *msg)).await;
+        let ack = match next {
+            BatchNext::Done => AckKind::Ack,
+            BatchNext::RetryAfter(delay) => AckKind::Nak(Some(delay)),
+            BatchNext::OneByOne => {
+                for (_, _, msg) in &decoded {
+                    self.handle(msg).await;
+                }
+                return;
+            }
+        };
+        for (_, seq, msg) in &decoded {
+            if let Err(e) = msg.ack_with(ack).await {
+                tracing::warn!(projection = %label, seq, error = %e, "acknowledgement lost; the event will be redelivered and re-applied (idempotent)");
+            }
+        }
+    }
+
+    /// Runs `work` on `msgs`, telling JetStream every [`PROGRESS_EVERY`]
+    /// that they are still being worked on (a big room's fan-out, a slow
+    /// store), so the ack wait does not hand them to another node; not
+    /// forever: work stuck longer than [`PROGRESS_AT_MOST`] lets them go
+    /// back to the cluster after the ack wait.
+    async fn keep_alive<'m, T>(&self, work: impl std::future::Future<Output = T>, msgs: impl Iterator<Item = &'m jetstream::Message> + Clone) -> T {
+        tokio::pin!(work);
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.tick().await;
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = progress.tick(), if started.elapsed() < PROGRESS_AT_MOST => {
+                    for msg in msgs.clone() {
+                        let _ = msg.ack_with(AckKind::Progress).await;
+                    }
+                }
+            }
         }
     }
 
@@ -168,22 +259,7 @@ impl Projector {
         };
         let label = self.label();
         let work = project(self.projection.as_ref(), &label, decoded.as_ref().map_err(Clone::clone), seq, &msg.payload, pending, self, &self.metrics);
-        tokio::pin!(work);
-        // A long event (a big room's fan-out) tells JetStream it is still
-        // being worked on, so the ack wait does not hand it to another node.
-        let mut progress = tokio::time::interval(PROGRESS_EVERY);
-        progress.tick().await;
-        let started = tokio::time::Instant::now();
-        let next = loop {
-            tokio::select! {
-                next = &mut work => break next,
-                // Not forever: an event stuck longer goes back to the
-                // cluster after the ack wait.
-                _ = progress.tick(), if started.elapsed() < PROGRESS_AT_MOST => {
-                    let _ = msg.ack_with(AckKind::Progress).await;
-                }
-            }
-        };
+        let next = self.keep_alive(work, std::iter::once(msg)).await;
         let ack = match next {
             Next::Done => AckKind::Ack,
             Next::RetryAfter(delay) => AckKind::Nak(Some(delay)),

@@ -77,8 +77,7 @@ pub async fn project(
         Err(reason) => Err(ApplyError::Poison(reason)),
         Ok(env) => {
             let span = tracing::debug_span!("project", projection = name, seq, event = %env.id, kind = env.event.type_name());
-            let _guard = span.enter();
-            projection.apply_at(env, seq).await
+            tracing::Instrument::instrument(projection.apply_at(env, seq), span).await
         }
     };
     match outcome {
@@ -104,6 +103,42 @@ pub async fn project(
         Err(ApplyError::Unavailable(e)) => {
             tracing::warn!(projection = name, seq, error = %e, "view store unavailable; the event will be applied again in 500 ms");
             Next::RetryAfter(Duration::from_millis(500))
+        }
+    }
+}
+
+/// What the runtime does with a batch after [`project_batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchNext {
+    /// All applied: acknowledge them all.
+    Done,
+    /// Not applied (a store is down): offer them all again after this long.
+    RetryAfter(Duration),
+    /// One of them is poison: put each through [`project`] on its own,
+    /// which parks the culprit and applies the rest.
+    OneByOne,
+}
+
+/// The policy for a batch of decoded events (each with its log sequence),
+/// `lag` events still to be projected after them: apply them together,
+/// count, and say what the runtime does next. The outcome of a single event
+/// stays [`project`]'s call: a poison batch goes back to it one by one.
+pub async fn project_batch(projection: &dyn Projection, label: &str, batch: &[(&Envelope, u64)], lag: u64, metrics: &Metrics) -> BatchNext {
+    let name = projection.name();
+    metrics.projection_lag(label, lag);
+    let span = tracing::debug_span!("project_batch", projection = name, events = batch.len());
+    match tracing::Instrument::instrument(projection.apply_batch(batch), span).await {
+        Ok(()) => {
+            metrics.projection_applied_n(name, batch.len());
+            BatchNext::Done
+        }
+        Err(ApplyError::Poison(reason)) => {
+            tracing::warn!(projection = name, events = batch.len(), %reason, "a batch holds a poison event; applying it one event at a time");
+            BatchNext::OneByOne
+        }
+        Err(ApplyError::Unavailable(e)) => {
+            tracing::warn!(projection = name, events = batch.len(), error = %e, "view store unavailable; the batch will be applied again in 500 ms");
+            BatchNext::RetryAfter(Duration::from_millis(500))
         }
     }
 }

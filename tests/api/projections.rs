@@ -78,6 +78,89 @@ async fn mongo_and_redis_adapters_converge_like_the_in_memory_store() {
     db.drop().await.unwrap();
 }
 
+/// The batched writes of the real adapters (what projectors and rebuilds
+/// use) converge like single applies: the whole history in one batch, then
+/// again backwards, then shuffled with duplicates, in batches of 1 to 40
+/// events (a batch may hold one event twice, or several states of one
+/// conversation).
+#[tokio::test]
+async fn batched_applies_converge_like_the_in_memory_store() {
+    use natter_projections::Projection;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let db = natter::distributed::connect_mongo(&std::env::var("NATTER_MONGO_URL").unwrap(), &format!("natter_b{}", &id[..12]))
+        .await
+        .unwrap();
+    let redis = natter::distributed::connect_redis(&std::env::var("NATTER_REDIS_URL").unwrap()).await.unwrap();
+    for seed in [3u64, 11, 29] {
+        let views = MongoViews::open_version(&db, seed as u32 + 1).await.unwrap();
+        let counts = RedisCounts::new(redis.clone(), format!("b{}:{seed}:", &id[..12]));
+        counts.mark_ready().await.unwrap();
+        let h = random_history("p", 4, 150, seed);
+        let n = h.envelopes.len();
+        // The whole history in one batch: each conversation's newest state
+        // must win over the older ones beside it.
+        let all: Vec<(&Envelope, u64)> = h.envelopes.iter().zip(1..).collect();
+        Projection::apply_batch(&views, &all).await.unwrap();
+        Projection::apply_batch(&counts, &all).await.unwrap();
+        let once = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
+        assert_eq!(once, memory_snapshot(&h).await, "seed {seed}, one batch");
+        let mut state = seed;
+        let mut next = move |m: usize| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as usize) % m
+        };
+        let mut order: Vec<usize> = (0..n).rev().collect();
+        let mut again: Vec<usize> = (0..n).chain((0..n).step_by(2)).collect();
+        for i in (1..again.len()).rev() {
+            again.swap(i, next(i + 1));
+        }
+        order.extend(again);
+        let mut rest = &order[..];
+        while !rest.is_empty() {
+            let (batch, tail) = rest.split_at((1 + next(40)).min(rest.len()));
+            rest = tail;
+            let events: Vec<(&Envelope, u64)> = batch.iter().map(|&i| (&h.envelopes[i], i as u64 + 1)).collect();
+            Projection::apply_batch(&views, &events).await.unwrap();
+            Projection::apply_batch(&counts, &events).await.unwrap();
+        }
+        let real = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
+        assert_eq!(real, memory_snapshot(&h).await, "seed {seed}");
+        for u in &h.users {
+            assert_eq!(real.unseen[u], h.expected_unseen(u), "seed {seed}");
+        }
+    }
+    db.drop().await.unwrap();
+}
+
+/// A batch holding a message whose idempotency key another message already
+/// holds is refused as poison (the runtime then applies it event by event
+/// and parks that one), while its own replays are not.
+#[tokio::test]
+async fn a_batch_with_a_contradicting_event_is_poison() {
+    use natter_events::Event;
+    use natter_projections::{ApplyError, Projection};
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let db = natter::distributed::connect_mongo(&std::env::var("NATTER_MONGO_URL").unwrap(), &format!("natter_q{}", &id[..12]))
+        .await
+        .unwrap();
+    let views = MongoViews::open(&db).await.unwrap();
+    let mut h = random_history("p", 2, 0, 1);
+    h.send(0, 1);
+    h.send(1, 0);
+    let (first, second) = (h.envelopes[h.envelopes.len() - 2].clone(), h.envelopes[h.envelopes.len() - 1].clone());
+    Projection::apply_batch(&views, &[(&first, 1)]).await.unwrap();
+    Projection::apply_batch(&views, &[(&first, 1), (&first, 1)]).await.expect("a replay is not poison");
+    let mut clash = second.clone();
+    if let Event::MessageSent(e) = &mut clash.event {
+        e.message_id = uuid::Uuid::now_v7().to_string();
+    }
+    clash.command_id = first.command_id.clone();
+    let err = Projection::apply_batch(&views, &[(&second, 2), (&clash, 3)]).await.unwrap_err();
+    assert!(matches!(err, ApplyError::Poison(_)), "{err:?}");
+    Projection::apply_batch(&views, &[(&second, 2)]).await.expect("the other event of the batch applies alone");
+    db.drop().await.unwrap();
+}
+
 /// Appends a history straight to the log, as another node would, without
 /// applying it to the views.
 async fn append_all(c: &Cluster, envelopes: &[Envelope]) {
