@@ -18,7 +18,6 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use natter::config::Config;
 use natter_events::{DmState, Envelope, Event, UserRegistered, subjects};
 
@@ -111,8 +110,8 @@ async fn main() -> anyhow::Result<()> {
     println!("wrote {} events in {:.1} s", events.len(), started.elapsed().as_secs_f64());
 
     let outcome = async {
-        for which in ["mongo-views", "redis-unseen"] {
-            natter::cli::rebuild(&cfg, which).await?;
+        for which in std::env::var("NATTER_BENCH_REBUILD").map(|w| vec![w]).unwrap_or_else(|_| vec!["mongo-views".into(), "redis-unseen".into()]) {
+            natter::cli::rebuild(&cfg, &which).await?;
         }
         anyhow::Ok(())
     }

@@ -47,6 +47,10 @@ pub struct MongoViews {
     rooms: Collection<RoomView>,
     members: Collection<Document>,
     room_messages: Collection<RoomMessageView>,
+    /// Whether the last batch found none of its documents there (a
+    /// rebuild, or a catch-up after the stores were down): the next one is
+    /// inserted without looking first.
+    expect_new: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Up to `limit` documents matching `filter`, in `_id` order (cursor paging).
@@ -101,6 +105,7 @@ impl MongoViews {
             rooms: db.collection(&name("rooms")),
             members: db.collection(&name("room_members")),
             room_messages: db.collection(&name("room_messages")),
+            expect_new: Default::default(),
         };
         let unique = || Some(IndexOptions::builder().unique(true).build());
         let indexes: [(&Collection<Document>, Document, Option<IndexOptions>); 6] = [
@@ -366,18 +371,19 @@ fn to_doc<T: serde::Serialize>(view: &T) -> Result<Document, ApplyError> {
 }
 
 impl MongoViews {
-    /// Inserts those of `docs` whose `_id` is not there yet: one read to
-    /// find them (live, the writing node applied nearly every event
-    /// already) and one unordered insert of the rest (a rebuild: nearly
-    /// all). A document that another writer inserted between the two was
-    /// applied; one refused for another unique key held by a different
-    /// document is poison.
-    async fn insert_missing<T: Send + Sync>(coll: &Collection<T>, docs: Vec<Document>) -> Result<(), ApplyError> {
+    /// Inserts those of `docs` whose `_id` is not there yet. Live, the
+    /// writing node applied nearly every event already: one read finds
+    /// them, and only the rest is inserted. In a rebuild nearly none is
+    /// there: once a batch found none, the next ones are inserted at once
+    /// (one round trip) and only those refused are looked up. A document
+    /// refused because its `_id` is there was applied; one refused for
+    /// another unique key, held by a different document, is poison.
+    async fn insert_missing<T: Send + Sync>(&self, coll: &Collection<T>, docs: Vec<Document>) -> Result<(), ApplyError> {
+        use std::sync::atomic::Ordering::Relaxed;
         if docs.is_empty() {
             return Ok(());
         }
         let coll = coll.clone_with_type::<Document>();
-        let ids = docs.iter().map(id_of).collect::<Result<Vec<String>, _>>()?;
         let present = |ids: Vec<String>| {
             let coll = coll.clone();
             async move {
@@ -385,7 +391,9 @@ impl MongoViews {
                 found.iter().map(id_of).collect::<Result<std::collections::HashSet<String>, _>>()
             }
         };
-        let there = present(ids.clone()).await?;
+        let ids = docs.iter().map(id_of).collect::<Result<Vec<String>, _>>()?;
+        let there = if self.expect_new.load(Relaxed) { Default::default() } else { present(ids.clone()).await? };
+        self.expect_new.store(there.is_empty(), Relaxed);
         let mut seen = std::collections::HashSet::new();
         let (missing, missing_ids): (Vec<Document>, Vec<String>) =
             docs.into_iter().zip(ids).filter(|(_, id)| !there.contains(id) && seen.insert(id.clone())).unzip();
@@ -403,8 +411,11 @@ impl MongoViews {
             _ if is_duplicate_key(&e) => missing_ids.clone(),
             _ => return Err(unavailable(e).into()),
         };
-        let inserted_meanwhile = present(refused.clone()).await?;
-        match refused.iter().find(|id| !inserted_meanwhile.contains(*id)) {
+        if refused.len() * 2 > missing_ids.len() {
+            self.expect_new.store(false, Relaxed); // most were there after all: look first again
+        }
+        let there_now = present(refused.clone()).await?;
+        match refused.iter().find(|id| !there_now.contains(*id)) {
             None => Ok(()),
             Some(id) => Err(ApplyError::Poison(format!("{id}: unique key already held by another document: {e}"))),
         }
@@ -465,10 +476,10 @@ impl Projection for MongoViews {
             Ok(())
         };
         let (u, m, r, rm, w, mb) = futures::join!(
-            Self::insert_missing(&self.users, users),
-            Self::insert_missing(&self.messages, messages),
-            Self::insert_missing(&self.rooms, rooms),
-            Self::insert_missing(&self.room_messages, room_messages),
+            self.insert_missing(&self.users, users),
+            self.insert_missing(&self.messages, messages),
+            self.insert_missing(&self.rooms, rooms),
+            self.insert_missing(&self.room_messages, room_messages),
             marks,
             members
         );
