@@ -108,6 +108,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("wrote {} events in {:.1} s", events.len(), started.elapsed().as_secs_f64());
+    let payload: usize = events.iter().map(|e| e.encode().len()).sum();
+    let mut stream = js.get_stream(&cfg.distributed.stream).await?;
+    let state = stream.info().await?.state.clone();
+    println!(
+        "stored events: {:.0} bytes of payload each on average; {:.0} bytes each in JetStream (subject and framing included)",
+        payload as f64 / events.len() as f64,
+        state.bytes as f64 / state.messages.max(1) as f64
+    );
 
     let outcome = async {
         for which in std::env::var("NATTER_BENCH_REBUILD").map(|w| vec![w]).unwrap_or_else(|_| vec!["mongo-views".into(), "redis-unseen".into()]) {

@@ -10,6 +10,8 @@
 //! - [`account`]: account events ([`UserRegistered`]).
 //! - [`room`]: study-room events ([`RoomCreated`], [`MemberJoined`],
 //!   [`MemberLeft`], [`RoomRead`], [`RoomMessageSent`]).
+//! - `compact`: the compact stored form of a direct message
+//!   (`MessageSent` v3), read and written with its envelope.
 //! - [`dm`]: direct-message events ([`MessageSent`], [`MessagesSeen`]) and the
 //!   conversation state snapshot ([`DmState`]) each of them carries, so that
 //!   projections are arithmetic rather than queries.
@@ -19,6 +21,7 @@
 //! still decode.
 
 pub mod account;
+mod compact;
 pub mod dm;
 pub mod envelope;
 pub mod ids;

@@ -42,6 +42,53 @@ fn message_sent_v2() {
 }
 
 #[test]
+fn message_sent_v3() {
+    let env = fixture("v3/MessageSent.json");
+    let (amy, bob) = ("0193a2b4-0000-7000-8000-00000000a001", "0193a2b4-0000-7000-8000-00000000b002");
+    assert_eq!(env.command_id, format!("{bob}:c-7"), "the sender-relative command id");
+    let Event::MessageSent(e) = env.event else { panic!("wrong type") };
+    assert_eq!(e.message_id, env.id.to_string(), "the message id is the envelope's");
+    assert_eq!((e.sender_id.as_str(), e.receiver_id.as_str()), (bob, amy));
+    assert_eq!((e.message.as_deref(), e.client_msg_id.as_deref()), (Some("hi"), Some("c-7")));
+    assert!(e.attachments.is_empty());
+    assert_eq!((e.seq, e.sender_count), (3, 1));
+    assert_eq!(e.state.unseen(amy, bob), 1, "amy has not seen bob's message");
+    assert_eq!(e.state.unseen(bob, amy), 0, "bob has seen amy's two");
+}
+
+/// A short direct message between two UUID accounts, sent the way the
+/// command side sends it, stores in at most 350 bytes.
+#[test]
+fn a_short_direct_message_stores_in_350_bytes_or_fewer() {
+    let (amy, bob) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+    let (lo, hi) = natter_events::subjects::dm_pair(&amy, &bob);
+    let mut state = natter_events::DmState::new(&amy, &bob);
+    for (n, sender) in [&amy, &bob, &amy, &amy].into_iter().enumerate() {
+        let receiver = if sender == &amy { &bob } else { &amy };
+        let (next, seq, count) = state.after_send(sender);
+        let message_id = uuid::Uuid::now_v7().to_string();
+        let e = natter_events::MessageSent {
+            message_id,
+            client_msg_id: None,
+            sender_id: sender.clone(),
+            receiver_id: receiver.clone(),
+            message: Some("hi".into()),
+            attachments: vec![],
+            seq,
+            sender_count: count,
+            state: next.clone(),
+        };
+        state = next;
+        let command_id = format!("{sender}:{}", uuid::Uuid::now_v7());
+        let env = Envelope::new(command_id, natter_events::subjects::dm("natter", lo, hi), n as u64 + 1, Event::MessageSent(e));
+        let bytes = env.encode();
+        println!("{} bytes", bytes.len());
+        assert!(bytes.len() <= 350, "{} bytes: {}", bytes.len(), String::from_utf8_lossy(&bytes));
+        assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+    }
+}
+
+#[test]
 fn messages_seen_v1() {
     let env = fixture("v1/MessagesSeen.json");
     let Event::MessagesSeen(e) = env.event else { panic!("wrong type") };
@@ -66,7 +113,7 @@ fn room_events_v1() {
 
 fn fixtures() -> Vec<String> {
     let mut out = Vec::new();
-    for version in ["v1", "v2"] {
+    for version in ["v1", "v2", "v3"] {
         let dir = format!("{}/fixtures/{version}", env!("CARGO_MANIFEST_DIR"));
         for f in std::fs::read_dir(&dir).unwrap() {
             out.push(format!("{version}/{}", f.unwrap().file_name().to_string_lossy()));

@@ -42,7 +42,9 @@ use crate::config::SyncPolicy;
 struct Record {
     seq: u64,
     msg_id: String,
-    subject: String,
+    /// Written by older builds only: the subject is the event's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
     event: StoredEvent,
 }
 
@@ -116,7 +118,7 @@ impl FileLog {
             match Self::parse(&bytes[pos..]) {
                 Some((record, size)) if record.seq == offsets.len() as u64 + 1 => {
                     offsets.push(pos as u64);
-                    by_subject.entry(record.subject).or_default().push(record.seq);
+                    by_subject.entry(record.subject.unwrap_or(record.event.subject)).or_default().push(record.seq);
                     recent_order.push_back((opened, record.msg_id.clone()));
                     recent.insert(record.msg_id, (record.seq, opened));
                     pos += size;
@@ -368,7 +370,7 @@ impl FileLog {
                 return Err(LogError::Conflict);
             }
             let seq = state.offsets.len() as u64 + 1;
-            let record = Record { seq, msg_id: env.command_id.clone(), subject: env.subject.clone(), event: env.to_stored() };
+            let record = Record { seq, msg_id: env.command_id.clone(), subject: None, event: env.to_stored() };
             let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
             let mut bytes = Vec::with_capacity(HEADER as usize + body.len());
             bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
