@@ -347,7 +347,7 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
     // cuts a torn tail, which would be a live node's half-written record).
     let source = FileLog::open(from, SyncPolicy::Always, cfg.log.dedup_window)
         .with_context(|| format!("opening {} (stop the embedded node before migrating its data)", from.display()))?;
-    let target = NatsLog::connect(to, &cfg.distributed.stream, &cfg.log.subject_prefix, cfg.log.dedup_window).await?;
+    let target = NatsLog::connect(to, &cfg.distributed.stream, &cfg.log.subject_prefix, cfg.log.dedup_window).await?.compact_events(cfg.log.compact_events);
     let total = source.head().await?;
     let started = Instant::now();
     let (mut copied, mut skipped, mut after) = (0u64, 0u64, 0u64);

@@ -34,7 +34,7 @@ macro_rules! from_str_setting {
         }
     )*};
 }
-from_str_setting!(String, u16, u32, u64, usize, PathBuf, SyncPolicy, LogFormat);
+from_str_setting!(String, bool, u16, u32, u64, usize, PathBuf, SyncPolicy, LogFormat);
 
 /// An empty value means "not set" (e.g. `NATTER_NATS_URL=`).
 impl<T: FromSetting> FromSetting for Option<T> {
@@ -244,6 +244,10 @@ section! {
         subject_prefix: String = "natter".into(), "subject-prefix", "NATTER_SUBJECT_PREFIX";
         /// Duplicate window for command ids, in seconds.
         dedup_window: Duration = Duration::from_secs(600), "dedup-window-secs", "NATTER_DEDUP_WINDOW_SECS", secs;
+        /// Write direct messages in their compact stored form (`MessageSent`
+        /// v3). Set `false` on every node while a build older than v3 still
+        /// runs beside the new ones (it cannot read v3), then back to `true`.
+        compact_events: bool = true, "compact-events", "NATTER_COMPACT_EVENTS";
     }
 }
 

@@ -176,10 +176,17 @@ impl Envelope {
         Envelope { id, command_id, subject, position, at: Utc::now(), event }
     }
 
+    /// The stored form, at the current version of each type.
     pub fn to_stored(&self) -> StoredEvent {
+        self.to_stored_as(true)
+    }
+
+    /// The stored form; `compact: false` writes direct messages as v2,
+    /// which builds before v3 read (while such nodes still run).
+    pub fn to_stored_as(&self, compact: bool) -> StoredEvent {
         let kind = self.event.type_name();
         let (v, command_id, data) = match &self.event {
-            Event::MessageSent(e) => match crate::compact::encode(e, &self.id, &self.subject, &self.command_id) {
+            Event::MessageSent(e) => match crate::compact::encode(e, &self.id, &self.subject, &self.command_id).filter(|_| compact) {
                 Some((command_id, data)) => (crate::compact::VERSION, command_id, data),
                 None => (domain_version(kind), self.command_id.clone(), self.event.payload()),
             },
@@ -189,7 +196,12 @@ impl Envelope {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.to_stored()).expect("envelopes always serialize")
+        self.encode_as(true)
+    }
+
+    /// [`Envelope::encode`], in the compact form or not ([`Envelope::to_stored_as`]).
+    pub fn encode_as(&self, compact: bool) -> Vec<u8> {
+        serde_json::to_vec(&self.to_stored_as(compact)).expect("envelopes always serialize")
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
@@ -235,6 +247,9 @@ mod tests {
             }),
         );
         assert_eq!(Envelope::decode(&env.encode()).unwrap(), env);
+        let v2 = env.to_stored_as(false);
+        assert_eq!((v2.v, v2.command_id.as_str()), (2, "a:c1"), "written for builds before v3");
+        assert_eq!(Envelope::decode(&env.encode_as(false)).unwrap(), env);
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
         connect_mongo(mongo_url, &d.mongo_db),
         connect_redis(redis_url),
     )?;
+    let log = log.compact_events(cfg.log.compact_events);
     let versions = Arc::new(
         Versions::open(db, redis.clone(), &d.redis_prefix)
             .await

@@ -22,6 +22,8 @@ pub struct NatsLog {
     /// The log stream's handle: reads through it cost no stream-info
     /// request (one per call through `get_stream`).
     handle: stream::Stream<()>,
+    /// Whether appends write the compact form of direct messages.
+    compact: bool,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> LogError {
@@ -94,7 +96,14 @@ impl NatsLog {
         .await
         .map_err(|e| anyhow::anyhow!("creating JetStream stream {}: {e}", parked_stream(stream)))?;
         let handle = js.get_stream_no_info(stream).await?;
-        Ok(NatsLog { client, js, stream: stream.to_owned(), handle })
+        Ok(NatsLog { client, js, stream: stream.to_owned(), handle, compact: true })
+    }
+
+    /// Appends write direct messages in their compact form (`true`, the
+    /// default) or as v2, for builds before v3 still reading the log.
+    pub fn compact_events(mut self, compact: bool) -> Self {
+        self.compact = compact;
+        self
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -132,7 +141,7 @@ impl EventLog for NatsLog {
 
     async fn append(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
         let publish = jetstream::message::PublishMessage::build()
-            .payload(env.encode().into())
+            .payload(env.encode_as(self.compact).into())
             .message_id(&env.command_id)
             .expected_last_subject_sequence(expected_last);
         let ack = self

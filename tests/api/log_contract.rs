@@ -68,6 +68,44 @@ async fn the_jetstream_log_keeps_the_contract() {
     let _ = log.jetstream().delete_stream(format!("C{id}_PARKED")).await;
 }
 
+/// With `NATTER_COMPACT_EVENTS=false` (a rolling upgrade from a build
+/// before `MessageSent` v3) direct messages are stored as v2; either way
+/// they read back the same.
+#[tokio::test]
+async fn direct_messages_are_stored_compact_unless_told_otherwise() {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let url = std::env::var("NATTER_NATS_URL").unwrap();
+    let prefix = format!("k{id}");
+    let (amy, bob) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
+    let subject = natter_events::subjects::dm(&prefix, &amy, &bob);
+    let mut expected_last = 0;
+    for (position, compact, version) in [(1, true, 3), (2, false, 2)] {
+        let log = NatsLog::connect(&url, &format!("K{id}"), &prefix, Duration::from_secs(60)).await.unwrap().compact_events(compact);
+        let state = log.last(&subject).await.unwrap().map_or(natter_events::DmState::new(&amy, &bob), |l| match l.envelope.event {
+            natter_events::Event::MessageSent(e) => e.state,
+            _ => unreachable!(),
+        });
+        let cmd = natter::commands::send::SendMessage {
+            sender: amy.clone(),
+            receiver: bob.clone(),
+            message: Some("hi".into()),
+            attachment: None,
+            client_msg_id: None,
+        };
+        let event = natter_events::Event::MessageSent(natter::commands::send::decide(&cmd, &state, &uuid::Uuid::now_v7().to_string()));
+        let env = natter_events::Envelope::new(format!("{amy}:{}", uuid::Uuid::now_v7()), subject.clone(), position, event);
+        let appended = log.append(&env, expected_last).await.unwrap();
+        expected_last = appended.log_seq;
+        let raw = log.jetstream().get_stream(format!("K{id}")).await.unwrap().get_raw_message(appended.log_seq).await.unwrap();
+        let stored: serde_json::Value = serde_json::from_slice(&raw.payload).unwrap();
+        assert_eq!(stored["v"], version, "{stored}");
+        assert_eq!(log.get(appended.log_seq).await.unwrap().envelope, env);
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let _ = js.delete_stream(format!("K{id}")).await;
+    let _ = js.delete_stream(format!("K{id}_PARKED")).await;
+}
+
 #[tokio::test]
 async fn the_file_log_keeps_the_contract_and_survives_reopening() {
     let dir = std::env::temp_dir().join(format!("natter-contract-{}", uuid::Uuid::new_v4().simple()));
