@@ -244,9 +244,10 @@ section! {
         subject_prefix: String = "natter".into(), "subject-prefix", "NATTER_SUBJECT_PREFIX";
         /// Duplicate window for command ids, in seconds.
         dedup_window: Duration = Duration::from_secs(600), "dedup-window-secs", "NATTER_DEDUP_WINDOW_SECS", secs;
-        /// Write direct messages in their compact stored form (`MessageSent`
-        /// v3). Set `false` on every node while a build older than v3 still
-        /// runs beside the new ones (it cannot read v3), then back to `true`.
+        /// Store direct-conversation events in their compact form
+        /// (`MessageSent` v3, `MessagesSeen` v2). Set `false` on every node
+        /// while a build without them still runs beside the new ones (it
+        /// cannot read them), then back to `true`.
         compact_events: bool = true, "compact-events", "NATTER_COMPACT_EVENTS";
     }
 }

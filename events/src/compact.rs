@@ -1,4 +1,5 @@
-//! `MessageSent` v3: the compact stored form of a direct message.
+//! The compact stored forms of direct-conversation events: `MessageSent`
+//! v3 and `MessagesSeen` v2.
 //!
 //! A direct message's event used to repeat what its envelope already says
 //! (v2 stored about 900 bytes for "hi" between two UUID accounts): the two
@@ -20,16 +21,104 @@
 //! - `s`: the state after the message, `[lastSeq, lo.sent, lo.seenSeq,
 //!   lo.seenCount, hi.sent, hi.seenSeq, hi.seenCount]`.
 //!
-//! An event that does not fit this shape (a command id of another form)
-//! is written as v2, which every reader still understands.
+//! `MessagesSeen` v2 likewise keeps only `{"r": 0|1, "s": [...]}`: who read
+//! (the subject's `lo` or `hi`) and the state after, whose reader side holds
+//! `upToSeq` and `seenCount`; its command id is reader-relative too.
+//!
+//! An event that does not fit (a command id of another form) is written in
+//! its previous version's full JSON, which every reader still understands.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{DmState, MessageSent, Side};
+use crate::{DmState, Event, MessageSent, MessagesSeen, Side};
 
-pub(crate) const VERSION: u32 = 3;
+/// The version of `kind` that is its compact form, if it has one.
+pub(crate) fn version(kind: &str) -> Option<u32> {
+    match kind {
+        "MessageSent" => Some(3),
+        "MessagesSeen" => Some(2),
+        _ => None,
+    }
+}
+
+/// The compact form of `event` in an envelope with this id, subject and
+/// command id: the command id to store and the payload. `None` when it has
+/// no compact form or does not fit it.
+pub(crate) fn encode(event: &Event, id: &Uuid, subject: &str, command_id: &str) -> Option<(String, Value)> {
+    match event {
+        Event::MessageSent(e) => encode_sent(e, id, subject, command_id),
+        Event::MessagesSeen(e) => encode_seen(e, subject, command_id),
+        _ => None,
+    }
+}
+
+/// The command id and the event a compact payload of `kind` stands for.
+pub(crate) fn decode(kind: &str, data: Value, id: &Uuid, subject: &str, command_id: &str) -> Result<(String, Event), String> {
+    match kind {
+        "MessageSent" => decode_sent(data, id, subject, command_id).map(|(c, e)| (c, Event::MessageSent(e))),
+        "MessagesSeen" => decode_seen(data, subject, command_id).map(|(c, e)| (c, Event::MessagesSeen(e))),
+        other => Err(format!("{other} has no compact form")),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CompactSeen {
+    r: u8,
+    s: [u64; 7],
+}
+
+fn state_numbers(state: &DmState) -> [u64; 7] {
+    let (l, h) = (&state.lo, &state.hi);
+    [state.last_seq, l.sent, l.seen_seq, l.seen_count, h.sent, h.seen_seq, h.seen_count]
+}
+
+fn state_from(lo: &str, hi: &str, s: [u64; 7]) -> DmState {
+    let side = |user_id: &str, sent, seen_seq, seen_count| Side { user_id: user_id.to_owned(), sent, seen_seq, seen_count };
+    let [last_seq, lo_sent, lo_seen, lo_count, hi_sent, hi_seen, hi_count] = s;
+    DmState { last_seq, lo: side(lo, lo_sent, lo_seen, lo_count), hi: side(hi, hi_sent, hi_seen, hi_count) }
+}
+
+/// Which side `(a, b)` is of the subject's `(lo, hi)`: 0 when `a` is `lo`.
+fn side_flag(lo: &str, hi: &str, a: &str, b: &str) -> Option<u8> {
+    match (a, b) {
+        (a, b) if a == lo && b == hi => Some(0),
+        (a, b) if a == hi && b == lo => Some(1),
+        _ => None,
+    }
+}
+
+fn encode_seen(e: &MessagesSeen, subject: &str, command_id: &str) -> Option<(String, Value)> {
+    let (lo, hi) = participants(subject)?;
+    let state = &e.state;
+    if state.lo.user_id != lo || state.hi.user_id != hi {
+        return None;
+    }
+    let r = side_flag(lo, hi, &e.reader_id, &e.peer_id)?;
+    let reader = if r == 0 { &state.lo } else { &state.hi };
+    if (reader.seen_seq, reader.seen_count) != (e.up_to_seq, e.seen_count) {
+        return None;
+    }
+    let rest = command_id.strip_prefix(e.reader_id.as_str())?.strip_prefix(':')?;
+    let data = CompactSeen { r, s: state_numbers(state) };
+    Some((format!(":{rest}"), serde_json::to_value(data).expect("compact payloads always serialize")))
+}
+
+fn decode_seen(data: Value, subject: &str, command_id: &str) -> Result<(String, MessagesSeen), String> {
+    let c: CompactSeen = serde_json::from_value(data).map_err(|e| e.to_string())?;
+    let (lo, hi) = participants(subject).ok_or_else(|| format!("subject {subject:?} is not a direct conversation's"))?;
+    let (reader, peer) = match c.r {
+        0 => (lo, hi),
+        1 => (hi, lo),
+        other => return Err(format!("reader flag r is {other}, not 0 or 1")),
+    };
+    let rest = command_id.strip_prefix(':').ok_or_else(|| format!("command id {command_id:?} is not reader-relative"))?;
+    let state = state_from(lo, hi, c.s);
+    let side = if c.r == 0 { &state.lo } else { &state.hi };
+    let event = MessagesSeen { reader_id: reader.to_owned(), peer_id: peer.to_owned(), up_to_seq: side.seen_seq, seen_count: side.seen_count, state };
+    Ok((format!("{reader}:{rest}"), event))
+}
 
 #[derive(Serialize, Deserialize)]
 struct Compact {
@@ -52,20 +141,13 @@ fn participants(subject: &str) -> Option<(&str, &str)> {
     (tokens.next()? == "dm").then_some((lo, hi))
 }
 
-/// The compact form of `e` in an envelope with this id, subject and command
-/// id: the command id to store and the payload. `None` when it does not fit
-/// (write v2 then).
-pub(crate) fn encode(e: &MessageSent, id: &Uuid, subject: &str, command_id: &str) -> Option<(String, Value)> {
+fn encode_sent(e: &MessageSent, id: &Uuid, subject: &str, command_id: &str) -> Option<(String, Value)> {
     let (lo, hi) = participants(subject)?;
     let state = &e.state;
     if state.lo.user_id != lo || state.hi.user_id != hi || e.seq != state.last_seq {
         return None;
     }
-    let f = match (e.sender_id.as_str(), e.receiver_id.as_str()) {
-        (s, r) if s == lo && r == hi => 0,
-        (s, r) if s == hi && r == lo => 1,
-        _ => return None,
-    };
+    let f = side_flag(lo, hi, &e.sender_id, &e.receiver_id)?;
     let sender = if f == 0 { &state.lo } else { &state.hi };
     if e.sender_count != sender.sent {
         return None;
@@ -77,15 +159,11 @@ pub(crate) fn encode(e: &MessageSent, id: &Uuid, subject: &str, command_id: &str
         Some(_) => return None,
     };
     let i = (e.message_id != id.to_string()).then(|| e.message_id.clone());
-    let (l, h) = (&state.lo, &state.hi);
-    let s = [state.last_seq, l.sent, l.seen_seq, l.seen_count, h.sent, h.seen_seq, h.seen_count];
-    let data = Compact { f, m: e.message.clone(), a: e.attachments.clone(), k, i, s };
+    let data = Compact { f, m: e.message.clone(), a: e.attachments.clone(), k, i, s: state_numbers(state) };
     Some((format!(":{rest}"), serde_json::to_value(data).expect("compact payloads always serialize")))
 }
 
-/// The command id and the event a compact payload stands for, in an
-/// envelope with this id, subject and stored command id.
-pub(crate) fn decode(data: Value, id: &Uuid, subject: &str, command_id: &str) -> Result<(String, MessageSent), String> {
+fn decode_sent(data: Value, id: &Uuid, subject: &str, command_id: &str) -> Result<(String, MessageSent), String> {
     let c: Compact = serde_json::from_value(data).map_err(|e| e.to_string())?;
     let (lo, hi) = participants(subject).ok_or_else(|| format!("subject {subject:?} is not a direct conversation's"))?;
     let (sender, receiver) = match c.f {
@@ -94,10 +172,8 @@ pub(crate) fn decode(data: Value, id: &Uuid, subject: &str, command_id: &str) ->
         other => return Err(format!("sender flag f is {other}, not 0 or 1")),
     };
     let rest = command_id.strip_prefix(':').ok_or_else(|| format!("command id {command_id:?} is not sender-relative"))?;
-    let side = |user_id: &str, sent, seen_seq, seen_count| Side { user_id: user_id.to_owned(), sent, seen_seq, seen_count };
-    let [last_seq, lo_sent, lo_seen, lo_count, hi_sent, hi_seen, hi_count] = c.s;
-    let state = DmState { last_seq, lo: side(lo, lo_sent, lo_seen, lo_count), hi: side(hi, hi_sent, hi_seen, hi_count) };
-    let sender_count = if c.f == 0 { lo_sent } else { hi_sent };
+    let state = state_from(lo, hi, c.s);
+    let (last_seq, sender_count) = (state.last_seq, if c.f == 0 { state.lo.sent } else { state.hi.sent });
     let event = MessageSent {
         message_id: c.i.unwrap_or_else(|| id.to_string()),
         client_msg_id: c.k.then(|| rest.to_owned()),
@@ -138,9 +214,9 @@ mod tests {
             [("amy", "bob", None, "amy:0193"), ("bob", "amy", Some("c-1"), "bob:c-1"), ("amy", "bob", Some("x:y"), "amy:x:y")]
         {
             let e = sent(sender, receiver, client);
-            let (stored, data) = encode(&e, &id, "natter.ev.dm.amy.bob", command).expect("fits");
+            let (stored, data) = encode_sent(&e, &id, "natter.ev.dm.amy.bob", command).expect("fits");
             assert!(stored.starts_with(':'), "{stored}");
-            assert_eq!(decode(data, &id, "natter.ev.dm.amy.bob", &stored).unwrap(), (command.to_owned(), e));
+            assert_eq!(decode_sent(data, &id, "natter.ev.dm.amy.bob", &stored).unwrap(), (command.to_owned(), e));
         }
     }
 
@@ -148,19 +224,37 @@ mod tests {
     fn what_does_not_fit_is_left_to_v2() {
         let id = Uuid::now_v7();
         let e = sent("amy", "bob", None);
-        assert!(encode(&e, &id, "natter.ev.dm.amy.bob", "register:amy").is_none(), "command id of another scope");
-        assert!(encode(&e, &id, "natter.ev.dm.amy.cat", "amy:1").is_none(), "participants not the subject's");
-        assert!(encode(&sent("amy", "bob", Some("c-2")), &id, "natter.ev.dm.amy.bob", "amy:c-1").is_none(), "key not the command's");
-        assert!(encode(&e, &id, "natter.ev.room.r1", "amy:1").is_none());
+        assert!(encode_sent(&e, &id, "natter.ev.dm.amy.bob", "register:amy").is_none(), "command id of another scope");
+        assert!(encode_sent(&e, &id, "natter.ev.dm.amy.cat", "amy:1").is_none(), "participants not the subject's");
+        assert!(encode_sent(&sent("amy", "bob", Some("c-2")), &id, "natter.ev.dm.amy.bob", "amy:c-1").is_none(), "key not the command's");
+        assert!(encode_sent(&e, &id, "natter.ev.room.r1", "amy:1").is_none());
     }
 
     #[test]
     fn refuses_what_it_cannot_stand_for() {
         let id = Uuid::now_v7();
         let data = serde_json::json!({"f": 2, "s": [1, 1, 0, 0, 0, 0, 0]});
-        assert!(decode(data, &id, "natter.ev.dm.amy.bob", ":1").is_err());
+        assert!(decode_sent(data, &id, "natter.ev.dm.amy.bob", ":1").is_err());
         let data = serde_json::json!({"f": 0, "s": [1, 1, 0, 0, 0, 0, 0]});
-        assert!(decode(data.clone(), &id, "natter.ev.room.r", ":1").is_err());
-        assert!(decode(data, &id, "natter.ev.dm.amy.bob", "amy:1").is_err());
+        assert!(decode_sent(data.clone(), &id, "natter.ev.room.r", ":1").is_err());
+        assert!(decode_sent(data, &id, "natter.ev.dm.amy.bob", "amy:1").is_err());
+        assert!(decode_seen(serde_json::json!({"r": 1}), "natter.ev.dm.amy.bob", ":1").is_err());
+    }
+
+    #[test]
+    fn a_read_mark_round_trips_from_either_side() {
+        let (state, _, _) = DmState::new("amy", "bob").after_send("amy");
+        for (reader, peer) in [("bob", "amy"), ("amy", "bob")] {
+            let Some(next) = state.after_seen(reader, 1, 1).or_else(|| state.after_seen(reader, 1, 0)) else { panic!("moves") };
+            let side = next.side(reader).unwrap().clone();
+            let e = MessagesSeen { reader_id: reader.into(), peer_id: peer.into(), up_to_seq: side.seen_seq, seen_count: side.seen_count, state: next };
+            let command = format!("{reader}:seen:0193");
+            let (stored, data) = encode_seen(&e, "natter.ev.dm.amy.bob", &command).expect("fits");
+            assert_eq!(stored, ":seen:0193");
+            assert_eq!(decode_seen(data, "natter.ev.dm.amy.bob", &stored).unwrap(), (command, e.clone()));
+            let mut odd = e.clone();
+            odd.up_to_seq += 1;
+            assert!(encode_seen(&odd, "natter.ev.dm.amy.bob", &format!("{reader}:x")).is_none(), "a mark its state does not hold");
+        }
     }
 }

@@ -26,15 +26,13 @@ use crate::{MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, Ro
 /// Current schema version of an event type (what it is written as when it
 /// fits: see [`crate::compact`]).
 pub fn current_version(kind: &str) -> u32 {
-    match kind {
-        "MessageSent" => crate::compact::VERSION,
-        _ => 1,
-    }
+    crate::compact::version(kind).unwrap_or_else(|| domain_version(kind))
 }
 
 /// The version of an event type whose JSON the domain type reads: older
-/// payloads are upcast to it. `MessageSent` v3 is not JSON of the domain
-/// type but a compact form read with its envelope ([`crate::compact`]).
+/// payloads are upcast to it. A compact version (`MessageSent` v3,
+/// `MessagesSeen` v2) is not JSON of the domain type but read with its
+/// envelope ([`crate::compact`]).
 fn domain_version(kind: &str) -> u32 {
     match kind {
         "MessageSent" => 2,
@@ -181,16 +179,15 @@ impl Envelope {
         self.to_stored_as(true)
     }
 
-    /// The stored form; `compact: false` writes direct messages as v2,
-    /// which builds before v3 read (while such nodes still run).
+    /// The stored form; `compact: false` writes direct-conversation events
+    /// in their previous full versions (`MessageSent` v2, `MessagesSeen`
+    /// v1), which builds before the compact forms read.
     pub fn to_stored_as(&self, compact: bool) -> StoredEvent {
         let kind = self.event.type_name();
-        let (v, command_id, data) = match &self.event {
-            Event::MessageSent(e) => match crate::compact::encode(e, &self.id, &self.subject, &self.command_id).filter(|_| compact) {
-                Some((command_id, data)) => (crate::compact::VERSION, command_id, data),
-                None => (domain_version(kind), self.command_id.clone(), self.event.payload()),
-            },
-            _ => (current_version(kind), self.command_id.clone(), self.event.payload()),
+        let compacted = if compact { crate::compact::encode(&self.event, &self.id, &self.subject, &self.command_id) } else { None };
+        let (v, command_id, data) = match compacted {
+            Some((command_id, data)) => (current_version(kind), command_id, data),
+            None => (domain_version(kind), self.command_id.clone(), self.event.payload()),
         };
         StoredEvent { id: self.id, command_id, subject: self.subject.clone(), position: self.position, at: self.at, kind: kind.to_owned(), v, data }
     }
@@ -210,10 +207,9 @@ impl Envelope {
     }
 
     pub fn from_stored(s: StoredEvent) -> Result<Envelope, DecodeError> {
-        let (command_id, event) = if s.kind == "MessageSent" && s.v == crate::compact::VERSION {
-            let (command_id, e) = crate::compact::decode(s.data, &s.id, &s.subject, &s.command_id)
-                .map_err(|why| DecodeError::Compact { kind: s.kind.clone(), v: s.v, why })?;
-            (command_id, Event::MessageSent(e))
+        let (command_id, event) = if crate::compact::version(&s.kind) == Some(s.v) {
+            crate::compact::decode(&s.kind, s.data, &s.id, &s.subject, &s.command_id)
+                .map_err(|why| DecodeError::Compact { kind: s.kind.clone(), v: s.v, why })?
         } else {
             let data = upcast(&s.kind, s.v, s.data)?;
             (s.command_id, Event::from_payload(&s.kind, s.v, data)?)

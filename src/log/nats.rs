@@ -22,7 +22,7 @@ pub struct NatsLog {
     /// The log stream's handle: reads through it cost no stream-info
     /// request (one per call through `get_stream`).
     handle: stream::Stream<()>,
-    /// Whether appends write the compact form of direct messages.
+    /// Whether appends write the compact form of direct-conversation events.
     compact: bool,
 }
 
@@ -99,8 +99,9 @@ impl NatsLog {
         Ok(NatsLog { client, js, stream: stream.to_owned(), handle, compact: true })
     }
 
-    /// Appends write direct messages in their compact form (`true`, the
-    /// default) or as v2, for builds before v3 still reading the log.
+    /// Appends write direct-conversation events in their compact form
+    /// (`true`, the default) or in the full one, for builds without the
+    /// compact forms still reading the log.
     pub fn compact_events(mut self, compact: bool) -> Self {
         self.compact = compact;
         self
