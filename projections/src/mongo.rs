@@ -402,11 +402,16 @@ impl MongoViews {
         }
         let Err(e) = coll.insert_many(missing).ordered(false).await else { return Ok(()) };
         let refused: Vec<String> = match e.kind.as_ref() {
-            ErrorKind::InsertMany(failure)
-                if failure.write_concern_error.is_none()
-                    && failure.write_errors.as_ref().is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY && w.index < missing_ids.len())) =>
-            {
-                failure.write_errors.iter().flatten().map(|w| missing_ids[w.index].clone()).collect()
+            // Only duplicates, all acknowledged: look the refused ones up.
+            // A write-concern error (the writes may yet be rolled back) or
+            // any other write error: retry the batch later.
+            ErrorKind::InsertMany(failure) => {
+                let errors = failure.write_errors.as_deref().unwrap_or_default();
+                let only_duplicates = !errors.is_empty() && errors.iter().all(|w| w.code == DUPLICATE_KEY && w.index < missing_ids.len());
+                if failure.write_concern_error.is_some() || !only_duplicates {
+                    return Err(unavailable(e).into());
+                }
+                errors.iter().map(|w| missing_ids[w.index].clone()).collect()
             }
             _ if is_duplicate_key(&e) => missing_ids.clone(),
             _ => return Err(unavailable(e).into()),

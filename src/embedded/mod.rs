@@ -70,7 +70,8 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     // Opening takes the directory's lock (waiting a little for a node that
     // is stopping) and reads the whole file: keep it off the async workers.
     let (sync, window, at) = (e.sync, cfg.log.dedup_window, e.data_dir.clone());
-    let log = Arc::new(tokio::task::spawn_blocking(move || FileLog::open(&at, sync, window)).await??);
+    let compact = cfg.log.compact_events;
+    let log = Arc::new(tokio::task::spawn_blocking(move || FileLog::open(&at, sync, window)).await??.compact_events(compact));
     let stored_secret = match cfg.auth.jwt_secret {
         Some(_) => None,
         None => Some(stored_secret(&e.data_dir)?),

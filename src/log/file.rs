@@ -42,9 +42,9 @@ use crate::config::SyncPolicy;
 struct Record {
     seq: u64,
     msg_id: String,
-    /// Written by older builds only: the subject is the event's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    subject: Option<String>,
+    /// The event's subject again: builds before 2026-11 need it to read the
+    /// file at all (without it they would take the rest for a torn tail).
+    subject: String,
     event: StoredEvent,
 }
 
@@ -81,6 +81,9 @@ pub struct FileLog {
     /// The last write failed (disk full, I/O error): `/readyz` says so until
     /// one succeeds.
     failing: std::sync::atomic::AtomicBool,
+    /// Whether appends write direct-conversation events in their compact
+    /// form ([`FileLog::compact_events`]).
+    compact: bool,
 }
 
 const HEADER: u64 = 8;
@@ -118,7 +121,7 @@ impl FileLog {
             match Self::parse(&bytes[pos..]) {
                 Some((record, size)) if record.seq == offsets.len() as u64 + 1 => {
                     offsets.push(pos as u64);
-                    by_subject.entry(record.subject.unwrap_or(record.event.subject)).or_default().push(record.seq);
+                    by_subject.entry(record.subject).or_default().push(record.seq);
                     recent_order.push_back((opened, record.msg_id.clone()));
                     recent.insert(record.msg_id, (record.seq, opened));
                     pos += size;
@@ -158,7 +161,16 @@ impl FileLog {
             dir_lock: Mutex::new(Some(dir_lock)),
             head,
             failing: std::sync::atomic::AtomicBool::new(false),
+            compact: true,
         })
+    }
+
+    /// Appends write direct-conversation events in their compact form
+    /// (`true`, the default) or in the full one, which a build without the
+    /// compact forms can still read (before a downgrade).
+    pub fn compact_events(mut self, compact: bool) -> Self {
+        self.compact = compact;
+        self
     }
 
     /// Where, after the unreadable byte at `from`, a checksum-valid record
@@ -370,7 +382,7 @@ impl FileLog {
                 return Err(LogError::Conflict);
             }
             let seq = state.offsets.len() as u64 + 1;
-            let record = Record { seq, msg_id: env.command_id.clone(), subject: None, event: env.to_stored() };
+            let record = Record { seq, msg_id: env.command_id.clone(), subject: env.subject.clone(), event: env.to_stored_as(self.compact) };
             let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
             let mut bytes = Vec::with_capacity(HEADER as usize + body.len());
             bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());

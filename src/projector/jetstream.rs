@@ -213,9 +213,13 @@ impl Projector {
             BatchNext::Done => AckKind::Ack,
             BatchNext::RetryAfter(delay) => AckKind::Nak(Some(delay)),
             BatchNext::OneByOne => {
-                for (_, _, msg) in &decoded {
-                    self.handle(msg).await;
-                }
+                // The batch's other events wait their turn: keep them too.
+                let one_by_one = async {
+                    for (_, _, msg) in &decoded {
+                        self.handle(msg).await;
+                    }
+                };
+                self.keep_alive(one_by_one, decoded.iter().map(|(_, _, msg)| *msg)).await;
                 return;
             }
         };
