@@ -16,7 +16,7 @@
 //! event), so that filling it takes seconds; the stream, database and Redis
 //! keys are the run's own and are removed at the end.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use natter::config::Config;
 use natter_events::{DmState, Envelope, Event, UserRegistered, subjects};
@@ -45,7 +45,7 @@ fn history(prefix: &str, total: usize) -> Vec<Envelope> {
     for i in 0..total {
         let p = i % PAIRS;
         let (a, b) = (&users[2 * p], &users[2 * p + 1]);
-        let (sender, receiver) = if (i / PAIRS) % 2 == 0 { (a, b) } else { (b, a) };
+        let (sender, receiver) = if (i / PAIRS).is_multiple_of(2) { (a, b) } else { (b, a) };
         let state = &states[p];
         let event = if i % 10 == 9 {
             natter::commands::seen::decide_open(state, sender, receiver).map(Event::MessagesSeen)
@@ -131,14 +131,13 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(client) = mongodb::Client::with_uri_str(cfg.distributed.mongo_url.as_deref().unwrap()).await {
         let _ = client.database(&cfg.distributed.mongo_db).drop().await;
     }
-    if let Ok(client) = redis::Client::open(cfg.distributed.redis_url.as_deref().unwrap()) {
-        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-            let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", cfg.distributed.redis_prefix)).query_async(&mut conn).await.unwrap_or_default();
-            if !keys.is_empty() {
-                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
-            }
+    if let Ok(client) = redis::Client::open(cfg.distributed.redis_url.as_deref().unwrap())
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", cfg.distributed.redis_prefix)).query_async(&mut conn).await.unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(10)).await;
     outcome
 }

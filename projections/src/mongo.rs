@@ -474,8 +474,24 @@ impl Projection for MongoViews {
             }
             Ok::<_, ApplyError>(())
         };
+        // Memberships the views already hold at that position or a newer
+        // one (live, the writing node applied them) cost one read for the
+        // whole batch; the rest are set one by one.
         let members = async {
-            for (room, user, member, position) in memberships {
+            if memberships.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<String> = memberships.iter().map(|(room, user, _, _)| format!("{room}:{user}")).collect();
+            let found: Vec<Document> =
+                self.members.find(doc! {"_id": {"$in": &ids}}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+            let held: HashMap<String, i64> = found
+                .iter()
+                .filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), d.get_i64("mpos").ok().or_else(|| d.get_i32("mpos").ok().map(i64::from))?)))
+                .collect();
+            for ((room, user, member, position), id) in memberships.into_iter().zip(ids) {
+                if held.get(&id).is_some_and(|p| *p >= position as i64) {
+                    continue;
+                }
                 self.set_membership(room, user, member, position).await?;
             }
             Ok(())

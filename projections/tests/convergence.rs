@@ -131,10 +131,10 @@ fn as_v1(env: &natter_events::Envelope) -> Vec<u8> {
         stored["commandId"] = env.command_id.clone().into();
         let mut data = serde_json::to_value(e).unwrap();
         let fields = data.as_object_mut().unwrap();
-        if let Some(list) = fields.remove("attachments") {
-            if let Some(first) = list.as_array().and_then(|l| l.first()) {
-                fields.insert("attachment".into(), first.clone());
-            }
+        if let Some(list) = fields.remove("attachments")
+            && let Some(first) = list.as_array().and_then(|l| l.first())
+        {
+            fields.insert("attachment".into(), first.clone());
         }
         stored["data"] = data;
     }
