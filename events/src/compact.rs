@@ -105,15 +105,31 @@ fn encode_seen(e: &MessagesSeen, subject: &str, command_id: &str) -> Option<(Str
     Some((format!(":{rest}"), serde_json::to_value(data).expect("compact payloads always serialize")))
 }
 
-fn decode_seen(data: Value, subject: &str, command_id: &str) -> Result<(String, MessagesSeen), String> {
-    let c: CompactSeen = serde_json::from_value(data).map_err(|e| e.to_string())?;
+/// What a compact payload's envelope says.
+struct Parties<'a> {
+    lo: &'a str,
+    hi: &'a str,
+    /// Who sent or read (the side the payload's flag names), and the other.
+    actor: &'a str,
+    other: &'a str,
+    /// The command id after `<actor>:`.
+    rest: &'a str,
+}
+
+fn parties<'a>(subject: &'a str, flag: u8, command_id: &'a str) -> Result<Parties<'a>, String> {
     let (lo, hi) = participants(subject).ok_or_else(|| format!("subject {subject:?} is not a direct conversation's"))?;
-    let (reader, peer) = match c.r {
+    let (actor, other) = match flag {
         0 => (lo, hi),
         1 => (hi, lo),
-        other => return Err(format!("reader flag r is {other}, not 0 or 1")),
+        other => return Err(format!("side flag is {other}, not 0 or 1")),
     };
-    let rest = command_id.strip_prefix(':').ok_or_else(|| format!("command id {command_id:?} is not reader-relative"))?;
+    let rest = command_id.strip_prefix(':').ok_or_else(|| format!("command id {command_id:?} is not relative to its author"))?;
+    Ok(Parties { lo, hi, actor, other, rest })
+}
+
+fn decode_seen(data: Value, subject: &str, command_id: &str) -> Result<(String, MessagesSeen), String> {
+    let c: CompactSeen = serde_json::from_value(data).map_err(|e| e.to_string())?;
+    let Parties { lo, hi, actor: reader, other: peer, rest } = parties(subject, c.r, command_id)?;
     let state = state_from(lo, hi, c.s);
     let side = if c.r == 0 { &state.lo } else { &state.hi };
     let event = MessagesSeen { reader_id: reader.to_owned(), peer_id: peer.to_owned(), up_to_seq: side.seen_seq, seen_count: side.seen_count, state };
@@ -165,13 +181,7 @@ fn encode_sent(e: &MessageSent, id: &Uuid, subject: &str, command_id: &str) -> O
 
 fn decode_sent(data: Value, id: &Uuid, subject: &str, command_id: &str) -> Result<(String, MessageSent), String> {
     let c: Compact = serde_json::from_value(data).map_err(|e| e.to_string())?;
-    let (lo, hi) = participants(subject).ok_or_else(|| format!("subject {subject:?} is not a direct conversation's"))?;
-    let (sender, receiver) = match c.f {
-        0 => (lo, hi),
-        1 => (hi, lo),
-        other => return Err(format!("sender flag f is {other}, not 0 or 1")),
-    };
-    let rest = command_id.strip_prefix(':').ok_or_else(|| format!("command id {command_id:?} is not sender-relative"))?;
+    let Parties { lo, hi, actor: sender, other: receiver, rest } = parties(subject, c.f, command_id)?;
     let state = state_from(lo, hi, c.s);
     let (last_seq, sender_count) = (state.last_seq, if c.f == 0 { state.lo.sent } else { state.hi.sent });
     let event = MessageSent {
