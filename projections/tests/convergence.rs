@@ -161,7 +161,9 @@ proptest! {
                     2 => env.encode_as(false),
                     _ => env.encode(),
                 };
-                natter_events::Envelope::decode(&bytes).unwrap()
+                let decoded = natter_events::Envelope::decode(&bytes).unwrap();
+                assert_eq!(&decoded, env, "event {i} reads back the same from the version it was written in");
+                decoded
             })
             .collect();
         let (views, counts) = (MemoryViews::default(), MemoryCounts::default());

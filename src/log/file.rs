@@ -44,7 +44,9 @@ struct Record {
     msg_id: String,
     /// The event's subject again: builds before 2026-11 need it to read the
     /// file at all (without it they would take the rest for a torn tail).
-    subject: String,
+    /// Read as optional: two builds of 2026-11 did not write it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
     event: StoredEvent,
 }
 
@@ -121,7 +123,7 @@ impl FileLog {
             match Self::parse(&bytes[pos..]) {
                 Some((record, size)) if record.seq == offsets.len() as u64 + 1 => {
                     offsets.push(pos as u64);
-                    by_subject.entry(record.subject).or_default().push(record.seq);
+                    by_subject.entry(record.subject.unwrap_or(record.event.subject)).or_default().push(record.seq);
                     recent_order.push_back((opened, record.msg_id.clone()));
                     recent.insert(record.msg_id, (record.seq, opened));
                     pos += size;
@@ -382,7 +384,7 @@ impl FileLog {
                 return Err(LogError::Conflict);
             }
             let seq = state.offsets.len() as u64 + 1;
-            let record = Record { seq, msg_id: env.command_id.clone(), subject: env.subject.clone(), event: env.to_stored_as(self.compact) };
+            let record = Record { seq, msg_id: env.command_id.clone(), subject: Some(env.subject.clone()), event: env.to_stored_as(self.compact) };
             let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
             let mut bytes = Vec::with_capacity(HEADER as usize + body.len());
             bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -483,6 +485,32 @@ mod tests {
         let d = std::env::temp_dir().join(format!("natter-filelog-{name}-{}", uuid::Uuid::new_v4().simple()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    /// Records without the subject (written by two builds of 2026-11) are
+    /// read, not taken for a torn tail.
+    #[tokio::test]
+    async fn records_without_their_subject_are_read() {
+        let d = dir("nosubject");
+        {
+            let log = FileLog::open(&d, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+            log.append(&env("a", "s.a", 1), 0).await.unwrap();
+        }
+        let path = d.join("events.log");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second = env("b", "s.b", 1);
+        let record = serde_json::json!({"seq": 2, "msgId": "b", "event": second.to_stored()});
+        let body = serde_json::to_vec(&record).unwrap();
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        std::fs::write(&path, &bytes).unwrap();
+        let log = FileLog::open(&d, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+        assert_eq!(log.head().await.unwrap(), 2, "nothing cut");
+        assert_eq!(log.last("s.b").await.unwrap().unwrap().envelope, second);
+        assert!(log.append(&env("b", "s.b", 2), 2).await.unwrap().duplicate, "its command id is known");
+        drop(log);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[tokio::test]
