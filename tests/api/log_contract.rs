@@ -68,42 +68,70 @@ async fn the_jetstream_log_keeps_the_contract() {
     let _ = log.jetstream().delete_stream(format!("C{id}_PARKED")).await;
 }
 
+/// The events of one conversation as the command side makes them: a
+/// message from `amy` after `state`, then `bob` opening the conversation.
+fn message_then_open(prefix: &str, amy: &str, bob: &str, state: &natter_events::DmState, position: u64) -> [Envelope; 2] {
+    let subject = natter_events::subjects::dm(prefix, amy, bob);
+    let cmd = natter::commands::send::SendMessage {
+        sender: amy.to_owned(),
+        receiver: bob.to_owned(),
+        message: Some("hi".into()),
+        attachment: None,
+        client_msg_id: None,
+    };
+    let sent = natter::commands::send::decide(&cmd, state, &uuid::Uuid::now_v7().to_string());
+    let seen = natter::commands::seen::decide_open(&sent.state, bob, amy).expect("bob has something to see");
+    [
+        Envelope::new(format!("{amy}:{}", uuid::Uuid::now_v7()), subject.clone(), position, Event::MessageSent(sent)),
+        Envelope::new(format!("{bob}:seen:{}", uuid::Uuid::now_v7()), subject, position + 1, Event::MessagesSeen(seen)),
+    ]
+}
+
+fn state_of(env: &Envelope) -> natter_events::DmState {
+    match &env.event {
+        Event::MessageSent(e) => e.state.clone(),
+        Event::MessagesSeen(e) => e.state.clone(),
+        _ => unreachable!(),
+    }
+}
+
 /// With `NATTER_COMPACT_EVENTS=false` (a rolling upgrade from a build
-/// before `MessageSent` v3) direct messages are stored as v2; either way
-/// they read back the same.
+/// without the compact forms) direct-conversation events are stored in
+/// their full forms, on JetStream and in the embedded file; either way they
+/// read back the same.
 #[tokio::test]
-async fn direct_messages_are_stored_compact_unless_told_otherwise() {
+async fn direct_conversation_events_are_stored_compact_unless_told_otherwise() {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let url = std::env::var("NATTER_NATS_URL").unwrap();
     let prefix = format!("k{id}");
     let (amy, bob) = (uuid::Uuid::now_v7().to_string(), uuid::Uuid::now_v7().to_string());
-    let subject = natter_events::subjects::dm(&prefix, &amy, &bob);
-    let mut expected_last = 0;
-    for (position, compact, version) in [(1, true, 3), (2, false, 2)] {
+    let (mut state, mut position, mut expected_last) = (natter_events::DmState::new(&amy, &bob), 1, 0);
+    for (compact, versions) in [(true, [3, 2]), (false, [2, 1])] {
         let log = NatsLog::connect(&url, &format!("K{id}"), &prefix, Duration::from_secs(60)).await.unwrap().compact_events(compact);
-        let state = log.last(&subject).await.unwrap().map_or(natter_events::DmState::new(&amy, &bob), |l| match l.envelope.event {
-            natter_events::Event::MessageSent(e) => e.state,
-            _ => unreachable!(),
-        });
-        let cmd = natter::commands::send::SendMessage {
-            sender: amy.clone(),
-            receiver: bob.clone(),
-            message: Some("hi".into()),
-            attachment: None,
-            client_msg_id: None,
-        };
-        let event = natter_events::Event::MessageSent(natter::commands::send::decide(&cmd, &state, &uuid::Uuid::now_v7().to_string()));
-        let env = natter_events::Envelope::new(format!("{amy}:{}", uuid::Uuid::now_v7()), subject.clone(), position, event);
-        let appended = log.append(&env, expected_last).await.unwrap();
-        expected_last = appended.log_seq;
-        let raw = log.jetstream().get_stream(format!("K{id}")).await.unwrap().get_raw_message(appended.log_seq).await.unwrap();
-        let stored: serde_json::Value = serde_json::from_slice(&raw.payload).unwrap();
-        assert_eq!(stored["v"], version, "{stored}");
-        assert_eq!(log.get(appended.log_seq).await.unwrap().envelope, env);
+        for (env, version) in message_then_open(&prefix, &amy, &bob, &state, position).into_iter().zip(versions) {
+            let appended = log.append(&env, expected_last).await.unwrap();
+            (expected_last, position, state) = (appended.log_seq, env.position + 1, state_of(&env));
+            let raw = log.jetstream().get_stream(format!("K{id}")).await.unwrap().get_raw_message(appended.log_seq).await.unwrap();
+            let stored: serde_json::Value = serde_json::from_slice(&raw.payload).unwrap();
+            assert_eq!(stored["v"], version, "{stored}");
+            assert_eq!(log.get(appended.log_seq).await.unwrap().envelope, env);
+        }
     }
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     let _ = js.delete_stream(format!("K{id}")).await;
     let _ = js.delete_stream(format!("K{id}_PARKED")).await;
+
+    let dir = std::env::temp_dir().join(format!("natter-compact-{}", uuid::Uuid::new_v4().simple()));
+    {
+        let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap().compact_events(false);
+        let events = message_then_open("natter", &amy, &bob, &natter_events::DmState::new(&amy, &bob), 1);
+        log.append(&events[0], 0).await.unwrap();
+        log.append(&events[1], 1).await.unwrap();
+        assert_eq!(log.get(2).await.unwrap().envelope, events[1]);
+    }
+    let file = String::from_utf8_lossy(&std::fs::read(dir.join("events.log")).unwrap()).into_owned();
+    assert!(file.contains("\"type\":\"MessageSent\",\"v\":2") && file.contains("\"type\":\"MessagesSeen\",\"v\":1"), "{file}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
