@@ -8,6 +8,7 @@ use std::sync::Arc;
 use natter_projections::{CountStore, Projection, ViewStore};
 use secrecy::SecretString;
 
+use crate::commands::retry::ViewsProgress;
 use crate::config::Mode;
 use crate::log::EventLog;
 use crate::presence::Presence;
@@ -23,6 +24,8 @@ pub struct Adapters {
     /// `views` and `counts` again, as the projections that keep them (the
     /// root adds the push fan-out).
     pub projections: Vec<Arc<dyn Projection>>,
+    /// How far `views` have applied the log (for recognising old retries).
+    pub progress: Arc<dyn ViewsProgress>,
     pub bus: Arc<dyn PushBus>,
     pub presence: Arc<dyn Presence>,
     /// Rate-limit windows every node shares (login attempts, registrations).

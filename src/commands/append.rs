@@ -101,17 +101,43 @@ impl Commands {
     }
 
     /// The one idempotency check of every send. With a `clientMsgId`
-    /// (`keyed`), a message the views already hold under the command id
-    /// (`stored`) is a retry, however long after; otherwise `append` makes
-    /// it (the log deduplicates within its window and returns the original).
-    /// Either way the message returned must be what this command asks for
+    /// (`key`: the conversation's subject and the command id), a message
+    /// already in the views (`stored`) or in the log above what they have
+    /// applied (`logged` reads it from its event) is a retry, however long
+    /// after (see `retry.rs`); otherwise `append` makes it (the log also
+    /// deduplicates within its window and returns the original). Either
+    /// way the message returned must be what this command asks for
     /// (`same`): a key reused for another message is a 409.
-    pub(crate) async fn once<V, S, A>(&self, keyed: bool, stored: S, append: A, same: impl Fn(&V) -> bool) -> Result<V, CommandError>
+    pub(crate) async fn once<V, S, A>(
+        &self,
+        key: Option<(&str, &str)>,
+        stored: S,
+        logged: impl Fn(&Envelope) -> Option<V>,
+        append: A,
+        same: impl Fn(&V) -> bool,
+    ) -> Result<V, CommandError>
     where
         S: Future<Output = Result<Option<V>, StoreError>>,
         A: Future<Output = Result<Option<V>, CommandError>>,
     {
-        let found = if keyed { stored.await? } else { None };
+        let found = match key {
+            None => None,
+            Some((subject, command_id)) => {
+                // The floor first: whatever is at or below it is in the
+                // views by the time they are read.
+                let floor = self.views_floor().await?;
+                match stored.await? {
+                    Some(m) => Some(m),
+                    None => match self.logged_since(subject, floor, command_id).await? {
+                        Some(original) => {
+                            self.apply_now(&original).await;
+                            Some(logged(&original).ok_or_else(reused_key)?)
+                        }
+                        None => None,
+                    },
+                }
+            }
+        };
         let message = match found {
             Some(m) => m,
             None => append.await?.ok_or_else(reused_key)?,

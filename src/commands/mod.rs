@@ -13,6 +13,7 @@
 //! [`Failure`], a 503/500).
 
 mod append;
+pub mod retry;
 pub mod register;
 pub mod rooms;
 pub mod seen;
@@ -96,6 +97,9 @@ pub struct Commands {
     pub(crate) prefix: String,
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
+    /// How far the views have applied the log, for recognising retries.
+    progress: Arc<dyn retry::ViewsProgress>,
+    floor: retry::FloorCache,
     /// Users known to exist (accounts are never deleted): a send to one of
     /// them needs no views read. Bounded: emptied when full.
     known_users: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -112,8 +116,9 @@ impl Commands {
         prefix: String,
         limits: Limits,
         metrics: Arc<Metrics>,
+        progress: Arc<dyn retry::ViewsProgress>,
     ) -> Self {
-        Commands { log, views, counts, prefix, limits, metrics, known_users: Default::default() }
+        Commands { log, views, counts, prefix, limits, metrics, progress, floor: Default::default(), known_users: Default::default() }
     }
 
     /// The views this command side keeps up to date (read-your-writes).

@@ -169,9 +169,9 @@ impl Commands {
     pub async fn send_room(&self, cmd: SendRoomMessage) -> Result<RoomMessageView, CommandError> {
         validate_content(cmd.message.as_deref(), cmd.attachment.as_deref(), cmd.client_msg_id.as_deref(), &self.limits)?;
         let command_id = command_id(&format!("{}:room", cmd.sender), cmd.client_msg_id.as_deref());
+        room_id(&cmd.room)?;
+        let subject = subjects::room(&self.prefix, &cmd.room);
         let append = async {
-            room_id(&cmd.room)?;
-            let subject = subjects::room(&self.prefix, &cmd.room);
             let message_id = uuid::Uuid::now_v7().to_string();
             let (cmd, message_id) = (&cmd, &message_id);
             let env = self
@@ -191,13 +191,19 @@ impl Commands {
                     })))
                 })
                 .await?;
-            Ok(env.and_then(|env| match &env.event {
-                Event::RoomMessageSent(sent) => Some(RoomMessageView::from_event(&env, sent)),
-                _ => None,
-            }))
+            Ok(env.as_ref().and_then(room_message_of))
         };
         let same = |m: &RoomMessageView| m.room_id == cmd.room && m.message == cmd.message && m.attachment == cmd.attachment;
-        self.once(cmd.client_msg_id.is_some(), self.views.room_message_by_command(&command_id), append, same).await
+        let key = cmd.client_msg_id.is_some().then_some((subject.as_str(), command_id.as_str()));
+        self.once(key, self.views.room_message_by_command(&command_id), room_message_of, append, same).await
+    }
+}
+
+/// The message a `RoomMessageSent` event records.
+fn room_message_of(env: &Envelope) -> Option<RoomMessageView> {
+    match &env.event {
+        Event::RoomMessageSent(sent) => Some(RoomMessageView::from_event(env, sent)),
+        _ => None,
     }
 }
 

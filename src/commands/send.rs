@@ -1,6 +1,6 @@
 //! Send a direct message (text, attachment URL, or both).
 
-use natter_events::{DmState, Event, MessageSent};
+use natter_events::{DmState, Envelope, Event, MessageSent, subjects};
 use natter_projections::MessageView;
 
 use super::append::command_id;
@@ -90,6 +90,14 @@ fn same_request(cmd: &SendMessage, m: &MessageView) -> bool {
     m.sender_id == cmd.sender && m.receiver_id == cmd.receiver && m.message == cmd.message && m.attachment == cmd.attachment
 }
 
+/// The message a `MessageSent` event records.
+fn message_of(env: &Envelope) -> Option<MessageView> {
+    match &env.event {
+        Event::MessageSent(sent) => Some(MessageView::from_event(env, sent)),
+        _ => None,
+    }
+}
+
 /// A send's outcome: the message, and whether its receiver has seen it.
 #[derive(Debug, Clone)]
 pub struct Sent {
@@ -105,18 +113,16 @@ impl Commands {
         validate(&cmd, &self.limits)?;
         let command_id = command_id(&cmd.sender, cmd.client_msg_id.as_deref());
         let message_id = uuid::Uuid::now_v7().to_string();
+        let subject = subjects::dm(&self.prefix, &cmd.sender, &cmd.receiver);
         let append = async {
             self.require_user(&cmd.receiver, "receiver").await?;
             let env = self
                 .append_dm(&cmd.sender, &cmd.receiver, &command_id, |state| Ok(Some(Event::MessageSent(decide(&cmd, state, &message_id)))))
                 .await?;
-            Ok(env.and_then(|env| match &env.event {
-                Event::MessageSent(sent) => Some(MessageView::from_event(&env, sent)),
-                _ => None,
-            }))
+            Ok(env.as_ref().and_then(message_of))
         };
-        let message =
-            self.once(cmd.client_msg_id.is_some(), self.views.message_by_command(&command_id), append, |m| same_request(&cmd, m)).await?;
+        let key = cmd.client_msg_id.is_some().then_some((subject.as_str(), command_id.as_str()));
+        let message = self.once(key, self.views.message_by_command(&command_id), message_of, append, |m| same_request(&cmd, m)).await?;
         // A message this call appended is newer than any watermark (a
         // watermark only moves up to a message a reader already had): no
         // read. A retry's original may have been seen since.

@@ -24,7 +24,8 @@ use tokio::task::JoinHandle;
 
 use crate::adapters::Adapters;
 use crate::config::{Config, Mode};
-use crate::log::EventLog;
+use crate::commands::retry::ViewsProgress;
+use crate::log::{EventLog, LogError};
 use crate::log::nats::NatsLog;
 use crate::metrics::Metrics;
 use crate::presence::redis::RedisPresence;
@@ -89,6 +90,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
             .with_context(|| format!("opening the views in MongoDB database {}", d.mongo_db))?,
     );
     let log_port: Arc<dyn EventLog> = Arc::new(log.clone());
+    let progress = ViewsConsumer { stream: log.jetstream().get_stream_no_info(&d.stream).await?, versions: versions.clone() };
     let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), log_port.clone(), &d.stream, &cfg.log.subject_prefix, (&cfg.push).into(), None).await?;
     let healer = Healer {
         counts: versions.counts.clone(),
@@ -112,6 +114,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
         views: versions.views.clone(),
         counts: versions.counts.clone(),
         projections: vec![versions.views.clone(), versions.counts.clone()],
+        progress: Arc::new(progress),
         bus: Arc::new(bus),
         counter: Arc::new(crate::ratelimit::redis::RedisCounter::new(redis.clone(), &d.redis_prefix)),
         presence: Arc::new(RedisPresence::new(redis, &d.redis_prefix, cfg.push.presence_ttl)),
@@ -127,6 +130,28 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
             redact(redis_url)
         ),
     })
+}
+
+/// How far the live views have applied the log: the acknowledgement floor
+/// of their durable consumer (every event at or below it is applied, or
+/// parked).
+struct ViewsConsumer {
+    stream: jetstream::stream::Stream<()>,
+    versions: Arc<Versions>,
+}
+
+#[async_trait]
+impl ViewsProgress for ViewsConsumer {
+    async fn applied_through(&self) -> Result<u64, LogError> {
+        use jetstream::context::ConsumerInfoErrorKind;
+        let durable = consumer_name(live_versions::VIEWS, self.versions.views.active_version());
+        match self.stream.consumer_info(&durable).await {
+            Ok(info) => Ok(info.ack_floor.stream_sequence),
+            // Not created yet (a node starting on a fresh deployment): nothing is known to be applied.
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Ok(0),
+            Err(e) => Err(LogError::Unavailable(format!("nats: reading consumer {durable}: {e}"))),
+        }
+    }
 }
 
 /// Where a new partitioned feed of `projection` starts: after what the

@@ -38,7 +38,7 @@ use crate::log::file::FileLog;
 use crate::metrics::Metrics;
 use crate::presence::memory::MemoryPresence;
 use crate::projector::Runner;
-use crate::projector::embedded::{FileTail, ParkedFile};
+use crate::projector::embedded::{FileTail, ParkedFile, TailPosition};
 use crate::push::memory::MemoryPush;
 
 /// The token secret kept in the data directory, created on first start.
@@ -83,16 +83,18 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     let data = std::fs::canonicalize(log.path()).unwrap_or_else(|_| log.path().to_owned());
     let closing = log.clone();
     let (views, counts) = (Arc::new(MemoryViews::default()), Arc::new(MemoryCounts::default()));
+    let applied = Arc::new(TailPosition::default());
     Ok(Adapters {
         mode: Mode::Embedded,
         log: log.clone(),
         views: views.clone(),
         counts: counts.clone(),
         projections: vec![views, counts],
+        progress: applied.clone(),
         bus: Arc::new(MemoryPush::new(cfg.push.retention)),
         presence: Arc::new(MemoryPresence::new(cfg.push.presence_ttl)),
         counter: Arc::new(crate::ratelimit::MemoryCounter::default()),
-        runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log }),
+        runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log, applied }),
         stored_secret,
         after_drain: Box::new(move || closing.close()),
         describe: format!(
@@ -107,6 +109,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
 struct ReplayThenTail {
     log: Arc<FileLog>,
     parked: ParkedFile,
+    applied: Arc<TailPosition>,
 }
 
 #[async_trait]
@@ -122,7 +125,7 @@ impl Runner for ReplayThenTail {
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
         let head = *self.log.watch_head().borrow();
-        let tail = FileTail::new(self.log, projections, metrics, self.parked);
+        let tail = FileTail::new(self.log, projections, metrics, self.parked, self.applied);
         tracing::info!(events = head, "rebuilding the views from the event log before serving");
         let started = Instant::now();
         let replayed = tail.catch_up(0).await;

@@ -330,6 +330,12 @@ impl EventLog for FileLog {
             .collect())
     }
 
+    async fn next_on(&self, subject: &str, from: u64) -> Result<Option<Logged>, LogError> {
+        let mut state = self.state.lock().expect("event log lock");
+        let next = state.by_subject.get(subject).and_then(|seqs| seqs.get(seqs.partition_point(|&s| s < from)).copied());
+        next.map(|seq| self.read_at(&mut state, seq)).transpose()
+    }
+
     async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError> {
         let mut state = self.state.lock().expect("event log lock");
         let next = state

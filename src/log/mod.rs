@@ -63,6 +63,8 @@ pub trait EventLog: Send + Sync {
     /// Every event on `subject` stored before log sequence `before`,
     /// oldest first.
     async fn history(&self, subject: &str, before: u64) -> Result<Vec<Logged>, LogError>;
+    /// The first event on `subject` at log sequence `from` or later.
+    async fn next_on(&self, subject: &str, from: u64) -> Result<Option<Logged>, LogError>;
     /// The first event at log sequence `from` or later on any subject
     /// under `prefix` (which ends with `.`), one token deeper.
     async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError>;

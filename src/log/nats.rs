@@ -123,6 +123,15 @@ impl NatsLog {
         &self.handle
     }
 
+    /// The first event at log sequence `from` or later on a subject `filter` matches.
+    async fn next_matching(&self, filter: String, from: u64) -> Result<Option<Logged>, LogError> {
+        match self.stream().direct_get_next_for_subject(filter, Some(from.max(1))).await {
+            Ok(msg) => Self::decode(msg.sequence, &msg.payload).map(Some),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     fn decode(seq: u64, payload: &[u8]) -> Result<Logged, LogError> {
         let envelope = Envelope::decode(payload).map_err(|source| LogError::Corrupt { seq, source })?;
         Ok(Logged { log_seq: seq, envelope })
@@ -212,13 +221,12 @@ impl EventLog for NatsLog {
         Ok(subjects)
     }
 
+    async fn next_on(&self, subject: &str, from: u64) -> Result<Option<Logged>, LogError> {
+        self.next_matching(subject.to_owned(), from).await
+    }
+
     async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError> {
-        let stream = self.stream();
-        match stream.direct_get_next_for_subject(format!("{prefix}*"), Some(from.max(1))).await {
-            Ok(msg) => Self::decode(msg.sequence, &msg.payload).map(Some),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(unavailable(e)),
-        }
+        self.next_matching(format!("{prefix}*"), from).await
     }
 
     async fn check(&self) -> Result<(), LogError> {

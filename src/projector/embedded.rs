@@ -13,6 +13,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::{Next, Parking, project};
+use crate::commands::retry::ViewsProgress;
 use crate::log::file::FileLog;
 use crate::log::{EventLog, LogError};
 use crate::metrics::Metrics;
@@ -67,16 +69,29 @@ impl Parking for ParkedFile {
     }
 }
 
+/// How far the tail has applied the log to every projection (the views'
+/// applied floor of the embedded mode).
+#[derive(Default)]
+pub struct TailPosition(AtomicU64);
+
+#[async_trait]
+impl ViewsProgress for TailPosition {
+    async fn applied_through(&self) -> Result<u64, LogError> {
+        Ok(self.0.load(Ordering::Acquire))
+    }
+}
+
 pub struct FileTail {
     log: Arc<FileLog>,
     projections: Vec<Arc<dyn Projection>>,
     metrics: Arc<Metrics>,
     parked: ParkedFile,
+    applied: Arc<TailPosition>,
 }
 
 impl FileTail {
-    pub fn new(log: Arc<FileLog>, projections: Vec<Arc<dyn Projection>>, metrics: Arc<Metrics>, parked: ParkedFile) -> FileTail {
-        FileTail { log, projections, metrics, parked }
+    pub fn new(log: Arc<FileLog>, projections: Vec<Arc<dyn Projection>>, metrics: Arc<Metrics>, parked: ParkedFile, applied: Arc<TailPosition>) -> FileTail {
+        FileTail { log, projections, metrics, parked, applied }
     }
 
     /// Applies the event at `seq` to every projection.
@@ -108,6 +123,7 @@ impl FileTail {
         let head = *self.log.watch_head().borrow();
         for seq in after + 1..=head {
             self.project(seq, head).await;
+            self.applied.0.store(seq, Ordering::Release);
         }
         head.max(after)
     }

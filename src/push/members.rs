@@ -309,6 +309,9 @@ mod tests {
             async fn history(&self, s: &str, b: u64) -> Result<Vec<Logged>, LogError> {
                 self.0.history(s, b).await
             }
+            async fn next_on(&self, s: &str, from: u64) -> Result<Option<Logged>, LogError> {
+                self.0.next_on(s, from).await
+            }
             async fn next_under(&self, p: &str, from: u64) -> Result<Option<Logged>, LogError> {
                 if self.1.swap(true, Ordering::SeqCst) {
                     return Err(LogError::Unavailable("flaky".into()));

@@ -1,12 +1,16 @@
 //! The same `clientMsgId` gives one message, whatever the retries.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use futures::future::join_all;
+use natter::commands::send::{SendMessage, decide};
+use natter::log::EventLog;
+use natter_events::{DmState, Envelope, Event, RoomMessageSent, UserRegistered, subjects};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::helpers::Cluster;
+use crate::helpers::{Cluster, eventually_within};
 
 crate::contract!(the_same_client_msg_id_five_times_is_one_message, 2, the_same_client_msg_id_five_times_is_one_message);
 
@@ -69,4 +73,116 @@ async fn concurrent_registrations_of_one_email_make_one_account(c: &Cluster) {
     let created = replies.iter().filter(|r| r.status.as_u16() == 201).count();
     let conflicts = replies.iter().filter(|r| r.status.as_u16() == 409).count();
     assert_eq!((created, conflicts), (1, 5));
+}
+
+/// Pauses (`Some(until)`) or resumes (`None`) a durable consumer of the
+/// cluster's log: the projection it feeds stops applying events.
+async fn pause_consumer(c: &Cluster, durable: &str, until: Option<chrono::DateTime<chrono::Utc>>) {
+    let subject = format!("$JS.API.CONSUMER.PAUSE.{}.{durable}", c.cfg.distributed.stream);
+    let body = match until {
+        Some(t) => json!({ "pause_until": t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true) }),
+        None => json!({}),
+    };
+    let reply = c.nats().client().request(subject, serde_json::to_vec(&body).unwrap().into()).await.expect("pause request");
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(reply.get("error").is_none(), "pausing {durable}: {reply}");
+    assert_eq!(reply["paused"], json!(until.is_some()), "{reply}");
+}
+
+/// Appends `env` as a node would have before dying (the views never saw
+/// it), then waits until the log's deduplication window has passed for
+/// it: a probe appended just after it, published again with its own
+/// message id, is no longer answered "duplicate" (and is then in the log
+/// once, as a registration of a user nobody uses).
+async fn append_and_outlive_the_dedup_window(c: &Cluster, env: &Envelope, expected_last: u64) {
+    let log = c.nats();
+    let appended = log.append(env, expected_last).await.expect("append the original");
+    assert!(!appended.duplicate);
+    let probe_id = format!("probe{}", uuid::Uuid::new_v4().simple());
+    let probe = Envelope::new(
+        probe_id.clone(),
+        subjects::user(&c.cfg.log.subject_prefix, &probe_id),
+        1,
+        Event::UserRegistered(UserRegistered { user_id: probe_id.clone(), name: "Probe".into(), email: format!("{probe_id}@example.com"), password_hash: "x".into() }),
+    );
+    let publish = || async {
+        let msg = async_nats::jetstream::message::PublishMessage::build().payload(probe.encode().into()).message_id(&probe_id);
+        log.jetstream().send_publish(probe.subject.clone(), msg).await.unwrap().await.unwrap()
+    };
+    assert!(!publish().await.duplicate);
+    eventually_within("the dedup window passes", 30, || async { !publish().await.duplicate }).await;
+}
+
+/// Item 6 of the abuse issue: a retry is recognised from the log itself,
+/// at any age. A node appended Amy's messages (a DM and a room message) and
+/// died before applying them; the views' projector is stopped; the log's
+/// dedup window has passed. Amy's retries get the originals back, and
+/// nothing is appended.
+#[tokio::test]
+async fn a_retry_after_the_dedup_window_with_the_views_stopped_returns_the_original() {
+    let c = Cluster::start_with(1, |cfg| cfg.log.dedup_window = Duration::from_secs(1)).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    let r = c.request(0, Method::POST, "/api/rooms", Some(&amy.token), Some(json!({ "name": "Retries" }))).await;
+    assert_eq!(r.status.as_u16(), 201, "{}", r.body);
+    let room = r.body["room"]["_id"].as_str().unwrap().to_owned();
+    c.request(0, Method::POST, &format!("/api/rooms/{room}/join"), Some(&amy.token), None).await.ok();
+
+    // The views stop applying the log.
+    // (the live views' durable consumer, as `natter projections` shows it)
+    let views = "mongo-views-v1";
+    pause_consumer(&c, views, Some(chrono::Utc::now() + chrono::Duration::minutes(5))).await;
+
+    // The DM, appended by a node that then died.
+    let prefix = &c.cfg.log.subject_prefix;
+    let cmd = SendMessage {
+        sender: amy.id.clone(),
+        receiver: bob.id.clone(),
+        message: Some("sent once".into()),
+        attachment: None,
+        client_msg_id: Some("k-dm".into()),
+    };
+    let dm_id = uuid::Uuid::now_v7().to_string();
+    let sent = decide(&cmd, &DmState::new(&amy.id, &bob.id), &dm_id);
+    let dm = Envelope::new(format!("{}:k-dm", amy.id), subjects::dm(prefix, &amy.id, &bob.id), 1, Event::MessageSent(sent));
+    append_and_outlive_the_dedup_window(&c, &dm, 0).await;
+
+    // The room message likewise.
+    let room_subject = subjects::room(prefix, &room);
+    let room_head = c.nats().last(&room_subject).await.unwrap().expect("the room's subject");
+    let room_msg_id = uuid::Uuid::now_v7().to_string();
+    let said = Event::RoomMessageSent(RoomMessageSent {
+        message_id: room_msg_id.clone(),
+        room_id: room.clone(),
+        sender_id: amy.id.clone(),
+        client_msg_id: Some("k-room".into()),
+        message: Some("said once".into()),
+        attachment: None,
+        seq: 1,
+    });
+    let said = Envelope::new(format!("{}:room:k-room", amy.id), room_subject, room_head.envelope.position + 1, said);
+    append_and_outlive_the_dedup_window(&c, &said, room_head.log_seq).await;
+    let head = c.log_head().await;
+
+    // Amy's client retries both, long after.
+    let r = c.send(0, &amy, &bob, "sent once", Some("k-dm")).await.ok();
+    assert_eq!((r["data"]["_id"].as_str(), r["data"]["seq"].as_u64()), (Some(dm_id.as_str()), Some(1)), "{r}");
+    let r = c
+        .request(0, Method::POST, &format!("/api/rooms/{room}/messages"), Some(&amy.token), Some(json!({ "message": "said once", "clientMsgId": "k-room" })))
+        .await
+        .ok();
+    assert_eq!(r["data"]["_id"].as_str(), Some(room_msg_id.as_str()), "{r}");
+    assert_eq!(c.log_head().await, head, "no second copy was appended");
+    // The same key for other content is still a reuse.
+    let r = c.send(0, &amy, &bob, "something else", Some("k-dm")).await;
+    assert_eq!(r.status.as_u16(), 409, "{}", r.body);
+
+    // The views resume: each message is there once.
+    pause_consumer(&c, views, None).await;
+    let texts: Vec<Value> = c.history(0, &bob, &amy).await.iter().map(|m| m["message"].clone()).collect();
+    assert_eq!(texts, [json!("sent once")]);
+    let r = c.request(0, Method::GET, &format!("/api/rooms/{room}/messages"), Some(&amy.token), None).await.ok();
+    let said: Vec<&Value> = r.as_array().unwrap().iter().map(|m| &m["message"]).collect();
+    assert_eq!(said, [&json!("said once")], "{r}");
+    c.stop().await;
 }

@@ -50,6 +50,11 @@ async fn contract(log: &dyn EventLog, prefix: &str) {
     assert_eq!(next(users.clone(), second.log_seq + 1).await, Some(third.log_seq));
     assert_eq!(next(users.clone(), third.log_seq + 1).await, None, "nothing after the last");
     assert_eq!(next(format!("{prefix}.ev."), 0).await, None, "one token deeper only");
+    let on = |subject: String, from: u64| async move { log.next_on(&subject, from).await.unwrap().map(|l| l.log_seq) };
+    assert_eq!(on(a.clone(), 0).await, Some(first.log_seq), "the first event of one subject");
+    assert_eq!(on(a.clone(), first.log_seq + 1).await, Some(second.log_seq), "skipping other subjects' events");
+    assert_eq!(on(a.clone(), second.log_seq + 1).await, None, "nothing after its last");
+    assert_eq!(on(c.clone(), 0).await, None, "nothing on an empty subject");
     assert_eq!(log.last(&a).await.unwrap().unwrap().envelope, e2);
     assert_eq!(log.last(&b).await.unwrap().unwrap().log_seq, third.log_seq);
     assert_eq!(log.get(first.log_seq).await.unwrap().envelope, e1);
