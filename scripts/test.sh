@@ -32,5 +32,12 @@ if ! command -v npm >/dev/null 2>&1; then
 fi
 (cd tests/client && npm ci --no-audit --no-fund --loglevel=error)
 
+# Headless Chromium for the browser tests (Debian's package, driven by
+# playwright-core from tests/client; nothing is downloaded by npm).
+if [[ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]]; then
+  echo "[test] chromium missing: installing Debian's chromium" >&2
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+
 echo "[test] cargo test --workspace (NATS $NATTER_NATS_URL, Redis $NATTER_REDIS_URL, MongoDB $NATTER_MONGO_URL)"
 cargo test --workspace --locked "$@"

@@ -7,6 +7,7 @@ mod cli;
 mod embedded;
 mod fuzz;
 mod client;
+mod cross_origin;
 mod heal;
 mod helpers;
 mod log_contract;
