@@ -33,7 +33,7 @@ async fn main() {
         let mut users = Vec::new();
         for i in 0..pairs * 2 {
             let cmd = Register { name: format!("u{i}"), email: format!("u{i}@bench.io"), password: "password123".into() };
-            users.push(node.commands().register(cmd).await.unwrap().id);
+            users.push(node.commands().register(cmd).await.unwrap().expect("a new address").id);
         }
         let users = Arc::new(users);
         let started = Instant::now();

@@ -74,7 +74,8 @@ async function pool(items, n, f) {
 async function register(n, tag) {
   return pool(Array.from({ length: n }, (_, i) => i), 8, async (i) => {
     const email = `${tag}-${i}-${run}@load.test`;
-    const r = await api(node(i), "POST", "/api/auth/register", null, { name: `${tag}${i}`, email, password: "load-password" });
+    await api(node(i), "POST", "/api/auth/register", null, { name: `${tag}${i}`, email, password: "load-password" });
+    const r = await api(node(i), "POST", "/api/auth/login", null, { email, password: "load-password" });
     return { id: r.user._id, token: r.token, i };
   });
 }

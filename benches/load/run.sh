@@ -30,7 +30,7 @@ run=$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export NATTER_JWT_SECRET="load-$run-secret-load-$run"
 export RUST_LOG=${RUST_LOG:-warn}
 # The load tool registers its users from one address as fast as it can.
-export NATTER_REGISTER_PER_HOUR=0 NATTER_SOCKETS_PER_IP=0
+export NATTER_REGISTER_PER_HOUR=0 NATTER_LOGIN_PER_MIN=0 NATTER_SOCKETS_PER_IP=0
 pids=()
 service_pids=()
 data=""

@@ -55,36 +55,30 @@ pub fn validate(cmd: &Register) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn taken() -> Refusal {
-    Refusal::Conflict("an account with this email already exists".into())
-}
-
 impl Commands {
+    /// Registers an account, unless the address already has one (`None`).
+    /// Both cases cost one password hash, so that neither the answer nor
+    /// its timing tells a caller whether someone else uses an address.
     #[tracing::instrument(skip_all)]
-    pub async fn register(&self, cmd: Register) -> Result<UserView, CommandError> {
+    pub async fn register(&self, cmd: Register) -> Result<Option<UserView>, CommandError> {
         validate(&cmd)?;
         let email = normalise_email(&cmd.email);
         let subject = subjects::account(&self.prefix, &email_key(&email));
-        if self.log.last(&subject).await?.is_some() {
-            return Err(taken().into());
-        }
+        let taken = self.log.last(&subject).await?.is_some();
         let password_hash = auth::hash_password(cmd.password).await.map_err(Failure::from)?;
+        if taken {
+            return Ok(None);
+        }
         let user_id = uuid::Uuid::now_v7().to_string();
         let event = UserRegistered { user_id: user_id.clone(), name: cmd.name.trim().to_owned(), email, password_hash };
         let env = self
             .append(&subject, &format!("register:{user_id}"), |last: Option<Logged>| {
-                std::future::ready(match last {
-                    Some(_) => Err(taken().into()),
-                    None => Ok(Some(Event::UserRegistered(event.clone()))),
-                })
+                std::future::ready(Ok(last.is_none().then(|| Event::UserRegistered(event.clone()))))
             })
-            .await?
-            .ok_or_else(taken)?;
-        Ok(UserView::from_event(&env, &event))
+            .await?;
+        Ok(env.map(|env| UserView::from_event(&env, &event)))
     }
 
-    /// Checks an e-mail address and password; the same answer for an unknown
-    /// address and a wrong password.
     #[tracing::instrument(skip_all)]
     pub async fn login(&self, email: &str, password: String) -> Result<UserView, CommandError> {
         let refused = || Refusal::Unauthenticated("invalid email or password".into());

@@ -32,7 +32,10 @@ async fn register_at(http: &reqwest::Client, url: &str, name: &str) -> User {
     let email = format!("{}-{}@example.com", name.to_lowercase(), uuid::Uuid::new_v4().simple());
     let body = json!({ "name": name, "email": email, "password": "password123" });
     let (status, r) = call(http, Method::POST, format!("{url}/api/auth/register"), None, Some(body)).await.unwrap();
-    assert_eq!(status, 201, "{r}");
+    assert_eq!(status, 202, "{r}");
+    let login = json!({ "email": email, "password": "password123" });
+    let (status, r) = call(http, Method::POST, format!("{url}/api/auth/login"), None, Some(login)).await.unwrap();
+    assert_eq!(status, 200, "{r}");
     User { id: r["user"]["_id"].as_str().unwrap().into(), token: r["token"].as_str().unwrap().into(), email }
 }
 

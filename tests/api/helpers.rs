@@ -182,6 +182,7 @@ impl Cluster {
         // Tests register, send and join from one address as fast as they
         // can: the rate limits are tested on their own (abuse.rs).
         cfg.limits.register_per_hour = 0;
+        cfg.limits.login_per_min = 0;
         cfg.limits.sends_per_sec = 0;
         cfg.limits.room_changes_per_min = 0;
         cfg.limits.sockets_per_ip = 0;
@@ -281,10 +282,11 @@ impl Cluster {
 
     pub async fn register(&self, node: usize, name: &str) -> User {
         let email = format!("{}-{}@example.com", name.to_lowercase(), uuid::Uuid::new_v4().simple());
-        let body = self
+        let r = self
             .request(node, Method::POST, "/api/auth/register", None, Some(json!({"name": name, "email": email, "password": "password123"})))
-            .await
-            .ok();
+            .await;
+        assert_eq!(r.status.as_u16(), 202, "{}", r.body);
+        let body = self.request(node, Method::POST, "/api/auth/login", None, Some(json!({"email": email, "password": "password123"}))).await.ok();
         User {
             id: body["user"]["_id"].as_str().unwrap().to_owned(),
             token: body["token"].as_str().unwrap().to_owned(),
