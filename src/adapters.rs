@@ -8,9 +8,8 @@ use std::sync::Arc;
 use natter_projections::{CountStore, Projection, ViewStore};
 use secrecy::SecretString;
 
-use crate::commands::retry::ViewsProgress;
 use crate::config::Mode;
-use crate::log::EventLog;
+use crate::log::{EventLog, ViewsProgress};
 use crate::presence::Presence;
 use crate::projector::Runner;
 use crate::push::PushBus;

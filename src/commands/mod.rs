@@ -13,7 +13,7 @@
 //! [`Failure`], a 503/500).
 
 mod append;
-pub mod retry;
+mod retry;
 pub mod register;
 pub mod rooms;
 pub mod seen;
@@ -25,7 +25,7 @@ use natter_projections::{CountStore, StoreError, ViewStore};
 use thiserror::Error;
 
 use crate::config::Limits;
-use crate::log::{EventLog, LogError};
+use crate::log::{EventLog, LogError, ViewsProgress};
 use crate::metrics::Metrics;
 
 /// A command refused for what it asks: nothing was appended.
@@ -98,8 +98,9 @@ pub struct Commands {
     pub(crate) limits: Limits,
     pub(crate) metrics: Arc<Metrics>,
     /// How far the views have applied the log, for recognising retries.
-    progress: Arc<dyn retry::ViewsProgress>,
-    floor: retry::FloorCache,
+    progress: Arc<dyn ViewsProgress>,
+    /// The last applied floor read, and when (see `retry.rs`).
+    floor: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
     /// Users known to exist (accounts are never deleted): a send to one of
     /// them needs no views read. Bounded: emptied when full.
     known_users: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -116,7 +117,7 @@ impl Commands {
         prefix: String,
         limits: Limits,
         metrics: Arc<Metrics>,
-        progress: Arc<dyn retry::ViewsProgress>,
+        progress: Arc<dyn ViewsProgress>,
     ) -> Self {
         Commands { log, views, counts, prefix, limits, metrics, progress, floor: Default::default(), known_users: Default::default() }
     }

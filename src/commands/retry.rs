@@ -19,23 +19,12 @@
 //! bounded: past [`MAX_WALK`] events the send is answered 503 instead of
 //! risking a second copy.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use natter_events::Envelope;
 
 use super::{CommandError, Commands, Failure};
 use crate::log::LogError;
-
-/// How far the views have applied the log (a port: the distributed mode
-/// asks the views' JetStream consumer, the embedded one its log tail).
-#[async_trait]
-pub trait ViewsProgress: Send + Sync {
-    /// A log sequence at or below which every event is in the views (0:
-    /// nothing is known to be). It only grows.
-    async fn applied_through(&self) -> Result<u64, LogError>;
-}
 
 /// Events of one conversation a retry check walks at most.
 pub(crate) const MAX_WALK: usize = 10_000;
@@ -43,20 +32,16 @@ pub(crate) const MAX_WALK: usize = 10_000;
 /// How long a floor read is used before it is read again.
 const FLOOR_TTL: Duration = Duration::from_millis(200);
 
-/// The last floor read, and when.
-#[derive(Default)]
-pub(crate) struct FloorCache(Mutex<Option<(u64, Instant)>>);
-
 impl Commands {
     /// The views' applied floor, read at most every [`FLOOR_TTL`].
     pub(crate) async fn views_floor(&self) -> Result<u64, CommandError> {
-        if let Some((floor, at)) = *self.floor.0.lock().expect("floor lock") {
+        if let Some((floor, at)) = *self.floor.lock().expect("floor lock") {
             if at.elapsed() < FLOOR_TTL {
                 return Ok(floor);
             }
         }
         let floor = self.progress.applied_through().await?;
-        let mut cached = self.floor.0.lock().expect("floor lock");
+        let mut cached = self.floor.lock().expect("floor lock");
         // Two concurrent reads: keep the higher one.
         if cached.is_none_or(|(old, _)| old <= floor) {
             *cached = Some((floor, Instant::now()));

@@ -24,8 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::adapters::Adapters;
 use crate::config::{Config, Mode};
-use crate::commands::retry::ViewsProgress;
-use crate::log::{EventLog, LogError};
+use crate::log::{EventLog, LogError, ViewsProgress};
 use crate::log::nats::NatsLog;
 use crate::metrics::Metrics;
 use crate::presence::redis::RedisPresence;

@@ -71,3 +71,13 @@ pub trait EventLog: Send + Sync {
     /// Whether the log can take writes now (for `/readyz`).
     async fn check(&self) -> Result<(), LogError>;
 }
+
+/// How far the views have applied the log, for recognising a retry at any
+/// age (`commands/retry.rs`). The distributed mode asks the views'
+/// JetStream consumer, the embedded one its log tail.
+#[async_trait]
+pub trait ViewsProgress: Send + Sync {
+    /// A log sequence at or below which every event is in the views (0:
+    /// nothing is known to be). It only grows.
+    async fn applied_through(&self) -> Result<u64, LogError>;
+}

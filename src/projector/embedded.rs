@@ -23,9 +23,8 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::{Next, Parking, project};
-use crate::commands::retry::ViewsProgress;
 use crate::log::file::FileLog;
-use crate::log::{EventLog, LogError};
+use crate::log::{EventLog, LogError, ViewsProgress};
 use crate::metrics::Metrics;
 
 /// `parked.jsonl`: one JSON object per parked (projection, event).
