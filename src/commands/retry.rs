@@ -6,7 +6,7 @@
 //! window, and the views only hold what the projector has applied. Every
 //! event of a conversation is in one of two places:
 //!
-//! - at or below the views' applied floor ([`ViewsProgress`]: every event
+//! - at or below the views' applied floor ([`crate::log::ViewsProgress`]: every event
 //!   up to that log sequence is in the views), so the views' index on the
 //!   command id finds it;
 //! - above the floor, so walking the conversation's subject in the log from
