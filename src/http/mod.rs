@@ -7,6 +7,7 @@
 //! - [`messages`]: direct messages and seen marks.
 //! - [`rooms`]: study rooms.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`web`]: the web client at `/` (files compiled in from `web/`).
 //! - [`extract`]: [`extract::ApiJson`], a JSON body whose rejections are
 //!   [`ApiError`]s.
 
@@ -16,6 +17,7 @@ mod messages;
 mod ops;
 mod rooms;
 mod users;
+mod web;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -89,6 +91,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(messages::router())
         .merge(rooms::router())
         .merge(ops::router())
+        .merge(web::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), record))
         .layer(DefaultBodyLimit::max(limit))

@@ -25,3 +25,4 @@ mod rebuild;
 mod rooms;
 mod tokens;
 mod unseen;
+mod web_client;
