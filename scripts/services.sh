@@ -470,10 +470,27 @@ cmd_env() {
   cat "$ENV_FILE"
 }
 
+# The browser tests' tools: Node.js 20+ (the official socket.io-client,
+# playwright-core) and headless Chromium, from Debian's packages if missing.
+cmd_browser() {
+  mkdir -p "$SVC_DIR"
+  command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+  ((major >= 20)) || die "Node.js $(node --version 2>/dev/null) is too old for the tests (playwright-core needs 20 or newer: install it from nodejs.org or NodeSource)"
+  local chromium=${CHROMIUM:-/usr/bin/chromium}
+  if [[ ! -x $chromium ]]; then
+    [[ $chromium == /usr/bin/chromium ]] || die "CHROMIUM=$chromium is not an executable"
+    apt_install chromium
+  fi
+  [[ -x $chromium ]] || die "$chromium still missing after apt-get install chromium"
+}
+
 case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+  browser) cmd_browser ;;
+  *) echo "usage: $0 start|stop|status|env|browser" >&2; exit 2 ;;
 esac

@@ -25,19 +25,11 @@ scripts/services.sh start
 . target/services/env
 export NATTER_NATS_URL NATTER_REDIS_URL NATTER_MONGO_URL
 
-# The official socket.io-client, for the Socket.IO tests (pinned by package-lock.json).
-if ! command -v npm >/dev/null 2>&1; then
-  echo "[test] node/npm missing: installing Debian's nodejs and npm" >&2
-  apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
-fi
+# Node.js and headless Chromium (Debian's packages, if missing), then the
+# official socket.io-client and playwright-core (pinned by package-lock.json;
+# playwright drives Debian's chromium and downloads no browser).
+scripts/services.sh browser
 (cd tests/client && npm ci --no-audit --no-fund --loglevel=error)
-
-# Headless Chromium for the browser tests (Debian's package, driven by
-# playwright-core from tests/client; nothing is downloaded by npm).
-if [[ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]]; then
-  echo "[test] chromium missing: installing Debian's chromium" >&2
-  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
-fi
 
 echo "[test] cargo test --workspace (NATS $NATTER_NATS_URL, Redis $NATTER_REDIS_URL, MongoDB $NATTER_MONGO_URL)"
 cargo test --workspace --locked "$@"

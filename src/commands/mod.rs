@@ -99,8 +99,9 @@ pub struct Commands {
     pub(crate) metrics: Arc<Metrics>,
     /// How far the views have applied the log, for recognising retries.
     progress: Arc<dyn ViewsProgress>,
-    /// The last applied floor read, and when (see `retry.rs`).
-    floor: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
+    /// The views' applied floor as last read: its log sequence, the time of
+    /// the event there, and when it was read (see `retry.rs`).
+    floor: std::sync::Mutex<Option<(u64, Option<chrono::DateTime<chrono::Utc>>, std::time::Instant)>>,
     /// Users known to exist (accounts are never deleted): a send to one of
     /// them needs no views read. Bounded: emptied when full.
     known_users: std::sync::Mutex<std::collections::HashSet<String>>,

@@ -79,6 +79,8 @@ impl Commands {
         Ok(env.map(|env| UserView::from_event(&env, &event)))
     }
 
+    /// Checks an e-mail address and password; the same answer for an unknown
+    /// address and a wrong password.
     #[tracing::instrument(skip_all)]
     pub async fn login(&self, email: &str, password: String) -> Result<UserView, CommandError> {
         let refused = || Refusal::Unauthenticated("invalid email or password".into());

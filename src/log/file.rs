@@ -348,6 +348,10 @@ impl EventLog for FileLog {
         next.map(|seq| self.read_at(&mut state, seq)).transpose()
     }
 
+    fn dedup_window(&self) -> Duration {
+        self.dedup_window
+    }
+
     async fn check(&self) -> Result<(), LogError> {
         if let Some(why) = &self.state.lock().expect("event log lock").broken {
             return Err(corrupt(&self.path, why));

@@ -70,6 +70,9 @@ pub trait EventLog: Send + Sync {
     async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError>;
     /// Whether the log can take writes now (for `/readyz`).
     async fn check(&self) -> Result<(), LogError>;
+    /// How long an appended command id is remembered: an append with the
+    /// same id within this window returns the original.
+    fn dedup_window(&self) -> std::time::Duration;
 }
 
 /// How far the views have applied the log, for recognising a retry at any

@@ -24,6 +24,7 @@ pub struct NatsLog {
     handle: stream::Stream<()>,
     /// Whether appends write the compact form of direct-conversation events.
     compact: bool,
+    dedup_window: Duration,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> LogError {
@@ -96,7 +97,7 @@ impl NatsLog {
         .await
         .map_err(|e| anyhow::anyhow!("creating JetStream stream {}: {e}", parked_stream(stream)))?;
         let handle = js.get_stream_no_info(stream).await?;
-        Ok(NatsLog { client, js, stream: stream.to_owned(), handle, compact: true })
+        Ok(NatsLog { client, js, stream: stream.to_owned(), handle, compact: true, dedup_window })
     }
 
     /// Appends write direct-conversation events in their compact form
@@ -227,6 +228,10 @@ impl EventLog for NatsLog {
 
     async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError> {
         self.next_matching(format!("{prefix}*"), from).await
+    }
+
+    fn dedup_window(&self) -> Duration {
+        self.dedup_window
     }
 
     async fn check(&self) -> Result<(), LogError> {

@@ -321,6 +321,9 @@ mod tests {
             async fn check(&self) -> Result<(), LogError> {
                 self.0.check().await
             }
+            fn dedup_window(&self) -> std::time::Duration {
+                self.0.dedup_window()
+            }
         }
 
         let dir = std::env::temp_dir().join(format!("natter-flaky-{}", uuid::Uuid::new_v4().simple()));

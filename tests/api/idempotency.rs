@@ -105,8 +105,8 @@ async fn pause_consumer(c: &Cluster, durable: &str, until: Option<chrono::DateTi
 /// Appends `env` as a node would have before dying (the views never saw
 /// it), then waits until the log's deduplication window has passed for
 /// it: a probe appended just after it, published again with its own
-/// message id, is no longer answered "duplicate" (and is then in the log
-/// once, as a registration of a user nobody uses).
+/// message id, is no longer answered "duplicate" (the probe, a
+/// registration of a user nobody uses, is then in the log twice).
 async fn append_and_outlive_the_dedup_window(c: &Cluster, env: &Envelope, expected_last: u64) {
     let log = c.nats();
     let appended = log.append(env, expected_last).await.expect("append the original");
@@ -190,8 +190,14 @@ async fn a_retry_after_the_dedup_window_with_the_views_stopped_returns_the_origi
     let r = c.send(0, &amy, &bob, "something else", Some("k-dm")).await;
     assert_eq!(r.status.as_u16(), 409, "{}", r.body);
 
-    // The views resume: each message is there once.
+    // The views resume and catch up with the log: each message is there once.
     pause_consumer(&c, views, None).await;
+    let log_stream = c.nats().jetstream().get_stream(&c.cfg.distributed.stream).await.unwrap();
+    eventually_within("the views' projector catches up", 30, || async {
+        let info = log_stream.consumer_info(views).await.unwrap();
+        info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= head
+    })
+    .await;
     let texts: Vec<Value> = c.history(0, &bob, &amy).await.iter().map(|m| m["message"].clone()).collect();
     assert_eq!(texts, [json!("sent once")]);
     let r = c.request(0, Method::GET, &format!("/api/rooms/{room}/messages"), Some(&amy.token), None).await.ok();

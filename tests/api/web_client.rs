@@ -54,7 +54,8 @@ async fn browse(c: &Cluster, a: usize, b: usize) -> Vec<String> {
         }
         steps.push(v["step"].as_str().unwrap_or_default().to_owned());
     }
-    let _ = script.wait().await;
+    let status = tokio::time::timeout(Duration::from_secs(30), script.wait()).await.expect("the browser script ends").unwrap();
+    assert!(status.success(), "the browser script exited with {status}");
     steps
 }
 

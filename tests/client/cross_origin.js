@@ -99,6 +99,10 @@ async function main() {
     await stranger.goto(origin(foreign));
     const refused = await stranger.evaluate(async ({ natter, email, token }) => {
       const result = {};
+      // natter is reachable from this page (an opaque answer the page may not read)...
+      const opaque = await fetch(natter + "/healthz", { mode: "no-cors" });
+      result.reachable = opaque.type;
+      // ...but the browser lets it read nothing.
       try {
         const res = await fetch(natter + "/api/auth/login", {
           method: "POST",
@@ -107,7 +111,7 @@ async function main() {
         });
         result.fetch = `read ${res.status}`;
       } catch (e) {
-        result.fetch = `refused: ${e.name}`;
+        result.fetch = `refused: ${e.name}: ${e.message}`;
       }
       result.socket = await new Promise((resolve) => {
         const s = io(natter, { auth: { token }, transports: ["polling"], reconnection: false, timeout: 10000 });
