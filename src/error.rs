@@ -5,7 +5,6 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::auth::TokenError;
 use crate::commands::{CommandError, Failure, Refusal};
@@ -72,7 +71,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "success": false, "message": self.message, "code": self.code });
+        let body = crate::wire::ErrorBody { success: false, message: self.message, code: self.code.to_owned() };
         let retry_after = self.retry_after.or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = retry_after {

@@ -1,56 +1,305 @@
-//! Shapes clients see, shared by REST and Socket.IO: one definition, so a
-//! message pushed over a socket is byte-for-byte the message REST returns.
+//! Shapes clients see, shared by REST, Socket.IO and the OpenAPI
+//! description: each is one Rust type, serialized as is, so a message
+//! pushed over a socket is the message REST returns, and the description
+//! (`/api/openapi.json`, derived from these types) cannot drift from them.
 
-use natter_projections::{MessageView, RoomMessageView, RoomView};
-use serde_json::{Value, json};
+use std::collections::HashMap;
 
-/// A message as clients see it: the original app's shape plus `seq` and
-/// `clientMsgId`. `seen` is derived from the receiver's read watermark.
-pub fn message_json(m: &MessageView, seen: bool) -> Value {
-    let mut v = json!({
-        "_id": m.id,
-        "senderId": m.sender_id,
-        "receiverId": m.receiver_id,
-        "seen": seen,
-        "seq": m.seq,
-        "createdAt": m.created_at,
-        "updatedAt": m.created_at,
-    });
-    with_content(&mut v, &m.message, &m.attachment, &m.client_msg_id);
-    v
+use natter_projections::{MessageView, RoomMessageView, RoomView, UserView};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+fn to_value(v: impl Serialize) -> Value {
+    serde_json::to_value(v).expect("client shapes serialize")
 }
 
-/// Adds the fields a message has only when set, as the original app's
-/// documents did (absent, not null).
-fn with_content(v: &mut Value, message: &Option<String>, attachment: &Option<String>, client_msg_id: &Option<String>) {
-    let obj = v.as_object_mut().expect("message JSON is an object");
-    for (key, value) in [("message", message), ("attachment", attachment), ("clientMsgId", client_msg_id)] {
-        if let Some(value) = value {
-            obj.insert(key.into(), json!(value));
+/// A direct message: the original app's shape plus `seq` and `clientMsgId`.
+/// `message`, `attachment` and `clientMsgId` are absent (not null) when
+/// unset, as the original app's documents.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub sender_id: String,
+    pub receiver_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// An http(s) URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+    /// Whether the receiver's read watermark is at or past `seq`.
+    pub seen: bool,
+    /// Position in the conversation: 1, 2, 3, … with no gaps.
+    pub seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    /// RFC 3339, milliseconds, UTC.
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl Message {
+    pub fn new(m: &MessageView, seen: bool) -> Message {
+        Message {
+            id: m.id.clone(),
+            sender_id: m.sender_id.clone(),
+            receiver_id: m.receiver_id.clone(),
+            message: m.message.clone(),
+            attachment: m.attachment.clone(),
+            seen,
+            seq: m.seq,
+            client_msg_id: m.client_msg_id.clone(),
+            created_at: m.created_at.clone(),
+            updated_at: m.created_at.clone(),
         }
     }
 }
 
-/// A room message as clients see it (REST history and the `/chat` `message` event).
-pub fn room_message_json(m: &RoomMessageView) -> Value {
-    let mut v = json!({
-        "_id": m.id,
-        "roomId": m.room_id,
-        "senderId": m.sender_id,
-        "seq": m.seq,
-        "createdAt": m.created_at,
-    });
-    with_content(&mut v, &m.message, &m.attachment, &m.client_msg_id);
-    v
+/// [`Message`] as a JSON value (a push adds its `cursor`).
+pub fn message_json(m: &MessageView, seen: bool) -> Value {
+    to_value(Message::new(m, seen))
 }
 
-/// A room as clients see it.
-pub fn room_json(r: &RoomView) -> Value {
-    json!({
-        "_id": r.id,
-        "name": r.name,
-        "description": r.description,
-        "createdBy": r.created_by,
-        "createdAt": r.created_at,
-    })
+/// A room message (REST history and the `/chat` `message` event).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomMessage {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub room_id: String,
+    pub sender_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+    /// Position in the room: gapless.
+    pub seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_msg_id: Option<String>,
+    pub created_at: String,
+}
+
+impl RoomMessage {
+    pub fn new(m: &RoomMessageView) -> RoomMessage {
+        RoomMessage {
+            id: m.id.clone(),
+            room_id: m.room_id.clone(),
+            sender_id: m.sender_id.clone(),
+            message: m.message.clone(),
+            attachment: m.attachment.clone(),
+            seq: m.seq,
+            client_msg_id: m.client_msg_id.clone(),
+            created_at: m.created_at.clone(),
+        }
+    }
+}
+
+/// [`RoomMessage`] as a JSON value (a push adds its `cursor`).
+pub fn room_message_json(m: &RoomMessageView) -> Value {
+    to_value(RoomMessage::new(m))
+}
+
+/// A study room.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Room {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub created_by: String,
+    pub created_at: String,
+}
+
+impl Room {
+    pub fn new(r: &RoomView) -> Room {
+        Room { id: r.id.clone(), name: r.name.clone(), description: r.description.clone(), created_by: r.created_by.clone(), created_at: r.created_at.clone() }
+    }
+}
+
+/// A room as the caller sees it in `GET /api/rooms`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedRoom {
+    #[serde(flatten)]
+    pub room: Room,
+    pub is_member: bool,
+    /// Messages above the caller's read watermark (0 for non-members).
+    pub unread: u64,
+    /// How many members are present now (members only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_users: Option<usize>,
+}
+
+/// A room with whether the caller is a member (`GET /api/rooms/{id}`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomOfCaller {
+    #[serde(flatten)]
+    pub room: Room,
+    pub is_member: bool,
+}
+
+/// Another user: who they are, never their email (a directory of
+/// addresses is what spammers and phishers page through).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicUser {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+impl PublicUser {
+    pub fn new(u: &UserView) -> PublicUser {
+        PublicUser { id: u.id.clone(), name: u.name.clone(), created_at: u.created_at.clone() }
+    }
+}
+
+/// The caller themselves (login answers): with their email.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnUser {
+    #[serde(flatten)]
+    pub user: PublicUser,
+    pub email: String,
+}
+
+/// A user present in a room now.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PresentUser {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub name: Option<String>,
+}
+
+/// Every error: `success` is false; `code` is stable, `message` is for people.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub success: bool,
+    pub message: String,
+    /// e.g. `bad_request`, `unauthorized`, `forbidden`, `not_found`,
+    /// `conflict`, `payload_too_large`, `rate_limited`, `busy`, `unavailable`, `starting`.
+    pub code: String,
+}
+
+/// `POST /api/auth/login`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoggedIn {
+    pub success: bool,
+    /// A JWT for `Authorization: Bearer` and the Socket.IO handshake's `auth.token`.
+    pub token: String,
+    pub user: OwnUser,
+}
+
+/// `POST /api/auth/register`: the same whether or not the address was free.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Registered {
+    pub success: bool,
+    pub message: String,
+}
+
+/// `GET /api/users`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsersPage {
+    pub success: bool,
+    pub users: Vec<PublicUser>,
+    /// Peer id → messages from them the caller has not seen (non-zero only).
+    pub unseen_messages: HashMap<String, u64>,
+    /// Pass as `after` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A sent direct message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SentMessage {
+    pub success: bool,
+    /// `Message Sent Successfully` or `Attachment Sent Successfully`.
+    pub message: String,
+    pub data: Message,
+}
+
+/// A sent room message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SentRoomMessage {
+    pub success: bool,
+    pub message: String,
+    pub data: RoomMessage,
+}
+
+/// `PATCH /api/messages/{messageId}/seen`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MarkedSeen {
+    pub success: bool,
+    /// The caller has now seen every message of the conversation up to this seq.
+    pub up_to_seq: u64,
+}
+
+/// A room (created, joined).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RoomAnswer {
+    pub success: bool,
+    pub room: Room,
+}
+
+/// `GET /api/rooms/{id}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OneRoom {
+    pub success: bool,
+    pub room: RoomOfCaller,
+}
+
+/// `GET /api/rooms`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomsPage {
+    pub success: bool,
+    pub rooms: Vec<ListedRoom>,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /api/rooms/{id}/users`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PresentUsers {
+    pub success: bool,
+    pub users: Vec<PresentUser>,
+    pub count: usize,
+}
+
+/// An answer that only says it worked.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Done {
+    pub success: bool,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`
+    pub status: String,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Readiness {
+    /// `ready`, `unavailable` or `starting`.
+    pub status: String,
+    /// `embedded` or `distributed`.
+    pub mode: String,
+    /// While starting: what the node is doing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// `ok` or `unavailable` (once started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_log: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub views: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counts: Option<String>,
 }

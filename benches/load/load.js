@@ -149,7 +149,9 @@ async function dmPhase(users, sockets, lat, stopAt, counter) {
     if (b === a) b = users[(a.i + 1) % users.length];
     const text = `t${Date.now()}`;
     counter.sent++;
-    sends.push(api(node(a.i), "POST", `/api/messages/${b.id}`, a.token, { message: text }).catch((e) => counter.failed.push(e.message)));
+    // Keyed, as real clients send (a retry would return the original).
+    const key = `${run}-${counter.sent}`;
+    sends.push(api(node(a.i), "POST", `/api/messages/${b.id}`, a.token, { message: text, clientMsgId: key }).catch((e) => counter.failed.push(e.message)));
     due += interval;
     const wait = due - Date.now();
     if (wait > 0) await sleep(wait);

@@ -118,10 +118,19 @@ impl Healer {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            let outcome = match self.begin().await {
-                Ok(Some(target)) => self.finish(target).await,
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
+            // A node stopping mid-rebuild stops waiting at once (its
+            // projectors are stopping too, so no progress would come): the
+            // lock lapses and another node, or the next start, starts over.
+            let heal = async {
+                match self.begin().await {
+                    Ok(Some(target)) => self.finish(target).await,
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            };
+            let outcome = tokio::select! {
+                outcome = heal => outcome,
+                _ = shutdown.wait_for(|stop| *stop) => return,
             };
             if let Err(e) = outcome {
                 tracing::error!(error = %format!("{e:#}"), "unread counts rebuild failed; will retry");

@@ -6,16 +6,16 @@ use std::sync::Arc;
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::routing::post;
-use axum::{Json, Router, extract::State};
-use natter_projections::UserView;
+use axum::{Json, extract::State};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::extract::{ApiJson, ClientIp};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::register::Register;
+use crate::wire::{ErrorBody, LoggedIn, OwnUser, PublicUser, Registered};
 
 /// The authenticated caller's user id, from `Authorization: Bearer <jwt>`.
 pub struct Caller(pub String);
@@ -39,27 +39,16 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     }
 }
 
-/// Another user as clients see them: who they are, never their email (a
-/// directory of addresses is what spammers and phishers page through).
-pub fn public_user(u: &UserView) -> Value {
-    json!({ "_id": u.id, "name": u.name, "createdAt": u.created_at })
-}
-
-/// The caller themselves (login answers): with their email.
-fn own_user(u: &UserView) -> Value {
-    let mut v = public_user(u);
-    v["email"] = json!(u.email);
-    v
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct RegisterBody {
+    /// 1 to 100 characters.
     name: String,
     email: String,
+    /// 8 to 1024 characters.
     password: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct LoginBody {
     email: String,
     password: String,
@@ -70,11 +59,15 @@ struct LoginBody {
 /// account. The client logs in next, as with any account.
 const REGISTERED: &str = "If this email had no account, it has one now: log in with this email and password";
 
+/// Create an account. The answer is the same whether or not the address
+/// already had one (so it tells nobody which addresses do): log in next.
+#[utoipa::path(post, path = "/api/auth/register", tag = "accounts", request_body = RegisterBody,
+    responses((status = 202, body = Registered, description = "accepted; log in with this email and password")))]
 async fn register(
     State(node): State<Arc<AppState>>,
     ClientIp(ip): ClientIp,
     ApiJson(body): ApiJson<RegisterBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
     node.rate.register(&ip).await?;
     let created = node
         .commands
@@ -83,10 +76,14 @@ async fn register(
     if created.is_none() {
         tracing::debug!("a registration for an address that has an account: answered like any other");
     }
-    Ok((StatusCode::ACCEPTED, Json(json!({ "success": true, "message": REGISTERED }))))
+    Ok((StatusCode::ACCEPTED, Json(Registered { success: true, message: REGISTERED.into() })))
 }
 
-async fn login(State(node): State<Arc<AppState>>, ClientIp(ip): ClientIp, ApiJson(body): ApiJson<LoginBody>) -> Result<Json<Value>, ApiError> {
+/// Log in: a token, and the caller's own user (with their email). An
+/// unknown address and a wrong password get the same 401.
+#[utoipa::path(post, path = "/api/auth/login", tag = "accounts", request_body = LoginBody,
+    responses((status = 200, body = LoggedIn), (status = 401, body = ErrorBody, description = "invalid email or password")))]
+async fn login(State(node): State<Arc<AppState>>, ClientIp(ip): ClientIp, ApiJson(body): ApiJson<LoginBody>) -> Result<Json<LoggedIn>, ApiError> {
     let account = crate::commands::register::email_key(&body.email);
     node.rate.login(&ip, &account).await?;
     let user = match node.commands.login(&body.email, body.password).await {
@@ -102,9 +99,9 @@ async fn login(State(node): State<Arc<AppState>>, ClientIp(ip): ClientIp, ApiJso
         }
     };
     let token = node.auth.issue(&user.id);
-    Ok(Json(json!({ "success": true, "token": token, "user": own_user(&user) })))
+    Ok(Json(LoggedIn { success: true, token, user: OwnUser { user: PublicUser::new(&user), email: user.email.clone() } }))
 }
 
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new().route("/api/auth/register", post(register)).route("/api/auth/login", post(login))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(register)).routes(routes!(login))
 }

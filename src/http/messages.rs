@@ -12,33 +12,40 @@ use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::routing::{get, patch, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::send::SendMessage;
-use crate::wire::message_json;
+use crate::wire::{ErrorBody, MarkedSeen, Message, SentMessage};
 
 pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 500;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct HistoryQuery {
+    /// The page before this message seq (default: the newest page).
     before: Option<u64>,
+    /// 1 to 500 (default 100).
     limit: Option<u32>,
 }
 
+/// The conversation with a user, oldest first; marks it seen.
+#[utoipa::path(get, path = "/api/messages/{id}", operation_id = "conversation", tag = "direct messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the other user's id"), HistoryQuery),
+    responses((status = 200, body = Vec<Message>), (status = 404, body = ErrorBody, description = "no such user")))]
 async fn history(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     ApiPath(peer): ApiPath<String>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<Message>>, ApiError> {
     let Query(q) = query?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if limit == 0 || limit > MAX_PAGE {
@@ -54,63 +61,79 @@ async fn history(
         node.views().watermarks(&conversation)
     );
     let (page, marks) = (page?, marks?);
-    let out: Vec<Value> = page
-        .iter()
-        .map(|m| message_json(m, marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq)))
-        .collect();
-    Ok(Json(Value::Array(out)))
+    let out = page.iter().map(|m| Message::new(m, marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq))).collect();
+    Ok(Json(out))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct SendBody {
+    /// The text (up to `NATTER_MAX_MESSAGE_CHARS`, 4000).
     message: Option<String>,
+    /// Idempotency key (letters, digits, `-`, `_`; up to 64): a retry with
+    /// it returns the original message, at any age.
     client_msg_id: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct AttachmentBody {
+    /// The receiver's id.
     other_id: Option<String>,
+    /// An http(s) URL.
     attachment_sent: Option<String>,
     client_msg_id: Option<String>,
 }
 
-async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<Value>, ApiError> {
+async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&cmd.sender)?;
     let sent = node.commands.send(cmd).await?;
-    Ok(Json(json!({ "success": true, "message": format!("{what} Sent Successfully"), "data": message_json(&sent.message, sent.seen) })))
+    Ok(Json(SentMessage { success: true, message: format!("{what} Sent Successfully"), data: Message::new(&sent.message, sent.seen) }))
 }
 
+/// Send a message to a user.
+#[utoipa::path(post, path = "/api/messages/{id}", operation_id = "send_message", tag = "direct messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the receiver's id")), request_body = SendBody,
+    responses((status = 200, body = SentMessage),
+        (status = 404, body = ErrorBody, description = "no such user"),
+        (status = 409, body = ErrorBody, description = "clientMsgId already used for another message")))]
 async fn send(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     ApiPath(peer): ApiPath<String>,
     ApiJson(body): ApiJson<SendBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SentMessage>, ApiError> {
     let cmd = SendMessage { sender: me, receiver: peer, message: body.message, attachment: None, client_msg_id: body.client_msg_id };
     sent(&node, cmd, "Message").await
 }
 
+/// Send an attachment (a URL) to a user.
+#[utoipa::path(post, path = "/api/attachments", tag = "direct messages", security(("bearer" = [])), request_body = AttachmentBody,
+    responses((status = 200, body = SentMessage),
+        (status = 404, body = ErrorBody, description = "no such user"),
+        (status = 409, body = ErrorBody, description = "clientMsgId already used for another message")))]
 async fn send_attachment(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     ApiJson(body): ApiJson<AttachmentBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SentMessage>, ApiError> {
     let receiver = body.other_id.ok_or_else(|| ApiError::bad_request("otherId is required"))?;
     let attachment = body.attachment_sent.ok_or_else(|| ApiError::bad_request("attachmentSent is required"))?;
     let cmd = SendMessage { sender: me, receiver, message: None, attachment: Some(attachment), client_msg_id: body.client_msg_id };
     sent(&node, cmd, "Attachment").await
 }
 
-async fn mark_seen(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+/// Mark a message, and every earlier one of its conversation, seen (its receiver only).
+#[utoipa::path(patch, path = "/api/messages/{id}/seen", tag = "direct messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the message's `_id`")),
+    responses((status = 200, body = MarkedSeen),
+        (status = 403, body = ErrorBody, description = "the caller is not the message's receiver"),
+        (status = 404, body = ErrorBody, description = "no such message")))]
+async fn mark_seen(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<MarkedSeen>, ApiError> {
     let up_to = node.commands.mark_seen(&me, &id).await?;
-    Ok(Json(json!({ "success": true, "upToSeq": up_to })))
+    Ok(Json(MarkedSeen { success: true, up_to_seq: up_to }))
 }
 
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/api/messages/{id}", get(history).post(send))
-        .route("/api/messages/{id}/seen", patch(mark_seen))
-        .route("/api/attachments", post(send_attachment))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(history, send)).routes(routes!(mark_seen)).routes(routes!(send_attachment))
 }

@@ -10,10 +10,15 @@
 //! - [`web`]: the web client at `/` (files compiled in from `web/`).
 //! - [`extract`]: [`extract::ApiJson`], a JSON body whose rejections are
 //!   [`ApiError`]s.
+//! - [`openapi`]: the OpenAPI 3.1 description at `/api/openapi.json`, built
+//!   from the handlers' `#[utoipa::path]` and the shapes in `wire.rs`:
+//!   routes are registered through `routes!`, so a route cannot be served
+//!   without being described.
 
 mod auth;
 mod extract;
 mod messages;
+mod openapi;
 mod ops;
 mod rooms;
 mod users;
@@ -85,12 +90,14 @@ pub fn cors(origins: &crate::config::CorsOrigins) -> Option<tower_http::cors::Co
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.limits.max_body_bytes;
-    Router::new()
+    let (api, doc) = utoipa_axum::router::OpenApiRouter::with_openapi(openapi::base())
         .merge(auth::router())
         .merge(users::router())
         .merge(messages::router())
         .merge(rooms::router())
         .merge(ops::router())
+        .split_for_parts();
+    api.merge(openapi::router(doc))
         .merge(web::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), record))

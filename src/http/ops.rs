@@ -7,34 +7,47 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::json;
+use axum::Json;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::state::AppState;
 use crate::config::Mode;
+use crate::state::AppState;
+use crate::wire::{Health, Readiness};
 
-async fn healthz() -> impl IntoResponse {
-    Json(json!({ "status": "ok" }))
+/// The process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok".into() })
 }
 
+/// Whether the node serves and its event log, views and counts answer
+/// (details of a failure go to the node's log, not to this answer).
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness, description = "starting, or a dependency is unavailable")))]
 async fn readyz(State(node): State<Arc<AppState>>) -> axum::response::Response {
     if !node.is_serving() {
         let detail = match node.mode {
             Mode::Embedded => "rebuilding the views from the event log",
             Mode::Distributed => "starting the projectors",
         };
-        let body = json!({ "status": "starting", "mode": node.mode.name(), "detail": detail });
+        let body = Readiness {
+            status: "starting".into(),
+            mode: node.mode.name().into(),
+            detail: Some(detail.into()),
+            event_log: None,
+            views: None,
+            counts: None,
+        };
         return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response();
     }
     let [log, views, counts] = node.commands.check().await;
     // Details go to the log for the operator; the (unauthenticated) answer
     // only says which dependency is down.
     let verdict = |name: &str, r: Result<(), String>| match r {
-        Ok(()) => json!("ok"),
+        Ok(()) => Some("ok".to_owned()),
         Err(e) => {
             tracing::warn!(dependency = name, error = %e, "readiness check failed");
-            json!("unavailable")
+            Some("unavailable".to_owned())
         }
     };
     let ok = log.is_ok() && views.is_ok() && counts.is_ok();
@@ -42,26 +55,27 @@ async fn readyz(State(node): State<Arc<AppState>>) -> axum::response::Response {
         Mode::Distributed => ["event log (NATS)", "views (MongoDB)", "counts (Redis)"],
         Mode::Embedded => ["event log (file)", "views (in process)", "counts (in process)"],
     };
-    let body = json!({
-        "status": if ok { "ready" } else { "unavailable" },
-        "mode": node.mode.name(),
-        "eventLog": verdict(log_name, log),
-        "views": verdict(views_name, views),
-        "counts": verdict(counts_name, counts),
-    });
+    let body = Readiness {
+        status: if ok { "ready" } else { "unavailable" }.into(),
+        mode: node.mode.name().into(),
+        detail: None,
+        event_log: verdict(log_name, log),
+        views: verdict(views_name, views),
+        counts: verdict(counts_name, counts),
+    };
     match ok {
         true => (StatusCode::OK, Json(body)).into_response(),
         false => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response(),
     }
 }
 
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, body = String, content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(node): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render())
 }
 
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).routes(routes!(metrics))
 }

@@ -20,33 +20,42 @@ use std::sync::Arc;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::rooms::{CreateRoom, SendRoomMessage};
-use crate::wire::{room_json, room_message_json};
+use crate::wire::{Done, ErrorBody, ListedRoom, OneRoom, PresentUser, PresentUsers, Room, RoomAnswer, RoomMessage, RoomOfCaller, RoomsPage, SentRoomMessage};
 
 pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 500;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct CreateBody {
+    /// 1 to 100 characters.
     name: String,
+    /// Up to 1000 characters.
     description: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Page {
+    /// 1 to 500 (default 100).
     limit: Option<u32>,
+    /// Rooms: the `nextCursor` of the previous page.
     after: Option<String>,
+    /// Messages: the page before this seq (default: the newest page).
     before: Option<u64>,
 }
+
+/// The `{id}` path parameter of room routes.
+const ROOM_ID: &str = "the room's `_id`";
 
 fn limit_of(p: &Page) -> Result<u32, ApiError> {
     let limit = p.limit.unwrap_or(DEFAULT_PAGE);
@@ -68,13 +77,19 @@ async fn room_or_404(node: &AppState, id: &str) -> Result<natter_projections::Ro
     node.views().room(id).await?.ok_or_else(|| ApiError::not_found("Room not found"))
 }
 
-async fn create(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiJson(body): ApiJson<CreateBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+/// Create a study room; the creator is a member.
+#[utoipa::path(post, path = "/api/rooms", operation_id = "create_room", tag = "study rooms", security(("bearer" = [])), request_body = CreateBody,
+    responses((status = 201, body = RoomAnswer)))]
+async fn create(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiJson(body): ApiJson<CreateBody>) -> Result<(StatusCode, Json<RoomAnswer>), ApiError> {
     node.rate.room_change(&me)?;
     let room = node.commands.create_room(CreateRoom { creator: me, name: body.name, description: body.description }).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "success": true, "room": room_json(&room) }))))
+    Ok((StatusCode::CREATED, Json(RoomAnswer { success: true, room: Room::new(&room) })))
 }
 
-async fn list(State(node): State<Arc<AppState>>, Caller(me): Caller, page: Result<Query<Page>, QueryRejection>) -> Result<Json<Value>, ApiError> {
+/// Every room, paged; for members also their unread count and how many are present.
+#[utoipa::path(get, path = "/api/rooms", operation_id = "list_rooms", tag = "study rooms", security(("bearer" = [])), params(Page),
+    responses((status = 200, body = RoomsPage)))]
+async fn list(State(node): State<Arc<AppState>>, Caller(me): Caller, page: Result<Query<Page>, QueryRejection>) -> Result<Json<RoomsPage>, ApiError> {
     let Query(page) = page?;
     let limit = limit_of(&page)?;
     if let Some(after) = &page.after {
@@ -86,48 +101,60 @@ async fn list(State(node): State<Arc<AppState>>, Caller(me): Caller, page: Resul
     let unread = node.counts().room_unread(&me, &mine).await?;
     let mut out = Vec::with_capacity(rooms.len());
     for (r, member) in rooms.iter().zip(memberships) {
-        let mut v = room_json(r);
-        v["isMember"] = json!(member);
-        v["unread"] = json!(if member { unread.get(&r.id).copied().unwrap_or(0) } else { 0 });
-        if member {
-            v["activeUsers"] = json!(present(&node, &r.id).await?.len());
-        }
-        out.push(v);
+        let active_users = if member { Some(present(&node, &r.id).await?.len()) } else { None };
+        let unread = if member { unread.get(&r.id).copied().unwrap_or(0) } else { 0 };
+        out.push(ListedRoom { room: Room::new(r), is_member: member, unread, active_users });
     }
     let next = if rooms.len() == limit as usize { rooms.last().map(|r| r.id.clone()) } else { None };
-    Ok(Json(json!({ "success": true, "rooms": out, "nextCursor": next })))
+    Ok(Json(RoomsPage { success: true, rooms: out, next_cursor: next }))
 }
 
-async fn one(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+/// One room, with whether the caller is a member.
+#[utoipa::path(get, path = "/api/rooms/{id}", operation_id = "get_room", tag = "study rooms", security(("bearer" = [])), params(("id" = String, Path, description = ROOM_ID)),
+    responses((status = 200, body = OneRoom), (status = 404, body = ErrorBody, description = "no such room")))]
+async fn one(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<OneRoom>, ApiError> {
     let room = room_or_404(&node, &id).await?;
-    let mut v = room_json(&room);
-    v["isMember"] = json!(node.views().is_member(&id, &me).await?);
-    Ok(Json(json!({ "success": true, "room": v })))
+    let is_member = node.views().is_member(&id, &me).await?;
+    Ok(Json(OneRoom { success: true, room: RoomOfCaller { room: Room::new(&room), is_member } }))
 }
 
-async fn join(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+/// Join a room (nothing changes for a member).
+#[utoipa::path(post, path = "/api/rooms/{id}/join", operation_id = "join_room", tag = "study rooms", security(("bearer" = [])), params(("id" = String, Path, description = ROOM_ID)),
+    responses((status = 200, body = RoomAnswer), (status = 404, body = ErrorBody, description = "no such room")))]
+async fn join(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<RoomAnswer>, ApiError> {
     let room = room_or_404(&node, &id).await?;
     // Joining a room one is in changes nothing and costs nothing.
     if node.commands.require_member(&id, &me).await.is_err() {
         node.rate.room_change(&me)?;
     }
     node.commands.join_room(&me, &id).await?;
-    Ok(Json(json!({ "success": true, "room": room_json(&room) })))
+    Ok(Json(RoomAnswer { success: true, room: Room::new(&room) }))
 }
 
-async fn leave(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+/// Leave a room's membership (and its presence, on every socket of the caller).
+#[utoipa::path(post, path = "/api/rooms/{id}/leave", operation_id = "leave_room", tag = "study rooms", security(("bearer" = [])), params(("id" = String, Path, description = ROOM_ID)),
+    responses((status = 200, body = Done),
+        (status = 403, body = ErrorBody, description = "not a member"),
+        (status = 404, body = ErrorBody, description = "no such room")))]
+async fn leave(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Done>, ApiError> {
     room_or_404(&node, &id).await?;
     node.rate.room_change(&me)?;
     node.commands.leave_room(&me, &id).await?;
-    Ok(Json(json!({ "success": true })))
+    Ok(Json(Done { success: true }))
 }
 
+/// A room's messages, oldest first (members only); marks the room read.
+#[utoipa::path(get, path = "/api/rooms/{id}/messages", operation_id = "room_history", tag = "study rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = ROOM_ID), Page),
+    responses((status = 200, body = Vec<RoomMessage>),
+        (status = 403, body = ErrorBody, description = "not a member"),
+        (status = 404, body = ErrorBody, description = "no such room")))]
 async fn history(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     ApiPath(id): ApiPath<String>,
     page: Result<Query<Page>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<RoomMessage>>, ApiError> {
     let Query(page) = page?;
     let limit = limit_of(&page)?;
     if page.before == Some(0) {
@@ -135,45 +162,59 @@ async fn history(
     }
     node.commands.read_room(&me, &id).await?;
     let messages = node.views().room_messages(&id, page.before, limit).await?;
-    Ok(Json(Value::Array(messages.iter().map(room_message_json).collect())))
+    Ok(Json(messages.iter().map(RoomMessage::new).collect()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct SendBody {
     message: Option<String>,
+    /// An http(s) URL.
     attachment: Option<String>,
+    /// Idempotency key: a retry with it returns the original message.
     client_msg_id: Option<String>,
 }
 
+/// Send to a room (members only).
+#[utoipa::path(post, path = "/api/rooms/{id}/messages", operation_id = "send_room_message", tag = "study rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = ROOM_ID)), request_body = SendBody,
+    responses((status = 200, body = SentRoomMessage),
+        (status = 403, body = ErrorBody, description = "not a member"),
+        (status = 404, body = ErrorBody, description = "no such room"),
+        (status = 409, body = ErrorBody, description = "clientMsgId already used for another message")))]
 async fn send(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<SendBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SentRoomMessage>, ApiError> {
     node.rate.send(&me)?;
     let m = node
         .commands
         .send_room(SendRoomMessage { sender: me, room: id, message: body.message, attachment: body.attachment, client_msg_id: body.client_msg_id })
         .await?;
-    Ok(Json(json!({ "success": true, "message": "Message Sent Successfully", "data": room_message_json(&m) })))
+    Ok(Json(SentRoomMessage { success: true, message: "Message Sent Successfully".into(), data: RoomMessage::new(&m) }))
 }
 
-async fn users(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+/// Who is present in a room now (members only).
+#[utoipa::path(get, path = "/api/rooms/{id}/users", operation_id = "room_users", tag = "study rooms", security(("bearer" = [])), params(("id" = String, Path, description = ROOM_ID)),
+    responses((status = 200, body = PresentUsers),
+        (status = 403, body = ErrorBody, description = "not a member"),
+        (status = 404, body = ErrorBody, description = "no such room")))]
+async fn users(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<PresentUsers>, ApiError> {
     node.commands.require_member(&id, &me).await?;
     let present = present(&node, &id).await?;
     let names: std::collections::HashMap<String, String> = node.views().users_by_ids(&present).await?.into_iter().map(|u| (u.id, u.name)).collect();
-    let users: Vec<Value> = present.iter().map(|u| json!({ "_id": u, "name": names.get(u) })).collect();
-    Ok(Json(json!({ "success": true, "users": users, "count": present.len() })))
+    let users = present.iter().map(|u| PresentUser { id: u.clone(), name: names.get(u).cloned() }).collect();
+    Ok(Json(PresentUsers { success: true, users, count: present.len() }))
 }
 
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/api/rooms", post(create).get(list))
-        .route("/api/rooms/{id}", get(one))
-        .route("/api/rooms/{id}/join", post(join))
-        .route("/api/rooms/{id}/leave", post(leave))
-        .route("/api/rooms/{id}/messages", get(history).post(send))
-        .route("/api/rooms/{id}/users", get(users))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(one))
+        .routes(routes!(join))
+        .routes(routes!(leave))
+        .routes(routes!(history, send))
+        .routes(routes!(users))
 }

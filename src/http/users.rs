@@ -5,29 +5,36 @@ use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa::IntoParams;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::auth::{Caller, public_user};
+use super::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::wire::{PublicUser, UsersPage};
 
 pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 500;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Page {
+    /// 1 to 500 (default 100).
     limit: Option<u32>,
+    /// The `nextCursor` of the previous page.
     after: Option<String>,
 }
 
+/// Everyone but the caller, paged by id, with the caller's unseen counts.
+#[utoipa::path(get, path = "/api/users", operation_id = "list_users", tag = "direct messages", params(Page), security(("bearer" = [])),
+    responses((status = 200, body = UsersPage)))]
 async fn list(
     State(node): State<Arc<AppState>>,
     Caller(me): Caller,
     page: Result<Query<Page>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UsersPage>, ApiError> {
     let Query(page) = page?;
     let limit = page.limit.unwrap_or(DEFAULT_PAGE);
     if limit == 0 || limit > MAX_PAGE {
@@ -40,14 +47,9 @@ async fn list(
     let users = users?;
     let unseen = unseen?;
     let next = if users.len() == limit as usize { users.last().map(|u| u.id.clone()) } else { None };
-    Ok(Json(json!({
-        "success": true,
-        "users": users.iter().map(public_user).collect::<Vec<_>>(),
-        "unseenMessages": unseen,
-        "nextCursor": next,
-    })))
+    Ok(Json(UsersPage { success: true, users: users.iter().map(PublicUser::new).collect(), unseen_messages: unseen, next_cursor: next }))
 }
 
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new().route("/api/users", get(list))
+pub fn router() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new().routes(routes!(list))
 }

@@ -76,7 +76,8 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !check().await {
+    // A check that hangs fails at the deadline too.
+    while !tokio::time::timeout_at(deadline, check()).await.unwrap_or_else(|_| panic!("timed out after {secs} s waiting for {what} (a check hung)")) {
         assert!(tokio::time::Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -418,8 +419,10 @@ impl Cluster {
     }
 
     pub async fn stop(self) {
-        for node in self.nodes {
-            node.stop().await;
+        for (i, node) in self.nodes.into_iter().enumerate() {
+            tokio::time::timeout(Duration::from_secs(60), node.stop())
+                .await
+                .unwrap_or_else(|_| panic!("node {i} did not stop within 60 s (a task ignores shutdown)"));
         }
         let Some(log) = self.nats else {
             let _ = std::fs::remove_dir_all(&self.cfg.embedded.data_dir);

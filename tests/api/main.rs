@@ -18,6 +18,7 @@ mod bad_input;
 mod concurrency;
 mod idempotency;
 mod multi_node;
+mod openapi;
 mod projections;
 mod push;
 mod push_faults;
