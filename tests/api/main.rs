@@ -3,6 +3,7 @@
 //! the services and exports their URLs; every test gets its own stream,
 //! subject prefix, database and key prefix, so tests run in parallel.
 
+mod browser;
 mod cli;
 mod embedded;
 mod fuzz;

@@ -4,58 +4,25 @@
 //! nothing lost or repeated, a study room's presence. Screenshots go to
 //! `target/screenshots/`.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use reqwest::Method;
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
+use crate::browser::Browser;
 use crate::helpers::Cluster;
 
 /// Runs the browser scenario, Amy on node `a` of `c` and Bob on node `b`;
 /// returns the steps passed.
 async fn browse(c: &Cluster, a: usize, b: usize) -> Vec<String> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/client");
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        std::path::Path::new(&chromium).exists() && std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
-        "Chromium ({chromium}) or playwright-core is missing: run the suite with scripts/test.sh, which installs both"
-    );
-    let shots = concat!(env!("CARGO_MANIFEST_DIR"), "/target/screenshots");
-    std::fs::create_dir_all(shots).unwrap();
-    let mut script = Command::new("node")
-        .arg("web_client.js")
-        .current_dir(dir)
-        .env("CHROMIUM", &chromium)
-        .env("NATTER_URL_A", c.url(a, ""))
-        .env("NATTER_URL_B", c.url(b, ""))
-        .env("SHOTS", shots)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node is installed");
-    let mut lines = BufReader::new(script.stdout.take().unwrap()).lines();
+    let env = [("NATTER_URL_A", c.url(a, "")), ("NATTER_URL_B", c.url(b, "")), ("SHOTS", Browser::screenshots())];
+    let mut browser = Browser::start("web_client.js", &env);
     let mut steps = Vec::new();
     loop {
-        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("the browser made no progress for 120 s after {steps:?}"))
-            .expect("read the browser script's output")
-            .unwrap_or_else(|| panic!("the browser script ended after {steps:?} without saying done"));
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
-        if let Some(e) = v.get("error") {
-            panic!("in the browser, at step \"{}\": {e} (passed before: {steps:?})", v["step"].as_str().unwrap_or("?"));
-        }
+        let v = browser.next(&format!("the step after {steps:?}"), 120).await;
         if v.get("done").is_some() {
             break;
         }
         steps.push(v["step"].as_str().unwrap_or_default().to_owned());
     }
-    let status = tokio::time::timeout(Duration::from_secs(30), script.wait()).await.expect("the browser script ends").unwrap();
-    assert!(status.success(), "the browser script exited with {status}");
+    browser.finish().await;
     steps
 }
 

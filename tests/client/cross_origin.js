@@ -19,7 +19,7 @@ const http = require("http");
 const fs = require("fs");
 const path = require("path");
 const readline = require("readline");
-const { chromium } = require("playwright-core");
+const { launch } = require("./browser");
 
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 const client = fs.readFileSync(path.join(__dirname, "node_modules/socket.io-client/dist/socket.io.min.js"));
@@ -48,13 +48,7 @@ async function main() {
   const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
   const cfg = JSON.parse((await lines.next()).value);
 
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: [
-      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ],
-  });
+  const browser = await launch();
   try {
     const tab = await browser.newPage();
     await tab.goto(origin(allowed));

@@ -8,7 +8,7 @@
 // Prints one JSON line per step passed ({"step": "…"}), then {"done": true};
 // on a failure {"error": "…", "step": "…"} and exits 1.
 const path = require("path");
-const { chromium } = require("playwright-core");
+const { launch } = require("./browser");
 
 const urls = { amy: process.env.NATTER_URL_A, bob: process.env.NATTER_URL_B || process.env.NATTER_URL_A };
 const shots = process.env.SHOTS;
@@ -47,13 +47,7 @@ async function send(page, text) {
 }
 
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: [
-      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ],
-  });
+  const browser = await launch();
   try {
     const run = Date.now().toString(36);
     const amyCtx = await browser.newContext({ viewport: { width: 1100, height: 700 } });
