@@ -4,12 +4,13 @@
 //! its exit status. Killed if the test fails first (Chromium, on the other
 //! end of playwright's pipe, exits with it).
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+use crate::client::node_script;
 
 pub struct Browser {
     child: Child,
@@ -19,21 +20,11 @@ pub struct Browser {
 
 impl Browser {
     pub fn start(script: &str, env: &[(&str, String)]) -> Browser {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/client");
         let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-        assert!(
-            std::path::Path::new(&chromium).exists() && std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
-            "Chromium ({chromium}) or playwright-core is missing: run the suite with scripts/test.sh, which installs both"
-        );
-        let mut child = Command::new("node")
-            .arg(script)
-            .current_dir(dir)
+        assert!(std::path::Path::new(&chromium).exists(), "Chromium ({chromium}) is missing: run the suite with scripts/test.sh, which installs it");
+        let mut child = node_script(script, "playwright-core")
             .env("CHROMIUM", &chromium)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
             .spawn()
             .expect("node is installed");
         let stdin = child.stdin.take().unwrap();

@@ -11,6 +11,19 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
+/// `node <script>` in `tests/client/` (which must have `package`
+/// installed), its stdin and stdout piped, killed when dropped.
+pub fn node_script(script: &str, package: &str) -> Command {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/client");
+    assert!(
+        std::path::Path::new(dir).join("node_modules").join(package).exists(),
+        "{package} is not installed: run the suite with scripts/test.sh (it runs npm ci in tests/client)"
+    );
+    let mut command = Command::new("node");
+    command.arg(script).current_dir(dir).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    command
+}
+
 pub struct Driver {
     _child: Child,
     stdin: ChildStdin,
@@ -25,20 +38,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 impl Driver {
     pub async fn start() -> Driver {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/client");
-        assert!(
-            std::path::Path::new(dir).join("node_modules/socket.io-client").exists(),
-            "socket.io-client is not installed: run the suite with scripts/test.sh (it runs npm ci in tests/client)"
-        );
-        let mut child = Command::new("node")
-            .arg("driver.js")
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node is installed");
+        let mut child = node_script("driver.js", "socket.io-client").spawn().expect("node is installed");
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::unbounded_channel();
