@@ -203,6 +203,13 @@ section! {
         max_attachment_chars: usize = 2048, "max-attachment-chars", "NATTER_MAX_ATTACHMENT_CHARS";
         /// Largest request body, in bytes.
         max_body_bytes: usize = 64 * 1024, "max-body-bytes", "NATTER_MAX_BODY_BYTES";
+        /// REST requests a node works on at once; more are answered 503
+        /// `overloaded` with `Retry-After` at once rather than queued (0: no bound).
+        max_in_flight: usize = 512, "max-in-flight", "NATTER_MAX_IN_FLIGHT";
+        /// Longest a REST request may take; then 503 `timeout` (0: no limit).
+        /// A send that timed out may still have been stored: retry it with
+        /// the same `clientMsgId`.
+        request_timeout: Duration = Duration::from_secs(15), "request-timeout-ms", "NATTER_REQUEST_TIMEOUT_MS", millis;
         /// Deliveries a socket may have queued before it is disconnected as too slow.
         socket_queue: usize = 1024, "socket-queue", "NATTER_SOCKET_QUEUE";
         /// Typing notices a socket may send per second (excess is dropped).

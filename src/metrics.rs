@@ -5,6 +5,7 @@
 //! - `events_appended_total{type}`, `append_conflicts_total`
 //! - `projection_applied_total{projection}`, `projection_parked_total{projection}`,
 //!   `projection_lag_events{projection}` (events in the log not yet applied)
+//! - `http_shed_total`, `http_timeouts_total` (overload: answered 503 at once, or after the timeout)
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -28,6 +29,8 @@ const HELP: &[(&str, &str, &str)] = &[
     ("natter_pushes_total", "counter", "Deliveries emitted to sockets by this node"),
     ("natter_replayed_total", "counter", "Deliveries emitted from the inbox stream on resume or gap"),
     ("natter_slow_consumer_disconnects_total", "counter", "Sockets disconnected because they could not keep up"),
+    ("natter_http_shed_total", "counter", "REST requests answered 503 at once because the node had NATTER_MAX_IN_FLIGHT in progress"),
+    ("natter_http_timeouts_total", "counter", "REST requests answered 503 after NATTER_REQUEST_TIMEOUT_MS"),
 ];
 
 impl Metrics {
@@ -83,6 +86,14 @@ impl Metrics {
 
     pub fn replayed(&self) {
         self.add("natter_replayed_total".into(), 1.0);
+    }
+
+    pub fn http_shed(&self) {
+        self.add("natter_http_shed_total".into(), 1.0);
+    }
+
+    pub fn http_timeout(&self) {
+        self.add("natter_http_timeouts_total".into(), 1.0);
     }
 
     pub fn slow_consumer(&self) {

@@ -63,6 +63,48 @@ pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     ))
 }
 
+/// Bounds a node's REST work: at most `NATTER_MAX_IN_FLIGHT` requests at
+/// once (more are answered 503 `overloaded` at once, so a burst costs a
+/// refusal each instead of a queue and its memory), each within
+/// `NATTER_REQUEST_TIMEOUT_MS` (then 503 `timeout`: a stalled store holds no
+/// request forever). Health, readiness and metrics are exempt, so the
+/// operator and the load balancer can still see the node.
+#[derive(Clone)]
+struct Overload {
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+    timeout: Option<std::time::Duration>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+async fn shed(State(o): State<Overload>, req: Request, next: Next) -> Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    if matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+        return next.run(req).await;
+    }
+    let _permit = match &o.permits {
+        Some(permits) => match permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                o.metrics.http_shed();
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "this node is at capacity; retry shortly").into_response();
+            }
+        },
+        None => None,
+    };
+    match o.timeout {
+        None => next.run(req).await,
+        Some(limit) => match tokio::time::timeout(limit, next.run(req)).await {
+            Ok(response) => response,
+            Err(_) => {
+                o.metrics.http_timeout();
+                tracing::warn!(timeout_ms = limit.as_millis() as u64, "a request took longer than NATTER_REQUEST_TIMEOUT_MS: answered 503 (is a store stalled? see /readyz)");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long; retry shortly (sends: with the same clientMsgId)").into_response()
+            }
+        },
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
 }
@@ -97,9 +139,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(rooms::router())
         .merge(ops::router())
         .split_for_parts();
+    let overload = Overload {
+        permits: (state.limits.max_in_flight > 0).then(|| Arc::new(tokio::sync::Semaphore::new(state.limits.max_in_flight))),
+        timeout: (!state.limits.request_timeout.is_zero()).then_some(state.limits.request_timeout),
+        metrics: state.metrics.clone(),
+    };
     api.merge(openapi::router(doc))
         .merge(web::router())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(overload, shed))
         .layer(axum::middleware::from_fn_with_state(state.clone(), record))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

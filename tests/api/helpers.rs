@@ -83,6 +83,23 @@ where
     }
 }
 
+/// Polls `check` until it gives a value, failing the test after 20 s.
+pub async fn eventually_value<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = tokio::time::timeout_at(deadline, check()).await.unwrap_or_else(|_| panic!("timed out after 20 s waiting for {what} (a check hung)"));
+        if let Some(v) = found {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after 20 s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// A token natter accepts for `user_id` (signed with the test secret).
 pub fn token_for(user_id: &str) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();

@@ -20,6 +20,7 @@ mod concurrency;
 mod idempotency;
 mod multi_node;
 mod openapi;
+mod overload;
 mod projections;
 mod push;
 mod push_faults;
