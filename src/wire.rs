@@ -181,8 +181,11 @@ pub struct PresentUser {
 pub struct ErrorBody {
     pub success: bool,
     pub message: String,
-    /// e.g. `bad_request`, `unauthorized`, `forbidden`, `not_found`,
-    /// `conflict`, `payload_too_large`, `rate_limited`, `busy`, `unavailable`, `starting`.
+    /// `bad_request`, `invalid_json`, `invalid_body`, `unauthorized`,
+    /// `token_expired`, `invalid_token`, `forbidden`, `not_found`,
+    /// `conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// `rate_limited`, `busy`, `overloaded`, `timeout`, `unavailable`,
+    /// `rebuilding`, `starting`, `internal`.
     pub code: String,
 }
 

@@ -16,7 +16,7 @@
   const $ = (id) => document.getElementById(id);
   const SESSION = "natter.session";
 
-  const state = {
+  const fresh = () => ({
     token: null,
     me: null, // {_id, name, email}
     people: new Map(), // id → {_id, name}
@@ -34,10 +34,14 @@
     typingSentAt: 0,
     refreshTimer: null,
     listTimer: null,
+    readTimer: null,
     /// The `_id`s of the last direct deliveries, in arrival order (the
-    /// browser tests check that a resume repeats none).
+    /// browser tests check that a resume repeats none), and how many
+    /// `resync`s came.
     received: [],
-  };
+    resyncs: 0,
+  });
+  let state = fresh();
 
   // ---------------------------------------------------------------- REST
 
@@ -68,12 +72,14 @@
   /// A call that may be repeated safely (a send with its clientMsgId):
   /// retried on network errors, 429 and 5xx, with backoff.
   async function retrying(method, path, body) {
+    const session = state.token;
     for (let attempt = 0; ; attempt++) {
+      if (state.token !== session) throw new Error("logged out before the message was sent");
       try {
         return await api(method, path, body);
       } catch (e) {
         const retryable = !(e instanceof ApiError) || e.status === 429 || e.status >= 500;
-        if (!retryable || attempt >= 10) throw e;
+        if (!retryable || attempt >= 10 || state.token !== session) throw e;
         const wait = e.retryAfter ? e.retryAfter * 1000 : Math.min(8000, 250 * 2 ** attempt);
         await sleep(wait + Math.random() * 200);
       }
@@ -92,11 +98,16 @@
   function logout(why) {
     localStorage.removeItem(SESSION);
     for (const s of Object.values(state.sockets)) if (s) s.disconnect();
-    state.sockets = { direct: null, chat: null };
     clearInterval(state.listTimer);
-    state.token = null;
-    state.me = null;
-    state.open = null;
+    clearTimeout(state.refreshTimer);
+    clearTimeout(state.typingTimer);
+    clearTimeout(state.readTimer);
+    // Nothing of this session is kept for the next: lists, cursors, timers.
+    state = fresh();
+    window.natter.state = state;
+    $("people").replaceChildren();
+    $("rooms").replaceChildren();
+    $("messages").replaceChildren();
     showAuth(why || "");
   }
 
@@ -166,15 +177,36 @@
       // Read at every (re)connection: resume from the last delivery processed.
       auth: (cb) => cb(state.cursors[ns] === undefined ? { token: state.token } : { token: state.token, cursor: state.cursors[ns] }),
       transports: ["websocket", "polling"],
+      // Behind a proxy that refuses WebSocket, fall back to long-polling.
+      tryAllTransports: true,
     });
-    socket.on("connect", updateConnection);
-    socket.on("disconnect", updateConnection);
+    const session = state.token;
+    // The client retries a dropped connection by itself, but not one the
+    // server ended (too slow, a blip while joining) or refused (a cap):
+    // those are retried here, after a pause.
+    const later = () =>
+      setTimeout(() => {
+        if (state.token === session && state.sockets[ns] === socket && !socket.connected) socket.connect();
+      }, 1000 + Math.random() * 2000);
+    socket.on("connect", () => {
+      showPaneError(null);
+      updateConnection();
+    });
+    socket.on("disconnect", (reason) => {
+      updateConnection();
+      if (reason === "io server disconnect") later();
+    });
     socket.on("connect_error", (err) => {
       updateConnection();
-      if (/expired|not valid|authentication/.test(err.message)) logout("Your session ended: log in again.");
+      if (/expired|not valid|authentication/.test(err.message)) return logout("Your session ended: log in again.");
+      if (!socket.active) {
+        showPaneError(new Error(`Real-time connection refused: ${err.message}`));
+        later();
+      }
     });
     socket.on("synced", (d) => advance(ns, d));
     socket.on("resync", (d) => {
+      state.resyncs++;
       advance(ns, d);
       refreshLists();
       if (state.open) openConversation(state.open.kind, state.open.id);
@@ -190,17 +222,23 @@
   async function loadPeople(more) {
     const q = more && state.peopleCursor ? `?limit=100&after=${encodeURIComponent(state.peopleCursor)}` : "?limit=100";
     const r = await api("GET", `/api/users${q}`);
-    if (!more) state.people.clear();
+    // Merged: accounts are never deleted, and pages loaded with "More
+    // people" stay when the first page is read again.
     for (const u of r.users) state.people.set(u._id, u);
     state.unseen = r.unseenMessages || {};
-    state.peopleCursor = r.nextCursor || null;
+    if (more || !state.peopleCursor) state.peopleCursor = r.nextCursor || null;
     renderPeople();
   }
 
   async function loadRooms() {
-    const r = await api("GET", "/api/rooms?limit=100");
-    state.rooms.clear();
-    for (const room of r.rooms) state.rooms.set(room._id, room);
+    // Every page (rooms are few next to people).
+    let after = null;
+    for (let page = 0; page < 20; page++) {
+      const r = await api("GET", `/api/rooms?limit=100${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+      for (const room of r.rooms) state.rooms.set(room._id, room);
+      after = r.nextCursor;
+      if (!after) break;
+    }
     renderRooms();
   }
 
@@ -228,11 +266,13 @@
       m.textContent = ` ${meta}`;
       name.append(m);
     }
-    const badge = document.createElement("span");
-    badge.className = "badge";
-    badge.textContent = count ? String(count) : "";
-    if (count) badge.setAttribute("aria-label", `${count} unread`);
-    b.append(name, badge);
+    b.append(name);
+    if (count) {
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = String(count);
+      b.append(badge, hidden(" unread"));
+    }
     if (current) b.setAttribute("aria-current", "true");
     b.addEventListener("click", onClick);
     li.append(b);
@@ -245,7 +285,7 @@
     const people = [...state.people.values()].sort((a, b) => a.name.localeCompare(b.name));
     for (const u of people) {
       const current = state.open && state.open.kind === "dm" && state.open.id === u._id;
-      const li = listButton(u.name, "", state.unseen[u._id] || 0, current, () => openConversation("dm", u._id));
+      const li = listButton(u.name, "", current ? 0 : state.unseen[u._id] || 0, current, () => openConversation("dm", u._id).catch(showPaneError));
       li.dataset.peer = u._id;
       ul.append(li);
     }
@@ -259,7 +299,7 @@
     for (const r of rooms) {
       const current = state.open && state.open.kind === "room" && state.open.id === r._id;
       const meta = r.isMember ? (r.activeUsers ? `· ${r.activeUsers} here` : "") : "· join";
-      const li = listButton(r.name, meta, r.isMember ? r.unread || 0 : 0, current, () => openConversation("room", r._id));
+      const li = listButton(r.name, meta, r.isMember && !current ? r.unread || 0 : 0, current, () => openConversation("room", r._id).catch(showPaneError));
       li.dataset.room = r._id;
       ul.append(li);
     }
@@ -432,10 +472,21 @@
     const t = document.createElement("span");
     t.className = `tick ${kind}`;
     t.dataset.tick = kind;
-    t.textContent = { pending: "🕓", sent: "✓", seen: "✓✓", failed: "!" }[kind];
-    t.setAttribute("aria-label", { pending: "sending", sent: "sent", seen: "seen", failed: "not sent" }[kind]);
-    t.title = t.getAttribute("aria-label");
+    const says = { pending: "sending", sent: "sent", seen: "seen", failed: "not sent" }[kind];
+    const mark = document.createElement("span");
+    mark.setAttribute("aria-hidden", "true");
+    mark.textContent = { pending: "🕓", sent: "✓", seen: "✓✓", failed: "!" }[kind];
+    t.title = says;
+    t.append(mark, hidden(says));
     return t;
+  }
+
+  /// Text for screen readers only.
+  function hidden(text) {
+    const span = document.createElement("span");
+    span.className = "visually-hidden";
+    span.textContent = text;
+    return span;
   }
 
   function markSeenUpTo(seq) {
@@ -567,6 +618,7 @@
     advance("chat", m);
     if (state.open && state.open.kind === "room" && state.open.id === m.roomId) {
       addMessage(m);
+      if (m.senderId !== state.me._id && document.visibilityState === "visible") markRoomReadSoon(m.roomId);
       return;
     }
     const room = state.rooms.get(m.roomId);
@@ -575,6 +627,14 @@
       renderRooms();
     }
     refreshSoon();
+  }
+
+  /// Reading a room's newest message moves the read watermark to its end.
+  function markRoomReadSoon(roomId) {
+    clearTimeout(state.readTimer);
+    state.readTimer = setTimeout(() => {
+      api("GET", `/api/rooms/${encodeURIComponent(roomId)}/messages?limit=1`).catch(() => {});
+    }, 500);
   }
 
   function onPresence(kind, d) {
@@ -611,6 +671,11 @@
     // New people and rooms appear without a reload.
     clearInterval(state.listTimer);
     state.listTimer = setInterval(() => state.token && refreshLists(), 30000);
+    // The lists are read once both sockets deliver (`synced`): a message
+    // arriving meanwhile is in the lists, the live stream, or both (shown
+    // once, and the counts are re-read shortly after any delivery).
+    const synced = (socket) => new Promise((resolve) => socket.once("synced", resolve));
+    await Promise.race([Promise.all([synced(direct), synced(chat)]), sleep(5000)]);
     try {
       await Promise.all([loadPeople(false), loadRooms()]);
     } catch (e) {

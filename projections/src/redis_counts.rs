@@ -159,6 +159,33 @@ impl RedisCounts {
         redis::cmd("SET").arg(self.ready_key()).arg(run).query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
+    fn heal_target_key(&self) -> String {
+        format!("{}counts-heal-target", self.prefix)
+    }
+
+    /// The log head a rebuild in progress must reach, if one was started
+    /// since this Redis server started (a rebuild started before a restart
+    /// may have lost writes with it, and is not resumed).
+    pub async fn heal_target(&self) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let stored: Option<String> = redis::cmd("GET").arg(self.heal_target_key()).query_async(&mut conn).await.map_err(unavailable)?;
+        let Some((run, head)) = stored.as_deref().and_then(|v| v.rsplit_once(':')) else { return Ok(None) };
+        Ok((run == self.run_id().await?).then(|| head.parse().ok()).flatten())
+    }
+
+    /// Records the log head the rebuild just started must reach, so that a
+    /// node taking over the lock resumes it rather than starting again.
+    pub async fn set_heal_target(&self, head: u64) -> Result<(), StoreError> {
+        let run = self.run_id().await?;
+        let mut conn = self.conn.clone();
+        redis::cmd("SET").arg(self.heal_target_key()).arg(format!("{run}:{head}")).query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    pub async fn clear_heal_target(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL").arg(self.heal_target_key()).query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
     /// Takes the cluster-wide "I am rebuilding the counts" lock for `ttl`.
     pub async fn try_lock_heal(&self, owner: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();

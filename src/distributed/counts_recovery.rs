@@ -60,6 +60,12 @@ impl Healer {
         if readiness == Readiness::Ready || !counts.try_lock_heal(&self.owner, LOCK_TTL).await? {
             return Ok(None);
         }
+        // A node that stopped mid-rebuild left its target: carry on from
+        // where the projectors are, rather than start over.
+        if let Some(target) = counts.heal_target().await? {
+            tracing::info!(target, "resuming the unread counts rebuild a stopped node started");
+            return Ok(Some((target, version)));
+        }
         let head = self.log.head().await?;
         if head == 0 {
             tracing::info!("initialising the unread counts in Redis (the event log is empty)");
@@ -74,6 +80,9 @@ impl Healer {
         // Deleting the durable consumer makes every node's counts projector
         // recreate it from the first event.
         let _ = stream.delete_consumer(&consumer(version)).await;
+        // Only once the projector restarts from the first event: a target
+        // recorded before that could be "reached" by the old consumer.
+        counts.set_heal_target(head).await?;
         Ok(Some((head, version)))
     }
 
@@ -105,6 +114,7 @@ impl Healer {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         counts.mark_ready().await?;
+        counts.clear_heal_target().await?;
         counts.unlock_heal(&self.owner).await?;
         tracing::info!(head, took = ?started.elapsed(), "unread counts rebuilt from the log");
         Ok(())
@@ -118,9 +128,9 @@ impl Healer {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            // A node stopping mid-rebuild stops waiting at once (its
-            // projectors are stopping too, so no progress would come): the
-            // lock lapses and another node, or the next start, starts over.
+            // A node stopping mid-rebuild stops waiting at once and hands
+            // the lock back: another node (or the next start) resumes the
+            // rebuild from its recorded target.
             let heal = async {
                 match self.begin().await {
                     Ok(Some(target)) => self.finish(target).await,
@@ -130,7 +140,10 @@ impl Healer {
             };
             let outcome = tokio::select! {
                 outcome = heal => outcome,
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), self.counts.active().unlock_heal(&self.owner)).await;
+                    return;
+                }
             };
             if let Err(e) = outcome {
                 tracing::error!(error = %format!("{e:#}"), "unread counts rebuild failed; will retry");

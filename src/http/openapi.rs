@@ -48,7 +48,9 @@ fn error(description: &str) -> utoipa::openapi::Response {
 fn conventions(doc: &mut utoipa::openapi::OpenApi) {
     let components = doc.components.get_or_insert_with(Default::default);
     components.add_security_scheme("bearer", SecurityScheme::Http(Http::builder().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()));
-    for item in doc.paths.paths.values_mut() {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        // Health and metrics answer whatever the node's state.
+        let always_answers = matches!(path.as_str(), "/healthz" | "/metrics");
         let operations = [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete];
         for op in operations.into_iter().flatten() {
             let mut add = |status: &str, description: &str| {
@@ -68,7 +70,10 @@ fn conventions(doc: &mut utoipa::openapi::OpenApi) {
             if op.security.is_some() || op.request_body.is_some() {
                 add("429", "over a rate limit: retry after Retry-After seconds");
             }
-            add("503", "starting, or a dependency is down: retry after Retry-After seconds (sends: with the same clientMsgId)");
+            if !always_answers {
+                add("503", "starting, overloaded, too slow, or a dependency is down: retry after Retry-After seconds (sends: with the same clientMsgId)");
+                add("500", "a defect in natter (details in the node's log, not in the answer)");
+            }
             // A response object needs a description; successes say their status.
             for (status, response) in op.responses.responses.iter_mut() {
                 if let utoipa::openapi::RefOr::T(response) = response {
@@ -109,20 +114,25 @@ pub(super) fn router(mut doc: utoipa::openapi::OpenApi) -> Router<Arc<AppState>>
 #[cfg(test)]
 mod tests {
     /// Every route is registered with `routes!` (and so described), but
-    /// for the web client's files and this document itself.
+    /// for the web client's files and this document itself: no other file
+    /// of `src/http/` adds routes any other way.
     #[test]
     fn no_route_is_registered_without_its_description() {
-        let sources = [
-            ("auth.rs", include_str!("auth.rs")),
-            ("users.rs", include_str!("users.rs")),
-            ("messages.rs", include_str!("messages.rs")),
-            ("rooms.rs", include_str!("rooms.rs")),
-            ("ops.rs", include_str!("ops.rs")),
-            ("mod.rs", include_str!("mod.rs")),
-        ];
-        for (file, source) in sources {
-            assert!(!source.contains(".route("), "src/http/{file} registers a route with .route(): use routes!(handler) with #[utoipa::path]");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
+        let mut read = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            if matches!(file.as_str(), "web.rs" | "openapi.rs") {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).unwrap();
+            read += 1;
+            for plain in [".route(", ".route_service(", ".nest(", ".nest_service(", ".fallback_service("] {
+                assert!(!source.contains(plain), "src/http/{file} adds routes with {plain}: use routes!(handler) with #[utoipa::path]");
+            }
         }
+        assert!(read >= 6, "read only {read} files of {dir}");
     }
 
     #[test]
