@@ -5,7 +5,7 @@
 //
 //   node benches/load/load.js --nodes http://127.0.0.1:5101,http://127.0.0.1:5102 \
 //        --pids natter=123,natter=124,nats=99,redis=98,mongo=97 \
-//        [--scenarios dm,room100,room1000,room10000,mixed,joinstorm] [--secs 10] [--rate 200] [--users 100]
+//        [--scenarios dm,room100,room1000,room10000,mixed,joinstorm,idle5000] [--secs 10] [--rate 200] [--users 100]
 //
 // Scenarios:
 //   dm        U users, one socket each (spread over the nodes), random direct
@@ -18,6 +18,9 @@
 //   joinstorm 20 members listen in a room, 980 more join in a burst, then
 //             one message: how long until every listener has it.
 //   mixed     dm and room1000 at once: what a busy room does to DMs.
+//   idleN     N sockets on `/` (users of an external issuer), spread over the
+//             nodes, left idle: each natter node's RSS (VmRSS, /proc/<pid>/status)
+//             before and 3 s after, per socket it holds.
 //
 // Latency is measured on this machine's clock (sender and receivers are
 // this process). CPU is read from /proc/<pid>/stat (utime + stime) around
@@ -114,6 +117,29 @@ function cpuTicks() {
       return [name, NaN];
     }
   });
+}
+
+/// Resident memory of each natter node, KiB.
+function natterRss() {
+  return pids
+    .filter(([name]) => name === "natter")
+    .map(([, pid]) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))[1]));
+}
+
+async function idle(count) {
+  const users = mint(count, "idle");
+  const before = natterRss();
+  const started = Date.now();
+  const sockets = await pool(users, 50, (u, i) => connect(node(i), u.token));
+  const opened = ((Date.now() - started) / 1000).toFixed(1);
+  await sleep(3000);
+  const after = natterRss();
+  const perNode = Math.ceil(count / nodes.length);
+  const per = after.map((a, i) => `${((a - before[i]) / perNode).toFixed(1)} KiB (${(before[i] / 1024).toFixed(0)} → ${(a / 1024).toFixed(0)} MB)`);
+  console.error(`[load] ${count} idle sockets opened in ${opened} s; natter RSS per socket: ${per.join(", ")}`);
+  rows.push({ name: `${count} idle sockets`, n: sockets.length, expected: count, p50: "-", p99: "-", max: "-", cpu: `RSS per socket: ${per.join(", ")}`, note: "" });
+  sockets.forEach((s) => s.disconnect());
+  await sleep(1000);
 }
 
 function cpuPerMessage(before, after, messages) {
@@ -286,6 +312,7 @@ async function mixed() {
     if (s === "dm") await dm();
     else if (s === "mixed") await mixed();
     else if (s === "joinstorm") await joinStorm();
+    else if (s.startsWith("idle")) await idle(Number(s.slice(4)));
     else if (s.startsWith("room")) await roomScenario(Number(s.slice(4)));
     else throw new Error(`unknown scenario ${s}`);
   }
