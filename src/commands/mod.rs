@@ -101,11 +101,15 @@ pub struct Commands {
     progress: Arc<dyn ViewsProgress>,
     /// The views' applied floor as last read: its log sequence, the time of
     /// the event there, and when it was read (see `retry.rs`).
-    floor: std::sync::Mutex<Option<(u64, Option<chrono::DateTime<chrono::Utc>>, std::time::Instant)>>,
+    floor: std::sync::Mutex<Option<FloorRead>>,
     /// Users known to exist (accounts are never deleted): a send to one of
     /// them needs no views read. Bounded: emptied when full.
     known_users: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// The views' applied floor as read: its log sequence, the time of the
+/// event there (`None`: unknown), and when it was read.
+type FloorRead = (u64, Option<chrono::DateTime<chrono::Utc>>, std::time::Instant);
 
 /// Users [`Commands`] remembers as existing before it starts afresh.
 const KNOWN_USERS: usize = 100_000;

@@ -66,10 +66,10 @@ fn covered(at: DateTime<Utc>, now: DateTime<Utc>, window: Duration) -> bool {
 impl Commands {
     /// The views' applied floor, read at most every [`FLOOR_TTL`].
     pub(crate) async fn views_floor(&self) -> Result<Floor, CommandError> {
-        if let Some((seq, at, read)) = *self.floor.lock().expect("floor lock") {
-            if read.elapsed() < FLOOR_TTL {
-                return Ok(Floor { seq, at });
-            }
+        if let Some((seq, at, read)) = *self.floor.lock().expect("floor lock")
+            && read.elapsed() < FLOOR_TTL
+        {
+            return Ok(Floor { seq, at });
         }
         let read = Instant::now();
         let seq = self.progress.applied_through().await?;

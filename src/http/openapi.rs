@@ -76,15 +76,15 @@ fn conventions(doc: &mut utoipa::openapi::OpenApi) {
             }
             // A response object needs a description; successes say their status.
             for (status, response) in op.responses.responses.iter_mut() {
-                if let utoipa::openapi::RefOr::T(response) = response {
-                    if response.description.is_empty() {
-                        response.description = match status.as_str() {
-                            "201" => "created",
-                            "202" => "accepted",
-                            _ => "success",
-                        }
-                        .into();
+                if let utoipa::openapi::RefOr::T(response) = response
+                    && response.description.is_empty()
+                {
+                    response.description = match status.as_str() {
+                        "201" => "created",
+                        "202" => "accepted",
+                        _ => "success",
                     }
+                    .into();
                 }
             }
         }
