@@ -274,6 +274,12 @@ section! {
         redis_prefix: String = "natter:".into(), "redis-prefix", "NATTER_REDIS_PREFIX";
         /// JetStream stream holding the event log.
         stream: String = "NATTER".into(), "stream", "NATTER_STREAM";
+        /// Copies JetStream keeps of each of natter's streams (the log, the
+        /// parked events, the push inbox, the fan-out feed) and their
+        /// consumers: 1 on a single server, 3 on a three-server cluster (an
+        /// append is acknowledged once a majority holds it). A node refuses
+        /// to start if the servers cannot place that many.
+        stream_replicas: usize = 1, "stream-replicas", "NATTER_STREAM_REPLICAS";
     }
 }
 

@@ -38,6 +38,25 @@ fn version_at_least(version: &str, major: u64, minor: u64) -> bool {
     (a, b) >= (major, minor)
 }
 
+/// Makes JetStream keep `replicas` copies of `stream` (and so of its
+/// consumers, which follow their stream): scales an existing stream up or
+/// down, and fails with what to do when the servers cannot place them.
+pub async fn place(js: &jetstream::Context, stream: &str, replicas: usize) -> anyhow::Result<()> {
+    let mut handle = js.get_stream(stream).await.map_err(|e| anyhow::anyhow!("reading JetStream stream {stream}: {e}"))?;
+    let config = handle.info().await.map_err(|e| anyhow::anyhow!("reading JetStream stream {stream}: {e}"))?.config.clone();
+    if config.num_replicas == replicas {
+        return Ok(());
+    }
+    let from = config.num_replicas;
+    js.update_stream(stream::Config { num_replicas: replicas, ..config }).await.map_err(|e| {
+        anyhow::anyhow!(
+            "JetStream cannot keep {replicas} replicas of stream {stream} (it has {from}): {e}. NATTER_STREAM_REPLICAS              must not exceed the JetStream-enabled servers of the NATS cluster (1 on a single server, 3 on a three-server cluster)"
+        )
+    })?;
+    tracing::info!(stream, from, to = replicas, "JetStream stream replicas changed (NATTER_STREAM_REPLICAS)");
+    Ok(())
+}
+
 /// The stream of events projectors parked, beside the log `stream`.
 pub fn parked_stream(stream: &str) -> String {
     format!("{stream}_PARKED")

@@ -167,6 +167,7 @@ impl Cluster {
             mongo_db: format!("natter_t{id}"),
             redis_prefix: format!("t{id}:"),
             stream: format!("T{id}"),
+            stream_replicas: 1,
         };
         cfg.log.subject_prefix = format!("t{id}");
         tweak(&mut cfg);
