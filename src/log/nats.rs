@@ -72,12 +72,18 @@ impl NatsLog {
     /// loop) when the server cannot be reached, so a wrong URL is a clear
     /// start-up error.
     pub async fn connect(url: &str, stream: &str, prefix: &str, dedup_window: Duration) -> anyhow::Result<NatsLog> {
+        // A cluster's servers, comma-separated: the client fails over between them.
+        let servers = url
+            .split(',')
+            .map(|one| one.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("NATTER_NATS_URL {} is not a NATS URL or a comma-separated list of them: {e}", crate::telemetry::redact(url)))?;
         let client = async_nats::ConnectOptions::new()
             .name("natter")
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connect(url)
+            .connect(servers)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to NATS at {}: {e}", crate::telemetry::redact(url)))?;
         // retry_on_initial_connect returns at once; wait for the first connection.

@@ -65,9 +65,11 @@ async fn contract(log: &dyn EventLog, prefix: &str) {
 #[tokio::test]
 async fn the_jetstream_log_keeps_the_contract() {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let log = NatsLog::connect(&std::env::var("NATTER_NATS_URL").unwrap(), &format!("C{id}"), &format!("c{id}"), Duration::from_secs(60))
-        .await
-        .unwrap();
+    // A cluster's servers are given as a comma-separated list (here, the
+    // one test server twice).
+    let url = std::env::var("NATTER_NATS_URL").unwrap();
+    let log = NatsLog::connect(&format!("{url}, {url}"), &format!("C{id}"), &format!("c{id}"), Duration::from_secs(60)).await.unwrap();
+    assert!(NatsLog::connect(&format!("{url},not a url"), "X", "x", Duration::from_secs(60)).await.is_err(), "a bad entry in the list is refused");
     contract(&log, &format!("c{id}")).await;
     let _ = log.jetstream().delete_stream(format!("C{id}")).await;
     let _ = log.jetstream().delete_stream(format!("C{id}_PARKED")).await;
