@@ -153,10 +153,20 @@ impl RedisCounts {
 
     /// Declares the counts complete, for this run of the Redis server: only
     /// after a rebuild caught up.
+    /// Any rebuild target is dropped in the same transaction, so a later
+    /// loss of the counts never resumes a finished rebuild.
     pub async fn mark_ready(&self) -> Result<(), StoreError> {
         let run = self.run_id().await?;
         let mut conn = self.conn.clone();
-        redis::cmd("SET").arg(self.ready_key()).arg(run).query_async::<()>(&mut conn).await.map_err(unavailable)
+        redis::pipe()
+            .atomic()
+            .set(self.ready_key(), run)
+            .ignore()
+            .del(self.heal_target_key())
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
     }
 
     fn heal_target_key(&self) -> String {

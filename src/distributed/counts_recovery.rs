@@ -79,7 +79,16 @@ impl Healer {
         let stream = self.js.get_stream(&self.stream).await.context("counts rebuild: stream")?;
         // Deleting the durable consumer makes every node's counts projector
         // recreate it from the first event.
-        let _ = stream.delete_consumer(&consumer(version)).await;
+        if let Err(e) = stream.delete_consumer(&consumer(version)).await {
+            // Not there is fine (nothing to restart); anything else leaves
+            // the old consumer past the target: no rebuild rests on it.
+            use async_nats::jetstream::{ErrorCode, stream::ConsumerErrorKind};
+            let not_found = matches!(e.kind(), ConsumerErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND);
+            if !not_found {
+                let _ = counts.unlock_heal(&self.owner).await;
+                anyhow::bail!("counts rebuild: cannot restart the counts projector's consumer: {e}");
+            }
+        }
         // Only once the projector restarts from the first event: a target
         // recorded before that could be "reached" by the old consumer.
         counts.set_heal_target(head).await?;
@@ -108,13 +117,14 @@ impl Healer {
                 }
             }
             if progressed.elapsed() > STALL || !counts.renew_heal(&self.owner, LOCK_TTL).await? {
+                // Start over next time: resuming a stalled rebuild would stall again.
+                let _ = counts.clear_heal_target().await;
                 let _ = counts.unlock_heal(&self.owner).await;
                 anyhow::bail!("counts rebuild stalled at {floor}/{head} (or lost its lock); the next check starts over");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         counts.mark_ready().await?;
-        counts.clear_heal_target().await?;
         counts.unlock_heal(&self.owner).await?;
         tracing::info!(head, took = ?started.elapsed(), "unread counts rebuilt from the log");
         Ok(())

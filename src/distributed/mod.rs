@@ -93,7 +93,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
     let progress = ViewsConsumer { stream: log.jetstream().get_stream_no_info(&d.stream).await?, versions: versions.clone() };
     let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), log_port.clone(), &d.stream, &cfg.log.subject_prefix, (&cfg.push).into(), None).await?;
     for stream in [d.stream.clone(), parked_stream(&d.stream), inbox_stream(&d.stream)] {
-        place(log.jetstream(), &stream, d.stream_replicas).await?;
+        place(log.jetstream(), log.client(), &stream, d.stream_replicas).await?;
     }
     let healer = Healer {
         counts: versions.counts.clone(),
@@ -106,6 +106,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
     };
     let runner = JetStreamRunner {
         js: log.jetstream().clone(),
+        client: log.client().clone(),
         replicas: d.stream_replicas,
         stream: d.stream.clone(),
         prefix: cfg.log.subject_prefix.clone(),
@@ -180,6 +181,7 @@ struct JetStreamRunner {
     js: jetstream::Context,
     /// `NATTER_STREAM_REPLICAS`, for the fan-out feed made here.
     replicas: usize,
+    client: async_nats::Client,
     stream: String,
     prefix: String,
     versions: Arc<Versions>,
@@ -198,7 +200,7 @@ impl Runner for JetStreamRunner {
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
-        let JetStreamRunner { js, replicas, stream, prefix, versions, healer } = *self;
+        let JetStreamRunner { js, replicas, client, stream, prefix, versions, healer } = *self;
         // Before the counts projector starts: if Redis has lost the counts (or
         // this is a fresh deployment), restart it from the beginning of the log.
         let heal_to = healer.begin().await.context("checking the unread counts in Redis")?;
@@ -206,7 +208,7 @@ impl Runner for JetStreamRunner {
         for projection in projections {
             let feeds = if projection.ordered() {
                 ensure_feed(&js, &stream, &prefix, feed_start(&js, &stream, projection.as_ref()).await?).await?;
-                place(&js, &fanout_stream(&stream), replicas).await?;
+                place(&js, &client, &fanout_stream(&stream), replicas).await?;
                 (0..PARTITIONS).map(|index| Feed::Partition { stream: fanout_stream(&stream), index }).collect()
             } else {
                 vec![Feed::Log { stream: stream.clone() }]

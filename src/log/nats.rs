@@ -41,7 +41,14 @@ fn version_at_least(version: &str, major: u64, minor: u64) -> bool {
 /// Makes JetStream keep `replicas` copies of `stream` (and so of its
 /// consumers, which follow their stream): scales an existing stream up or
 /// down, and fails with what to do when the servers cannot place them.
-pub async fn place(js: &jetstream::Context, stream: &str, replicas: usize) -> anyhow::Result<()> {
+pub async fn place(js: &jetstream::Context, client: &async_nats::Client, stream: &str, replicas: usize) -> anyhow::Result<()> {
+    // A server outside a cluster cannot replicate (and some versions
+    // accept the setting all the same): refuse here.
+    if replicas > 1 && client.server_info().cluster.as_deref().is_none_or(str::is_empty) {
+        anyhow::bail!(
+            "JetStream cannot keep {replicas} replicas of stream {stream}: the NATS server natter is connected to is not              part of a cluster. NATTER_STREAM_REPLICAS must not exceed the JetStream-enabled servers of the NATS              cluster (1 on a single server, 3 on a three-server cluster)"
+        );
+    }
     let mut handle = js.get_stream(stream).await.map_err(|e| anyhow::anyhow!("reading JetStream stream {stream}: {e}"))?;
     let config = handle.info().await.map_err(|e| anyhow::anyhow!("reading JetStream stream {stream}: {e}"))?.config.clone();
     if config.num_replicas == replicas {

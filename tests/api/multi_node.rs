@@ -150,11 +150,23 @@ async fn one_account_per_email_and_login_checks_the_password() {
 async fn a_node_refuses_to_start_when_its_streams_cannot_be_replicated_as_configured() {
     let c = Cluster::start(1).await;
     let mut cmd = crate::helpers::natter_command();
-    cmd.envs(c.env()).env("NATTER_HOST", "127.0.0.1").env("NATTER_PORT", "0").env("RUST_LOG", "warn").env("NATTER_STREAM_REPLICAS", "3").kill_on_drop(true);
+    // Streams of its own: the cluster's stay untouched whatever happens.
+    let own = format!("{}R3", c.cfg.distributed.stream);
+    cmd.envs(c.env())
+        .env("NATTER_STREAM", &own)
+        .env("NATTER_SUBJECT_PREFIX", own.to_lowercase())
+        .env("NATTER_HOST", "127.0.0.1")
+        .env("NATTER_PORT", "0")
+        .env("RUST_LOG", "warn")
+        .env("NATTER_STREAM_REPLICAS", "3")
+        .kill_on_drop(true);
     let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output()).await.expect("natter exits").expect("run natter");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started with 3 replicas on one server");
     assert!(stderr.contains("cannot keep 3 replicas") && stderr.contains("NATTER_STREAM_REPLICAS"), "{stderr}");
+    for suffix in ["", "_PARKED", "_INBOX", "_FANOUT"] {
+        let _ = c.nats().jetstream().delete_stream(format!("{own}{suffix}")).await;
+    }
     // The streams are as they were: the cluster's node still serves.
     let amy = c.register(0, "Amy").await;
     let bob = c.register(0, "Bob").await;

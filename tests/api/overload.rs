@@ -47,7 +47,7 @@ crate::contract!(
     1,
     |cfg| {
         cfg.limits.max_in_flight = 2;
-        cfg.limits.request_timeout = std::time::Duration::from_secs(3);
+        cfg.limits.request_timeout = std::time::Duration::from_secs(10);
     },
     a_node_over_capacity_sheds_requests_and_loses_no_acknowledged_message
 );
@@ -73,7 +73,7 @@ async fn a_node_over_capacity_sheds_requests_and_loses_no_acknowledged_message(c
     assert_eq!(c.request(0, Method::GET, "/readyz", None, None).await.status.as_u16(), 200);
 
     // A request that cannot finish is answered 503 `timeout` (here: the
-    // stalled ones, after 3 s), and their places come back.
+    // stalled ones, after 10 s), and their places come back.
     let mut first = first;
     let mut answer = String::new();
     let read = async {
