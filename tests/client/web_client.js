@@ -46,6 +46,24 @@ async function send(page, text) {
   await page.locator("#messages li.mine[data-id]", { hasText: text }).waitFor(WAIT);
 }
 
+/// Drops `page`'s socket of namespace `ns` ("direct" or "chat") and keeps it
+/// down while `meanwhile` runs, then lets it reconnect with its cursor.
+async function dropWhile(page, ns, meanwhile) {
+  await page.evaluate((ns) => {
+    const manager = window.natter.state.sockets[ns].io;
+    manager.reconnection(false);
+    manager.engine.close();
+  }, ns);
+  await page.locator("#connection.reconnecting").waitFor(WAIT);
+  await meanwhile();
+  await page.evaluate((ns) => {
+    const socket = window.natter.state.sockets[ns];
+    socket.io.reconnection(true);
+    socket.connect();
+  }, ns);
+  await connected(page);
+}
+
 async function main() {
   const browser = await launch();
   try {
@@ -84,20 +102,10 @@ async function main() {
     await passed(step);
 
     step = "a dropped connection resumes: the messages sent meanwhile, exactly once";
-    await amy.evaluate(() => {
-      const manager = window.natter.state.sockets.direct.io;
-      manager.reconnection(false);
-      manager.engine.close();
+    await dropWhile(amy, "direct", async () => {
+      await send(bob, "while you were away 1");
+      await send(bob, "while you were away 2");
     });
-    await amy.locator("#connection.reconnecting").waitFor(WAIT);
-    await send(bob, "while you were away 1");
-    await send(bob, "while you were away 2");
-    await amy.evaluate(() => {
-      const socket = window.natter.state.sockets.direct;
-      socket.io.reconnection(true);
-      socket.connect();
-    });
-    await connected(amy);
     await amy.locator("#messages li", { hasText: "while you were away 2" }).waitFor(WAIT);
     await send(bob, "after the gap");
     await amy.locator("#messages li", { hasText: "after the gap" }).waitFor(WAIT);
@@ -132,19 +140,7 @@ async function main() {
     await send(bob, "page 42?");
     await amy.locator("#messages li", { hasText: "page 42?" }).waitFor(WAIT);
     // The rooms' socket resumes from its own cursor too.
-    await amy.evaluate(() => {
-      const manager = window.natter.state.sockets.chat.io;
-      manager.reconnection(false);
-      manager.engine.close();
-    });
-    await amy.locator("#connection.reconnecting").waitFor(WAIT);
-    await send(bob, "said while you were away");
-    await amy.evaluate(() => {
-      const socket = window.natter.state.sockets.chat;
-      socket.io.reconnection(true);
-      socket.connect();
-    });
-    await connected(amy);
+    await dropWhile(amy, "chat", () => send(bob, "said while you were away"));
     await amy.locator("#messages li", { hasText: "said while you were away" }).waitFor(WAIT);
     if ((await countOf(amy, "said while you were away")) !== 1) throw new Error("a room message missed during the gap is not shown once");
     if ((await amy.evaluate(() => window.natter.state.resyncs)) !== 0) throw new Error("the rooms' socket fell back to a resync");
