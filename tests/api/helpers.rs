@@ -75,27 +75,35 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    // A check that hangs fails at the deadline too.
-    while !tokio::time::timeout_at(deadline, check()).await.unwrap_or_else(|_| panic!("timed out after {secs} s waiting for {what} (a check hung)")) {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    value_within(what, secs, || {
+        let held = check();
+        async move { held.await.then_some(()) }
+    })
+    .await
 }
 
 /// Polls `check` until it gives a value, failing the test after 20 s.
-pub async fn eventually_value<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually_value<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    value_within(what, 20, check).await
+}
+
+async fn value_within<T, F, Fut>(what: &str, secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
-        let found = tokio::time::timeout_at(deadline, check()).await.unwrap_or_else(|_| panic!("timed out after 20 s waiting for {what} (a check hung)"));
+        // A check that hangs fails at the deadline too.
+        let found = tokio::time::timeout_at(deadline, check()).await.unwrap_or_else(|_| panic!("timed out after {secs} s waiting for {what} (a check hung)"));
         if let Some(v) = found {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after 20 s waiting for {what}");
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
