@@ -7,6 +7,9 @@
 #   scripts/services.sh stop     stop what `start` started (by pid file)
 #   scripts/services.sh status   print each service's state (exit 0 iff all healthy)
 #   scripts/services.sh env      print target/services/env
+#   scripts/services.sh tools    install what is missing (NATS, Redis, the MongoDB-protocol
+#                                server, nginx) and print their paths as shell assignments
+#                                (scripts/cluster.sh starts its own instances of them)
 #
 # Typical use:  scripts/services.sh start && . target/services/env
 #
@@ -489,11 +492,38 @@ cmd_browser() {
   [[ -x $chromium ]] || die "$chromium still missing after apt-get install chromium"
 }
 
+resolve_nginx() {
+  local bin
+  bin=$(command -v nginx 2>/dev/null || true)
+  [[ -z $bin && -x /usr/sbin/nginx ]] && bin=/usr/sbin/nginx
+  if [[ -z $bin ]]; then
+    apt_install nginx
+    bin=$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)
+  fi
+  [[ -x $bin ]] || die "nginx still missing after apt-get install"
+  NGINX_BIN=$bin
+}
+
+# Installs every server binary the local cluster needs and prints where
+# they are, for `eval`.
+cmd_tools() {
+  mkdir -p "$SVC_DIR"
+  lock
+  resolve_nats
+  resolve_redis
+  resolve_mongo
+  resolve_nginx
+  command -v curl >/dev/null 2>&1 || apt_install curl
+  printf 'NATS_BIN=%q\nREDIS_BIN=%q\nMONGO_KIND=%q\nNX_BIN=%q\nNGINX_BIN=%q\n' \
+    "$NATS_BIN" "$(command -v redis-server)" "$MONGO_KIND" "$VENV/bin/nx-27017" "$NGINX_BIN"
+}
+
 case "${1:-}" in
   start) cmd_start ;;
+  tools) cmd_tools ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
   browser) cmd_browser ;;
-  *) echo "usage: $0 start|stop|status|env|browser" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|env|browser|tools" >&2; exit 2 ;;
 esac

@@ -29,6 +29,9 @@ export NATTER_NATS_URL NATTER_REDIS_URL NATTER_MONGO_URL
 # official socket.io-client and playwright-core (pinned by package-lock.json;
 # playwright drives Debian's chromium and downloads no browser).
 scripts/services.sh browser
+# nginx (and the rest of scripts/cluster.sh's servers) for the fault tests
+# (tests/faults: three NATS servers, three nodes and nginx on loopback).
+scripts/services.sh tools >/dev/null
 (cd tests/client && npm ci --no-audit --no-fund --loglevel=error)
 
 echo "[test] cargo test --workspace (NATS $NATTER_NATS_URL, Redis $NATTER_REDIS_URL, MongoDB $NATTER_MONGO_URL)"

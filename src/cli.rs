@@ -69,7 +69,7 @@ pub async fn projections(cfg: &Config) -> anyhow::Result<()> {
         println!("{name:<16} {version:>7} {checkpoint:>12} {lag:>10} {in_flight:>10} {parked:>8}");
     }
     if let (Some(url), Some(db)) = (&cfg.distributed.redis_url, &db) {
-        let redis = connect_redis(url).await?;
+        let redis = connect_redis(url, cfg.distributed.store_timeout).await?;
         let counts = Versions::counts_at(&redis, &cfg.distributed.redis_prefix, read_pointer(db, COUNTS).await?.active);
         let state = if counts.is_ready().await? { "complete" } else { "REBUILDING (reads answer 503 until done)" };
         println!("redis unread counts: {state}");
@@ -196,7 +196,7 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let mongo_url = cfg.distributed.mongo_url.as_deref().context("NATTER_MONGO_URL is not set")?;
     let redis_url = cfg.distributed.redis_url.as_deref().context("NATTER_REDIS_URL is not set")?;
     let db = connect_mongo(mongo_url, &cfg.distributed.mongo_db).await?;
-    let versions = Versions::open(db, connect_redis(redis_url).await?, &cfg.distributed.redis_prefix).await?;
+    let versions = Versions::open(db, connect_redis(redis_url, cfg.distributed.store_timeout).await?, &cfg.distributed.redis_prefix, None).await?;
     let (views, counts) = (versions.views.clone(), versions.counts.clone());
     let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), Arc::new(log.clone()), &cfg.distributed.stream, &cfg.log.subject_prefix, (&cfg.push).into(), None).await?;
     let fanout = Arc::new(FanOut::new(Arc::new(bus), cfg.log.subject_prefix.clone(), Arc::new(log.clone()), cfg.push.announce_max));
@@ -246,7 +246,7 @@ pub async fn rebuild(cfg: &Config, which: &str) -> anyhow::Result<()> {
     };
     let log = connect_log(cfg).await?;
     let db = connect_mongo(cfg.distributed.mongo_url.as_deref().context("NATTER_MONGO_URL is not set")?, &cfg.distributed.mongo_db).await?;
-    let redis = connect_redis(cfg.distributed.redis_url.as_deref().context("NATTER_REDIS_URL is not set")?).await?;
+    let redis = connect_redis(cfg.distributed.redis_url.as_deref().context("NATTER_REDIS_URL is not set")?, cfg.distributed.store_timeout).await?;
     for name in targets {
         rebuild_one(cfg, &log, &db, &redis, name).await.with_context(|| format!("rebuilding {name}"))?;
     }

@@ -280,6 +280,11 @@ section! {
         /// append is acknowledged once a majority holds it). A node refuses
         /// to start if the servers cannot place that many.
         stream_replicas: usize = 1, "stream-replicas", "NATTER_STREAM_REPLICAS";
+        /// How long a MongoDB or Redis call may take before it fails as
+        /// unavailable (503 with Retry-After to a client; a projector
+        /// retries; writes get 12 times as long): a store that stalls
+        /// instead of refusing holds no request or socket for long.
+        store_timeout: Duration = Duration::from_secs(5), "store-timeout-ms", "NATTER_STORE_TIMEOUT_MS", millis;
     }
 }
 
@@ -438,6 +443,9 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("subject prefix {:?}: {e}", self.log.subject_prefix))?;
         natter_events::validate_id(&self.distributed.stream)
             .map_err(|e| anyhow::anyhow!("stream name {:?}: {e}", self.distributed.stream))?;
+        if self.distributed.store_timeout < Duration::from_millis(100) {
+            bail!("NATTER_STORE_TIMEOUT_MS must be at least 100");
+        }
         if self.push.presence_ttl < Duration::from_millis(300) {
             bail!("presence TTL must be at least 300 ms");
         }

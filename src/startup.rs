@@ -204,8 +204,11 @@ fn serve(
     tokio::spawn(async move {
         let stopped = async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
-            // End every socket's session, then close the connections so
-            // the server can drain.
+            // Readiness fails and new requests are refused first, so a load
+            // balancer sends them (and the sockets that reconnect next) to
+            // other nodes; then every socket's session ends and its
+            // connection closes, and the server drains what is in flight.
+            state.start_draining();
             crate::socket::close_all(&io, &state).await;
         };
         let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();

@@ -3,7 +3,7 @@
 //! Socket.IO layers depend on this type, never on how it was assembled.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use natter_projections::{CountStore, ViewStore};
 
@@ -28,10 +28,21 @@ pub struct AppState {
     pub limits: Limits,
     /// Unique per process: names this node's presence connections.
     pub node_id: String,
-    /// False until the projections are far enough to serve (an embedded
-    /// node replaying its log): only `/healthz`, `/readyz` and `/metrics`
-    /// answer until then.
-    serving: AtomicBool,
+    /// [`Phase`] as a number: only `/healthz`, `/readyz` and `/metrics`
+    /// answer while starting or draining.
+    phase: AtomicU8,
+}
+
+/// Where a node is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The projections are not far enough to serve yet (an embedded node
+    /// replaying its log).
+    Starting = 0,
+    Serving = 1,
+    /// Stopping (SIGTERM): readiness fails and new requests are refused with
+    /// 503 so a load balancer sends them elsewhere, then sockets close.
+    Draining = 2,
 }
 
 impl AppState {
@@ -47,7 +58,7 @@ impl AppState {
         node_id: String,
     ) -> AppState {
         let metrics = commands.metrics().clone();
-        AppState { commands, auth, metrics, push, presence, rate, mode, limits, node_id, serving: AtomicBool::new(false) }
+        AppState { commands, auth, metrics, push, presence, rate, mode, limits, node_id, phase: AtomicU8::new(Phase::Starting as u8) }
     }
 
     pub fn views(&self) -> &dyn ViewStore {
@@ -58,11 +69,22 @@ impl AppState {
         self.commands.counts()
     }
 
-    pub fn is_serving(&self) -> bool {
-        self.serving.load(Ordering::Acquire)
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Starting,
+            1 => Phase::Serving,
+            _ => Phase::Draining,
+        }
     }
 
+    /// Serving, or back to starting (a node taken out of service). A
+    /// draining node stays draining.
     pub fn set_serving(&self, serving: bool) {
-        self.serving.store(serving, Ordering::Release);
+        let to = if serving { Phase::Serving } else { Phase::Starting };
+        let _ = self.phase.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| (p != Phase::Draining as u8).then_some(to as u8));
+    }
+
+    pub fn start_draining(&self) {
+        self.phase.store(Phase::Draining as u8, Ordering::Release);
     }
 }

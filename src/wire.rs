@@ -185,7 +185,7 @@ pub struct ErrorBody {
     /// `token_expired`, `invalid_token`, `forbidden`, `not_found`,
     /// `conflict`, `payload_too_large`, `unsupported_media_type`,
     /// `rate_limited`, `busy`, `overloaded`, `timeout`, `unavailable`,
-    /// `rebuilding`, `starting`, `internal`.
+    /// `rebuilding`, `starting`, `draining`, `internal`.
     pub code: String,
 }
 
@@ -291,11 +291,11 @@ pub struct Health {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Readiness {
-    /// `ready`, `unavailable` or `starting`.
+    /// `ready`, `unavailable`, `starting` or `draining`.
     pub status: String,
     /// `embedded` or `distributed`.
     pub mode: String,
-    /// While starting: what the node is doing.
+    /// While starting or draining: what the node is doing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     /// `ok` or `unavailable` (once started).

@@ -7,9 +7,16 @@
 //! view. Right after the switch the old version takes the second slot for
 //! a moment, so nodes that switched keep writing it while nodes that have
 //! not yet noticed still read it.
+//!
+//! A switch may bound its store's calls ([`Switch::bounded_by`]): a read
+//! that takes longer fails as unavailable (503 to a client) and a write
+//! fails for the projector to retry, so a store that stalls instead of
+//! refusing holds nobody forever.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use natter_events::Envelope;
@@ -23,11 +30,39 @@ pub struct Switch<T> {
     name: &'static str,
     active: RwLock<Versioned<T>>,
     building: RwLock<Option<Versioned<T>>>,
+    /// How long a read may take (writes: [`WRITE_LIMIT_FACTOR`] times as long).
+    limit: Option<Duration>,
 }
+
+/// Writes (a projector's batches) may take this many times a read's limit.
+const WRITE_LIMIT_FACTOR: u32 = 12;
 
 impl<T> Switch<T> {
     pub fn new(name: &'static str, version: u32, store: Arc<T>) -> Self {
-        Switch { name, active: RwLock::new((version, store)), building: RwLock::new(None) }
+        Switch { name, active: RwLock::new((version, store)), building: RwLock::new(None), limit: None }
+    }
+
+    /// Bounds every call to the store: reads by `limit`, writes by
+    /// [`WRITE_LIMIT_FACTOR`] × `limit`.
+    pub fn bounded_by(mut self, limit: Duration) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    async fn read<R>(&self, op: impl Future<Output = Result<R, StoreError>>) -> Result<R, StoreError> {
+        let Some(limit) = self.limit else { return op.await };
+        match tokio::time::timeout(limit, op).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!("{} did not answer within {} ms (NATTER_STORE_TIMEOUT_MS)", self.name, limit.as_millis()))),
+        }
+    }
+
+    async fn write(&self, op: impl Future<Output = Result<(), ApplyError>>) -> Result<(), ApplyError> {
+        let Some(limit) = self.limit.map(|l| l * WRITE_LIMIT_FACTOR) else { return op.await };
+        match tokio::time::timeout(limit, op).await {
+            Ok(r) => r,
+            Err(_) => Err(ApplyError::Unavailable(format!("{} took longer than {} ms to apply", self.name, limit.as_millis()))),
+        }
     }
 
     pub fn active(&self) -> Arc<T> {
@@ -83,13 +118,13 @@ impl<T: Projection + 'static> Projection for Switch<T> {
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
         for target in self.targets() {
-            target.apply(env).await?;
+            self.write(target.apply(env)).await?;
         }
         Ok(())
     }
     async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
         for target in self.targets() {
-            target.apply_batch(batch).await?;
+            self.write(target.apply_batch(batch)).await?;
         }
         Ok(())
     }
@@ -98,73 +133,73 @@ impl<T: Projection + 'static> Projection for Switch<T> {
 #[async_trait]
 impl<T: ViewStore + 'static> ViewStore for Switch<T> {
     async fn check(&self) -> Result<(), StoreError> {
-        self.active().check().await
+        self.read(self.active().check()).await
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
         for target in self.targets() {
-            ViewStore::apply(target.as_ref(), env).await?;
+            self.write(ViewStore::apply(target.as_ref(), env)).await?;
         }
         Ok(())
     }
     async fn user(&self, id: &str) -> Result<Option<UserView>, StoreError> {
-        self.active().user(id).await
+        self.read(self.active().user(id)).await
     }
     async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<UserView>, StoreError> {
-        self.active().users_by_ids(ids).await
+        self.read(self.active().users_by_ids(ids)).await
     }
     async fn user_by_email(&self, email: &str) -> Result<Option<UserView>, StoreError> {
-        self.active().user_by_email(email).await
+        self.read(self.active().user_by_email(email)).await
     }
     async fn users(&self, except: &str, after: Option<&str>, limit: u32) -> Result<Vec<UserView>, StoreError> {
-        self.active().users(except, after, limit).await
+        self.read(self.active().users(except, after, limit)).await
     }
     async fn message(&self, id: &str) -> Result<Option<MessageView>, StoreError> {
-        self.active().message(id).await
+        self.read(self.active().message(id)).await
     }
     async fn message_by_command(&self, command_id: &str) -> Result<Option<MessageView>, StoreError> {
-        self.active().message_by_command(command_id).await
+        self.read(self.active().message_by_command(command_id)).await
     }
     async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError> {
-        self.active().messages(conversation, before, limit).await
+        self.read(self.active().messages(conversation, before, limit)).await
     }
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
-        self.active().watermarks(conversation).await
+        self.read(self.active().watermarks(conversation)).await
     }
     async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError> {
-        self.active().room(id).await
+        self.read(self.active().room(id)).await
     }
     async fn rooms(&self, after: Option<&str>, limit: u32) -> Result<Vec<RoomView>, StoreError> {
-        self.active().rooms(after, limit).await
+        self.read(self.active().rooms(after, limit)).await
     }
     async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError> {
-        self.active().room_members(room).await
+        self.read(self.active().room_members(room)).await
     }
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
-        self.active().is_member(room, user).await
+        self.read(self.active().is_member(room, user)).await
     }
     async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError> {
-        self.active().room_message_by_command(command_id).await
+        self.read(self.active().room_message_by_command(command_id)).await
     }
     async fn room_messages(&self, room: &str, before: Option<u64>, limit: u32) -> Result<Vec<RoomMessageView>, StoreError> {
-        self.active().room_messages(room, before, limit).await
+        self.read(self.active().room_messages(room, before, limit)).await
     }
 }
 
 #[async_trait]
 impl<T: CountStore + 'static> CountStore for Switch<T> {
     async fn check(&self) -> Result<(), StoreError> {
-        self.active().check().await
+        self.read(self.active().check()).await
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
         for target in self.targets() {
-            CountStore::apply(target.as_ref(), env).await?;
+            self.write(CountStore::apply(target.as_ref(), env)).await?;
         }
         Ok(())
     }
     async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError> {
-        self.active().unseen(user).await
+        self.read(self.active().unseen(user)).await
     }
     async fn room_unread(&self, user: &str, rooms: &[String]) -> Result<HashMap<String, u64>, StoreError> {
-        self.active().room_unread(user, rooms).await
+        self.read(self.active().room_unread(user, rooms)).await
     }
 }

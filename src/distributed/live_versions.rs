@@ -66,10 +66,16 @@ impl Versions {
         RedisCounts::new(redis.clone(), RedisCounts::versioned_prefix(base, version))
     }
 
-    pub async fn open(db: Database, redis: ConnectionManager, redis_base: &str) -> Result<Versions, StoreError> {
+    /// Opens the live versions; `limit` bounds every call a node makes to
+    /// them (none for the command-line tools).
+    pub async fn open(db: Database, redis: ConnectionManager, redis_base: &str, limit: Option<Duration>) -> Result<Versions, StoreError> {
         let (vp, cp) = (read_pointer(&db, VIEWS).await?, read_pointer(&db, COUNTS).await?);
-        let views = Arc::new(Switch::new(VIEWS, vp.active, Arc::new(MongoViews::open_version(&db, vp.active).await?)));
-        let counts = Arc::new(Switch::new(COUNTS, cp.active, Arc::new(Self::counts_at(&redis, redis_base, cp.active))));
+        let mut views = Switch::new(VIEWS, vp.active, Arc::new(MongoViews::open_version(&db, vp.active).await?));
+        let mut counts = Switch::new(COUNTS, cp.active, Arc::new(Self::counts_at(&redis, redis_base, cp.active)));
+        if let Some(limit) = limit {
+            (views, counts) = (views.bounded_by(limit), counts.bounded_by(limit));
+        }
+        let (views, counts) = (Arc::new(views), Arc::new(counts));
         let versions = Versions { db, redis, redis_base: redis_base.to_owned(), views, counts };
         versions.refresh().await?;
         Ok(versions)

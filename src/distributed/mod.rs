@@ -52,11 +52,12 @@ pub async fn connect_mongo(url: &str, db: &str) -> anyhow::Result<mongodb::Datab
     Ok(db)
 }
 
-pub async fn connect_redis(url: &str) -> anyhow::Result<redis::aio::ConnectionManager> {
+/// Connects to Redis; every command fails after `timeout` without an answer.
+pub async fn connect_redis(url: &str, timeout: Duration) -> anyhow::Result<redis::aio::ConnectionManager> {
     let client = redis::Client::open(url).with_context(|| format!("NATTER_REDIS_URL {:?} is not a valid Redis URL", redact(url)))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(5)));
+        .set_response_timeout(Some(timeout));
     let mut conn = tokio::time::timeout(Duration::from_secs(10), redis::aio::ConnectionManager::new_with_config(client, config))
         .await
         .map_err(|_| anyhow::anyhow!("cannot reach Redis at {} within 10 s", redact(url)))?
@@ -81,11 +82,11 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
     let (log, db, redis) = tokio::try_join!(
         NatsLog::connect(nats_url, &d.stream, &cfg.log.subject_prefix, cfg.log.dedup_window),
         connect_mongo(mongo_url, &d.mongo_db),
-        connect_redis(redis_url),
+        connect_redis(redis_url, d.store_timeout),
     )?;
     let log = log.compact_events(cfg.log.compact_events);
     let versions = Arc::new(
-        Versions::open(db, redis.clone(), &d.redis_prefix)
+        Versions::open(db, redis.clone(), &d.redis_prefix, Some(d.store_timeout))
             .await
             .with_context(|| format!("opening the views in MongoDB database {}", d.mongo_db))?,
     );

@@ -28,12 +28,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::{Router, extract::DefaultBodyLimit};
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, Phase};
 
 async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
@@ -50,17 +51,19 @@ async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) ->
 /// Until the node serves (an embedded node rebuilding its views from the
 /// log at start-up), everything but `/healthz`, `/readyz` and `/metrics` —
 /// Socket.IO included — answers 503 `starting`: answers from half-built
-/// views would be wrong.
+/// views would be wrong. A draining node (SIGTERM) answers 503 `draining`,
+/// so a load balancer retries the request on another node.
 pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if state.is_serving() || matches!(path, "/healthz" | "/readyz" | "/metrics") {
+    let phase = state.phase();
+    if phase == Phase::Serving || matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return next.run(req).await;
     }
-    axum::response::IntoResponse::into_response(ApiError::new(
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "starting",
-        "natter is rebuilding its views from the event log; retry shortly",
-    ))
+    let refusal = match phase {
+        Phase::Draining => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this node is shutting down; retry (another node will answer)"),
+        _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "starting", "natter is rebuilding its views from the event log; retry shortly"),
+    };
+    axum::response::IntoResponse::into_response(refusal)
 }
 
 /// Bounds a node's REST work: at most `NATTER_MAX_IN_FLIGHT` requests at

@@ -11,7 +11,7 @@ use axum::Json;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::config::Mode;
-use crate::state::AppState;
+use crate::state::{AppState, Phase};
 use crate::wire::{Health, Readiness};
 
 /// The process answers.
@@ -25,13 +25,15 @@ async fn healthz() -> Json<Health> {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness, description = "starting, or a dependency is unavailable")))]
 async fn readyz(State(node): State<Arc<AppState>>) -> axum::response::Response {
-    if !node.is_serving() {
-        let detail = match node.mode {
-            Mode::Embedded => "rebuilding the views from the event log",
-            Mode::Distributed => "starting the projectors",
+    let phase = node.phase();
+    if phase != Phase::Serving {
+        let (status, detail) = match (phase, node.mode) {
+            (Phase::Draining, _) => ("draining", "shutting down: new requests go to other nodes"),
+            (_, Mode::Embedded) => ("starting", "rebuilding the views from the event log"),
+            (_, Mode::Distributed) => ("starting", "starting the projectors"),
         };
         let body = Readiness {
-            status: "starting".into(),
+            status: status.into(),
             mode: node.mode.name().into(),
             detail: Some(detail.into()),
             event_log: None,

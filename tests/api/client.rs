@@ -136,6 +136,16 @@ impl Driver {
         out
     }
 
+    /// Reads whatever arrives for `window` into [`Driver::all`] (and the
+    /// per-socket buffers), without waiting on anything in particular.
+    #[allow(dead_code)] // used by tests/faults
+    pub async fn pump_for(&mut self, window: Duration) {
+        let until = tokio::time::Instant::now() + window;
+        while let Ok(Some(v)) = tokio::time::timeout_at(until, self.lines.recv()).await {
+            self.pump(v);
+        }
+    }
+
     /// Everything socket `id` receives for `window` (to prove absence).
     pub async fn quiet(&mut self, id: &str, window: Duration) -> Vec<Value> {
         let until = tokio::time::Instant::now() + window;

@@ -176,6 +176,7 @@ impl Cluster {
             redis_prefix: format!("t{id}:"),
             stream: format!("T{id}"),
             stream_replicas: 1,
+            store_timeout: cfg.distributed.store_timeout,
         };
         cfg.log.subject_prefix = format!("t{id}");
         tweak(&mut cfg);

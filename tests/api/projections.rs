@@ -54,7 +54,7 @@ async fn mongo_and_redis_adapters_converge_like_the_in_memory_store() {
     let db = natter::distributed::connect_mongo(&std::env::var("NATTER_MONGO_URL").unwrap(), &format!("natter_p{}", &id[..12]))
         .await
         .unwrap();
-    let redis = natter::distributed::connect_redis(&std::env::var("NATTER_REDIS_URL").unwrap()).await.unwrap();
+    let redis = natter::distributed::connect_redis(&std::env::var("NATTER_REDIS_URL").unwrap(), std::time::Duration::from_secs(5)).await.unwrap();
     let views = MongoViews::open(&db).await.unwrap();
     let counts = RedisCounts::new(redis, format!("p{}:", &id[..12]));
     counts.mark_ready().await.unwrap(); // a fresh key space: complete by definition
@@ -90,7 +90,7 @@ async fn batched_applies_converge_like_the_in_memory_store() {
     let db = natter::distributed::connect_mongo(&std::env::var("NATTER_MONGO_URL").unwrap(), &format!("natter_b{}", &id[..12]))
         .await
         .unwrap();
-    let redis = natter::distributed::connect_redis(&std::env::var("NATTER_REDIS_URL").unwrap()).await.unwrap();
+    let redis = natter::distributed::connect_redis(&std::env::var("NATTER_REDIS_URL").unwrap(), std::time::Duration::from_secs(5)).await.unwrap();
     for seed in [3u64, 11, 29] {
         let views = MongoViews::open_version(&db, seed as u32 + 1).await.unwrap();
         let counts = RedisCounts::new(redis.clone(), format!("b{}:{seed}:", &id[..12]));
@@ -203,7 +203,7 @@ async fn projectors_on_two_nodes_apply_every_event_exactly_once() {
     }
     // The message views equal an in-order replay.
     let db = natter::distributed::connect_mongo(c.cfg.distributed.mongo_url.as_deref().unwrap(), &c.cfg.distributed.mongo_db).await.unwrap();
-    let redis = natter::distributed::connect_redis(c.cfg.distributed.redis_url.as_deref().unwrap()).await.unwrap();
+    let redis = natter::distributed::connect_redis(c.cfg.distributed.redis_url.as_deref().unwrap(), std::time::Duration::from_secs(5)).await.unwrap();
     let views = MongoViews::open(&db).await.unwrap();
     let counts = RedisCounts::new(redis, c.cfg.distributed.redis_prefix.clone());
     let real = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();
@@ -295,7 +295,7 @@ async fn projectors_killed_five_times_during_5000_events_converge_to_a_fresh_reb
     })
     .await;
     let db = natter::distributed::connect_mongo(c.cfg.distributed.mongo_url.as_deref().unwrap(), &c.cfg.distributed.mongo_db).await.unwrap();
-    let redis = natter::distributed::connect_redis(c.cfg.distributed.redis_url.as_deref().unwrap()).await.unwrap();
+    let redis = natter::distributed::connect_redis(c.cfg.distributed.redis_url.as_deref().unwrap(), std::time::Duration::from_secs(5)).await.unwrap();
     let views = MongoViews::open(&db).await.unwrap();
     let counts = RedisCounts::new(redis, c.cfg.distributed.redis_prefix.clone());
     let real = snapshot(&views, &counts, &h.users, &h.conversations(), &h.rooms).await.unwrap();

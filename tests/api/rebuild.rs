@@ -88,7 +88,7 @@ async fn a_rebuild_during_traffic_serves_consistent_reads_and_ends_equal_to_a_fr
 
     // The live versions are 2, and equal a fresh replay of the whole log.
     let db = natter::distributed::connect_mongo(c.cfg.distributed.mongo_url.as_deref().unwrap(), &c.cfg.distributed.mongo_db).await.unwrap();
-    let redis = natter::distributed::connect_redis(c.cfg.distributed.redis_url.as_deref().unwrap()).await.unwrap();
+    let redis = natter::distributed::connect_redis(c.cfg.distributed.redis_url.as_deref().unwrap(), std::time::Duration::from_secs(5)).await.unwrap();
     assert_eq!(read_pointer(&db, VIEWS).await.unwrap().active, 2);
     assert_eq!(read_pointer(&db, COUNTS).await.unwrap().active, 2);
     let old = db.collection::<mongodb::bson::Document>("messages").count_documents(mongodb::bson::doc! {}).await.unwrap();
@@ -110,7 +110,7 @@ async fn a_rebuild_during_traffic_serves_consistent_reads_and_ends_equal_to_a_fr
         ViewStore::apply(&fresh_views, &env).await.unwrap();
         CountStore::apply(&fresh_counts, &env).await.unwrap();
     }
-    let versions = Versions::open(db, redis, &c.cfg.distributed.redis_prefix).await.unwrap();
+    let versions = Versions::open(db, redis, &c.cfg.distributed.redis_prefix, None).await.unwrap();
     let users = [amy.id.clone(), bob.id.clone(), carol.id.clone()];
     let convs = [natter_events::subjects::dm_conversation(&amy.id, &bob.id)];
     let rooms = [room.clone()];
