@@ -65,6 +65,13 @@ impl Driver {
         self.send(json!({"op": "connect", "id": id, "url": url, "auth": auth})).await;
     }
 
+    /// Opens socket `id` over the given transports only (e.g. `["polling"]`:
+    /// long-polling, every request of the session to the same node).
+    #[allow(dead_code)] // used by tests/faults
+    pub async fn connect_over(&mut self, id: &str, url: &str, auth: Value, transports: &[&str]) {
+        self.send(json!({"op": "connect", "id": id, "url": url, "auth": auth, "transports": transports})).await;
+    }
+
     /// Connects and waits for `connect` (panics on `connect_error`).
     pub async fn connected(&mut self, id: &str, url: &str, auth: Value) {
         self.connect(id, url, auth).await;

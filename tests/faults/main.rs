@@ -130,7 +130,8 @@ async fn kill_9_of_a_node_with_sockets_loses_and_repeats_no_delivery() {
     let http = http();
     let senders = users(&http, &c.url, "s", 2).await;
     let people = users(&http, &c.url, "r", 6).await;
-    let mut receivers: Vec<Receiver> = people.iter().cloned().map(Receiver::new).collect();
+    // Half of them on long-polling (sticky through nginx), half on WebSocket.
+    let mut receivers: Vec<Receiver> = people.iter().enumerate().map(|(i, u)| Receiver::new(u.clone(), i % 2 == 0)).collect();
     let mut d = Driver::start().await;
     connect_all(&mut d, &c.url, &receivers).await;
 
@@ -146,6 +147,9 @@ async fn kill_9_of_a_node_with_sockets_loses_and_repeats_no_delivery() {
 
     let tasks = start_senders(&http, &c.url, &senders, &people, 90);
     follow(&mut d, &c.url, &mut receivers, 30, |d, rs| rs.iter().map(|r| r.received(d).len()).sum::<usize>() >= 20).await;
+    // Long-polling sessions hold through nginx (each poll reaches the node
+    // that holds its session), or they would have dropped by now.
+    assert!(receivers.iter().all(|r| r.current.ends_with("#0")), "a socket dropped before any fault");
     c.kill9(&format!("natter{}", victim.1)).await;
     let sent_done = follow(&mut d, &c.url, &mut receivers, 120, |_, _| tasks.iter().all(|t| t.is_finished())).await;
     assert!(sent_done, "the senders did not finish within 2 minutes of the kill");
@@ -157,7 +161,7 @@ async fn kill_9_of_a_node_with_sockets_loses_and_repeats_no_delivery() {
     let slowest_reconnect = moved.iter().flat_map(|r| r.reconnects.iter()).max().copied().unwrap_or_default();
     let checked = check_histories(&http, &c.url, &sent, &people).await;
     report(
-        "kill -9 of a natter node holding sockets, 2 senders to 6 receivers through nginx",
+        "kill -9 of a natter node holding sockets, 2 senders to 6 receivers (3 long-polling, 3 WebSocket) through nginx",
         &[
             format!("killed natter{} with {} of the 6 sockets; {} sockets reconnected through nginx with their cursor (slowest {:.1} s)", victim.1, victim.0, moved.len(), slowest_reconnect.as_secs_f64()),
             format!("acknowledged {}, delivered {delivered}, missing {missing}, duplicated {duplicated}; in history exactly once {checked}", sent.iter().map(|(_, s)| s.acks.len()).sum::<usize>()),
@@ -174,7 +178,8 @@ async fn a_rolling_restart_under_traffic_fails_no_send_and_loses_no_delivery() {
     let http = http();
     let senders = users(&http, &c.url, "s", 2).await;
     let people = users(&http, &c.url, "r", 6).await;
-    let mut receivers: Vec<Receiver> = people.iter().cloned().map(Receiver::new).collect();
+    // Half of them on long-polling (sticky through nginx), half on WebSocket.
+    let mut receivers: Vec<Receiver> = people.iter().enumerate().map(|(i, u)| Receiver::new(u.clone(), i % 2 == 0)).collect();
     let mut d = Driver::start().await;
     connect_all(&mut d, &c.url, &receivers).await;
 
@@ -214,7 +219,7 @@ async fn a_rolling_restart_under_traffic_fails_no_send_and_loses_no_delivery() {
         sent.iter().map(|(_, s)| s.acks.len()).sum::<usize>()
     ));
     lines.push(format!("deliveries: {delivered} exactly once, missing {missing}, duplicated {duplicated}; socket reconnects with cursor {reconnects}; in history exactly once {checked}"));
-    report("rolling restart of the three natter nodes (SIGTERM, start), 2 senders to 6 receivers through nginx", &lines);
+    report("rolling restart of the three natter nodes (SIGTERM, start), 2 senders to 6 receivers (3 long-polling, 3 WebSocket) through nginx", &lines);
     assert_eq!((missing, duplicated), (0, 0), "every acknowledged message reached its receiver exactly once");
 }
 

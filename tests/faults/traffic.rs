@@ -163,14 +163,21 @@ pub async fn check_histories(http: &reqwest::Client, url: &str, senders: &[(User
 pub struct Receiver {
     pub user: User,
     pub current: String,
+    /// Long-polling only (no WebSocket): every request of a session must
+    /// reach the node that holds it (nginx's stickiness).
+    polling: bool,
     incarnations: u32,
     pub reconnects: Vec<Duration>,
     dropped_at: Option<Instant>,
 }
 
 impl Receiver {
-    pub fn new(user: User) -> Receiver {
-        Receiver { current: format!("{}#0", user.name), user, incarnations: 0, reconnects: Vec::new(), dropped_at: None }
+    pub fn new(user: User, polling: bool) -> Receiver {
+        Receiver { current: format!("{}#0", user.name), user, polling, incarnations: 0, reconnects: Vec::new(), dropped_at: None }
+    }
+
+    fn transports(&self) -> &'static [&'static str] {
+        if self.polling { &["polling"] } else { &["websocket"] }
     }
 
     fn sockets<'a>(&'a self, d: &'a Driver) -> impl Iterator<Item = &'a Value> + 'a {
@@ -194,7 +201,9 @@ impl Receiver {
 
 pub async fn connect_all(d: &mut Driver, url: &str, receivers: &[Receiver]) {
     for r in receivers {
-        d.connected(&r.current, &format!("{url}/"), json!({"token": r.user.token})).await;
+        d.connect_over(&r.current, &format!("{url}/"), json!({"token": r.user.token}), r.transports()).await;
+        let first = d.next(&r.current, |e| e["type"] == "connect" || e["type"] == "connect_error", "connect").await;
+        assert_eq!(first["type"], "connect", "{} did not connect: {first}", r.current);
     }
 }
 
@@ -217,7 +226,7 @@ pub async fn follow(d: &mut Driver, url: &str, receivers: &mut [Receiver], secs:
                 r.incarnations += 1;
                 r.current = format!("{}#{}", r.user.name, r.incarnations);
                 let auth = json!({"token": r.user.token, "cursor": r.cursor(d)});
-                d.connect(&r.current, &format!("{url}/"), auth).await;
+                d.connect_over(&r.current, &format!("{url}/"), auth, r.transports()).await;
             }
         }
         if done(d, receivers) {
