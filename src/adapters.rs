@@ -40,4 +40,7 @@ pub struct Adapters {
     pub after_drain: Box<dyn FnOnce() + Send>,
     /// Where the node's data lives, for the start-up log line.
     pub describe: String,
+    /// Series the adapters keep themselves, added to `/metrics` (the
+    /// distributed mode: its NATS connection).
+    pub collectors: Vec<Box<dyn prometheus_client::collector::Collector>>,
 }

@@ -128,9 +128,12 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
         Mode::Embedded => crate::embedded::connect(&cfg).await?,
         Mode::Distributed => crate::distributed::connect(&cfg, &node_id).await?,
     };
-    let Adapters { mode, log, views, counts, projections, progress, bus, presence, counter, runner, stored_secret, after_drain, describe } = adapters;
+    let Adapters { mode, log, views, counts, projections, progress, bus, presence, counter, runner, stored_secret, after_drain, describe, collectors } = adapters;
     let auth = Auth::new(&cfg.auth, stored_secret)?;
     let metrics = Arc::new(Metrics::default());
+    for collector in collectors {
+        metrics.register_collector(collector);
+    }
     let commands = Commands::new(log.clone(), views.clone(), counts.clone(), cfg.log.subject_prefix.clone(), cfg.limits.clone(), metrics.clone(), progress);
     let prefix = cfg.log.subject_prefix.clone();
     let fanout = if runner.in_log_order() {

@@ -54,6 +54,7 @@ impl Commands {
         D: Fn(Option<Logged>) -> F,
         F: Future<Output = Result<Option<Event>, CommandError>>,
     {
+        let started = std::time::Instant::now();
         for attempt in 0..MAX_ATTEMPTS {
             let last = self.log.last(subject).await?;
             let (position, expected) = next_on(last.as_ref());
@@ -62,6 +63,7 @@ impl Commands {
             match self.log.append(&env, expected).await {
                 Ok(appended) if !appended.duplicate => {
                     self.metrics.event_appended(env.event.type_name());
+                    self.metrics.append_took(started.elapsed().as_secs_f64());
                     self.apply_now(&env).await;
                     return Ok(Some(env));
                 }

@@ -135,7 +135,32 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
             d.mongo_db,
             redact(redis_url)
         ),
+        collectors: vec![Box::new(NatsConnection(log.client().clone()))],
     })
+}
+
+/// The node's NATS connection, as `/metrics` series: how often it
+/// connected (the first time and every reconnect after a server was lost)
+/// and whether it is connected now.
+struct NatsConnection(async_nats::Client);
+
+impl std::fmt::Debug for NatsConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NatsConnection")
+    }
+}
+
+impl prometheus_client::collector::Collector for NatsConnection {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::{counter::ConstCounter, gauge::ConstGauge};
+        let connects = ConstCounter::new(self.0.statistics().connects.load(std::sync::atomic::Ordering::Relaxed));
+        let help = "Connections this node made to NATS (1 + reconnects after losing a server)";
+        connects.encode(encoder.encode_descriptor("natter_nats_connects", help, None, connects.metric_type())?)?;
+        let up = ConstGauge::new(i64::from(self.0.connection_state() == async_nats::connection::State::Connected));
+        up.encode(encoder.encode_descriptor("natter_nats_connected", "1 while this node is connected to a NATS server", None, up.metric_type())?)?;
+        Ok(())
+    }
 }
 
 /// How far the live views have applied the log: the acknowledgement floor

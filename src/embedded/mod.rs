@@ -102,6 +102,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
              for the distributed mode); data {}; sync {sync}",
             data.display()
         ),
+        collectors: Vec::new(),
     })
 }
 

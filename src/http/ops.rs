@@ -71,11 +71,11 @@ async fn readyz(State(node): State<Arc<AppState>>) -> axum::response::Response {
     }
 }
 
-/// Prometheus metrics (text exposition format).
+/// Prometheus metrics (OpenMetrics text format).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, body = String, content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(node): State<Arc<AppState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.metrics.render())
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render())
 }
 
 pub fn router() -> OpenApiRouter<Arc<AppState>> {

@@ -73,6 +73,7 @@ pub async fn project(
 ) -> Next {
     let name = projection.name();
     metrics.projection_lag(label, lag);
+    let started = std::time::Instant::now();
     let outcome = match event {
         Err(reason) => Err(ApplyError::Poison(reason)),
         Ok(env) => {
@@ -83,6 +84,7 @@ pub async fn project(
     match outcome {
         Ok(()) => {
             metrics.projection_applied(name);
+            metrics.projection_took(name, started.elapsed().as_secs_f64());
             Next::Done
         }
         Err(ApplyError::Poison(reason)) => match parking.park(name, seq, &reason, payload).await {
@@ -127,9 +129,11 @@ pub async fn project_batch(projection: &dyn Projection, label: &str, batch: &[(&
     let name = projection.name();
     metrics.projection_lag(label, lag);
     let span = tracing::debug_span!("project_batch", projection = name, events = batch.len());
+    let started = std::time::Instant::now();
     match tracing::Instrument::instrument(projection.apply_batch(batch), span).await {
         Ok(()) => {
             metrics.projection_applied_n(name, batch.len());
+            metrics.projection_took(name, started.elapsed().as_secs_f64());
             BatchNext::Done
         }
         Err(ApplyError::Poison(reason)) => {

@@ -242,7 +242,15 @@ impl Session {
                 self.cursor = d.previous;
             }
         }
-        self.emit_delivery(&d).await
+        self.emit_delivery(&d).await?;
+        // How long a live message took from its creation (on any node) to here.
+        if let Some(created) = d.payload.data.get("createdAt").and_then(|v| v.as_str()) {
+            if let Ok(at) = chrono::DateTime::parse_from_rfc3339(created) {
+                let ms = (chrono::Utc::now() - at.with_timezone(&chrono::Utc)).num_milliseconds();
+                self.node.metrics.delivered_after(ms.max(0) as f64 / 1000.0);
+            }
+        }
+        Ok(())
     }
 }
 
