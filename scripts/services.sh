@@ -8,7 +8,8 @@
 #   scripts/services.sh status   print each service's state (exit 0 iff all healthy)
 #   scripts/services.sh env      print target/services/env
 #   scripts/services.sh tools    install what is missing (NATS, Redis, the MongoDB-protocol
-#                                server, nginx) and print their paths as shell assignments
+#                                server, nginx, docker-compose) and print the servers' paths
+#                                as shell assignments
 #                                (scripts/cluster.sh starts its own instances of them)
 #
 # Typical use:  scripts/services.sh start && . target/services/env
@@ -514,6 +515,8 @@ cmd_tools() {
   resolve_mongo
   resolve_nginx
   command -v curl >/dev/null 2>&1 || apt_install curl
+  # Checks deploy/docker-compose.yml (`docker-compose config` needs no engine).
+  command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose
   printf 'NATS_BIN=%q\nREDIS_BIN=%q\nMONGO_KIND=%q\nNX_BIN=%q\nNGINX_BIN=%q\n' \
     "$NATS_BIN" "$(command -v redis-server)" "$MONGO_KIND" "$VENV/bin/nx-27017" "$NGINX_BIN"
 }

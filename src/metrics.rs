@@ -139,6 +139,14 @@ impl Metrics {
         self.append_duration.observe(seconds);
     }
 
+    /// Starts `projection`'s counters at zero, so the first parked event is
+    /// an increase Prometheus sees (a series born at 1 shows none).
+    pub fn projection_known(&self, projection: &str) {
+        let label = ProjectionLabel { projection: projection.to_owned() };
+        self.applied.get_or_create(&label);
+        self.parked.get_or_create(&label);
+    }
+
     pub fn projection_applied(&self, projection: &str) {
         self.projection_applied_n(projection, 1);
     }

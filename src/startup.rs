@@ -143,6 +143,9 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     };
     let mut projections = projections;
     projections.push(Arc::new(fanout));
+    for p in &projections {
+        metrics.projection_known(p.name());
+    }
     let push = PushHub::new(bus, cfg.limits.socket_queue);
     let rate = crate::ratelimit::RateLimits::new(counter, &cfg.limits);
     let state = Arc::new(AppState::new(commands, auth, push, presence, rate, mode, cfg.limits.clone(), node_id));

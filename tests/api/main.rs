@@ -9,6 +9,7 @@ mod embedded;
 mod fuzz;
 mod client;
 mod cross_origin;
+mod deploy;
 mod heal;
 mod helpers;
 mod log_contract;
