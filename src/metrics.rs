@@ -143,8 +143,8 @@ impl Metrics {
     /// an increase Prometheus sees (a series born at 1 shows none).
     pub fn projection_known(&self, projection: &str) {
         let label = ProjectionLabel { projection: projection.to_owned() };
-        self.applied.get_or_create(&label);
-        self.parked.get_or_create(&label);
+        let _ = self.applied.get_or_create(&label);
+        let _ = self.parked.get_or_create(&label);
     }
 
     pub fn projection_applied(&self, projection: &str) {

@@ -112,15 +112,28 @@ impl Projector {
     /// retried; it never ends the loop.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let name = self.label();
+        // Since when consuming has failed without a working stretch: a NATS
+        // leader election or a stream just placed on a cluster fails for a
+        // few seconds (a warning); longer is an operator's business.
+        let mut failing_since: Option<std::time::Instant> = None;
         loop {
             if *shutdown.borrow() {
                 return;
             }
+            let started = std::time::Instant::now();
             match self.consume(&mut shutdown).await {
                 Ok(Flow::Stop) => return,
-                Ok(Flow::Follow) => continue,
+                Ok(Flow::Follow) => failing_since = None,
                 Err(e) => {
-                    tracing::error!(projection = name, error = %e, "projector lost its consumer; retrying in 1 s");
+                    if started.elapsed() > Duration::from_secs(10) {
+                        failing_since = None;
+                    }
+                    let since = *failing_since.get_or_insert(started);
+                    if since.elapsed() > Duration::from_secs(15) {
+                        tracing::error!(projection = name, error = %e, failing_for_s = since.elapsed().as_secs(), "projector cannot consume the log; retrying every second (is NATS up? see /readyz)");
+                    } else {
+                        tracing::warn!(projection = name, error = %e, "projector lost its consumer (a NATS leader election, or streams just placed); retrying in 1 s");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = shutdown.changed() => return,
