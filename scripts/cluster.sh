@@ -72,7 +72,9 @@ http_ok() { curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null; }
 wait_for() {
   local name=$1 what=$2 start=$SECONDS
   shift 2
-  until "$@"; do
+  # The process must be alive as well: an old one on the same port must
+  # not pass for it.
+  until running_pid "$name" >/dev/null && "$@"; do
     if ! running_pid "$name" >/dev/null; then
       log "$name exited while starting; last lines of $(logfile "$name"):"
       tail -n 30 "$(logfile "$name")" | sed 's/^/    /' >&2
@@ -101,8 +103,10 @@ launch() {
 }
 
 tools() {
-  [[ -n ${NATS_BIN:-} ]] && return 0
-  eval "$("$SCRIPT_DIR/services.sh" tools)"
+  [[ -n ${NGINX_BIN:-} ]] && return 0
+  local found
+  found=$("$SCRIPT_DIR/services.sh" tools) || die "scripts/services.sh tools could not install the servers (see above)"
+  eval "$found"
   command -v curl >/dev/null 2>&1 || die "curl is needed"
 }
 
@@ -216,8 +220,10 @@ nats_cluster_ready() {
   curl -fsS --max-time 2 "http://127.0.0.1:$(monitor_port 1)/jsz" 2>/dev/null | grep -q '"leader"'
 }
 
+# SIGTERM and wait; SIGKILL after 20 s (then the exit status is 1: it did
+# not stop cleanly).
 stop_one() {
-  local name=$1 pid start=$SECONDS
+  local name=$1 pid start=$SECONDS rc=0
   pid=$(running_pid "$name") || { rm -f "$(pidfile "$name")"; return 0; }
   kill -CONT "$pid" 2>/dev/null || true  # a SIGSTOPped process cannot act on SIGTERM
   kill -TERM "$pid" 2>/dev/null || true
@@ -225,11 +231,13 @@ stop_one() {
     if ((SECONDS - start >= 20)); then
       log "$name (pid $pid) ignored SIGTERM for 20 s; SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
+      rc=1
       break
     fi
     sleep 0.1
   done
   rm -f "$(pidfile "$name")"
+  return $rc
 }
 
 cmd_up() {
@@ -253,7 +261,7 @@ cmd_up() {
 
 cmd_down() {
   local i
-  for ((i = ${#NAMES[@]} - 1; i >= 0; i--)); do stop_one "${NAMES[i]}"; done
+  for ((i = ${#NAMES[@]} - 1; i >= 0; i--)); do stop_one "${NAMES[i]}" || true; done
   log "down (data kept in $DIR; remove it for a fresh cluster)"
 }
 

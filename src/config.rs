@@ -145,6 +145,12 @@ section! {
         /// (CORS), comma-separated, e.g. `http://localhost:3000`; `*` for
         /// any (development). Empty: same origin only.
         cors_origins: String = String::new(), "cors-origins", "NATTER_CORS_ORIGINS";
+        /// On SIGTERM, how long the node answers 503 `draining` (readiness
+        /// included) before it closes its sockets and stops listening: give
+        /// a load balancer that polls `/readyz` time to take it out
+        /// (e.g. twice its health-check interval). 0 for nginx, which
+        /// moves on from the 503 itself.
+        drain_delay: Duration = Duration::ZERO, "drain-delay-ms", "NATTER_DRAIN_DELAY_MS", millis;
     }
 }
 
@@ -282,8 +288,8 @@ section! {
         stream_replicas: usize = 1, "stream-replicas", "NATTER_STREAM_REPLICAS";
         /// How long a MongoDB or Redis call may take before it fails as
         /// unavailable (503 with Retry-After to a client; a projector
-        /// retries; writes get 12 times as long): a store that stalls
-        /// instead of refusing holds no request or socket for long.
+        /// retries; a projector's batch gets 12 times as long): a store that
+        /// stalls instead of refusing holds no request or socket for long.
         store_timeout: Duration = Duration::from_secs(5), "store-timeout-ms", "NATTER_STORE_TIMEOUT_MS", millis;
     }
 }

@@ -4,7 +4,8 @@
 //! Series (all prefixed `natter_`):
 //! - `http_requests_total{route,status}`, `http_request_duration_seconds{route}` (histogram)
 //! - `events_appended_total{type}`, `append_conflicts_total`, `append_duration_seconds` (histogram:
-//!   one append to the log, from reading the conversation's head to the log's acknowledgement)
+//!   one command's append, from reading the conversation's head to the log's acknowledgement,
+//!   conflict retries included)
 //! - `projection_applied_total{projection}`, `projection_parked_total{projection}`,
 //!   `projection_lag_events{projection}` (events in the log not yet applied),
 //!   `projection_duration_seconds{projection}` (histogram: one event or batch applied)
@@ -99,7 +100,7 @@ impl Default for Metrics {
             r.register("natter_http_request_duration_seconds", "Time to answer an HTTP request, by route", m.http_duration.clone());
             r.register("natter_events_appended", "Events appended to the log by this node", m.appended.clone());
             r.register("natter_append_conflicts", "Appends retried because another writer moved the conversation on", m.append_conflicts.clone());
-            r.register("natter_append_duration_seconds", "Time to append one event to the log (read the head, decide, append, acknowledged)", m.append_duration.clone());
+            r.register("natter_append_duration_seconds", "Time to append one command's event to the log (read the head, decide, append, acknowledged; conflict retries included)", m.append_duration.clone());
             r.register("natter_projection_applied", "Events applied by this node's projectors", m.applied.clone());
             r.register("natter_projection_parked", "Poison events parked on the dead-letter stream", m.parked.clone());
             r.register("natter_projection_lag_events", "Events in the log that a projection has not applied yet", m.lag.clone());

@@ -153,7 +153,7 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     let (shutdown, shutdown_rx) = watch::channel(false);
     let addr = listener.local_addr()?;
     let cors = crate::http::cors(&cfg.server.cors()?);
-    let mut tasks = vec![serve(state.clone(), listener, shutdown_rx.clone(), after_drain, cors)];
+    let mut tasks = vec![serve(state.clone(), listener, shutdown_rx.clone(), after_drain, cors, cfg.server.drain_delay)];
     match runner.start(projections, metrics, shutdown_rx.clone()).await {
         Ok(projectors) => tasks.extend(projectors),
         Err(e) => {
@@ -190,6 +190,7 @@ fn serve(
     mut shutdown: watch::Receiver<bool>,
     after_drain: Box<dyn FnOnce() + Send>,
     cors: Option<tower_http::cors::CorsLayer>,
+    drain_delay: Duration,
 ) -> JoinHandle<()> {
     let (sockets, io) = crate::socket::layer(state.clone());
     let app = crate::http::router(state.clone())
@@ -210,11 +211,16 @@ fn serve(
     tokio::spawn(async move {
         let stopped = async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
-            // Readiness fails and new requests are refused first, so a load
-            // balancer sends them (and the sockets that reconnect next) to
-            // other nodes; then every socket's session ends and its
-            // connection closes, and the server drains what is in flight.
+            // Readiness fails and new requests are refused first (for
+            // NATTER_DRAIN_DELAY_MS), so a load balancer sends them, and the
+            // sockets that reconnect next, to other nodes; then every
+            // socket's session ends and its connection closes, the listener
+            // closes and the server drains what is in flight.
             state.start_draining();
+            if !drain_delay.is_zero() {
+                tracing::info!(delay_ms = drain_delay.as_millis() as u64, "draining: readiness fails and new requests get 503 before sockets close");
+                tokio::time::sleep(drain_delay).await;
+            }
             crate::socket::close_all(&io, &state).await;
         };
         let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();

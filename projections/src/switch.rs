@@ -10,8 +10,9 @@
 //!
 //! A switch may bound its store's calls ([`Switch::bounded_by`]): a read
 //! that takes longer fails as unavailable (503 to a client) and a write
-//! fails for the projector to retry, so a store that stalls instead of
-//! refusing holds nobody forever.
+//! fails (a node's read-your-writes apply is left to the projector; a
+//! projector retries), so a store that stalls instead of refusing holds
+//! nobody forever.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,20 +31,23 @@ pub struct Switch<T> {
     name: &'static str,
     active: RwLock<Versioned<T>>,
     building: RwLock<Option<Versioned<T>>>,
-    /// How long a read may take (writes: [`WRITE_LIMIT_FACTOR`] times as long).
+    /// How long a read or a one-event write may take (a batch:
+    /// [`BATCH_LIMIT_FACTOR`] times as long).
     limit: Option<Duration>,
 }
 
-/// Writes (a projector's batches) may take this many times a read's limit.
-const WRITE_LIMIT_FACTOR: u32 = 12;
+/// A projector's batch (up to a few hundred events) may take this many
+/// times a read's limit.
+pub const BATCH_LIMIT_FACTOR: u32 = 12;
 
 impl<T> Switch<T> {
     pub fn new(name: &'static str, version: u32, store: Arc<T>) -> Self {
         Switch { name, active: RwLock::new((version, store)), building: RwLock::new(None), limit: None }
     }
 
-    /// Bounds every call to the store: reads by `limit`, writes by
-    /// [`WRITE_LIMIT_FACTOR`] × `limit`.
+    /// Bounds every call to the store: reads and one-event writes (a
+    /// node's read-your-writes apply) by `limit`, a projector's batches by
+    /// [`BATCH_LIMIT_FACTOR`] × `limit` (every version written within it).
     pub fn bounded_by(mut self, limit: Duration) -> Self {
         self.limit = Some(limit);
         self
@@ -57,8 +61,8 @@ impl<T> Switch<T> {
         }
     }
 
-    async fn write(&self, op: impl Future<Output = Result<(), ApplyError>>) -> Result<(), ApplyError> {
-        let Some(limit) = self.limit.map(|l| l * WRITE_LIMIT_FACTOR) else { return op.await };
+    async fn write(&self, factor: u32, op: impl Future<Output = Result<(), ApplyError>>) -> Result<(), ApplyError> {
+        let Some(limit) = self.limit.map(|l| l * factor) else { return op.await };
         match tokio::time::timeout(limit, op).await {
             Ok(r) => r,
             Err(_) => Err(ApplyError::Unavailable(format!("{} took longer than {} ms to apply", self.name, limit.as_millis()))),
@@ -117,16 +121,22 @@ impl<T: Projection + 'static> Projection for Switch<T> {
         self.active().ordered()
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
-        for target in self.targets() {
-            self.write(target.apply(env)).await?;
-        }
-        Ok(())
+        self.write(1, async {
+            for target in self.targets() {
+                target.apply(env).await?;
+            }
+            Ok(())
+        })
+        .await
     }
     async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
-        for target in self.targets() {
-            self.write(target.apply_batch(batch)).await?;
-        }
-        Ok(())
+        self.write(BATCH_LIMIT_FACTOR, async {
+            for target in self.targets() {
+                target.apply_batch(batch).await?;
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -136,10 +146,13 @@ impl<T: ViewStore + 'static> ViewStore for Switch<T> {
         self.read(self.active().check()).await
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
-        for target in self.targets() {
-            self.write(ViewStore::apply(target.as_ref(), env)).await?;
-        }
-        Ok(())
+        self.write(1, async {
+            for target in self.targets() {
+                ViewStore::apply(target.as_ref(), env).await?;
+            }
+            Ok(())
+        })
+        .await
     }
     async fn user(&self, id: &str) -> Result<Option<UserView>, StoreError> {
         self.read(self.active().user(id)).await
@@ -191,10 +204,13 @@ impl<T: CountStore + 'static> CountStore for Switch<T> {
         self.read(self.active().check()).await
     }
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
-        for target in self.targets() {
-            self.write(CountStore::apply(target.as_ref(), env)).await?;
-        }
-        Ok(())
+        self.write(1, async {
+            for target in self.targets() {
+                CountStore::apply(target.as_ref(), env).await?;
+            }
+            Ok(())
+        })
+        .await
     }
     async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError> {
         self.read(self.active().unseen(user)).await

@@ -79,14 +79,18 @@ fn url<'a>(url: &'a Option<String>, var: &str) -> anyhow::Result<&'a str> {
 pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
     let d = &cfg.distributed;
     let (nats_url, mongo_url, redis_url) = (url(&d.nats_url, "NATTER_NATS_URL")?, url(&d.mongo_url, "NATTER_MONGO_URL")?, url(&d.redis_url, "NATTER_REDIS_URL")?);
-    let (log, db, redis) = tokio::try_join!(
+    // Two Redis connections: requests' (rate limits, presence, healing)
+    // fail after the store timeout; the counts' own may take as long as a
+    // projector's batch (their reads are bounded by the switch).
+    let (log, db, redis, counts_redis) = tokio::try_join!(
         NatsLog::connect(nats_url, &d.stream, &cfg.log.subject_prefix, cfg.log.dedup_window),
         connect_mongo(mongo_url, &d.mongo_db),
         connect_redis(redis_url, d.store_timeout),
+        connect_redis(redis_url, d.store_timeout * natter_projections::switch::BATCH_LIMIT_FACTOR),
     )?;
     let log = log.compact_events(cfg.log.compact_events);
     let versions = Arc::new(
-        Versions::open(db, redis.clone(), &d.redis_prefix, Some(d.store_timeout))
+        Versions::open(db, counts_redis.clone(), &d.redis_prefix, Some(d.store_timeout))
             .await
             .with_context(|| format!("opening the views in MongoDB database {}", d.mongo_db))?,
     );
@@ -102,7 +106,8 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
         stream: d.stream.clone(),
         log: log_port.clone(),
         owner: node_id.to_owned(),
-        redis: redis.clone(),
+        // It rebuilds the counts in batches: the counts' connection.
+        redis: counts_redis,
         redis_base: d.redis_prefix.clone(),
     };
     let runner = JetStreamRunner {

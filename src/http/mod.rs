@@ -52,7 +52,7 @@ async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) ->
 /// log at start-up), everything but `/healthz`, `/readyz` and `/metrics` —
 /// Socket.IO included — answers 503 `starting`: answers from half-built
 /// views would be wrong. A draining node (SIGTERM) answers 503 `draining`,
-/// so a load balancer retries the request on another node.
+/// so a load balancer (or the client) sends the request to another node.
 pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let phase = state.phase();

@@ -23,7 +23,7 @@ async fn healthz() -> Json<Health> {
 /// Whether the node serves and its event log, views and counts answer
 /// (details of a failure go to the node's log, not to this answer).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, body = Readiness), (status = 503, body = Readiness, description = "starting, or a dependency is unavailable")))]
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness, description = "starting, draining (shutting down), or a dependency is unavailable")))]
 async fn readyz(State(node): State<Arc<AppState>>) -> axum::response::Response {
     let phase = node.phase();
     if phase != Phase::Serving {
@@ -73,7 +73,7 @@ async fn readyz(State(node): State<Arc<AppState>>) -> axum::response::Response {
 
 /// Prometheus metrics (OpenMetrics text format).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, body = String, content_type = "text/plain; version=0.0.4")))]
+    responses((status = 200, body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 async fn metrics(State(node): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render())
 }

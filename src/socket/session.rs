@@ -156,7 +156,9 @@ enum Stop {
 }
 
 impl Session {
-    async fn emit_delivery(&mut self, d: &Delivery) -> Result<(), Stop> {
+    /// Emits `d` unless the socket's namespace filters it out; true if it
+    /// was emitted.
+    async fn emit_delivery(&mut self, d: &Delivery) -> Result<bool, Stop> {
         if let Some(room) = self.filter.left_room(&self.user, &d.payload) {
             // A leave replayed from an old cursor must not take the socket
             // out of a room its user joined again since: the log decides.
@@ -167,7 +169,7 @@ impl Session {
         }
         if !self.filter.delivery(&d.payload) {
             self.cursor = d.cursor;
-            return Ok(());
+            return Ok(false);
         }
         let mut data = d.payload.data.clone();
         if let Some(obj) = data.as_object_mut() {
@@ -177,7 +179,7 @@ impl Session {
         emit_patiently(&self.s, &d.payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
         self.cursor = d.cursor;
         self.node.metrics.pushed();
-        Ok(())
+        Ok(true)
     }
 
     /// Emits every retained delivery after the cursor, oldest first.
@@ -201,8 +203,9 @@ impl Session {
                 Replay::Page(page) if page.is_empty() => return Ok(()),
                 Replay::Page(page) => {
                     for d in &page {
-                        self.emit_delivery(d).await?;
-                        self.node.metrics.replayed();
+                        if self.emit_delivery(d).await? {
+                            self.node.metrics.replayed();
+                        }
                     }
                 }
             }
@@ -242,8 +245,11 @@ impl Session {
                 self.cursor = d.previous;
             }
         }
-        self.emit_delivery(&d).await?;
-        // How long a live message took from its creation (on any node) to here.
+        if !self.emit_delivery(&d).await? {
+            return Ok(());
+        }
+        // How long a live message took from its creation (on any node, by
+        // its clock) to here.
         if let Some(created) = d.payload.data.get("createdAt").and_then(|v| v.as_str()) {
             if let Ok(at) = chrono::DateTime::parse_from_rfc3339(created) {
                 let ms = (chrono::Utc::now() - at.with_timezone(&chrono::Utc)).num_milliseconds();

@@ -23,6 +23,11 @@ impl LocalCluster {
     /// scripts/cluster.sh), the nodes given `env` besides.
     pub async fn up(name: &str, port: u16, env: &[(&str, &str)]) -> LocalCluster {
         let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/faults")).join(name);
+        // Whatever an interrupted run left there is stopped first (its
+        // processes run in their own sessions and hold the ports).
+        if dir.exists() {
+            down(&dir, port);
+        }
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let cluster = LocalCluster { dir, port, url: format!("http://127.0.0.1:{port}") };
@@ -34,23 +39,14 @@ impl LocalCluster {
     }
 
     async fn script(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-        let mut cmd = tokio::process::Command::new("bash");
-        cmd.arg(SCRIPT).args(args);
-        // The suite's own service URLs and settings are not the cluster's.
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NATTER_")) {
-            cmd.env_remove(k);
-        }
-        cmd.env("NATTER_CLUSTER_DIR", &self.dir)
-            .env("NATTER_CLUSTER_PORT", self.port.to_string())
-            .env("NATTER_BIN", env!("CARGO_BIN_EXE_natter"))
-            // Every test client comes from 127.0.0.1.
-            .env("NATTER_REGISTER_PER_HOUR", "10000")
-            .env("NATTER_LOGIN_PER_MIN", "10000")
-            .env("NATTER_SENDS_PER_SEC", "1000");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.kill_on_drop(true).output().await.expect("bash runs scripts/cluster.sh")
+        script(&self.dir, self.port, args, env).await
+    }
+
+    /// SIGTERM `name` in a task of its own (the caller goes on pumping
+    /// sockets); the task's output says whether it stopped cleanly.
+    pub fn stop_in_background(&self, name: &str) -> tokio::task::JoinHandle<std::process::Output> {
+        let (dir, port, name) = (self.dir.clone(), self.port, name.to_owned());
+        tokio::spawn(async move { script(&dir, port, &["stop", &name], &[]).await })
     }
 
     /// The pid of `name` (nats1..3, redis, mongo, natter1..3, nginx).
@@ -77,12 +73,6 @@ impl LocalCluster {
     pub async fn start(&self, name: &str, env: &[(&str, &str)]) {
         let out = self.script(&["start", name], env).await;
         assert!(out.status.success(), "cluster.sh start {name}:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// SIGTERM, and waits until `name` has exited.
-    pub async fn stop(&self, name: &str) {
-        let out = self.script(&["stop", name], &[]).await;
-        assert!(out.status.success(), "cluster.sh stop {name}:\n{}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// The port of natter node `i` (1..=3), to read its own /metrics.
@@ -125,11 +115,35 @@ impl LocalCluster {
     }
 }
 
+/// Runs `scripts/cluster.sh ARGS` on the cluster in `dir`.
+async fn script(dir: &std::path::Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.arg(SCRIPT).args(args);
+    // The suite's own service URLs and settings are not the cluster's.
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NATTER_")) {
+        cmd.env_remove(k);
+    }
+    cmd.env("NATTER_CLUSTER_DIR", dir)
+        .env("NATTER_CLUSTER_PORT", port.to_string())
+        .env("NATTER_BIN", env!("CARGO_BIN_EXE_natter"))
+        // Every test client comes from 127.0.0.1.
+        .env("NATTER_REGISTER_PER_HOUR", "10000")
+        .env("NATTER_LOGIN_PER_MIN", "10000")
+        .env("NATTER_SENDS_PER_SEC", "1000");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.kill_on_drop(true).output().await.expect("bash runs scripts/cluster.sh")
+}
+
+/// Stops every process of the cluster in `dir` (blocking).
+fn down(dir: &std::path::Path, port: u16) {
+    let _ = Command::new("bash").arg(SCRIPT).arg("down").env("NATTER_CLUSTER_DIR", dir).env("NATTER_CLUSTER_PORT", port.to_string()).output();
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
-        let mut cmd = Command::new("bash");
-        cmd.arg(SCRIPT).arg("down").env("NATTER_CLUSTER_DIR", &self.dir).env("NATTER_CLUSTER_PORT", self.port.to_string());
-        let _ = cmd.output();
+        down(&self.dir, self.port);
         if std::thread::panicking() || std::env::var_os("NATTER_FAULTS_KEEP").is_some() {
             eprintln!("cluster logs kept in {}", self.dir.display());
         } else {

@@ -154,8 +154,10 @@ async fn kill_9_of_a_node_with_sockets_loses_and_repeats_no_delivery() {
     let sent_done = follow(&mut d, &c.url, &mut receivers, 120, |_, _| tasks.iter().all(|t| t.is_finished())).await;
     assert!(sent_done, "the senders did not finish within 2 minutes of the kill");
     let sent = joined(tasks).await;
-    // Let late deliveries arrive (and dropped sockets reconnect), then count.
+    // Let late deliveries arrive (and dropped sockets reconnect), then a
+    // quiet second for any repeat, then count.
     follow(&mut d, &c.url, &mut receivers, 30, |d, rs| deliveries(d, rs, &sent).1 == 0).await;
+    follow(&mut d, &c.url, &mut receivers, 1, |_, _| false).await;
     let (delivered, missing, duplicated) = deliveries(&d, &receivers, &sent);
     let moved: Vec<&Receiver> = receivers.iter().filter(|r| !r.reconnects.is_empty()).collect();
     let slowest_reconnect = moved.iter().flat_map(|r| r.reconnects.iter()).max().copied().unwrap_or_default();
@@ -191,14 +193,10 @@ async fn a_rolling_restart_under_traffic_fails_no_send_and_loses_no_delivery() {
         let t = Instant::now();
         let name = format!("natter{i}");
         // SIGTERM and the node's drain, while the receivers keep following.
-        let stop = c.stop(&name);
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                _ = follow(&mut d, &c.url, &mut receivers, 1, |_, _| false) => {}
-            }
-        }
+        let stop = c.stop_in_background(&name);
+        follow(&mut d, &c.url, &mut receivers, 60, |_, _| stop.is_finished()).await;
+        let out = stop.await.unwrap();
+        assert!(out.status.success(), "{name} did not drain and exit within 20 s of SIGTERM:\n{}", String::from_utf8_lossy(&out.stderr));
         let drained = t.elapsed();
         c.start(&name, &[]).await;
         restarts.push(format!("{name}: drained and exited in {:.1} s, ready again {:.1} s after SIGTERM", drained.as_secs_f64(), t.elapsed().as_secs_f64()));
@@ -207,6 +205,7 @@ async fn a_rolling_restart_under_traffic_fails_no_send_and_loses_no_delivery() {
     assert!(sent_done, "the senders did not finish within 2 minutes of the restarts");
     let sent = joined(tasks).await;
     follow(&mut d, &c.url, &mut receivers, 30, |d, rs| deliveries(d, rs, &sent).1 == 0).await;
+    follow(&mut d, &c.url, &mut receivers, 1, |_, _| false).await;
     let (delivered, missing, duplicated) = deliveries(&d, &receivers, &sent);
     let (retried_sends, statuses) = retried(&sent);
     let reconnects: usize = receivers.iter().map(|r| r.reconnects.len()).sum();
@@ -243,7 +242,7 @@ async fn stalled_stores_answer_503_in_time_and_lose_nothing() {
     let senders = users(&http, &c.url, "s", 2).await;
     let receivers = users(&http, &c.url, "r", 2).await;
     // The nodes run with the default limits: a store call 5 s, a request 15 s.
-    let request_limit = Duration::from_secs(15);
+    let (store_limit, request_limit) = (Duration::from_secs(5), Duration::from_secs(15));
     let mut lines = Vec::new();
     let mut all_sent = Vec::new();
     for store in ["mongo", "redis"] {
@@ -286,6 +285,16 @@ async fn stalled_stores_answer_503_in_time_and_lose_nothing() {
             probe_lines.push(format!("{what} {status} in {:.1} s{}", took.as_secs_f64(), if *retry_after { " (Retry-After)" } else { "" }));
             assert!(*took < request_limit + Duration::from_secs(2), "{what} during the {store} stall took {took:?}: longer than the request timeout");
             assert!(status == "200" || status == "201" || (status == "503" && *retry_after), "{what} during the {store} stall answered {status} (want success or 503 with Retry-After)");
+        }
+        // What needs the stalled store fails fast, by the store timeout, not
+        // by the request timeout: the directory (MongoDB users, Redis counts).
+        let (status, took, _) = &probes.0;
+        assert_eq!(status, "503", "GET /api/users during the {store} stall");
+        assert!(*took < store_limit + Duration::from_secs(2), "GET /api/users during the {store} stall took {took:?}: the store timeout did not bound it");
+        if store == "mongo" {
+            let (status, took, _) = &probes.1;
+            assert_eq!(status, "503", "a history read during the MongoDB stall");
+            assert!(*took < store_limit + Duration::from_secs(2), "a history read during the MongoDB stall took {took:?}");
         }
         let (retried_sends, statuses) = retried(&sent);
         lines.push(format!(
