@@ -35,4 +35,10 @@ scripts/services.sh tools >/dev/null
 (cd tests/client && npm ci --no-audit --no-fund --loglevel=error)
 
 echo "[test] cargo test --workspace (NATS $NATTER_NATS_URL, Redis $NATTER_REDIS_URL, MongoDB $NATTER_MONGO_URL)"
+rm -f target/faults/*.txt
 cargo test --workspace --locked "$@"
+# The fault tests' figures (acknowledged, lost, duplicated, recovery time).
+if compgen -G "target/faults/*.txt" >/dev/null; then
+  echo "[test] fault test figures:"
+  cat target/faults/*.txt
+fi

@@ -79,11 +79,17 @@ async fn joined(tasks: Vec<tokio::task::JoinHandle<(User, traffic::Sent)>>) -> V
     out
 }
 
-fn report(name: &str, lines: &[String]) {
-    println!("\n== fault test: {name}");
+/// Prints a test's figures, and keeps them in `target/faults/<file>.txt`
+/// (scripts/test.sh shows them after the suite).
+fn report(file: &str, name: &str, lines: &[String]) {
+    let mut text = format!("== fault test: {name}\n");
     for l in lines {
-        println!("   {l}");
+        text.push_str(&format!("   {l}\n"));
     }
+    println!("\n{text}");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/target/faults");
+    let _ = std::fs::create_dir_all(dir);
+    let _ = std::fs::write(format!("{dir}/{file}.txt"), text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,6 +120,7 @@ async fn kill_9_of_the_nats_server_leading_the_log_loses_nothing() {
     let (retried_sends, statuses) = retried(&sent);
     let acked: usize = sent.iter().map(|(_, s)| s.acks.len()).sum();
     report(
+        "nats-kill",
         "kill -9 of the NATS server leading the log (three servers, R3), 4 senders through nginx",
         &[
             format!("killed {leader}; acknowledged {acked}, failed 0, in history exactly once {checked}, lost 0, duplicated 0, sequences gapless, counts exact"),
@@ -163,6 +170,7 @@ async fn kill_9_of_a_node_with_sockets_loses_and_repeats_no_delivery() {
     let slowest_reconnect = moved.iter().flat_map(|r| r.reconnects.iter()).max().copied().unwrap_or_default();
     let checked = check_histories(&http, &c.url, &sent, &people).await;
     report(
+        "node-kill",
         "kill -9 of a natter node holding sockets, 2 senders to 6 receivers (3 long-polling, 3 WebSocket) through nginx",
         &[
             format!("killed natter{} with {} of the 6 sockets; {} sockets reconnected through nginx with their cursor (slowest {:.1} s)", victim.1, victim.0, moved.len(), slowest_reconnect.as_secs_f64()),
@@ -218,7 +226,7 @@ async fn a_rolling_restart_under_traffic_fails_no_send_and_loses_no_delivery() {
         sent.iter().map(|(_, s)| s.acks.len()).sum::<usize>()
     ));
     lines.push(format!("deliveries: {delivered} exactly once, missing {missing}, duplicated {duplicated}; socket reconnects with cursor {reconnects}; in history exactly once {checked}"));
-    report("rolling restart of the three natter nodes (SIGTERM, start), 2 senders to 6 receivers (3 long-polling, 3 WebSocket) through nginx", &lines);
+    report("rolling", "rolling restart of the three natter nodes (SIGTERM, start), 2 senders to 6 receivers (3 long-polling, 3 WebSocket) through nginx", &lines);
     assert_eq!((missing, duplicated), (0, 0), "every acknowledged message reached its receiver exactly once");
 }
 
@@ -298,7 +306,7 @@ async fn stalled_stores_answer_503_in_time_and_lose_nothing() {
         }
         let (retried_sends, statuses) = retried(&sent);
         lines.push(format!(
-            "{store} stopped 10 s: {}; all nodes ready {:.1} s after SIGCONT; {} sends acknowledged, {retried_sends} retried with their clientMsgId ({statuses:?}), failed {}",
+            "{store} stopped 10 s: {}; every node ready again within {:.1} s of SIGCONT; {} sends acknowledged, {retried_sends} retried with their clientMsgId ({statuses:?}), failed {}",
             probe_lines.join(", "),
             recovered.as_secs_f64(),
             sent.iter().map(|(_, s)| s.acks.len()).sum::<usize>(),
@@ -324,5 +332,5 @@ async fn stalled_stores_answer_503_in_time_and_lose_nothing() {
     }
     let checked = check_histories(&http, &c.url, &merged, &receivers).await;
     lines.push(format!("after both stalls: in history exactly once {checked}, lost 0, duplicated 0, sequences gapless, counts exact"));
-    report("MongoDB-protocol server and Redis stalled (SIGSTOP 10 s each) under sends through nginx", &lines);
+    report("stores", "MongoDB-protocol server and Redis stalled (SIGSTOP 10 s each) under sends through nginx", &lines);
 }
