@@ -91,6 +91,7 @@ impl From<CommandError> for ApiError {
                     Refusal::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                     Refusal::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
                     Refusal::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+                    Refusal::Blocked(_) => (StatusCode::FORBIDDEN, "blocked"),
                 };
                 ApiError::new(status, code, r.to_string())
             }

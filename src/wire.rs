@@ -151,12 +151,25 @@ pub struct PublicUser {
     pub id: String,
     pub name: String,
     pub created_at: String,
+    /// In `GET /api/users`: true for users the caller has blocked (absent
+    /// otherwise).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
+    pub blocked: bool,
 }
 
 impl PublicUser {
     pub fn new(u: &UserView) -> PublicUser {
-        PublicUser { id: u.id.clone(), name: u.name.clone(), created_at: u.created_at.clone() }
+        PublicUser { id: u.id.clone(), name: u.name.clone(), created_at: u.created_at.clone(), blocked: false }
     }
+}
+
+/// `PUT`/`DELETE /api/users/:id/block`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BlockState {
+    pub success: bool,
+    /// Whether the caller now blocks the user.
+    pub blocked: bool,
 }
 
 /// The caller themselves (login answers): with their email.
@@ -183,7 +196,7 @@ pub struct ErrorBody {
     pub message: String,
     /// `bad_request`, `invalid_json`, `invalid_body`, `unauthorized`,
     /// `token_expired`, `invalid_token`, `forbidden`, `not_found`,
-    /// `conflict`, `payload_too_large`, `unsupported_media_type`,
+    /// `conflict`, `blocked`, `payload_too_large`, `unsupported_media_type`,
     /// `rate_limited`, `busy`, `overloaded`, `timeout`, `unavailable`,
     /// `rebuilding`, `starting`, `draining`, `internal`.
     pub code: String,

@@ -27,6 +27,11 @@ pub struct Side {
     /// How many of the *other* participant's messages are at or below
     /// `seen_seq`.
     pub seen_count: u64,
+    /// This participant has blocked the other: no direct messages either
+    /// way until they unblock (absent in events written before blocking
+    /// existed, and while false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blocked: bool,
 }
 
 /// State of a direct conversation after an event. `lo`/`hi` are the two
@@ -87,6 +92,23 @@ impl DmState {
         (next, seq, count)
     }
 
+    /// Whether either participant has blocked the other.
+    pub fn any_block(&self) -> bool {
+        self.lo.blocked || self.hi.blocked
+    }
+
+    /// State after `user` blocks (`on`) or unblocks the other participant;
+    /// `None` when that changes nothing.
+    pub fn after_block(&self, user: &str, on: bool) -> Option<DmState> {
+        let mut next = self.clone();
+        let (me, _) = next.sides_mut(user);
+        if me.blocked == on {
+            return None;
+        }
+        me.blocked = on;
+        Some(next)
+    }
+
     /// State after `reader` has seen everything up to `up_to_seq`, where
     /// `peer_count` of the peer's messages are at or below it. Watermarks
     /// only move forward: returns `None` when this would not move it.
@@ -143,9 +165,33 @@ pub struct MessagesSeen {
     pub state: DmState,
 }
 
+/// A participant blocked (or, `blocked: false`, unblocked) the other:
+/// direct messages between them are refused while either has. Kept on the
+/// conversation's subject with its state, so a send's one read of the
+/// conversation's newest event also says whether it is blocked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockChanged {
+    pub user_id: String,
+    pub other_id: String,
+    pub blocked: bool,
+    pub state: DmState,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocking_is_per_side_and_idempotent() {
+        let s = DmState::new("amy", "bob");
+        let s = s.after_block("bob", true).unwrap();
+        assert!(s.any_block() && s.side("bob").unwrap().blocked && !s.side("amy").unwrap().blocked);
+        assert!(s.after_block("bob", true).is_none());
+        let s = s.after_block("bob", false).unwrap();
+        assert!(!s.any_block());
+        assert!(s.after_block("amy", false).is_none());
+    }
 
     #[test]
     fn counts_follow_sends_and_watermarks() {

@@ -21,7 +21,7 @@ use serde_json::Value;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::{MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
+use crate::{BlockChanged, MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
 
 /// Current schema version of an event type (what it is written as when it
 /// fits: see [`crate::compact`]).
@@ -51,6 +51,7 @@ pub enum Event {
     MemberLeft(MemberLeft),
     RoomRead(RoomRead),
     RoomMessageSent(RoomMessageSent),
+    BlockChanged(BlockChanged),
 }
 
 /// One arm per event type: its stored name and payload type. Adding an
@@ -58,7 +59,7 @@ pub enum Event {
 macro_rules! event_types {
     ($m:ident) => {
         $m! {
-            UserRegistered, MessageSent, MessagesSeen, RoomCreated, MemberJoined, MemberLeft, RoomRead, RoomMessageSent
+            UserRegistered, MessageSent, MessagesSeen, RoomCreated, MemberJoined, MemberLeft, RoomRead, RoomMessageSent, BlockChanged
         }
     };
 }

@@ -109,6 +109,15 @@ fn messages_seen_v1() {
 }
 
 #[test]
+fn block_changed_v1() {
+    let env = fixture("v1/BlockChanged.json");
+    let Event::BlockChanged(e) = env.event else { panic!("wrong type") };
+    assert_eq!((e.user_id.as_str(), e.other_id.as_str(), e.blocked), ("bob", "amy", true));
+    assert!(e.state.side("bob").unwrap().blocked && !e.state.side("amy").unwrap().blocked);
+    assert_eq!(e.state.unseen("bob", "amy"), 0, "the counts are the conversation's, unchanged by a block");
+}
+
+#[test]
 fn room_events_v1() {
     let Event::RoomCreated(e) = fixture("v1/RoomCreated.json").event else { panic!("wrong type") };
     assert_eq!((e.name.as_str(), e.created_by.as_str()), ("Algebra study group", "amy"));
@@ -146,7 +155,7 @@ fn there_is_a_fixture_for_every_event_type_and_version() {
         fixtures().iter().map(|f| (stored(f)["type"].as_str().unwrap().to_owned(), stored(f)["v"].as_u64().unwrap())).collect();
     have.sort();
     let mut want = Vec::new();
-    for kind in ["MemberJoined", "MemberLeft", "MessageSent", "MessagesSeen", "RoomCreated", "RoomMessageSent", "RoomRead", "UserRegistered"] {
+    for kind in ["BlockChanged", "MemberJoined", "MemberLeft", "MessageSent", "MessagesSeen", "RoomCreated", "RoomMessageSent", "RoomRead", "UserRegistered"] {
         for v in 1..=natter_events::current_version(kind) {
             want.push((kind.to_owned(), u64::from(v)));
         }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use natter_events::{
-    DmState, Envelope, Event, MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered,
+    BlockChanged, DmState, Envelope, Event, MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered,
     subjects,
 };
 
@@ -82,6 +82,9 @@ impl History {
     pub fn send(&mut self, from: usize, to: usize) {
         let (from, to) = (self.users[from].clone(), self.users[to].clone());
         assert_ne!(from, to, "no conversation with oneself");
+        if self.state(&from, &to).any_block() {
+            return; // refused, as the command side refuses it
+        }
         let (state, seq, sender_count) = self.state(&from, &to).after_send(&from);
         let conversation = subjects::dm_conversation(&from, &to);
         self.states.insert(conversation.clone(), state.clone());
@@ -122,6 +125,28 @@ impl History {
         }
         let m = &theirs[nth % theirs.len()];
         self.seen(&reader, &peer, m.seq, m.sender_count);
+    }
+
+    /// `user` blocks (`on`) or unblocks `other`; nothing if already so.
+    pub fn block(&mut self, user: usize, other: usize, on: bool) {
+        let (user, other) = (self.users[user].clone(), self.users[other].clone());
+        let Some(state) = self.state(&user, &other).after_block(&user, on) else { return };
+        self.states.insert(subjects::dm_conversation(&user, &other), state.clone());
+        let event = BlockChanged { user_id: user.clone(), other_id: other.clone(), blocked: on, state };
+        let subject = subjects::dm(&self.prefix, &user, &other);
+        self.push(format!("{user}:block:{}", uuid::Uuid::now_v7()), subject, Event::BlockChanged(event));
+    }
+
+    /// Whom each user has blocked, by definition (the newest change wins).
+    pub fn expected_blocked(&self, user: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .states
+            .values()
+            .filter(|s| s.side(user).is_some_and(|me| me.blocked))
+            .map(|s| if s.lo.user_id == user { s.hi.user_id.clone() } else { s.lo.user_id.clone() })
+            .collect();
+        out.sort();
+        out
     }
 
     /// `reader` opens the conversation with `peer`.
@@ -284,6 +309,8 @@ pub struct Snapshot {
     pub rooms: BTreeMap<String, (Option<RoomView>, Vec<String>, Vec<RoomMessageView>)>,
     /// user → room → unread, over the rooms the user is a member of
     pub room_unread: BTreeMap<String, BTreeMap<String, u64>>,
+    /// user → the users they have blocked
+    pub blocked: BTreeMap<String, Vec<String>>,
 }
 
 /// Reads the views of `users`, `conversations` and `rooms` back through the ports.
@@ -324,5 +351,11 @@ pub async fn snapshot(
         let mine = membership.get(u).cloned().unwrap_or_default();
         room_unread.insert(u.clone(), counts.room_unread(u, &mine).await?.into_iter().collect());
     }
-    Ok(Snapshot { users: all_users, conversations: convs, unseen, rooms: room_views, room_unread })
+    let mut blocked = BTreeMap::new();
+    for u in users {
+        let mut theirs = views.blocked_by(u).await?;
+        theirs.sort();
+        blocked.insert(u.clone(), theirs);
+    }
+    Ok(Snapshot { users: all_users, conversations: convs, unseen, rooms: room_views, room_unread, blocked })
 }

@@ -26,6 +26,8 @@ struct Views {
     room_messages: HashMap<String, RoomMessageView>,
     room_by_command: HashMap<String, String>,
     room_by_seq: BTreeMap<(String, u64), String>,
+    /// (user, other) → position × 2 + blocked, of the newest block change.
+    blocks: BTreeMap<(String, String), u64>,
 }
 
 #[derive(Default)]
@@ -115,6 +117,10 @@ impl ViewStore for MemoryViews {
                 let mark = v.watermarks.entry(conversation).or_default().entry(e.reader_id.clone()).or_insert(0);
                 *mark = (*mark).max(e.up_to_seq);
             }
+            Event::BlockChanged(e) => {
+                let slot = v.blocks.entry((e.user_id.clone(), e.other_id.clone())).or_insert(0);
+                *slot = (*slot).max(crate::views::block_mark(env.position, e.blocked));
+            }
         }
         Ok(())
     }
@@ -159,6 +165,12 @@ impl ViewStore for MemoryViews {
 
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
         Ok(self.lock().watermarks.get(conversation).cloned().unwrap_or_default())
+    }
+
+    async fn blocked_by(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let v = self.lock();
+        let from = (user.to_owned(), String::new());
+        Ok(v.blocks.range(from..).take_while(|((u, _), _)| u == user).filter(|(_, mark)| *mark % 2 == 1).map(|((_, other), _)| other.clone()).collect())
     }
 
     async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError> {
@@ -242,6 +254,7 @@ impl CountStore for MemoryCounts {
         let state = match &env.event {
             Event::MessageSent(e) => &e.state,
             Event::MessagesSeen(e) => &e.state,
+            Event::BlockChanged(e) => &e.state,
             Event::RoomMessageSent(e) => {
                 raise(counts.room_last.entry(e.room_id.clone()).or_default(), e.seq);
                 raise(counts.room_wm.entry((e.sender_id.clone(), e.room_id.clone())).or_default(), e.seq);

@@ -15,6 +15,9 @@
 //!   the position of the membership event it came from (newer wins).
 //! - `room_messages`: `_id` = message id, unique `commandId` and unique
 //!   `(roomId, seq)`.
+//! - `blocks`: `_id` = `<userId>:<otherId>`, `user`, `other`, and `b` =
+//!   position × 2 + blocked of the newest block change (`$max`), indexed by
+//!   `user`.
 //!
 //! Writes are `$setOnInsert` upserts keyed by ids from the event, or `$max`
 //! on watermarks: applying any event twice, or events out of order, leaves
@@ -47,6 +50,7 @@ pub struct MongoViews {
     rooms: Collection<RoomView>,
     members: Collection<Document>,
     room_messages: Collection<RoomMessageView>,
+    blocks: Collection<Document>,
     /// Whether the last batch found none of its documents there (a
     /// rebuild, or a catch-up after the stores were down): the next one is
     /// inserted without looking first.
@@ -92,7 +96,7 @@ impl MongoViews {
         if version <= 1 { base.to_owned() } else { format!("{base}_v{version}") }
     }
 
-    pub const COLLECTIONS: [&'static str; 6] = ["users", "messages", "conversations", "rooms", "room_members", "room_messages"];
+    pub const COLLECTIONS: [&'static str; 7] = ["users", "messages", "conversations", "rooms", "room_members", "room_messages", "blocks"];
 
     /// Opens version `version` of the views in `db` (creating its indexes).
     pub async fn open_version(db: &Database, version: u32) -> Result<Self, StoreError> {
@@ -105,16 +109,18 @@ impl MongoViews {
             rooms: db.collection(&name("rooms")),
             members: db.collection(&name("room_members")),
             room_messages: db.collection(&name("room_messages")),
+            blocks: db.collection(&name("blocks")),
             expect_new: Default::default(),
         };
         let unique = || Some(IndexOptions::builder().unique(true).build());
-        let indexes: [(&Collection<Document>, Document, Option<IndexOptions>); 6] = [
+        let indexes: [(&Collection<Document>, Document, Option<IndexOptions>); 7] = [
             (&views.users.clone_with_type(), doc! {"email": 1}, unique()),
             (&views.messages.clone_with_type(), doc! {"commandId": 1}, unique()),
             (&views.messages.clone_with_type(), doc! {"conversation": 1, "seq": 1}, unique()),
             (&views.room_messages.clone_with_type(), doc! {"commandId": 1}, unique()),
             (&views.room_messages.clone_with_type(), doc! {"roomId": 1, "seq": 1}, unique()),
             (&views.members, doc! {"roomId": 1}, None),
+            (&views.blocks, doc! {"user": 1}, None),
         ];
         for (collection, keys, options) in indexes {
             collection
@@ -165,6 +171,22 @@ impl MongoViews {
             if current_pos.is_some_and(|p| p >= pos) {
                 return Ok(());
             }
+        }
+    }
+
+    /// Records a block change; a newer one already there wins (`$max`).
+    async fn set_block(&self, user: &str, other: &str, blocked: bool, position: u64) -> Result<(), ApplyError> {
+        let id = format!("{user}:{other}");
+        let mark = crate::views::block_mark(position, blocked) as i64;
+        let update = doc! {"$max": {"b": mark}, "$setOnInsert": {"user": user, "other": other}};
+        match self.blocks.update_one(doc! {"_id": &id}, update.clone()).upsert(true).await {
+            Ok(_) => Ok(()),
+            // Two writers inserting at once: the document is there now.
+            Err(e) if is_duplicate_key(&e) => {
+                self.blocks.update_one(doc! {"_id": &id}, doc! {"$max": {"b": mark}}).await.map_err(unavailable)?;
+                Ok(())
+            }
+            Err(e) => Err(unavailable(e).into()),
         }
     }
 
@@ -239,6 +261,7 @@ impl ViewStore for MongoViews {
                     .map_err(unavailable)?;
                 Ok(())
             }
+            Event::BlockChanged(e) => self.set_block(&e.user_id, &e.other_id, e.blocked, env.position).await,
         }
     }
 
@@ -291,6 +314,14 @@ impl ViewStore for MongoViews {
                 out.insert(user.to_owned(), u64::try_from(seq).unwrap_or(0));
             }
         }
+        Ok(out)
+    }
+
+    async fn blocked_by(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let docs: Vec<Document> = self.blocks.find(doc! {"user": user}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+        let mark = |d: &Document| d.get_i64("b").ok().or_else(|| d.get_i32("b").ok().map(i64::from)).unwrap_or(0);
+        let mut out: Vec<String> = docs.iter().filter(|d| mark(d) % 2 == 1).filter_map(|d| d.get_str("other").ok().map(str::to_owned)).collect();
+        out.sort();
         Ok(out)
     }
 
@@ -448,6 +479,7 @@ impl Projection for MongoViews {
         let (mut users, mut messages, mut rooms, mut room_messages) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut marks: HashMap<String, Document> = HashMap::new();
         let mut memberships = Vec::new();
+        let mut blocks = Vec::new();
         for (env, _) in batch {
             match &env.event {
                 Event::UserRegistered(e) => users.push(to_doc(&UserView::from_event(env, e))?),
@@ -457,6 +489,7 @@ impl Projection for MongoViews {
                 Event::MemberJoined(e) => memberships.push((&e.room_id, &e.user_id, true, env.position)),
                 Event::MemberLeft(e) => memberships.push((&e.room_id, &e.user_id, false, env.position)),
                 Event::RoomRead(_) => {}
+                Event::BlockChanged(e) => blocks.push((&e.user_id, &e.other_id, e.blocked, env.position)),
                 Event::MessagesSeen(e) => {
                     let fields = marks.entry(subjects::dm_conversation(&e.reader_id, &e.peer_id)).or_default();
                     let field = format!("{WATERMARK}{}", e.reader_id);
@@ -469,6 +502,10 @@ impl Projection for MongoViews {
             }
         }
         let marks = async {
+            // Block changes are rare: one by one, beside the read marks.
+            for (user, other, blocked, position) in blocks {
+                self.set_block(user, other, blocked, position).await?;
+            }
             for (conversation, fields) in marks {
                 self.conversations.update_one(doc! {"_id": conversation}, doc! {"$max": fields}).upsert(true).await.map_err(unavailable)?;
             }

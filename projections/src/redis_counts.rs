@@ -259,7 +259,9 @@ impl RedisCounts {
         };
         for env in events {
             match &env.event {
-                Event::MessageSent(natter_events::MessageSent { state, .. }) | Event::MessagesSeen(natter_events::MessagesSeen { state, .. }) => {
+                Event::MessageSent(natter_events::MessageSent { state, .. })
+                | Event::MessagesSeen(natter_events::MessagesSeen { state, .. })
+                | Event::BlockChanged(natter_events::BlockChanged { state, .. }) => {
                     let newest = states.entry(env.subject.as_str()).or_insert((env.position, state));
                     if env.position > newest.0 {
                         *newest = (env.position, state);

@@ -169,6 +169,13 @@ pub fn timestamp(env: &Envelope) -> String {
     env.at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// A block change as one number that only grows with the log: the newest
+/// change (highest position) wins under `max`, and its parity says whether
+/// it blocked.
+pub fn block_mark(position: u64, blocked: bool) -> u64 {
+    position * 2 + u64::from(blocked)
+}
+
 /// Users, messages and read watermarks (MongoDB in production).
 #[async_trait]
 pub trait ViewStore: Send + Sync {
@@ -188,6 +195,8 @@ pub trait ViewStore: Send + Sync {
     async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError>;
     /// Read watermark of every participant of `conversation` (user → seq).
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError>;
+    /// The users `user` has blocked.
+    async fn blocked_by(&self, user: &str) -> Result<Vec<String>, StoreError>;
 
     async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError>;
     /// Rooms ordered by id, after the cursor `after`.

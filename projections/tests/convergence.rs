@@ -19,6 +19,7 @@ enum Op {
     Leave(usize, usize),
     RoomSend(usize, usize),
     RoomRead(usize, usize),
+    Block(usize, usize, bool),
 }
 
 fn op(users: usize) -> impl Strategy<Value = Op> {
@@ -31,6 +32,7 @@ fn op(users: usize) -> impl Strategy<Value = Op> {
         1 => (0..users, 0..4usize).prop_map(|(a, n)| Op::Leave(a, n)),
         4 => (0..users, 0..4usize).prop_map(|(a, n)| Op::RoomSend(a, n)),
         2 => (0..users, 0..4usize).prop_map(|(a, n)| Op::RoomRead(a, n)),
+        1 => (0..users, 0..users, any::<bool>()).prop_map(|(a, b, on)| Op::Block(a, b, on)),
     ]
 }
 
@@ -46,6 +48,7 @@ fn build(users: usize, ops: &[Op]) -> History {
             Op::Leave(a, n) => h.leave(a, n),
             Op::RoomSend(a, n) => h.room_send(a, n),
             Op::RoomRead(a, n) => h.room_read(a, n),
+            Op::Block(a, b, on) if a != b => h.block(a, b, on),
             _ => {}
         }
     }
@@ -109,6 +112,7 @@ proptest! {
         for u in &h.users {
             prop_assert_eq!(&clean.unseen[u], &h.expected_unseen(u), "unseen counts of {} equal their definition", u);
             prop_assert_eq!(&clean.room_unread[u], &h.expected_room_unread(u), "room unread of {} equal their definition", u);
+            prop_assert_eq!(&clean.blocked[u], &h.expected_blocked(u), "whom {} blocked", u);
         }
         for (_, _, messages) in clean.rooms.values() {
             let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();

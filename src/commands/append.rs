@@ -15,6 +15,7 @@ fn dm_state(env: &Envelope) -> Option<&DmState> {
     match &env.event {
         Event::MessageSent(e) => Some(&e.state),
         Event::MessagesSeen(e) => Some(&e.state),
+        Event::BlockChanged(e) => Some(&e.state),
         _ => None,
     }
 }

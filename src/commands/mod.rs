@@ -13,6 +13,7 @@
 //! [`Failure`], a 503/500).
 
 mod append;
+pub mod block;
 mod retry;
 pub mod register;
 pub mod rooms;
@@ -41,6 +42,9 @@ pub enum Refusal {
     Forbidden(String),
     #[error("{0}")]
     Conflict(String),
+    /// A direct message between users one of whom has blocked the other.
+    #[error("{0}")]
+    Blocked(String),
 }
 
 /// A command that could not be carried out because a dependency failed.

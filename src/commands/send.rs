@@ -117,7 +117,10 @@ impl Commands {
         let append = async {
             self.require_user(&cmd.receiver, "receiver").await?;
             let env = self
-                .append_dm(&cmd.sender, &cmd.receiver, &command_id, |state| Ok(Some(Event::MessageSent(decide(&cmd, state, &message_id)))))
+                .append_dm(&cmd.sender, &cmd.receiver, &command_id, |state| {
+                    super::block::check_send(state, &cmd.sender)?;
+                    Ok(Some(Event::MessageSent(decide(&cmd, state, &message_id))))
+                })
                 .await?;
             Ok(env.as_ref().and_then(message_of))
         };

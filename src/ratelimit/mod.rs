@@ -238,6 +238,12 @@ impl RateLimits {
         Self::bucket(self.room_changes.as_ref(), "room changes from this account", user)
     }
 
+    /// A block or unblock by `user` (counted with room changes: each appends
+    /// an event).
+    pub fn block_change(&self, user: &str) -> Result<(), Limited> {
+        Self::bucket(self.room_changes.as_ref(), "room and block changes from this account", user)
+    }
+
     /// `user` entering a room's presence (`join-room` of a room the socket
     /// is not in): each costs presence writes and a delta to everyone there.
     pub fn enter_room(&self, user: &str) -> Result<(), Limited> {

@@ -105,6 +105,16 @@ async fn on_typing(
             return;
         }
     }
+    // Between users one of whom blocked the other, typing goes nowhere
+    // (silently: the blocked side learns nothing from it).
+    match node.commands.blocked_between(&me, &input.to).await {
+        Ok(false) => {}
+        Ok(true) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "typing: could not read whether the users blocked each other; not relayed");
+            return;
+        }
+    }
     let payload = Payload { event: "typing".into(), data: json!({ "from": me, "typing": input.typing }) };
     if let Err(e) = node.push.signal(&input.to, &payload).await {
         tracing::warn!(error = %e, "typing: relay failed");

@@ -236,6 +236,13 @@ async fn every_rest_route_survives_generated_input_and_refusals_change_nothing()
                 (Method::GET, format!("{path}?{}", g.query()), Vec::new())
             }),
         },
+        Target {
+            name: "block / unblock",
+            make: Box::new(|g: &mut Gen| {
+                let method = if g.below(2) == 0 { Method::PUT } else { Method::DELETE };
+                (method, format!("/api/users/{}/block", g.segment(known)), g.body())
+            }),
+        },
     ];
     let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build().unwrap();
     for (t, target) in targets.iter().enumerate() {
@@ -288,7 +295,14 @@ async fn every_rest_route_survives_generated_input_and_refusals_change_nothing()
         }
         eprintln!("[fuzz] {}: {n} inputs, {accepted} accepted, {} refused, log +{gained}", target.name, n - accepted);
     }
-    // Still serving, as before.
+    // Still serving, as before (once amy no longer blocks bob, whatever the
+    // last target left).
+    let r = c.request(0, Method::DELETE, &format!("/api/users/{}/block", bob.id), Some(&amy.token), None).await;
+    assert!(r.status.is_success() || r.status.as_u16() == 429, "{}", r.body);
+    crate::helpers::eventually("amy's block of bob to be lifted", || async {
+        c.request(0, Method::DELETE, &format!("/api/users/{}/block", bob.id), Some(&amy.token), None).await.status.is_success()
+    })
+    .await;
     assert_eq!(c.send(0, &amy, &bob, "still here", None).await.status.as_u16(), 200);
     assert_eq!(SERVER_PANICS.load(Ordering::SeqCst), 0, "natter panicked (seed {seed})");
     c.stop().await;

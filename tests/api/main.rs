@@ -16,6 +16,7 @@ mod log_contract;
 
 mod abuse;
 mod authorization;
+mod blocking;
 mod bad_input;
 mod concurrency;
 mod idempotency;

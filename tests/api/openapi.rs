@@ -12,6 +12,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/auth/register"),
     ("post", "/api/auth/login"),
     ("get", "/api/users"),
+    ("put", "/api/users/{id}/block"),
+    ("delete", "/api/users/{id}/block"),
     ("get", "/api/messages/{id}"),
     ("post", "/api/messages/{id}"),
     ("patch", "/api/messages/{id}/seen"),

@@ -25,8 +25,9 @@ fn random_history(prefix: &str, users: usize, ops: usize, mut seed: u64) -> Hist
         if a == b {
             continue;
         }
-        match next(14) {
+        match next(15) {
             0..=4 => h.send(a, b),
+            14 => h.block(a, b, next(3) > 0),
             5 | 6 => h.mark(a, b, next(10)),
             7 => h.open(a, b),
             8 => h.create_room(a),
