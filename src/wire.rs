@@ -38,6 +38,24 @@ pub struct Message {
     /// RFC 3339, milliseconds, UTC.
     pub created_at: String,
     pub updated_at: String,
+    /// The earlier message of the conversation this one answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyTo>,
+}
+
+/// What a reply carries of the message it answers.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ReplyTo {
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// The start of its text (or `[attachment]`), as it was when answered.
+    pub preview: String,
+}
+
+impl ReplyTo {
+    fn of(r: &Option<natter_events::ReplyRef>) -> Option<ReplyTo> {
+        r.as_ref().map(|r| ReplyTo { id: r.message_id.clone(), preview: r.preview.clone() })
+    }
 }
 
 impl Message {
@@ -53,6 +71,7 @@ impl Message {
             client_msg_id: m.client_msg_id.clone(),
             created_at: m.created_at.clone(),
             updated_at: m.created_at.clone(),
+            reply_to: ReplyTo::of(&m.reply_to),
         }
     }
 }
@@ -79,6 +98,9 @@ pub struct RoomMessage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_msg_id: Option<String>,
     pub created_at: String,
+    /// The earlier message of the room this one answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyTo>,
 }
 
 impl RoomMessage {
@@ -92,6 +114,7 @@ impl RoomMessage {
             seq: m.seq,
             client_msg_id: m.client_msg_id.clone(),
             created_at: m.created_at.clone(),
+            reply_to: ReplyTo::of(&m.reply_to),
         }
     }
 }

@@ -162,7 +162,7 @@ fn encode_sent(e: &MessageSent, id: &Uuid, subject: &str, command_id: &str) -> O
     let state = &e.state;
     // Seven numbers hold no block flags: a blocked conversation's events
     // are written in the full form.
-    if state.lo.user_id != lo || state.hi.user_id != hi || e.seq != state.last_seq || state.any_block() {
+    if state.lo.user_id != lo || state.hi.user_id != hi || e.seq != state.last_seq || state.any_block() || e.reply_to.is_some() {
         return None;
     }
     let f = side_flag(lo, hi, &e.sender_id, &e.receiver_id)?;
@@ -196,6 +196,7 @@ fn decode_sent(data: Value, id: &Uuid, subject: &str, command_id: &str) -> Resul
         seq: last_seq,
         sender_count,
         state,
+        reply_to: None,
     };
     Ok((format!("{sender}:{rest}"), event))
 }
@@ -216,6 +217,7 @@ mod tests {
             seq,
             sender_count: count,
             state,
+            reply_to: None,
         }
     }
 

@@ -150,6 +150,19 @@ pub struct MessageSent {
     /// included.
     pub sender_count: u64,
     pub state: DmState,
+    /// The earlier message of the same conversation this one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyRef>,
+}
+
+/// A reply's reference to the message it answers (direct or room, always
+/// of the same conversation): its id and a short preview of it as it was
+/// when answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplyRef {
+    pub message_id: String,
+    pub preview: String,
 }
 
 /// A reader's watermark moved forward: every message with `seq <= up_to_seq`

@@ -241,6 +241,7 @@ mod tests {
                 seq,
                 sender_count: count,
                 state,
+                reply_to: None,
             }),
         );
         assert_eq!(Envelope::decode(&env.encode()).unwrap(), env);

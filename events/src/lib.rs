@@ -30,7 +30,7 @@ pub mod room;
 pub mod subjects;
 
 pub use account::UserRegistered;
-pub use dm::{BlockChanged, DmState, MessageSent, MessagesSeen, Side};
+pub use dm::{BlockChanged, DmState, MessageSent, MessagesSeen, ReplyRef, Side};
 pub use envelope::{DecodeError, Envelope, Event, StoredEvent, current_version};
 pub use ids::{IdError, validate_id};
 pub use room::{MemberJoined, MemberLeft, MemberState, RoomCreated, RoomMessageSent, RoomRead};

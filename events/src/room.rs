@@ -62,6 +62,9 @@ pub struct RoomMessageSent {
     pub attachment: Option<String>,
     /// Gapless per-room sequence, 1, 2, 3, ...
     pub seq: u64,
+    /// The earlier message of the same room this one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<crate::ReplyRef>,
 }
 
 /// Where a user stands in a room, as the newest event of their member

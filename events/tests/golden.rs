@@ -77,6 +77,7 @@ fn a_short_direct_message_stores_in_350_bytes_or_fewer() {
             seq,
             sender_count: count,
             state: next.clone(),
+            reply_to: None,
         };
         state = next;
         let command_id = format!("{sender}:{}", uuid::Uuid::now_v7());

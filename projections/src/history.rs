@@ -105,6 +105,7 @@ impl History {
             seq,
             sender_count,
             state,
+            reply_to: None,
         };
         let subject = subjects::dm(&self.prefix, &from, &to);
         self.push(format!("{from}:{message_id}"), subject, Event::MessageSent(event));
@@ -242,6 +243,7 @@ impl History {
             message: Some(format!("room message {seq}")),
             attachment: None,
             seq,
+            reply_to: None,
         };
         self.push(format!("{user}:{message_id}"), subjects::room(&self.prefix, &room), Event::RoomMessageSent(event));
     }

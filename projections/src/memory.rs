@@ -200,6 +200,10 @@ impl ViewStore for MemoryViews {
         Ok(self.lock().members.get(&(room.to_owned(), user.to_owned())).is_some_and(|(m, _)| *m))
     }
 
+    async fn room_message(&self, id: &str) -> Result<Option<RoomMessageView>, StoreError> {
+        Ok(self.lock().room_messages.get(id).cloned())
+    }
+
     async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError> {
         let v = self.lock();
         Ok(v.room_by_command.get(command_id).and_then(|id| v.room_messages.get(id)).cloned())

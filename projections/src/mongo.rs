@@ -360,6 +360,10 @@ impl ViewStore for MongoViews {
         Ok(doc.is_some())
     }
 
+    async fn room_message(&self, id: &str) -> Result<Option<RoomMessageView>, StoreError> {
+        self.room_messages.find_one(doc! {"_id": id}).await.map_err(unavailable)
+    }
+
     async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError> {
         self.room_messages.find_one(doc! {"commandId": command_id}).await.map_err(unavailable)
     }

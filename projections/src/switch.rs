@@ -193,6 +193,9 @@ impl<T: ViewStore + 'static> ViewStore for Switch<T> {
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
         self.read(self.active().is_member(room, user)).await
     }
+    async fn room_message(&self, id: &str) -> Result<Option<RoomMessageView>, StoreError> {
+        self.read(self.active().room_message(id)).await
+    }
     async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError> {
         self.read(self.active().room_message_by_command(command_id)).await
     }

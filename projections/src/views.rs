@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::SecondsFormat;
-use natter_events::{Envelope, MessageSent, RoomCreated, RoomMessageSent, UserRegistered, subjects};
+use natter_events::{Envelope, MessageSent, ReplyRef, RoomCreated, RoomMessageSent, UserRegistered, subjects};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -65,6 +65,8 @@ pub struct MessageView {
     pub attachment: Option<String>,
     #[serde(rename = "createdAt")]
     pub created_at: String,
+    #[serde(rename = "replyTo", default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyRef>,
 }
 
 /// A study room.
@@ -113,6 +115,8 @@ pub struct RoomMessageView {
     pub attachment: Option<String>,
     #[serde(rename = "createdAt")]
     pub created_at: String,
+    #[serde(rename = "replyTo", default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyRef>,
 }
 
 impl RoomMessageView {
@@ -127,6 +131,7 @@ impl RoomMessageView {
             message: e.message.clone(),
             attachment: e.attachment.clone(),
             created_at: timestamp(env),
+            reply_to: e.reply_to.clone(),
         }
     }
 }
@@ -147,6 +152,7 @@ impl MessageView {
             // The client shape has one attachment (the original app's).
             attachment: e.attachments.first().cloned(),
             created_at: timestamp(env),
+            reply_to: e.reply_to.clone(),
         }
     }
 }
@@ -205,6 +211,7 @@ pub trait ViewStore: Send + Sync {
     async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError>;
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
     async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError>;
+    async fn room_message(&self, id: &str) -> Result<Option<RoomMessageView>, StoreError>;
     /// Up to `limit` messages of `room` with `seq < before`, newest page,
     /// returned oldest first.
     async fn room_messages(&self, room: &str, before: Option<u64>, limit: u32) -> Result<Vec<RoomMessageView>, StoreError>;

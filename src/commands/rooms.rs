@@ -11,7 +11,7 @@ use natter_events::{Envelope, Event, MemberJoined, MemberLeft, MemberState, Room
 use natter_projections::{RoomMessageView, RoomView};
 
 use super::append::command_id;
-use super::send::validate_content;
+use super::send::{not_here, preview, validate_content};
 use super::{CommandError, Commands, Failure, Refusal};
 use crate::log::Logged;
 
@@ -32,6 +32,8 @@ pub struct SendRoomMessage {
     pub message: Option<String>,
     pub attachment: Option<String>,
     pub client_msg_id: Option<String>,
+    /// The `_id` of an earlier message of the same room this one answers.
+    pub reply_to: Option<String>,
 }
 
 /// Checks a room's name and description. Pure.
@@ -180,6 +182,14 @@ impl Commands {
                     if !self.membership(&cmd.room, &cmd.sender).await?.member {
                         return Err(not_member().into());
                     }
+                    let reply_to = match &cmd.reply_to {
+                        None => None,
+                        Some(id) => {
+                            natter_events::validate_id(id).map_err(|_| not_here())?;
+                            let m = self.views.room_message(id).await?.filter(|m| m.room_id == cmd.room).ok_or_else(not_here)?;
+                            Some(natter_events::ReplyRef { message_id: m.id, preview: preview(m.message.as_deref(), m.attachment.as_deref()) })
+                        }
+                    };
                     Ok(Some(Event::RoomMessageSent(RoomMessageSent {
                         message_id: message_id.clone(),
                         room_id: cmd.room.clone(),
@@ -188,12 +198,15 @@ impl Commands {
                         message: cmd.message.clone(),
                         attachment: cmd.attachment.clone(),
                         seq: room_last_seq(&head) + 1,
+                        reply_to,
                     })))
                 })
                 .await?;
             Ok(env.as_ref().and_then(room_message_of))
         };
-        let same = |m: &RoomMessageView| m.room_id == cmd.room && m.message == cmd.message && m.attachment == cmd.attachment;
+        let same = |m: &RoomMessageView| {
+            m.room_id == cmd.room && m.message == cmd.message && m.attachment == cmd.attachment && m.reply_to.as_ref().map(|r| &r.message_id) == cmd.reply_to.as_ref()
+        };
         let key = cmd.client_msg_id.is_some().then_some((subject.as_str(), command_id.as_str()));
         self.once(key, self.views.room_message_by_command(&command_id), room_message_of, append, same).await
     }

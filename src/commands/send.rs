@@ -14,6 +14,8 @@ pub struct SendMessage {
     pub message: Option<String>,
     pub attachment: Option<String>,
     pub client_msg_id: Option<String>,
+    /// The `_id` of an earlier message of the same conversation this one answers.
+    pub reply_to: Option<String>,
 }
 
 /// Checks a send's content against the limits. Pure.
@@ -68,8 +70,28 @@ fn validate_url(url: &str, max: usize) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Longest preview of an answered message a reply carries, in characters.
+pub const PREVIEW_CHARS: usize = 80;
+
+/// What a reply shows of the message it answers. Pure.
+pub fn preview(text: Option<&str>, attachment: Option<&str>) -> String {
+    match (text, attachment) {
+        (Some(t), _) if t.chars().count() > PREVIEW_CHARS => format!("{}…", t.chars().take(PREVIEW_CHARS).collect::<String>()),
+        (Some(t), _) => t.to_owned(),
+        (None, Some(_)) => "[attachment]".to_owned(),
+        (None, None) => String::new(),
+    }
+}
+
+/// The refusal of a `replyTo` that names no message of this conversation
+/// (unknown, another conversation's, or not a valid id alike: nothing is
+/// learnt about other conversations).
+pub fn not_here() -> Refusal {
+    Refusal::BadInput("replyTo must be the _id of an earlier message of this conversation".into())
+}
+
 /// The event a send appends to a conversation in `state`. Pure.
-pub fn decide(cmd: &SendMessage, state: &DmState, message_id: &str) -> MessageSent {
+pub fn decide(cmd: &SendMessage, state: &DmState, message_id: &str, reply_to: Option<natter_events::ReplyRef>) -> MessageSent {
     let (state, seq, sender_count) = state.after_send(&cmd.sender);
     MessageSent {
         message_id: message_id.to_owned(),
@@ -81,13 +103,18 @@ pub fn decide(cmd: &SendMessage, state: &DmState, message_id: &str) -> MessageSe
         seq,
         sender_count,
         state,
+        reply_to,
     }
 }
 
 /// Whether a stored message is what this command asks for (a retry), as
 /// opposed to a reuse of its `clientMsgId` for something else.
 fn same_request(cmd: &SendMessage, m: &MessageView) -> bool {
-    m.sender_id == cmd.sender && m.receiver_id == cmd.receiver && m.message == cmd.message && m.attachment == cmd.attachment
+    m.sender_id == cmd.sender
+        && m.receiver_id == cmd.receiver
+        && m.message == cmd.message
+        && m.attachment == cmd.attachment
+        && m.reply_to.as_ref().map(|r| &r.message_id) == cmd.reply_to.as_ref()
 }
 
 /// The message a `MessageSent` event records.
@@ -116,10 +143,19 @@ impl Commands {
         let subject = subjects::dm(&self.prefix, &cmd.sender, &cmd.receiver);
         let append = async {
             self.require_user(&cmd.receiver, "receiver").await?;
+            let reply_to = match &cmd.reply_to {
+                None => None,
+                Some(id) => {
+                    natter_events::validate_id(id).map_err(|_| not_here())?;
+                    let answered = self.views.message(id).await?.filter(|m| m.conversation == subjects::dm_conversation(&cmd.sender, &cmd.receiver));
+                    let m = answered.ok_or_else(not_here)?;
+                    Some(natter_events::ReplyRef { message_id: m.id.clone(), preview: preview(m.message.as_deref(), m.attachment.as_deref()) })
+                }
+            };
             let env = self
                 .append_dm(&cmd.sender, &cmd.receiver, &command_id, |state| {
                     super::block::check_send(state, &cmd.sender)?;
-                    Ok(Some(Event::MessageSent(decide(&cmd, state, &message_id))))
+                    Ok(Some(Event::MessageSent(decide(&cmd, state, &message_id, reply_to.clone()))))
                 })
                 .await?;
             Ok(env.as_ref().and_then(message_of))
@@ -155,12 +191,13 @@ mod tests {
             message: text.map(Into::into),
             attachment: attachment.map(Into::into),
             client_msg_id: None,
+            reply_to: None,
         }
     }
 
     #[test]
     fn given_an_empty_conversation_when_amy_sends_then_it_is_message_one() {
-        let e = decide(&cmd(Some("hi"), None), &DmState::new("amy", "bob"), "m1");
+        let e = decide(&cmd(Some("hi"), None), &DmState::new("amy", "bob"), "m1", None);
         assert_eq!((e.seq, e.sender_count, e.state.last_seq), (1, 1, 1));
         assert_eq!(e.state.unseen("bob", "amy"), 1);
     }
@@ -187,6 +224,14 @@ mod tests {
         let mut bad_id = cmd(Some("hi"), None);
         bad_id.receiver = "bob.*".into();
         assert!(validate(&bad_id, &l).is_err());
+    }
+
+    #[test]
+    fn a_preview_is_the_start_of_the_text_or_says_attachment() {
+        assert_eq!(preview(Some("short"), None), "short");
+        let long = "é".repeat(PREVIEW_CHARS + 5);
+        assert_eq!(preview(Some(&long), Some("https://x.io/a")).chars().count(), PREVIEW_CHARS + 1);
+        assert_eq!(preview(None, Some("https://x.io/a")), "[attachment]");
     }
 
     #[test]

@@ -73,6 +73,9 @@ struct SendBody {
     /// Idempotency key (letters, digits, `-`, `_`; up to 64): a retry with
     /// it returns the original message, at any age.
     client_msg_id: Option<String>,
+    /// The `_id` of an earlier message of this conversation this one
+    /// answers (400 for any other).
+    reply_to: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -83,6 +86,8 @@ struct AttachmentBody {
     /// An http(s) URL.
     attachment_sent: Option<String>,
     client_msg_id: Option<String>,
+    /// The `_id` of an earlier message of this conversation this one answers.
+    reply_to: Option<String>,
 }
 
 async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<SentMessage>, ApiError> {
@@ -103,7 +108,7 @@ async fn send(
     ApiPath(peer): ApiPath<String>,
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<Json<SentMessage>, ApiError> {
-    let cmd = SendMessage { sender: me, receiver: peer, message: body.message, attachment: None, client_msg_id: body.client_msg_id };
+    let cmd = SendMessage { sender: me, receiver: peer, message: body.message, attachment: None, client_msg_id: body.client_msg_id, reply_to: body.reply_to };
     sent(&node, cmd, "Message").await
 }
 
@@ -119,7 +124,7 @@ async fn send_attachment(
 ) -> Result<Json<SentMessage>, ApiError> {
     let receiver = body.other_id.ok_or_else(|| ApiError::bad_request("otherId is required"))?;
     let attachment = body.attachment_sent.ok_or_else(|| ApiError::bad_request("attachmentSent is required"))?;
-    let cmd = SendMessage { sender: me, receiver, message: None, attachment: Some(attachment), client_msg_id: body.client_msg_id };
+    let cmd = SendMessage { sender: me, receiver, message: None, attachment: Some(attachment), client_msg_id: body.client_msg_id, reply_to: body.reply_to };
     sent(&node, cmd, "Attachment").await
 }
 

@@ -173,6 +173,8 @@ struct SendBody {
     attachment: Option<String>,
     /// Idempotency key: a retry with it returns the original message.
     client_msg_id: Option<String>,
+    /// The `_id` of an earlier message of this room this one answers (400 for any other).
+    reply_to: Option<String>,
 }
 
 /// Send to a room (members only).
@@ -191,7 +193,14 @@ async fn send(
     node.rate.send(&me)?;
     let m = node
         .commands
-        .send_room(SendRoomMessage { sender: me, room: id, message: body.message, attachment: body.attachment, client_msg_id: body.client_msg_id })
+        .send_room(SendRoomMessage {
+            sender: me,
+            room: id,
+            message: body.message,
+            attachment: body.attachment,
+            client_msg_id: body.client_msg_id,
+            reply_to: body.reply_to,
+        })
         .await?;
     Ok(Json(SentRoomMessage { success: true, message: "Message Sent Successfully".into(), data: RoomMessage::new(&m) }))
 }

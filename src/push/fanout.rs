@@ -238,6 +238,7 @@ mod tests {
             message: Some("hi".into()),
             attachment: None,
             seq: 1,
+            reply_to: None,
         }));
         let seq = log.append(&msg, 0).await.unwrap().log_seq;
         // After the message (the fan-out is behind): bob leaves, kim joins.
@@ -279,6 +280,7 @@ mod tests {
                 message: Some("hi".into()),
                 attachment: None,
                 seq,
+                reply_to: None,
             })
         };
         let events: Vec<Envelope> = [join("amy"), join("eve"), msg(1), leave("eve"), join("zed"), msg(2)]
@@ -336,6 +338,7 @@ mod tests {
                 message: Some("hi".into()),
                 attachment: None,
                 seq: n,
+                reply_to: None,
             }))
         };
         // (event, which node handles it)
@@ -408,6 +411,7 @@ mod tests {
             seq,
             sender_count: count,
             state: state.clone(),
+            reply_to: None,
         }));
         let d = deliveries(&env);
         let users: Vec<_> = d.iter().map(|(u, _)| u.as_str()).collect();

@@ -182,6 +182,7 @@ struct SendIn {
     message: Option<String>,
     attachment: Option<String>,
     client_msg_id: Option<String>,
+    reply_to: Option<String>,
 }
 
 async fn on_send(
@@ -195,7 +196,7 @@ async fn on_send(
         return refuse_quietly(ack);
     };
     let Ok(input) = input else {
-        return refuse(&s, ack, "bad_request", "send-message needs {roomId, message?, attachment?, clientMsgId?}");
+        return refuse(&s, ack, "bad_request", "send-message needs {roomId, message?, attachment?, clientMsgId?, replyTo?}");
     };
     let cmd = SendRoomMessage {
         sender: me,
@@ -203,6 +204,7 @@ async fn on_send(
         message: input.message,
         attachment: input.attachment,
         client_msg_id: input.client_msg_id,
+        reply_to: input.reply_to,
     };
     if let Err(l) = node.rate.send(&cmd.sender) {
         return refuse_command(&s, ack, l);

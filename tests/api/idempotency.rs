@@ -154,9 +154,10 @@ async fn a_retry_after_the_dedup_window_with_the_views_stopped_returns_the_origi
         message: Some("sent once".into()),
         attachment: None,
         client_msg_id: Some("k-dm".into()),
+        reply_to: None,
     };
     let dm_id = uuid::Uuid::now_v7().to_string();
-    let sent = decide(&cmd, &DmState::new(&amy.id, &bob.id), &dm_id);
+    let sent = decide(&cmd, &DmState::new(&amy.id, &bob.id), &dm_id, None);
     let dm = Envelope::new(format!("{}:k-dm", amy.id), subjects::dm(prefix, &amy.id, &bob.id), 1, Event::MessageSent(sent));
     append_and_outlive_the_dedup_window(&c, &dm, 0).await;
 
@@ -172,6 +173,7 @@ async fn a_retry_after_the_dedup_window_with_the_views_stopped_returns_the_origi
         message: Some("said once".into()),
         attachment: None,
         seq: 1,
+        reply_to: None,
     });
     let said = Envelope::new(format!("{}:room:k-room", amy.id), room_subject, room_head.envelope.position + 1, said);
     append_and_outlive_the_dedup_window(&c, &said, room_head.log_seq).await;

@@ -85,8 +85,9 @@ fn message_then_open(prefix: &str, amy: &str, bob: &str, state: &natter_events::
         message: Some("hi".into()),
         attachment: None,
         client_msg_id: None,
+        reply_to: None,
     };
-    let sent = natter::commands::send::decide(&cmd, state, &uuid::Uuid::now_v7().to_string());
+    let sent = natter::commands::send::decide(&cmd, state, &uuid::Uuid::now_v7().to_string(), None);
     let seen = natter::commands::seen::decide_open(&sent.state, bob, amy).expect("bob has something to see");
     [
         Envelope::new(format!("{amy}:{}", uuid::Uuid::now_v7()), subject.clone(), position, Event::MessageSent(sent)),

@@ -26,6 +26,7 @@ mod overload;
 mod projections;
 mod push;
 mod push_faults;
+mod replies;
 mod rebuild;
 mod rooms;
 mod tokens;
