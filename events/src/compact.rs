@@ -242,6 +242,24 @@ mod tests {
         assert!(encode_sent(&e, &id, "natter.ev.dm.amy.cat", "amy:1").is_none(), "participants not the subject's");
         assert!(encode_sent(&sent("amy", "bob", Some("c-2")), &id, "natter.ev.dm.amy.bob", "amy:c-1").is_none(), "key not the command's");
         assert!(encode_sent(&e, &id, "natter.ev.room.r1", "amy:1").is_none());
+        let mut reply = sent("amy", "bob", None);
+        reply.reply_to = Some(crate::ReplyRef { message_id: "m0".into(), preview: "hi".into() });
+        assert!(encode_sent(&reply, &id, "natter.ev.dm.amy.bob", "amy:1").is_none(), "a reply");
+        let mut blocked = sent("amy", "bob", None);
+        blocked.state = blocked.state.after_block("bob", true).unwrap();
+        assert!(encode_sent(&blocked, &id, "natter.ev.dm.amy.bob", "amy:1").is_none(), "a blocked conversation's state");
+    }
+
+    #[test]
+    fn a_reply_and_a_blocked_state_round_trip_in_the_full_form() {
+        let mut e = sent("amy", "bob", None);
+        e.reply_to = Some(crate::ReplyRef { message_id: "m0".into(), preview: "are you coming?".into() });
+        e.state = e.state.after_block("bob", true).unwrap();
+        let env = crate::Envelope::new("amy:1".into(), "natter.ev.dm.amy.bob".into(), 2, crate::Event::MessageSent(e));
+        let stored = env.encode();
+        let v: Value = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(v["v"], 2, "the full form");
+        assert_eq!(crate::Envelope::decode(&stored).unwrap(), env);
     }
 
     #[test]
