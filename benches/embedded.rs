@@ -44,7 +44,7 @@ async fn main() {
                 for i in 0..total / pairs {
                     let (a, b) = (users[2 * p].clone(), users[2 * p + 1].clone());
                     let (sender, receiver) = if i % 2 == 0 { (a, b) } else { (b, a) };
-                    let cmd = SendMessage { sender, receiver, message: Some(format!("message {i}")), attachment: None, client_msg_id: None };
+                    let cmd = SendMessage { sender, receiver, message: Some(format!("message {i}")), attachment: None, client_msg_id: None, reply_to: None };
                     node.commands().send(cmd).await.unwrap();
                 }
             }));

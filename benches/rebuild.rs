@@ -59,8 +59,9 @@ fn history(prefix: &str, total: usize) -> Vec<Envelope> {
                 message: Some(format!("message {i}")),
                 attachment: None,
                 client_msg_id: None,
+                reply_to: None,
             };
-            Event::MessageSent(natter::commands::send::decide(&cmd, state, &uuid::Uuid::now_v7().to_string()))
+            Event::MessageSent(natter::commands::send::decide(&cmd, state, &uuid::Uuid::now_v7().to_string(), None))
         });
         states[p] = match &event {
             Event::MessageSent(e) => e.state.clone(),

@@ -355,7 +355,7 @@ pub async fn snapshot(
     }
     let mut blocked = BTreeMap::new();
     for u in users {
-        let mut theirs = views.blocked_by(u).await?;
+        let mut theirs = views.blocked_among(u, users).await?;
         theirs.sort();
         blocked.insert(u.clone(), theirs);
     }

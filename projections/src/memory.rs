@@ -167,10 +167,9 @@ impl ViewStore for MemoryViews {
         Ok(self.lock().watermarks.get(conversation).cloned().unwrap_or_default())
     }
 
-    async fn blocked_by(&self, user: &str) -> Result<Vec<String>, StoreError> {
+    async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
         let v = self.lock();
-        let from = (user.to_owned(), String::new());
-        Ok(v.blocks.range(from..).take_while(|((u, _), _)| u == user).filter(|(_, mark)| *mark % 2 == 1).map(|((_, other), _)| other.clone()).collect())
+        Ok(others.iter().filter(|o| v.blocks.get(&(user.to_owned(), (*o).clone())).is_some_and(|mark| mark % 2 == 1)).cloned().collect())
     }
 
     async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError> {

@@ -317,8 +317,12 @@ impl ViewStore for MongoViews {
         Ok(out)
     }
 
-    async fn blocked_by(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        let docs: Vec<Document> = self.blocks.find(doc! {"user": user}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+    async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
+        if others.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = others.iter().map(|o| format!("{user}:{o}")).collect();
+        let docs: Vec<Document> = self.blocks.find(doc! {"_id": {"$in": ids}}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
         let mark = |d: &Document| d.get_i64("b").ok().or_else(|| d.get_i32("b").ok().map(i64::from)).unwrap_or(0);
         let mut out: Vec<String> = docs.iter().filter(|d| mark(d) % 2 == 1).filter_map(|d| d.get_str("other").ok().map(str::to_owned)).collect();
         out.sort();

@@ -178,8 +178,8 @@ impl<T: ViewStore + 'static> ViewStore for Switch<T> {
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
         self.read(self.active().watermarks(conversation)).await
     }
-    async fn blocked_by(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        self.read(self.active().blocked_by(user)).await
+    async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
+        self.read(self.active().blocked_among(user, others)).await
     }
     async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError> {
         self.read(self.active().room(id)).await

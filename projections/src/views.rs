@@ -201,8 +201,8 @@ pub trait ViewStore: Send + Sync {
     async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError>;
     /// Read watermark of every participant of `conversation` (user → seq).
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError>;
-    /// The users `user` has blocked.
-    async fn blocked_by(&self, user: &str) -> Result<Vec<String>, StoreError>;
+    /// Those of `others` whom `user` has blocked (one bounded read).
+    async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError>;
 
     async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError>;
     /// Rooms ordered by id, after the cursor `after`.

@@ -100,6 +100,8 @@ async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<Sent
 #[utoipa::path(post, path = "/api/messages/{id}", operation_id = "send_message", tag = "direct messages", security(("bearer" = [])),
     params(("id" = String, Path, description = "the receiver's id")), request_body = SendBody,
     responses((status = 200, body = SentMessage),
+        (status = 400, body = ErrorBody, description = "bad content, or a replyTo that is no earlier message of this conversation"),
+        (status = 403, body = ErrorBody, description = "`blocked`: one of the two blocked the other"),
         (status = 404, body = ErrorBody, description = "no such user"),
         (status = 409, body = ErrorBody, description = "clientMsgId already used for another message")))]
 async fn send(
@@ -115,6 +117,8 @@ async fn send(
 /// Send an attachment (a URL) to a user.
 #[utoipa::path(post, path = "/api/attachments", tag = "direct messages", security(("bearer" = [])), request_body = AttachmentBody,
     responses((status = 200, body = SentMessage),
+        (status = 400, body = ErrorBody, description = "bad URL, or a replyTo that is no earlier message of this conversation"),
+        (status = 403, body = ErrorBody, description = "`blocked`: one of the two blocked the other"),
         (status = 404, body = ErrorBody, description = "no such user"),
         (status = 409, body = ErrorBody, description = "clientMsgId already used for another message")))]
 async fn send_attachment(

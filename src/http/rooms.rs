@@ -181,6 +181,7 @@ struct SendBody {
 #[utoipa::path(post, path = "/api/rooms/{id}/messages", operation_id = "send_room_message", tag = "study rooms", security(("bearer" = [])),
     params(("id" = String, Path, description = ROOM_ID)), request_body = SendBody,
     responses((status = 200, body = SentRoomMessage),
+        (status = 400, body = ErrorBody, description = "bad content, or a replyTo that is no earlier message of this room"),
         (status = 403, body = ErrorBody, description = "not a member"),
         (status = 404, body = ErrorBody, description = "no such room"),
         (status = 409, body = ErrorBody, description = "clientMsgId already used for another message")))]

@@ -46,8 +46,10 @@ async fn list(
     if let Some(after) = &page.after {
         natter_events::validate_id(after).map_err(|e| ApiError::bad_request(format!("after is not a valid user id: {e}")))?;
     }
-    let (users, unseen, blocked) = tokio::join!(node.views().users(&me, page.after.as_deref(), limit), node.counts().unseen(&me), node.views().blocked_by(&me));
-    let (users, unseen, blocked) = (users?, unseen?, blocked?);
+    let (users, unseen) = tokio::join!(node.views().users(&me, page.after.as_deref(), limit), node.counts().unseen(&me));
+    let (users, unseen) = (users?, unseen?);
+    let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
+    let blocked: std::collections::HashSet<String> = node.views().blocked_among(&me, &ids).await?.into_iter().collect();
     let next = if users.len() == limit as usize { users.last().map(|u| u.id.clone()) } else { None };
     let users = users
         .iter()
