@@ -130,45 +130,74 @@ async fn kill_9_of_the_nats_server_leading_the_log_loses_nothing() {
     );
 }
 
+/// The two socket tests' setting: a cluster, 2 senders and 6 receivers
+/// with a socket each through nginx, half long-polling (sticky), half
+/// WebSocket.
+struct Scene {
+    c: LocalCluster,
+    http: reqwest::Client,
+    senders: Vec<User>,
+    people: Vec<User>,
+    receivers: Vec<Receiver>,
+    d: Driver,
+}
+
+impl Scene {
+    async fn start(name: &str, port: u16) -> Scene {
+        let c = LocalCluster::up(name, port, &[]).await;
+        let http = http();
+        let senders = users(&http, &c.url, "s", 2).await;
+        let people = users(&http, &c.url, "r", 6).await;
+        let receivers: Vec<Receiver> = people.iter().enumerate().map(|(i, u)| Receiver::new(u.clone(), i % 2 == 0)).collect();
+        let mut d = Driver::start().await;
+        connect_all(&mut d, &c.url, &receivers).await;
+        Scene { c, http, senders, people, receivers, d }
+    }
+
+    /// Follows the sockets for up to `secs` (reconnecting dropped ones)
+    /// until `done`.
+    async fn follow(&mut self, secs: u64, done: impl FnMut(&Driver, &[Receiver]) -> bool) -> bool {
+        follow(&mut self.d, &self.c.url, &mut self.receivers, secs, done).await
+    }
+
+    /// Waits for the senders, lets late deliveries arrive (and a quiet
+    /// second for any repeat), and counts: (sent, delivered, missing,
+    /// duplicated, messages checked in the histories).
+    async fn finish(&mut self, tasks: Vec<tokio::task::JoinHandle<(User, traffic::Sent)>>, after: &str) -> (Vec<(User, traffic::Sent)>, usize, usize, usize, usize) {
+        let sent_done = self.follow(120, |_, _| tasks.iter().all(|t| t.is_finished())).await;
+        assert!(sent_done, "the senders did not finish within 2 minutes of {after}");
+        let sent = joined(tasks).await;
+        self.follow(30, |d, rs| deliveries(d, rs, &sent).1 == 0).await;
+        self.follow(1, |_, _| false).await;
+        let (delivered, missing, duplicated) = deliveries(&self.d, &self.receivers, &sent);
+        let checked = check_histories(&self.http, &self.c.url, &sent, &self.people).await;
+        (sent, delivered, missing, duplicated, checked)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_node_with_sockets_loses_and_repeats_no_delivery() {
     let _one = SERIAL.lock().await;
-    let c = LocalCluster::up("node-kill", 15560, &[]).await;
-    let http = http();
-    let senders = users(&http, &c.url, "s", 2).await;
-    let people = users(&http, &c.url, "r", 6).await;
-    // Half of them on long-polling (sticky through nginx), half on WebSocket.
-    let mut receivers: Vec<Receiver> = people.iter().enumerate().map(|(i, u)| Receiver::new(u.clone(), i % 2 == 0)).collect();
-    let mut d = Driver::start().await;
-    connect_all(&mut d, &c.url, &receivers).await;
-
+    let mut s = Scene::start("node-kill", 15560).await;
     // The node holding the most of them.
     let mut victim = (0, 1);
     for i in 1..=3 {
-        let n = c.sockets_on(&http, i).await;
+        let n = s.c.sockets_on(&s.http, i).await;
         if n > victim.0 {
             victim = (n, i);
         }
     }
     assert!(victim.0 > 0, "nginx spread the sockets over the nodes");
 
-    let tasks = start_senders(&http, &c.url, &senders, &people, 90);
-    follow(&mut d, &c.url, &mut receivers, 30, |d, rs| rs.iter().map(|r| r.received(d).len()).sum::<usize>() >= 20).await;
+    let tasks = start_senders(&s.http, &s.c.url, &s.senders, &s.people, 90);
+    s.follow(30, |d, rs| rs.iter().map(|r| r.received(d).len()).sum::<usize>() >= 20).await;
     // Long-polling sessions hold through nginx (each poll reaches the node
     // that holds its session), or they would have dropped by now.
-    assert!(receivers.iter().all(|r| r.current.ends_with("#0")), "a socket dropped before any fault");
-    c.kill9(&format!("natter{}", victim.1)).await;
-    let sent_done = follow(&mut d, &c.url, &mut receivers, 120, |_, _| tasks.iter().all(|t| t.is_finished())).await;
-    assert!(sent_done, "the senders did not finish within 2 minutes of the kill");
-    let sent = joined(tasks).await;
-    // Let late deliveries arrive (and dropped sockets reconnect), then a
-    // quiet second for any repeat, then count.
-    follow(&mut d, &c.url, &mut receivers, 30, |d, rs| deliveries(d, rs, &sent).1 == 0).await;
-    follow(&mut d, &c.url, &mut receivers, 1, |_, _| false).await;
-    let (delivered, missing, duplicated) = deliveries(&d, &receivers, &sent);
-    let moved: Vec<&Receiver> = receivers.iter().filter(|r| !r.reconnects.is_empty()).collect();
+    assert!(s.receivers.iter().all(|r| r.current.ends_with("#0")), "a socket dropped before any fault");
+    s.c.kill9(&format!("natter{}", victim.1)).await;
+    let (sent, delivered, missing, duplicated, checked) = s.finish(tasks, "the kill").await;
+    let moved: Vec<&Receiver> = s.receivers.iter().filter(|r| !r.reconnects.is_empty()).collect();
     let slowest_reconnect = moved.iter().flat_map(|r| r.reconnects.iter()).max().copied().unwrap_or_default();
-    let checked = check_histories(&http, &c.url, &sent, &people).await;
     report(
         "node-kill",
         "kill -9 of a natter node holding sockets, 2 senders to 6 receivers (3 long-polling, 3 WebSocket) through nginx",
@@ -184,41 +213,27 @@ async fn kill_9_of_a_node_with_sockets_loses_and_repeats_no_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_traffic_fails_no_send_and_loses_no_delivery() {
     let _one = SERIAL.lock().await;
-    let c = LocalCluster::up("rolling", 15620, &[]).await;
-    let http = http();
-    let senders = users(&http, &c.url, "s", 2).await;
-    let people = users(&http, &c.url, "r", 6).await;
-    // Half of them on long-polling (sticky through nginx), half on WebSocket.
-    let mut receivers: Vec<Receiver> = people.iter().enumerate().map(|(i, u)| Receiver::new(u.clone(), i % 2 == 0)).collect();
-    let mut d = Driver::start().await;
-    connect_all(&mut d, &c.url, &receivers).await;
-
-    let tasks = start_senders(&http, &c.url, &senders, &people, 200);
+    let mut s = Scene::start("rolling", 15620).await;
+    let tasks = start_senders(&s.http, &s.c.url, &s.senders, &s.people, 200);
     let started = Instant::now();
     let mut restarts = Vec::new();
     for i in 1..=3 {
-        follow(&mut d, &c.url, &mut receivers, 5, |_, _| false).await;
+        s.follow(5, |_, _| false).await;
         let t = Instant::now();
         let name = format!("natter{i}");
         // SIGTERM and the node's drain, while the receivers keep following.
-        let stop = c.stop_in_background(&name);
-        follow(&mut d, &c.url, &mut receivers, 60, |_, _| stop.is_finished()).await;
+        let stop = s.c.stop_in_background(&name);
+        s.follow(60, |_, _| stop.is_finished()).await;
         let out = stop.await.unwrap();
         assert!(out.status.success(), "{name} did not drain and exit within 20 s of SIGTERM:\n{}", String::from_utf8_lossy(&out.stderr));
         let drained = t.elapsed();
-        c.start(&name, &[]).await;
+        s.c.start(&name, &[]).await;
         restarts.push(format!("{name}: drained and exited in {:.1} s, ready again {:.1} s after SIGTERM", drained.as_secs_f64(), t.elapsed().as_secs_f64()));
     }
-    let sent_done = follow(&mut d, &c.url, &mut receivers, 120, |_, _| tasks.iter().all(|t| t.is_finished())).await;
-    assert!(sent_done, "the senders did not finish within 2 minutes of the restarts");
-    let sent = joined(tasks).await;
-    follow(&mut d, &c.url, &mut receivers, 30, |d, rs| deliveries(d, rs, &sent).1 == 0).await;
-    follow(&mut d, &c.url, &mut receivers, 1, |_, _| false).await;
-    let (delivered, missing, duplicated) = deliveries(&d, &receivers, &sent);
+    let (sent, delivered, missing, duplicated, checked) = s.finish(tasks, "the restarts").await;
     let (retried_sends, statuses) = retried(&sent);
-    let reconnects: usize = receivers.iter().map(|r| r.reconnects.len()).sum();
+    let reconnects: usize = s.receivers.iter().map(|r| r.reconnects.len()).sum();
     let failed: usize = sent.iter().map(|(_, s)| s.failed.len()).sum();
-    let checked = check_histories(&http, &c.url, &sent, &people).await;
     let mut lines = restarts;
     lines.push(format!(
         "over {:.0} s: acknowledged {}, failed {failed}, retried with the same clientMsgId {retried_sends} (answers retried: {statuses:?})",
