@@ -108,9 +108,13 @@ impl Commands {
     /// already in the views (`stored`) or in the log above what they have
     /// applied (`logged` reads it from its event) is a retry, however long
     /// after (see `retry.rs`); otherwise `append` makes it (the log also
-    /// deduplicates within its window and returns the original). Either
-    /// way the message returned must be what this command asks for
-    /// (`same`): a key reused for another message is a 409.
+    /// deduplicates within its window and returns the original). When
+    /// `append` refuses (the conversation changed since the original: a
+    /// block, a room left), the log's dedup never sees the retry, so the
+    /// conversation above the views' floor is searched for the original
+    /// before the refusal is answered. Either way the message returned must
+    /// be what this command asks for (`same`): a key reused for another
+    /// message is a 409.
     pub(crate) async fn once<V, S, A>(
         &self,
         key: Option<(&str, &str)>,
@@ -123,27 +127,40 @@ impl Commands {
         S: Future<Output = Result<Option<V>, StoreError>>,
         A: Future<Output = Result<Option<V>, CommandError>>,
     {
-        let found = match key {
-            None => None,
+        let (found, floor) = match key {
+            None => (None, None),
             Some((subject, command_id)) => {
                 // The floor first: whatever is at or below it is in the
                 // views by the time they are read.
                 let floor = self.views_floor().await?;
-                match stored.await? {
+                let found = match stored.await? {
                     Some(m) => Some(m),
-                    None => match self.logged_since(subject, floor, command_id).await? {
+                    None => match self.logged_since(subject, floor, command_id, false).await? {
                         Some(original) => {
                             self.apply_now(&original).await;
                             Some(logged(&original).ok_or_else(reused_key)?)
                         }
                         None => None,
                     },
-                }
+                };
+                (found, Some(floor))
             }
         };
         let message = match found {
             Some(m) => m,
-            None => append.await?.ok_or_else(reused_key)?,
+            None => match (append.await, key.zip(floor)) {
+                (Ok(appended), _) => appended.ok_or_else(reused_key)?,
+                (Err(CommandError::Refused(refusal)), Some(((subject, command_id), floor))) => {
+                    match self.logged_since(subject, floor, command_id, true).await? {
+                        Some(original) => {
+                            self.apply_now(&original).await;
+                            logged(&original).ok_or_else(reused_key)?
+                        }
+                        None => return Err(refusal.into()),
+                    }
+                }
+                (Err(e), _) => return Err(e),
+            },
         };
         if same(&message) { Ok(message) } else { Err(reused_key().into()) }
     }

@@ -83,10 +83,12 @@ impl Commands {
 
     /// The event on `subject` above `floor` carrying `command_id` that the
     /// log's deduplication no longer covers, if any: what neither the views
-    /// nor the append would recognise.
-    pub(crate) async fn logged_since(&self, subject: &str, floor: Floor, command_id: &str) -> Result<Option<Envelope>, CommandError> {
+    /// nor the append would recognise. With `whole`, any such event however
+    /// young (the append was refused, so its deduplication never ran).
+    pub(crate) async fn logged_since(&self, subject: &str, floor: Floor, command_id: &str, whole: bool) -> Result<Option<Envelope>, CommandError> {
         let (window, now) = (self.log.dedup_window(), Utc::now());
-        if floor.at.is_some_and(|at| covered(at, now, window)) {
+        let covered = |at: DateTime<Utc>| !whole && covered(at, now, window);
+        if floor.at.is_some_and(covered) {
             return Ok(None);
         }
         let mut from = floor.seq + 1;
@@ -94,7 +96,7 @@ impl Commands {
             match self.log.next_on(subject, from).await {
                 Ok(None) => return Ok(None),
                 Ok(Some(l)) if l.envelope.command_id == command_id => return Ok(Some(l.envelope)),
-                Ok(Some(l)) if covered(l.envelope.at, now, window) => return Ok(None),
+                Ok(Some(l)) if covered(l.envelope.at) => return Ok(None),
                 Ok(Some(l)) => from = l.log_seq + 1,
                 // An event this build cannot read is not this command's.
                 Err(LogError::Corrupt { seq, .. }) => from = seq + 1,

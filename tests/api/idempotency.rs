@@ -207,3 +207,46 @@ async fn a_retry_after_the_dedup_window_with_the_views_stopped_returns_the_origi
     assert_eq!(said, [&json!("said once")], "{r}");
     c.stop().await;
 }
+
+/// A send whose original reached the log but not the views (its node died)
+/// is retried after the conversation changed so that a new send would be
+/// refused (the receiver blocked the sender since): the retry still gets
+/// the original, once, not the refusal.
+#[tokio::test]
+async fn a_retry_refused_by_a_change_since_its_original_returns_the_original() {
+    let c = Cluster::start(1).await;
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    pause_consumer(&c, "mongo-views-v1", Some(chrono::Utc::now() + chrono::Duration::minutes(5))).await;
+
+    // The DM, appended by a node that then died (the views never saw it).
+    let cmd = SendMessage {
+        sender: amy.id.clone(),
+        receiver: bob.id.clone(),
+        message: Some("sent before the block".into()),
+        attachment: None,
+        client_msg_id: Some("k-blocked".into()),
+        reply_to: None,
+    };
+    let dm_id = uuid::Uuid::now_v7().to_string();
+    let sent = decide(&cmd, &DmState::new(&amy.id, &bob.id), &dm_id, None);
+    let state = sent.state.clone();
+    let subject = subjects::dm(&c.cfg.log.subject_prefix, &amy.id, &bob.id);
+    let dm = Envelope::new(format!("{}:k-blocked", amy.id), subject.clone(), 1, Event::MessageSent(sent));
+    let appended = c.nats().append(&dm, 0).await.expect("append the original");
+    // Bob blocks Amy on top of it.
+    let block = natter::commands::block::decide(&state, &bob.id, &amy.id, true).expect("a block");
+    let blocked = Envelope::new(format!("{}:block:1", bob.id), subject, 2, Event::BlockChanged(block));
+    c.nats().append(&blocked, appended.log_seq).await.expect("append the block");
+    let head = c.log_head().await;
+
+    // Amy's retry: the original, not 403.
+    let r = c.send(0, &amy, &bob, "sent before the block", Some("k-blocked")).await.ok();
+    assert_eq!(r["data"]["_id"].as_str(), Some(dm_id.as_str()), "{r}");
+    // A new message is refused, and nothing was appended by either.
+    let r = c.send(0, &amy, &bob, "and now?", Some("k-new")).await;
+    assert_eq!((r.status.as_u16(), r.body["code"].clone()), (403, json!("blocked")), "{}", r.body);
+    assert_eq!(c.log_head().await, head, "no second copy, nothing refused stored");
+    pause_consumer(&c, "mongo-views-v1", None).await;
+    c.stop().await;
+}
