@@ -54,6 +54,19 @@ pub enum Event {
     BlockChanged(BlockChanged),
 }
 
+impl Event {
+    /// The direct conversation's state a direct-conversation event carries
+    /// (after it); `None` for every other event.
+    pub fn dm_state(&self) -> Option<&crate::DmState> {
+        match self {
+            Event::MessageSent(e) => Some(&e.state),
+            Event::MessagesSeen(e) => Some(&e.state),
+            Event::BlockChanged(e) => Some(&e.state),
+            _ => None,
+        }
+    }
+}
+
 /// One arm per event type: its stored name and payload type. Adding an
 /// event type is one line here.
 macro_rules! event_types {

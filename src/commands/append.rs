@@ -11,14 +11,6 @@ use super::{CommandError, Commands, Failure, MAX_ATTEMPTS, Refusal};
 use crate::log::{LogError, Logged};
 
 /// The conversation state an event on a DM subject carries.
-fn dm_state(env: &Envelope) -> Option<&DmState> {
-    match &env.event {
-        Event::MessageSent(e) => Some(&e.state),
-        Event::MessagesSeen(e) => Some(&e.state),
-        Event::BlockChanged(e) => Some(&e.state),
-        _ => None,
-    }
-}
 
 /// Where an event after `last` (the subject's newest) goes: its position
 /// on the subject, and the log sequence the subject must still end at (0:
@@ -93,7 +85,7 @@ impl Commands {
         let subject = subjects::dm(&self.prefix, a, b);
         self.append(&subject, command_id, |last: Option<Logged>| {
             let state = match &last {
-                Some(l) => dm_state(&l.envelope).cloned().ok_or_else(|| {
+                Some(l) => l.envelope.event.dm_state().cloned().ok_or_else(|| {
                     Failure::Internal(format!("event at log sequence {} on {} is not a DM event", l.log_seq, l.envelope.subject)).into()
                 }),
                 None => Ok(DmState::new(a, b)),
@@ -136,10 +128,7 @@ impl Commands {
                 let found = match stored.await? {
                     Some(m) => Some(m),
                     None => match self.logged_since(subject, floor, command_id, false).await? {
-                        Some(original) => {
-                            self.apply_now(&original).await;
-                            Some(logged(&original).ok_or_else(reused_key)?)
-                        }
+                        Some(original) => Some(self.adopt(&original, &logged).await?),
                         None => None,
                     },
                 };
@@ -152,10 +141,7 @@ impl Commands {
                 (Ok(appended), _) => appended.ok_or_else(reused_key)?,
                 (Err(CommandError::Refused(refusal)), Some(((subject, command_id), floor))) => {
                     match self.logged_since(subject, floor, command_id, true).await? {
-                        Some(original) => {
-                            self.apply_now(&original).await;
-                            logged(&original).ok_or_else(reused_key)?
-                        }
+                        Some(original) => self.adopt(&original, &logged).await?,
                         None => return Err(refusal.into()),
                     }
                 }
@@ -163,6 +149,13 @@ impl Commands {
             },
         };
         if same(&message) { Ok(message) } else { Err(reused_key().into()) }
+    }
+
+    /// A retry's original found in the log: applied to the views (they
+    /// had not), and read as the command's result.
+    async fn adopt<V>(&self, original: &Envelope, logged: &impl Fn(&Envelope) -> Option<V>) -> Result<V, CommandError> {
+        self.apply_now(original).await;
+        Ok(logged(original).ok_or_else(reused_key)?)
     }
 
     /// Applies a just-appended event to the views.

@@ -47,12 +47,7 @@ impl Commands {
     /// newest event of their conversation).
     pub async fn blocked_between(&self, a: &str, b: &str) -> Result<bool, CommandError> {
         let last = self.log.last(&subjects::dm(&self.prefix, a, b)).await?;
-        Ok(match last.as_ref().map(|l| &l.envelope.event) {
-            Some(Event::MessageSent(e)) => e.state.any_block(),
-            Some(Event::MessagesSeen(e)) => e.state.any_block(),
-            Some(Event::BlockChanged(e)) => e.state.any_block(),
-            _ => false,
-        })
+        Ok(last.as_ref().and_then(|l| l.envelope.event.dm_state()).is_some_and(DmState::any_block))
     }
 }
 
