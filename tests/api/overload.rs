@@ -101,3 +101,29 @@ async fn a_node_over_capacity_sheds_requests_and_loses_no_acknowledged_message(c
     let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=40).collect::<Vec<u64>>(), "gapless");
 }
+
+crate::contract!(
+    a_stopping_node_fails_readiness_and_refuses_new_requests_before_it_closes,
+    1,
+    |cfg| cfg.server.drain_delay = std::time::Duration::from_secs(3),
+    a_stopping_node_fails_readiness_and_refuses_new_requests_before_it_closes
+);
+
+/// SIGTERM (the shutdown signal): for `NATTER_DRAIN_DELAY_MS` the node
+/// still listens, but readiness says `draining` and new requests get 503
+/// `draining` with `Retry-After`, so a load balancer moves them elsewhere.
+async fn a_stopping_node_fails_readiness_and_refuses_new_requests_before_it_closes(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    assert_eq!(c.request(0, Method::GET, "/readyz", None, None).await.status.as_u16(), 200);
+    let _ = c.node(0).shutdown_handle().send(true);
+    crate::helpers::eventually("readiness to say draining", || async {
+        let r = c.request(0, Method::GET, "/readyz", None, None).await;
+        r.status.as_u16() == 503 && r.body["status"] == json!("draining")
+    })
+    .await;
+    let r = c.http.get(c.url(0, "/api/users")).bearer_auth(&amy.token).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().contains_key("retry-after"), "a refusal says when to retry");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], json!("draining"), "{body}");
+}
