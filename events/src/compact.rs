@@ -75,7 +75,7 @@ fn state_numbers(state: &DmState) -> [u64; 7] {
 }
 
 fn state_from(lo: &str, hi: &str, s: [u64; 7]) -> DmState {
-    let side = |user_id: &str, sent, seen_seq, seen_count| Side { user_id: user_id.to_owned(), sent, seen_seq, seen_count, blocked: false };
+    let side = |user_id: &str, sent, seen_seq, seen_count| Side { user_id: user_id.to_owned(), sent, seen_seq, seen_count, ..Side::default() };
     let [last_seq, lo_sent, lo_seen, lo_count, hi_sent, hi_seen, hi_count] = s;
     DmState { last_seq, lo: side(lo, lo_sent, lo_seen, lo_count), hi: side(hi, hi_sent, hi_seen, hi_count) }
 }
@@ -92,7 +92,7 @@ fn side_flag(lo: &str, hi: &str, a: &str, b: &str) -> Option<u8> {
 fn encode_seen(e: &MessagesSeen, subject: &str, command_id: &str) -> Option<(String, Value)> {
     let (lo, hi) = participants(subject)?;
     let state = &e.state;
-    if state.lo.user_id != lo || state.hi.user_id != hi || state.any_block() {
+    if state.lo.user_id != lo || state.hi.user_id != hi || !state.plain() {
         return None;
     }
     let r = side_flag(lo, hi, &e.reader_id, &e.peer_id)?;
@@ -160,9 +160,9 @@ fn participants(subject: &str) -> Option<(&str, &str)> {
 fn encode_sent(e: &MessageSent, id: &Uuid, subject: &str, command_id: &str) -> Option<(String, Value)> {
     let (lo, hi) = participants(subject)?;
     let state = &e.state;
-    // Seven numbers hold no block flags: a blocked conversation's events
-    // are written in the full form.
-    if state.lo.user_id != lo || state.hi.user_id != hi || e.seq != state.last_seq || state.any_block() || e.reply_to.is_some() {
+    // Seven numbers hold no block flags or deleted seqs: such a
+    // conversation's events are written in the full form.
+    if state.lo.user_id != lo || state.hi.user_id != hi || e.seq != state.last_seq || !state.plain() || e.reply_to.is_some() {
         return None;
     }
     let f = side_flag(lo, hi, &e.sender_id, &e.receiver_id)?;

@@ -32,7 +32,19 @@ pub struct Side {
     /// existed, and while false).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub blocked: bool,
+    /// Seqs of the *other* participant's messages deleted while above this
+    /// side's watermark: they no longer count as unseen. Ascending, at most
+    /// [`MAX_UNSEEN_DELETED`] (absent while empty, as in every event
+    /// written before deletion existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unseen_deleted: Vec<u64>,
 }
+
+/// Most of one participant's messages that may stand deleted above the
+/// other's watermark: every event of the conversation carries their seqs
+/// until they are read past, so the list is bounded. A delete beyond it
+/// is refused until the receiver reads on.
+pub const MAX_UNSEEN_DELETED: usize = 100;
 
 /// State of a direct conversation after an event. `lo`/`hi` are the two
 /// participants in sorted id order.
@@ -72,12 +84,35 @@ impl DmState {
         }
     }
 
-    /// Messages from `peer` that `reader` has not seen.
+    /// Messages from `peer` that `reader` has not seen (deleted ones do
+    /// not count).
     pub fn unseen(&self, reader: &str, peer: &str) -> u64 {
         match (self.side(reader), self.side(peer)) {
-            (Some(r), Some(p)) => p.sent.saturating_sub(r.seen_count),
+            (Some(r), Some(p)) => p.sent.saturating_sub(r.seen_count).saturating_sub(r.unseen_deleted.len() as u64),
             _ => 0,
         }
+    }
+
+    /// Whether the state is only the seven running numbers (no block, no
+    /// deleted unseen message): what the compact event forms can hold.
+    pub fn plain(&self) -> bool {
+        !self.any_block() && self.lo.unseen_deleted.is_empty() && self.hi.unseen_deleted.is_empty()
+    }
+
+    /// State after `sender` deletes their message `seq`: if its receiver
+    /// had not read it, it stops counting as unseen. `Err(())` when that
+    /// would hold more than [`MAX_UNSEEN_DELETED`] of them.
+    pub fn after_delete(&self, sender: &str, seq: u64) -> Result<DmState, ()> {
+        let mut next = self.clone();
+        let (_, receiver) = next.sides_mut(sender);
+        if seq > receiver.seen_seq && !receiver.unseen_deleted.contains(&seq) {
+            if receiver.unseen_deleted.len() >= MAX_UNSEEN_DELETED {
+                return Err(());
+            }
+            receiver.unseen_deleted.push(seq);
+            receiver.unseen_deleted.sort_unstable();
+        }
+        Ok(next)
     }
 
     /// State after `sender` sends one more message. Returns the new message's
@@ -120,6 +155,8 @@ impl DmState {
         }
         me.seen_seq = up_to_seq;
         me.seen_count = peer_count;
+        // Deleted messages now read past count among `seen_count` again.
+        me.unseen_deleted.retain(|s| *s > up_to_seq);
         Some(next)
     }
 }
@@ -165,6 +202,30 @@ pub struct ReplyRef {
     pub preview: String,
 }
 
+/// A direct message as it reads after its sender changed it: edited
+/// (`MessageEdited`: the new text) or deleted for everyone
+/// (`MessageDeleted`: no text, attachment or reply, a tombstone that keeps
+/// its `seq`). It carries the whole message, with the time and command id
+/// of its send, so the views and the pushes need nothing else and the
+/// views converge whatever order the send and its changes are applied in
+/// (the newest change wins; a deletion is final). `message.state` is the
+/// conversation's state after the change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageRevised {
+    #[serde(flatten)]
+    pub message: MessageSent,
+    /// When the message was sent (its `createdAt`).
+    pub sent_at: chrono::DateTime<chrono::Utc>,
+    /// The command id of the send (the views' unique key of the message).
+    pub sent_command_id: String,
+}
+
+/// A direct message's sender changed its text.
+pub type MessageEdited = MessageRevised;
+/// A direct message's sender deleted it for everyone.
+pub type MessageDeleted = MessageRevised;
+
 /// A reader's watermark moved forward: every message with `seq <= up_to_seq`
 /// is seen by them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +265,39 @@ mod tests {
         let s = s.after_block("bob", false).unwrap();
         assert!(!s.any_block());
         assert!(s.after_block("amy", false).is_none());
+    }
+
+    #[test]
+    fn a_deleted_unseen_message_stops_counting_until_read_past() {
+        let s = DmState::new("amy", "bob");
+        let (s, _, _) = s.after_send("amy");
+        let (s, seq2, c2) = s.after_send("amy");
+        let (s, _, _) = s.after_send("amy");
+        assert_eq!(s.unseen("bob", "amy"), 3);
+        let s = s.after_delete("amy", seq2).unwrap();
+        assert_eq!(s.unseen("bob", "amy"), 2);
+        assert_eq!(s.after_delete("amy", seq2).unwrap(), s, "deleting twice changes nothing");
+        assert!(!s.plain());
+        // bob reads up to the deleted one: it is below his watermark now
+        let s = s.after_seen("bob", seq2, c2).unwrap();
+        assert_eq!(s.unseen("bob", "amy"), 1);
+        assert!(s.plain());
+        // a message already read does not change the count when deleted
+        let s = s.after_delete("amy", 1).unwrap();
+        assert_eq!(s.unseen("bob", "amy"), 1);
+    }
+
+    #[test]
+    fn deleted_unseen_messages_are_bounded() {
+        let mut s = DmState::new("amy", "bob");
+        for _ in 0..=MAX_UNSEEN_DELETED {
+            s = s.after_send("amy").0;
+        }
+        for seq in 1..=MAX_UNSEEN_DELETED as u64 {
+            s = s.after_delete("amy", seq).unwrap();
+        }
+        assert_eq!(s.unseen("bob", "amy"), 1);
+        assert!(s.after_delete("amy", MAX_UNSEEN_DELETED as u64 + 1).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde_json::Value;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::{BlockChanged, MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
+use crate::{BlockChanged, MemberJoined, MemberLeft, MessageDeleted, MessageEdited, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
 
 /// Current schema version of an event type (what it is written as when it
 /// fits: see [`crate::compact`]).
@@ -52,6 +52,8 @@ pub enum Event {
     RoomRead(RoomRead),
     RoomMessageSent(RoomMessageSent),
     BlockChanged(BlockChanged),
+    MessageEdited(MessageEdited),
+    MessageDeleted(MessageDeleted),
 }
 
 impl Event {
@@ -62,6 +64,7 @@ impl Event {
             Event::MessageSent(e) => Some(&e.state),
             Event::MessagesSeen(e) => Some(&e.state),
             Event::BlockChanged(e) => Some(&e.state),
+            Event::MessageEdited(e) | Event::MessageDeleted(e) => Some(&e.message.state),
             _ => None,
         }
     }
@@ -72,7 +75,8 @@ impl Event {
 macro_rules! event_types {
     ($m:ident) => {
         $m! {
-            UserRegistered, MessageSent, MessagesSeen, RoomCreated, MemberJoined, MemberLeft, RoomRead, RoomMessageSent, BlockChanged
+            UserRegistered, MessageSent, MessagesSeen, RoomCreated, MemberJoined, MemberLeft, RoomRead, RoomMessageSent, BlockChanged,
+            MessageEdited, MessageDeleted
         }
     };
 }

@@ -119,6 +119,25 @@ fn block_changed_v1() {
 }
 
 #[test]
+fn message_edited_v1() {
+    let env = fixture("v1/MessageEdited.json");
+    let Event::MessageEdited(e) = env.event else { panic!("wrong type") };
+    assert_eq!((e.message.seq, e.message.message.as_deref()), (2, Some("see you at 6, not 5")));
+    assert_eq!((e.sent_command_id.as_str(), e.sent_at.to_rfc3339()), ("amy:c-2", "2026-11-28T08:59:00+00:00".to_owned()));
+    assert_eq!(e.message.state.unseen("bob", "amy"), 2, "an edit changes no count");
+}
+
+#[test]
+fn message_deleted_v1() {
+    let env = fixture("v1/MessageDeleted.json");
+    let Event::MessageDeleted(e) = env.event else { panic!("wrong type") };
+    assert_eq!((e.message.seq, e.message.message.as_deref()), (3, None));
+    assert!(e.message.attachments.is_empty());
+    assert_eq!(e.message.state.side("bob").unwrap().unseen_deleted, vec![3]);
+    assert_eq!(e.message.state.unseen("bob", "amy"), 1, "bob's unseen: amy's message 2 (3 is deleted)");
+}
+
+#[test]
 fn room_events_v1() {
     let Event::RoomCreated(e) = fixture("v1/RoomCreated.json").event else { panic!("wrong type") };
     assert_eq!((e.name.as_str(), e.created_by.as_str()), ("Algebra study group", "amy"));
@@ -156,7 +175,7 @@ fn there_is_a_fixture_for_every_event_type_and_version() {
         fixtures().iter().map(|f| (stored(f)["type"].as_str().unwrap().to_owned(), stored(f)["v"].as_u64().unwrap())).collect();
     have.sort();
     let mut want = Vec::new();
-    for kind in ["BlockChanged", "MemberJoined", "MemberLeft", "MessageSent", "MessagesSeen", "RoomCreated", "RoomMessageSent", "RoomRead", "UserRegistered"] {
+    for kind in ["BlockChanged", "MemberJoined", "MemberLeft", "MessageDeleted", "MessageEdited", "MessageSent", "MessagesSeen", "RoomCreated", "RoomMessageSent", "RoomRead", "UserRegistered"] {
         for v in 1..=natter_events::current_version(kind) {
             want.push((kind.to_owned(), u64::from(v)));
         }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use natter_events::{
-    BlockChanged, DmState, Envelope, Event, MemberJoined, MemberLeft, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered,
+    BlockChanged, DmState, Envelope, Event, MemberJoined, MemberLeft, MessageRevised, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered,
     subjects,
 };
 
@@ -22,6 +22,11 @@ struct Sent {
     sender: String,
     receiver: String,
     sender_count: u64,
+    /// The send's event (for its edits and deletion).
+    event: MessageSent,
+    at: chrono::DateTime<chrono::Utc>,
+    command_id: String,
+    deleted: bool,
 }
 
 pub struct History {
@@ -88,12 +93,6 @@ impl History {
         let (state, seq, sender_count) = self.state(&from, &to).after_send(&from);
         let conversation = subjects::dm_conversation(&from, &to);
         self.states.insert(conversation.clone(), state.clone());
-        self.sent.entry(conversation).or_default().push(Sent {
-            seq,
-            sender: from.clone(),
-            receiver: to.clone(),
-            sender_count,
-        });
         let message_id = uuid::Uuid::now_v7().to_string();
         let event = MessageSent {
             message_id: message_id.clone(),
@@ -108,7 +107,60 @@ impl History {
             reply_to: None,
         };
         let subject = subjects::dm(&self.prefix, &from, &to);
-        self.push(format!("{from}:{message_id}"), subject, Event::MessageSent(event));
+        let command_id = format!("{from}:{message_id}");
+        self.push(command_id.clone(), subject, Event::MessageSent(event.clone()));
+        let at = self.envelopes.last().expect("just pushed").at;
+        self.sent.entry(conversation).or_default().push(Sent { seq, sender: from, receiver: to, sender_count, event, at, command_id, deleted: false });
+    }
+
+    /// The `nth` (modulo) message `sender` sent `to` that is not deleted.
+    fn own_message(&self, sender: &str, to: &str, nth: usize) -> Option<usize> {
+        let all = self.sent.get(&subjects::dm_conversation(sender, to))?;
+        let mine: Vec<usize> = (0..all.len()).filter(|i| all[*i].sender == sender && !all[*i].deleted).collect();
+        (!mine.is_empty()).then(|| mine[nth % mine.len()])
+    }
+
+    /// The event that revises message `i` of the conversation of `a` and `b`.
+    fn revision(&self, a: &str, b: &str, i: usize, text: Option<String>, state: DmState) -> MessageRevised {
+        let sent = &self.sent[&subjects::dm_conversation(a, b)][i];
+        let mut message = sent.event.clone();
+        if text.is_none() {
+            (message.attachments, message.reply_to) = (Vec::new(), None);
+        }
+        message.message = text;
+        message.state = state;
+        MessageRevised { message, sent_at: sent.at, sent_command_id: sent.command_id.clone() }
+    }
+
+    /// `sender` edits the `nth` (modulo) of their live messages to `to`.
+    pub fn edit(&mut self, sender: usize, to: usize, nth: usize) {
+        let (sender, to) = (self.users[sender].clone(), self.users[to].clone());
+        let Some(i) = self.own_message(&sender, &to, nth) else { return };
+        let state = self.state(&sender, &to);
+        let text = format!("edited at {}", self.envelopes.len());
+        let event = self.revision(&sender, &to, i, Some(text), state);
+        let subject = subjects::dm(&self.prefix, &sender, &to);
+        self.push(format!("{sender}:edit:{}", uuid::Uuid::now_v7()), subject, Event::MessageEdited(event));
+    }
+
+    /// `sender` deletes the `nth` (modulo) of their live messages to `to`
+    /// (nothing when the command side would refuse it).
+    pub fn delete(&mut self, sender: usize, to: usize, nth: usize) {
+        let (sender, to) = (self.users[sender].clone(), self.users[to].clone());
+        let Some(i) = self.own_message(&sender, &to, nth) else { return };
+        let conversation = subjects::dm_conversation(&sender, &to);
+        let seq = self.sent[&conversation][i].seq;
+        let Ok(state) = self.state(&sender, &to).after_delete(&sender, seq) else { return };
+        self.states.insert(conversation.clone(), state.clone());
+        let event = self.revision(&sender, &to, i, None, state);
+        self.sent.get_mut(&conversation).expect("a conversation")[i].deleted = true;
+        let subject = subjects::dm(&self.prefix, &sender, &to);
+        self.push(format!("{sender}:delete:{}", uuid::Uuid::now_v7()), subject, Event::MessageDeleted(event));
+    }
+
+    /// The ids of every deleted direct message.
+    pub fn deleted(&self) -> Vec<String> {
+        self.sent.values().flatten().filter(|m| m.deleted).map(|m| m.event.message_id.clone()).collect()
     }
 
     /// `reader` marks the `nth` (modulo) message `peer` sent them as seen;
@@ -286,12 +338,12 @@ impl History {
     }
 
     /// Unseen counts by definition: `peer`'s messages to `user` whose seq is
-    /// above `user`'s watermark in that conversation.
+    /// above `user`'s watermark in that conversation, and not deleted.
     pub fn expected_unseen(&self, user: &str) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         for (conversation, messages) in &self.sent {
             let watermark = self.states[conversation].side(user).map(|s| s.seen_seq).unwrap_or(0);
-            let n = messages.iter().filter(|m| m.receiver == user && m.seq > watermark).count() as u64;
+            let n = messages.iter().filter(|m| m.receiver == user && m.seq > watermark && !m.deleted).count() as u64;
             if n > 0 {
                 let peer = &messages.iter().find(|m| m.receiver == user).expect("a message to user").sender;
                 out.insert(peer.clone(), n);

@@ -80,18 +80,22 @@ impl ViewStore for MemoryViews {
                 v.emails.insert(e.email.clone(), e.user_id.clone());
                 v.users.insert(e.user_id.clone(), UserView::from_event(env, e));
             }
-            Event::MessageSent(e) => {
-                if v.messages.contains_key(&e.message_id) {
-                    return Ok(());
+            Event::MessageSent(_) | Event::MessageEdited(_) | Event::MessageDeleted(_) => {
+                let view = MessageView::of(env).expect("a direct message event");
+                match v.messages.get_mut(&view.id) {
+                    // The newest content wins (a tombstone over everything).
+                    Some(current) if current.cpos >= view.cpos => {}
+                    Some(current) => *current = view,
+                    None => {
+                        let seq_key = (view.conversation.clone(), view.seq);
+                        if v.by_command.contains_key(&view.command_id) || v.by_seq.contains_key(&seq_key) {
+                            return Err(ApplyError::Poison(format!("{}: unique key already held by another message", view.id)));
+                        }
+                        v.by_command.insert(view.command_id.clone(), view.id.clone());
+                        v.by_seq.insert(seq_key, view.id.clone());
+                        v.messages.insert(view.id.clone(), view);
+                    }
                 }
-                let view = MessageView::from_event(env, e);
-                let seq_key = (view.conversation.clone(), view.seq);
-                if v.by_command.contains_key(&view.command_id) || v.by_seq.contains_key(&seq_key) {
-                    return Err(ApplyError::Poison(format!("{}: unique key already held by another message", view.id)));
-                }
-                v.by_command.insert(view.command_id.clone(), view.id.clone());
-                v.by_seq.insert(seq_key, view.id.clone());
-                v.messages.insert(view.id.clone(), view);
             }
             Event::RoomCreated(e) => {
                 v.rooms.entry(e.room_id.clone()).or_insert_with(|| RoomView::from_event(env, e));
@@ -255,9 +259,7 @@ impl CountStore for MemoryCounts {
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
         let mut counts = self.inner.lock().expect("memory counts lock");
         let state = match &env.event {
-            Event::MessageSent(e) => &e.state,
-            Event::MessagesSeen(e) => &e.state,
-            Event::BlockChanged(e) => &e.state,
+            e if e.dm_state().is_some() => e.dm_state().expect("checked"),
             Event::RoomMessageSent(e) => {
                 raise(counts.room_last.entry(e.room_id.clone()).or_default(), e.seq);
                 raise(counts.room_wm.entry((e.sender_id.clone(), e.room_id.clone())).or_default(), e.seq);
@@ -271,7 +273,7 @@ impl CountStore for MemoryCounts {
                 raise(counts.room_wm.entry((e.user_id.clone(), e.room_id.clone())).or_default(), e.up_to_seq);
                 return Ok(());
             }
-            Event::UserRegistered(_) | Event::RoomCreated(_) | Event::MemberLeft(_) => return Ok(()),
+            _ => return Ok(()),
         };
         for (reader, peer) in [(&state.lo, &state.hi), (&state.hi, &state.lo)] {
             let slot = counts.dm.entry(reader.user_id.clone()).or_default().entry(peer.user_id.clone()).or_insert((0, 0));

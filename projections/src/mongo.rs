@@ -190,6 +190,38 @@ impl MongoViews {
         }
     }
 
+    /// Writes a message as an edit or a deletion left it, unless the view
+    /// already holds content from a newer event (`cpos`; a tombstone's is
+    /// above all): the same result whatever order the send and its
+    /// changes arrive in. Written without `$or` (see `set_membership`).
+    async fn put_revision(&self, view: &MessageView) -> Result<(), ApplyError> {
+        let coll = self.messages.clone_with_type::<Document>();
+        let doc = to_doc(view)?;
+        let pos = view.cpos as i64;
+        for _ in 0..3 {
+            for guard in [doc! {"$lt": pos}, doc! {"$exists": false}] {
+                let replaced = coll.replace_one(doc! {"_id": &view.id, "cpos": guard}, doc.clone()).await.map_err(unavailable)?;
+                if replaced.matched_count > 0 {
+                    return Ok(());
+                }
+            }
+            match coll.insert_one(doc.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_duplicate_key(&e) => {
+                    let current = coll.find_one(doc! {"_id": &view.id}).await.map_err(unavailable)?;
+                    match current.map(|d| d.get_i64("cpos").ok().or_else(|| d.get_i32("cpos").ok().map(i64::from))) {
+                        None => return Err(ApplyError::Poison(format!("{}: unique key already held by another message: {e}", view.id))),
+                        Some(Some(p)) if p >= pos => return Ok(()),
+                        // Older content inserted meanwhile: replace it.
+                        Some(_) => {}
+                    }
+                }
+                Err(e) => return Err(unavailable(e).into()),
+            }
+        }
+        Err(ApplyError::Unavailable(format!("{}: the message changed under three attempts to write it", view.id)))
+    }
+
     async fn insert_once<T>(&self, coll: &Collection<T>, id: &str, doc: Document) -> Result<(), ApplyError>
     where
         T: Send + Sync,
@@ -238,6 +270,7 @@ impl ViewStore for MongoViews {
                 let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
                 self.insert_once(&self.messages, &view.id, doc).await
             }
+            Event::MessageEdited(_) | Event::MessageDeleted(_) => self.put_revision(&MessageView::of(env).expect("a message change")).await,
             Event::RoomCreated(e) => {
                 let view = RoomView::from_event(env, e);
                 let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
@@ -488,8 +521,10 @@ impl Projection for MongoViews {
         let mut marks: HashMap<String, Document> = HashMap::new();
         let mut memberships = Vec::new();
         let mut blocks = Vec::new();
+        let mut revisions = Vec::new();
         for (env, _) in batch {
             match &env.event {
+                Event::MessageEdited(_) | Event::MessageDeleted(_) => revisions.extend(MessageView::of(env)),
                 Event::UserRegistered(e) => users.push(to_doc(&UserView::from_event(env, e))?),
                 Event::MessageSent(e) => messages.push(to_doc(&MessageView::from_event(env, e))?),
                 Event::RoomCreated(e) => rooms.push(to_doc(&RoomView::from_event(env, e))?),
@@ -551,7 +586,17 @@ impl Projection for MongoViews {
         );
         // A poison event is reported before a store that is down: the
         // runtime then applies the batch one by one and parks it.
-        let all = [u, m, r, rm, w, mb];
+        // Edits and deletions (rare) one by one, after the sends: each is
+        // guarded by its position, so the order does not matter, only the
+        // round trips it saves.
+        let mut changed = Ok(());
+        for view in &revisions {
+            changed = self.put_revision(view).await;
+            if changed.is_err() {
+                break;
+            }
+        }
+        let all = [u, m, r, rm, w, mb, changed];
         if let Some(poison) = all.iter().position(|r| matches!(r, Err(ApplyError::Poison(_)))) {
             return all.into_iter().nth(poison).expect("found above");
         }

@@ -258,22 +258,21 @@ impl RedisCounts {
             *v = (*v).max(value);
         };
         for env in events {
-            match &env.event {
-                Event::MessageSent(natter_events::MessageSent { state, .. })
-                | Event::MessagesSeen(natter_events::MessagesSeen { state, .. })
-                | Event::BlockChanged(natter_events::BlockChanged { state, .. }) => {
-                    let newest = states.entry(env.subject.as_str()).or_insert((env.position, state));
-                    if env.position > newest.0 {
-                        *newest = (env.position, state);
-                    }
+            if let Some(state) = env.event.dm_state() {
+                let newest = states.entry(env.subject.as_str()).or_insert((env.position, state));
+                if env.position > newest.0 {
+                    *newest = (env.position, state);
                 }
+                continue;
+            }
+            match &env.event {
                 Event::RoomMessageSent(e) => {
                     raise(self.room_last_key(), &e.room_id, e.seq);
                     raise(self.room_wm_key(&e.sender_id), &e.room_id, e.seq);
                 }
                 Event::MemberJoined(e) => raise(self.room_wm_key(&e.user_id), &e.room_id, e.seen_up_to),
                 Event::RoomRead(e) => raise(self.room_wm_key(&e.user_id), &e.room_id, e.up_to_seq),
-                Event::UserRegistered(_) | Event::RoomCreated(_) | Event::MemberLeft(_) => {}
+                _ => {}
             }
         }
         if states.is_empty() && raises.is_empty() {

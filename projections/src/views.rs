@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::SecondsFormat;
-use natter_events::{Envelope, MessageSent, ReplyRef, RoomCreated, RoomMessageSent, UserRegistered, subjects};
+use natter_events::{Envelope, MessageRevised, MessageSent, ReplyRef, RoomCreated, RoomMessageSent, UserRegistered, subjects};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -67,7 +67,22 @@ pub struct MessageView {
     pub created_at: String,
     #[serde(rename = "replyTo", default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<ReplyRef>,
+    /// When its sender last edited it.
+    #[serde(rename = "editedAt", default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<String>,
+    /// Deleted for everyone: a tombstone, without text, attachment or reply.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// The position (on the conversation's subject) of the event the
+    /// content is from: a change replaces it only from a newer event, and
+    /// a tombstone holds [`TOMBSTONE`], so nothing replaces it. 0 in views
+    /// written before edits existed.
+    #[serde(default)]
+    pub cpos: u64,
 }
+
+/// The content position of a deleted message: above every event's.
+pub const TOMBSTONE: u64 = i64::MAX as u64;
 
 /// A study room.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +168,33 @@ impl MessageView {
             attachment: e.attachments.first().cloned(),
             created_at: timestamp(env),
             reply_to: e.reply_to.clone(),
+            edited_at: None,
+            deleted: false,
+            cpos: env.position,
+        }
+    }
+
+    /// The view of a `MessageEdited` or (`deleted`) `MessageDeleted` event:
+    /// the whole message as it reads after the change.
+    pub fn from_revision(env: &Envelope, e: &MessageRevised, deleted: bool) -> MessageView {
+        let mut view = MessageView::from_event(env, &e.message);
+        view.command_id = e.sent_command_id.clone();
+        view.created_at = e.sent_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        if deleted {
+            (view.message, view.attachment, view.reply_to, view.deleted, view.cpos) = (None, None, None, true, TOMBSTONE);
+        } else {
+            view.edited_at = Some(timestamp(env));
+        }
+        view
+    }
+
+    /// The view a direct-message event makes or changes, if any.
+    pub fn of(env: &Envelope) -> Option<MessageView> {
+        match &env.event {
+            natter_events::Event::MessageSent(e) => Some(MessageView::from_event(env, e)),
+            natter_events::Event::MessageEdited(e) => Some(MessageView::from_revision(env, e, false)),
+            natter_events::Event::MessageDeleted(e) => Some(MessageView::from_revision(env, e, true)),
+            _ => None,
         }
     }
 }

@@ -20,6 +20,8 @@ enum Op {
     RoomSend(usize, usize),
     RoomRead(usize, usize),
     Block(usize, usize, bool),
+    Edit(usize, usize, usize),
+    Delete(usize, usize, usize),
 }
 
 fn op(users: usize) -> impl Strategy<Value = Op> {
@@ -33,6 +35,8 @@ fn op(users: usize) -> impl Strategy<Value = Op> {
         4 => (0..users, 0..4usize).prop_map(|(a, n)| Op::RoomSend(a, n)),
         2 => (0..users, 0..4usize).prop_map(|(a, n)| Op::RoomRead(a, n)),
         1 => (0..users, 0..users, any::<bool>()).prop_map(|(a, b, on)| Op::Block(a, b, on)),
+        2 => (0..users, 0..users, 0..20usize).prop_map(|(a, b, n)| Op::Edit(a, b, n)),
+        2 => (0..users, 0..users, 0..20usize).prop_map(|(a, b, n)| Op::Delete(a, b, n)),
     ]
 }
 
@@ -49,6 +53,8 @@ fn build(users: usize, ops: &[Op]) -> History {
             Op::RoomSend(a, n) => h.room_send(a, n),
             Op::RoomRead(a, n) => h.room_read(a, n),
             Op::Block(a, b, on) if a != b => h.block(a, b, on),
+            Op::Edit(a, b, n) if a != b => h.edit(a, b, n),
+            Op::Delete(a, b, n) if a != b => h.delete(a, b, n),
             _ => {}
         }
     }
@@ -117,6 +123,12 @@ proptest! {
         for (_, _, messages) in clean.rooms.values() {
             let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
             prop_assert_eq!(seqs, (1..=messages.len() as u64).collect::<Vec<_>>());
+        }
+        // Deleted messages are tombstones without content; no other is.
+        let deleted = h.deleted();
+        for m in clean.conversations.values().flat_map(|(messages, _)| messages) {
+            let tombstone = m.deleted && m.message.is_none() && m.attachment.is_none() && m.reply_to.is_none();
+            prop_assert_eq!(deleted.contains(&m.id), tombstone, "message {}", &m.id);
         }
         // Gapless sequences per conversation.
         for (messages, _) in clean.conversations.values() {
