@@ -41,6 +41,14 @@ pub struct Message {
     /// The earlier message of the conversation this one answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<ReplyTo>,
+    /// When its sender last edited it (then also `updatedAt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<String>,
+    /// Deleted for everyone: no `message`, `attachment` or `replyTo`; its
+    /// `seq` stays taken (absent unless true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
+    pub deleted: bool,
 }
 
 /// What a reply carries of the message it answers.
@@ -70,9 +78,27 @@ impl Message {
             seq: m.seq,
             client_msg_id: m.client_msg_id.clone(),
             created_at: m.created_at.clone(),
-            updated_at: m.created_at.clone(),
+            updated_at: m.edited_at.clone().unwrap_or_else(|| m.created_at.clone()),
             reply_to: ReplyTo::of(&m.reply_to),
+            edited_at: m.edited_at.clone(),
+            deleted: m.deleted,
         }
+    }
+}
+
+/// The `_id` of the message a delivery of Socket.IO event `event` shows
+/// the content of (`newMessage`, `messageUpdated`), if any.
+pub fn content_of<'a>(event: &str, data: &'a Value) -> Option<&'a str> {
+    matches!(event, "newMessage" | "messageUpdated").then(|| data.get("_id")?.as_str()).flatten()
+}
+
+/// Turns a pushed message into its tombstone: no content, `deleted: true`.
+pub fn tombstone(data: &mut Value) {
+    if let Some(fields) = data.as_object_mut() {
+        for f in ["message", "attachment", "replyTo", "editedAt"] {
+            fields.remove(f);
+        }
+        fields.insert("deleted".into(), Value::Bool(true));
     }
 }
 
@@ -253,11 +279,12 @@ pub struct UsersPage {
     pub next_cursor: Option<String>,
 }
 
-/// A sent direct message.
+/// A sent (or edited, or deleted) direct message.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SentMessage {
     pub success: bool,
-    /// `Message Sent Successfully` or `Attachment Sent Successfully`.
+    /// `Message Sent Successfully`, `Attachment Sent Successfully`,
+    /// `Message Edited Successfully` or `Message Deleted Successfully`.
     pub message: String,
     pub data: Message,
 }

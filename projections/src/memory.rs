@@ -171,6 +171,11 @@ impl ViewStore for MemoryViews {
         Ok(self.lock().watermarks.get(conversation).cloned().unwrap_or_default())
     }
 
+    async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let v = self.lock();
+        Ok(ids.iter().filter(|id| v.messages.get(*id).is_some_and(|m| m.deleted)).cloned().collect())
+    }
+
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
         let v = self.lock();
         Ok(others.iter().filter(|o| v.blocks.get(&(user.to_owned(), (*o).clone())).is_some_and(|mark| mark % 2 == 1)).cloned().collect())

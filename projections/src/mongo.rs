@@ -350,6 +350,16 @@ impl ViewStore for MongoViews {
         Ok(out)
     }
 
+    async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let coll = self.messages.clone_with_type::<Document>();
+        let docs: Vec<Document> =
+            coll.find(doc! {"_id": {"$in": ids}, "deleted": true}).projection(doc! {"_id": 1}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+        Ok(docs.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect())
+    }
+
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
         if others.is_empty() {
             return Ok(Vec::new());

@@ -178,6 +178,9 @@ impl<T: ViewStore + 'static> ViewStore for Switch<T> {
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
         self.read(self.active().watermarks(conversation)).await
     }
+    async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        self.read(self.active().deleted_among(ids)).await
+    }
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
         self.read(self.active().blocked_among(user, others)).await
     }

@@ -243,6 +243,9 @@ pub trait ViewStore: Send + Sync {
     async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError>;
     /// Read watermark of every participant of `conversation` (user → seq).
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError>;
+    /// Those of `ids` that are deleted direct messages (one bounded read):
+    /// a replay serves their retained deliveries as tombstones.
+    async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;
     /// Those of `others` whom `user` has blocked (one bounded read).
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError>;
 

@@ -110,8 +110,12 @@ pub fn decide(cmd: &SendMessage, state: &DmState, message_id: &str, reply_to: Op
 /// Whether a stored message is what this command asks for (a retry), as
 /// opposed to a reuse of its `clientMsgId` for something else.
 fn same_request(cmd: &SendMessage, m: &MessageView) -> bool {
-    m.sender_id == cmd.sender
-        && m.receiver_id == cmd.receiver
+    let parties = m.sender_id == cmd.sender && m.receiver_id == cmd.receiver;
+    // Edited or deleted since: the retry gets the message as it now reads.
+    if m.deleted || m.edited_at.is_some() {
+        return parties;
+    }
+    parties
         && m.message == cmd.message
         && m.attachment == cmd.attachment
         && m.reply_to.as_ref().map(|r| &r.message_id) == cmd.reply_to.as_ref()

@@ -5,6 +5,8 @@
 //! - `POST /api/messages/{peerId}` `{message, clientMsgId?}`.
 //! - `POST /api/attachments` `{otherId, attachmentSent, clientMsgId?}`.
 //! - `PATCH /api/messages/{messageId}/seen`: that message and all before it.
+//! - `PATCH /api/messages/{messageId}` `{message}`: its sender edits it.
+//! - `DELETE /api/messages/{messageId}`: its sender deletes it for everyone.
 //!
 //! The caller is always the token's `sub`; a `senderId` in a body is ignored.
 
@@ -21,6 +23,7 @@ use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::commands::revise::Change;
 use crate::commands::send::SendMessage;
 use crate::wire::{ErrorBody, MarkedSeen, Message, SentMessage};
 
@@ -143,6 +146,50 @@ async fn mark_seen(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPat
     Ok(Json(MarkedSeen { success: true, up_to_seq: up_to }))
 }
 
+#[derive(Deserialize, ToSchema)]
+struct EditBody {
+    /// The new text (up to `NATTER_MAX_MESSAGE_CHARS`, 4000).
+    message: Option<String>,
+}
+
+async fn revised(node: &AppState, me: String, id: String, change: Change, what: &str) -> Result<Json<SentMessage>, ApiError> {
+    node.rate.send(&me)?;
+    let done = node.commands.revise(&me, &id, change).await?;
+    Ok(Json(SentMessage { success: true, message: format!("Message {what} Successfully"), data: Message::new(&done.message, done.seen) }))
+}
+
+/// Edit a message (its sender only): it keeps its `_id` and `seq` and gains
+/// `editedAt`; both sides get `messageUpdated`.
+#[utoipa::path(patch, path = "/api/messages/{id}", operation_id = "edit_message", tag = "direct messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the message's `_id`")), request_body = EditBody,
+    responses((status = 200, body = SentMessage, description = "the message as it now reads"),
+        (status = 400, body = ErrorBody, description = "empty or oversize text"),
+        (status = 403, body = ErrorBody, description = "the caller received the message (only its sender edits it), or `blocked`"),
+        (status = 404, body = ErrorBody, description = "no such message in the caller's conversations"),
+        (status = 409, body = ErrorBody, description = "the message was deleted")))]
+async fn edit(
+    State(node): State<Arc<AppState>>,
+    Caller(me): Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<EditBody>,
+) -> Result<Json<SentMessage>, ApiError> {
+    let text = body.message.ok_or_else(|| ApiError::bad_request("message is required"))?;
+    revised(&node, me, id, Change::Edit(text), "Edited").await
+}
+
+/// Delete a message for everyone (its sender only): it stays in the
+/// sequence as a tombstone (`deleted: true`, no content) and stops counting
+/// as unseen; both sides get `messageDeleted`. Deleting again changes nothing.
+#[utoipa::path(delete, path = "/api/messages/{id}", operation_id = "delete_message", tag = "direct messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the message's `_id`")),
+    responses((status = 200, body = SentMessage, description = "the tombstone"),
+        (status = 403, body = ErrorBody, description = "the caller received the message (only its sender deletes it)"),
+        (status = 404, body = ErrorBody, description = "no such message in the caller's conversations"),
+        (status = 409, body = ErrorBody, description = "too many of the caller's messages to this user stand deleted unread")))]
+async fn delete(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<SentMessage>, ApiError> {
+    revised(&node, me, id, Change::Delete, "Deleted").await
+}
+
 pub fn router() -> OpenApiRouter<Arc<AppState>> {
-    OpenApiRouter::new().routes(routes!(history, send)).routes(routes!(mark_seen)).routes(routes!(send_attachment))
+    OpenApiRouter::new().routes(routes!(history, send, edit, delete)).routes(routes!(mark_seen)).routes(routes!(send_attachment))
 }

@@ -2,6 +2,9 @@
 //!
 //! - `MessageSent` → `newMessage` (the message, as REST shows it) to the
 //!   receiver and to the sender (their other tabs and devices).
+//! - `MessageEdited` / `MessageDeleted` → `messageUpdated` (the whole
+//!   message) / `messageDeleted` (its tombstone: `_id`, `seq`, `deleted:
+//!   true`, no content) to both participants.
 //! - `MessagesSeen` → `messagesSeen {readerId, senderId, upToSeq}` to the
 //!   sender whose messages were read (read receipts) and to the reader's
 //!   other tabs.
@@ -104,6 +107,13 @@ pub fn deliveries(env: &Envelope) -> Vec<(String, Payload)> {
             let data = message_json(&MessageView::from_event(env, e), false);
             let payload = Payload { event: "newMessage".into(), data };
             vec![(e.receiver_id.clone(), payload.clone()), (e.sender_id.clone(), payload)]
+        }
+        Event::MessageEdited(e) | Event::MessageDeleted(e) => {
+            let view = MessageView::of(env).expect("a message change");
+            let seen = e.message.state.side(&view.receiver_id).is_some_and(|r| r.seen_seq >= view.seq);
+            let event = if view.deleted { "messageDeleted" } else { "messageUpdated" };
+            let payload = Payload { event: event.into(), data: message_json(&view, seen) };
+            vec![(view.receiver_id.clone(), payload.clone()), (view.sender_id, payload)]
         }
         Event::MessagesSeen(e) => {
             let data = json!({ "readerId": e.reader_id, "senderId": e.peer_id, "upToSeq": e.up_to_seq });

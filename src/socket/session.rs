@@ -74,7 +74,7 @@ impl Filter {
 
     fn delivery(&self, p: &Payload) -> bool {
         match self {
-            Filter::Direct => matches!(p.event.as_str(), "newMessage" | "messagesSeen"),
+            Filter::Direct => matches!(p.event.as_str(), "newMessage" | "messageUpdated" | "messageDeleted" | "messagesSeen"),
             Filter::Chat(_) => matches!(p.event.as_str(), "message" | "member-joined" | "member-left"),
         }
     }
@@ -201,7 +201,8 @@ impl Session {
                     return Ok(());
                 }
                 Replay::Page(page) if page.is_empty() => return Ok(()),
-                Replay::Page(page) => {
+                Replay::Page(mut page) => {
+                    self.redact(&mut page).await?;
                     for d in &page {
                         if self.emit_delivery(d).await? {
                             self.node.metrics.replayed();
@@ -210,6 +211,23 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Retained deliveries of messages deleted since they were stored are
+    /// replayed as the messages' tombstones (one views read per page that
+    /// holds any): deleted content is never served again.
+    async fn redact(&self, page: &mut [Delivery]) -> Result<(), Stop> {
+        let ids: Vec<String> = page.iter().filter_map(|d| crate::wire::content_of(&d.payload.event, &d.payload.data)).map(str::to_owned).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let deleted = self.node.views().deleted_among(&ids).await.map_err(|e| Stop::Unavailable(e.to_string()))?;
+        for d in page.iter_mut() {
+            if crate::wire::content_of(&d.payload.event, &d.payload.data).is_some_and(|id| deleted.iter().any(|x| x == id)) {
+                crate::wire::tombstone(&mut d.payload.data);
+            }
+        }
+        Ok(())
     }
 
     async fn synced(&self) -> Result<(), Stop> {

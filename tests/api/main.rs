@@ -19,6 +19,7 @@ mod authorization;
 mod blocking;
 mod bad_input;
 mod concurrency;
+mod edits;
 mod idempotency;
 mod multi_node;
 mod openapi;

@@ -1,0 +1,196 @@
+//! Edit and delete a direct message, by its sender only.
+//!
+//! - Edit (`PATCH /api/messages/:messageId {message}`): the message keeps its
+//!   `_id` and `seq`, takes the new text and gains `editedAt`.
+//! - Delete for everyone (`DELETE /api/messages/:messageId`): the message
+//!   stays in the sequence as a tombstone (`deleted: true`, no text,
+//!   attachment or reply), so nothing looks like a gap; if its receiver had
+//!   not read it, it stops counting as unseen (see
+//!   [`natter_events::DmState::after_delete`]). Deleting is final and
+//!   idempotent.
+//!
+//! Both append an event carrying the whole message as it reads afterwards
+//! ([`natter_events::MessageRevised`]), so views and pushes need nothing
+//! else. Someone else's message is 403 to its receiver and 404 to anyone
+//! else (nothing is learnt about other conversations).
+
+use chrono::{DateTime, Utc};
+use natter_events::{DmState, Event, MessageRevised, MessageSent, subjects};
+use natter_projections::MessageView;
+
+use super::{CommandError, Commands, Failure, Refusal};
+use crate::log::Logged;
+
+/// What the sender does to their message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// New text.
+    Edit(String),
+    /// Delete for everyone.
+    Delete,
+}
+
+impl Change {
+    fn verb(&self) -> &'static str {
+        match self {
+            Change::Edit(_) => "edit",
+            Change::Delete => "delete",
+        }
+    }
+}
+
+/// The message after a change, and whether its receiver has seen it.
+#[derive(Debug, Clone)]
+pub struct Revised {
+    pub message: MessageView,
+    pub seen: bool,
+}
+
+/// The event `change` makes of message `m` in a conversation in `state`
+/// (sent at `sent_at`); `None` when it changes nothing (the same text, a
+/// message already deleted). Pure.
+pub fn decide(state: &DmState, m: &MessageView, sent_at: DateTime<Utc>, change: &Change) -> Result<Option<Event>, Refusal> {
+    let mut message = MessageSent {
+        message_id: m.id.clone(),
+        client_msg_id: m.client_msg_id.clone(),
+        sender_id: m.sender_id.clone(),
+        receiver_id: m.receiver_id.clone(),
+        message: m.message.clone(),
+        attachments: m.attachment.iter().cloned().collect(),
+        seq: m.seq,
+        sender_count: m.sender_count,
+        state: state.clone(),
+        reply_to: m.reply_to.clone(),
+    };
+    let revised = |message| MessageRevised { message, sent_at, sent_command_id: m.command_id.clone() };
+    match change {
+        _ if m.deleted && *change == Change::Delete => Ok(None),
+        _ if m.deleted => Err(Refusal::Conflict("the message was deleted".into())),
+        Change::Edit(text) if m.message.as_deref() == Some(text.as_str()) => Ok(None),
+        Change::Edit(text) => {
+            super::block::check_send(state, &m.sender_id)?;
+            message.message = Some(text.clone());
+            Ok(Some(Event::MessageEdited(revised(message))))
+        }
+        Change::Delete => {
+            message.state = state.after_delete(&m.sender_id, m.seq).map_err(|()| {
+                Refusal::Conflict(format!(
+                    "more than {} of your messages to this user would stand deleted before they read them; try again once they have read on",
+                    natter_events::MAX_UNSEEN_DELETED
+                ))
+            })?;
+            (message.message, message.attachments, message.reply_to) = (None, Vec::new(), None);
+            Ok(Some(Event::MessageDeleted(revised(message))))
+        }
+    }
+}
+
+/// Whether the subject's newest event deleted message `id`: a deletion
+/// appended since the views were read. Pure.
+fn deleted_by(last: Option<&Logged>, id: &str) -> bool {
+    matches!(last.map(|l| &l.envelope.event), Some(Event::MessageDeleted(e)) if e.message.message_id == id)
+}
+
+impl Commands {
+    /// Edits or deletes `message_id` on behalf of `user`, who must have sent it.
+    #[tracing::instrument(skip_all, fields(user = %user, message = %message_id, change = change.verb()))]
+    pub async fn revise(&self, user: &str, message_id: &str, change: Change) -> Result<Revised, CommandError> {
+        let not_found = || Refusal::NotFound("Message not found".into());
+        natter_events::validate_id(message_id).map_err(|_| not_found())?;
+        if let Change::Edit(text) = &change {
+            super::send::validate_content(Some(text), None, None, &self.limits)?;
+        }
+        let m = self.views.message(message_id).await?.ok_or_else(not_found)?;
+        if m.sender_id != user {
+            return Err(if m.receiver_id == user {
+                Refusal::Forbidden(format!("only the sender of a message can {} it", change.verb())).into()
+            } else {
+                not_found().into()
+            });
+        }
+        let sent_at = DateTime::parse_from_rfc3339(&m.created_at)
+            .map_err(|e| Failure::Internal(format!("message {message_id} has a createdAt that is not RFC 3339: {e}")))?
+            .with_timezone(&Utc);
+        let subject = subjects::dm(&self.prefix, &m.sender_id, &m.receiver_id);
+        let command_id = format!("{user}:{}:{}", change.verb(), uuid::Uuid::now_v7());
+        let env = self
+            .append(&subject, &command_id, |last: Option<Logged>| {
+                let decided = match last.as_ref().and_then(|l| l.envelope.event.dm_state()) {
+                    None => Err(Failure::Internal(format!("{subject} holds message {message_id} but no conversation state")).into()),
+                    Some(_) if deleted_by(last.as_ref(), &m.id) => {
+                        let gone = MessageView { deleted: true, ..m.clone() };
+                        decide(&DmState::default(), &gone, sent_at, &change).map_err(Into::into)
+                    }
+                    Some(state) => decide(state, &m, sent_at, &change).map_err(Into::into),
+                };
+                std::future::ready(decided)
+            })
+            .await?;
+        let (message, state) = match &env {
+            Some(env) => (MessageView::of(env).expect("a message change"), env.event.dm_state().cloned()),
+            // Nothing changed: the message as it is.
+            None => (m, None),
+        };
+        let seen = match state {
+            Some(state) => state.side(&message.receiver_id).is_some_and(|r| r.seen_seq >= message.seq),
+            None => self.views.watermarks(&message.conversation).await?.get(&message.receiver_id).is_some_and(|w| *w >= message.seq),
+        };
+        Ok(Revised { message, seen })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(state: &DmState) -> (DmState, MessageView) {
+        let (state, seq, count) = state.after_send("amy");
+        let m = MessageView {
+            id: format!("m{seq}"),
+            conversation: subjects::dm_conversation("amy", "bob"),
+            seq,
+            sender_count: count,
+            command_id: format!("amy:c{seq}"),
+            client_msg_id: None,
+            sender_id: "amy".into(),
+            receiver_id: "bob".into(),
+            message: Some("hello".into()),
+            attachment: Some("https://x.io/a.png".into()),
+            created_at: "2026-11-28T09:00:00.000Z".into(),
+            reply_to: None,
+            edited_at: None,
+            deleted: false,
+            cpos: seq,
+        };
+        (state, m)
+    }
+
+    #[test]
+    fn given_a_message_when_amy_edits_it_then_it_keeps_its_seq_and_counts() {
+        let (state, m) = sent(&DmState::new("amy", "bob"));
+        let Some(Event::MessageEdited(e)) = decide(&state, &m, Utc::now(), &Change::Edit("hi".into())).unwrap() else { panic!("an edit") };
+        assert_eq!((e.message.seq, e.message.message.as_deref(), e.message.attachments.len()), (1, Some("hi"), 1));
+        assert_eq!(e.message.state, state, "an edit changes no count");
+        assert!(decide(&state, &m, Utc::now(), &Change::Edit("hello".into())).unwrap().is_none(), "the same text: nothing");
+    }
+
+    #[test]
+    fn given_an_unseen_message_when_amy_deletes_it_then_it_no_longer_counts_and_is_final() {
+        let (state, m) = sent(&DmState::new("amy", "bob"));
+        assert_eq!(state.unseen("bob", "amy"), 1);
+        let Some(Event::MessageDeleted(e)) = decide(&state, &m, Utc::now(), &Change::Delete).unwrap() else { panic!("a deletion") };
+        assert_eq!((e.message.message.as_deref(), e.message.attachments.len(), e.message.seq), (None, 0, 1));
+        assert_eq!(e.message.state.unseen("bob", "amy"), 0);
+        let gone = MessageView { deleted: true, ..m };
+        assert!(decide(&e.message.state, &gone, Utc::now(), &Change::Delete).unwrap().is_none(), "deleting again: nothing");
+        assert!(matches!(decide(&e.message.state, &gone, Utc::now(), &Change::Edit("x".into())), Err(Refusal::Conflict(_))));
+    }
+
+    #[test]
+    fn a_blocked_conversation_refuses_edits_but_not_deletions() {
+        let (state, m) = sent(&DmState::new("amy", "bob"));
+        let state = state.after_block("bob", true).unwrap();
+        assert!(matches!(decide(&state, &m, Utc::now(), &Change::Edit("x".into())), Err(Refusal::Blocked(_))));
+        assert!(decide(&state, &m, Utc::now(), &Change::Delete).unwrap().is_some());
+    }
+}

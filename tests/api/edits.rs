@@ -1,0 +1,140 @@
+//! Edit and delete for everyone: only a message's sender may change it; the
+//! message keeps its `_id` and `seq`; both sides get `messageUpdated` /
+//! `messageDeleted` in order with the other deliveries; a deleted message
+//! is a tombstone in every history and replay, and stops counting as unseen.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::client::Driver;
+use crate::helpers::{Cluster, eventually};
+
+crate::contract!(a_sender_edits_and_deletes_their_messages_and_nobody_else_can, 2, a_sender_edits_and_deletes_their_messages_and_nobody_else_can);
+
+fn without_cursor(mut v: Value) -> Value {
+    v.as_object_mut().unwrap().remove("cursor");
+    v
+}
+
+async fn a_sender_edits_and_deletes_their_messages_and_nobody_else_can(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let carol = c.register(0, "Carol").await;
+    let mut d = Driver::start().await;
+    d.connected("bob", &c.socket_url(1), json!({ "token": bob.token })).await;
+    d.connected("amy", &c.socket_url(0), json!({ "token": amy.token })).await;
+    let first = c.send(0, &amy, &bob, "see you at 5", Some("k1")).await.ok()["data"].clone();
+    let second = c.send(0, &amy, &bob, "a secret", None).await.ok()["data"].clone();
+    let third = c.send(1, &amy, &bob, "third", None).await.ok()["data"].clone();
+    let pushed = d.events("bob", "newMessage", 3).await;
+    let before_changes = pushed[0]["cursor"].as_u64().unwrap();
+    assert_eq!(c.unseen_from(0, &bob, &amy).await, 3);
+    let msg = |m: &Value| format!("/api/messages/{}", m["_id"].as_str().unwrap());
+
+    // Edit, through the other node: same _id and seq, new text, editedAt.
+    let r = c.request(1, Method::PATCH, &msg(&first), Some(&amy.token), Some(json!({ "message": "see you at 6" }))).await;
+    let edited = r.ok()["data"].clone();
+    assert_eq!((&edited["_id"], &edited["seq"], &edited["message"]), (&first["_id"], &json!(1), &json!("see you at 6")), "{edited}");
+    assert!(edited["editedAt"].is_string() && edited["updatedAt"] == edited["editedAt"], "{edited}");
+    assert_eq!(edited["createdAt"], first["createdAt"]);
+    for who in ["bob", "amy"] {
+        let update = d.events(who, "messageUpdated", 1).await.remove(0);
+        assert_eq!(without_cursor(update), edited, "{who} gets the whole message as REST returned it");
+    }
+    // A retry of the original send answers the message as it now reads.
+    let retry = c.send(1, &amy, &bob, "see you at 5", Some("k1")).await.ok()["data"].clone();
+    assert_eq!((&retry["_id"], &retry["message"]), (&first["_id"], &json!("see you at 6")));
+
+    // Nobody else edits or deletes; bad input changes nothing.
+    let head = c.log_head().await;
+    let unknown = "/api/messages/01a21c30-0000-7000-8000-000000000000";
+    let cases: Vec<(Method, String, &str, Option<Value>, u16)> = vec![
+        (Method::PATCH, msg(&first), bob.token.as_str(), Some(json!({ "message": "mine now" })), 403),
+        (Method::DELETE, msg(&first), bob.token.as_str(), None, 403),
+        (Method::PATCH, msg(&first), carol.token.as_str(), Some(json!({ "message": "hi" })), 404),
+        (Method::DELETE, msg(&second), carol.token.as_str(), None, 404),
+        (Method::PATCH, unknown.to_owned(), amy.token.as_str(), Some(json!({ "message": "x" })), 404),
+        (Method::DELETE, "/api/messages/bad.id".to_owned(), amy.token.as_str(), None, 404),
+        (Method::PATCH, msg(&first), amy.token.as_str(), Some(json!({ "message": "   " })), 400),
+        (Method::PATCH, msg(&first), amy.token.as_str(), Some(json!({ "message": "x".repeat(4001) })), 400),
+        (Method::PATCH, msg(&first), amy.token.as_str(), Some(json!({})), 400),
+        (Method::PATCH, msg(&first), amy.token.as_str(), Some(json!({ "message": 5 })), 422),
+    ];
+    for (method, path, token, body, want) in cases {
+        let r = c.request(0, method.clone(), &path, Some(token), body).await;
+        assert_eq!(r.status.as_u16(), want, "{method} {path}: {}", r.body);
+        assert_eq!(r.body["success"], json!(false));
+    }
+    // The same text again is no change.
+    c.request(0, Method::PATCH, &msg(&first), Some(&amy.token), Some(json!({ "message": "see you at 6" }))).await.ok();
+    assert_eq!(c.log_head().await, head, "refusals and no-ops append nothing");
+
+    // Delete the unseen second message: a tombstone that keeps its seq, and
+    // bob's unseen count drops at once.
+    let r = c.request(1, Method::DELETE, &msg(&second), Some(&amy.token), None).await;
+    let gone = r.ok()["data"].clone();
+    assert_eq!((&gone["_id"], &gone["seq"], &gone["deleted"]), (&second["_id"], &json!(2), &json!(true)), "{gone}");
+    assert!(gone.get("message").is_none() && gone.get("attachment").is_none(), "{gone}");
+    for who in ["bob", "amy"] {
+        let pushed = d.events(who, "messageDeleted", 1).await.remove(0);
+        assert_eq!(without_cursor(pushed), gone, "{who}");
+    }
+    eventually("bob's unseen count drops to 2", || async { c.unseen_from(1, &bob, &amy).await == 2 }).await;
+    let head = c.log_head().await;
+    assert_eq!(c.request(0, Method::DELETE, &msg(&second), Some(&amy.token), None).await.ok()["data"], gone, "deleting again is the same");
+    let r = c.request(0, Method::PATCH, &msg(&second), Some(&amy.token), Some(json!({ "message": "back" }))).await;
+    assert_eq!(r.status.as_u16(), 409, "{}", r.body);
+    assert_eq!(c.log_head().await, head);
+
+    // Resume from before the changes: every delivery once, in order, and
+    // the deleted message's content nowhere.
+    d.connected("bob-later", &c.socket_url(0), json!({ "token": bob.token, "cursor": before_changes })).await;
+    d.next("bob-later", |e| e["event"] == "synced", "synced").await;
+    d.quiet("bob-later", Duration::from_millis(300)).await;
+    let replayed: Vec<(String, Value)> = d
+        .all
+        .iter()
+        .filter(|e| e["id"] == "bob-later" && e["type"] == "event" && e["event"] != "synced")
+        .map(|e| (e["event"].as_str().unwrap().to_owned(), e["data"]["_id"].clone()))
+        .collect();
+    let want = vec![
+        ("newMessage".to_owned(), second["_id"].clone()),
+        ("newMessage".to_owned(), third["_id"].clone()),
+        ("messageUpdated".to_owned(), first["_id"].clone()),
+        ("messageDeleted".to_owned(), second["_id"].clone()),
+    ];
+    assert_eq!(replayed, want);
+    let all = serde_json::to_string(&d.all.iter().filter(|e| e["id"] == "bob-later").collect::<Vec<_>>()).unwrap();
+    assert!(!all.contains("a secret"), "the deleted text is not replayed: {all}");
+
+    // History (either node): the edit, the tombstone, no gap.
+    for node in [0, 1] {
+        let h = c.request(node, Method::GET, &format!("/api/messages/{}?limit=10", bob.id), Some(&amy.token), None).await.ok();
+        let h = h.as_array().unwrap().clone();
+        assert_eq!(h.iter().map(|m| m["seq"].clone()).collect::<Vec<_>>(), vec![json!(1), json!(2), json!(3)]);
+        assert_eq!(h[0]["message"], json!("see you at 6"));
+        assert_eq!(h[1], json!({ "_id": second["_id"], "senderId": amy.id, "receiverId": bob.id, "seen": false, "seq": 2,
+            "createdAt": second["createdAt"], "updatedAt": second["createdAt"], "deleted": true }), "node {node}");
+    }
+    // Reading past the tombstone counts right: bob marks the third seen.
+    c.request(0, Method::PATCH, &format!("{}/seen", msg(&third)), Some(&bob.token), None).await.ok();
+    eventually("bob has nothing unseen", || async { c.unseen_from(0, &bob, &amy).await == 0 }).await;
+    // Deleting a message bob has read changes no count; the sender deletes
+    // from the other node.
+    c.request(1, Method::DELETE, &msg(&third), Some(&amy.token), None).await.ok();
+    let later = c.send(1, &amy, &bob, "one more", None).await.ok()["data"].clone();
+    assert_eq!(later["seq"], json!(4), "a deletion takes no seq");
+    eventually("bob has one unseen", || async { c.unseen_from(0, &bob, &amy).await == 1 }).await;
+    if !c.is_embedded() {
+        // A rebuild serves exactly the same: edited text, tombstones, counts.
+        let history = c.history(1, &amy, &bob).await;
+        let out = c.natter(&["rebuild", "all"]).await;
+        assert!(out.contains("mongo-views rebuilt") && out.contains("redis-unseen rebuilt"), "{out}");
+        assert_eq!(c.history(0, &amy, &bob).await, history);
+        assert_eq!(c.unseen_from(0, &bob, &amy).await, 1);
+        let all = serde_json::to_string(&history).unwrap();
+        assert!(!all.contains("a secret") && !all.contains("third\""), "{all}");
+    }
+}
