@@ -16,6 +16,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/users/{id}/block"),
     ("get", "/api/messages/{id}"),
     ("post", "/api/messages/{id}"),
+    ("patch", "/api/messages/{id}"),
+    ("delete", "/api/messages/{id}"),
     ("patch", "/api/messages/{id}/seen"),
     ("post", "/api/attachments"),
     ("post", "/api/rooms"),
