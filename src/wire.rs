@@ -87,9 +87,9 @@ impl Message {
 }
 
 /// The `_id` of the message a delivery of Socket.IO event `event` shows
-/// the content of (`newMessage`, `messageUpdated`), if any.
+/// the content of (`newMessage`, `messageUpdated`, a room's `message`), if any.
 pub fn content_of<'a>(event: &str, data: &'a Value) -> Option<&'a str> {
-    matches!(event, "newMessage" | "messageUpdated").then(|| data.get("_id")?.as_str()).flatten()
+    matches!(event, "newMessage" | "messageUpdated" | "message").then(|| data.get("_id")?.as_str()).flatten()
 }
 
 /// Turns a pushed message into its tombstone: no content, `deleted: true`.
@@ -127,6 +127,14 @@ pub struct RoomMessage {
     /// The earlier message of the room this one answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<ReplyTo>,
+    /// When its sender last edited it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<String>,
+    /// Deleted for everyone: no `message`, `attachment` or `replyTo`
+    /// (absent unless true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
+    pub deleted: bool,
 }
 
 impl RoomMessage {
@@ -141,6 +149,8 @@ impl RoomMessage {
             client_msg_id: m.client_msg_id.clone(),
             created_at: m.created_at.clone(),
             reply_to: ReplyTo::of(&m.reply_to),
+            edited_at: m.edited_at.clone(),
+            deleted: m.deleted,
         }
     }
 }

@@ -21,7 +21,7 @@ use serde_json::Value;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::{BlockChanged, MemberJoined, MemberLeft, MessageDeleted, MessageEdited, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
+use crate::{BlockChanged, MemberJoined, MemberLeft, MessageDeleted, MessageEdited, MessageSent, MessagesSeen, RoomMessageDeleted, RoomMessageEdited, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
 
 /// Current schema version of an event type (what it is written as when it
 /// fits: see [`crate::compact`]).
@@ -54,6 +54,8 @@ pub enum Event {
     BlockChanged(BlockChanged),
     MessageEdited(MessageEdited),
     MessageDeleted(MessageDeleted),
+    RoomMessageEdited(RoomMessageEdited),
+    RoomMessageDeleted(RoomMessageDeleted),
 }
 
 impl Event {
@@ -76,7 +78,7 @@ macro_rules! event_types {
     ($m:ident) => {
         $m! {
             UserRegistered, MessageSent, MessagesSeen, RoomCreated, MemberJoined, MemberLeft, RoomRead, RoomMessageSent, BlockChanged,
-            MessageEdited, MessageDeleted
+            MessageEdited, MessageDeleted, RoomMessageEdited, RoomMessageDeleted
         }
     };
 }

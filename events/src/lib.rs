@@ -9,7 +9,8 @@
 //!   form, and decoding with upcasting of older schema versions.
 //! - [`account`]: account events ([`UserRegistered`]).
 //! - [`room`]: study-room events ([`RoomCreated`], [`MemberJoined`],
-//!   [`MemberLeft`], [`RoomRead`], [`RoomMessageSent`]).
+//!   [`MemberLeft`], [`RoomRead`], [`RoomMessageSent`], [`RoomMessageEdited`],
+//!   [`RoomMessageDeleted`]).
 //! - `compact`: the compact stored form of a direct message
 //!   (`MessageSent` v3), read and written with its envelope.
 //! - [`dm`]: direct-message events ([`MessageSent`], [`MessagesSeen`],
@@ -33,4 +34,6 @@ pub use account::UserRegistered;
 pub use dm::{BlockChanged, DmState, MAX_UNSEEN_DELETED, MessageDeleted, MessageEdited, MessageRevised, MessageSent, MessagesSeen, ReplyRef, Side};
 pub use envelope::{DecodeError, Envelope, Event, StoredEvent, current_version};
 pub use ids::{IdError, validate_id};
-pub use room::{MemberJoined, MemberLeft, MemberState, RoomCreated, RoomMessageSent, RoomRead};
+pub use room::{
+    MemberJoined, MemberLeft, MemberState, RoomCreated, RoomMessageDeleted, RoomMessageEdited, RoomMessageRevised, RoomMessageSent, RoomRead,
+};

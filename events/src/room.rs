@@ -3,7 +3,8 @@
 //! Subjects (see [`crate::subjects`]):
 //! - `<prefix>.ev.room.<roomId>`: `RoomCreated` (position 1) then every
 //!   `RoomMessageSent`, so room messages get a gapless sequence from one
-//!   optimistic-concurrency append per message.
+//!   optimistic-concurrency append per message; edits and deletions of its
+//!   messages (`RoomMessageEdited`, `RoomMessageDeleted`) go there too.
 //! - `<prefix>.ev.member.<roomId>.<userId>`: one member's `MemberJoined`,
 //!   `MemberLeft` and `RoomRead` events: the newest event on it says whether
 //!   the user is a member, in one read.
@@ -66,6 +67,29 @@ pub struct RoomMessageSent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<crate::ReplyRef>,
 }
+
+/// A room message as it reads after its sender changed it: edited
+/// (`RoomMessageEdited`) or deleted for everyone (`RoomMessageDeleted`: a
+/// tombstone without text, attachment or reply that keeps its `seq`).
+/// Like [`crate::MessageRevised`] it carries the whole message with its
+/// send's time and command id, so views converge in any order. Appended on
+/// the room's subject, so it also says the room's newest seq (`lastSeq`),
+/// which the next message's seq follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomMessageRevised {
+    #[serde(flatten)]
+    pub message: RoomMessageSent,
+    pub sent_at: chrono::DateTime<chrono::Utc>,
+    pub sent_command_id: String,
+    /// The room's newest message seq when the change was made.
+    pub last_seq: u64,
+}
+
+/// A room message's sender changed its text.
+pub type RoomMessageEdited = RoomMessageRevised;
+/// A room message's sender deleted it for everyone.
+pub type RoomMessageDeleted = RoomMessageRevised;
 
 /// Where a user stands in a room, as the newest event of their member
 /// subject says.

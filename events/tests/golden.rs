@@ -150,6 +150,11 @@ fn room_events_v1() {
     assert_eq!(e.up_to_seq, 5);
     let Event::RoomMessageSent(e) = fixture("v1/RoomMessageSent.json").event else { panic!("wrong type") };
     assert_eq!((e.seq, e.message.as_deref(), e.attachment.as_deref()), (5, Some("page 42?"), None));
+    let Event::RoomMessageEdited(e) = fixture("v1/RoomMessageEdited.json").event else { panic!("wrong type") };
+    assert_eq!((e.message.seq, e.message.message.as_deref(), e.last_seq), (5, Some("page 43?"), 6));
+    assert_eq!(e.sent_command_id, "amy:room:c-9");
+    let Event::RoomMessageDeleted(e) = fixture("v1/RoomMessageDeleted.json").event else { panic!("wrong type") };
+    assert_eq!((e.message.seq, e.message.message.as_deref(), e.last_seq), (5, None, 6));
 }
 
 fn fixtures() -> Vec<String> {
@@ -175,7 +180,7 @@ fn there_is_a_fixture_for_every_event_type_and_version() {
         fixtures().iter().map(|f| (stored(f)["type"].as_str().unwrap().to_owned(), stored(f)["v"].as_u64().unwrap())).collect();
     have.sort();
     let mut want = Vec::new();
-    for kind in ["BlockChanged", "MemberJoined", "MemberLeft", "MessageDeleted", "MessageEdited", "MessageSent", "MessagesSeen", "RoomCreated", "RoomMessageSent", "RoomRead", "UserRegistered"] {
+    for kind in ["BlockChanged", "MemberJoined", "MemberLeft", "MessageDeleted", "MessageEdited", "MessageSent", "MessagesSeen", "RoomCreated", "RoomMessageDeleted", "RoomMessageEdited", "RoomMessageSent", "RoomRead", "UserRegistered"] {
         for v in 1..=natter_events::current_version(kind) {
             want.push((kind.to_owned(), u64::from(v)));
         }

@@ -10,7 +10,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use natter_events::{
-    BlockChanged, DmState, Envelope, Event, MemberJoined, MemberLeft, MessageRevised, MessageSent, MessagesSeen, RoomCreated, RoomMessageSent, RoomRead, UserRegistered,
+    BlockChanged, DmState, Envelope, Event, MemberJoined, MemberLeft, MessageRevised, MessageSent, MessagesSeen, RoomCreated, RoomMessageRevised, RoomMessageSent,
+    RoomRead, UserRegistered,
     subjects,
 };
 
@@ -40,6 +41,8 @@ pub struct History {
     room_last: HashMap<String, u64>,
     members: HashMap<(String, String), bool>,
     room_wm: HashMap<(String, String), u64>,
+    /// room → its messages: (send event, its time, its command id, deleted)
+    room_sent: HashMap<String, Vec<(RoomMessageSent, chrono::DateTime<chrono::Utc>, String, bool)>>,
 }
 
 impl History {
@@ -56,6 +59,7 @@ impl History {
             room_last: HashMap::new(),
             members: HashMap::new(),
             room_wm: HashMap::new(),
+            room_sent: HashMap::new(),
         };
         for i in 0..users {
             let user_id = format!("u{i}-{}", uuid::Uuid::now_v7().simple());
@@ -158,9 +162,10 @@ impl History {
         self.push(format!("{sender}:delete:{}", uuid::Uuid::now_v7()), subject, Event::MessageDeleted(event));
     }
 
-    /// The ids of every deleted direct message.
+    /// The ids of every deleted message, direct or in a room.
     pub fn deleted(&self) -> Vec<String> {
-        self.sent.values().flatten().filter(|m| m.deleted).map(|m| m.event.message_id.clone()).collect()
+        let direct = self.sent.values().flatten().filter(|m| m.deleted).map(|m| m.event.message_id.clone());
+        direct.chain(self.room_sent.values().flatten().filter(|m| m.3).map(|m| m.0.message_id.clone())).collect()
     }
 
     /// `reader` marks the `nth` (modulo) message `peer` sent them as seen;
@@ -297,7 +302,46 @@ impl History {
             seq,
             reply_to: None,
         };
-        self.push(format!("{user}:{message_id}"), subjects::room(&self.prefix, &room), Event::RoomMessageSent(event));
+        let command_id = format!("{user}:{message_id}");
+        self.push(command_id.clone(), subjects::room(&self.prefix, &room), Event::RoomMessageSent(event.clone()));
+        let at = self.envelopes.last().expect("just pushed").at;
+        self.room_sent.entry(room).or_default().push((event, at, command_id, false));
+    }
+
+    /// `user` edits (`text`) or deletes (`None`) the `nth` (modulo) of
+    /// their live messages in the `room`th room.
+    fn room_revise(&mut self, user: usize, room: usize, nth: usize, text: Option<String>) {
+        if self.rooms.is_empty() {
+            return;
+        }
+        let (user, room) = (self.users[user].clone(), self.rooms[room % self.rooms.len()].clone());
+        let last_seq = self.room_last.get(&room).copied().unwrap_or(0);
+        let Some(all) = self.room_sent.get_mut(&room) else { return };
+        let mine: Vec<usize> = (0..all.len()).filter(|i| all[*i].0.sender_id == user && !all[*i].3).collect();
+        let Some(i) = (!mine.is_empty()).then(|| mine[nth % mine.len()]) else { return };
+        let (sent, at, command_id, _) = all[i].clone();
+        let mut message = sent;
+        let deleting = text.is_none();
+        if deleting {
+            (message.attachment, message.reply_to) = (None, None);
+            all[i].3 = true;
+        }
+        message.message = text;
+        let event = RoomMessageRevised { message, sent_at: at, sent_command_id: command_id, last_seq };
+        let subject = subjects::room(&self.prefix, &room);
+        let (kind, event) = if deleting { ("delete", Event::RoomMessageDeleted(event)) } else { ("edit", Event::RoomMessageEdited(event)) };
+        self.push(format!("{user}:{kind}:{}", uuid::Uuid::now_v7()), subject, event);
+    }
+
+    /// `user` edits the `nth` of their live messages in the `room`th room.
+    pub fn room_edit(&mut self, user: usize, room: usize, nth: usize) {
+        let text = format!("room edit {}", self.envelopes.len());
+        self.room_revise(user, room, nth, Some(text));
+    }
+
+    /// `user` deletes the `nth` of their live messages in the `room`th room.
+    pub fn room_delete(&mut self, user: usize, room: usize, nth: usize) {
+        self.room_revise(user, room, nth, None);
     }
 
     /// A member reads the `nth` room to its end.
@@ -317,7 +361,7 @@ impl History {
     }
 
     /// Unread room messages by definition: messages above the member's
-    /// watermark, for every room `user` is a member of.
+    /// watermark and not deleted, for every room `user` is a member of.
     pub fn expected_room_unread(&self, user: &str) -> BTreeMap<String, u64> {
         self.rooms
             .iter()
@@ -325,7 +369,8 @@ impl History {
             .map(|r| {
                 let last = self.room_last.get(r).copied().unwrap_or(0);
                 let wm = self.room_wm.get(&(r.clone(), user.to_owned())).copied().unwrap_or(0);
-                (r.clone(), last.saturating_sub(wm))
+                let deleted = self.room_sent.get(r).map_or(0, |all| all.iter().filter(|m| m.3 && m.0.seq > wm).count() as u64);
+                (r.clone(), last.saturating_sub(wm) - deleted)
             })
             .collect()
     }

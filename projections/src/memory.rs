@@ -48,6 +48,32 @@ fn set_membership(v: &mut Views, room: &str, user: &str, member: bool, position:
     }
 }
 
+/// A message collection with its unique indexes.
+struct Indexed<'a, T> {
+    items: &'a mut HashMap<String, T>,
+    by_command: &'a mut HashMap<String, String>,
+    by_seq: &'a mut BTreeMap<(String, u64), String>,
+}
+
+/// Puts a message view (id, command id, (conversation, seq), content
+/// position) unless one from a newer event is there: a send inserts once,
+/// the newest change wins, a tombstone over everything.
+fn put<T>(ix: Indexed<'_, T>, (id, command, seq_key, cpos): (String, String, (String, u64), u64), view: T, cpos_of: fn(&T) -> u64) -> Result<(), ApplyError> {
+    match ix.items.get_mut(&id) {
+        Some(current) if cpos_of(current) >= cpos => {}
+        Some(current) => *current = view,
+        None => {
+            if ix.by_command.contains_key(&command) || ix.by_seq.contains_key(&seq_key) {
+                return Err(ApplyError::Poison(format!("{id}: unique key already held by another message")));
+            }
+            ix.by_command.insert(command, id.clone());
+            ix.by_seq.insert(seq_key, id.clone());
+            ix.items.insert(id, view);
+        }
+    }
+    Ok(())
+}
+
 /// The newest page of `limit` entries before `before`, oldest first.
 fn page<T: Clone>(index: &BTreeMap<(String, u64), String>, items: &HashMap<String, T>, key: &str, before: Option<u64>, limit: u32) -> Vec<T> {
     let end = before.unwrap_or(u64::MAX);
@@ -82,20 +108,9 @@ impl ViewStore for MemoryViews {
             }
             Event::MessageSent(_) | Event::MessageEdited(_) | Event::MessageDeleted(_) => {
                 let view = MessageView::of(env).expect("a direct message event");
-                match v.messages.get_mut(&view.id) {
-                    // The newest content wins (a tombstone over everything).
-                    Some(current) if current.cpos >= view.cpos => {}
-                    Some(current) => *current = view,
-                    None => {
-                        let seq_key = (view.conversation.clone(), view.seq);
-                        if v.by_command.contains_key(&view.command_id) || v.by_seq.contains_key(&seq_key) {
-                            return Err(ApplyError::Poison(format!("{}: unique key already held by another message", view.id)));
-                        }
-                        v.by_command.insert(view.command_id.clone(), view.id.clone());
-                        v.by_seq.insert(seq_key, view.id.clone());
-                        v.messages.insert(view.id.clone(), view);
-                    }
-                }
+                let (id, command, seq_key, cpos) = (view.id.clone(), view.command_id.clone(), (view.conversation.clone(), view.seq), view.cpos);
+                let Views { messages, by_command, by_seq, .. } = &mut *v;
+                put(Indexed { items: messages, by_command, by_seq }, (id, command, seq_key, cpos), view, |m| m.cpos)?;
             }
             Event::RoomCreated(e) => {
                 v.rooms.entry(e.room_id.clone()).or_insert_with(|| RoomView::from_event(env, e));
@@ -103,18 +118,11 @@ impl ViewStore for MemoryViews {
             Event::MemberJoined(e) => set_membership(&mut v, &e.room_id, &e.user_id, true, env.position),
             Event::MemberLeft(e) => set_membership(&mut v, &e.room_id, &e.user_id, false, env.position),
             Event::RoomRead(_) => {}
-            Event::RoomMessageSent(e) => {
-                if v.room_messages.contains_key(&e.message_id) {
-                    return Ok(());
-                }
-                let view = RoomMessageView::from_event(env, e);
-                let seq_key = (view.room_id.clone(), view.seq);
-                if v.room_by_command.contains_key(&view.command_id) || v.room_by_seq.contains_key(&seq_key) {
-                    return Err(ApplyError::Poison(format!("{}: unique key already held by another room message", view.id)));
-                }
-                v.room_by_command.insert(view.command_id.clone(), view.id.clone());
-                v.room_by_seq.insert(seq_key, view.id.clone());
-                v.room_messages.insert(view.id.clone(), view);
+            Event::RoomMessageSent(_) | Event::RoomMessageEdited(_) | Event::RoomMessageDeleted(_) => {
+                let view = RoomMessageView::of(env).expect("a room message event");
+                let (id, command, seq_key, cpos) = (view.id.clone(), view.command_id.clone(), (view.room_id.clone(), view.seq), view.cpos);
+                let Views { room_messages, room_by_command, room_by_seq, .. } = &mut *v;
+                put(Indexed { items: room_messages, by_command: room_by_command, by_seq: room_by_seq }, (id, command, seq_key, cpos), view, |m| m.cpos)?;
             }
             Event::MessagesSeen(e) => {
                 let conversation = subjects::dm_conversation(&e.reader_id, &e.peer_id);
@@ -173,7 +181,11 @@ impl ViewStore for MemoryViews {
 
     async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
         let v = self.lock();
-        Ok(ids.iter().filter(|id| v.messages.get(*id).is_some_and(|m| m.deleted)).cloned().collect())
+        Ok(ids
+            .iter()
+            .filter(|id| v.messages.get(*id).is_some_and(|m| m.deleted) || v.room_messages.get(*id).is_some_and(|m| m.deleted))
+            .cloned()
+            .collect())
     }
 
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
@@ -244,6 +256,8 @@ struct Counts {
     room_last: HashMap<String, u64>,
     /// (user, room) → read watermark
     room_wm: HashMap<(String, String), u64>,
+    /// room → seqs of its deleted messages
+    room_deleted: HashMap<String, std::collections::BTreeSet<u64>>,
 }
 
 #[derive(Default)]
@@ -278,6 +292,10 @@ impl CountStore for MemoryCounts {
                 raise(counts.room_wm.entry((e.user_id.clone(), e.room_id.clone())).or_default(), e.up_to_seq);
                 return Ok(());
             }
+            Event::RoomMessageDeleted(e) => {
+                counts.room_deleted.entry(e.message.room_id.clone()).or_default().insert(e.message.seq);
+                return Ok(());
+            }
             _ => return Ok(()),
         };
         for (reader, peer) in [(&state.lo, &state.hi), (&state.hi, &state.lo)] {
@@ -305,7 +323,8 @@ impl CountStore for MemoryCounts {
             .map(|r| {
                 let last = counts.room_last.get(r).copied().unwrap_or(0);
                 let wm = counts.room_wm.get(&(user.to_owned(), r.clone())).copied().unwrap_or(0);
-                (r.clone(), last.saturating_sub(wm))
+                let deleted = counts.room_deleted.get(r).map_or(0, |d| d.range(wm + 1..).count() as u64);
+                (r.clone(), last.saturating_sub(wm).saturating_sub(deleted))
             })
             .collect())
     }

@@ -190,17 +190,17 @@ impl MongoViews {
         }
     }
 
-    /// Writes a message as an edit or a deletion left it, unless the view
-    /// already holds content from a newer event (`cpos`; a tombstone's is
-    /// above all): the same result whatever order the send and its
-    /// changes arrive in. Written without `$or` (see `set_membership`).
-    async fn put_revision(&self, view: &MessageView) -> Result<(), ApplyError> {
-        let coll = self.messages.clone_with_type::<Document>();
-        let doc = to_doc(view)?;
-        let pos = view.cpos as i64;
+    /// Writes a message (`doc`, direct or in a room) as an edit or a
+    /// deletion left it, unless the view already holds content from a
+    /// newer event (`cpos`; a tombstone's is above all): the same result
+    /// whatever order the send and its changes arrive in. Written without
+    /// `$or` (see `set_membership`).
+    async fn put_revision<T: Send + Sync>(&self, coll: &Collection<T>, id: &str, cpos: u64, doc: Document) -> Result<(), ApplyError> {
+        let coll = coll.clone_with_type::<Document>();
+        let pos = cpos as i64;
         for _ in 0..3 {
             for guard in [doc! {"$lt": pos}, doc! {"$exists": false}] {
-                let replaced = coll.replace_one(doc! {"_id": &view.id, "cpos": guard}, doc.clone()).await.map_err(unavailable)?;
+                let replaced = coll.replace_one(doc! {"_id": id, "cpos": guard}, doc.clone()).await.map_err(unavailable)?;
                 if replaced.matched_count > 0 {
                     return Ok(());
                 }
@@ -208,9 +208,9 @@ impl MongoViews {
             match coll.insert_one(doc.clone()).await {
                 Ok(_) => return Ok(()),
                 Err(e) if is_duplicate_key(&e) => {
-                    let current = coll.find_one(doc! {"_id": &view.id}).await.map_err(unavailable)?;
+                    let current = coll.find_one(doc! {"_id": id}).await.map_err(unavailable)?;
                     match current.map(|d| d.get_i64("cpos").ok().or_else(|| d.get_i32("cpos").ok().map(i64::from))) {
-                        None => return Err(ApplyError::Poison(format!("{}: unique key already held by another message: {e}", view.id))),
+                        None => return Err(ApplyError::Poison(format!("{id}: unique key already held by another message: {e}"))),
                         Some(Some(p)) if p >= pos => return Ok(()),
                         // Older content inserted meanwhile: replace it.
                         Some(_) => {}
@@ -219,7 +219,18 @@ impl MongoViews {
                 Err(e) => return Err(unavailable(e).into()),
             }
         }
-        Err(ApplyError::Unavailable(format!("{}: the message changed under three attempts to write it", view.id)))
+        Err(ApplyError::Unavailable(format!("{id}: the message changed under three attempts to write it")))
+    }
+
+    /// [`MongoViews::put_revision`] of the message an edit or deletion event leaves.
+    async fn revise(&self, env: &Envelope) -> Result<(), ApplyError> {
+        if let Some(v) = MessageView::of(env) {
+            return self.put_revision(&self.messages, &v.id, v.cpos, to_doc(&v)?).await;
+        }
+        if let Some(v) = RoomMessageView::of(env) {
+            return self.put_revision(&self.room_messages, &v.id, v.cpos, to_doc(&v)?).await;
+        }
+        Ok(())
     }
 
     async fn insert_once<T>(&self, coll: &Collection<T>, id: &str, doc: Document) -> Result<(), ApplyError>
@@ -270,7 +281,7 @@ impl ViewStore for MongoViews {
                 let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
                 self.insert_once(&self.messages, &view.id, doc).await
             }
-            Event::MessageEdited(_) | Event::MessageDeleted(_) => self.put_revision(&MessageView::of(env).expect("a message change")).await,
+            Event::MessageEdited(_) | Event::MessageDeleted(_) | Event::RoomMessageEdited(_) | Event::RoomMessageDeleted(_) => self.revise(env).await,
             Event::RoomCreated(e) => {
                 let view = RoomView::from_event(env, e);
                 let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
@@ -354,10 +365,14 @@ impl ViewStore for MongoViews {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let coll = self.messages.clone_with_type::<Document>();
-        let docs: Vec<Document> =
-            coll.find(doc! {"_id": {"$in": ids}, "deleted": true}).projection(doc! {"_id": 1}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
-        Ok(docs.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect())
+        let deleted = |coll: Collection<Document>| async move {
+            let docs: Vec<Document> =
+                coll.find(doc! {"_id": {"$in": ids}, "deleted": true}).projection(doc! {"_id": 1}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+            Ok::<_, StoreError>(docs.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect::<Vec<String>>())
+        };
+        let (direct, room) =
+            futures::join!(deleted(self.messages.clone_with_type::<Document>()), deleted(self.room_messages.clone_with_type::<Document>()));
+        Ok([direct?, room?].concat())
     }
 
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
@@ -534,7 +549,7 @@ impl Projection for MongoViews {
         let mut revisions = Vec::new();
         for (env, _) in batch {
             match &env.event {
-                Event::MessageEdited(_) | Event::MessageDeleted(_) => revisions.extend(MessageView::of(env)),
+                Event::MessageEdited(_) | Event::MessageDeleted(_) | Event::RoomMessageEdited(_) | Event::RoomMessageDeleted(_) => revisions.push(*env),
                 Event::UserRegistered(e) => users.push(to_doc(&UserView::from_event(env, e))?),
                 Event::MessageSent(e) => messages.push(to_doc(&MessageView::from_event(env, e))?),
                 Event::RoomCreated(e) => rooms.push(to_doc(&RoomView::from_event(env, e))?),
@@ -600,8 +615,8 @@ impl Projection for MongoViews {
         // guarded by its position, so the order does not matter, only the
         // round trips it saves.
         let mut changed = Ok(());
-        for view in &revisions {
-            changed = self.put_revision(view).await;
+        for env in revisions {
+            changed = self.revise(env).await;
             if changed.is_err() {
                 break;
             }

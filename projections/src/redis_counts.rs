@@ -5,8 +5,10 @@
 //! duplicates and out-of-order deliveries cannot move it backwards.
 //!
 //! Rooms: `<prefix>room-last` (room → newest seq) and `<prefix>room-wm:<user>`
-//! (room → that member's read watermark), both only ever raised (`max`), so
-//! unread = last − watermark whatever the delivery order.
+//! (room → that member's read watermark), both only ever raised (`max`),
+//! and `<prefix>room-del:<room>` (a sorted set of the seqs of its deleted
+//! messages, only ever added to), so unread = last − watermark − deleted
+//! above the watermark, whatever the delivery order.
 //!
 //! Losing Redis' data (FLUSHALL, a restart without persistence, a restart
 //! that reloads a snapshot older than the last writes, a failover to a
@@ -53,6 +55,22 @@ end
 return 1
 "#;
 
+/// Unread per room: `KEYS` = ready marker, room-last, the user's room-wm,
+/// then each room's room-del; `ARGV` = the rooms. `{-1}` when not ready.
+const ROOM_UNREAD: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local out = {}
+for i, room in ipairs(ARGV) do
+  local last = tonumber(redis.call('HGET', KEYS[2], room) or '0')
+  local wm = tonumber(redis.call('HGET', KEYS[3], room) or '0')
+  local n = last - wm
+  if n > 0 then n = n - redis.call('ZCOUNT', KEYS[3 + i], '(' .. wm, '+inf') end
+  if n < 0 then n = 0 end
+  out[i] = n
+end
+return out
+"#;
+
 const RAISE: &str = r#"
 local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
@@ -87,7 +105,7 @@ impl RedisCounts {
     pub async fn clear(&self) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
         let mut deleted = 0;
-        for pattern in ["unseen:*", "unseen-pos:*", "room-last", "room-wm:*", "counts-ready", "counts-heal"] {
+        for pattern in ["unseen:*", "unseen-pos:*", "room-last", "room-wm:*", "room-del:*", "counts-ready", "counts-heal"] {
             let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}{pattern}", self.prefix)).query_async(&mut conn).await.map_err(unavailable)?;
             for chunk in keys.chunks(500) {
                 let n: u64 = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await.map_err(unavailable)?;
@@ -246,6 +264,10 @@ impl RedisCounts {
         format!("{}room-wm:{user}", self.prefix)
     }
 
+    fn room_deleted_key(&self, room: &str) -> String {
+        format!("{}room-del:{room}", self.prefix)
+    }
+
     /// Writes what `events` change, in one round trip: per conversation
     /// the counts of its newest event in the batch (each guarded by the
     /// event's position, so an older state never replaces a newer one),
@@ -253,6 +275,7 @@ impl RedisCounts {
     async fn write<'a>(&self, events: &[&'a Envelope]) -> Result<(), StoreError> {
         let mut states: HashMap<&str, (u64, &DmState)> = HashMap::new();
         let mut raises: HashMap<(String, &'a str), u64> = HashMap::new();
+        let mut deleted: Vec<(String, u64)> = Vec::new();
         let mut raise = |key: String, field: &'a str, value: u64| {
             let v = raises.entry((key, field)).or_insert(value);
             *v = (*v).max(value);
@@ -272,10 +295,11 @@ impl RedisCounts {
                 }
                 Event::MemberJoined(e) => raise(self.room_wm_key(&e.user_id), &e.room_id, e.seen_up_to),
                 Event::RoomRead(e) => raise(self.room_wm_key(&e.user_id), &e.room_id, e.up_to_seq),
+                Event::RoomMessageDeleted(e) => deleted.push((self.room_deleted_key(&e.message.room_id), e.message.seq)),
                 _ => {}
             }
         }
-        if states.is_empty() && raises.is_empty() {
+        if states.is_empty() && raises.is_empty() && deleted.is_empty() {
             return Ok(());
         }
         // The scripts are loaded in the same pipeline, before their first
@@ -300,6 +324,9 @@ impl RedisCounts {
         for ((key, field), value) in raises {
             pipe.cmd("EVALSHA").arg(self.raise.get_hash()).arg(1).arg(key).arg(field).arg(value).ignore();
         }
+        for (key, seq) in deleted {
+            pipe.cmd("ZADD").arg(key).arg(seq).arg(seq).ignore();
+        }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
@@ -320,28 +347,21 @@ impl CountStore for RedisCounts {
         if rooms.is_empty() {
             return Ok(HashMap::new());
         }
+        let unread = Script::new(ROOM_UNREAD);
+        let mut script = unread.prepare_invoke();
+        script.key(self.ready_key()).key(self.room_last_key()).key(self.room_wm_key(user));
+        for room in rooms {
+            script.key(self.room_deleted_key(room));
+        }
+        for room in rooms {
+            script.arg(room);
+        }
         let mut conn = self.conn.clone();
-        let (ready, last, wm): (bool, Vec<Option<u64>>, Vec<Option<u64>>) = redis::pipe()
-            .atomic()
-            .cmd("EXISTS")
-            .arg(self.ready_key())
-            .cmd("HMGET")
-            .arg(self.room_last_key())
-            .arg(rooms)
-            .cmd("HMGET")
-            .arg(self.room_wm_key(user))
-            .arg(rooms)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if !ready {
+        let unread: Vec<i64> = script.invoke_async(&mut conn).await.map_err(unavailable)?;
+        if unread.first() == Some(&-1) {
             return Err(StoreError::Rebuilding("unread counts"));
         }
-        Ok(rooms
-            .iter()
-            .zip(last.iter().zip(wm.iter()))
-            .map(|(room, (l, w))| (room.clone(), l.unwrap_or(0).saturating_sub(w.unwrap_or(0))))
-            .collect())
+        Ok(rooms.iter().cloned().zip(unread.into_iter().map(|n| n.max(0) as u64)).collect())
     }
 
     async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError> {

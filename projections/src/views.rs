@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::SecondsFormat;
-use natter_events::{Envelope, MessageRevised, MessageSent, ReplyRef, RoomCreated, RoomMessageSent, UserRegistered, subjects};
+use natter_events::{Envelope, MessageRevised, MessageSent, ReplyRef, RoomMessageRevised, RoomCreated, RoomMessageSent, UserRegistered, subjects};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -132,6 +132,15 @@ pub struct RoomMessageView {
     pub created_at: String,
     #[serde(rename = "replyTo", default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<ReplyRef>,
+    /// When its sender last edited it.
+    #[serde(rename = "editedAt", default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<String>,
+    /// Deleted for everyone (a tombstone, as [`MessageView::deleted`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// The position of the event the content is from (see [`MessageView::cpos`]).
+    #[serde(default)]
+    pub cpos: u64,
 }
 
 impl RoomMessageView {
@@ -147,6 +156,32 @@ impl RoomMessageView {
             attachment: e.attachment.clone(),
             created_at: timestamp(env),
             reply_to: e.reply_to.clone(),
+            edited_at: None,
+            deleted: false,
+            cpos: env.position,
+        }
+    }
+
+    /// The view of a `RoomMessageEdited` or (`deleted`) `RoomMessageDeleted` event.
+    pub fn from_revision(env: &Envelope, e: &RoomMessageRevised, deleted: bool) -> RoomMessageView {
+        let mut view = RoomMessageView::from_event(env, &e.message);
+        view.command_id = e.sent_command_id.clone();
+        view.created_at = e.sent_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        if deleted {
+            (view.message, view.attachment, view.reply_to, view.deleted, view.cpos) = (None, None, None, true, TOMBSTONE);
+        } else {
+            view.edited_at = Some(timestamp(env));
+        }
+        view
+    }
+
+    /// The view a room-message event makes or changes, if any.
+    pub fn of(env: &Envelope) -> Option<RoomMessageView> {
+        match &env.event {
+            natter_events::Event::RoomMessageSent(e) => Some(RoomMessageView::from_event(env, e)),
+            natter_events::Event::RoomMessageEdited(e) => Some(RoomMessageView::from_revision(env, e, false)),
+            natter_events::Event::RoomMessageDeleted(e) => Some(RoomMessageView::from_revision(env, e, true)),
+            _ => None,
         }
     }
 }

@@ -22,6 +22,8 @@ enum Op {
     Block(usize, usize, bool),
     Edit(usize, usize, usize),
     Delete(usize, usize, usize),
+    RoomEdit(usize, usize, usize),
+    RoomDelete(usize, usize, usize),
 }
 
 fn op(users: usize) -> impl Strategy<Value = Op> {
@@ -37,6 +39,8 @@ fn op(users: usize) -> impl Strategy<Value = Op> {
         1 => (0..users, 0..users, any::<bool>()).prop_map(|(a, b, on)| Op::Block(a, b, on)),
         2 => (0..users, 0..users, 0..20usize).prop_map(|(a, b, n)| Op::Edit(a, b, n)),
         2 => (0..users, 0..users, 0..20usize).prop_map(|(a, b, n)| Op::Delete(a, b, n)),
+        1 => (0..users, 0..4usize, 0..20usize).prop_map(|(a, r, n)| Op::RoomEdit(a, r, n)),
+        2 => (0..users, 0..4usize, 0..20usize).prop_map(|(a, r, n)| Op::RoomDelete(a, r, n)),
     ]
 }
 
@@ -55,6 +59,8 @@ fn build(users: usize, ops: &[Op]) -> History {
             Op::Block(a, b, on) if a != b => h.block(a, b, on),
             Op::Edit(a, b, n) if a != b => h.edit(a, b, n),
             Op::Delete(a, b, n) if a != b => h.delete(a, b, n),
+            Op::RoomEdit(a, r, n) => h.room_edit(a, r, n),
+            Op::RoomDelete(a, r, n) => h.room_delete(a, r, n),
             _ => {}
         }
     }
@@ -129,6 +135,10 @@ proptest! {
         for m in clean.conversations.values().flat_map(|(messages, _)| messages) {
             let tombstone = m.deleted && m.message.is_none() && m.attachment.is_none() && m.reply_to.is_none();
             prop_assert_eq!(deleted.contains(&m.id), tombstone, "message {}", &m.id);
+        }
+        for m in clean.rooms.values().flat_map(|(_, _, messages)| messages) {
+            let tombstone = m.deleted && m.message.is_none() && m.attachment.is_none() && m.reply_to.is_none();
+            prop_assert_eq!(deleted.contains(&m.id), tombstone, "room message {}", &m.id);
         }
         // Gapless sequences per conversation.
         for (messages, _) in clean.conversations.values() {

@@ -1,4 +1,4 @@
-//! Edit and delete a direct message, by its sender only.
+//! Edit and delete a message (direct or in a room), by its sender only.
 //!
 //! - Edit (`PATCH /api/messages/:messageId {message}`): the message keeps its
 //!   `_id` and `seq`, takes the new text and gains `editedAt`.
@@ -13,10 +13,16 @@
 //! ([`natter_events::MessageRevised`]), so views and pushes need nothing
 //! else. Someone else's message is 403 to its receiver and 404 to anyone
 //! else (nothing is learnt about other conversations).
+//!
+//! Room messages likewise (`PATCH`/`DELETE
+//! /api/rooms/:roomId/messages/:messageId`): the change is appended on the
+//! room's subject with the room's newest seq, its deletion stops counting
+//! as unread for members who had not read it, and editing needs the
+//! sender to be a member still (deleting does not).
 
 use chrono::{DateTime, Utc};
-use natter_events::{DmState, Event, MessageRevised, MessageSent, subjects};
-use natter_projections::MessageView;
+use natter_events::{DmState, Event, MessageRevised, MessageSent, RoomMessageRevised, RoomMessageSent, subjects};
+use natter_projections::{MessageView, RoomMessageView};
 
 use super::{CommandError, Commands, Failure, Refusal};
 use crate::log::Logged;
@@ -85,10 +91,50 @@ pub fn decide(state: &DmState, m: &MessageView, sent_at: DateTime<Utc>, change: 
     }
 }
 
+/// The event `change` makes of room message `m` in a room whose newest
+/// seq is `last_seq`; `None` when it changes nothing. Pure.
+pub fn decide_room(m: &RoomMessageView, sent_at: DateTime<Utc>, last_seq: u64, change: &Change) -> Result<Option<Event>, Refusal> {
+    let mut message = RoomMessageSent {
+        message_id: m.id.clone(),
+        room_id: m.room_id.clone(),
+        sender_id: m.sender_id.clone(),
+        client_msg_id: m.client_msg_id.clone(),
+        message: m.message.clone(),
+        attachment: m.attachment.clone(),
+        seq: m.seq,
+        reply_to: m.reply_to.clone(),
+    };
+    let revised = |message| RoomMessageRevised { message, sent_at, sent_command_id: m.command_id.clone(), last_seq };
+    match change {
+        _ if m.deleted && *change == Change::Delete => Ok(None),
+        _ if m.deleted => Err(Refusal::Conflict("the message was deleted".into())),
+        Change::Edit(text) if m.message.as_deref() == Some(text.as_str()) => Ok(None),
+        Change::Edit(text) => {
+            message.message = Some(text.clone());
+            Ok(Some(Event::RoomMessageEdited(revised(message))))
+        }
+        Change::Delete => {
+            (message.message, message.attachment, message.reply_to) = (None, None, None);
+            Ok(Some(Event::RoomMessageDeleted(revised(message))))
+        }
+    }
+}
+
 /// Whether the subject's newest event deleted message `id`: a deletion
 /// appended since the views were read. Pure.
 fn deleted_by(last: Option<&Logged>, id: &str) -> bool {
-    matches!(last.map(|l| &l.envelope.event), Some(Event::MessageDeleted(e)) if e.message.message_id == id)
+    match last.map(|l| &l.envelope.event) {
+        Some(Event::MessageDeleted(e)) => e.message.message_id == id,
+        Some(Event::RoomMessageDeleted(e)) => e.message.message_id == id,
+        _ => false,
+    }
+}
+
+/// The time a view's `createdAt` says.
+fn sent_at(created_at: &str, id: &str) -> Result<DateTime<Utc>, Failure> {
+    DateTime::parse_from_rfc3339(created_at)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| Failure::Internal(format!("message {id} has a createdAt that is not RFC 3339: {e}")))
 }
 
 impl Commands {
@@ -108,9 +154,7 @@ impl Commands {
                 not_found().into()
             });
         }
-        let sent_at = DateTime::parse_from_rfc3339(&m.created_at)
-            .map_err(|e| Failure::Internal(format!("message {message_id} has a createdAt that is not RFC 3339: {e}")))?
-            .with_timezone(&Utc);
+        let sent_at = sent_at(&m.created_at, message_id)?;
         let subject = subjects::dm(&self.prefix, &m.sender_id, &m.receiver_id);
         let command_id = format!("{user}:{}:{}", change.verb(), uuid::Uuid::now_v7());
         let env = self
@@ -136,6 +180,46 @@ impl Commands {
             None => self.views.watermarks(&message.conversation).await?.get(&message.receiver_id).is_some_and(|w| *w >= message.seq),
         };
         Ok(Revised { message, seen })
+    }
+
+    /// Edits or deletes room message `message_id` of `room` on behalf of
+    /// `user`, who must have sent it (and, to edit, be a member still).
+    #[tracing::instrument(skip_all, fields(user = %user, room = %room, message = %message_id, change = change.verb()))]
+    pub async fn revise_room(&self, user: &str, room: &str, message_id: &str, change: Change) -> Result<RoomMessageView, CommandError> {
+        let not_found = || Refusal::NotFound("Message not found".into());
+        super::rooms::room_id(room)?;
+        natter_events::validate_id(message_id).map_err(|_| not_found())?;
+        if let Change::Edit(text) = &change {
+            super::send::validate_content(Some(text), None, None, &self.limits)?;
+        }
+        let (member, m) = tokio::join!(self.membership(room, user), self.views.room_message(message_id));
+        let (member, m) = (member?.member, m?.filter(|m| m.room_id == room));
+        let m = match m {
+            // Only members learn what a room holds.
+            _ if !member && matches!(change, Change::Edit(_)) => return Err(super::rooms::not_member().into()),
+            Some(m) if m.sender_id == user => m,
+            Some(_) if member => return Err(Refusal::Forbidden(format!("only the sender of a message can {} it", change.verb())).into()),
+            _ => return Err(not_found().into()),
+        };
+        let sent_at = sent_at(&m.created_at, message_id)?;
+        let subject = subjects::room(&self.prefix, room);
+        let command_id = format!("{user}:{}:{}", change.verb(), uuid::Uuid::now_v7());
+        let env = self
+            .append(&subject, &command_id, |last: Option<Logged>| {
+                let decided = match &last {
+                    None => Err(Failure::Internal(format!("{subject} holds message {message_id} but no event")).into()),
+                    Some(head) => {
+                        let gone = deleted_by(last.as_ref(), &m.id).then(|| RoomMessageView { deleted: true, ..m.clone() });
+                        decide_room(gone.as_ref().unwrap_or(&m), sent_at, super::rooms::room_last_seq(head), &change).map_err(Into::into)
+                    }
+                };
+                std::future::ready(decided)
+            })
+            .await?;
+        Ok(match &env {
+            Some(env) => RoomMessageView::of(env).expect("a room message change"),
+            None => m,
+        })
     }
 }
 

@@ -49,14 +49,15 @@ pub fn validate_room(cmd: &CreateRoom) -> Result<(), Refusal> {
 }
 
 /// The newest message seq of a room, from the newest event of its subject.
-fn room_last_seq(logged: &Logged) -> u64 {
+pub(crate) fn room_last_seq(logged: &Logged) -> u64 {
     match &logged.envelope.event {
         Event::RoomMessageSent(e) => e.seq,
+        Event::RoomMessageEdited(e) | Event::RoomMessageDeleted(e) => e.last_seq,
         _ => 0,
     }
 }
 
-fn not_member() -> Refusal {
+pub(crate) fn not_member() -> Refusal {
     Refusal::Forbidden("you are not a member of this room; join it first".into())
 }
 
@@ -65,7 +66,7 @@ fn room_not_found() -> Refusal {
 }
 
 /// A room id fit for a subject; anything else names no room.
-fn room_id(room: &str) -> Result<(), Refusal> {
+pub(crate) fn room_id(room: &str) -> Result<(), Refusal> {
     natter_events::validate_id(room).map_err(|_| room_not_found())
 }
 
@@ -76,7 +77,7 @@ impl Commands {
         Ok(self.log.last(&subjects::room(&self.prefix, room)).await?.ok_or_else(room_not_found)?)
     }
 
-    async fn membership(&self, room: &str, user: &str) -> Result<MemberState, CommandError> {
+    pub(crate) async fn membership(&self, room: &str, user: &str) -> Result<MemberState, CommandError> {
         let last = self.log.last(&subjects::member(&self.prefix, room, user)).await?;
         Ok(MemberState::after(last.as_ref().map(|l| &l.envelope.event)))
     }
@@ -205,6 +206,10 @@ impl Commands {
             Ok(env.as_ref().and_then(room_message_of))
         };
         let same = |m: &RoomMessageView| {
+            // Edited or deleted since: the retry gets the message as it now reads.
+            if m.deleted || m.edited_at.is_some() {
+                return m.room_id == cmd.room;
+            }
             m.room_id == cmd.room && m.message == cmd.message && m.attachment == cmd.attachment && m.reply_to.as_ref().map(|r| &r.message_id) == cmd.reply_to.as_ref()
         };
         let key = cmd.client_msg_id.is_some().then_some((subject.as_str(), command_id.as_str()));

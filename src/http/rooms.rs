@@ -12,6 +12,8 @@
 //! - `GET /api/rooms/{id}/messages?before=&limit=` → oldest first; marks the
 //!   room read.
 //! - `POST /api/rooms/{id}/messages` `{message?, attachment?, clientMsgId?}`.
+//! - `PATCH /api/rooms/{id}/messages/{messageId}` `{message}` and `DELETE`
+//!   the same: its sender edits it, or deletes it for everyone.
 //! - `GET /api/rooms/{id}/users` → `{success, users: [{_id, name}], count}`:
 //!   who is present now.
 
@@ -27,6 +29,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
+use crate::commands::revise::Change;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::rooms::{CreateRoom, SendRoomMessage};
@@ -206,6 +209,50 @@ async fn send(
     Ok(Json(SentRoomMessage { success: true, message: "Message Sent Successfully".into(), data: RoomMessage::new(&m) }))
 }
 
+#[derive(Deserialize, ToSchema)]
+struct EditBody {
+    /// The new text.
+    message: Option<String>,
+}
+
+async fn revised(node: &AppState, me: String, room: String, id: String, change: Change, what: &str) -> Result<Json<SentRoomMessage>, ApiError> {
+    room_or_404(node, &room).await?;
+    node.rate.send(&me)?;
+    let m = node.commands.revise_room(&me, &room, &id, change).await?;
+    Ok(Json(SentRoomMessage { success: true, message: format!("Message {what} Successfully"), data: RoomMessage::new(&m) }))
+}
+
+/// Edit a room message (its sender, a member): it keeps its `_id` and
+/// `seq` and gains `editedAt`; members get `messageUpdated` on `/chat`.
+#[utoipa::path(patch, path = "/api/rooms/{id}/messages/{messageId}", operation_id = "edit_room_message", tag = "study rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = ROOM_ID), ("messageId" = String, Path, description = "the message's `_id`")), request_body = EditBody,
+    responses((status = 200, body = SentRoomMessage, description = "the message as it now reads"),
+        (status = 400, body = ErrorBody, description = "empty or oversize text"),
+        (status = 403, body = ErrorBody, description = "not a member, or not the message's sender"),
+        (status = 404, body = ErrorBody, description = "no such room, or no such message in it"),
+        (status = 409, body = ErrorBody, description = "the message was deleted")))]
+async fn edit(
+    State(node): State<Arc<AppState>>,
+    Caller(me): Caller,
+    ApiPath((room, id)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<EditBody>,
+) -> Result<Json<SentRoomMessage>, ApiError> {
+    let text = body.message.ok_or_else(|| ApiError::bad_request("message is required"))?;
+    revised(&node, me, room, id, Change::Edit(text), "Edited").await
+}
+
+/// Delete a room message for everyone (its sender, even after leaving):
+/// it stays as a tombstone (`deleted: true`, no content, its `seq` kept)
+/// and stops counting as unread; members get `messageDeleted` on `/chat`.
+#[utoipa::path(delete, path = "/api/rooms/{id}/messages/{messageId}", operation_id = "delete_room_message", tag = "study rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = ROOM_ID), ("messageId" = String, Path, description = "the message's `_id`")),
+    responses((status = 200, body = SentRoomMessage, description = "the tombstone"),
+        (status = 403, body = ErrorBody, description = "a member who is not the message's sender"),
+        (status = 404, body = ErrorBody, description = "no such room, or no such message of the caller's in it")))]
+async fn delete(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath((room, id)): ApiPath<(String, String)>) -> Result<Json<SentRoomMessage>, ApiError> {
+    revised(&node, me, room, id, Change::Delete, "Deleted").await
+}
+
 /// Who is present in a room now (members only).
 #[utoipa::path(get, path = "/api/rooms/{id}/users", operation_id = "room_users", tag = "study rooms", security(("bearer" = [])), params(("id" = String, Path, description = ROOM_ID)),
     responses((status = 200, body = PresentUsers),
@@ -226,5 +273,6 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(join))
         .routes(routes!(leave))
         .routes(routes!(history, send))
+        .routes(routes!(edit, delete))
         .routes(routes!(users))
 }

@@ -13,6 +13,9 @@
 //!   ([`To::Room`]) and the reader addresses it ([`super::user_rooms`]);
 //!   embedded, once per member ([`super::members`]: a table per room, fed
 //!   from the log's membership events, never from the views, which may lag).
+//! - `RoomMessageEdited` / `RoomMessageDeleted` → `messageUpdated` /
+//!   `messageDeleted` (the room message, or its tombstone) to the room's
+//!   members as of that event, as a room message.
 //! - `MemberJoined` / `MemberLeft` → `member-joined` / `member-left`
 //!   `{roomId, userId}` to the user concerned (always, on their own chain:
 //!   it tells a reader their rooms) and, in rooms of at most `announce_max`
@@ -144,6 +147,11 @@ impl Projection for FanOut {
         let room = match &env.event {
             Event::RoomMessageSent(e) => {
                 Some((&e.room_id, None, Payload { event: "message".into(), data: room_message_json(&RoomMessageView::from_event(env, e)) }))
+            }
+            Event::RoomMessageEdited(e) | Event::RoomMessageDeleted(e) => {
+                let view = RoomMessageView::of(env).expect("a room message change");
+                let event = if view.deleted { "messageDeleted" } else { "messageUpdated" };
+                Some((&e.message.room_id, None, Payload { event: event.into(), data: room_message_json(&view) }))
             }
             Event::MemberJoined(e) => Some((
                 &e.room_id,

@@ -75,7 +75,7 @@ impl Filter {
     fn delivery(&self, p: &Payload) -> bool {
         match self {
             Filter::Direct => matches!(p.event.as_str(), "newMessage" | "messageUpdated" | "messageDeleted" | "messagesSeen"),
-            Filter::Chat(_) => matches!(p.event.as_str(), "message" | "member-joined" | "member-left"),
+            Filter::Chat(_) => matches!(p.event.as_str(), "message" | "messageUpdated" | "messageDeleted" | "member-joined" | "member-left"),
         }
     }
 

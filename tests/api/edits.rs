@@ -138,3 +138,110 @@ async fn a_sender_edits_and_deletes_their_messages_and_nobody_else_can(c: &Clust
         assert!(!all.contains("a secret") && !all.contains("third\""), "{all}");
     }
 }
+
+crate::contract!(a_room_message_is_edited_and_deleted_by_its_sender_only, 2, a_room_message_is_edited_and_deleted_by_its_sender_only);
+
+async fn a_room_message_is_edited_and_deleted_by_its_sender_only(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(1, "Bob").await;
+    let carol = c.register(0, "Carol").await;
+    let room = c.request(0, Method::POST, "/api/rooms", Some(&amy.token), Some(json!({ "name": "Algebra" }))).await.body["room"]["_id"].as_str().unwrap().to_owned();
+    c.request(1, Method::POST, &format!("/api/rooms/{room}/join"), Some(&bob.token), None).await.ok();
+    let dave = c.register(1, "Dave").await;
+    c.request(1, Method::POST, &format!("/api/rooms/{room}/join"), Some(&dave.token), None).await.ok();
+    let mut d = Driver::start().await;
+    d.connected("bob", &c.chat_url(1), json!({ "token": bob.token })).await;
+    d.connected("carol", &c.chat_url(0), json!({ "token": carol.token })).await;
+    let post = |text: &str| json!({ "message": text });
+    let path = |m: &Value| format!("/api/rooms/{room}/messages/{}", m["_id"].as_str().unwrap());
+    let first = c.request(0, Method::POST, &format!("/api/rooms/{room}/messages"), Some(&amy.token), Some(post("page 42?"))).await.ok()["data"].clone();
+    let second = c.request(0, Method::POST, &format!("/api/rooms/{room}/messages"), Some(&amy.token), Some(post("room secret"))).await.ok()["data"].clone();
+    let bobs = c.request(1, Method::POST, &format!("/api/rooms/{room}/messages"), Some(&bob.token), Some(post("bob's"))).await.ok()["data"].clone();
+    let pushed = d.events("bob", "message", 3).await;
+    let before_changes = pushed[0]["cursor"].as_u64().unwrap();
+    let unread = |who: &crate::helpers::User| {
+        let token = who.token.clone();
+        let room = room.clone();
+        async move {
+            let r = c.request(0, Method::GET, "/api/rooms", Some(&token), None).await.ok();
+            r["rooms"].as_array().unwrap().iter().find(|x| x["_id"] == json!(room)).unwrap()["unread"].as_u64().unwrap()
+        }
+    };
+
+    // Edit through the other node: same _id and seq; members get messageUpdated.
+    let edited = c.request(1, Method::PATCH, &path(&first), Some(&amy.token), Some(post("page 43?"))).await.ok()["data"].clone();
+    assert_eq!((&edited["_id"], &edited["seq"], &edited["message"]), (&first["_id"], &json!(1), &json!("page 43?")), "{edited}");
+    assert!(edited["editedAt"].is_string(), "{edited}");
+    assert_eq!(without_cursor(d.events("bob", "messageUpdated", 1).await.remove(0)), edited);
+
+    // Authorization and bad input: nothing appended, and carol (not a member) gets nothing.
+    let head = c.log_head().await;
+    let other_room = format!("/api/rooms/01a21c30-0000-7000-8000-000000000000/messages/{}", first["_id"].as_str().unwrap());
+    let cases: Vec<(Method, String, &str, Option<Value>, u16)> = vec![
+        (Method::PATCH, path(&first), bob.token.as_str(), Some(post("mine")), 403),
+        (Method::DELETE, path(&first), bob.token.as_str(), None, 403),
+        (Method::PATCH, path(&first), carol.token.as_str(), Some(post("hi")), 403),
+        (Method::DELETE, path(&first), carol.token.as_str(), None, 404),
+        (Method::PATCH, path(&bobs).replace(&room, "nope.room"), bob.token.as_str(), Some(post("x")), 404),
+        (Method::DELETE, other_room, amy.token.as_str(), None, 404),
+        (Method::PATCH, format!("/api/rooms/{room}/messages/01a21c30-0000-7000-8000-000000000000"), amy.token.as_str(), Some(post("x")), 404),
+        (Method::PATCH, path(&first), amy.token.as_str(), Some(post("")), 400),
+        (Method::PATCH, path(&first), amy.token.as_str(), Some(post(&"x".repeat(4001))), 400),
+    ];
+    for (method, p, token, body, want) in cases {
+        let r = c.request(0, method.clone(), &p, Some(token), body).await;
+        assert_eq!(r.status.as_u16(), want, "{method} {p}: {}", r.body);
+    }
+    assert_eq!(c.log_head().await, head, "refusals append nothing");
+
+    // Delete amy's second (unread by dave): tombstone, dave's unread drops.
+    assert_eq!(unread(&dave).await, 3, "dave has read nothing");
+    let gone = c.request(0, Method::DELETE, &path(&second), Some(&amy.token), None).await.ok()["data"].clone();
+    assert_eq!((&gone["seq"], &gone["deleted"]), (&json!(2), &json!(true)), "{gone}");
+    assert!(gone.get("message").is_none(), "{gone}");
+    assert_eq!(without_cursor(d.events("bob", "messageDeleted", 1).await.remove(0)), gone);
+    eventually("dave's unread drops to 2", || async { unread(&dave).await == 2 }).await;
+    let r = c.request(1, Method::PATCH, &path(&second), Some(&amy.token), Some(post("back"))).await;
+    assert_eq!(r.status.as_u16(), 409, "{}", r.body);
+    // The next message's seq follows the room's, not the changed message's.
+    let next = c.request(1, Method::POST, &format!("/api/rooms/{room}/messages"), Some(&bob.token), Some(post("after"))).await.ok()["data"].clone();
+    assert_eq!(next["seq"], json!(4));
+    let quiet = d.quiet("carol", Duration::from_millis(300)).await;
+    assert!(quiet.iter().all(|e| e["type"] != "event" || e["event"] == "synced"), "a non-member gets nothing: {quiet:?}");
+
+    // Resume from before the changes: in order, the deleted text nowhere.
+    d.connected("bob-later", &c.chat_url(0), json!({ "token": bob.token, "cursor": before_changes })).await;
+    d.next("bob-later", |e| e["event"] == "synced", "synced").await;
+    d.quiet("bob-later", Duration::from_millis(300)).await;
+    let replayed: Vec<(String, Value)> = d
+        .all
+        .iter()
+        .filter(|e| e["id"] == "bob-later" && e["type"] == "event" && e["event"] != "synced")
+        .map(|e| (e["event"].as_str().unwrap().to_owned(), e["data"]["_id"].clone()))
+        .collect();
+    let want: Vec<(String, Value)> = [("message", &second), ("message", &bobs), ("messageUpdated", &first), ("messageDeleted", &second), ("message", &next)]
+        .into_iter()
+        .map(|(e, m)| (e.to_owned(), m["_id"].clone()))
+        .collect();
+    assert_eq!(replayed, want);
+    let all = serde_json::to_string(&d.all.iter().filter(|e| e["id"] == "bob-later").collect::<Vec<_>>()).unwrap();
+    assert!(!all.contains("room secret"), "{all}");
+
+    // History: the edit and the tombstone, gapless.
+    let h = c.request(1, Method::GET, &format!("/api/rooms/{room}/messages"), Some(&amy.token), None).await.ok();
+    let h = h["messages"].as_array().or(h.as_array()).unwrap().clone();
+    assert_eq!(h.iter().map(|m| m["seq"].clone()).collect::<Vec<_>>(), vec![json!(1), json!(2), json!(3), json!(4)]);
+    assert_eq!((&h[0]["message"], &h[1]["deleted"], h[1].get("message")), (&json!("page 43?"), &json!(true), None));
+    // After leaving, the sender may still delete (not edit) their message.
+    c.request(0, Method::POST, &format!("/api/rooms/{room}/leave"), Some(&amy.token), None).await.ok();
+    let r = c.request(0, Method::PATCH, &path(&first), Some(&amy.token), Some(post("x"))).await;
+    assert_eq!(r.status.as_u16(), 403, "{}", r.body);
+    c.request(0, Method::DELETE, &path(&first), Some(&amy.token), None).await.ok();
+    if !c.is_embedded() {
+        let history = c.request(1, Method::GET, &format!("/api/rooms/{room}/messages"), Some(&bob.token), None).await.ok();
+        let out = c.natter(&["rebuild", "all"]).await;
+        assert!(out.contains("mongo-views rebuilt"), "{out}");
+        assert_eq!(c.request(0, Method::GET, &format!("/api/rooms/{room}/messages"), Some(&bob.token), None).await.ok(), history);
+        assert_eq!(unread(&dave).await, 2, "bob's two; amy's both deleted");
+    }
+}

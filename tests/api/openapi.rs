@@ -27,6 +27,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/rooms/{id}/leave"),
     ("get", "/api/rooms/{id}/messages"),
     ("post", "/api/rooms/{id}/messages"),
+    ("patch", "/api/rooms/{id}/messages/{messageId}"),
+    ("delete", "/api/rooms/{id}/messages/{messageId}"),
     ("get", "/api/rooms/{id}/users"),
     ("get", "/healthz"),
     ("get", "/readyz"),
@@ -73,7 +75,7 @@ async fn the_api_description_is_valid_and_describes_every_route_served() {
     assert_eq!(operations(&doc), expected);
     // ...and each is served: no "no such route" 404, no 405.
     for (method, path) in operations(&doc) {
-        let url_path = path.replace("{id}", "01a21c30-0000-7000-8000-000000000000");
+        let url_path = path.replace("{id}", "01a21c30-0000-7000-8000-000000000000").replace("{messageId}", "01a21c30-0000-7000-8000-000000000001");
         let r = c.request(0, method.to_uppercase().parse().unwrap(), &url_path, None, None).await;
         assert_ne!(r.status.as_u16(), 405, "{method} {path} is described but not served");
         assert!(!(r.status.as_u16() == 404 && r.body["message"] == json!("no such route")), "{method} {path} is described but not served");
