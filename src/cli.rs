@@ -199,7 +199,7 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
     let versions = Versions::open(db, connect_redis(redis_url, cfg.distributed.store_timeout).await?, &cfg.distributed.redis_prefix, None).await?;
     let (views, counts) = (versions.views.clone(), versions.counts.clone());
     let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), Arc::new(log.clone()), &cfg.distributed.stream, &cfg.log.subject_prefix, (&cfg.push).into(), None).await?;
-    let fanout = Arc::new(FanOut::new(Arc::new(bus), cfg.log.subject_prefix.clone(), Arc::new(log.clone()), cfg.push.announce_max));
+    let fanout = Arc::new(FanOut::new(Arc::new(bus), cfg.log.subject_prefix.clone(), Arc::new(log.clone()), views.clone(), cfg.push.announce_max));
     let projections: [Arc<dyn Projection>; 3] = [views, counts, fanout];
     let stream = log.jetstream().get_stream(parked_stream(&cfg.distributed.stream)).await?;
     let (mut fixed, mut still) = (0, 0);

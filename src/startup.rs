@@ -137,9 +137,9 @@ pub async fn start(cfg: Config, listener: tokio::net::TcpListener) -> anyhow::Re
     let commands = Commands::new(log.clone(), views.clone(), counts.clone(), cfg.log.subject_prefix.clone(), cfg.limits.clone(), metrics.clone(), progress);
     let prefix = cfg.log.subject_prefix.clone();
     let fanout = if runner.in_log_order() {
-        FanOut::in_order(bus.clone(), prefix, log.clone(), cfg.push.announce_max)
+        FanOut::in_order(bus.clone(), prefix, log.clone(), views.clone(), cfg.push.announce_max)
     } else {
-        FanOut::new(bus.clone(), prefix, log.clone(), cfg.push.announce_max)
+        FanOut::new(bus.clone(), prefix, log.clone(), views.clone(), cfg.push.announce_max)
     };
     let mut projections = projections;
     projections.push(Arc::new(fanout));

@@ -3,9 +3,9 @@
 //! pushed over a socket is the message REST returns, and the description
 //! (`/api/openapi.json`, derived from these types) cannot drift from them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use natter_projections::{MessageView, RoomMessageView, RoomView, UserView};
+use natter_projections::{MessageView, Reactions, RoomMessageView, RoomView, UserView};
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -49,6 +49,44 @@ pub struct Message {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     #[schema(required = false)]
     pub deleted: bool,
+    /// Emoji → how many set it (absent while none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reactions: Option<BTreeMap<String, Reaction>>,
+}
+
+/// One emoji's reactions on a message.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reaction {
+    pub count: usize,
+    /// Who set it, while at most [`REACTION_USERS`] did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_ids: Option<Vec<String>>,
+    /// Whether the caller set it (REST answers; a push is shared, so it
+    /// has `userIds` instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub me: Option<bool>,
+}
+
+/// Most users a reaction names.
+pub const REACTION_USERS: usize = 20;
+
+/// The client shape of a message's reactions, as seen by `caller` (`None`:
+/// a push, shared by every recipient); `None` when there are none.
+pub fn reactions_of(r: Option<&Reactions>, caller: Option<&str>) -> Option<BTreeMap<String, Reaction>> {
+    let r = r.filter(|r| !r.is_empty())?;
+    Some(
+        r.iter()
+            .map(|(emoji, users)| {
+                let reaction = Reaction {
+                    count: users.len(),
+                    user_ids: (users.len() <= REACTION_USERS).then(|| users.clone()),
+                    me: caller.map(|c| users.iter().any(|u| u == c)),
+                };
+                (emoji.clone(), reaction)
+            })
+            .collect(),
+    )
 }
 
 /// What a reply carries of the message it answers.
@@ -82,7 +120,14 @@ impl Message {
             reply_to: ReplyTo::of(&m.reply_to),
             edited_at: m.edited_at.clone(),
             deleted: m.deleted,
+            reactions: None,
         }
+    }
+
+    /// With the message's reactions as `caller` sees them (none on a tombstone).
+    pub fn with_reactions(mut self, r: Option<&Reactions>, caller: Option<&str>) -> Message {
+        self.reactions = if self.deleted { None } else { reactions_of(r, caller) };
+        self
     }
 }
 
@@ -95,7 +140,7 @@ pub fn content_of<'a>(event: &str, data: &'a Value) -> Option<&'a str> {
 /// Turns a pushed message into its tombstone: no content, `deleted: true`.
 pub fn tombstone(data: &mut Value) {
     if let Some(fields) = data.as_object_mut() {
-        for f in ["message", "attachment", "replyTo", "editedAt"] {
+        for f in ["message", "attachment", "replyTo", "editedAt", "reactions"] {
             fields.remove(f);
         }
         fields.insert("deleted".into(), Value::Bool(true));
@@ -135,6 +180,9 @@ pub struct RoomMessage {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     #[schema(required = false)]
     pub deleted: bool,
+    /// Emoji → how many set it (absent while none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reactions: Option<BTreeMap<String, Reaction>>,
 }
 
 impl RoomMessage {
@@ -151,7 +199,14 @@ impl RoomMessage {
             reply_to: ReplyTo::of(&m.reply_to),
             edited_at: m.edited_at.clone(),
             deleted: m.deleted,
+            reactions: None,
         }
+    }
+
+    /// With the message's reactions as `caller` sees them (none on a tombstone).
+    pub fn with_reactions(mut self, r: Option<&Reactions>, caller: Option<&str>) -> RoomMessage {
+        self.reactions = if self.deleted { None } else { reactions_of(r, caller) };
+        self
     }
 }
 

@@ -226,6 +226,26 @@ pub type MessageEdited = MessageRevised;
 /// A direct message's sender deleted it for everyone.
 pub type MessageDeleted = MessageRevised;
 
+/// A user set (`on: true`) or took back a reaction `emoji` on a message,
+/// direct or in a room. Appended on the message's own conversation subject
+/// (so it is fanned out in order with it), it carries what that subject's
+/// newest event must say: a direct conversation's `state` (unchanged) or a
+/// room's newest message seq (`lastSeq`). The views keep one mark per
+/// (message, user, emoji), the newest change winning, so counts are exact
+/// whatever the order or duplication of these events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReactionChanged {
+    pub message_id: String,
+    pub user_id: String,
+    pub emoji: String,
+    pub on: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<DmState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
+}
+
 /// A reader's watermark moved forward: every message with `seq <= up_to_seq`
 /// is seen by them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,7 +21,7 @@ use serde_json::Value;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::{BlockChanged, MemberJoined, MemberLeft, MessageDeleted, MessageEdited, MessageSent, MessagesSeen, RoomMessageDeleted, RoomMessageEdited, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
+use crate::{BlockChanged, MemberJoined, MemberLeft, MessageDeleted, MessageEdited, MessageSent, MessagesSeen, ReactionChanged, RoomMessageDeleted, RoomMessageEdited, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
 
 /// Current schema version of an event type (what it is written as when it
 /// fits: see [`crate::compact`]).
@@ -56,6 +56,7 @@ pub enum Event {
     MessageDeleted(MessageDeleted),
     RoomMessageEdited(RoomMessageEdited),
     RoomMessageDeleted(RoomMessageDeleted),
+    ReactionChanged(ReactionChanged),
 }
 
 impl Event {
@@ -67,6 +68,7 @@ impl Event {
             Event::MessagesSeen(e) => Some(&e.state),
             Event::BlockChanged(e) => Some(&e.state),
             Event::MessageEdited(e) | Event::MessageDeleted(e) => Some(&e.message.state),
+            Event::ReactionChanged(e) => e.state.as_ref(),
             _ => None,
         }
     }
@@ -78,7 +80,7 @@ macro_rules! event_types {
     ($m:ident) => {
         $m! {
             UserRegistered, MessageSent, MessagesSeen, RoomCreated, MemberJoined, MemberLeft, RoomRead, RoomMessageSent, BlockChanged,
-            MessageEdited, MessageDeleted, RoomMessageEdited, RoomMessageDeleted
+            MessageEdited, MessageDeleted, RoomMessageEdited, RoomMessageDeleted, ReactionChanged
         }
     };
 }

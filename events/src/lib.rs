@@ -14,7 +14,8 @@
 //! - `compact`: the compact stored form of a direct message
 //!   (`MessageSent` v3), read and written with its envelope.
 //! - [`dm`]: direct-message events ([`MessageSent`], [`MessagesSeen`],
-//!   [`BlockChanged`], [`MessageEdited`], [`MessageDeleted`]) and the
+//!   [`BlockChanged`], [`MessageEdited`], [`MessageDeleted`],
+//!   [`ReactionChanged`], which rooms share) and the
 //!   conversation state snapshot ([`DmState`]) each of them carries, so that
 //!   projections are arithmetic rather than queries.
 //!
@@ -31,7 +32,7 @@ pub mod room;
 pub mod subjects;
 
 pub use account::UserRegistered;
-pub use dm::{BlockChanged, DmState, MAX_UNSEEN_DELETED, MessageDeleted, MessageEdited, MessageRevised, MessageSent, MessagesSeen, ReplyRef, Side};
+pub use dm::{BlockChanged, DmState, MAX_UNSEEN_DELETED, MessageDeleted, MessageEdited, MessageRevised, MessageSent, MessagesSeen, ReactionChanged, ReplyRef, Side};
 pub use envelope::{DecodeError, Envelope, Event, StoredEvent, current_version};
 pub use ids::{IdError, validate_id};
 pub use room::{

@@ -138,6 +138,14 @@ fn message_deleted_v1() {
 }
 
 #[test]
+fn reaction_changed_v1() {
+    let env = fixture("v1/ReactionChanged.json");
+    let Event::ReactionChanged(e) = env.event else { panic!("wrong type") };
+    assert_eq!((e.user_id.as_str(), e.emoji.as_str(), e.on, e.last_seq), ("bob", "👍", true, None));
+    assert_eq!(e.state.expect("a direct conversation's state").unseen("bob", "amy"), 1);
+}
+
+#[test]
 fn room_events_v1() {
     let Event::RoomCreated(e) = fixture("v1/RoomCreated.json").event else { panic!("wrong type") };
     assert_eq!((e.name.as_str(), e.created_by.as_str()), ("Algebra study group", "amy"));
@@ -180,7 +188,7 @@ fn there_is_a_fixture_for_every_event_type_and_version() {
         fixtures().iter().map(|f| (stored(f)["type"].as_str().unwrap().to_owned(), stored(f)["v"].as_u64().unwrap())).collect();
     have.sort();
     let mut want = Vec::new();
-    for kind in ["BlockChanged", "MemberJoined", "MemberLeft", "MessageDeleted", "MessageEdited", "MessageSent", "MessagesSeen", "RoomCreated", "RoomMessageDeleted", "RoomMessageEdited", "RoomMessageSent", "RoomRead", "UserRegistered"] {
+    for kind in ["BlockChanged", "MemberJoined", "MemberLeft", "MessageDeleted", "MessageEdited", "MessageSent", "MessagesSeen", "ReactionChanged", "RoomCreated", "RoomMessageDeleted", "RoomMessageEdited", "RoomMessageSent", "RoomRead", "UserRegistered"] {
         for v in 1..=natter_events::current_version(kind) {
             want.push((kind.to_owned(), u64::from(v)));
         }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use natter_events::{
-    BlockChanged, DmState, Envelope, Event, MemberJoined, MemberLeft, MessageRevised, MessageSent, MessagesSeen, RoomCreated, RoomMessageRevised, RoomMessageSent,
+    BlockChanged, DmState, Envelope, Event, MemberJoined, MemberLeft, MessageRevised, MessageSent, MessagesSeen, ReactionChanged, RoomCreated, RoomMessageRevised, RoomMessageSent,
     RoomRead, UserRegistered,
     subjects,
 };
@@ -43,6 +43,8 @@ pub struct History {
     room_wm: HashMap<(String, String), u64>,
     /// room → its messages: (send event, its time, its command id, deleted)
     room_sent: HashMap<String, Vec<(RoomMessageSent, chrono::DateTime<chrono::Utc>, String, bool)>>,
+    /// (message, user, emoji) → set, as the newest change left it
+    reactions: BTreeMap<(String, String, String), bool>,
 }
 
 impl History {
@@ -60,6 +62,7 @@ impl History {
             members: HashMap::new(),
             room_wm: HashMap::new(),
             room_sent: HashMap::new(),
+            reactions: BTreeMap::new(),
         };
         for i in 0..users {
             let user_id = format!("u{i}-{}", uuid::Uuid::now_v7().simple());
@@ -160,6 +163,59 @@ impl History {
         self.sent.get_mut(&conversation).expect("a conversation")[i].deleted = true;
         let subject = subjects::dm(&self.prefix, &sender, &to);
         self.push(format!("{sender}:delete:{}", uuid::Uuid::now_v7()), subject, Event::MessageDeleted(event));
+    }
+
+    /// `user` sets (`on`) or takes back reaction `emoji` on the `nth`
+    /// (modulo) message of their conversation with `peer`; nothing when it
+    /// is already so (as the command side decides).
+    pub fn react(&mut self, user: usize, peer: usize, nth: usize, emoji: &str, on: bool) {
+        let (user, peer) = (self.users[user].clone(), self.users[peer].clone());
+        let conversation = subjects::dm_conversation(&user, &peer);
+        let Some(all) = self.sent.get(&conversation).filter(|a| !a.is_empty()) else { return };
+        let m = &all[nth % all.len()];
+        let key = (m.event.message_id.clone(), user.clone(), emoji.to_owned());
+        if m.deleted || self.reactions.get(&key).copied().unwrap_or(false) == on {
+            return;
+        }
+        let state = Some(self.state(&user, &peer));
+        let event = ReactionChanged { message_id: key.0.clone(), user_id: user.clone(), emoji: emoji.to_owned(), on, state, last_seq: None };
+        self.reactions.insert(key, on);
+        let subject = subjects::dm(&self.prefix, &user, &peer);
+        self.push(format!("{user}:react:{}", uuid::Uuid::now_v7()), subject, Event::ReactionChanged(event));
+    }
+
+    /// `user` reacts (`on`) or takes it back on the `nth` message of the
+    /// `room`th room.
+    pub fn room_react(&mut self, user: usize, room: usize, nth: usize, emoji: &str, on: bool) {
+        if self.rooms.is_empty() {
+            return;
+        }
+        let (user, room) = (self.users[user].clone(), self.rooms[room % self.rooms.len()].clone());
+        let Some(all) = self.room_sent.get(&room).filter(|a| !a.is_empty()) else { return };
+        let m = &all[nth % all.len()];
+        let key = (m.0.message_id.clone(), user.clone(), emoji.to_owned());
+        if m.3 || self.reactions.get(&key).copied().unwrap_or(false) == on {
+            return;
+        }
+        let last_seq = Some(self.room_last.get(&room).copied().unwrap_or(0));
+        let event = ReactionChanged { message_id: key.0.clone(), user_id: user.clone(), emoji: emoji.to_owned(), on, state: None, last_seq };
+        self.reactions.insert(key, on);
+        self.push(format!("{user}:react:{}", uuid::Uuid::now_v7()), subjects::room(&self.prefix, &room), Event::ReactionChanged(event));
+    }
+
+    /// Reactions by definition: for each message with any, emoji → the
+    /// users whose newest change set it.
+    pub fn expected_reactions(&self) -> BTreeMap<String, crate::Reactions> {
+        let mut out: BTreeMap<String, crate::Reactions> = BTreeMap::new();
+        for ((m, u, e), on) in &self.reactions {
+            if *on {
+                out.entry(m.clone()).or_default().entry(e.clone()).or_default().push(u.clone());
+            }
+        }
+        for r in out.values_mut() {
+            r.values_mut().for_each(|users| users.sort());
+        }
+        out
     }
 
     /// The ids of every deleted message, direct or in a room.
@@ -410,6 +466,8 @@ pub struct Snapshot {
     pub room_unread: BTreeMap<String, BTreeMap<String, u64>>,
     /// user → the users they have blocked
     pub blocked: BTreeMap<String, Vec<String>>,
+    /// message → its reactions (messages with any)
+    pub reactions: BTreeMap<String, crate::Reactions>,
 }
 
 /// Reads the views of `users`, `conversations` and `rooms` back through the ports.
@@ -456,5 +514,8 @@ pub async fn snapshot(
         theirs.sort();
         blocked.insert(u.clone(), theirs);
     }
-    Ok(Snapshot { users: all_users, conversations: convs, unseen, rooms: room_views, room_unread, blocked })
+    let mut ids: Vec<String> = convs.values().flat_map(|(m, _)| m.iter().map(|m| m.id.clone())).collect();
+    ids.extend(room_views.values().flat_map(|(_, _, m)| m.iter().map(|m| m.id.clone())));
+    let reactions = views.reactions(&ids).await?.into_iter().collect();
+    Ok(Snapshot { users: all_users, conversations: convs, unseen, rooms: room_views, room_unread, blocked, reactions })
 }

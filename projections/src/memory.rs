@@ -28,6 +28,8 @@ struct Views {
     room_by_seq: BTreeMap<(String, u64), String>,
     /// (user, other) → position × 2 + blocked, of the newest block change.
     blocks: BTreeMap<(String, String), u64>,
+    /// (message, user, emoji) → position × 2 + on, of the newest change.
+    reactions: BTreeMap<(String, String, String), u64>,
 }
 
 #[derive(Default)]
@@ -133,6 +135,10 @@ impl ViewStore for MemoryViews {
                 let slot = v.blocks.entry((e.user_id.clone(), e.other_id.clone())).or_insert(0);
                 *slot = (*slot).max(crate::views::block_mark(env.position, e.blocked));
             }
+            Event::ReactionChanged(e) => {
+                let slot = v.reactions.entry((e.message_id.clone(), e.user_id.clone(), e.emoji.clone())).or_insert(0);
+                *slot = (*slot).max(crate::views::reaction_mark(env.position, e.on));
+            }
         }
         Ok(())
     }
@@ -186,6 +192,27 @@ impl ViewStore for MemoryViews {
             .filter(|id| v.messages.get(*id).is_some_and(|m| m.deleted) || v.room_messages.get(*id).is_some_and(|m| m.deleted))
             .cloned()
             .collect())
+    }
+
+    async fn reactions(&self, ids: &[String]) -> Result<HashMap<String, crate::Reactions>, StoreError> {
+        let v = self.lock();
+        let mut out: HashMap<String, crate::Reactions> = HashMap::new();
+        for id in ids {
+            let of_id = v.reactions.range((id.clone(), String::new(), String::new())..).take_while(|((m, _, _), _)| m == id);
+            for ((_, user, emoji), mark) in of_id {
+                if mark % 2 == 1 {
+                    out.entry(id.clone()).or_default().entry(emoji.clone()).or_default().push(user.clone());
+                }
+            }
+        }
+        for r in out.values_mut() {
+            r.values_mut().for_each(|users| users.sort());
+        }
+        Ok(out)
+    }
+
+    async fn reaction_mark(&self, message: &str, user: &str, emoji: &str) -> Result<u64, StoreError> {
+        Ok(self.lock().reactions.get(&(message.to_owned(), user.to_owned(), emoji.to_owned())).copied().unwrap_or(0))
     }
 
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {

@@ -51,6 +51,7 @@ pub struct MongoViews {
     members: Collection<Document>,
     room_messages: Collection<RoomMessageView>,
     blocks: Collection<Document>,
+    reactions: Collection<Document>,
     /// Whether the last batch found none of its documents there (a
     /// rebuild, or a catch-up after the stores were down): the next one is
     /// inserted without looking first.
@@ -96,7 +97,7 @@ impl MongoViews {
         if version <= 1 { base.to_owned() } else { format!("{base}_v{version}") }
     }
 
-    pub const COLLECTIONS: [&'static str; 7] = ["users", "messages", "conversations", "rooms", "room_members", "room_messages", "blocks"];
+    pub const COLLECTIONS: [&'static str; 8] = ["users", "messages", "conversations", "rooms", "room_members", "room_messages", "blocks", "reactions"];
 
     /// Opens version `version` of the views in `db` (creating its indexes).
     pub async fn open_version(db: &Database, version: u32) -> Result<Self, StoreError> {
@@ -110,10 +111,11 @@ impl MongoViews {
             members: db.collection(&name("room_members")),
             room_messages: db.collection(&name("room_messages")),
             blocks: db.collection(&name("blocks")),
+            reactions: db.collection(&name("reactions")),
             expect_new: Default::default(),
         };
         let unique = || Some(IndexOptions::builder().unique(true).build());
-        let indexes: [(&Collection<Document>, Document, Option<IndexOptions>); 7] = [
+        let indexes: [(&Collection<Document>, Document, Option<IndexOptions>); 8] = [
             (&views.users.clone_with_type(), doc! {"email": 1}, unique()),
             (&views.messages.clone_with_type(), doc! {"commandId": 1}, unique()),
             (&views.messages.clone_with_type(), doc! {"conversation": 1, "seq": 1}, unique()),
@@ -121,6 +123,7 @@ impl MongoViews {
             (&views.room_messages.clone_with_type(), doc! {"roomId": 1, "seq": 1}, unique()),
             (&views.members, doc! {"roomId": 1}, None),
             (&views.blocks, doc! {"user": 1}, None),
+            (&views.reactions, doc! {"m": 1}, None),
         ];
         for (collection, keys, options) in indexes {
             collection
@@ -176,14 +179,27 @@ impl MongoViews {
 
     /// Records a block change; a newer one already there wins (`$max`).
     async fn set_block(&self, user: &str, other: &str, blocked: bool, position: u64) -> Result<(), ApplyError> {
-        let id = format!("{user}:{other}");
         let mark = crate::views::block_mark(position, blocked) as i64;
-        let update = doc! {"$max": {"b": mark}, "$setOnInsert": {"user": user, "other": other}};
-        match self.blocks.update_one(doc! {"_id": &id}, update.clone()).upsert(true).await {
+        Self::raise_mark(&self.blocks, &format!("{user}:{other}"), "b", mark, doc! {"user": user, "other": other}).await
+    }
+
+    /// Records a reaction change of (message, user, emoji); a newer one
+    /// already there wins (`$max`).
+    async fn set_reaction(&self, e: &natter_events::ReactionChanged, position: u64) -> Result<(), ApplyError> {
+        let mark = crate::views::reaction_mark(position, e.on) as i64;
+        let id = format!("{}:{}:{}", e.message_id, e.user_id, e.emoji);
+        Self::raise_mark(&self.reactions, &id, "r", mark, doc! {"m": &e.message_id, "u": &e.user_id, "e": &e.emoji}).await
+    }
+
+    /// Raises field `field` of document `id` to `mark` (`$max`), creating
+    /// it with `fields` if it is not there.
+    async fn raise_mark(coll: &Collection<Document>, id: &str, field: &str, mark: i64, fields: Document) -> Result<(), ApplyError> {
+        let update = doc! {"$max": {field: mark}, "$setOnInsert": fields};
+        match coll.update_one(doc! {"_id": id}, update).upsert(true).await {
             Ok(_) => Ok(()),
             // Two writers inserting at once: the document is there now.
             Err(e) if is_duplicate_key(&e) => {
-                self.blocks.update_one(doc! {"_id": &id}, doc! {"$max": {"b": mark}}).await.map_err(unavailable)?;
+                coll.update_one(doc! {"_id": id}, doc! {"$max": {field: mark}}).await.map_err(unavailable)?;
                 Ok(())
             }
             Err(e) => Err(unavailable(e).into()),
@@ -306,6 +322,7 @@ impl ViewStore for MongoViews {
                 Ok(())
             }
             Event::BlockChanged(e) => self.set_block(&e.user_id, &e.other_id, e.blocked, env.position).await,
+            Event::ReactionChanged(e) => self.set_reaction(e, env.position).await,
         }
     }
 
@@ -373,6 +390,29 @@ impl ViewStore for MongoViews {
         let (direct, room) =
             futures::join!(deleted(self.messages.clone_with_type::<Document>()), deleted(self.room_messages.clone_with_type::<Document>()));
         Ok([direct?, room?].concat())
+    }
+
+    async fn reactions(&self, ids: &[String]) -> Result<HashMap<String, crate::Reactions>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let docs: Vec<Document> = self.reactions.find(doc! {"m": {"$in": ids}}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
+        let mut out: HashMap<String, crate::Reactions> = HashMap::new();
+        for d in &docs {
+            let mark = d.get_i64("r").ok().or_else(|| d.get_i32("r").ok().map(i64::from)).unwrap_or(0);
+            if let (1, Ok(m), Ok(u), Ok(e)) = (mark % 2, d.get_str("m"), d.get_str("u"), d.get_str("e")) {
+                out.entry(m.to_owned()).or_default().entry(e.to_owned()).or_default().push(u.to_owned());
+            }
+        }
+        for r in out.values_mut() {
+            r.values_mut().for_each(|users| users.sort());
+        }
+        Ok(out)
+    }
+
+    async fn reaction_mark(&self, message: &str, user: &str, emoji: &str) -> Result<u64, StoreError> {
+        let d = self.reactions.find_one(doc! {"_id": format!("{message}:{user}:{emoji}")}).await.map_err(unavailable)?;
+        Ok(d.and_then(|d| d.get_i64("r").ok().or_else(|| d.get_i32("r").ok().map(i64::from))).unwrap_or(0).max(0) as u64)
     }
 
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
@@ -547,6 +587,7 @@ impl Projection for MongoViews {
         let mut memberships = Vec::new();
         let mut blocks = Vec::new();
         let mut revisions = Vec::new();
+        let mut reactions = Vec::new();
         for (env, _) in batch {
             match &env.event {
                 Event::MessageEdited(_) | Event::MessageDeleted(_) | Event::RoomMessageEdited(_) | Event::RoomMessageDeleted(_) => revisions.push(*env),
@@ -558,6 +599,7 @@ impl Projection for MongoViews {
                 Event::MemberLeft(e) => memberships.push((&e.room_id, &e.user_id, false, env.position)),
                 Event::RoomRead(_) => {}
                 Event::BlockChanged(e) => blocks.push((&e.user_id, &e.other_id, e.blocked, env.position)),
+                Event::ReactionChanged(e) => reactions.push((e, env.position)),
                 Event::MessagesSeen(e) => {
                     let fields = marks.entry(subjects::dm_conversation(&e.reader_id, &e.peer_id)).or_default();
                     let field = format!("{WATERMARK}{}", e.reader_id);
@@ -573,6 +615,9 @@ impl Projection for MongoViews {
             // Block changes are rare: one by one, beside the read marks.
             for (user, other, blocked, position) in blocks {
                 self.set_block(user, other, blocked, position).await?;
+            }
+            for (e, position) in reactions {
+                self.set_reaction(e, position).await?;
             }
             for (conversation, fields) in marks {
                 self.conversations.update_one(doc! {"_id": conversation}, doc! {"$max": fields}).upsert(true).await.map_err(unavailable)?;

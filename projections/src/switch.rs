@@ -181,6 +181,12 @@ impl<T: ViewStore + 'static> ViewStore for Switch<T> {
     async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
         self.read(self.active().deleted_among(ids)).await
     }
+    async fn reactions(&self, ids: &[String]) -> Result<HashMap<String, crate::Reactions>, StoreError> {
+        self.read(self.active().reactions(ids)).await
+    }
+    async fn reaction_mark(&self, message: &str, user: &str, emoji: &str) -> Result<u64, StoreError> {
+        self.read(self.active().reaction_mark(message, user, emoji)).await
+    }
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
         self.read(self.active().blocked_among(user, others)).await
     }

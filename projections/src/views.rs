@@ -259,6 +259,15 @@ pub fn block_mark(position: u64, blocked: bool) -> u64 {
     position * 2 + u64::from(blocked)
 }
 
+/// The reactions on one message: emoji → the users who set it, sorted.
+pub type Reactions = std::collections::BTreeMap<String, Vec<String>>;
+
+/// A reaction change as one number that only grows on its subject (like
+/// [`block_mark`]): the newest change of a (message, user, emoji) wins.
+pub fn reaction_mark(position: u64, on: bool) -> u64 {
+    block_mark(position, on)
+}
+
 /// Users, messages and read watermarks (MongoDB in production).
 #[async_trait]
 pub trait ViewStore: Send + Sync {
@@ -281,6 +290,10 @@ pub trait ViewStore: Send + Sync {
     /// Those of `ids` that are deleted direct messages (one bounded read):
     /// a replay serves their retained deliveries as tombstones.
     async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;
+    /// The reactions on each of `ids` that has any (one bounded read).
+    async fn reactions(&self, ids: &[String]) -> Result<HashMap<String, Reactions>, StoreError>;
+    /// The newest reaction mark applied for (message, user, emoji) (0: none).
+    async fn reaction_mark(&self, message: &str, user: &str, emoji: &str) -> Result<u64, StoreError>;
     /// Those of `others` whom `user` has blocked (one bounded read).
     async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError>;
 

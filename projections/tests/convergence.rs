@@ -24,7 +24,11 @@ enum Op {
     Delete(usize, usize, usize),
     RoomEdit(usize, usize, usize),
     RoomDelete(usize, usize, usize),
+    React(usize, usize, usize, usize, bool),
+    RoomReact(usize, usize, usize, usize, bool),
 }
+
+const EMOJI: [&str; 3] = ["👍", "🎉", "❤️"];
 
 fn op(users: usize) -> impl Strategy<Value = Op> {
     prop_oneof![
@@ -41,6 +45,8 @@ fn op(users: usize) -> impl Strategy<Value = Op> {
         2 => (0..users, 0..users, 0..20usize).prop_map(|(a, b, n)| Op::Delete(a, b, n)),
         1 => (0..users, 0..4usize, 0..20usize).prop_map(|(a, r, n)| Op::RoomEdit(a, r, n)),
         2 => (0..users, 0..4usize, 0..20usize).prop_map(|(a, r, n)| Op::RoomDelete(a, r, n)),
+        2 => (0..users, 0..users, 0..20usize, 0..3usize, any::<bool>()).prop_map(|(a, b, n, e, on)| Op::React(a, b, n, e, on)),
+        2 => (0..users, 0..4usize, 0..20usize, 0..3usize, any::<bool>()).prop_map(|(a, r, n, e, on)| Op::RoomReact(a, r, n, e, on)),
     ]
 }
 
@@ -61,6 +67,8 @@ fn build(users: usize, ops: &[Op]) -> History {
             Op::Delete(a, b, n) if a != b => h.delete(a, b, n),
             Op::RoomEdit(a, r, n) => h.room_edit(a, r, n),
             Op::RoomDelete(a, r, n) => h.room_delete(a, r, n),
+            Op::React(a, b, n, e, on) if a != b => h.react(a, b, n, EMOJI[e], on),
+            Op::RoomReact(a, r, n, e, on) => h.room_react(a, r, n, EMOJI[e], on),
             _ => {}
         }
     }
@@ -130,6 +138,7 @@ proptest! {
             let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
             prop_assert_eq!(seqs, (1..=messages.len() as u64).collect::<Vec<_>>());
         }
+        prop_assert_eq!(&clean.reactions, &h.expected_reactions(), "reactions equal their definition");
         // Deleted messages are tombstones without content; no other is.
         let deleted = h.deleted();
         for m in clean.conversations.values().flat_map(|(messages, _)| messages) {

@@ -7,6 +7,8 @@
 //! - `PATCH /api/messages/{messageId}/seen`: that message and all before it.
 //! - `PATCH /api/messages/{messageId}` `{message}`: its sender edits it.
 //! - `DELETE /api/messages/{messageId}`: its sender deletes it for everyone.
+//! - `PUT`/`DELETE /api/messages/{messageId}/reactions/{emoji}`: a
+//!   participant sets or takes back a reaction.
 //!
 //! The caller is always the token's `sub`; a `senderId` in a body is ignored.
 
@@ -64,7 +66,12 @@ async fn history(
         node.views().watermarks(&conversation)
     );
     let (page, marks) = (page?, marks?);
-    let out = page.iter().map(|m| Message::new(m, marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq))).collect();
+    let ids: Vec<String> = page.iter().map(|m| m.id.clone()).collect();
+    let reactions = node.views().reactions(&ids).await?;
+    let out = page
+        .iter()
+        .map(|m| Message::new(m, marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq)).with_reactions(reactions.get(&m.id), Some(&me)))
+        .collect();
     Ok(Json(out))
 }
 
@@ -155,7 +162,9 @@ struct EditBody {
 async fn revised(node: &AppState, me: String, id: String, change: Change, what: &str) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&me)?;
     let done = node.commands.revise(&me, &id, change).await?;
-    Ok(Json(SentMessage { success: true, message: format!("Message {what} Successfully"), data: Message::new(&done.message, done.seen) }))
+    let reactions = node.views().reactions(std::slice::from_ref(&done.message.id)).await?;
+    let data = Message::new(&done.message, done.seen).with_reactions(reactions.get(&done.message.id), Some(&me));
+    Ok(Json(SentMessage { success: true, message: format!("Message {what} Successfully"), data }))
 }
 
 /// Edit a message (its sender only): it keeps its `_id` and `seq` and gains
@@ -190,6 +199,41 @@ async fn delete(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(i
     revised(&node, me, id, Change::Delete, "Deleted").await
 }
 
+async fn reacted(node: &AppState, me: String, (id, emoji): (String, String), on: bool) -> Result<Json<SentMessage>, ApiError> {
+    node.rate.send(&me)?;
+    let (m, seen, reactions) = node.commands.react(&me, &id, &emoji, on).await?;
+    let data = Message::new(&m, seen).with_reactions(Some(&reactions), Some(&me));
+    Ok(Json(SentMessage { success: true, message: "Reaction Saved Successfully".into(), data }))
+}
+
+/// React to a message of one's conversation: both sides get
+/// `messageUpdated` with its `reactions`. Setting what is set changes nothing.
+#[utoipa::path(put, path = "/api/messages/{id}/reactions/{emoji}", operation_id = "react", tag = "direct messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the message's `_id`"), ("emoji" = String, Path, description = "one emoji (URL-encoded)")),
+    responses((status = 200, body = SentMessage, description = "the message with its reactions"),
+        (status = 400, body = ErrorBody, description = "not an emoji"),
+        (status = 403, body = ErrorBody, description = "`blocked`: one of the two blocked the other"),
+        (status = 404, body = ErrorBody, description = "no such message in the caller's conversations"),
+        (status = 409, body = ErrorBody, description = "the message was deleted, or holds 20 different emoji already")))]
+async fn react(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(path): ApiPath<(String, String)>) -> Result<Json<SentMessage>, ApiError> {
+    reacted(&node, me, path, true).await
+}
+
+/// Take back one's reaction (nothing changes if there was none).
+#[utoipa::path(delete, path = "/api/messages/{id}/reactions/{emoji}", operation_id = "unreact", tag = "direct messages", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the message's `_id`"), ("emoji" = String, Path, description = "one emoji (URL-encoded)")),
+    responses((status = 200, body = SentMessage, description = "the message with its reactions"),
+        (status = 400, body = ErrorBody, description = "not an emoji"),
+        (status = 404, body = ErrorBody, description = "no such message in the caller's conversations"),
+        (status = 409, body = ErrorBody, description = "the message was deleted")))]
+async fn unreact(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(path): ApiPath<(String, String)>) -> Result<Json<SentMessage>, ApiError> {
+    reacted(&node, me, path, false).await
+}
+
 pub fn router() -> OpenApiRouter<Arc<AppState>> {
-    OpenApiRouter::new().routes(routes!(history, send, edit, delete)).routes(routes!(mark_seen)).routes(routes!(send_attachment))
+    OpenApiRouter::new()
+        .routes(routes!(history, send, edit, delete))
+        .routes(routes!(mark_seen))
+        .routes(routes!(send_attachment))
+        .routes(routes!(react, unreact))
 }

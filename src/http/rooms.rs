@@ -14,6 +14,8 @@
 //! - `POST /api/rooms/{id}/messages` `{message?, attachment?, clientMsgId?}`.
 //! - `PATCH /api/rooms/{id}/messages/{messageId}` `{message}` and `DELETE`
 //!   the same: its sender edits it, or deletes it for everyone.
+//! - `PUT`/`DELETE /api/rooms/{id}/messages/{messageId}/reactions/{emoji}`:
+//!   a member sets or takes back a reaction.
 //! - `GET /api/rooms/{id}/users` → `{success, users: [{_id, name}], count}`:
 //!   who is present now.
 
@@ -165,7 +167,9 @@ async fn history(
     }
     node.commands.read_room(&me, &id).await?;
     let messages = node.views().room_messages(&id, page.before, limit).await?;
-    Ok(Json(messages.iter().map(RoomMessage::new).collect()))
+    let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
+    let reactions = node.views().reactions(&ids).await?;
+    Ok(Json(messages.iter().map(|m| RoomMessage::new(m).with_reactions(reactions.get(&m.id), Some(&me))).collect()))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -219,7 +223,41 @@ async fn revised(node: &AppState, me: String, room: String, id: String, change: 
     room_or_404(node, &room).await?;
     node.rate.send(&me)?;
     let m = node.commands.revise_room(&me, &room, &id, change).await?;
-    Ok(Json(SentRoomMessage { success: true, message: format!("Message {what} Successfully"), data: RoomMessage::new(&m) }))
+    let reactions = node.views().reactions(std::slice::from_ref(&m.id)).await?;
+    let data = RoomMessage::new(&m).with_reactions(reactions.get(&m.id), Some(&me));
+    Ok(Json(SentRoomMessage { success: true, message: format!("Message {what} Successfully"), data }))
+}
+
+async fn reacted(node: &AppState, me: String, (room, id, emoji): (String, String, String), on: bool) -> Result<Json<SentRoomMessage>, ApiError> {
+    room_or_404(node, &room).await?;
+    node.rate.send(&me)?;
+    let (m, reactions) = node.commands.react_room(&me, &room, &id, &emoji, on).await?;
+    let data = RoomMessage::new(&m).with_reactions(Some(&reactions), Some(&me));
+    Ok(Json(SentRoomMessage { success: true, message: "Reaction Saved Successfully".into(), data }))
+}
+
+/// React to a room message (members): members get `messageUpdated` with its `reactions`.
+#[utoipa::path(put, path = "/api/rooms/{id}/messages/{messageId}/reactions/{emoji}", operation_id = "react_room", tag = "study rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = ROOM_ID), ("messageId" = String, Path, description = "the message's `_id`"), ("emoji" = String, Path, description = "one emoji (URL-encoded)")),
+    responses((status = 200, body = SentRoomMessage, description = "the message with its reactions"),
+        (status = 400, body = ErrorBody, description = "not an emoji"),
+        (status = 403, body = ErrorBody, description = "not a member"),
+        (status = 404, body = ErrorBody, description = "no such room, or no such message in it"),
+        (status = 409, body = ErrorBody, description = "the message was deleted, or holds 20 different emoji already")))]
+async fn react(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(path): ApiPath<(String, String, String)>) -> Result<Json<SentRoomMessage>, ApiError> {
+    reacted(&node, me, path, true).await
+}
+
+/// Take back one's reaction to a room message.
+#[utoipa::path(delete, path = "/api/rooms/{id}/messages/{messageId}/reactions/{emoji}", operation_id = "unreact_room", tag = "study rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = ROOM_ID), ("messageId" = String, Path, description = "the message's `_id`"), ("emoji" = String, Path, description = "one emoji (URL-encoded)")),
+    responses((status = 200, body = SentRoomMessage, description = "the message with its reactions"),
+        (status = 400, body = ErrorBody, description = "not an emoji"),
+        (status = 403, body = ErrorBody, description = "not a member"),
+        (status = 404, body = ErrorBody, description = "no such room, or no such message in it"),
+        (status = 409, body = ErrorBody, description = "the message was deleted")))]
+async fn unreact(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(path): ApiPath<(String, String, String)>) -> Result<Json<SentRoomMessage>, ApiError> {
+    reacted(&node, me, path, false).await
 }
 
 /// Edit a room message (its sender, a member): it keeps its `_id` and
@@ -274,5 +312,6 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(leave))
         .routes(routes!(history, send))
         .routes(routes!(edit, delete))
+        .routes(routes!(react, unreact))
         .routes(routes!(users))
 }

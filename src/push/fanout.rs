@@ -16,6 +16,9 @@
 //! - `RoomMessageEdited` / `RoomMessageDeleted` → `messageUpdated` /
 //!   `messageDeleted` (the room message, or its tombstone) to the room's
 //!   members as of that event, as a room message.
+//! - `ReactionChanged` → `messageUpdated` (the message with all its
+//!   reactions, read from the views once they hold the change: see
+//!   [`super::reactions`]) to both participants or to the room's members.
 //! - `MemberJoined` / `MemberLeft` → `member-joined` / `member-left`
 //!   `{roomId, userId}` to the user concerned (always, on their own chain:
 //!   it tells a reader their rooms) and, in rooms of at most `announce_max`
@@ -39,10 +42,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use natter_events::{Envelope, Event};
 
-use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView};
+use natter_projections::{ApplyError, MessageView, Projection, RoomMessageView, ViewStore};
 use serde_json::json;
 
 use super::members::Membership;
+use super::reactions::{ReactionPushes, Reacted};
 use super::{Payload, PushBus, To};
 use crate::log::EventLog;
 use crate::wire::{message_json, room_message_json};
@@ -60,6 +64,8 @@ pub struct FanOut {
     /// Rooms found larger than `announce_max`, and when (distributed
     /// only; see [`LARGE_FOR`]).
     large: Mutex<HashMap<String, Instant>>,
+    /// Reactions' pushes, read from the views.
+    reactions: ReactionPushes,
 }
 
 /// How long a room found larger than `announce_max` is taken to be, with
@@ -75,14 +81,16 @@ const LARGE_ROOMS: usize = 10_000;
 impl FanOut {
     /// A fan-out that may be handed any room's next event (distributed:
     /// any node may fan out the next event of a partition).
-    pub fn new(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>, announce_max: usize) -> FanOut {
-        FanOut { bus, members: Membership::new(log, prefix, false), announce_max, large: Mutex::default() }
+    pub fn new(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>, views: Arc<dyn ViewStore>, announce_max: usize) -> FanOut {
+        let reactions = ReactionPushes::new(views);
+        FanOut { bus, members: Membership::new(log, prefix, false), announce_max, large: Mutex::default(), reactions }
     }
 
     /// A fan-out fed every event in log order, from the first (embedded):
     /// a replay of the log makes the very same deliveries.
-    pub fn in_order(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>, announce_max: usize) -> FanOut {
-        FanOut { bus, members: Membership::new(log, prefix, true), announce_max, large: Mutex::default() }
+    pub fn in_order(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>, views: Arc<dyn ViewStore>, announce_max: usize) -> FanOut {
+        let reactions = ReactionPushes::new(views);
+        FanOut { bus, members: Membership::new(log, prefix, true), announce_max, large: Mutex::default(), reactions }
     }
 
     /// Whether `room` was found large within [`LARGE_FOR`] (never when
@@ -143,7 +151,12 @@ impl Projection for FanOut {
     }
 
     async fn apply_at(&self, env: &Envelope, log_seq: u64) -> Result<(), ApplyError> {
+        let reacted_room: String;
         let mut deliveries: Vec<(To, Payload)> = deliveries(env).into_iter().map(|(user, payload)| (To::User(user), payload)).collect();
+        if let Event::MessageEdited(e) = &env.event {
+            // An edited message's push shows its reactions too.
+            self.reactions.add_to(&e.message.message_id, &mut deliveries.iter_mut().map(|(_, p)| p).collect::<Vec<_>>()).await?;
+        }
         let room = match &env.event {
             Event::RoomMessageSent(e) => {
                 Some((&e.room_id, None, Payload { event: "message".into(), data: room_message_json(&RoomMessageView::from_event(env, e)) }))
@@ -151,8 +164,23 @@ impl Projection for FanOut {
             Event::RoomMessageEdited(e) | Event::RoomMessageDeleted(e) => {
                 let view = RoomMessageView::of(env).expect("a room message change");
                 let event = if view.deleted { "messageDeleted" } else { "messageUpdated" };
-                Some((&e.message.room_id, None, Payload { event: event.into(), data: room_message_json(&view) }))
+                let mut payload = Payload { event: event.into(), data: room_message_json(&view) };
+                if !view.deleted {
+                    self.reactions.add_to(&view.id, &mut [&mut payload]).await?;
+                }
+                Some((&e.message.room_id, None, payload))
             }
+            Event::ReactionChanged(e) => match self.reactions.of(env, e).await? {
+                Some(Reacted::Direct { users, payload }) => {
+                    deliveries.extend(users.into_iter().map(|u| (To::User(u), payload.clone())));
+                    None
+                }
+                Some(Reacted::Room { room, payload }) => {
+                    reacted_room = room;
+                    Some((&reacted_room, None, payload))
+                }
+                None => None,
+            },
             Event::MemberJoined(e) => Some((
                 &e.room_id,
                 Some(&e.user_id),
@@ -263,7 +291,7 @@ mod tests {
         log.append(&member("bob", false, 2), expected["bob"]).await.unwrap();
         log.append(&member("kim", true, 1), 0).await.unwrap();
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-        let fanout = FanOut::new(bus.clone(), "p".into(), log.clone(), 100);
+        let fanout = FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100);
         fanout.apply_at(&msg, seq).await.unwrap();
         // Membership as of the message: bob still in, kim not yet.
         for (user, gets) in [("amy", true), ("bob", true), ("eve", false), ("zed", false), ("kim", false)] {
@@ -308,7 +336,7 @@ mod tests {
             .collect();
         let run = || async {
             let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-            let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), 100);
+            let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100);
             for (i, env) in events.iter().enumerate() {
                 fanout.apply_at(env, i as u64 + 1).await.unwrap();
             }
@@ -343,7 +371,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("natter-turns-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-        let nodes = [FanOut::new(bus.clone(), "p".into(), log.clone(), 100), FanOut::new(bus.clone(), "p".into(), log.clone(), 100)];
+        let nodes = [FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100), FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100)];
         let mut positions: HashMap<String, (u64, u64)> = HashMap::new(); // subject → (position, its last log seq)
         let join = |u: &str| (subjects::member("p", "r", u), Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0 }));
         let leave = |u: &str| (subjects::member("p", "r", u), Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into() }));
@@ -396,7 +424,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("natter-announce-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-        let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), 2);
+        let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 2);
         for u in ["u1", "u2", "u3", "u4"] {
             let env = Envelope::new(format!("{u}:j"), subjects::member("p", "r", u), 1, Event::MemberJoined(MemberJoined {
                 room_id: "r".into(),

@@ -35,6 +35,7 @@ pub mod hub;
 pub mod members;
 pub mod memory;
 pub mod nats;
+pub mod reactions;
 pub mod router;
 pub mod user_rooms;
 

@@ -27,6 +27,7 @@ mod overload;
 mod projections;
 mod push;
 mod push_faults;
+mod reactions;
 mod replies;
 mod rebuild;
 mod rooms;

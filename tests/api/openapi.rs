@@ -19,6 +19,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("patch", "/api/messages/{id}"),
     ("delete", "/api/messages/{id}"),
     ("patch", "/api/messages/{id}/seen"),
+    ("put", "/api/messages/{id}/reactions/{emoji}"),
+    ("delete", "/api/messages/{id}/reactions/{emoji}"),
     ("post", "/api/attachments"),
     ("post", "/api/rooms"),
     ("get", "/api/rooms"),
@@ -29,6 +31,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/rooms/{id}/messages"),
     ("patch", "/api/rooms/{id}/messages/{messageId}"),
     ("delete", "/api/rooms/{id}/messages/{messageId}"),
+    ("put", "/api/rooms/{id}/messages/{messageId}/reactions/{emoji}"),
+    ("delete", "/api/rooms/{id}/messages/{messageId}/reactions/{emoji}"),
     ("get", "/api/rooms/{id}/users"),
     ("get", "/healthz"),
     ("get", "/readyz"),
@@ -75,7 +79,7 @@ async fn the_api_description_is_valid_and_describes_every_route_served() {
     assert_eq!(operations(&doc), expected);
     // ...and each is served: no "no such route" 404, no 405.
     for (method, path) in operations(&doc) {
-        let url_path = path.replace("{id}", "01a21c30-0000-7000-8000-000000000000").replace("{messageId}", "01a21c30-0000-7000-8000-000000000001");
+        let url_path = path.replace("{id}", "01a21c30-0000-7000-8000-000000000000").replace("{messageId}", "01a21c30-0000-7000-8000-000000000001").replace("{emoji}", "%F0%9F%91%8D");
         let r = c.request(0, method.to_uppercase().parse().unwrap(), &url_path, None, None).await;
         assert_ne!(r.status.as_u16(), 405, "{method} {path} is described but not served");
         assert!(!(r.status.as_u16() == 404 && r.body["message"] == json!("no such route")), "{method} {path} is described but not served");

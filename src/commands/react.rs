@@ -1,0 +1,156 @@
+//! Reactions: a user sets or takes back an emoji on a message, direct
+//! (participants only) or in a room (members only).
+//!
+//! `PUT /api/messages/:messageId/reactions/:emoji` and `DELETE` the same (and
+//! under `/api/rooms/:roomId/messages/:messageId/reactions/:emoji`). Each
+//! change is a [`ReactionChanged`] event on the message's own conversation
+//! or room subject, so it is ordered and fanned out with the message. The
+//! views keep one mark per (message, user, emoji) where the newest change
+//! wins, so counts are exact however events are duplicated or reordered,
+//! and setting what is already set appends nothing (idempotent per user
+//! and emoji). A message holds at most [`MAX_EMOJI`] different emoji.
+
+use natter_events::{Event, ReactionChanged, subjects};
+use natter_projections::{MessageView, Reactions, RoomMessageView};
+
+use super::{CommandError, Commands, Refusal};
+use crate::log::Logged;
+
+/// Most different emoji on one message.
+pub const MAX_EMOJI: usize = 20;
+/// Longest emoji, in characters (flags, skin tones and ZWJ sequences are
+/// several) and in bytes.
+const EMOJI_CHARS: usize = 10;
+const EMOJI_BYTES: usize = 40;
+
+/// An emoji is a short run of symbols: no letters, spaces, controls or
+/// ASCII punctuation (digits, `#` and `*` only as part of a keycap). Pure.
+pub fn validate_emoji(emoji: &str) -> Result<(), Refusal> {
+    let bad = || Refusal::BadInput(format!("{emoji:?} is not an emoji (at most {EMOJI_CHARS} symbols, no letters or spaces)"));
+    let chars = emoji.chars().count();
+    if chars == 0 || chars > EMOJI_CHARS || emoji.len() > EMOJI_BYTES {
+        return Err(bad());
+    }
+    let ascii_ok = |c: char| c.is_ascii_digit() || c == '#' || c == '*';
+    let symbol = |c: char| !c.is_ascii() && !c.is_alphabetic() && !c.is_whitespace() && !c.is_control();
+    if !emoji.chars().all(|c| ascii_ok(c) || symbol(c)) || !emoji.chars().any(|c| !c.is_ascii()) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// The event that sets (`on`) or takes back `user`'s `emoji` on message
+/// `message_id`, where the user's newest change of it left it `set` and the
+/// message has `reactions`; `None` when that changes nothing. Pure.
+pub fn decide(message_id: &str, user: &str, emoji: &str, on: bool, set: bool, reactions: &Reactions) -> Result<Option<ReactionChanged>, Refusal> {
+    if set == on {
+        return Ok(None);
+    }
+    if on && !reactions.contains_key(emoji) && reactions.len() >= MAX_EMOJI {
+        return Err(Refusal::Conflict(format!("a message holds at most {MAX_EMOJI} different emoji")));
+    }
+    Ok(Some(ReactionChanged { message_id: message_id.to_owned(), user_id: user.to_owned(), emoji: emoji.to_owned(), on, state: None, last_seq: None }))
+}
+
+fn deleted() -> Refusal {
+    Refusal::Conflict("the message was deleted".into())
+}
+
+impl Commands {
+    /// Whether `user`'s newest change of `emoji` on `message` set it, and
+    /// the message's reactions, as the views hold them.
+    async fn reaction_of(&self, message: &str, user: &str, emoji: &str) -> Result<(bool, Reactions), CommandError> {
+        let ids = [message.to_owned()];
+        let (mark, all) = tokio::join!(self.views.reaction_mark(message, user, emoji), self.views.reactions(&ids));
+        Ok((mark? % 2 == 1, all?.remove(message).unwrap_or_default()))
+    }
+
+    /// The reactions of one message, after a change this node applied.
+    async fn reactions_now(&self, message: &str) -> Result<Reactions, CommandError> {
+        Ok(self.views.reactions(&[message.to_owned()]).await?.remove(message).unwrap_or_default())
+    }
+
+    /// Sets (`on`) or takes back `user`'s `emoji` on direct message
+    /// `message_id`: the message, whether its receiver has seen it, and its
+    /// reactions afterwards.
+    #[tracing::instrument(skip_all, fields(user = %user, message = %message_id, on))]
+    pub async fn react(&self, user: &str, message_id: &str, emoji: &str, on: bool) -> Result<(MessageView, bool, Reactions), CommandError> {
+        let not_found = || Refusal::NotFound("Message not found".into());
+        natter_events::validate_id(message_id).map_err(|_| not_found())?;
+        validate_emoji(emoji)?;
+        let m = self.views.message(message_id).await?.filter(|m| m.sender_id == user || m.receiver_id == user).ok_or_else(not_found)?;
+        if m.deleted {
+            return Err(deleted().into());
+        }
+        let (set, reactions) = self.reaction_of(message_id, user, emoji).await?;
+        let command_id = format!("{user}:react:{}", uuid::Uuid::now_v7());
+        let peer = if m.sender_id == user { &m.receiver_id } else { &m.sender_id };
+        self.append_dm(user, peer, &command_id, |state| {
+            // Reacting is writing to the other: refused while either blocks;
+            // taking a reaction back is not.
+            if on {
+                super::block::check_send(state, user)?;
+            }
+            Ok(decide(message_id, user, emoji, on, set, &reactions)?.map(|e| Event::ReactionChanged(ReactionChanged { state: Some(state.clone()), ..e })))
+        })
+        .await?;
+        let (reactions, marks) = tokio::join!(self.reactions_now(message_id), self.views.watermarks(&m.conversation));
+        let seen = marks?.get(&m.receiver_id).is_some_and(|w| *w >= m.seq);
+        Ok((m, seen, reactions?))
+    }
+
+    /// Sets (`on`) or takes back `user`'s `emoji` on message `message_id`
+    /// of `room` (members only): the message and its reactions afterwards.
+    #[tracing::instrument(skip_all, fields(user = %user, room = %room, message = %message_id, on))]
+    pub async fn react_room(&self, user: &str, room: &str, message_id: &str, emoji: &str, on: bool) -> Result<(RoomMessageView, Reactions), CommandError> {
+        let not_found = || Refusal::NotFound("Message not found".into());
+        self.require_member(room, user).await?;
+        natter_events::validate_id(message_id).map_err(|_| not_found())?;
+        validate_emoji(emoji)?;
+        let m = self.views.room_message(message_id).await?.filter(|m| m.room_id == room).ok_or_else(not_found)?;
+        if m.deleted {
+            return Err(deleted().into());
+        }
+        let (set, reactions) = self.reaction_of(message_id, user, emoji).await?;
+        let subject = subjects::room(&self.prefix, room);
+        let command_id = format!("{user}:react:{}", uuid::Uuid::now_v7());
+        self.append(&subject, &command_id, |head: Option<Logged>| {
+            let decided = match &head {
+                Some(h) if matches!(&h.envelope.event, Event::RoomMessageDeleted(e) if e.message.message_id == message_id) => Err(deleted().into()),
+                Some(h) => decide(message_id, user, emoji, on, set, &reactions)
+                    .map(|e| e.map(|e| Event::ReactionChanged(ReactionChanged { last_seq: Some(super::rooms::room_last_seq(h)), ..e })))
+                    .map_err(Into::into),
+                None => Err(Refusal::NotFound("Room not found".into()).into()),
+            };
+            std::future::ready(decided)
+        })
+        .await?;
+        Ok((m, self.reactions_now(message_id).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emoji_are_short_runs_of_symbols() {
+        for ok in ["👍", "❤️", "👍🏽", "🇫🇷", "👩‍👩‍👧", "1️⃣", "#️⃣", "✅"] {
+            assert!(validate_emoji(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a", "ok", "1", ":)", "👍 ", " ", "\u{0}", "é", "👍a", &"👍".repeat(11), "a.b", "日本"] {
+            assert!(validate_emoji(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn setting_what_is_set_changes_nothing_and_emoji_are_bounded() {
+        let none = Reactions::new();
+        assert!(decide("m", "amy", "👍", true, false, &none).unwrap().is_some());
+        assert!(decide("m", "amy", "👍", true, true, &none).unwrap().is_none(), "already set");
+        assert!(decide("m", "amy", "👍", false, false, &none).unwrap().is_none(), "nothing to take back");
+        let full: Reactions = (0..MAX_EMOJI).map(|i| (format!("e{i}"), vec!["bob".to_owned()])).collect();
+        assert!(matches!(decide("m", "amy", "👍", true, false, &full), Err(Refusal::Conflict(_))));
+        assert!(decide("m", "amy", "e3", true, false, &full).unwrap().is_some(), "an emoji already there is fine");
+    }
+}

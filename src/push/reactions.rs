@@ -1,0 +1,94 @@
+//! What the fan-out pushes for a reaction, and the reactions an edit's push
+//! carries.
+//!
+//! A reaction event names one user's change of one emoji; the push is
+//! `messageUpdated` with the whole message and all its reactions, which
+//! only the views hold (counts there are exact in any order, see
+//! [`natter_events::ReactionChanged`]). So the fan-out waits until the
+//! views hold this change (the writing node applies it before it answers,
+//! so the wait is short), then reads the message and its reactions. The
+//! fan-out handles a conversation's or room's events in log order, so
+//! each push reflects at least every reaction before it. If the views
+//! stay behind longer than [`WAIT`] (their store is slow or down) the push
+//! goes out with what they hold, rather than stall the partition: a later
+//! push, and REST, show the exact figures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use natter_events::{Envelope, ReactionChanged};
+use natter_projections::{ApplyError, Reactions, ViewStore};
+use serde_json::Value;
+
+use super::Payload;
+use crate::wire::{Message, RoomMessage, reactions_of};
+
+/// Longest wait for the views to hold a reaction before its push.
+const WAIT: Duration = Duration::from_secs(2);
+const POLL: Duration = Duration::from_millis(10);
+
+/// Whom a reaction's push goes to.
+pub enum Reacted {
+    /// A direct message: both participants.
+    Direct { users: [String; 2], payload: Payload },
+    /// A room message: the room's members as of the event.
+    Room { room: String, payload: Payload },
+}
+
+pub struct ReactionPushes {
+    views: Arc<dyn ViewStore>,
+}
+
+fn store(e: natter_projections::StoreError) -> ApplyError {
+    ApplyError::Unavailable(e.to_string())
+}
+
+impl ReactionPushes {
+    pub fn new(views: Arc<dyn ViewStore>) -> ReactionPushes {
+        ReactionPushes { views }
+    }
+
+    async fn reactions(&self, id: &str) -> Result<Option<Reactions>, ApplyError> {
+        Ok(self.views.reactions(&[id.to_owned()]).await.map_err(store)?.remove(id))
+    }
+
+    /// The push of reaction `e` (at `env`'s position): `None` when its
+    /// message is gone from the views (deleted since, or never applied).
+    pub async fn of(&self, env: &Envelope, e: &ReactionChanged) -> Result<Option<Reacted>, ApplyError> {
+        let want = natter_projections::views::reaction_mark(env.position, e.on);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.views.reaction_mark(&e.message_id, &e.user_id, &e.emoji).await.map_err(store)? < want {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(message = %e.message_id, event = %env.id, "the views have not applied a reaction within 2 s; pushing what they hold");
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let reactions = self.reactions(&e.message_id).await?;
+        if let Some(state) = &e.state {
+            let Some(m) = self.views.message(&e.message_id).await.map_err(store)?.filter(|m| !m.deleted) else { return Ok(None) };
+            let seen = state.side(&m.receiver_id).is_some_and(|r| r.seen_seq >= m.seq);
+            let data = to_value(Message::new(&m, seen).with_reactions(reactions.as_ref(), None));
+            return Ok(Some(Reacted::Direct { users: [m.receiver_id, m.sender_id], payload: Payload { event: "messageUpdated".into(), data } }));
+        }
+        let Some(m) = self.views.room_message(&e.message_id).await.map_err(store)?.filter(|m| !m.deleted) else { return Ok(None) };
+        let data = to_value(RoomMessage::new(&m).with_reactions(reactions.as_ref(), None));
+        Ok(Some(Reacted::Room { room: m.room_id, payload: Payload { event: "messageUpdated".into(), data } }))
+    }
+
+    /// Adds message `id`'s reactions to an edit's pushes of it.
+    pub async fn add_to(&self, id: &str, payloads: &mut [&mut Payload]) -> Result<(), ApplyError> {
+        let Some(shown) = reactions_of(self.reactions(id).await?.as_ref(), None) else { return Ok(()) };
+        let value = to_value(shown);
+        for p in payloads {
+            if let Some(fields) = p.data.as_object_mut() {
+                fields.insert("reactions".into(), value.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn to_value(v: impl serde::Serialize) -> Value {
+    serde_json::to_value(v).expect("client shapes serialize")
+}
