@@ -94,17 +94,42 @@ pub fn reactions_of(r: Option<&Reactions>, caller: Option<&str>) -> Option<BTree
 pub struct ReplyTo {
     #[serde(rename = "_id")]
     pub id: String,
-    /// The start of its text (or `[attachment]`), as it was when answered.
+    /// The start of its text (or `[attachment]`), as it was when answered;
+    /// empty once that message is deleted.
     pub preview: String,
+    /// The answered message was deleted since (absent unless true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
+    pub deleted: bool,
 }
 
 impl ReplyTo {
     fn of(r: &Option<natter_events::ReplyRef>) -> Option<ReplyTo> {
-        r.as_ref().map(|r| ReplyTo { id: r.message_id.clone(), preview: r.preview.clone() })
+        r.as_ref().map(|r| ReplyTo { id: r.message_id.clone(), preview: r.preview.clone(), deleted: false })
+    }
+}
+
+/// The ids of the messages `replies` answer, for [`ReplyTo::hide_deleted`].
+pub fn answered<'a>(replies: impl Iterator<Item = &'a Option<natter_events::ReplyRef>>) -> Vec<String> {
+    replies.flatten().map(|r| r.message_id.clone()).collect()
+}
+
+impl ReplyTo {
+    /// Hides the preview when the answered message is among `deleted`.
+    fn hide_deleted(reply: &mut Option<ReplyTo>, deleted: &[String]) {
+        if let Some(r) = reply.as_mut().filter(|r| deleted.contains(&r.id)) {
+            (r.preview, r.deleted) = (String::new(), true);
+        }
     }
 }
 
 impl Message {
+    /// Hides the preview of an answered message among `deleted`.
+    pub fn answering(mut self, deleted: &[String]) -> Message {
+        ReplyTo::hide_deleted(&mut self.reply_to, deleted);
+        self
+    }
+
     pub fn new(m: &MessageView, seen: bool) -> Message {
         Message {
             id: m.id.clone(),
@@ -135,6 +160,19 @@ impl Message {
 /// the content of (`newMessage`, `messageUpdated`, a room's `message`), if any.
 pub fn content_of<'a>(event: &str, data: &'a Value) -> Option<&'a str> {
     matches!(event, "newMessage" | "messageUpdated" | "message").then(|| data.get("_id")?.as_str()).flatten()
+}
+
+/// The `_id` of the message a delivered message answers, if any.
+pub fn answered_of(data: &Value) -> Option<&str> {
+    data.get("replyTo")?.get("_id")?.as_str()
+}
+
+/// Hides the preview of a message's answered message, deleted since.
+pub fn answered_deleted(data: &mut Value) {
+    if let Some(reply) = data.get_mut("replyTo").and_then(Value::as_object_mut) {
+        reply.insert("preview".into(), Value::String(String::new()));
+        reply.insert("deleted".into(), Value::Bool(true));
+    }
 }
 
 /// Turns a pushed message into its tombstone: no content, `deleted: true`.
@@ -186,6 +224,12 @@ pub struct RoomMessage {
 }
 
 impl RoomMessage {
+    /// Hides the preview of an answered message among `deleted`.
+    pub fn answering(mut self, deleted: &[String]) -> RoomMessage {
+        ReplyTo::hide_deleted(&mut self.reply_to, deleted);
+        self
+    }
+
     pub fn new(m: &RoomMessageView) -> RoomMessage {
         RoomMessage {
             id: m.id.clone(),

@@ -13,7 +13,7 @@
 use natter_events::{Event, ReactionChanged, subjects};
 use natter_projections::{MessageView, Reactions, RoomMessageView};
 
-use super::{CommandError, Commands, Refusal};
+use super::{CommandError, Commands, Failure, Refusal};
 use crate::log::Logged;
 
 /// Most different emoji on one message.
@@ -32,11 +32,30 @@ pub fn validate_emoji(emoji: &str) -> Result<(), Refusal> {
         return Err(bad());
     }
     let ascii_ok = |c: char| c.is_ascii_digit() || c == '#' || c == '*';
-    let symbol = |c: char| !c.is_ascii() && !c.is_alphabetic() && !c.is_whitespace() && !c.is_control();
-    if !emoji.chars().all(|c| ascii_ok(c) || symbol(c)) || !emoji.chars().any(|c| !c.is_ascii()) {
+    let symbol = |c: char| !c.is_ascii() && !c.is_alphabetic() && !c.is_whitespace() && !c.is_control() && !invisible(c);
+    let first = emoji.chars().next().expect("not empty");
+    if !emoji.chars().all(|c| ascii_ok(c) || symbol(c)) || !emoji.chars().any(|c| !c.is_ascii()) || modifier(first) {
         return Err(bad());
     }
     Ok(())
+}
+
+/// Characters that show nothing or reorder text (zero-width spaces, word
+/// joiners, bidirectional controls, byte-order marks): never in an emoji.
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{200B}' | '\u{200C}' | '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{FEFF}')
+        || ('\u{202A}'..='\u{202E}').contains(&c)
+        || ('\u{2060}'..='\u{2069}').contains(&c)
+}
+
+/// Characters that only modify the one before them (joiner, variation
+/// selectors, keycap, skin tones, tags): never an emoji's first.
+fn modifier(c: char) -> bool {
+    c == '\u{200D}'
+        || c == '\u{20E3}'
+        || ('\u{FE00}'..='\u{FE0F}').contains(&c)
+        || ('\u{1F3FB}'..='\u{1F3FF}').contains(&c)
+        || ('\u{E0020}'..='\u{E007F}').contains(&c)
 }
 
 /// The event that sets (`on`) or takes back `user`'s `emoji` on message
@@ -52,13 +71,14 @@ pub fn decide(message_id: &str, user: &str, emoji: &str, on: bool, set: bool, re
     Ok(Some(ReactionChanged { message_id: message_id.to_owned(), user_id: user.to_owned(), emoji: emoji.to_owned(), on, state: None, last_seq: None }))
 }
 
-fn deleted() -> Refusal {
+fn gone() -> Refusal {
     Refusal::Conflict("the message was deleted".into())
 }
 
 impl Commands {
     /// Whether `user`'s newest change of `emoji` on `message` set it, and
-    /// the message's reactions, as the views hold them.
+    /// the message's reactions, as the views hold them now (read again on
+    /// every attempt of an append).
     async fn reaction_of(&self, message: &str, user: &str, emoji: &str) -> Result<(bool, Reactions), CommandError> {
         let ids = [message.to_owned()];
         let (mark, all) = tokio::join!(self.views.reaction_mark(message, user, emoji), self.views.reactions(&ids));
@@ -80,21 +100,30 @@ impl Commands {
         validate_emoji(emoji)?;
         let m = self.views.message(message_id).await?.filter(|m| m.sender_id == user || m.receiver_id == user).ok_or_else(not_found)?;
         if m.deleted {
-            return Err(deleted().into());
+            return Err(gone().into());
         }
-        let (set, reactions) = self.reaction_of(message_id, user, emoji).await?;
+        let subject = &subjects::dm(&self.prefix, &m.sender_id, &m.receiver_id);
         let command_id = format!("{user}:react:{}", uuid::Uuid::now_v7());
-        let peer = if m.sender_id == user { &m.receiver_id } else { &m.sender_id };
-        self.append_dm(user, peer, &command_id, |state| {
-            // Reacting is writing to the other: refused while either blocks;
-            // taking a reaction back is not.
-            if on {
-                super::block::check_send(state, user)?;
+        self.append(subject, &command_id, |last: Option<Logged>| async move {
+            let state = last.as_ref().and_then(|l| l.envelope.event.dm_state()).cloned();
+            let state = state.ok_or_else(|| Failure::Internal(format!("{subject} holds message {message_id} but no conversation state")))?;
+            // Read on every attempt: a change appended since the last one
+            // (a deletion, this user's other device) is seen.
+            let (set, reactions) = self.reaction_of(message_id, user, emoji).await?;
+            if super::revise::deleted_by(last.as_ref(), message_id) || self.views.message(message_id).await?.is_some_and(|m| m.deleted) {
+                return Err(gone().into());
             }
-            Ok(decide(message_id, user, emoji, on, set, &reactions)?.map(|e| Event::ReactionChanged(ReactionChanged { state: Some(state.clone()), ..e })))
+            // Reacting is writing to the other: refused while either
+            // blocks; taking a reaction back is not.
+            if on {
+                super::block::check_send(&state, user)?;
+            }
+            Ok(decide(message_id, user, emoji, on, set, &reactions)?.map(|e| Event::ReactionChanged(ReactionChanged { state: Some(state), ..e })))
         })
         .await?;
-        let (reactions, marks) = tokio::join!(self.reactions_now(message_id), self.views.watermarks(&m.conversation));
+        let (fresh, reactions, marks) =
+            tokio::join!(self.views.message(message_id), self.reactions_now(message_id), self.views.watermarks(&m.conversation));
+        let m = fresh?.unwrap_or(m);
         let seen = marks?.get(&m.receiver_id).is_some_and(|w| *w >= m.seq);
         Ok((m, seen, reactions?))
     }
@@ -109,23 +138,22 @@ impl Commands {
         validate_emoji(emoji)?;
         let m = self.views.room_message(message_id).await?.filter(|m| m.room_id == room).ok_or_else(not_found)?;
         if m.deleted {
-            return Err(deleted().into());
+            return Err(gone().into());
         }
-        let (set, reactions) = self.reaction_of(message_id, user, emoji).await?;
         let subject = subjects::room(&self.prefix, room);
         let command_id = format!("{user}:react:{}", uuid::Uuid::now_v7());
-        self.append(&subject, &command_id, |head: Option<Logged>| {
-            let decided = match &head {
-                Some(h) if matches!(&h.envelope.event, Event::RoomMessageDeleted(e) if e.message.message_id == message_id) => Err(deleted().into()),
-                Some(h) => decide(message_id, user, emoji, on, set, &reactions)
-                    .map(|e| e.map(|e| Event::ReactionChanged(ReactionChanged { last_seq: Some(super::rooms::room_last_seq(h)), ..e })))
-                    .map_err(Into::into),
-                None => Err(Refusal::NotFound("Room not found".into()).into()),
-            };
-            std::future::ready(decided)
+        self.append(&subject, &command_id, |head: Option<Logged>| async move {
+            let head = head.ok_or_else(|| Refusal::NotFound("Room not found".into()))?;
+            let last_seq = super::rooms::room_last_seq(&head)?;
+            let (set, reactions) = self.reaction_of(message_id, user, emoji).await?;
+            if super::revise::deleted_by(Some(&head), message_id) || self.views.room_message(message_id).await?.is_some_and(|m| m.deleted) {
+                return Err(gone().into());
+            }
+            Ok(decide(message_id, user, emoji, on, set, &reactions)?.map(|e| Event::ReactionChanged(ReactionChanged { last_seq: Some(last_seq), ..e })))
         })
         .await?;
-        Ok((m, self.reactions_now(message_id).await?))
+        let (fresh, reactions) = tokio::join!(self.views.room_message(message_id), self.reactions_now(message_id));
+        Ok((fresh?.unwrap_or(m), reactions?))
     }
 }
 
@@ -138,7 +166,7 @@ mod tests {
         for ok in ["👍", "❤️", "👍🏽", "🇫🇷", "👩‍👩‍👧", "1️⃣", "#️⃣", "✅"] {
             assert!(validate_emoji(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "a", "ok", "1", ":)", "👍 ", " ", "\u{0}", "é", "👍a", &"👍".repeat(11), "a.b", "日本"] {
+        for bad in ["", "a", "ok", "1", ":)", "👍 ", " ", "\u{0}", "é", "👍a", &"👍".repeat(11), "a.b", "日本", "\u{200D}", "\u{202E}", "\u{2060}", "👍\u{202E}", "\u{FE0F}", "\u{1F3FB}"] {
             assert!(validate_emoji(bad).is_err(), "{bad:?}");
         }
     }

@@ -122,12 +122,17 @@ pub fn decide_room(m: &RoomMessageView, sent_at: DateTime<Utc>, last_seq: u64, c
 
 /// Whether the subject's newest event deleted message `id`: a deletion
 /// appended since the views were read. Pure.
-fn deleted_by(last: Option<&Logged>, id: &str) -> bool {
+pub(super) fn deleted_by(last: Option<&Logged>, id: &str) -> bool {
     match last.map(|l| &l.envelope.event) {
         Some(Event::MessageDeleted(e)) => e.message.message_id == id,
         Some(Event::RoomMessageDeleted(e)) => e.message.message_id == id,
         _ => false,
     }
+}
+
+/// A message as its deletion leaves it.
+fn tombstone(m: MessageView) -> MessageView {
+    MessageView { deleted: true, message: None, attachment: None, reply_to: None, edited_at: None, ..m }
 }
 
 /// The time a view's `createdAt` says.
@@ -155,25 +160,26 @@ impl Commands {
             });
         }
         let sent_at = sent_at(&m.created_at, message_id)?;
-        let subject = subjects::dm(&self.prefix, &m.sender_id, &m.receiver_id);
+        let subject = &subjects::dm(&self.prefix, &m.sender_id, &m.receiver_id);
         let command_id = format!("{user}:{}:{}", change.verb(), uuid::Uuid::now_v7());
+        let (m, change) = (&m, &change);
         let env = self
-            .append(&subject, &command_id, |last: Option<Logged>| {
-                let decided = match last.as_ref().and_then(|l| l.envelope.event.dm_state()) {
-                    None => Err(Failure::Internal(format!("{subject} holds message {message_id} but no conversation state")).into()),
-                    Some(_) if deleted_by(last.as_ref(), &m.id) => {
-                        let gone = MessageView { deleted: true, ..m.clone() };
-                        decide(&DmState::default(), &gone, sent_at, &change).map_err(Into::into)
-                    }
-                    Some(state) => decide(state, &m, sent_at, &change).map_err(Into::into),
-                };
-                std::future::ready(decided)
+            .append(subject, &command_id, |last: Option<Logged>| async move {
+                let state = last.as_ref().and_then(|l| l.envelope.event.dm_state());
+                let state = state.ok_or_else(|| Failure::Internal(format!("{subject} holds message {message_id} but no conversation state")))?;
+                // Read on every attempt: a deletion appended since (from
+                // the sender's other device) is either the newest event or
+                // in the views by now, and an edit never revives it.
+                let current = self.views.message(message_id).await?.unwrap_or_else(|| m.clone());
+                let gone = current.deleted || deleted_by(last.as_ref(), message_id);
+                Ok(decide(state, &MessageView { deleted: gone, ..current }, sent_at, change)?)
             })
             .await?;
         let (message, state) = match &env {
             Some(env) => (MessageView::of(env).expect("a message change"), env.event.dm_state().cloned()),
-            // Nothing changed: the message as it is.
-            None => (m, None),
+            // Nothing changed: deleted already, or the same text.
+            None if *change == Change::Delete => (tombstone(m.clone()), None),
+            None => (m.clone(), None),
         };
         let seen = match state {
             Some(state) => state.side(&message.receiver_id).is_some_and(|r| r.seen_seq >= message.seq),
@@ -202,23 +208,25 @@ impl Commands {
             _ => return Err(not_found().into()),
         };
         let sent_at = sent_at(&m.created_at, message_id)?;
-        let subject = subjects::room(&self.prefix, room);
+        let subject = &subjects::room(&self.prefix, room);
         let command_id = format!("{user}:{}:{}", change.verb(), uuid::Uuid::now_v7());
+        let (m, change) = (&m, &change);
         let env = self
-            .append(&subject, &command_id, |last: Option<Logged>| {
-                let decided = match &last {
-                    None => Err(Failure::Internal(format!("{subject} holds message {message_id} but no event")).into()),
-                    Some(head) => {
-                        let gone = deleted_by(last.as_ref(), &m.id).then(|| RoomMessageView { deleted: true, ..m.clone() });
-                        decide_room(gone.as_ref().unwrap_or(&m), sent_at, super::rooms::room_last_seq(head), &change).map_err(Into::into)
-                    }
-                };
-                std::future::ready(decided)
+            .append(subject, &command_id, |last: Option<Logged>| async move {
+                let head = last.as_ref().ok_or_else(|| Failure::Internal(format!("{subject} holds message {message_id} but no event")))?;
+                let last_seq = super::rooms::room_last_seq(head)?;
+                // Read on every attempt (see `revise`).
+                let current = self.views.room_message(message_id).await?.unwrap_or_else(|| m.clone());
+                let gone = current.deleted || deleted_by(last.as_ref(), message_id);
+                Ok(decide_room(&RoomMessageView { deleted: gone, ..current }, sent_at, last_seq, change)?)
             })
             .await?;
         Ok(match &env {
             Some(env) => RoomMessageView::of(env).expect("a room message change"),
-            None => m,
+            None if *change == Change::Delete => {
+                RoomMessageView { deleted: true, message: None, attachment: None, reply_to: None, edited_at: None, ..m.clone() }
+            }
+            None => m.clone(),
         })
     }
 }

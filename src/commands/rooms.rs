@@ -7,7 +7,7 @@
 //! ([`MemberState`]), so the membership check of every command is one read
 //! of the log itself.
 
-use natter_events::{Envelope, Event, MemberJoined, MemberLeft, MemberState, RoomCreated, RoomMessageSent, RoomRead, subjects};
+use natter_events::{Envelope, Event, MemberJoined, MemberLeft, MemberState, ReactionChanged, RoomCreated, RoomMessageSent, RoomRead, subjects};
 use natter_projections::{RoomMessageView, RoomView};
 
 use super::append::command_id;
@@ -48,12 +48,20 @@ pub fn validate_room(cmd: &CreateRoom) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The newest message seq of a room, from the newest event of its subject.
-pub(crate) fn room_last_seq(logged: &Logged) -> u64 {
+/// The newest message seq of a room, from the newest event of its subject
+/// (every event appended there says it). Pure.
+pub(crate) fn room_last_seq(logged: &Logged) -> Result<u64, Failure> {
     match &logged.envelope.event {
-        Event::RoomMessageSent(e) => e.seq,
-        Event::RoomMessageEdited(e) | Event::RoomMessageDeleted(e) => e.last_seq,
-        _ => 0,
+        Event::RoomCreated(_) => Ok(0),
+        Event::RoomMessageSent(e) => Ok(e.seq),
+        Event::RoomMessageEdited(e) | Event::RoomMessageDeleted(e) => Ok(e.last_seq),
+        Event::ReactionChanged(ReactionChanged { last_seq: Some(seq), .. }) => Ok(*seq),
+        other => Err(Failure::Internal(format!(
+            "event {} at log sequence {} on room subject {} does not say the room's newest seq",
+            other.type_name(),
+            logged.log_seq,
+            logged.envelope.subject
+        ))),
     }
 }
 
@@ -123,7 +131,7 @@ impl Commands {
         let decide = &decide;
         self.append(&subject, &command_id, |last: Option<Logged>| async move {
             let head = self.room_head(room).await?;
-            Ok(decide(&MemberState::after(last.as_ref().map(|l| &l.envelope.event)), room_last_seq(&head))?)
+            Ok(decide(&MemberState::after(last.as_ref().map(|l| &l.envelope.event)), room_last_seq(&head)?)?)
         })
         .await
     }
@@ -188,6 +196,9 @@ impl Commands {
                         Some(id) => {
                             natter_events::validate_id(id).map_err(|_| not_here())?;
                             let m = self.views.room_message(id).await?.filter(|m| m.room_id == cmd.room).ok_or_else(not_here)?;
+                            if m.deleted {
+                                return Err(super::send::answered_deleted().into());
+                            }
                             Some(natter_events::ReplyRef { message_id: m.id, preview: preview(m.message.as_deref(), m.attachment.as_deref()) })
                         }
                     };
@@ -198,7 +209,7 @@ impl Commands {
                         client_msg_id: cmd.client_msg_id.clone(),
                         message: cmd.message.clone(),
                         attachment: cmd.attachment.clone(),
-                        seq: room_last_seq(&head) + 1,
+                        seq: room_last_seq(&head)? + 1,
                         reply_to,
                     })))
                 })
@@ -228,6 +239,18 @@ fn room_message_of(env: &Envelope) -> Option<RoomMessageView> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_event_on_a_room_subject_says_the_rooms_newest_seq() {
+        let at = |event| Logged { log_seq: 7, envelope: Envelope::new("c".into(), "p.ev.room.r".into(), 3, event) };
+        let created = Event::RoomCreated(RoomCreated { room_id: "r".into(), name: "n".into(), description: None, created_by: "u".into() });
+        assert_eq!(room_last_seq(&at(created)).unwrap(), 0);
+        let reaction = |last_seq| {
+            Event::ReactionChanged(ReactionChanged { message_id: "m".into(), user_id: "u".into(), emoji: "👍".into(), on: true, state: None, last_seq })
+        };
+        assert_eq!(room_last_seq(&at(reaction(Some(5)))).unwrap(), 5, "a reaction keeps the room's seq");
+        assert!(room_last_seq(&at(reaction(None))).is_err(), "never a silent 0");
+    }
 
     #[test]
     fn refuses_bad_rooms() {

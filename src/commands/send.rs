@@ -90,6 +90,11 @@ pub fn not_here() -> Refusal {
     Refusal::BadInput("replyTo must be the _id of an earlier message of this conversation".into())
 }
 
+/// The refusal of a `replyTo` naming a message deleted for everyone.
+pub fn answered_deleted() -> Refusal {
+    Refusal::Conflict("the message replyTo names was deleted".into())
+}
+
 /// The event a send appends to a conversation in `state`. Pure.
 pub fn decide(cmd: &SendMessage, state: &DmState, message_id: &str, reply_to: Option<natter_events::ReplyRef>) -> MessageSent {
     let (state, seq, sender_count) = state.after_send(&cmd.sender);
@@ -153,6 +158,9 @@ impl Commands {
                     natter_events::validate_id(id).map_err(|_| not_here())?;
                     let answered = self.views.message(id).await?.filter(|m| m.conversation == subjects::dm_conversation(&cmd.sender, &cmd.receiver));
                     let m = answered.ok_or_else(not_here)?;
+                    if m.deleted {
+                        return Err(answered_deleted().into());
+                    }
                     Some(natter_events::ReplyRef { message_id: m.id.clone(), preview: preview(m.message.as_deref(), m.attachment.as_deref()) })
                 }
             };

@@ -67,10 +67,15 @@ async fn history(
     );
     let (page, marks) = (page?, marks?);
     let ids: Vec<String> = page.iter().map(|m| m.id.clone()).collect();
-    let reactions = node.views().reactions(&ids).await?;
+    let answered = crate::wire::answered(page.iter().map(|m| &m.reply_to));
+    let (reactions, deleted) = tokio::join!(node.views().reactions(&ids), node.views().deleted_among(&answered));
+    let (reactions, deleted) = (reactions?, deleted?);
     let out = page
         .iter()
-        .map(|m| Message::new(m, marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq)).with_reactions(reactions.get(&m.id), Some(&me)))
+        .map(|m| {
+            let seen = marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq);
+            Message::new(m, seen).with_reactions(reactions.get(&m.id), Some(&me)).answering(&deleted)
+        })
         .collect();
     Ok(Json(out))
 }

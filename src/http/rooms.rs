@@ -168,8 +168,10 @@ async fn history(
     node.commands.read_room(&me, &id).await?;
     let messages = node.views().room_messages(&id, page.before, limit).await?;
     let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
-    let reactions = node.views().reactions(&ids).await?;
-    Ok(Json(messages.iter().map(|m| RoomMessage::new(m).with_reactions(reactions.get(&m.id), Some(&me))).collect()))
+    let answered = crate::wire::answered(messages.iter().map(|m| &m.reply_to));
+    let (reactions, deleted) = tokio::join!(node.views().reactions(&ids), node.views().deleted_among(&answered));
+    let (reactions, deleted) = (reactions?, deleted?);
+    Ok(Json(messages.iter().map(|m| RoomMessage::new(m).with_reactions(reactions.get(&m.id), Some(&me)).answering(&deleted)).collect()))
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -154,8 +154,11 @@ impl Projection for FanOut {
         let reacted_room: String;
         let mut deliveries: Vec<(To, Payload)> = deliveries(env).into_iter().map(|(user, payload)| (To::User(user), payload)).collect();
         if let Event::MessageEdited(e) = &env.event {
-            // An edited message's push shows its reactions too.
-            self.reactions.add_to(&e.message.message_id, &mut deliveries.iter_mut().map(|(_, p)| p).collect::<Vec<_>>()).await?;
+            // An edited message's push shows its reactions too; none if it
+            // was deleted meanwhile.
+            if !self.reactions.edited(&e.message.message_id, &mut deliveries.iter_mut().map(|(_, p)| p).collect::<Vec<_>>()).await {
+                deliveries.clear();
+            }
         }
         let room = match &env.event {
             Event::RoomMessageSent(e) => {
@@ -165,12 +168,10 @@ impl Projection for FanOut {
                 let view = RoomMessageView::of(env).expect("a room message change");
                 let event = if view.deleted { "messageDeleted" } else { "messageUpdated" };
                 let mut payload = Payload { event: event.into(), data: room_message_json(&view) };
-                if !view.deleted {
-                    self.reactions.add_to(&view.id, &mut [&mut payload]).await?;
-                }
-                Some((&e.message.room_id, None, payload))
+                let keep = view.deleted || self.reactions.edited(&view.id, &mut [&mut payload]).await;
+                keep.then_some((&e.message.room_id, None, payload))
             }
-            Event::ReactionChanged(e) => match self.reactions.of(env, e).await? {
+            Event::ReactionChanged(e) => match self.reactions.of(env, e).await {
                 Some(Reacted::Direct { users, payload }) => {
                     deliveries.extend(users.into_iter().map(|u| (To::User(u), payload.clone())));
                     None

@@ -8,10 +8,12 @@
 //! views hold this change (the writing node applies it before it answers,
 //! so the wait is short), then reads the message and its reactions. The
 //! fan-out handles a conversation's or room's events in log order, so
-//! each push reflects at least every reaction before it. If the views
-//! stay behind longer than [`WAIT`] (their store is slow or down) the push
-//! goes out with what they hold, rather than stall the partition: a later
-//! push, and REST, show the exact figures.
+//! each push reflects at least every reaction before it. The fan-out never
+//! depends on the views being up: if they stay behind longer than [`WAIT`]
+//! the push goes out with what they hold, and if they cannot be read the
+//! reaction is not pushed (logged): REST, and the next push of the
+//! message, show the exact figures. Nothing else in the partition waits
+//! longer than that.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +26,7 @@ use super::Payload;
 use crate::wire::{Message, RoomMessage, reactions_of};
 
 /// Longest wait for the views to hold a reaction before its push.
-const WAIT: Duration = Duration::from_secs(2);
+const WAIT: Duration = Duration::from_millis(500);
 const POLL: Duration = Duration::from_millis(10);
 
 /// Whom a reaction's push goes to.
@@ -53,13 +55,24 @@ impl ReactionPushes {
     }
 
     /// The push of reaction `e` (at `env`'s position): `None` when its
-    /// message is gone from the views (deleted since, or never applied).
-    pub async fn of(&self, env: &Envelope, e: &ReactionChanged) -> Result<Option<Reacted>, ApplyError> {
+    /// message is gone from the views (deleted since, or never applied) or
+    /// the views cannot be read.
+    pub async fn of(&self, env: &Envelope, e: &ReactionChanged) -> Option<Reacted> {
+        match self.read(env, e).await {
+            Ok(reacted) => reacted,
+            Err(err) => {
+                tracing::warn!(message = %e.message_id, event = %env.id, error = %err, "views unreadable: a reaction is not pushed (REST shows it)");
+                None
+            }
+        }
+    }
+
+    async fn read(&self, env: &Envelope, e: &ReactionChanged) -> Result<Option<Reacted>, ApplyError> {
         let want = natter_projections::views::reaction_mark(env.position, e.on);
         let deadline = tokio::time::Instant::now() + WAIT;
         while self.views.reaction_mark(&e.message_id, &e.user_id, &e.emoji).await.map_err(store)? < want {
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(message = %e.message_id, event = %env.id, "the views have not applied a reaction within 2 s; pushing what they hold");
+                tracing::warn!(message = %e.message_id, event = %env.id, "the views have not applied a reaction within 500 ms; pushing what they hold");
                 break;
             }
             tokio::time::sleep(POLL).await;
@@ -76,16 +89,31 @@ impl ReactionPushes {
         Ok(Some(Reacted::Room { room: m.room_id, payload: Payload { event: "messageUpdated".into(), data } }))
     }
 
-    /// Adds message `id`'s reactions to an edit's pushes of it.
-    pub async fn add_to(&self, id: &str, payloads: &mut [&mut Payload]) -> Result<(), ApplyError> {
-        let Some(shown) = reactions_of(self.reactions(id).await?.as_ref(), None) else { return Ok(()) };
-        let value = to_value(shown);
-        for p in payloads {
-            if let Some(fields) = p.data.as_object_mut() {
-                fields.insert("reactions".into(), value.clone());
+    /// Prepares an edit's pushes of message `id`: adds its reactions, or
+    /// returns false when the views say it is deleted (an edit that raced
+    /// its deletion must not show the text again). If the views cannot be
+    /// read the pushes go out as the event says.
+    pub async fn edited(&self, id: &str, payloads: &mut [&mut Payload]) -> bool {
+        let ids = [id.to_owned()];
+        let (deleted, reactions) = tokio::join!(self.views.deleted_among(&ids), self.views.reactions(&ids));
+        match (deleted, reactions) {
+            (Ok(deleted), _) if !deleted.is_empty() => false,
+            (Ok(_), Ok(mut reactions)) => {
+                if let Some(shown) = reactions_of(reactions.remove(id).as_ref(), None) {
+                    let value = to_value(shown);
+                    for p in payloads {
+                        if let Some(fields) = p.data.as_object_mut() {
+                            fields.insert("reactions".into(), value.clone());
+                        }
+                    }
+                }
+                true
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(message = %id, error = %e, "views unreadable: an edit is pushed without its reactions");
+                true
             }
         }
-        Ok(())
     }
 }
 

@@ -73,9 +73,20 @@ impl Filter {
     }
 
     fn delivery(&self, p: &Payload) -> bool {
+        // A changed message goes where the message went: a room's (it has
+        // a `roomId`) to `/chat`, a direct one to `/`.
+        let of_room = p.data.get("roomId").is_some();
         match self {
-            Filter::Direct => matches!(p.event.as_str(), "newMessage" | "messageUpdated" | "messageDeleted" | "messagesSeen"),
-            Filter::Chat(_) => matches!(p.event.as_str(), "message" | "messageUpdated" | "messageDeleted" | "member-joined" | "member-left"),
+            Filter::Direct => match p.event.as_str() {
+                "newMessage" | "messagesSeen" => true,
+                "messageUpdated" | "messageDeleted" => !of_room,
+                _ => false,
+            },
+            Filter::Chat(_) => match p.event.as_str() {
+                "message" | "member-joined" | "member-left" => true,
+                "messageUpdated" | "messageDeleted" => of_room,
+                _ => false,
+            },
         }
     }
 
@@ -214,17 +225,28 @@ impl Session {
     }
 
     /// Retained deliveries of messages deleted since they were stored are
-    /// replayed as the messages' tombstones (one views read per page that
-    /// holds any): deleted content is never served again.
+    /// replayed as the messages' tombstones, and a reply's preview of a
+    /// message deleted since is emptied (one views read per page that holds
+    /// any message): deleted content is never served again.
     async fn redact(&self, page: &mut [Delivery]) -> Result<(), Stop> {
-        let ids: Vec<String> = page.iter().filter_map(|d| crate::wire::content_of(&d.payload.event, &d.payload.data)).map(str::to_owned).collect();
+        use crate::wire::{answered_of, content_of};
+        fn shown(d: &Delivery) -> Option<(String, Option<String>)> {
+            let id = content_of(&d.payload.event, &d.payload.data)?;
+            Some((id.to_owned(), answered_of(&d.payload.data).map(str::to_owned)))
+        }
+        let ids: Vec<String> = page.iter().filter_map(shown).flat_map(|(id, answered)| std::iter::once(id).chain(answered)).collect();
         if ids.is_empty() {
             return Ok(());
         }
         let deleted = self.node.views().deleted_among(&ids).await.map_err(|e| Stop::Unavailable(e.to_string()))?;
+        let gone = |id: &str| deleted.iter().any(|x| x == id);
         for d in page.iter_mut() {
-            if crate::wire::content_of(&d.payload.event, &d.payload.data).is_some_and(|id| deleted.iter().any(|x| x == id)) {
+            let Some((id, answered)) = shown(d) else { continue };
+            let (id_gone, answered_gone) = (gone(&id), answered.as_deref().is_some_and(gone));
+            if id_gone {
                 crate::wire::tombstone(&mut d.payload.data);
+            } else if answered_gone {
+                crate::wire::answered_deleted(&mut d.payload.data);
             }
         }
         Ok(())

@@ -121,11 +121,20 @@ async fn a_sender_edits_and_deletes_their_messages_and_nobody_else_can(c: &Clust
     // Reading past the tombstone counts right: bob marks the third seen.
     c.request(0, Method::PATCH, &format!("{}/seen", msg(&third)), Some(&bob.token), None).await.ok();
     eventually("bob has nothing unseen", || async { c.unseen_from(0, &bob, &amy).await == 0 }).await;
+    // Bob answers the third; replying to a deleted message is refused.
+    let body = json!({ "message": "see you", "replyTo": third["_id"] });
+    let reply = c.request(1, Method::POST, &format!("/api/messages/{}", amy.id), Some(&bob.token), Some(body)).await.ok()["data"].clone();
+    let body = json!({ "message": "what?", "replyTo": second["_id"] });
+    let r = c.request(0, Method::POST, &format!("/api/messages/{}", amy.id), Some(&bob.token), Some(body)).await;
+    assert_eq!(r.status.as_u16(), 409, "{}", r.body);
     // Deleting a message bob has read changes no count; the sender deletes
-    // from the other node.
+    // from the other node; the reply no longer shows its text.
     c.request(1, Method::DELETE, &msg(&third), Some(&amy.token), None).await.ok();
     let later = c.send(1, &amy, &bob, "one more", None).await.ok()["data"].clone();
-    assert_eq!(later["seq"], json!(4), "a deletion takes no seq");
+    assert_eq!(later["seq"], json!(5), "a deletion takes no seq");
+    let h = c.history(0, &amy, &bob).await;
+    let shown = h.iter().find(|m| m["_id"] == reply["_id"]).unwrap();
+    assert_eq!(shown["replyTo"], json!({ "_id": third["_id"], "preview": "", "deleted": true }), "{shown}");
     eventually("bob has one unseen", || async { c.unseen_from(0, &bob, &amy).await == 1 }).await;
     if !c.is_embedded() {
         // A rebuild serves exactly the same: edited text, tombstones, counts.

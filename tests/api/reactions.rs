@@ -100,6 +100,20 @@ async fn participants_react_and_counts_stay_exact(c: &Cluster) {
     assert_eq!(d.events("bob-chat", "messageUpdated", 1).await.remove(0)["reactions"]["👀"]["count"], json!(2));
     let r = put(c, 0, &carol, &on(&base, &rm, "👀")).await;
     assert_eq!(r.status.as_u16(), 403, "a non-member: {}", r.body);
+    // The room's next message follows the room's seq (a reaction is the
+    // room subject's newest event now), and a newcomer starts read.
+    let next = c.request(1, Method::POST, &format!("/api/rooms/{room}/messages"), Some(&bob.token), Some(json!({ "message": "yes" }))).await.ok()["data"].clone();
+    assert_eq!(next["seq"], json!(2), "{next}");
+    d.events("bob-chat", "message", 1).await;
+    c.request(0, Method::POST, &format!("/api/rooms/{room}/join"), Some(&carol.token), None).await.ok();
+    put(c, 0, &carol, &on(&base, &rm, "✅")).await.ok();
+    d.events("bob-chat", "messageUpdated", 1).await;
+    let listed = c.request(0, Method::GET, "/api/rooms", Some(&carol.token), None).await.ok();
+    let unread = listed["rooms"].as_array().unwrap().iter().find(|x| x["_id"] == json!(room)).unwrap()["unread"].clone();
+    assert_eq!(unread, json!(0), "carol joined after both messages");
+    // A room's changes never reach the `/` namespace (amy is a member).
+    let on_slash = d.quiet("amy", std::time::Duration::from_millis(300)).await;
+    assert!(!on_slash.iter().any(|e| e["type"] == "event" && e["data"].get("roomId").is_some()), "{on_slash:?}");
     let h = c.request(1, Method::GET, &format!("/api/rooms/{room}/messages"), Some(&bob.token), None).await.ok();
     let h = h["messages"].as_array().or(h.as_array()).unwrap().clone();
     assert_eq!(h[0]["reactions"]["👀"]["me"], json!(true));
