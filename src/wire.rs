@@ -269,11 +269,22 @@ pub struct Room {
     pub description: Option<String>,
     pub created_by: String,
     pub created_at: String,
+    /// Listed to members only, joined by invitation only (absent unless true).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
+    pub private: bool,
 }
 
 impl Room {
     pub fn new(r: &RoomView) -> Room {
-        Room { id: r.id.clone(), name: r.name.clone(), description: r.description.clone(), created_by: r.created_by.clone(), created_at: r.created_at.clone() }
+        Room {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            description: r.description.clone(),
+            created_by: r.created_by.clone(),
+            created_at: r.created_at.clone(),
+            private: r.private,
+        }
     }
 }
 
@@ -298,6 +309,13 @@ pub struct RoomOfCaller {
     #[serde(flatten)]
     pub room: Room,
     pub is_member: bool,
+    /// The caller's role while a member: `owner`, `admin` or `member`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The caller is invited (and may join) but not a member yet.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
+    pub invited: bool,
 }
 
 /// Another user: who they are, never their email (a directory of

@@ -21,7 +21,7 @@ use serde_json::Value;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::{BlockChanged, MemberJoined, MemberLeft, MessageDeleted, MessageEdited, MessageSent, MessagesSeen, ReactionChanged, RoomMessageDeleted, RoomMessageEdited, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
+use crate::{BlockChanged, MemberInvited, MemberJoined, MemberLeft, RoleChanged, MessageDeleted, MessageEdited, MessageSent, MessagesSeen, ReactionChanged, RoomMessageDeleted, RoomMessageEdited, RoomCreated, RoomMessageSent, RoomRead, UserRegistered};
 
 /// Current schema version of an event type (what it is written as when it
 /// fits: see [`crate::compact`]).
@@ -57,6 +57,8 @@ pub enum Event {
     RoomMessageEdited(RoomMessageEdited),
     RoomMessageDeleted(RoomMessageDeleted),
     ReactionChanged(ReactionChanged),
+    MemberInvited(MemberInvited),
+    RoleChanged(RoleChanged),
 }
 
 impl Event {
@@ -80,7 +82,8 @@ macro_rules! event_types {
     ($m:ident) => {
         $m! {
             UserRegistered, MessageSent, MessagesSeen, RoomCreated, MemberJoined, MemberLeft, RoomRead, RoomMessageSent, BlockChanged,
-            MessageEdited, MessageDeleted, RoomMessageEdited, RoomMessageDeleted, ReactionChanged
+            MessageEdited, MessageDeleted, RoomMessageEdited, RoomMessageDeleted, ReactionChanged,
+            MemberInvited, RoleChanged
         }
     };
 }

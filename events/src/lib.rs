@@ -36,5 +36,5 @@ pub use dm::{BlockChanged, DmState, MAX_UNSEEN_DELETED, MessageDeleted, MessageE
 pub use envelope::{DecodeError, Envelope, Event, StoredEvent, current_version};
 pub use ids::{IdError, validate_id};
 pub use room::{
-    MemberJoined, MemberLeft, MemberState, RoomCreated, RoomMessageDeleted, RoomMessageEdited, RoomMessageRevised, RoomMessageSent, RoomRead,
+    MemberInvited, MemberJoined, MemberLeft, MemberState, Role, RoleChanged, RoomCreated, RoomMessageDeleted, RoomMessageEdited, RoomMessageRevised, RoomMessageSent, RoomRead,
 };

@@ -6,12 +6,13 @@
 //!   optimistic-concurrency append per message; edits and deletions of its
 //!   messages (`RoomMessageEdited`, `RoomMessageDeleted`) go there too.
 //! - `<prefix>.ev.member.<roomId>.<userId>`: one member's `MemberJoined`,
-//!   `MemberLeft` and `RoomRead` events: the newest event on it says whether
-//!   the user is a member, in one read.
+//!   `MemberLeft`, `RoomRead`, `MemberInvited` and `RoleChanged` events: the
+//!   newest event on it says whether the user is a member (or invited), how
+//!   far they have read and their role, in one read.
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RoomCreated {
     pub room_id: String,
@@ -19,32 +20,95 @@ pub struct RoomCreated {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     pub created_by: String,
+    /// Not listed to non-members, joined only by invitation (absent: public,
+    /// as every room created before private rooms existed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
+}
+
+/// What a member may do in a room: the owner (its creator) names admins;
+/// admins and the owner invite and remove members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    fn is_member(&self) -> bool {
+        *self == Role::Member
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
 }
 
 /// A user became a member. Everything up to `seen_up_to` counts as read
 /// for them (joining does not flood the newcomer with unread history).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberJoined {
     pub room_id: String,
     pub user_id: String,
     pub seen_up_to: u64,
+    /// Their role from now on (absent: `member`).
+    #[serde(default, skip_serializing_if = "Role::is_member")]
+    pub role: Role,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A member left, or (`by`) was removed by an owner or admin; also what
+/// withdraws an invitation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberLeft {
     pub room_id: String,
     pub user_id: String,
+    /// Who removed them (absent: they left).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// A member's read watermark in a room moved forward to `up_to_seq`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RoomRead {
     pub room_id: String,
     pub user_id: String,
     pub up_to_seq: u64,
+    /// Their role, unchanged (the member subject's newest event says it).
+    #[serde(default, skip_serializing_if = "Role::is_member")]
+    pub role: Role,
+}
+
+/// An owner or admin invited a user (not a member) to a room: they may
+/// join it now, private or not, until they join or the invitation is
+/// withdrawn (`MemberLeft` with `by`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberInvited {
+    pub room_id: String,
+    pub user_id: String,
+    pub by: String,
+}
+
+/// The owner gave a member another role. Carries the member's read
+/// watermark, so the member subject's newest event still says everything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleChanged {
+    pub room_id: String,
+    pub user_id: String,
+    pub role: Role,
+    pub by: String,
+    pub read_up_to: u64,
 }
 
 /// A message in a room. Sending also moves the sender's read watermark to
@@ -98,15 +162,22 @@ pub struct MemberState {
     pub member: bool,
     /// Read watermark as of the member subject (joins and reads).
     pub read_up_to: u64,
+    /// Their role while a member.
+    pub role: Role,
+    /// Invited and not (yet) a member.
+    pub invited: bool,
 }
 
 impl MemberState {
     /// The state `newest`, the newest event of a member subject, leaves
     /// (`None`: the user never joined). Pure.
     pub fn after(newest: Option<&crate::Event>) -> MemberState {
+        let member = |read_up_to, role| MemberState { member: true, read_up_to, role, invited: false };
         match newest {
-            Some(crate::Event::MemberJoined(e)) => MemberState { member: true, read_up_to: e.seen_up_to },
-            Some(crate::Event::RoomRead(e)) => MemberState { member: true, read_up_to: e.up_to_seq },
+            Some(crate::Event::MemberJoined(e)) => member(e.seen_up_to, e.role),
+            Some(crate::Event::RoomRead(e)) => member(e.up_to_seq, e.role),
+            Some(crate::Event::RoleChanged(e)) => member(e.read_up_to, e.role),
+            Some(crate::Event::MemberInvited(_)) => MemberState { invited: true, ..MemberState::default() },
             _ => MemberState::default(),
         }
     }
@@ -120,11 +191,11 @@ mod tests {
     #[test]
     fn membership_follows_the_newest_member_event() {
         assert!(!MemberState::after(None).member);
-        let joined = Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: "u".into(), seen_up_to: 4 });
-        assert_eq!(MemberState::after(Some(&joined)), MemberState { member: true, read_up_to: 4 });
-        let read = Event::RoomRead(RoomRead { room_id: "r".into(), user_id: "u".into(), up_to_seq: 7 });
+        let joined = Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: "u".into(), seen_up_to: 4, ..Default::default() });
+        assert_eq!(MemberState::after(Some(&joined)), MemberState { member: true, read_up_to: 4, ..Default::default() });
+        let read = Event::RoomRead(RoomRead { room_id: "r".into(), user_id: "u".into(), up_to_seq: 7, ..Default::default() });
         assert_eq!(MemberState::after(Some(&read)).read_up_to, 7);
-        let left = Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "u".into() });
+        let left = Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "u".into(), ..Default::default() });
         assert!(!MemberState::after(Some(&left)).member);
     }
 }

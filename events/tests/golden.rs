@@ -138,6 +138,18 @@ fn message_deleted_v1() {
 }
 
 #[test]
+fn private_room_events_v1() {
+    let env = fixture("v1/MemberInvited.json");
+    let state = natter_events::MemberState::after(Some(&env.event));
+    assert!(state.invited && !state.member);
+    let Event::MemberInvited(e) = env.event else { panic!("wrong type") };
+    assert_eq!((e.user_id.as_str(), e.by.as_str()), ("carol", "amy"));
+    let env = fixture("v1/RoleChanged.json");
+    let state = natter_events::MemberState::after(Some(&env.event));
+    assert_eq!((state.member, state.role, state.read_up_to), (true, natter_events::Role::Admin, 5));
+}
+
+#[test]
 fn reaction_changed_v1() {
     let env = fixture("v1/ReactionChanged.json");
     let Event::ReactionChanged(e) = env.event else { panic!("wrong type") };
@@ -150,8 +162,9 @@ fn room_events_v1() {
     let Event::RoomCreated(e) = fixture("v1/RoomCreated.json").event else { panic!("wrong type") };
     assert_eq!((e.name.as_str(), e.created_by.as_str()), ("Algebra study group", "amy"));
     assert_eq!(e.description.as_deref(), Some("Chapter 4 tonight"));
+    assert!(!e.private, "rooms written before private rooms are public");
     let Event::MemberJoined(e) = fixture("v1/MemberJoined.json").event else { panic!("wrong type") };
-    assert_eq!((e.user_id.as_str(), e.seen_up_to), ("bob", 3));
+    assert_eq!((e.user_id.as_str(), e.seen_up_to, e.role), ("bob", 3, natter_events::Role::Member));
     let Event::MemberLeft(e) = fixture("v1/MemberLeft.json").event else { panic!("wrong type") };
     assert_eq!(e.user_id, "bob");
     let Event::RoomRead(e) = fixture("v1/RoomRead.json").event else { panic!("wrong type") };
@@ -188,7 +201,7 @@ fn there_is_a_fixture_for_every_event_type_and_version() {
         fixtures().iter().map(|f| (stored(f)["type"].as_str().unwrap().to_owned(), stored(f)["v"].as_u64().unwrap())).collect();
     have.sort();
     let mut want = Vec::new();
-    for kind in ["BlockChanged", "MemberJoined", "MemberLeft", "MessageDeleted", "MessageEdited", "MessageSent", "MessagesSeen", "ReactionChanged", "RoomCreated", "RoomMessageDeleted", "RoomMessageEdited", "RoomMessageSent", "RoomRead", "UserRegistered"] {
+    for kind in ["BlockChanged", "MemberInvited", "MemberJoined", "MemberLeft", "MessageDeleted", "MessageEdited", "MessageSent", "MessagesSeen", "ReactionChanged", "RoleChanged", "RoomCreated", "RoomMessageDeleted", "RoomMessageEdited", "RoomMessageSent", "RoomRead", "UserRegistered"] {
         for v in 1..=natter_events::current_version(kind) {
             want.push((kind.to_owned(), u64::from(v)));
         }

@@ -291,7 +291,7 @@ impl History {
     pub fn create_room(&mut self, creator: usize) {
         let creator = self.users[creator].clone();
         let room_id = format!("r{}-{}", self.rooms.len(), uuid::Uuid::now_v7().simple());
-        let event = RoomCreated { room_id: room_id.clone(), name: format!("Room {}", self.rooms.len()), description: None, created_by: creator.clone() };
+        let event = RoomCreated { room_id: room_id.clone(), name: format!("Room {}", self.rooms.len()), description: None, created_by: creator.clone(), ..Default::default() };
         self.push(format!("{creator}:create:{room_id}"), subjects::room(&self.prefix, &room_id), Event::RoomCreated(event));
         self.rooms.push(room_id.clone());
         self.join_id(&creator, &room_id);
@@ -306,7 +306,7 @@ impl History {
         let seen_up_to = self.room_last.get(room).copied().unwrap_or(0);
         let wm = self.room_wm.entry(key).or_default();
         *wm = (*wm).max(seen_up_to);
-        let event = MemberJoined { room_id: room.to_owned(), user_id: user.to_owned(), seen_up_to };
+        let event = MemberJoined { room_id: room.to_owned(), user_id: user.to_owned(), seen_up_to, ..Default::default() };
         self.push(format!("{user}:join:{}", uuid::Uuid::now_v7()), subjects::member(&self.prefix, room, user), Event::MemberJoined(event));
     }
 
@@ -330,7 +330,7 @@ impl History {
             return;
         }
         self.members.insert(key, false);
-        let event = MemberLeft { room_id: room.clone(), user_id: user.clone() };
+        let event = MemberLeft { room_id: room.clone(), user_id: user.clone(), ..Default::default() };
         self.push(format!("{user}:leave:{}", uuid::Uuid::now_v7()), subjects::member(&self.prefix, &room, &user), Event::MemberLeft(event));
     }
 
@@ -412,7 +412,7 @@ impl History {
             return;
         }
         self.room_wm.insert(key, last);
-        let event = RoomRead { room_id: room.clone(), user_id: user.clone(), up_to_seq: last };
+        let event = RoomRead { room_id: room.clone(), user_id: user.clone(), up_to_seq: last, ..Default::default() };
         self.push(format!("{user}:read:{}", uuid::Uuid::now_v7()), subjects::member(&self.prefix, &room, &user), Event::RoomRead(event));
     }
 

@@ -119,7 +119,7 @@ impl ViewStore for MemoryViews {
             }
             Event::MemberJoined(e) => set_membership(&mut v, &e.room_id, &e.user_id, true, env.position),
             Event::MemberLeft(e) => set_membership(&mut v, &e.room_id, &e.user_id, false, env.position),
-            Event::RoomRead(_) => {}
+            Event::RoomRead(_) | Event::MemberInvited(_) | Event::RoleChanged(_) => {}
             Event::RoomMessageSent(_) | Event::RoomMessageEdited(_) | Event::RoomMessageDeleted(_) => {
                 let view = RoomMessageView::of(env).expect("a room message event");
                 let (id, command, seq_key, cpos) = (view.id.clone(), view.command_id.clone(), (view.room_id.clone(), view.seq), view.cpos);

@@ -305,7 +305,7 @@ impl ViewStore for MongoViews {
             }
             Event::MemberJoined(e) => self.set_membership(&e.room_id, &e.user_id, true, env.position).await,
             Event::MemberLeft(e) => self.set_membership(&e.room_id, &e.user_id, false, env.position).await,
-            Event::RoomRead(_) => Ok(()),
+            Event::RoomRead(_) | Event::MemberInvited(_) | Event::RoleChanged(_) => Ok(()),
             Event::RoomMessageSent(e) => {
                 let view = RoomMessageView::from_event(env, e);
                 let doc = bson::to_document(&view).map_err(|e| ApplyError::Poison(e.to_string()))?;
@@ -597,7 +597,7 @@ impl Projection for MongoViews {
                 Event::RoomMessageSent(e) => room_messages.push(to_doc(&RoomMessageView::from_event(env, e))?),
                 Event::MemberJoined(e) => memberships.push((&e.room_id, &e.user_id, true, env.position)),
                 Event::MemberLeft(e) => memberships.push((&e.room_id, &e.user_id, false, env.position)),
-                Event::RoomRead(_) => {}
+                Event::RoomRead(_) | Event::MemberInvited(_) | Event::RoleChanged(_) => {}
                 Event::BlockChanged(e) => blocks.push((&e.user_id, &e.other_id, e.blocked, env.position)),
                 Event::ReactionChanged(e) => reactions.push((e, env.position)),
                 Event::MessagesSeen(e) => {

@@ -96,6 +96,9 @@ pub struct RoomView {
     pub created_by: String,
     #[serde(rename = "createdAt")]
     pub created_at: String,
+    /// Listed to members only, joined by invitation only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
 }
 
 impl RoomView {
@@ -106,6 +109,7 @@ impl RoomView {
             description: e.description.clone(),
             created_by: e.created_by.clone(),
             created_at: timestamp(env),
+            private: e.private,
         }
     }
 }

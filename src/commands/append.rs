@@ -186,7 +186,7 @@ mod tests {
     #[test]
     fn the_next_event_follows_the_newest_one_of_its_subject() {
         assert_eq!(next_on(None), (1, 0), "first on an empty subject");
-        let left = Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "u".into() });
+        let left = Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "u".into(), ..Default::default() });
         let last = Logged { log_seq: 9, envelope: Envelope::new("c".into(), "s".into(), 3, left) };
         assert_eq!(next_on(Some(&last)), (4, 9), "position 4, appended only while the subject still ends at log seq 9");
     }

@@ -16,6 +16,7 @@ mod append;
 pub mod block;
 mod retry;
 pub mod register;
+pub mod moderation;
 pub mod react;
 pub mod revise;
 pub mod rooms;

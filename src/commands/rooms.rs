@@ -7,7 +7,7 @@
 //! ([`MemberState`]), so the membership check of every command is one read
 //! of the log itself.
 
-use natter_events::{Envelope, Event, MemberJoined, MemberLeft, MemberState, ReactionChanged, RoomCreated, RoomMessageSent, RoomRead, subjects};
+use natter_events::{Envelope, Event, MemberJoined, MemberLeft, MemberState, ReactionChanged, Role, RoomCreated, RoomMessageSent, RoomRead, subjects};
 use natter_projections::{RoomMessageView, RoomView};
 
 use super::append::command_id;
@@ -23,6 +23,8 @@ pub struct CreateRoom {
     pub creator: String,
     pub name: String,
     pub description: Option<String>,
+    /// Listed to members only, joined by invitation only.
+    pub private: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +108,7 @@ impl Commands {
             name: cmd.name.trim().to_owned(),
             description: cmd.description.map(|d| d.trim().to_owned()).filter(|d| !d.is_empty()),
             created_by: cmd.creator.clone(),
+            private: cmd.private,
         };
         let subject = subjects::room(&self.prefix, &room_id);
         let command_id = format!("{}:create:{room_id}", cmd.creator);
@@ -115,13 +118,13 @@ impl Commands {
             })
             .await?
             .ok_or_else(|| Failure::Internal(format!("{subject}: a new room's subject already holds events")))?;
-        self.join_room(&cmd.creator, &room_id).await?;
+        self.join_as(&cmd.creator, &room_id, Role::Owner).await?;
         Ok(RoomView::from_event(&env, &event))
     }
 
     /// Appends an event on `user`'s member subject of `room`, deciding from
     /// the current membership and the room's last message seq.
-    async fn append_member<F>(&self, room: &str, user: &str, decide: F) -> Result<Option<Envelope>, CommandError>
+    pub(crate) async fn append_member<F>(&self, room: &str, user: &str, decide: F) -> Result<Option<Envelope>, CommandError>
     where
         F: Fn(&MemberState, u64) -> Result<Option<Event>, Refusal>,
     {
@@ -136,13 +139,29 @@ impl Commands {
         .await
     }
 
-    /// Joins `room` as `user` (nothing happens if already a member).
+    /// Joins `room` as `user` (nothing happens if already a member). A
+    /// private room needs an invitation.
     #[tracing::instrument(skip_all, fields(user = %user, room = %room))]
     pub async fn join_room(&self, user: &str, room: &str) -> Result<(), CommandError> {
+        room_id(room)?;
+        let private = self.views.room(room).await?.is_some_and(|r| r.private);
         self.append_member(room, user, |m, last_seq| {
-            Ok((!m.member).then(|| {
-                Event::MemberJoined(MemberJoined { room_id: room.to_owned(), user_id: user.to_owned(), seen_up_to: last_seq })
-            }))
+            if m.member {
+                return Ok(None);
+            }
+            if private && !m.invited {
+                return Err(Refusal::Forbidden("this room is private: a member with the owner or admin role must invite you".into()));
+            }
+            Ok(Some(Event::MemberJoined(MemberJoined { room_id: room.to_owned(), user_id: user.to_owned(), seen_up_to: last_seq, role: Role::Member })))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Joins a room just created, with `role`.
+    async fn join_as(&self, user: &str, room: &str, role: Role) -> Result<(), CommandError> {
+        self.append_member(room, user, |m, last_seq| {
+            Ok((!m.member).then(|| Event::MemberJoined(MemberJoined { room_id: room.to_owned(), user_id: user.to_owned(), seen_up_to: last_seq, role })))
         })
         .await?;
         Ok(())
@@ -155,7 +174,7 @@ impl Commands {
             if !m.member {
                 return Err(not_member());
             }
-            Ok(Some(Event::MemberLeft(MemberLeft { room_id: room.to_owned(), user_id: user.to_owned() })))
+            Ok(Some(Event::MemberLeft(MemberLeft { room_id: room.to_owned(), user_id: user.to_owned(), ..Default::default() })))
         })
         .await?;
         Ok(())
@@ -167,8 +186,9 @@ impl Commands {
             if !m.member {
                 return Err(not_member());
             }
+            // The member subject's newest event says the role: keep it.
             Ok((last_seq > m.read_up_to)
-                .then(|| Event::RoomRead(RoomRead { room_id: room.to_owned(), user_id: user.to_owned(), up_to_seq: last_seq })))
+                .then(|| Event::RoomRead(RoomRead { room_id: room.to_owned(), user_id: user.to_owned(), up_to_seq: last_seq, role: m.role })))
         })
         .await?;
         Ok(())
@@ -243,7 +263,7 @@ mod tests {
     #[test]
     fn every_event_on_a_room_subject_says_the_rooms_newest_seq() {
         let at = |event| Logged { log_seq: 7, envelope: Envelope::new("c".into(), "p.ev.room.r".into(), 3, event) };
-        let created = Event::RoomCreated(RoomCreated { room_id: "r".into(), name: "n".into(), description: None, created_by: "u".into() });
+        let created = Event::RoomCreated(RoomCreated { room_id: "r".into(), name: "n".into(), description: None, created_by: "u".into(), ..Default::default() });
         assert_eq!(room_last_seq(&at(created)).unwrap(), 0);
         let reaction = |last_seq| {
             Event::ReactionChanged(ReactionChanged { message_id: "m".into(), user_id: "u".into(), emoji: "👍".into(), on: true, state: None, last_seq })
@@ -254,7 +274,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_rooms() {
-        let room = |name: &str, d: Option<&str>| CreateRoom { creator: "u".into(), name: name.into(), description: d.map(Into::into) };
+        let room = |name: &str, d: Option<&str>| CreateRoom { creator: "u".into(), name: name.into(), description: d.map(Into::into), private: false };
         assert!(validate_room(&room("Algebra", None)).is_ok());
         assert!(validate_room(&room("  ", None)).is_err());
         assert!(validate_room(&room(&"x".repeat(101), None)).is_err());

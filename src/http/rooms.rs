@@ -16,6 +16,9 @@
 //!   the same: its sender edits it, or deletes it for everyone.
 //! - `PUT`/`DELETE /api/rooms/{id}/messages/{messageId}/reactions/{emoji}`:
 //!   a member sets or takes back a reaction.
+//! - `POST /api/rooms/{id}/invite` `{userId}`, `POST /api/rooms/{id}/kick`
+//!   `{userId}` (owner or admin), `POST /api/rooms/{id}/role` `{userId,
+//!   role}` (owner): private rooms and roles.
 //! - `GET /api/rooms/{id}/users` → `{success, users: [{_id, name}], count}`:
 //!   who is present now.
 
@@ -31,7 +34,9 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
+use crate::commands::moderation::Moderation;
 use crate::commands::revise::Change;
+use natter_events::Role;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::rooms::{CreateRoom, SendRoomMessage};
@@ -46,6 +51,9 @@ struct CreateBody {
     name: String,
     /// Up to 1000 characters.
     description: Option<String>,
+    /// Listed to members only and joined by invitation only (default false).
+    #[serde(default)]
+    private: bool,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -87,7 +95,7 @@ async fn room_or_404(node: &AppState, id: &str) -> Result<natter_projections::Ro
     responses((status = 201, body = RoomAnswer)))]
 async fn create(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiJson(body): ApiJson<CreateBody>) -> Result<(StatusCode, Json<RoomAnswer>), ApiError> {
     node.rate.room_change(&me)?;
-    let room = node.commands.create_room(CreateRoom { creator: me, name: body.name, description: body.description }).await?;
+    let room = node.commands.create_room(CreateRoom { creator: me, name: body.name, description: body.description, private: body.private }).await?;
     Ok((StatusCode::CREATED, Json(RoomAnswer { success: true, room: Room::new(&room) })))
 }
 
@@ -100,8 +108,12 @@ async fn list(State(node): State<Arc<AppState>>, Caller(me): Caller, page: Resul
     if let Some(after) = &page.after {
         natter_events::validate_id(after).map_err(|e| ApiError::bad_request(format!("after is not a valid room id: {e}")))?;
     }
-    let rooms = node.views().rooms(page.after.as_deref(), limit).await?;
-    let memberships = futures::future::try_join_all(rooms.iter().map(|r| node.views().is_member(&r.id, &me))).await?;
+    let scanned = node.views().rooms(page.after.as_deref(), limit).await?;
+    let memberships = futures::future::try_join_all(scanned.iter().map(|r| node.views().is_member(&r.id, &me))).await?;
+    // A private room is listed to its members only (a page may then hold
+    // fewer rooms than `limit`; `nextCursor` still pages on).
+    let next = if scanned.len() == limit as usize { scanned.last().map(|r| r.id.clone()) } else { None };
+    let (rooms, memberships): (Vec<_>, Vec<bool>) = scanned.into_iter().zip(memberships).filter(|(r, member)| !r.private || *member).unzip();
     let mine: Vec<String> = rooms.iter().zip(&memberships).filter(|(_, m)| **m).map(|(r, _)| r.id.clone()).collect();
     let unread = node.counts().room_unread(&me, &mine).await?;
     let mut out = Vec::with_capacity(rooms.len());
@@ -110,7 +122,6 @@ async fn list(State(node): State<Arc<AppState>>, Caller(me): Caller, page: Resul
         let unread = if member { unread.get(&r.id).copied().unwrap_or(0) } else { 0 };
         out.push(ListedRoom { room: Room::new(r), is_member: member, unread, active_users });
     }
-    let next = if rooms.len() == limit as usize { rooms.last().map(|r| r.id.clone()) } else { None };
     Ok(Json(RoomsPage { success: true, rooms: out, next_cursor: next }))
 }
 
@@ -119,8 +130,14 @@ async fn list(State(node): State<Arc<AppState>>, Caller(me): Caller, page: Resul
     responses((status = 200, body = OneRoom), (status = 404, body = ErrorBody, description = "no such room")))]
 async fn one(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<OneRoom>, ApiError> {
     let room = room_or_404(&node, &id).await?;
-    let is_member = node.views().is_member(&id, &me).await?;
-    Ok(Json(OneRoom { success: true, room: RoomOfCaller { room: Room::new(&room), is_member } }))
+    let (role, invited) = tokio::join!(node.commands.role_in(&id, &me), node.commands.invited(&id, &me));
+    let (role, invited) = (role?, invited?);
+    // A private room is for its members and invitees only.
+    if room.private && role.is_none() && !invited {
+        return Err(ApiError::not_found("Room not found"));
+    }
+    let room = RoomOfCaller { room: Room::new(&room), is_member: role.is_some(), role: role.map(|r| r.as_str().to_owned()), invited };
+    Ok(Json(OneRoom { success: true, room }))
 }
 
 /// Join a room (nothing changes for a member).
@@ -293,6 +310,71 @@ async fn delete(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath((
     revised(&node, me, room, id, Change::Delete, "Deleted").await
 }
 
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct UserBody {
+    /// The user's id.
+    user_id: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct RoleBody {
+    /// The member's id.
+    user_id: Option<String>,
+    /// `admin` or `member`.
+    role: Option<String>,
+}
+
+async fn moderated(node: &AppState, me: String, room: String, target: Option<String>, what: Moderation) -> Result<Json<Done>, ApiError> {
+    let target = target.ok_or_else(|| ApiError::bad_request("userId is required"))?;
+    room_or_404(node, &room).await?;
+    node.rate.room_change(&me)?;
+    node.commands.moderate(&me, &room, &target, what).await?;
+    Ok(Json(Done { success: true }))
+}
+
+/// Invite a user (the room's owner or an admin): they may join it, private
+/// or not; they get `room-invited` on `/chat`. Nothing changes for a
+/// member or a user invited already.
+#[utoipa::path(post, path = "/api/rooms/{id}/invite", operation_id = "invite", tag = "study rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = ROOM_ID)), request_body = UserBody,
+    responses((status = 200, body = Done),
+        (status = 400, body = ErrorBody, description = "no userId, or yourself"),
+        (status = 403, body = ErrorBody, description = "the caller is not the owner or an admin"),
+        (status = 404, body = ErrorBody, description = "no such room or user")))]
+async fn invite(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>, ApiJson(body): ApiJson<UserBody>) -> Result<Json<Done>, ApiError> {
+    moderated(&node, me, id, body.user_id, Moderation::Invite).await
+}
+
+/// Remove a member, or withdraw an invitation (the owner, or an admin for
+/// plain members): they receive nothing of the room from then on.
+#[utoipa::path(post, path = "/api/rooms/{id}/kick", operation_id = "kick", tag = "study rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = ROOM_ID)), request_body = UserBody,
+    responses((status = 200, body = Done),
+        (status = 400, body = ErrorBody, description = "no userId, or yourself"),
+        (status = 403, body = ErrorBody, description = "the caller may not remove that member"),
+        (status = 404, body = ErrorBody, description = "no such room or user")))]
+async fn kick(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>, ApiJson(body): ApiJson<UserBody>) -> Result<Json<Done>, ApiError> {
+    moderated(&node, me, id, body.user_id, Moderation::Kick).await
+}
+
+/// Set a member's role (the owner only): `admin` or `member`.
+#[utoipa::path(post, path = "/api/rooms/{id}/role", operation_id = "set_role", tag = "study rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = ROOM_ID)), request_body = RoleBody,
+    responses((status = 200, body = Done),
+        (status = 400, body = ErrorBody, description = "no userId, or a role other than admin or member"),
+        (status = 403, body = ErrorBody, description = "the caller is not the owner"),
+        (status = 404, body = ErrorBody, description = "no such room, or the user is no member")))]
+async fn set_role(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>, ApiJson(body): ApiJson<RoleBody>) -> Result<Json<Done>, ApiError> {
+    let role = match body.role.as_deref() {
+        Some("admin") => Role::Admin,
+        Some("member") => Role::Member,
+        _ => return Err(ApiError::bad_request("role must be \"admin\" or \"member\"")),
+    };
+    moderated(&node, me, id, body.user_id, Moderation::SetRole(role)).await
+}
+
 /// Who is present in a room now (members only).
 #[utoipa::path(get, path = "/api/rooms/{id}/users", operation_id = "room_users", tag = "study rooms", security(("bearer" = [])), params(("id" = String, Path, description = ROOM_ID)),
     responses((status = 200, body = PresentUsers),
@@ -315,5 +397,8 @@ pub fn router() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(history, send))
         .routes(routes!(edit, delete))
         .routes(routes!(react, unreact))
+        .routes(routes!(invite))
+        .routes(routes!(kick))
+        .routes(routes!(set_role))
         .routes(routes!(users))
 }

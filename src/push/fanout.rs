@@ -19,6 +19,8 @@
 //! - `ReactionChanged` → `messageUpdated` (the message with all its
 //!   reactions, read from the views once they hold the change: see
 //!   [`super::reactions`]) to both participants or to the room's members.
+//! - `MemberInvited` → `room-invited {roomId, by}` and `RoleChanged` →
+//!   `member-role {roomId, userId, role, by}`, to the user concerned only.
 //! - `MemberJoined` / `MemberLeft` → `member-joined` / `member-left`
 //!   `{roomId, userId}` to the user concerned (always, on their own chain:
 //!   it tells a reader their rooms) and, in rooms of at most `announce_max`
@@ -187,11 +189,24 @@ impl Projection for FanOut {
                 Some(&e.user_id),
                 Payload { event: "member-joined".into(), data: json!({ "roomId": e.room_id, "userId": e.user_id }) },
             )),
-            Event::MemberLeft(e) => Some((
-                &e.room_id,
-                Some(&e.user_id),
-                Payload { event: "member-left".into(), data: json!({ "roomId": e.room_id, "userId": e.user_id }) },
-            )),
+            Event::MemberLeft(e) => {
+                let mut data = json!({ "roomId": e.room_id, "userId": e.user_id });
+                if let Some(by) = &e.by {
+                    data["by"] = json!(by);
+                }
+                Some((&e.room_id, Some(&e.user_id), Payload { event: "member-left".into(), data }))
+            }
+            // An invitation and a new role concern one user: theirs only.
+            Event::MemberInvited(e) => {
+                let data = json!({ "roomId": e.room_id, "by": e.by });
+                deliveries.push((To::User(e.user_id.clone()), Payload { event: "room-invited".into(), data }));
+                None
+            }
+            Event::RoleChanged(e) => {
+                let data = json!({ "roomId": e.room_id, "userId": e.user_id, "role": e.role.as_str(), "by": e.by });
+                deliveries.push((To::User(e.user_id.clone()), Payload { event: "member-role".into(), data }));
+                None
+            }
             _ => None,
         };
         let shared = self.bus.shares_rooms();
@@ -257,9 +272,9 @@ mod tests {
         let log = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
         let member = |u: &str, joined: bool, n: u64| {
             let event = if joined {
-                Event::MemberJoined(MemberJoined { room_id: "r1".into(), user_id: u.into(), seen_up_to: 0 })
+                Event::MemberJoined(MemberJoined { room_id: "r1".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() })
             } else {
-                Event::MemberLeft(MemberLeft { room_id: "r1".into(), user_id: u.into() })
+                Event::MemberLeft(MemberLeft { room_id: "r1".into(), user_id: u.into(), ..Default::default() })
             };
             Envelope::new(format!("{u}:{n}"), subjects::member("p", "r1", u), n, event)
         };
@@ -274,6 +289,7 @@ mod tests {
             room_id: "r10".into(),
             user_id: "zed".into(),
             seen_up_to: 0,
+            ..Default::default()
         })), 0)
         .await
         .unwrap();
@@ -316,8 +332,8 @@ mod tests {
 
         let dir = std::env::temp_dir().join(format!("natter-inorder-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
-        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0 });
-        let leave = |u: &str| Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into() });
+        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() });
+        let leave = |u: &str| Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into(), ..Default::default() });
         let msg = |seq: u64| {
             Event::RoomMessageSent(RoomMessageSent {
                 message_id: format!("m{seq}"),
@@ -374,8 +390,8 @@ mod tests {
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
         let nodes = [FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100), FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100)];
         let mut positions: HashMap<String, (u64, u64)> = HashMap::new(); // subject → (position, its last log seq)
-        let join = |u: &str| (subjects::member("p", "r", u), Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0 }));
-        let leave = |u: &str| (subjects::member("p", "r", u), Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into() }));
+        let join = |u: &str| (subjects::member("p", "r", u), Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() }));
+        let leave = |u: &str| (subjects::member("p", "r", u), Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into(), ..Default::default() }));
         let msg = |n: u64| {
             (subjects::room("p", "r"), Event::RoomMessageSent(RoomMessageSent {
                 message_id: format!("m{n}"),
@@ -431,6 +447,7 @@ mod tests {
                 room_id: "r".into(),
                 user_id: u.into(),
                 seen_up_to: 0,
+                ..Default::default()
             }));
             let seq = log.append(&env, 0).await.unwrap().log_seq;
             fanout.apply_at(&env, seq).await.unwrap();

@@ -254,7 +254,7 @@ mod tests {
 
         let dir = std::env::temp_dir().join(format!("natter-members-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
-        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0 });
+        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() });
         let mut seqs = Vec::new();
         for u in ["amy", "bob"] {
             let env = Envelope::new(format!("{u}:j"), subjects::member("p", "r", u), 1, join(u));
@@ -264,7 +264,7 @@ mod tests {
         assert_eq!(m.as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), Vec::<String>::new());
         assert_eq!(m.as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), ["amy"]);
         assert_eq!(m.as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), ["amy"], "the retry: bob's join not yet in");
-        assert_eq!(m.as_of("r", seqs[1].0 + 1, &Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into() })).await.unwrap(), ["amy", "bob"]);
+        assert_eq!(m.as_of("r", seqs[1].0 + 1, &Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into(), ..Default::default() })).await.unwrap(), ["amy", "bob"]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -328,7 +328,7 @@ mod tests {
 
         let dir = std::env::temp_dir().join(format!("natter-flaky-{}", uuid::Uuid::new_v4().simple()));
         let file: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
-        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0 });
+        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() });
         let mut seqs = Vec::new();
         for u in ["amy", "bob", "carol"] {
             let env = Envelope::new(format!("{u}:j"), subjects::member("p", "r", u), 1, join(u));
@@ -340,7 +340,7 @@ mod tests {
         // The next event is past bob's and carol's joins: the catch-up reads
         // bob's, then fails.
         flaky.1.store(false, Ordering::SeqCst);
-        let msg = Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into() });
+        let msg = Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into(), ..Default::default() });
         assert!(m.as_of("r", seqs[2].0 + 1, &msg).await.is_err());
         assert_eq!(m.as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), Vec::<String>::new(), "amy's join retried: still nobody before it");
         let _ = std::fs::remove_dir_all(&dir);

@@ -83,7 +83,7 @@ impl Filter {
                 _ => false,
             },
             Filter::Chat(_) => match p.event.as_str() {
-                "message" | "member-joined" | "member-left" => true,
+                "message" | "member-joined" | "member-left" | "room-invited" | "member-role" => true,
                 "messageUpdated" | "messageDeleted" => of_room,
                 _ => false,
             },

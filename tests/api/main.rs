@@ -24,6 +24,7 @@ mod idempotency;
 mod multi_node;
 mod openapi;
 mod overload;
+mod private_rooms;
 mod projections;
 mod push;
 mod push_faults;

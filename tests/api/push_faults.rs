@@ -190,11 +190,11 @@ async fn a_room_of_more_than_5000_members_is_delivered_and_nothing_wedges() {
     let dir = Cluster::data_dir(&format!("5k-{}", &prefix));
     {
         let log = FileLog::open(&dir, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
-        let created = RoomCreated { room_id: room.clone(), name: "Stadium".into(), description: None, created_by: amy.clone() };
+        let created = RoomCreated { room_id: room.clone(), name: "Stadium".into(), description: None, created_by: amy.clone(), ..Default::default() };
         let env = Envelope::new("create".into(), subjects::room(&prefix, &room), 1, Event::RoomCreated(created));
         log.append(&env, 0).await.unwrap();
         for user in std::iter::once(amy.clone()).chain((0..FANS).map(|i| format!("fan{i:04}"))) {
-            let joined = MemberJoined { room_id: room.clone(), user_id: user.clone(), seen_up_to: 0 };
+            let joined = MemberJoined { room_id: room.clone(), user_id: user.clone(), seen_up_to: 0, ..Default::default() };
             let env = Envelope::new(format!("{user}:join"), subjects::member(&prefix, &room, &user), 1, Event::MemberJoined(joined));
             log.append(&env, 0).await.unwrap();
         }
