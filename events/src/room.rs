@@ -74,6 +74,9 @@ pub struct MemberLeft {
     /// Who removed them (absent: they left).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// Not a member removed but an invitation withdrawn (with `by`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withdrawn: bool,
 }
 
 /// A member's read watermark in a room moved forward to `up_to_seq`.
@@ -166,18 +169,22 @@ pub struct MemberState {
     pub role: Role,
     /// Invited and not (yet) a member.
     pub invited: bool,
+    /// Removed by a moderator (not left, not invited since): joining again,
+    /// even a public room, needs a new invitation.
+    pub removed: bool,
 }
 
 impl MemberState {
     /// The state `newest`, the newest event of a member subject, leaves
     /// (`None`: the user never joined). Pure.
     pub fn after(newest: Option<&crate::Event>) -> MemberState {
-        let member = |read_up_to, role| MemberState { member: true, read_up_to, role, invited: false };
+        let member = |read_up_to, role| MemberState { member: true, read_up_to, role, ..MemberState::default() };
         match newest {
             Some(crate::Event::MemberJoined(e)) => member(e.seen_up_to, e.role),
             Some(crate::Event::RoomRead(e)) => member(e.up_to_seq, e.role),
             Some(crate::Event::RoleChanged(e)) => member(e.read_up_to, e.role),
             Some(crate::Event::MemberInvited(_)) => MemberState { invited: true, ..MemberState::default() },
+            Some(crate::Event::MemberLeft(e)) => MemberState { removed: e.by.is_some() && !e.withdrawn, ..MemberState::default() },
             _ => MemberState::default(),
         }
     }

@@ -112,6 +112,8 @@ pub struct Commands {
     /// Users known to exist (accounts are never deleted): a send to one of
     /// them needs no views read. Bounded: emptied when full.
     known_users: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// What rooms' `RoomCreated` says (it never changes): privacy and owner.
+    room_facts: std::sync::Mutex<std::collections::HashMap<String, rooms::RoomFacts>>,
 }
 
 /// The views' applied floor as read: its log sequence, the time of the
@@ -131,7 +133,7 @@ impl Commands {
         metrics: Arc<Metrics>,
         progress: Arc<dyn ViewsProgress>,
     ) -> Self {
-        Commands { log, views, counts, prefix, limits, metrics, progress, floor: Default::default(), known_users: Default::default() }
+        Commands { log, views, counts, prefix, limits, metrics, progress, floor: Default::default(), known_users: Default::default(), room_facts: Default::default() }
     }
 
     /// The views this command side keeps up to date (read-your-writes).

@@ -24,14 +24,17 @@ pub enum Moderation {
 }
 
 /// The event `actor` (whose role is `actor_role`, `None`: not a member)
-/// makes of `target`'s membership `m`; `None` when it changes nothing. Pure.
-pub fn decide(room: &str, actor: &str, actor_role: Option<Role>, target: &str, m: &MemberState, what: Moderation) -> Result<Option<Event>, Refusal> {
+/// makes of `target`'s membership `m` in a room owned by `owner`; `None`
+/// when it changes nothing. Pure.
+pub fn decide(room: &str, owner: &str, actor: &str, actor_role: Option<Role>, target: &str, m: &MemberState, what: Moderation) -> Result<Option<Event>, Refusal> {
     let forbidden = |why: &str| Err(Refusal::Forbidden(why.to_owned()));
     let Some(actor_role) = actor_role else { return forbidden("you are not a member of this room") };
     if actor == target {
         return Err(Refusal::BadInput("you cannot do that to yourself (leave the room instead)".into()));
     }
-    let target_role = if m.member { Some(m.role) } else { None };
+    // The creator is the owner whatever their member subject says (rooms
+    // created before roles, an owner who left and came back).
+    let target_role = m.member.then(|| if target == owner { Role::Owner } else { m.role });
     match what {
         Moderation::Invite => {
             if actor_role < Role::Admin {
@@ -52,7 +55,8 @@ pub fn decide(room: &str, actor: &str, actor_role: Option<Role>, target: &str, m
             if !m.member && !m.invited {
                 return Ok(None);
             }
-            Ok(Some(Event::MemberLeft(MemberLeft { room_id: room.to_owned(), user_id: target.to_owned(), by: Some(actor.to_owned()) })))
+            let withdrawn = !m.member;
+            Ok(Some(Event::MemberLeft(MemberLeft { room_id: room.to_owned(), user_id: target.to_owned(), by: Some(actor.to_owned()), withdrawn })))
         }
         Moderation::SetRole(role) => {
             if actor_role != Role::Owner {
@@ -81,10 +85,19 @@ impl Commands {
     /// is its owner whatever their member subject says (rooms created
     /// before roles existed).
     pub async fn role_in(&self, room: &str, user: &str) -> Result<Option<Role>, CommandError> {
-        super::rooms::room_id(room)?;
-        let (m, view) = tokio::join!(self.membership(room, user), self.views.room(room));
-        let (m, view) = (m?, view?.ok_or_else(|| Refusal::NotFound("Room not found".into()))?);
-        Ok(m.member.then(|| if view.created_by == user { Role::Owner } else { m.role }))
+        let (facts, m) = tokio::join!(self.room_facts(room), self.membership(room, user));
+        let (facts, m) = (facts?, m?);
+        Ok(m.member.then(|| if facts.owner == user { Role::Owner } else { m.role }))
+    }
+
+    /// Whether `user` may see that private `room` exists: a member or an
+    /// invitee (anyone may see a public room).
+    pub async fn may_see(&self, room: &str, user: &str) -> Result<bool, CommandError> {
+        if !self.room_facts(room).await?.private {
+            return Ok(true);
+        }
+        let m = self.membership(room, user).await?;
+        Ok(m.member || m.invited)
     }
 
     /// Whether `user` is invited to `room` and not a member.
@@ -97,8 +110,9 @@ impl Commands {
     #[tracing::instrument(skip_all, fields(actor = %actor, room = %room, target = %target, what = ?what))]
     pub async fn moderate(&self, actor: &str, room: &str, target: &str, what: Moderation) -> Result<(), CommandError> {
         self.require_user(target, "user").await?;
+        let owner = self.room_facts(room).await?.owner;
         let actor_role = self.role_in(room, actor).await?;
-        self.append_member(room, target, |m, _| decide(room, actor, actor_role, target, m, what)).await?;
+        self.append_member(room, target, |m, _| decide(room, &owner, actor, actor_role, target, m, what)).await?;
         Ok(())
     }
 }
@@ -115,7 +129,7 @@ mod tests {
     fn owners_and_admins_invite_and_remove_and_only_owners_name_admins() {
         let none = MemberState::default();
         let invited = MemberState { invited: true, ..none };
-        let d = |actor_role, m: &MemberState, what| decide("r", "amy", actor_role, "bob", m, what);
+        let d = |actor_role, m: &MemberState, what| decide("r", "olga", "amy", actor_role, "bob", m, what);
         assert!(matches!(d(Some(Role::Admin), &none, Moderation::Invite), Ok(Some(Event::MemberInvited(_)))));
         assert!(matches!(d(Some(Role::Member), &none, Moderation::Invite), Err(Refusal::Forbidden(_))));
         assert!(matches!(d(None, &none, Moderation::Invite), Err(Refusal::Forbidden(_))));
@@ -133,14 +147,21 @@ mod tests {
         assert!(matches!(d(Some(Role::Owner), &member(Role::Member), Moderation::SetRole(Role::Owner)), Err(Refusal::BadInput(_))));
         assert!(matches!(d(Some(Role::Owner), &none, Moderation::SetRole(Role::Admin)), Err(Refusal::NotFound(_))));
         assert!(d(Some(Role::Owner), &member(Role::Admin), Moderation::SetRole(Role::Admin)).unwrap().is_none());
-        assert!(matches!(decide("r", "amy", Some(Role::Owner), "amy", &none, Moderation::Kick), Err(Refusal::BadInput(_))));
+        assert!(matches!(decide("r", "olga", "amy", Some(Role::Owner), "amy", &none, Moderation::Kick), Err(Refusal::BadInput(_))));
+        // The creator is the owner even where their subject says member.
+        assert!(matches!(decide("r", "bob", "amy", Some(Role::Admin), "bob", &member(Role::Member), Moderation::Kick), Err(Refusal::Forbidden(_))));
+        // Withdrawing an invitation is marked as such.
+        assert!(matches!(d(Some(Role::Owner), &invited, Moderation::Kick), Ok(Some(Event::MemberLeft(MemberLeft { withdrawn: true, .. })))));
     }
 
     #[test]
     fn the_member_subject_keeps_role_and_invitation() {
         let changed = Event::RoleChanged(RoleChanged { room_id: "r".into(), user_id: "u".into(), role: Role::Admin, by: "o".into(), read_up_to: 4 });
-        assert_eq!(MemberState::after(Some(&changed)), MemberState { member: true, read_up_to: 4, role: Role::Admin, invited: false });
+        assert_eq!(MemberState::after(Some(&changed)), MemberState { member: true, read_up_to: 4, role: Role::Admin, ..MemberState::default() });
         let invited = Event::MemberInvited(MemberInvited { room_id: "r".into(), user_id: "u".into(), by: "o".into() });
         assert!(MemberState::after(Some(&invited)).invited && !MemberState::after(Some(&invited)).member);
+        let kicked = |withdrawn| Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "u".into(), by: Some("o".into()), withdrawn });
+        assert!(MemberState::after(Some(&kicked(false))).removed, "a removal sticks");
+        assert!(!MemberState::after(Some(&kicked(true))).removed, "a withdrawn invitation is no removal");
     }
 }

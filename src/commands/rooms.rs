@@ -67,6 +67,17 @@ pub(crate) fn room_last_seq(logged: &Logged) -> Result<u64, Failure> {
     }
 }
 
+/// What a room's first event, `RoomCreated`, says for good.
+#[derive(Debug, Clone)]
+pub struct RoomFacts {
+    pub private: bool,
+    /// Its creator, the owner.
+    pub owner: String,
+}
+
+/// Rooms whose facts [`Commands`] remembers before it starts afresh.
+const KNOWN_ROOMS: usize = 100_000;
+
 pub(crate) fn not_member() -> Refusal {
     Refusal::Forbidden("you are not a member of this room; join it first".into())
 }
@@ -85,6 +96,26 @@ impl Commands {
     async fn room_head(&self, room: &str) -> Result<Logged, CommandError> {
         room_id(room)?;
         Ok(self.log.last(&subjects::room(&self.prefix, room)).await?.ok_or_else(room_not_found)?)
+    }
+
+    /// Whether `room` is private and who owns it, from the log (the views
+    /// may lag or have lost it), read once per room and node.
+    pub(crate) async fn room_facts(&self, room: &str) -> Result<RoomFacts, CommandError> {
+        room_id(room)?;
+        if let Some(f) = self.room_facts.lock().expect("room facts lock").get(room) {
+            return Ok(f.clone());
+        }
+        let first = self.log.next_on(&subjects::room(&self.prefix, room), 0).await?;
+        let facts = match first.map(|l| l.envelope.event) {
+            Some(Event::RoomCreated(e)) => RoomFacts { private: e.private, owner: e.created_by },
+            _ => return Err(room_not_found().into()),
+        };
+        let mut known = self.room_facts.lock().expect("room facts lock");
+        if known.len() >= KNOWN_ROOMS {
+            known.clear();
+        }
+        known.insert(room.to_owned(), facts.clone());
+        Ok(facts)
     }
 
     pub(crate) async fn membership(&self, room: &str, user: &str) -> Result<MemberState, CommandError> {
@@ -118,7 +149,7 @@ impl Commands {
             })
             .await?
             .ok_or_else(|| Failure::Internal(format!("{subject}: a new room's subject already holds events")))?;
-        self.join_as(&cmd.creator, &room_id, Role::Owner).await?;
+        self.join_room(&cmd.creator, &room_id).await?;
         Ok(RoomView::from_event(&env, &event))
     }
 
@@ -140,28 +171,27 @@ impl Commands {
     }
 
     /// Joins `room` as `user` (nothing happens if already a member). A
-    /// private room needs an invitation.
+    /// private room needs an invitation (anyone else is told there is no
+    /// such room), and so does a room one was removed from; its owner
+    /// always comes back as owner.
     #[tracing::instrument(skip_all, fields(user = %user, room = %room))]
     pub async fn join_room(&self, user: &str, room: &str) -> Result<(), CommandError> {
-        room_id(room)?;
-        let private = self.views.room(room).await?.is_some_and(|r| r.private);
+        let facts = self.room_facts(room).await?;
+        let owner = facts.owner == user;
         self.append_member(room, user, |m, last_seq| {
             if m.member {
                 return Ok(None);
             }
-            if private && !m.invited {
-                return Err(Refusal::Forbidden("this room is private: a member with the owner or admin role must invite you".into()));
+            if !owner && !m.invited {
+                if facts.private {
+                    return Err(room_not_found());
+                }
+                if m.removed {
+                    return Err(Refusal::Forbidden("you were removed from this room: its owner or an admin must invite you back".into()));
+                }
             }
-            Ok(Some(Event::MemberJoined(MemberJoined { room_id: room.to_owned(), user_id: user.to_owned(), seen_up_to: last_seq, role: Role::Member })))
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// Joins a room just created, with `role`.
-    async fn join_as(&self, user: &str, room: &str, role: Role) -> Result<(), CommandError> {
-        self.append_member(room, user, |m, last_seq| {
-            Ok((!m.member).then(|| Event::MemberJoined(MemberJoined { room_id: room.to_owned(), user_id: user.to_owned(), seen_up_to: last_seq, role })))
+            let role = if owner { Role::Owner } else { Role::Member };
+            Ok(Some(Event::MemberJoined(MemberJoined { room_id: room.to_owned(), user_id: user.to_owned(), seen_up_to: last_seq, role })))
         })
         .await?;
         Ok(())

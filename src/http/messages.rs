@@ -167,8 +167,9 @@ struct EditBody {
 async fn revised(node: &AppState, me: String, id: String, change: Change, what: &str) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&me)?;
     let done = node.commands.revise(&me, &id, change).await?;
-    let reactions = node.views().reactions(std::slice::from_ref(&done.message.id)).await?;
-    let data = Message::new(&done.message, done.seen).with_reactions(reactions.get(&done.message.id), Some(&me));
+    let answered = crate::wire::answered(std::iter::once(&done.message.reply_to));
+    let (reactions, deleted) = tokio::join!(node.views().reactions(std::slice::from_ref(&done.message.id)), node.views().deleted_among(&answered));
+    let data = Message::new(&done.message, done.seen).with_reactions(reactions?.get(&done.message.id), Some(&me)).answering(&deleted?);
     Ok(Json(SentMessage { success: true, message: format!("Message {what} Successfully"), data }))
 }
 
@@ -207,7 +208,8 @@ async fn delete(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(i
 async fn reacted(node: &AppState, me: String, (id, emoji): (String, String), on: bool) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&me)?;
     let (m, seen, reactions) = node.commands.react(&me, &id, &emoji, on).await?;
-    let data = Message::new(&m, seen).with_reactions(Some(&reactions), Some(&me));
+    let deleted = node.views().deleted_among(&crate::wire::answered(std::iter::once(&m.reply_to))).await?;
+    let data = Message::new(&m, seen).with_reactions(Some(&reactions), Some(&me)).answering(&deleted);
     Ok(Json(SentMessage { success: true, message: "Reaction Saved Successfully".into(), data }))
 }
 

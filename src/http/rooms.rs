@@ -85,6 +85,16 @@ async fn present(node: &AppState, room: &str) -> Result<Vec<String>, ApiError> {
     })
 }
 
+/// The room, if the caller may know it exists: a private room is for its
+/// members and invitees only; anyone else is told there is no such room.
+async fn room_for(node: &AppState, id: &str, me: &str) -> Result<natter_projections::RoomView, ApiError> {
+    let room = room_or_404(node, id).await?;
+    if room.private && !node.commands.may_see(id, me).await? {
+        return Err(ApiError::not_found("Room not found"));
+    }
+    Ok(room)
+}
+
 async fn room_or_404(node: &AppState, id: &str) -> Result<natter_projections::RoomView, ApiError> {
     natter_events::validate_id(id).map_err(|_| ApiError::not_found("Room not found"))?;
     node.views().room(id).await?.ok_or_else(|| ApiError::not_found("Room not found"))
@@ -159,7 +169,7 @@ async fn join(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id)
         (status = 403, body = ErrorBody, description = "not a member"),
         (status = 404, body = ErrorBody, description = "no such room")))]
 async fn leave(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<Done>, ApiError> {
-    room_or_404(&node, &id).await?;
+    room_for(&node, &id, &me).await?;
     node.rate.room_change(&me)?;
     node.commands.leave_room(&me, &id).await?;
     Ok(Json(Done { success: true }))
@@ -182,6 +192,7 @@ async fn history(
     if page.before == Some(0) {
         return Err(ApiError::bad_request("before must be a message seq of 1 or more"));
     }
+    room_for(&node, &id, &me).await?;
     node.commands.read_room(&me, &id).await?;
     let messages = node.views().room_messages(&id, page.before, limit).await?;
     let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
@@ -217,6 +228,7 @@ async fn send(
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<SendBody>,
 ) -> Result<Json<SentRoomMessage>, ApiError> {
+    room_for(&node, &id, &me).await?;
     node.rate.send(&me)?;
     let m = node
         .commands
@@ -239,19 +251,21 @@ struct EditBody {
 }
 
 async fn revised(node: &AppState, me: String, room: String, id: String, change: Change, what: &str) -> Result<Json<SentRoomMessage>, ApiError> {
-    room_or_404(node, &room).await?;
+    room_for(node, &room, &me).await?;
     node.rate.send(&me)?;
     let m = node.commands.revise_room(&me, &room, &id, change).await?;
-    let reactions = node.views().reactions(std::slice::from_ref(&m.id)).await?;
-    let data = RoomMessage::new(&m).with_reactions(reactions.get(&m.id), Some(&me));
+    let answered = crate::wire::answered(std::iter::once(&m.reply_to));
+    let (reactions, deleted) = tokio::join!(node.views().reactions(std::slice::from_ref(&m.id)), node.views().deleted_among(&answered));
+    let data = RoomMessage::new(&m).with_reactions(reactions?.get(&m.id), Some(&me)).answering(&deleted?);
     Ok(Json(SentRoomMessage { success: true, message: format!("Message {what} Successfully"), data }))
 }
 
 async fn reacted(node: &AppState, me: String, (room, id, emoji): (String, String, String), on: bool) -> Result<Json<SentRoomMessage>, ApiError> {
-    room_or_404(node, &room).await?;
+    room_for(node, &room, &me).await?;
     node.rate.send(&me)?;
     let (m, reactions) = node.commands.react_room(&me, &room, &id, &emoji, on).await?;
-    let data = RoomMessage::new(&m).with_reactions(Some(&reactions), Some(&me));
+    let deleted = node.views().deleted_among(&crate::wire::answered(std::iter::once(&m.reply_to))).await?;
+    let data = RoomMessage::new(&m).with_reactions(Some(&reactions), Some(&me)).answering(&deleted);
     Ok(Json(SentRoomMessage { success: true, message: "Reaction Saved Successfully".into(), data }))
 }
 
@@ -328,7 +342,7 @@ struct RoleBody {
 
 async fn moderated(node: &AppState, me: String, room: String, target: Option<String>, what: Moderation) -> Result<Json<Done>, ApiError> {
     let target = target.ok_or_else(|| ApiError::bad_request("userId is required"))?;
-    room_or_404(node, &room).await?;
+    room_for(node, &room, &me).await?;
     node.rate.room_change(&me)?;
     node.commands.moderate(&me, &room, &target, what).await?;
     Ok(Json(Done { success: true }))
@@ -381,6 +395,7 @@ async fn set_role(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath
         (status = 403, body = ErrorBody, description = "not a member"),
         (status = 404, body = ErrorBody, description = "no such room")))]
 async fn users(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(id): ApiPath<String>) -> Result<Json<PresentUsers>, ApiError> {
+    room_for(&node, &id, &me).await?;
     node.commands.require_member(&id, &me).await?;
     let present = present(&node, &id).await?;
     let names: std::collections::HashMap<String, String> = node.views().users_by_ids(&present).await?.into_iter().map(|u| (u.id, u.name)).collect();

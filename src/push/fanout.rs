@@ -194,7 +194,14 @@ impl Projection for FanOut {
                 if let Some(by) = &e.by {
                     data["by"] = json!(by);
                 }
-                Some((&e.room_id, Some(&e.user_id), Payload { event: "member-left".into(), data }))
+                let payload = Payload { event: "member-left".into(), data };
+                if e.withdrawn {
+                    // An invitation withdrawn: the members never saw it.
+                    deliveries.push((To::User(e.user_id.clone()), payload));
+                    None
+                } else {
+                    Some((&e.room_id, Some(&e.user_id), payload))
+                }
             }
             // An invitation and a new role concern one user: theirs only.
             Event::MemberInvited(e) => {

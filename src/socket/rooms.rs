@@ -137,7 +137,10 @@ async fn on_join(
             // Handlers run concurrently: if the socket left the room (or
             // disconnected) meanwhile, undo the entry rather than leave a
             // ghost that heartbeats keep alive.
+            // Removed between the join and the entry (its `member-left`
+            // found the room not entered yet): no presence either.
             let still_in = s.connected() && entered.lock().expect("entered rooms lock").contains(&room);
+            let still_in = still_in && node.commands.require_member(&room, &me).await.is_ok();
             if !still_in {
                 exit_room(&node, &s, &me, &room).await;
                 let _ = ack.send(&json!({ "success": false, "code": "left", "message": "the socket left the room while entering it" }));

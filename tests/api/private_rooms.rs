@@ -41,11 +41,14 @@ async fn a_private_room_is_for_members_and_roles_decide_who_moderates(c: &Cluste
     let head = c.log_head().await;
     assert!(listed(c, 1, &bob, &room).await.is_none());
     assert_eq!(c.request(1, Method::GET, &path(""), Some(&bob.token), None).await.status.as_u16(), 404);
-    assert_eq!(post(&bob, "/join", None).await.status.as_u16(), 403);
+    assert_eq!(post(&bob, "/join", None).await.status.as_u16(), 404, "nobody learns a private room exists");
     let ack = d.emit_ack("bob", "join-room", json!({ "roomId": room })).await;
     assert_eq!(ack["success"], json!(false), "{ack}");
-    for (tail, status) in [("/messages", 403), ("/users", 403)] {
-        assert_eq!(c.request(0, Method::GET, &path(tail), Some(&bob.token), None).await.status.as_u16(), status, "{tail}");
+    for tail in ["/messages", "/users"] {
+        assert_eq!(c.request(0, Method::GET, &path(tail), Some(&bob.token), None).await.status.as_u16(), 404, "{tail}");
+    }
+    for tail in ["/messages", "/leave", "/invite"] {
+        assert_eq!(post(&bob, tail, Some(json!({ "message": "hi", "userId": carol.id }))).await.status.as_u16(), 404, "{tail}");
     }
     assert_eq!(c.log_head().await, head, "refusals append nothing");
 
@@ -96,13 +99,25 @@ async fn a_private_room_is_for_members_and_roles_decide_who_moderates(c: &Cluste
     assert_eq!(got[1]["message"], json!("after carol"));
     let quiet = d.quiet("carol", Duration::from_millis(500)).await;
     assert!(!quiet.iter().any(|e| e["event"] == "message"), "a removed member receives nothing: {quiet:?}");
-    assert_eq!(c.request(1, Method::GET, &path("/messages"), Some(&carol.token), None).await.status.as_u16(), 403);
-    assert_eq!(post(&carol, "/join", None).await.status.as_u16(), 403, "joining again needs a new invitation");
+    assert_eq!(c.request(1, Method::GET, &path("/messages"), Some(&carol.token), None).await.status.as_u16(), 404);
+    assert_eq!(post(&carol, "/join", None).await.status.as_u16(), 404, "joining again needs a new invitation");
     assert!(listed(c, 0, &carol, &room).await.is_none());
     assert_eq!(c.request(1, Method::GET, &path(""), Some(&carol.token), None).await.status.as_u16(), 404);
 
-    // A public room is unchanged: anyone joins.
+    // The owner leaves and comes back as owner, without an invitation.
+    post(&amy, "/leave", None).await.ok();
+    post(&amy, "/join", None).await.ok();
+    assert_eq!(c.request(0, Method::GET, &path(""), Some(&amy.token), None).await.ok()["room"]["role"], json!("owner"));
+    assert_eq!(post(&bob, "/kick", Some(json!({ "userId": amy.id }))).await.status.as_u16(), 403, "nobody removes the owner");
+
+    // A public room: anyone joins; a removal sticks until an invitation.
     let public = c.request(0, Method::POST, "/api/rooms", Some(&amy.token), Some(json!({ "name": "Lobby" }))).await.body["room"].clone();
     assert!(public.get("private").is_none(), "{public}");
-    c.request(1, Method::POST, &format!("/api/rooms/{}/join", public["_id"].as_str().unwrap()), Some(&carol.token), None).await.ok();
+    let lobby = |tail: &str| format!("/api/rooms/{}{tail}", public["_id"].as_str().unwrap());
+    c.request(1, Method::POST, &lobby("/join"), Some(&carol.token), None).await.ok();
+    c.request(0, Method::POST, &lobby("/kick"), Some(&amy.token), Some(json!({ "userId": carol.id }))).await.ok();
+    let r = c.request(1, Method::POST, &lobby("/join"), Some(&carol.token), None).await;
+    assert_eq!(r.status.as_u16(), 403, "{}", r.body);
+    c.request(0, Method::POST, &lobby("/invite"), Some(&amy.token), Some(json!({ "userId": carol.id }))).await.ok();
+    c.request(1, Method::POST, &lobby("/join"), Some(&carol.token), None).await.ok();
 }
