@@ -113,7 +113,15 @@ pub struct Commands {
     /// them needs no views read. Bounded: emptied when full.
     known_users: std::sync::Mutex<std::collections::HashSet<String>>,
     /// What rooms' `RoomCreated` says (it never changes): privacy and owner.
-    room_facts: std::sync::Mutex<std::collections::HashMap<String, rooms::RoomFacts>>,
+    room_facts: std::sync::Mutex<std::collections::HashMap<String, RoomFacts>>,
+}
+
+/// What a room's first event, `RoomCreated`, says for good.
+#[derive(Debug, Clone)]
+pub struct RoomFacts {
+    pub private: bool,
+    /// Its creator, the owner.
+    pub owner: String,
 }
 
 /// The views' applied floor as read: its log sequence, the time of the

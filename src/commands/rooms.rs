@@ -12,7 +12,7 @@ use natter_projections::{RoomMessageView, RoomView};
 
 use super::append::command_id;
 use super::send::{not_here, preview, validate_content};
-use super::{CommandError, Commands, Failure, Refusal};
+use super::{CommandError, Commands, Failure, Refusal, RoomFacts};
 use crate::log::Logged;
 
 pub const MAX_ROOM_NAME: usize = 100;
@@ -65,14 +65,6 @@ pub(crate) fn room_last_seq(logged: &Logged) -> Result<u64, Failure> {
             logged.envelope.subject
         ))),
     }
-}
-
-/// What a room's first event, `RoomCreated`, says for good.
-#[derive(Debug, Clone)]
-pub struct RoomFacts {
-    pub private: bool,
-    /// Its creator, the owner.
-    pub owner: String,
 }
 
 /// Rooms whose facts [`Commands`] remembers before it starts afresh.
