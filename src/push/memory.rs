@@ -5,7 +5,9 @@
 //! the embedded projector replays the log at start-up and rebuilds the same
 //! deliveries with the same cursors before the node serves. Deliveries are
 //! kept for the push retention (by the event's time) and at most
-//! [`MAX_RETAINED`] in all; a cursor older than that gets `resync`.
+//! [`MAX_RETAINED`] in all; a cursor older than that gets `resync`. A
+//! message deleted for everyone is rewritten out of the deliveries kept
+//! (see [`MemoryPush::forget_content`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -80,6 +82,21 @@ impl MemoryPush {
         }
     }
 
+    /// A message deleted for everyone leaves `user`'s retained deliveries:
+    /// those that showed it become its tombstone, and replies lose their
+    /// preview of it (deletions are rare; this walks the user's deliveries).
+    fn forget_content(state: &mut State, user: &str, deleted: &Payload) {
+        let Some(id) = deleted.data.get("_id").and_then(|v| v.as_str()) else { return };
+        let Some(mine) = state.by_user.get_mut(user) else { return };
+        for p in mine.values_mut() {
+            if crate::wire::content_of(&p.event, &p.data) == Some(id) {
+                crate::wire::tombstone(&mut p.data);
+            } else if crate::wire::answered_of(&p.data) == Some(id) {
+                crate::wire::answered_deleted(&mut p.data);
+            }
+        }
+    }
+
     /// Records the deliveries of the event at `log_seq`, which happened at
     /// `at_ms` (events older than the retention deliver nothing).
     pub fn deliver_at(&self, log_seq: u64, at_ms: i64, deliveries: Vec<(String, Payload)>) {
@@ -93,6 +110,9 @@ impl MemoryPush {
             return;
         }
         for (user, payload) in deliveries {
+            if payload.event == "messageDeleted" {
+                Self::forget_content(&mut state, &user, &payload);
+            }
             let previous = state.last.insert(user.clone(), log_seq).unwrap_or(0);
             state.order.push_back((log_seq, user.clone(), at_ms));
             state.by_user.entry(user.clone()).or_default().insert(log_seq, payload.clone());
@@ -200,6 +220,27 @@ mod tests {
             assert_eq!((d.cursor, d.previous), want);
         }
         assert!(matches!(bus.replay("bob", 5, 10).await.unwrap(), Replay::TooOld { head: 4 }));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_message_leaves_the_deliveries_kept() {
+        let bus = MemoryPush::new(Duration::from_secs(3600));
+        let now = Utc::now().timestamp_millis();
+        let sent = |id: &str, text: &str, reply: Option<&str>| {
+            let mut data = json!({ "_id": id, "message": text, "seq": 1 });
+            if let Some(r) = reply {
+                data["replyTo"] = json!({ "_id": r, "preview": "a secret" });
+            }
+            Payload { event: "newMessage".into(), data }
+        };
+        bus.deliver_at(1, now, vec![("bob".into(), sent("m1", "a secret", None))]);
+        bus.deliver_at(2, now, vec![("bob".into(), sent("m2", "hm?", Some("m1")))]);
+        let deleted = Payload { event: "messageDeleted".into(), data: json!({ "_id": "m1", "seq": 1, "deleted": true }) };
+        bus.deliver_at(3, now, vec![("bob".into(), deleted)]);
+        let Replay::Page(page) = bus.replay("bob", 0, 10).await.unwrap() else { panic!("a page") };
+        assert_eq!(page[0].payload.data, json!({ "_id": "m1", "seq": 1, "deleted": true }));
+        assert_eq!(page[1].payload.data["replyTo"], json!({ "_id": "m1", "preview": "", "deleted": true }));
+        assert!(!serde_json::to_string(&page.iter().map(|d| &d.payload.data).collect::<Vec<_>>()).unwrap().contains("a secret"));
     }
 
     #[tokio::test]
