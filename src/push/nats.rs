@@ -36,6 +36,11 @@ impl From<&crate::config::Push> for Bounds {
     }
 }
 
+/// Deliveries of one chain a deletion walks at most (see [`NatsPush::purge`]).
+const PURGE_WALK: usize = 5_000;
+/// How long before a deleted message's time its deliveries are looked for.
+const PURGE_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
+
 /// Chains read at once by a replay.
 const REPLAY_READS: usize = 16;
 
@@ -113,6 +118,38 @@ impl NatsPush {
         Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox, router })
     }
 
+    /// Takes every stored delivery that shows message `id` (sent at
+    /// `created_at`) out of the chain `subject`: a message deleted for
+    /// everyone must not stay in the inbox. The chain is walked from a
+    /// minute before the message's time (node clocks, fan-out lag) for at
+    /// most [`PURGE_WALK`] deliveries; a replay skips deleted inbox
+    /// messages, and serves the message's tombstone anyway.
+    async fn purge(&self, subject: &str, id: &str, created_at: &str) -> anyhow::Result<()> {
+        let stream = self.js.get_stream(&self.inbox).await?;
+        let start = chrono::DateTime::parse_from_rfc3339(created_at).context("a deleted message's createdAt")?.with_timezone(&chrono::Utc) - PURGE_MARGIN;
+        let request = serde_json::json!({ "start_time": start.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true), "next_by_subj": subject });
+        let reply = self.client.request(format!("$JS.API.DIRECT.GET.{}", self.inbox), serde_json::to_vec(&request)?.into()).await?;
+        // A reply without a message (404): nothing on the chain since.
+        let Ok(mut msg) = jetstream::message::StreamMessage::try_from(reply) else { return Ok(()) };
+        for _ in 0..PURGE_WALK {
+            let shows = serde_json::from_slice::<Payload>(&msg.payload).is_ok_and(|p| crate::wire::content_of(&p.event, &p.data) == Some(id));
+            if shows {
+                stream.delete_message(msg.sequence).await?;
+            }
+            match stream.direct_get_next_for_subject(subject, Some(msg.sequence + 1)).await {
+                Ok(next) => msg = next,
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::warn!(
+            subject,
+            message = id,
+            "more than {PURGE_WALK} deliveries on this chain since a deleted message: older copies of it stay in the inbox until its retention (never served: replays send the tombstone)"
+        );
+        Ok(())
+    }
+
     async fn stream_state(&self) -> anyhow::Result<stream::State> {
         let mut s = self.js.get_stream(&self.inbox).await?;
         Ok(s.info().await?.state.clone())
@@ -127,6 +164,18 @@ impl PushBus for NatsPush {
         // stored in the order sent), and never more acks pending than the
         // context allows, whatever the room's size (waiting on more than
         // that would wait forever).
+        // A message deleted for everyone first leaves the chains its
+        // tombstone goes to (its two participants', or its room's).
+        for (to, payload) in deliveries.iter().filter(|(_, p)| p.event == "messageDeleted") {
+            let (Some(id), Some(at)) = (payload.data.get("_id").and_then(|v| v.as_str()), payload.data.get("createdAt").and_then(|v| v.as_str())) else {
+                continue;
+            };
+            let subject = match to {
+                To::User(user) => inbox_subject(&self.prefix, user),
+                To::Room(room) => room_inbox_subject(&self.prefix, room),
+            };
+            self.purge(&subject, id, at).await.map_err(|e| format!("taking deleted message {id} out of {subject}: {e:#}"))?;
+        }
         let mut deliveries = deliveries.into_iter().peekable();
         while deliveries.peek().is_some() {
             let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
