@@ -141,6 +141,9 @@ impl Commands {
             })
             .await?
             .ok_or_else(|| Failure::Internal(format!("{subject}: a new room's subject already holds events")))?;
+        // What the room is, known here at once (a log replica a read may
+        // go to could be a moment behind the append).
+        self.room_facts.lock().expect("room facts lock").insert(room_id.clone(), RoomFacts { private: event.private, owner: event.created_by.clone() });
         self.join_room(&cmd.creator, &room_id).await?;
         Ok(RoomView::from_event(&env, &event))
     }

@@ -36,10 +36,68 @@ impl From<&crate::config::Push> for Bounds {
     }
 }
 
-/// Deliveries of one chain a deletion walks at most (see [`NatsPush::purge`]).
+/// Deliveries of one chain a deletion walks at most (see [`erase`]).
 const PURGE_WALK: usize = 5_000;
 /// How long before a deleted message's time its deliveries are looked for.
 const PURGE_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
+/// How long one chain's erase may take.
+const PURGE_TIME: Duration = Duration::from_secs(10);
+/// Erases waiting per node; beyond, a deletion's copies stay in the inbox
+/// until its retention (never served: replays send the tombstone).
+const PURGE_QUEUE: usize = 1024;
+
+/// Works through a node's queue of deleted messages to erase, one chain
+/// at a time, each within [`PURGE_TIME`]: best effort, beside the fan-out
+/// (which never waits for it). Ends with the bus.
+async fn erase_deleted(client: async_nats::Client, js: jetstream::Context, inbox: String, mut queued: tokio::sync::mpsc::Receiver<Purge>) {
+    while let Some(p) = queued.recv().await {
+        match tokio::time::timeout(PURGE_TIME, erase(&client, &js, &inbox, &p)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(subject = %p.subject, message = %p.id, error = %format!("{e:#}"), "could not erase a deleted message's deliveries from the inbox; they stay until its retention (never served: replays send the tombstone)"),
+            Err(_) => tracing::warn!(subject = %p.subject, message = %p.id, "erasing a deleted message's deliveries took over 10 s; the rest stay until the inbox retention (never served)"),
+        }
+    }
+}
+
+/// Erases from the chain `p.subject` every stored delivery that shows
+/// message `p.id` (its `newMessage` or room `message`, its
+/// `messageUpdated`): walked from a minute before the message's time (node
+/// clocks, fan-out lag), at most [`PURGE_WALK`] deliveries. A replay skips
+/// erased inbox messages. Not erased: previews of it in replies (replays
+/// empty them), and copies beyond the walk.
+async fn erase(client: &async_nats::Client, js: &jetstream::Context, inbox: &str, p: &Purge) -> anyhow::Result<()> {
+    let stream = js.get_stream_no_info(inbox).await?;
+    let start = chrono::DateTime::parse_from_rfc3339(&p.created_at).context("a deleted message's createdAt")?.with_timezone(&chrono::Utc) - PURGE_MARGIN;
+    let request = serde_json::json!({ "start_time": start.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true), "next_by_subj": p.subject });
+    let reply = client.request(format!("$JS.API.DIRECT.GET.{inbox}"), serde_json::to_vec(&request)?.into()).await?;
+    match reply.status {
+        // Nothing on the chain since.
+        Some(s) if s == async_nats::StatusCode::NOT_FOUND => return Ok(()),
+        Some(s) if !s.is_success() => anyhow::bail!("direct get by time answered {s}: {:?}", reply.description),
+        _ => {}
+    }
+    let mut msg = jetstream::message::StreamMessage::try_from(reply).context("direct get by time")?;
+    for _ in 0..PURGE_WALK {
+        let shows = serde_json::from_slice::<Payload>(&msg.payload).is_ok_and(|d| crate::wire::content_of(&d.event, &d.data) == Some(p.id.as_str()));
+        if shows {
+            // Gone already (aged out, or another node erased it): fine.
+            if let Err(e) = stream.delete_message(msg.sequence).await {
+                tracing::debug!(seq = msg.sequence, error = %e, "inbox message not erased");
+            }
+        }
+        match stream.direct_get_next_for_subject(&p.subject, Some(msg.sequence + 1)).await {
+            Ok(next) => msg = next,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    tracing::warn!(
+        subject = %p.subject,
+        message = %p.id,
+        "more than {PURGE_WALK} deliveries on this chain since a deleted message: copies of it beyond them stay in the inbox until its retention (never served: replays send the tombstone)"
+    );
+    Ok(())
+}
 
 /// Chains read at once by a replay.
 const REPLAY_READS: usize = 16;
@@ -55,6 +113,15 @@ pub struct NatsPush {
     prefix: String,
     inbox: String,
     router: Router,
+    /// Deleted messages to erase from inbox chains, in the background.
+    purges: tokio::sync::mpsc::Sender<Purge>,
+}
+
+/// A deleted message (`id`, sent at `created_at`) to erase from `subject`.
+struct Purge {
+    subject: String,
+    id: String,
+    created_at: String,
 }
 
 impl NatsPush {
@@ -115,39 +182,9 @@ impl NatsPush {
         }
         let js = jetstream::new(client.clone());
         let router = Router::new(client.clone(), prefix.to_owned(), log);
-        Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox, router })
-    }
-
-    /// Takes every stored delivery that shows message `id` (sent at
-    /// `created_at`) out of the chain `subject`: a message deleted for
-    /// everyone must not stay in the inbox. The chain is walked from a
-    /// minute before the message's time (node clocks, fan-out lag) for at
-    /// most [`PURGE_WALK`] deliveries; a replay skips deleted inbox
-    /// messages, and serves the message's tombstone anyway.
-    async fn purge(&self, subject: &str, id: &str, created_at: &str) -> anyhow::Result<()> {
-        let stream = self.js.get_stream(&self.inbox).await?;
-        let start = chrono::DateTime::parse_from_rfc3339(created_at).context("a deleted message's createdAt")?.with_timezone(&chrono::Utc) - PURGE_MARGIN;
-        let request = serde_json::json!({ "start_time": start.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true), "next_by_subj": subject });
-        let reply = self.client.request(format!("$JS.API.DIRECT.GET.{}", self.inbox), serde_json::to_vec(&request)?.into()).await?;
-        // A reply without a message (404): nothing on the chain since.
-        let Ok(mut msg) = jetstream::message::StreamMessage::try_from(reply) else { return Ok(()) };
-        for _ in 0..PURGE_WALK {
-            let shows = serde_json::from_slice::<Payload>(&msg.payload).is_ok_and(|p| crate::wire::content_of(&p.event, &p.data) == Some(id));
-            if shows {
-                stream.delete_message(msg.sequence).await?;
-            }
-            match stream.direct_get_next_for_subject(subject, Some(msg.sequence + 1)).await {
-                Ok(next) => msg = next,
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        tracing::warn!(
-            subject,
-            message = id,
-            "more than {PURGE_WALK} deliveries on this chain since a deleted message: older copies of it stay in the inbox until its retention (never served: replays send the tombstone)"
-        );
-        Ok(())
+        let (purges, queued) = tokio::sync::mpsc::channel(PURGE_QUEUE);
+        tokio::spawn(erase_deleted(client.clone(), js.clone(), inbox.clone(), queued));
+        Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox, router, purges })
     }
 
     async fn stream_state(&self) -> anyhow::Result<stream::State> {
@@ -164,8 +201,10 @@ impl PushBus for NatsPush {
         // stored in the order sent), and never more acks pending than the
         // context allows, whatever the room's size (waiting on more than
         // that would wait forever).
-        // A message deleted for everyone first leaves the chains its
-        // tombstone goes to (its two participants', or its room's).
+        // A message deleted for everyone is erased from the chains its
+        // tombstone goes to (its two participants', or its room's), in the
+        // background once the tombstone is stored.
+        let mut purges = Vec::new();
         for (to, payload) in deliveries.iter().filter(|(_, p)| p.event == "messageDeleted") {
             let (Some(id), Some(at)) = (payload.data.get("_id").and_then(|v| v.as_str()), payload.data.get("createdAt").and_then(|v| v.as_str())) else {
                 continue;
@@ -174,7 +213,7 @@ impl PushBus for NatsPush {
                 To::User(user) => inbox_subject(&self.prefix, user),
                 To::Room(room) => room_inbox_subject(&self.prefix, room),
             };
-            self.purge(&subject, id, at).await.map_err(|e| format!("taking deleted message {id} out of {subject}: {e:#}"))?;
+            purges.push(Purge { subject, id: id.to_owned(), created_at: at.to_owned() });
         }
         let mut deliveries = deliveries.into_iter().peekable();
         while deliveries.peek().is_some() {
@@ -190,6 +229,11 @@ impl PushBus for NatsPush {
             }
             for ack in acks {
                 ack.await.map_err(|e| format!("nats: {e}"))?;
+            }
+        }
+        for p in purges {
+            if self.purges.try_send(p).is_err() {
+                tracing::warn!("the inbox erase queue is full: a deleted message's deliveries stay until the inbox retention (never served)");
             }
         }
         Ok(())

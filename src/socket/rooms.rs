@@ -140,7 +140,11 @@ async fn on_join(
             // Removed between the join and the entry (its `member-left`
             // found the room not entered yet): no presence either.
             let still_in = s.connected() && entered.lock().expect("entered rooms lock").contains(&room);
-            let still_in = still_in && node.commands.require_member(&room, &me).await.is_ok();
+            let member = node.commands.require_member(&room, &me).await.is_ok();
+            if still_in && !member {
+                entered.lock().expect("entered rooms lock").remove(&room);
+            }
+            let still_in = still_in && member;
             if !still_in {
                 exit_room(&node, &s, &me, &room).await;
                 let _ = ack.send(&json!({ "success": false, "code": "left", "message": "the socket left the room while entering it" }));
