@@ -109,11 +109,6 @@ impl ReplyTo {
     }
 }
 
-/// The ids of the messages `replies` answer, for [`ReplyTo::hide_deleted`].
-pub fn answered<'a>(replies: impl Iterator<Item = &'a Option<natter_events::ReplyRef>>) -> Vec<String> {
-    replies.flatten().map(|r| r.message_id.clone()).collect()
-}
-
 impl ReplyTo {
     /// Hides the preview when the answered message is among `deleted`.
     fn hide_deleted(reply: &mut Option<ReplyTo>, deleted: &[String]) {

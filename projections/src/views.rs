@@ -81,6 +81,14 @@ pub struct MessageView {
     pub cpos: u64,
 }
 
+/// What an edit or deletion at `env` sets on a message view, whichever
+/// kind: the send's command id and time, `editedAt`, `deleted`, `cpos`.
+fn revision(env: &Envelope, sent_at: &chrono::DateTime<chrono::Utc>, sent_command_id: &str, deleted: bool) -> (String, String, Option<String>, bool, u64) {
+    let created_at = sent_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+    let (edited_at, cpos) = if deleted { (None, TOMBSTONE) } else { (Some(timestamp(env)), env.position) };
+    (sent_command_id.to_owned(), created_at, edited_at, deleted, cpos)
+}
+
 /// The content position of a deleted message: above every event's.
 pub const TOMBSTONE: u64 = i64::MAX as u64;
 
@@ -169,12 +177,9 @@ impl RoomMessageView {
     /// The view of a `RoomMessageEdited` or (`deleted`) `RoomMessageDeleted` event.
     pub fn from_revision(env: &Envelope, e: &RoomMessageRevised, deleted: bool) -> RoomMessageView {
         let mut view = RoomMessageView::from_event(env, &e.message);
-        view.command_id = e.sent_command_id.clone();
-        view.created_at = e.sent_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        (view.command_id, view.created_at, view.edited_at, view.deleted, view.cpos) = revision(env, &e.sent_at, &e.sent_command_id, deleted);
         if deleted {
-            (view.message, view.attachment, view.reply_to, view.deleted, view.cpos) = (None, None, None, true, TOMBSTONE);
-        } else {
-            view.edited_at = Some(timestamp(env));
+            (view.message, view.attachment, view.reply_to) = (None, None, None);
         }
         view
     }
@@ -217,12 +222,9 @@ impl MessageView {
     /// the whole message as it reads after the change.
     pub fn from_revision(env: &Envelope, e: &MessageRevised, deleted: bool) -> MessageView {
         let mut view = MessageView::from_event(env, &e.message);
-        view.command_id = e.sent_command_id.clone();
-        view.created_at = e.sent_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        (view.command_id, view.created_at, view.edited_at, view.deleted, view.cpos) = revision(env, &e.sent_at, &e.sent_command_id, deleted);
         if deleted {
-            (view.message, view.attachment, view.reply_to, view.deleted, view.cpos) = (None, None, None, true, TOMBSTONE);
-        } else {
-            view.edited_at = Some(timestamp(env));
+            (view.message, view.attachment, view.reply_to) = (None, None, None);
         }
         view
     }

@@ -85,16 +85,11 @@ impl Commands {
         Ok((mark? % 2 == 1, all?.remove(message).unwrap_or_default()))
     }
 
-    /// The reactions of one message, after a change this node applied.
-    async fn reactions_now(&self, message: &str) -> Result<Reactions, CommandError> {
-        Ok(self.views.reactions(&[message.to_owned()]).await?.remove(message).unwrap_or_default())
-    }
-
     /// Sets (`on`) or takes back `user`'s `emoji` on direct message
-    /// `message_id`: the message, whether its receiver has seen it, and its
-    /// reactions afterwards.
+    /// `message_id`: the message afterwards and whether its receiver has
+    /// seen it.
     #[tracing::instrument(skip_all, fields(user = %user, message = %message_id, on))]
-    pub async fn react(&self, user: &str, message_id: &str, emoji: &str, on: bool) -> Result<(MessageView, bool, Reactions), CommandError> {
+    pub async fn react(&self, user: &str, message_id: &str, emoji: &str, on: bool) -> Result<(MessageView, bool), CommandError> {
         let not_found = || Refusal::NotFound("Message not found".into());
         natter_events::validate_id(message_id).map_err(|_| not_found())?;
         validate_emoji(emoji)?;
@@ -121,17 +116,16 @@ impl Commands {
             Ok(decide(message_id, user, emoji, on, set, &reactions)?.map(|e| Event::ReactionChanged(ReactionChanged { state: Some(state), ..e })))
         })
         .await?;
-        let (fresh, reactions, marks) =
-            tokio::join!(self.views.message(message_id), self.reactions_now(message_id), self.views.watermarks(&m.conversation));
+        let (fresh, marks) = tokio::join!(self.views.message(message_id), self.views.watermarks(&m.conversation));
         let m = fresh?.unwrap_or(m);
         let seen = marks?.get(&m.receiver_id).is_some_and(|w| *w >= m.seq);
-        Ok((m, seen, reactions?))
+        Ok((m, seen))
     }
 
     /// Sets (`on`) or takes back `user`'s `emoji` on message `message_id`
-    /// of `room` (members only): the message and its reactions afterwards.
+    /// of `room` (members only): the message afterwards.
     #[tracing::instrument(skip_all, fields(user = %user, room = %room, message = %message_id, on))]
-    pub async fn react_room(&self, user: &str, room: &str, message_id: &str, emoji: &str, on: bool) -> Result<(RoomMessageView, Reactions), CommandError> {
+    pub async fn react_room(&self, user: &str, room: &str, message_id: &str, emoji: &str, on: bool) -> Result<RoomMessageView, CommandError> {
         let not_found = || Refusal::NotFound("Message not found".into());
         self.require_member(room, user).await?;
         natter_events::validate_id(message_id).map_err(|_| not_found())?;
@@ -152,8 +146,7 @@ impl Commands {
             Ok(decide(message_id, user, emoji, on, set, &reactions)?.map(|e| Event::ReactionChanged(ReactionChanged { last_seq: Some(last_seq), ..e })))
         })
         .await?;
-        let (fresh, reactions) = tokio::join!(self.views.room_message(message_id), self.reactions_now(message_id));
-        Ok((fresh?.unwrap_or(m), reactions?))
+        Ok(self.views.room_message(message_id).await?.unwrap_or(m))
     }
 }
 

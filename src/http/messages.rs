@@ -23,6 +23,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
+use super::shown::Shown;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::revise::Change;
@@ -66,17 +67,8 @@ async fn history(
         node.views().watermarks(&conversation)
     );
     let (page, marks) = (page?, marks?);
-    let ids: Vec<String> = page.iter().map(|m| m.id.clone()).collect();
-    let answered = crate::wire::answered(page.iter().map(|m| &m.reply_to));
-    let (reactions, deleted) = tokio::join!(node.views().reactions(&ids), node.views().deleted_among(&answered));
-    let (reactions, deleted) = (reactions?, deleted?);
-    let out = page
-        .iter()
-        .map(|m| {
-            let seen = marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq);
-            Message::new(m, seen).with_reactions(reactions.get(&m.id), Some(&me)).answering(&deleted)
-        })
-        .collect();
+    let shown = Shown::read(&node, page.iter().map(|m| (&m.id, &m.reply_to))).await?;
+    let out = page.iter().map(|m| shown.message(Message::new(m, marks.get(&m.receiver_id).is_some_and(|w| *w >= m.seq)), &me)).collect();
     Ok(Json(out))
 }
 
@@ -167,9 +159,8 @@ struct EditBody {
 async fn revised(node: &AppState, me: String, id: String, change: Change, what: &str) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&me)?;
     let done = node.commands.revise(&me, &id, change).await?;
-    let answered = crate::wire::answered(std::iter::once(&done.message.reply_to));
-    let (reactions, deleted) = tokio::join!(node.views().reactions(std::slice::from_ref(&done.message.id)), node.views().deleted_among(&answered));
-    let data = Message::new(&done.message, done.seen).with_reactions(reactions?.get(&done.message.id), Some(&me)).answering(&deleted?);
+    let shown = Shown::read(node, std::iter::once((&done.message.id, &done.message.reply_to))).await?;
+    let data = shown.message(Message::new(&done.message, done.seen), &me);
     Ok(Json(SentMessage { success: true, message: format!("Message {what} Successfully"), data }))
 }
 
@@ -207,9 +198,8 @@ async fn delete(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(i
 
 async fn reacted(node: &AppState, me: String, (id, emoji): (String, String), on: bool) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&me)?;
-    let (m, seen, reactions) = node.commands.react(&me, &id, &emoji, on).await?;
-    let deleted = node.views().deleted_among(&crate::wire::answered(std::iter::once(&m.reply_to))).await?;
-    let data = Message::new(&m, seen).with_reactions(Some(&reactions), Some(&me)).answering(&deleted);
+    let (m, seen) = node.commands.react(&me, &id, &emoji, on).await?;
+    let data = Shown::read(node, std::iter::once((&m.id, &m.reply_to))).await?.message(Message::new(&m, seen), &me);
     Ok(Json(SentMessage { success: true, message: "Reaction Saved Successfully".into(), data }))
 }
 

@@ -21,6 +21,7 @@ mod messages;
 mod openapi;
 mod ops;
 mod rooms;
+mod shown;
 mod users;
 mod web;
 

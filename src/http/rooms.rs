@@ -34,6 +34,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
+use super::shown::Shown;
 use crate::commands::moderation::Moderation;
 use crate::commands::revise::Change;
 use natter_events::Role;
@@ -195,11 +196,8 @@ async fn history(
     room_for(&node, &id, &me).await?;
     node.commands.read_room(&me, &id).await?;
     let messages = node.views().room_messages(&id, page.before, limit).await?;
-    let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
-    let answered = crate::wire::answered(messages.iter().map(|m| &m.reply_to));
-    let (reactions, deleted) = tokio::join!(node.views().reactions(&ids), node.views().deleted_among(&answered));
-    let (reactions, deleted) = (reactions?, deleted?);
-    Ok(Json(messages.iter().map(|m| RoomMessage::new(m).with_reactions(reactions.get(&m.id), Some(&me)).answering(&deleted)).collect()))
+    let shown = Shown::read(&node, messages.iter().map(|m| (&m.id, &m.reply_to))).await?;
+    Ok(Json(messages.iter().map(|m| shown.room_message(RoomMessage::new(m), &me)).collect()))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -254,18 +252,15 @@ async fn revised(node: &AppState, me: String, room: String, id: String, change: 
     room_for(node, &room, &me).await?;
     node.rate.send(&me)?;
     let m = node.commands.revise_room(&me, &room, &id, change).await?;
-    let answered = crate::wire::answered(std::iter::once(&m.reply_to));
-    let (reactions, deleted) = tokio::join!(node.views().reactions(std::slice::from_ref(&m.id)), node.views().deleted_among(&answered));
-    let data = RoomMessage::new(&m).with_reactions(reactions?.get(&m.id), Some(&me)).answering(&deleted?);
+    let data = Shown::read(node, std::iter::once((&m.id, &m.reply_to))).await?.room_message(RoomMessage::new(&m), &me);
     Ok(Json(SentRoomMessage { success: true, message: format!("Message {what} Successfully"), data }))
 }
 
 async fn reacted(node: &AppState, me: String, (room, id, emoji): (String, String, String), on: bool) -> Result<Json<SentRoomMessage>, ApiError> {
     room_for(node, &room, &me).await?;
     node.rate.send(&me)?;
-    let (m, reactions) = node.commands.react_room(&me, &room, &id, &emoji, on).await?;
-    let deleted = node.views().deleted_among(&crate::wire::answered(std::iter::once(&m.reply_to))).await?;
-    let data = RoomMessage::new(&m).with_reactions(Some(&reactions), Some(&me)).answering(&deleted);
+    let m = node.commands.react_room(&me, &room, &id, &emoji, on).await?;
+    let data = Shown::read(node, std::iter::once((&m.id, &m.reply_to))).await?.room_message(RoomMessage::new(&m), &me);
     Ok(Json(SentRoomMessage { success: true, message: "Reaction Saved Successfully".into(), data }))
 }
 
