@@ -195,6 +195,7 @@ fn serve(
     let (sockets, io) = crate::socket::layer(state.clone());
     let app = crate::http::router(state.clone())
         .layer(sockets)
+        .layer(axum::middleware::from_fn(crate::socket::own_request_head))
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::http::gate));
     // Outermost, so refusals (401, 429, 503) carry the headers a browser
     // needs to read them, and Socket.IO's long-polling is covered too.

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::{Payload, PushBus, Pushed, Replay};
 
 struct Slot {
-    tx: mpsc::Sender<Pushed>,
+    tx: mpsc::Sender<Arc<Pushed>>,
     kick: Arc<Notify>,
 }
 
@@ -35,7 +35,7 @@ pub struct Registration {
     hub: Arc<PushHub>,
     user: String,
     key: u64,
-    pub rx: mpsc::Receiver<Pushed>,
+    pub rx: mpsc::Receiver<Arc<Pushed>>,
     /// Notified when the socket's queue overflowed: disconnect it.
     pub kicked: Arc<Notify>,
 }
@@ -114,10 +114,10 @@ impl PushHub {
         self.users.lock().expect("push hub lock").len()
     }
 
-    fn fan(&self, user: &str, pushed: Pushed) {
+    fn fan(&self, user: &str, pushed: Arc<Pushed>) {
         let mut users = self.users.lock().expect("push hub lock");
         let Some(entry) = users.get_mut(user) else { return };
-        let is_signal = matches!(pushed, Pushed::Signal(_));
+        let is_signal = matches!(*pushed, Pushed::Signal(_));
         entry.sockets.retain(|_, slot| match slot.tx.try_send(pushed.clone()) {
             Ok(()) => true,
             // Ephemeral signals (typing, presence) are best-effort: a full
@@ -151,7 +151,7 @@ impl PushHub {
     }
 }
 
-async fn dispatch(hub: Weak<PushHub>, user: String, mut live: BoxStream<'static, Pushed>) {
+async fn dispatch(hub: Weak<PushHub>, user: String, mut live: BoxStream<'static, Arc<Pushed>>) {
     while let Some(pushed) = live.next().await {
         let Some(hub) = hub.upgrade() else { return };
         hub.fan(&user, pushed);

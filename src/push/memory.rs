@@ -10,7 +10,7 @@
 //! (see [`MemoryPush::forget_content`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,7 +38,7 @@ struct State {
     by_user: HashMap<String, BTreeMap<u64, Payload>>,
     /// Each user's newest cursor (kept after pruning: a live delivery names it).
     last: HashMap<String, u64>,
-    subscribers: HashMap<String, Vec<mpsc::Sender<Pushed>>>,
+    subscribers: HashMap<String, Vec<mpsc::Sender<Arc<Pushed>>>>,
 }
 
 pub struct MemoryPush {
@@ -56,7 +56,7 @@ impl MemoryPush {
     }
 
     /// Sends to `user`'s live subscribers, forgetting closed ones.
-    fn publish(state: &mut State, user: &str, pushed: &Pushed) {
+    fn publish(state: &mut State, user: &str, pushed: &Arc<Pushed>) {
         if let Some(subs) = state.subscribers.get_mut(user) {
             subs.retain(|tx| !matches!(tx.try_send(pushed.clone()), Err(mpsc::error::TrySendError::Closed(_))));
             if subs.is_empty() {
@@ -116,7 +116,7 @@ impl MemoryPush {
             let previous = state.last.insert(user.clone(), log_seq).unwrap_or(0);
             state.order.push_back((log_seq, user.clone(), at_ms));
             state.by_user.entry(user.clone()).or_default().insert(log_seq, payload.clone());
-            let pushed = Pushed::Delivery(Delivery { cursor: log_seq, previous, payload, check: None });
+            let pushed = Arc::new(Pushed::Delivery(Delivery { cursor: log_seq, previous, payload, check: None }));
             Self::publish(&mut state, &user, &pushed);
         }
         self.prune(&mut state);
@@ -165,7 +165,7 @@ impl PushBus for MemoryPush {
         Ok(Replay::Page(page))
     }
 
-    async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Pushed>> {
+    async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Arc<Pushed>>> {
         let (tx, mut rx) = mpsc::channel(LIVE_BUFFER);
         let mut state = self.lock();
         let subs = state.subscribers.entry(user.to_owned()).or_default();
@@ -178,7 +178,7 @@ impl PushBus for MemoryPush {
 
     async fn signal(&self, to: &str, payload: &Payload) -> anyhow::Result<()> {
         let mut state = self.lock();
-        Self::publish(&mut state, to, &Pushed::Signal(payload.clone()));
+        Self::publish(&mut state, to, &Arc::new(Pushed::Signal(payload.clone())));
         Ok(())
     }
 }
@@ -216,7 +216,7 @@ mod tests {
         assert_eq!(cursors(bus.replay("amy", 1, 10).await.unwrap()), [(3, 1)]);
         assert_eq!(cursors(bus.replay("bob", 4, 10).await.unwrap()), []);
         for want in [(1, 0), (4, 1)] {
-            let Some(Pushed::Delivery(d)) = live.next().await else { panic!("no live delivery") };
+            let Some(Pushed::Delivery(d)) = live.next().await.as_deref().cloned() else { panic!("no live delivery") };
             assert_eq!((d.cursor, d.previous), want);
         }
         assert!(matches!(bus.replay("bob", 5, 10).await.unwrap(), Replay::TooOld { head: 4 }));

@@ -39,6 +39,8 @@ pub mod reactions;
 pub mod router;
 pub mod user_rooms;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
@@ -152,7 +154,7 @@ pub trait PushBus: Send + Sync {
     /// Live deliveries and signals of `user` from the moment this returns,
     /// until the stream is dropped. Best-effort: a delivery missed here is
     /// found by the socket's gap check.
-    async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Pushed>>;
+    async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Arc<Pushed>>>;
     /// Relays an ephemeral signal to `to`'s sockets on every node.
     async fn signal(&self, to: &str, payload: &Payload) -> anyhow::Result<()>;
     /// Whether `user` was a member of `room` as of log sequence `log_seq`

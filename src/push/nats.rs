@@ -322,7 +322,7 @@ impl PushBus for NatsPush {
         Ok(Replay::Page(page))
     }
 
-    async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Pushed>> {
+    async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Arc<Pushed>>> {
         self.router.subscribe(user).await
     }
 

@@ -52,7 +52,7 @@ type Read = (Source, Option<(Delivery, u64)>, async_nats::Message);
 /// sockets catch up from their cursors (before anything newer: exact).
 struct Sub {
     id: u64,
-    tx: mpsc::Sender<Pushed>,
+    tx: mpsc::Sender<Arc<Pushed>>,
     lagging: bool,
 }
 
@@ -137,8 +137,8 @@ pub fn own_change<'a>(payload: &'a Payload, user: &str) -> Option<(&'a str, bool
 
 /// Hands `pushed` to every subscription of a user. A delivery one cannot
 /// take makes it lagging; a lagging one takes a recheck first.
-fn hand(slot: &mut UserSlot, pushed: &Pushed) {
-    let signal = matches!(pushed, Pushed::Signal(_));
+fn hand(slot: &mut UserSlot, pushed: &Arc<Pushed>) {
+    let signal = matches!(**pushed, Pushed::Signal(_));
     for sub in &mut slot.subs {
         if signal {
             let _ = sub.tx.try_send(pushed.clone());
@@ -149,11 +149,11 @@ fn hand(slot: &mut UserSlot, pushed: &Pushed) {
             continue;
         }
         if sub.lagging {
-            if sub.tx.try_send(Pushed::Recheck).is_err() {
+            if sub.tx.try_send(Arc::new(Pushed::Recheck)).is_err() {
                 continue;
             }
             sub.lagging = false;
-            if matches!(pushed, Pushed::Recheck) {
+            if matches!(**pushed, Pushed::Recheck) {
                 continue;
             }
         }
@@ -177,7 +177,7 @@ impl Router {
     /// `user`'s live deliveries (their own and their rooms') and signals
     /// from the moment this returns, until the stream is dropped (or ended
     /// by the router when it cannot keep it exact: reconnect and resume).
-    pub async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Pushed>> {
+    pub async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Arc<Pushed>>> {
         let inner = &self.inner;
         let (tx, rx) = mpsc::channel(LIVE_BUFFER);
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -348,7 +348,7 @@ fn release_hold(users: &mut HashMap<Arc<str>, UserSlot>, user: &str) {
     if let Some(slot) = users.get_mut(user) {
         slot.starting = slot.starting.saturating_sub(1);
         if slot.starting == 0 {
-            hand(slot, &Pushed::Recheck);
+            hand(slot, &Arc::new(Pushed::Recheck));
         }
     }
 }
@@ -394,7 +394,7 @@ impl Inner {
             state.connects = connects;
             tracing::warn!("the push connection to NATS reconnected; every socket here catches up from its cursor");
             for slot in state.users.values_mut() {
-                hand(slot, &Pushed::Recheck);
+                hand(slot, &Arc::new(Pushed::Recheck));
             }
         }
         let mut new_rooms = Vec::new();
@@ -403,7 +403,7 @@ impl Inner {
             match source {
                 Source::Signal(user) => {
                     if let (Some(slot), Ok(payload)) = (state.users.get_mut(&*user), serde_json::from_slice::<Payload>(&msg.payload)) {
-                        hand(slot, &Pushed::Signal(payload));
+                        hand(slot, &Arc::new(Pushed::Signal(payload)));
                     }
                 }
                 Source::User(user) => {
@@ -415,7 +415,7 @@ impl Inner {
                     }
                     // The user's own join is handed before the hold starts:
                     // their cursor is then before anything of the room's.
-                    hand(slot, &Pushed::Delivery(d));
+                    hand(slot, &Arc::new(Pushed::Delivery(d)));
                     match change {
                         Some((room, true)) => {
                             if let Some(start) = enter(state, &room, &user) {
@@ -430,6 +430,8 @@ impl Inner {
                     let Some((d, log_seq)) = decoded else { continue };
                     let State { users, rooms, .. } = state;
                     let Some(members) = rooms.get(&*room) else { continue };
+                    // One copy for every member known to be in the room then.
+                    let mut shared: Option<Arc<Pushed>> = None;
                     for user in &members.users {
                         let Some(slot) = users.get_mut(user) else { continue };
                         // Their own join or leave came on their own chain.
@@ -437,11 +439,11 @@ impl Inner {
                             continue;
                         }
                         match slot.rooms.get(&*room).and_then(|t| t.at(log_seq)) {
-                            Some(true) => hand(slot, &Pushed::Delivery(d.clone())),
+                            Some(true) => hand(slot, shared.get_or_insert_with(|| Arc::new(Pushed::Delivery(d.clone())))),
                             Some(false) => {}
                             None => {
                                 let check = Some(MemberCheck { room: room.to_string(), log_seq });
-                                hand(slot, &Pushed::Delivery(Delivery { check, ..d.clone() }));
+                                hand(slot, &Arc::new(Pushed::Delivery(Delivery { check, ..d.clone() })));
                             }
                         }
                     }
@@ -603,15 +605,15 @@ async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
 
 /// A user's live feed; dropping it leaves the router.
 struct Subscription {
-    rx: mpsc::Receiver<Pushed>,
+    rx: mpsc::Receiver<Arc<Pushed>>,
     inner: Arc<Inner>,
     user: String,
     id: u64,
 }
 
 impl futures::Stream for Subscription {
-    type Item = Pushed;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Pushed>> {
+    type Item = Arc<Pushed>;
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Arc<Pushed>>> {
         self.rx.poll_recv(cx)
     }
 }
@@ -628,14 +630,14 @@ mod tests {
 
     use super::*;
 
-    fn delivery(cursor: u64) -> Pushed {
-        Pushed::Delivery(Delivery { cursor, previous: 0, payload: Payload { event: "message".into(), data: json!({}) }, check: None })
+    fn delivery(cursor: u64) -> Arc<Pushed> {
+        Arc::new(Pushed::Delivery(Delivery { cursor, previous: 0, payload: Payload { event: "message".into(), data: json!({}) }, check: None }))
     }
 
-    fn taken(rx: &mut mpsc::Receiver<Pushed>) -> Vec<String> {
+    fn taken(rx: &mut mpsc::Receiver<Arc<Pushed>>) -> Vec<String> {
         let mut out = Vec::new();
         while let Ok(p) = rx.try_recv() {
-            out.push(match p {
+            out.push(match &*p {
                 Pushed::Delivery(d) => d.cursor.to_string(),
                 Pushed::Recheck => "recheck".into(),
                 Pushed::Signal(_) => "signal".into(),

@@ -256,7 +256,7 @@ impl Session {
         emit_patiently(&self.s, "synced", &json!({ "cursor": self.cursor }), PATIENCE).await.map_err(Stop::Emit)
     }
 
-    async fn live(&mut self, d: Delivery) -> Result<(), Stop> {
+    async fn live(&mut self, d: &Delivery) -> Result<(), Stop> {
         if d.cursor <= self.cursor {
             return Ok(()); // already delivered (during a catch-up)
         }
@@ -285,7 +285,7 @@ impl Session {
                 self.cursor = d.previous;
             }
         }
-        if !self.emit_delivery(&d).await? {
+        if !self.emit_delivery(d).await? {
             return Ok(());
         }
         // How long a live message took from its creation (on any node, by
@@ -392,7 +392,7 @@ async fn run(
                     Ok(())
                 }
             },
-            pushed = registration.rx.recv() => match pushed {
+            pushed = registration.rx.recv() => match pushed.as_deref() {
                 Some(Pushed::Delivery(d)) => session.live(d).await,
                 Some(Pushed::Signal(p)) if filter.signal(&p) => emit_patiently(&s, &p.event, &p.data, PATIENCE).await.map_err(Stop::Emit),
                 Some(Pushed::Signal(_)) => Ok(()),

@@ -386,6 +386,23 @@ async fn every_socket_event_survives_generated_payloads() {
     assert_eq!(ack["success"], json!(true), "{ack}");
     let got = d.next("chat", |e| e["event"] == "message" && e["data"]["message"] == json!("still here"), "the room message").await;
     assert_eq!(got["data"]["roomId"], json!(room));
+    // A packet over 1 MB is not buffered: it closes its connection (as
+    // Node's `maxHttpBufferSize` does) and appends nothing; a new
+    // connection works.
+    let head = c.log_head().await;
+    d.emit("chat", "send-message", json!({ "roomId": room, "message": "x".repeat(2_000_000) })).await;
+    let closed = d.next("chat", |e| e["type"] == "disconnect", "the oversize packet's connection closing").await;
+    assert_eq!(closed["reason"], json!("transport close"), "{closed}");
+    d.connected("chat2", &c.chat_url(0), json!({ "token": amy.token })).await;
+    let ack = d.emit_ack("chat2", "join-room", json!({ "roomId": room })).await;
+    assert_eq!(ack["success"], json!(true), "{ack}");
+    let ack = d.emit_ack("chat2", "send-message", json!({ "roomId": room, "message": "after the oversize packet" })).await;
+    assert_eq!(ack["success"], json!(true), "{ack}");
+    let history = c.request(0, Method::GET, &format!("/api/rooms/{room}/messages"), Some(&amy.token), None).await.ok();
+    let texts: Vec<&str> = history.as_array().unwrap().iter().filter_map(|m| m["message"].as_str()).collect();
+    assert_eq!(texts.last(), Some(&"after the oversize packet"), "{texts:?}");
+    assert!(texts.iter().all(|t| t.len() < 2_000_000), "the oversize message was appended");
+    assert!(c.log_head().await <= head + 2, "only the join and the message after it may be appended");
     assert_eq!(SERVER_PANICS.load(Ordering::SeqCst), 0, "natter panicked (seed {seed})");
     c.stop().await;
 }
