@@ -4,6 +4,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use natter::config::{Config, ServeArgs};
 
+/// mimalloc: measured on the load tool against glibc's malloc (README,
+/// Performance): less CPU per message, and memory freed after a burst
+/// (argon2's 19 MiB per hash, an overload's queues) goes back to the
+/// system instead of staying in per-thread arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "natter", version, about = "Event-sourced, horizontally scaled chat backend")]
 struct Cli {

@@ -5,7 +5,7 @@
 //
 //   node benches/load/load.js --nodes http://127.0.0.1:5101,http://127.0.0.1:5102 \
 //        --pids natter=123,natter=124,nats=99,redis=98,mongo=97 \
-//        [--scenarios dm,room100,room1000,room10000,mixed,joinstorm,idle5000] [--secs 10] [--rate 200] [--users 100]
+//        [--scenarios dm,room100,room1000,room10000,mixed,joinstorm,overload,idle5000] [--secs 10] [--rate 200] [--users 100]
 //
 // Scenarios:
 //   dm        U users, one socket each (spread over the nodes), random direct
@@ -18,6 +18,10 @@
 //   joinstorm 20 members listen in a room, 980 more join in a burst, then
 //             one message: how long until every listener has it.
 //   mixed     dm and room1000 at once: what a busy room does to DMs.
+//   overload  the dm scenario at twice --rate, sends never retried: how many
+//             are answered 200 and how many shed (429/503 with Retry-After),
+//             whether every accepted one is delivered, and each natter node's
+//             RSS before, at its peak, and 10 s after the burst.
 //   idleN     N sockets on `/` (users of an external issuer), spread over the
 //             nodes, left idle: each natter node's RSS (VmRSS, /proc/<pid>/status)
 //             before and 3 s after, per socket it holds.
@@ -209,6 +213,61 @@ async function dm() {
   sockets.forEach((s) => s.disconnect());
 }
 
+/// DMs at twice the rate, never retried: what is accepted, what is shed,
+/// and what the burst does to the nodes' memory.
+async function overload() {
+  const users = await register(userCount, "over");
+  const sockets = await Promise.all(users.map((u) => connect(node(u.i) + "/", u.token)));
+  const lat = [];
+  listenDm(users, sockets, lat);
+  const base = natterRss();
+  const peak = [...base];
+  const sampler = setInterval(() => natterRss().forEach((r, i) => (peak[i] = Math.max(peak[i], r))), 250);
+  const codes = {};
+  const sends = [];
+  const interval = 1000 / (2 * rate);
+  const stopAt = Date.now() + secs * 1000;
+  const before = cpuTicks();
+  let due = Date.now();
+  let n = 0;
+  while (Date.now() < stopAt) {
+    const a = users[Math.floor(Math.random() * users.length)];
+    let b = users[Math.floor(Math.random() * users.length)];
+    if (b === a) b = users[(a.i + 1) % users.length];
+    n++;
+    sends.push(
+      fetch(`${node(a.i)}/api/messages/${b.id}`, {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: `Bearer ${a.token}` },
+        body: JSON.stringify({ message: `t${Date.now()}`, clientMsgId: `${run}-over-${n}` }),
+      })
+        .then((r) => {
+          const retry = r.headers.get("retry-after");
+          const key = r.status === 200 ? "200" : `${r.status}${retry ? "+Retry-After" : ""}`;
+          codes[key] = (codes[key] || 0) + 1;
+          return r.arrayBuffer();
+        })
+        .catch(() => (codes.error = (codes.error || 0) + 1)),
+    );
+    due += interval;
+    const wait = due - Date.now();
+    if (wait > 0) await sleep(wait);
+  }
+  await Promise.all(sends);
+  const accepted = codes["200"] || 0;
+  const deadline = Date.now() + 30000;
+  while (lat.length < accepted && Date.now() < deadline) await sleep(50);
+  const after = cpuTicks();
+  clearInterval(sampler);
+  await sleep(10000);
+  const settled = natterRss();
+  const rss = base.map((b, i) => `${(b / 1024).toFixed(0)} → ${(peak[i] / 1024).toFixed(0)} → ${(settled[i] / 1024).toFixed(0)} MB`).join("; ");
+  const answered = Object.entries(codes).map(([k, v]) => `${k}: ${v}`).join(", ");
+  console.error(`[load] overload: ${n} sends (${answered}); natter RSS before → peak → 10 s after: ${rss}`);
+  report(`overload: dm ${2 * rate}/s for ${secs} s (${answered})`, lat, accepted, `${cpuPerMessage(before, after, accepted)}; RSS before → peak → 10 s after: ${rss}`);
+  sockets.forEach((s) => s.disconnect());
+}
+
 async function makeRoom(members, tag) {
   const users = mint(members, tag);
   const room = (await api(node(0), "POST", "/api/rooms", users[0].token, { name: `${tag}-${run}` })).room._id;
@@ -312,6 +371,7 @@ async function mixed() {
     if (s === "dm") await dm();
     else if (s === "mixed") await mixed();
     else if (s === "joinstorm") await joinStorm();
+    else if (s === "overload") await overload();
     else if (s.startsWith("idle")) await idle(Number(s.slice(4)));
     else if (s.startsWith("room")) await roomScenario(Number(s.slice(4)));
     else throw new Error(`unknown scenario ${s}`);
@@ -319,6 +379,7 @@ async function mixed() {
   console.log("| scenario | delivered | p50 ms | p99 ms | max ms | CPU ms per message |");
   console.log("| --- | --- | --- | --- | --- | --- |");
   for (const r of rows) console.log(`| ${r.name} | ${r.n}/${r.expected} ${r.note} | ${r.p50} | ${r.p99} | ${r.max} | ${r.cpu} |`);
+  console.log(`natter RSS at the end: ${natterRss().map((r) => `${(r / 1024).toFixed(0)} MB`).join(", ")}`);
   process.exit(0);
 })().catch((e) => {
   console.error(e);
