@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use natter_projections::{MessageView, Reactions, RoomMessageView, RoomView, UserView};
+use natter_projections::{Content, MessageView, Reactions, RoomMessageView, RoomView, UserView};
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -89,13 +89,26 @@ pub fn reactions_of(r: Option<&Reactions>, caller: Option<&str>) -> Option<BTree
     )
 }
 
+/// Longest preview of an answered message a reply shows, in characters.
+pub const PREVIEW_CHARS: usize = 80;
+
+/// What a reply shows of the message it answers. Pure.
+pub fn preview(text: Option<&str>, attachment: Option<&str>) -> String {
+    match (text, attachment) {
+        (Some(t), _) if t.chars().count() > PREVIEW_CHARS => format!("{}…", t.chars().take(PREVIEW_CHARS).collect::<String>()),
+        (Some(t), _) => t.to_owned(),
+        (None, Some(_)) => "[attachment]".to_owned(),
+        (None, None) => String::new(),
+    }
+}
+
 /// What a reply carries of the message it answers.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ReplyTo {
     #[serde(rename = "_id")]
     pub id: String,
-    /// The start of its text (or `[attachment]`), as it was when answered;
-    /// empty once that message is deleted.
+    /// The start of its text (or `[attachment]`) as it reads now, read
+    /// from it when shown (stored nowhere else); empty once it is deleted.
     pub preview: String,
     /// The answered message was deleted since (absent unless true).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -104,24 +117,36 @@ pub struct ReplyTo {
 }
 
 impl ReplyTo {
+    /// Without its preview (filled by `answering` or [`fill_reply`]): a
+    /// preview some older event or view still holds is never shown.
     fn of(r: &Option<natter_events::ReplyRef>) -> Option<ReplyTo> {
-        r.as_ref().map(|r| ReplyTo { id: r.message_id.clone(), preview: r.preview.clone(), deleted: false })
+        r.as_ref().map(|r| ReplyTo { id: r.message_id.clone(), preview: String::new(), deleted: false })
     }
 }
 
 impl ReplyTo {
-    /// Hides the preview when the answered message is among `deleted`.
-    fn hide_deleted(reply: &mut Option<ReplyTo>, deleted: &[String]) {
-        if let Some(r) = reply.as_mut().filter(|r| deleted.contains(&r.id)) {
-            (r.preview, r.deleted) = (String::new(), true);
+    /// The preview and `deleted` of a reply to `id`, from what it shows now
+    /// (`contents`, read from the views); an empty preview while the views
+    /// do not hold it yet.
+    fn shown(id: &str, contents: &HashMap<String, Content>) -> (String, bool) {
+        match contents.get(id) {
+            Some(c) if c.deleted => (String::new(), true),
+            Some(c) => (preview(c.message.as_deref(), c.attachment.as_deref()), false),
+            None => (String::new(), false),
+        }
+    }
+
+    fn fill(reply: &mut Option<ReplyTo>, contents: &HashMap<String, Content>) {
+        if let Some(r) = reply.as_mut() {
+            (r.preview, r.deleted) = Self::shown(&r.id, contents);
         }
     }
 }
 
 impl Message {
-    /// Hides the preview of an answered message among `deleted`.
-    pub fn answering(mut self, deleted: &[String]) -> Message {
-        ReplyTo::hide_deleted(&mut self.reply_to, deleted);
+    /// With the preview of the message it answers, from `contents`.
+    pub fn answering(mut self, contents: &HashMap<String, Content>) -> Message {
+        ReplyTo::fill(&mut self.reply_to, contents);
         self
     }
 
@@ -162,11 +187,17 @@ pub fn answered_of(data: &Value) -> Option<&str> {
     data.get("replyTo")?.get("_id")?.as_str()
 }
 
-/// Hides the preview of a message's answered message, deleted since.
-pub fn answered_deleted(data: &mut Value) {
-    if let Some(reply) = data.get_mut("replyTo").and_then(Value::as_object_mut) {
-        reply.insert("preview".into(), Value::String(String::new()));
+/// Fills a pushed message's `replyTo` preview from `contents` (as
+/// [`Message::answering`]): deliveries are stored without it.
+pub fn fill_reply(data: &mut Value, contents: &HashMap<String, Content>) {
+    let Some(reply) = data.get_mut("replyTo").and_then(Value::as_object_mut) else { return };
+    let Some(id) = reply.get("_id").and_then(Value::as_str) else { return };
+    let (preview, deleted) = ReplyTo::shown(id, contents);
+    reply.insert("preview".into(), Value::String(preview));
+    if deleted {
         reply.insert("deleted".into(), Value::Bool(true));
+    } else {
+        reply.remove("deleted");
     }
 }
 
@@ -219,9 +250,9 @@ pub struct RoomMessage {
 }
 
 impl RoomMessage {
-    /// Hides the preview of an answered message among `deleted`.
-    pub fn answering(mut self, deleted: &[String]) -> RoomMessage {
-        ReplyTo::hide_deleted(&mut self.reply_to, deleted);
+    /// With the preview of the message it answers, from `contents`.
+    pub fn answering(mut self, contents: &HashMap<String, Content>) -> RoomMessage {
+        ReplyTo::fill(&mut self.reply_to, contents);
         self
     }
 
@@ -490,4 +521,38 @@ pub struct Readiness {
     pub views: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counts: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_preview_is_the_start_of_the_text_or_says_attachment() {
+        assert_eq!(preview(Some("short"), None), "short");
+        let long = "é".repeat(PREVIEW_CHARS + 5);
+        assert_eq!(preview(Some(&long), Some("https://x.io/a")).chars().count(), PREVIEW_CHARS + 1);
+        assert_eq!(preview(None, Some("https://x.io/a")), "[attachment]");
+    }
+
+    #[test]
+    fn a_reply_shows_what_the_answered_message_reads_now() {
+        let text = |t: &str| Content { message: Some(t.into()), ..Content::default() };
+        let contents = HashMap::from([
+            ("m1".to_owned(), text("edited since")),
+            ("m2".to_owned(), Content { deleted: true, ..Content::default() }),
+        ]);
+        let mut reply = json!({ "_id": "r", "replyTo": { "_id": "m1", "preview": "" } });
+        fill_reply(&mut reply, &contents);
+        assert_eq!(reply["replyTo"], json!({ "_id": "m1", "preview": "edited since" }));
+        let mut reply = json!({ "_id": "r", "replyTo": { "_id": "m2", "preview": "an old copy" } });
+        fill_reply(&mut reply, &contents);
+        assert_eq!(reply["replyTo"], json!({ "_id": "m2", "preview": "", "deleted": true }));
+        // Not in the views yet: no preview rather than a stale one.
+        let mut reply = json!({ "_id": "r", "replyTo": { "_id": "m3", "preview": "stale" } });
+        fill_reply(&mut reply, &contents);
+        assert_eq!(reply["replyTo"], json!({ "_id": "m3", "preview": "" }));
+    }
 }

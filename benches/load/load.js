@@ -127,7 +127,13 @@ function cpuTicks() {
 function natterRss() {
   return pids
     .filter(([name]) => name === "natter")
-    .map(([, pid]) => Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))[1]));
+    .map(([, pid]) => {
+      try {
+        return Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))[1]);
+      } catch {
+        return NaN; // the node is gone: report it, keep the run
+      }
+    });
 }
 
 async function idle(count) {

@@ -193,13 +193,24 @@ pub struct MessageSent {
 }
 
 /// A reply's reference to the message it answers (direct or room, always
-/// of the same conversation): its id and a short preview of it as it was
-/// when answered.
+/// of the same conversation). Events written now carry the id only:
+/// a preview is read from the answered message when shown, so its text is
+/// stored nowhere but in its own events (and is gone from every view and
+/// delivery once it is deleted). Older events carry a `preview`, which
+/// readers ignore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplyRef {
     pub message_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub preview: String,
+}
+
+impl ReplyRef {
+    /// A reference to `message_id`, without a preview.
+    pub fn to(message_id: impl Into<String>) -> ReplyRef {
+        ReplyRef { message_id: message_id.into(), preview: String::new() }
+    }
 }
 
 /// A direct message as it reads after its sender changed it: edited

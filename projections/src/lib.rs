@@ -32,4 +32,4 @@ pub mod switch;
 pub mod views;
 
 pub use projection::{ApplyError, Projection};
-pub use views::{CountStore, MessageView, Reactions, RoomMessageView, RoomView, StoreError, UserView, ViewStore};
+pub use views::{Content, CountStore, MessageView, Reactions, RoomMessageView, RoomView, StoreError, UserView, ViewStore};

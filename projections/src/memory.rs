@@ -185,12 +185,19 @@ impl ViewStore for MemoryViews {
         Ok(self.lock().watermarks.get(conversation).cloned().unwrap_or_default())
     }
 
-    async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+    async fn contents(&self, ids: &[String]) -> Result<HashMap<String, crate::Content>, StoreError> {
         let v = self.lock();
+        let of = |message: &Option<String>, attachment: &Option<String>, deleted: bool| crate::Content { message: message.clone(), attachment: attachment.clone(), deleted };
         Ok(ids
             .iter()
-            .filter(|id| v.messages.get(*id).is_some_and(|m| m.deleted) || v.room_messages.get(*id).is_some_and(|m| m.deleted))
-            .cloned()
+            .filter_map(|id| {
+                let content = match (v.messages.get(id), v.room_messages.get(id)) {
+                    (Some(m), _) => of(&m.message, &m.attachment, m.deleted),
+                    (None, Some(m)) => of(&m.message, &m.attachment, m.deleted),
+                    (None, None) => return None,
+                };
+                Some((id.clone(), content))
+            })
             .collect())
     }
 

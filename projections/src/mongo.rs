@@ -378,18 +378,31 @@ impl ViewStore for MongoViews {
         Ok(out)
     }
 
-    async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+    async fn contents(&self, ids: &[String]) -> Result<HashMap<String, crate::Content>, StoreError> {
         if ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(HashMap::new());
         }
-        let deleted = |coll: Collection<Document>| async move {
-            let docs: Vec<Document> =
-                coll.find(doc! {"_id": {"$in": ids}, "deleted": true}).projection(doc! {"_id": 1}).await.map_err(unavailable)?.try_collect().await.map_err(unavailable)?;
-            Ok::<_, StoreError>(docs.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect::<Vec<String>>())
+        let read = |coll: Collection<Document>| async move {
+            let docs: Vec<Document> = coll
+                .find(doc! {"_id": {"$in": ids}})
+                .projection(doc! {"_id": 1, "message": 1, "attachment": 1, "deleted": 1})
+                .await
+                .map_err(unavailable)?
+                .try_collect()
+                .await
+                .map_err(unavailable)?;
+            Ok::<_, StoreError>(docs)
         };
-        let (direct, room) =
-            futures::join!(deleted(self.messages.clone_with_type::<Document>()), deleted(self.room_messages.clone_with_type::<Document>()));
-        Ok([direct?, room?].concat())
+        let (direct, room) = futures::join!(read(self.messages.clone_with_type::<Document>()), read(self.room_messages.clone_with_type::<Document>()));
+        let text = |d: &Document, field: &str| d.get_str(field).ok().map(str::to_owned);
+        Ok([direct?, room?]
+            .iter()
+            .flatten()
+            .filter_map(|d| {
+                let id = d.get_str("_id").ok()?.to_owned();
+                Some((id, crate::Content { message: text(d, "message"), attachment: text(d, "attachment"), deleted: d.get_bool("deleted").unwrap_or(false) }))
+            })
+            .collect())
     }
 
     async fn reactions(&self, ids: &[String]) -> Result<HashMap<String, crate::Reactions>, StoreError> {

@@ -178,8 +178,8 @@ impl<T: ViewStore + 'static> ViewStore for Switch<T> {
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
         self.read(self.active().watermarks(conversation)).await
     }
-    async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
-        self.read(self.active().deleted_among(ids)).await
+    async fn contents(&self, ids: &[String]) -> Result<HashMap<String, crate::Content>, StoreError> {
+        self.read(self.active().contents(ids)).await
     }
     async fn reactions(&self, ids: &[String]) -> Result<HashMap<String, crate::Reactions>, StoreError> {
         self.read(self.active().reactions(ids)).await

@@ -39,6 +39,15 @@ pub struct UserView {
     pub created_at: String,
 }
 
+/// What a message shows now (see [`ViewStore::contents`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Content {
+    pub message: Option<String>,
+    pub attachment: Option<String>,
+    /// Deleted for everyone (then neither of the above).
+    pub deleted: bool,
+}
+
 /// A direct message as the views keep it. `seen` is not stored: it is
 /// derived from the receiver's watermark when read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,7 +176,7 @@ impl RoomMessageView {
             message: e.message.clone(),
             attachment: e.attachment.clone(),
             created_at: timestamp(env),
-            reply_to: e.reply_to.clone(),
+            reply_to: e.reply_to.as_ref().map(|r| ReplyRef::to(r.message_id.clone())),
             edited_at: None,
             deleted: false,
             cpos: env.position,
@@ -211,7 +220,7 @@ impl MessageView {
             // The client shape has one attachment (the original app's).
             attachment: e.attachments.first().cloned(),
             created_at: timestamp(env),
-            reply_to: e.reply_to.clone(),
+            reply_to: e.reply_to.as_ref().map(|r| ReplyRef::to(r.message_id.clone())),
             edited_at: None,
             deleted: false,
             cpos: env.position,
@@ -293,9 +302,11 @@ pub trait ViewStore: Send + Sync {
     async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError>;
     /// Read watermark of every participant of `conversation` (user → seq).
     async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError>;
-    /// Those of `ids` that are deleted direct messages (one bounded read):
-    /// a replay serves their retained deliveries as tombstones.
-    async fn deleted_among(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;
+    /// What each of `ids` (direct or room messages) shows now, for those
+    /// the views hold (one bounded read): replays serve the deleted ones'
+    /// deliveries as tombstones, and replies read their previews from it
+    /// (a reply stores only the answered message's id).
+    async fn contents(&self, ids: &[String]) -> Result<HashMap<String, Content>, StoreError>;
     /// The reactions on each of `ids` that has any (one bounded read).
     async fn reactions(&self, ids: &[String]) -> Result<HashMap<String, Reactions>, StoreError>;
     /// The newest reaction mark applied for (message, user, emoji) (0: none).

@@ -11,7 +11,7 @@ use natter_events::{Envelope, Event, MemberJoined, MemberLeft, MemberState, Reac
 use natter_projections::{RoomMessageView, RoomView};
 
 use super::append::command_id;
-use super::send::{not_here, preview, validate_content};
+use super::send::{not_here, validate_content};
 use super::{CommandError, Commands, Failure, Refusal, RoomFacts};
 use crate::log::Logged;
 
@@ -244,7 +244,7 @@ impl Commands {
                             if m.deleted {
                                 return Err(super::send::answered_deleted().into());
                             }
-                            Some(natter_events::ReplyRef { message_id: m.id, preview: preview(m.message.as_deref(), m.attachment.as_deref()) })
+                            Some(natter_events::ReplyRef::to(m.id))
                         }
                     };
                     Ok(Some(Event::RoomMessageSent(RoomMessageSent {

@@ -70,19 +70,6 @@ fn validate_url(url: &str, max: usize) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Longest preview of an answered message a reply carries, in characters.
-pub const PREVIEW_CHARS: usize = 80;
-
-/// What a reply shows of the message it answers. Pure.
-pub fn preview(text: Option<&str>, attachment: Option<&str>) -> String {
-    match (text, attachment) {
-        (Some(t), _) if t.chars().count() > PREVIEW_CHARS => format!("{}…", t.chars().take(PREVIEW_CHARS).collect::<String>()),
-        (Some(t), _) => t.to_owned(),
-        (None, Some(_)) => "[attachment]".to_owned(),
-        (None, None) => String::new(),
-    }
-}
-
 /// The refusal of a `replyTo` that names no message of this conversation
 /// (unknown, another conversation's, or not a valid id alike: nothing is
 /// learnt about other conversations).
@@ -161,7 +148,7 @@ impl Commands {
                     if m.deleted {
                         return Err(answered_deleted().into());
                     }
-                    Some(natter_events::ReplyRef { message_id: m.id.clone(), preview: preview(m.message.as_deref(), m.attachment.as_deref()) })
+                    Some(natter_events::ReplyRef::to(m.id.clone()))
                 }
             };
             let env = self
@@ -236,14 +223,6 @@ mod tests {
         let mut bad_id = cmd(Some("hi"), None);
         bad_id.receiver = "bob.*".into();
         assert!(validate(&bad_id, &l).is_err());
-    }
-
-    #[test]
-    fn a_preview_is_the_start_of_the_text_or_says_attachment() {
-        assert_eq!(preview(Some("short"), None), "short");
-        let long = "é".repeat(PREVIEW_CHARS + 5);
-        assert_eq!(preview(Some(&long), Some("https://x.io/a")).chars().count(), PREVIEW_CHARS + 1);
-        assert_eq!(preview(None, Some("https://x.io/a")), "[attachment]");
     }
 
     #[test]

@@ -239,7 +239,8 @@ async fn send(
             reply_to: body.reply_to,
         })
         .await?;
-    Ok(Json(SentRoomMessage { success: true, message: "Message Sent Successfully".into(), data: RoomMessage::new(&m) }))
+    let data = RoomMessage::new(&m).answering(&Shown::answered(&node, &m.reply_to).await?);
+    Ok(Json(SentRoomMessage { success: true, message: "Message Sent Successfully".into(), data }))
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -1,12 +1,12 @@
 //! What the views add to messages shown to a caller: each message's
-//! reactions (with `me`), and which of the messages they answer were
-//! deleted since (those replies show no preview). One read of each for a
-//! whole page, however many messages it holds.
+//! reactions (with `me`), and the preview of the messages they answer as
+//! those read now (none once deleted). One read of each for a whole page,
+//! however many messages it holds.
 
 use std::collections::HashMap;
 
 use natter_events::ReplyRef;
-use natter_projections::Reactions;
+use natter_projections::{Content, Reactions};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -14,7 +14,7 @@ use crate::wire::{Message, RoomMessage};
 
 pub(super) struct Shown {
     reactions: HashMap<String, Reactions>,
-    deleted: Vec<String>,
+    answered: HashMap<String, Content>,
 }
 
 impl Shown {
@@ -22,17 +22,26 @@ impl Shown {
     pub(super) async fn read<'a>(node: &AppState, messages: impl Iterator<Item = (&'a String, &'a Option<ReplyRef>)>) -> Result<Shown, ApiError> {
         let (ids, answered): (Vec<String>, Vec<Option<String>>) = messages.map(|(id, r)| (id.clone(), r.as_ref().map(|r| r.message_id.clone()))).unzip();
         let answered: Vec<String> = answered.into_iter().flatten().collect();
-        let (reactions, deleted) = tokio::join!(node.views().reactions(&ids), node.views().deleted_among(&answered));
-        Ok(Shown { reactions: reactions?, deleted: deleted? })
+        let (reactions, answered) = tokio::join!(node.views().reactions(&ids), node.views().contents(&answered));
+        Ok(Shown { reactions: reactions?, answered: answered? })
+    }
+
+    /// What a just-sent message needs: the preview of what it answers, if
+    /// anything (a new message has no reactions; one read, replies only).
+    pub(super) async fn answered(node: &AppState, reply_to: &Option<ReplyRef>) -> Result<HashMap<String, Content>, ApiError> {
+        match reply_to {
+            Some(r) => Ok(node.views().contents(std::slice::from_ref(&r.message_id)).await?),
+            None => Ok(HashMap::new()),
+        }
     }
 
     pub(super) fn message(&self, m: Message, me: &str) -> Message {
         let reactions = self.reactions.get(&m.id);
-        m.with_reactions(reactions, Some(me)).answering(&self.deleted)
+        m.with_reactions(reactions, Some(me)).answering(&self.answered)
     }
 
     pub(super) fn room_message(&self, m: RoomMessage, me: &str) -> RoomMessage {
         let reactions = self.reactions.get(&m.id);
-        m.with_reactions(reactions, Some(me)).answering(&self.deleted)
+        m.with_reactions(reactions, Some(me)).answering(&self.answered)
     }
 }

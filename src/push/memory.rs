@@ -36,6 +36,10 @@ struct State {
     /// Retained deliveries in cursor order: (cursor, user, event time ms).
     order: VecDeque<(u64, String, i64)>,
     by_user: HashMap<String, BTreeMap<u64, Payload>>,
+    /// Message id → the retained deliveries showing its content (user,
+    /// cursor): a deletion rewrites exactly those, whoever holds them
+    /// (members who left since included).
+    shown: HashMap<String, Vec<(String, u64)>>,
     /// Each user's newest cursor (kept after pruning: a live delivery names it).
     last: HashMap<String, u64>,
     subscribers: HashMap<String, Vec<mpsc::Sender<Arc<Pushed>>>>,
@@ -73,26 +77,32 @@ impl MemoryPush {
             }
             state.order.pop_front();
             if let Some(mine) = state.by_user.get_mut(&user) {
-                mine.remove(&cursor);
+                let gone = mine.remove(&cursor);
                 if mine.is_empty() {
                     state.by_user.remove(&user);
+                }
+                if let Some(id) = gone.as_ref().and_then(|p| crate::wire::content_of(&p.event, &p.data)) {
+                    if let Some(copies) = state.shown.get_mut(id) {
+                        copies.retain(|(u, c)| !(*c == cursor && *u == user));
+                        if copies.is_empty() {
+                            state.shown.remove(id);
+                        }
+                    }
                 }
             }
             state.floor = state.floor.max(cursor);
         }
     }
 
-    /// A message deleted for everyone leaves `user`'s retained deliveries:
-    /// those that showed it become its tombstone, and replies lose their
-    /// preview of it (deletions are rare; this walks the user's deliveries).
-    fn forget_content(state: &mut State, user: &str, deleted: &Payload) {
+    /// A message deleted for everyone leaves every retained delivery that
+    /// showed it (whoever holds it): those become its tombstone. Replies
+    /// hold no preview of it (sessions read previews when they emit).
+    fn forget_content(state: &mut State, deleted: &Payload) {
         let Some(id) = deleted.data.get("_id").and_then(|v| v.as_str()) else { return };
-        let Some(mine) = state.by_user.get_mut(user) else { return };
-        for p in mine.values_mut() {
-            if crate::wire::content_of(&p.event, &p.data) == Some(id) {
+        let Some(copies) = state.shown.remove(id) else { return };
+        for (user, cursor) in copies {
+            if let Some(p) = state.by_user.get_mut(&user).and_then(|mine| mine.get_mut(&cursor)) {
                 crate::wire::tombstone(&mut p.data);
-            } else if crate::wire::answered_of(&p.data) == Some(id) {
-                crate::wire::answered_deleted(&mut p.data);
             }
         }
     }
@@ -111,7 +121,10 @@ impl MemoryPush {
         }
         for (user, payload) in deliveries {
             if payload.event == "messageDeleted" {
-                Self::forget_content(&mut state, &user, &payload);
+                Self::forget_content(&mut state, &payload);
+            }
+            if let Some(id) = crate::wire::content_of(&payload.event, &payload.data) {
+                state.shown.entry(id.to_owned()).or_default().push((user.clone(), log_seq));
             }
             let previous = state.last.insert(user.clone(), log_seq).unwrap_or(0);
             state.order.push_back((log_seq, user.clone(), at_ms));
@@ -226,21 +239,21 @@ mod tests {
     async fn a_deleted_message_leaves_the_deliveries_kept() {
         let bus = MemoryPush::new(Duration::from_secs(3600));
         let now = Utc::now().timestamp_millis();
-        let sent = |id: &str, text: &str, reply: Option<&str>| {
-            let mut data = json!({ "_id": id, "message": text, "seq": 1 });
-            if let Some(r) = reply {
-                data["replyTo"] = json!({ "_id": r, "preview": "a secret" });
-            }
-            Payload { event: "newMessage".into(), data }
-        };
-        bus.deliver_at(1, now, vec![("bob".into(), sent("m1", "a secret", None))]);
-        bus.deliver_at(2, now, vec![("bob".into(), sent("m2", "hm?", Some("m1")))]);
+        let sent = |id: &str, text: &str| Payload { event: "newMessage".into(), data: json!({ "_id": id, "message": text, "seq": 1 }) };
+        // Amy got the message too, then left: the tombstone goes to Bob only.
+        bus.deliver_at(1, now, vec![("bob".into(), sent("m1", "a secret")), ("amy".into(), sent("m1", "a secret"))]);
+        bus.deliver_at(2, now, vec![("bob".into(), Payload { event: "messageUpdated".into(), data: json!({ "_id": "m1", "message": "a secret, edited" }) })]);
+        bus.deliver_at(3, now, vec![("bob".into(), sent("m2", "hm?"))]);
         let deleted = Payload { event: "messageDeleted".into(), data: json!({ "_id": "m1", "seq": 1, "deleted": true }) };
-        bus.deliver_at(3, now, vec![("bob".into(), deleted)]);
-        let Replay::Page(page) = bus.replay("bob", 0, 10).await.unwrap() else { panic!("a page") };
-        assert_eq!(page[0].payload.data, json!({ "_id": "m1", "seq": 1, "deleted": true }));
-        assert_eq!(page[1].payload.data["replyTo"], json!({ "_id": "m1", "preview": "", "deleted": true }));
-        assert!(!serde_json::to_string(&page.iter().map(|d| &d.payload.data).collect::<Vec<_>>()).unwrap().contains("a secret"));
+        bus.deliver_at(4, now, vec![("bob".into(), deleted)]);
+        for user in ["bob", "amy"] {
+            let Replay::Page(page) = bus.replay(user, 0, 10).await.unwrap() else { panic!("a page") };
+            assert_eq!(page[0].payload.data, json!({ "_id": "m1", "seq": 1, "deleted": true }), "{user}");
+            let all = serde_json::to_string(&page.iter().map(|d| &d.payload.data).collect::<Vec<_>>()).unwrap();
+            assert!(!all.contains("a secret"), "{user}: {all}");
+        }
+        // Pruned deliveries leave the index too.
+        assert_eq!(bus.lock().shown.keys().collect::<Vec<_>>(), [&"m2".to_owned()]);
     }
 
     #[tokio::test]

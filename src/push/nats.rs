@@ -63,8 +63,9 @@ async fn erase_deleted(client: async_nats::Client, js: jetstream::Context, inbox
 /// message `p.id` (its `newMessage` or room `message`, its
 /// `messageUpdated`): walked from a minute before the message's time (node
 /// clocks, fan-out lag), at most [`PURGE_WALK`] deliveries. A replay skips
-/// erased inbox messages. Not erased: previews of it in replies (replays
-/// empty them), and copies beyond the walk.
+/// erased inbox messages. Replies' deliveries hold no preview of it
+/// (sessions read previews when they emit). Not erased: copies beyond the
+/// walk.
 async fn erase(client: &async_nats::Client, js: &jetstream::Context, inbox: &str, p: &Purge) -> anyhow::Result<()> {
     let stream = js.get_stream_no_info(inbox).await?;
     let start = chrono::DateTime::parse_from_rfc3339(&p.created_at).context("a deleted message's createdAt")?.with_timezone(&chrono::Utc) - PURGE_MARGIN;

@@ -23,7 +23,7 @@ use natter_projections::{ApplyError, Reactions, ViewStore};
 use serde_json::Value;
 
 use super::Payload;
-use crate::wire::{Message, RoomMessage, answered_deleted, answered_of, reactions_of};
+use crate::wire::{Message, RoomMessage, reactions_of};
 
 /// Longest wait for the views to hold a reaction before its push.
 const WAIT: Duration = Duration::from_millis(500);
@@ -78,19 +78,14 @@ impl ReactionPushes {
             tokio::time::sleep(POLL).await;
         }
         let reactions = self.reactions(&e.message_id).await?;
-        let gone = |answered: &Option<natter_events::ReplyRef>| {
-            let ids: Vec<String> = answered.iter().map(|r| r.message_id.clone()).collect();
-            let views = self.views.clone();
-            async move { if ids.is_empty() { Ok(Vec::new()) } else { views.deleted_among(&ids).await.map_err(store) } }
-        };
         if let Some(state) = &e.state {
             let Some(m) = self.views.message(&e.message_id).await.map_err(store)?.filter(|m| !m.deleted) else { return Ok(None) };
             let seen = state.side(&m.receiver_id).is_some_and(|r| r.seen_seq >= m.seq);
-            let data = to_value(Message::new(&m, seen).with_reactions(reactions.as_ref(), None).answering(&gone(&m.reply_to).await?));
+            let data = to_value(Message::new(&m, seen).with_reactions(reactions.as_ref(), None));
             return Ok(Some(Reacted::Direct { users: [m.receiver_id, m.sender_id], payload: Payload { event: "messageUpdated".into(), data } }));
         }
         let Some(m) = self.views.room_message(&e.message_id).await.map_err(store)?.filter(|m| !m.deleted) else { return Ok(None) };
-        let data = to_value(RoomMessage::new(&m).with_reactions(reactions.as_ref(), None).answering(&gone(&m.reply_to).await?));
+        let data = to_value(RoomMessage::new(&m).with_reactions(reactions.as_ref(), None));
         Ok(Some(Reacted::Room { room: m.room_id, payload: Payload { event: "messageUpdated".into(), data } }))
     }
 
@@ -99,16 +94,13 @@ impl ReactionPushes {
     /// its deletion must not show the text again). If the views cannot be
     /// read the pushes go out as the event says.
     pub async fn edited(&self, id: &str, payloads: &mut [&mut Payload]) -> bool {
-        let answered = payloads.first().and_then(|p| answered_of(&p.data)).map(str::to_owned);
-        let ids: Vec<String> = std::iter::once(id.to_owned()).chain(answered.clone()).collect();
-        let (deleted, reactions) = tokio::join!(self.views.deleted_among(&ids), self.views.reactions(&ids[..1]));
-        match (deleted, reactions) {
-            (Ok(deleted), _) if deleted.iter().any(|d| d == id) => false,
-            (Ok(deleted), Ok(mut reactions)) => {
-                // A reply whose answered message is deleted shows no preview.
-                if answered.is_some_and(|a| deleted.contains(&a)) {
-                    payloads.iter_mut().for_each(|p| answered_deleted(&mut p.data));
-                }
+        let ids = [id.to_owned()];
+        let (contents, reactions) = tokio::join!(self.views.contents(&ids), self.views.reactions(&ids));
+        match (contents, reactions) {
+            (Ok(contents), _) if contents.get(id).is_some_and(|c| c.deleted) => false,
+            (Ok(_), Ok(mut reactions)) => {
+                // A reply's preview is not stored with the delivery: each
+                // socket's session reads it when it emits.
                 if let Some(shown) = reactions_of(reactions.remove(id).as_ref(), None) {
                     let value = to_value(shown);
                     for p in payloads {

@@ -225,9 +225,9 @@ impl Session {
     }
 
     /// Retained deliveries of messages deleted since they were stored are
-    /// replayed as the messages' tombstones, and a reply's preview of a
-    /// message deleted since is emptied (one views read per page that holds
-    /// any message): deleted content is never served again.
+    /// replayed as the messages' tombstones, and replies get the preview of
+    /// the message they answer as it reads now (one views read per page
+    /// that holds any message): deleted content is never served again.
     async fn redact(&self, page: &mut [Delivery]) -> Result<(), Stop> {
         use crate::wire::{answered_of, content_of};
         fn shown(d: &Delivery) -> Option<(String, Option<String>)> {
@@ -238,15 +238,13 @@ impl Session {
         if ids.is_empty() {
             return Ok(());
         }
-        let deleted = self.node.views().deleted_among(&ids).await.map_err(|e| Stop::Unavailable(e.to_string()))?;
-        let gone = |id: &str| deleted.iter().any(|x| x == id);
+        let contents = self.node.views().contents(&ids).await.map_err(|e| Stop::Unavailable(e.to_string()))?;
         for d in page.iter_mut() {
-            let Some((id, answered)) = shown(d) else { continue };
-            let (id_gone, answered_gone) = (gone(&id), answered.as_deref().is_some_and(gone));
-            if id_gone {
+            let Some((id, _)) = shown(d) else { continue };
+            if contents.get(&id).is_some_and(|c| c.deleted) {
                 crate::wire::tombstone(&mut d.payload.data);
-            } else if answered_gone {
-                crate::wire::answered_deleted(&mut d.payload.data);
+            } else {
+                crate::wire::fill_reply(&mut d.payload.data, &contents);
             }
         }
         Ok(())
@@ -285,6 +283,17 @@ impl Session {
                 self.cursor = d.previous;
             }
         }
+        // A reply is stored without the preview of the message it answers:
+        // read it as that message reads now.
+        let filled;
+        let d = if crate::wire::content_of(&d.payload.event, &d.payload.data).is_some() && crate::wire::answered_of(&d.payload.data).is_some() {
+            let mut copy = d.clone();
+            with_preview(&self.node, &mut copy.payload.data).await.map_err(|e| Stop::Unavailable(e.to_string()))?;
+            filled = copy;
+            &filled
+        } else {
+            d
+        };
         if !self.emit_delivery(d).await? {
             return Ok(());
         }
@@ -303,6 +312,15 @@ impl Session {
 /// Opens a socket's session: counts it, gives its handlers the control
 /// channel ([`ControlTx`]) and starts its delivery loop. The namespace
 /// registers its own handlers; its disconnect handler calls [`closed`].
+/// Fills a message's `replyTo` preview from the views (one read), as the
+/// answered message reads now: previews are stored nowhere but in it.
+pub(super) async fn with_preview(node: &AppState, data: &mut serde_json::Value) -> Result<(), natter_projections::StoreError> {
+    let Some(answered) = crate::wire::answered_of(data).map(str::to_owned) else { return Ok(()) };
+    let contents = node.views().contents(&[answered]).await?;
+    crate::wire::fill_reply(data, &contents);
+    Ok(())
+}
+
 pub fn open(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>, filter: Filter) {
     node.metrics.socket_opened();
     let (tx, rx) = mpsc::channel(16);
