@@ -193,8 +193,8 @@ pub struct MessageSent {
 }
 
 /// A reply's reference to the message it answers (direct or room, always
-/// of the same conversation). Events written now carry the id only:
-/// a preview is read from the answered message when shown, so its text is
+/// of the same conversation). Events written now carry the id and an
+/// empty preview: a preview is read from the answered message when shown, so its text is
 /// stored nowhere but in its own events (and is gone from every view and
 /// delivery once it is deleted). Older events carry a `preview`, which
 /// readers ignore.
@@ -202,7 +202,9 @@ pub struct MessageSent {
 #[serde(rename_all = "camelCase")]
 pub struct ReplyRef {
     pub message_id: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// Empty in events written now (kept as a field so that builds which
+    /// require it still read them).
+    #[serde(default)]
     pub preview: String,
 }
 

@@ -66,7 +66,8 @@ pub fn decide(state: &DmState, m: &MessageView, sent_at: DateTime<Utc>, change: 
         seq: m.seq,
         sender_count: m.sender_count,
         state: state.clone(),
-        reply_to: m.reply_to.clone(),
+        // The reference only: a preview an older view holds stays out of the log.
+        reply_to: m.reply_to.as_ref().map(|r| natter_events::ReplyRef::to(r.message_id.clone())),
     };
     let revised = |message| MessageRevised { message, sent_at, sent_command_id: m.command_id.clone() };
     match change {
@@ -102,7 +103,8 @@ pub fn decide_room(m: &RoomMessageView, sent_at: DateTime<Utc>, last_seq: u64, c
         message: m.message.clone(),
         attachment: m.attachment.clone(),
         seq: m.seq,
-        reply_to: m.reply_to.clone(),
+        // The reference only: a preview an older view holds stays out of the log.
+        reply_to: m.reply_to.as_ref().map(|r| natter_events::ReplyRef::to(r.message_id.clone())),
     };
     let revised = |message| RoomMessageRevised { message, sent_at, sent_command_id: m.command_id.clone(), last_seq };
     match change {

@@ -100,7 +100,7 @@ struct AttachmentBody {
 async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&cmd.sender)?;
     let sent = node.commands.send(cmd).await?;
-    let data = Message::new(&sent.message, sent.seen).answering(&Shown::answered(node, &sent.message.reply_to).await?);
+    let data = Message::new(&sent.message, sent.seen).answering(&Shown::answered(node, &sent.message.reply_to).await);
     Ok(Json(SentMessage { success: true, message: format!("{what} Sent Successfully"), data }))
 }
 

@@ -239,7 +239,7 @@ async fn send(
             reply_to: body.reply_to,
         })
         .await?;
-    let data = RoomMessage::new(&m).answering(&Shown::answered(&node, &m.reply_to).await?);
+    let data = RoomMessage::new(&m).answering(&Shown::answered(&node, &m.reply_to).await);
     Ok(Json(SentRoomMessage { success: true, message: "Message Sent Successfully".into(), data }))
 }
 

@@ -28,11 +28,15 @@ impl Shown {
 
     /// What a just-sent message needs: the preview of what it answers, if
     /// anything (a new message has no reactions; one read, replies only).
-    pub(super) async fn answered(node: &AppState, reply_to: &Option<ReplyRef>) -> Result<HashMap<String, Content>, ApiError> {
-        match reply_to {
-            Some(r) => Ok(node.views().contents(std::slice::from_ref(&r.message_id)).await?),
-            None => Ok(HashMap::new()),
-        }
+    /// The message is stored already: if the views cannot be read it is
+    /// answered without the preview, never as a failure (a retry without
+    /// `clientMsgId` would send it again).
+    pub(super) async fn answered(node: &AppState, reply_to: &Option<ReplyRef>) -> HashMap<String, Content> {
+        let Some(r) = reply_to else { return HashMap::new() };
+        node.views().contents(std::slice::from_ref(&r.message_id)).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "views unreadable: a sent reply is answered without the preview of what it answers");
+            HashMap::new()
+        })
     }
 
     pub(super) fn message(&self, m: Message, me: &str) -> Message {

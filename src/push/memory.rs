@@ -39,7 +39,7 @@ struct State {
     /// Message id → the retained deliveries showing its content (user,
     /// cursor): a deletion rewrites exactly those, whoever holds them
     /// (members who left since included).
-    shown: HashMap<String, Vec<(String, u64)>>,
+    shown: HashMap<String, VecDeque<(String, u64)>>,
     /// Each user's newest cursor (kept after pruning: a live delivery names it).
     last: HashMap<String, u64>,
     subscribers: HashMap<String, Vec<mpsc::Sender<Arc<Pushed>>>>,
@@ -83,7 +83,12 @@ impl MemoryPush {
                 }
                 if let Some(id) = gone.as_ref().and_then(|p| crate::wire::content_of(&p.event, &p.data)) {
                     if let Some(copies) = state.shown.get_mut(id) {
-                        copies.retain(|(u, c)| !(*c == cursor && *u == user));
+                        // Pruned in the order they were stored: the oldest.
+                        if copies.front().is_some_and(|(u, c)| *c == cursor && *u == user) {
+                            copies.pop_front();
+                        } else {
+                            copies.retain(|(u, c)| !(*c == cursor && *u == user));
+                        }
                         if copies.is_empty() {
                             state.shown.remove(id);
                         }
@@ -124,7 +129,7 @@ impl MemoryPush {
                 Self::forget_content(&mut state, &payload);
             }
             if let Some(id) = crate::wire::content_of(&payload.event, &payload.data) {
-                state.shown.entry(id.to_owned()).or_default().push((user.clone(), log_seq));
+                state.shown.entry(id.to_owned()).or_default().push_back((user.clone(), log_seq));
             }
             let previous = state.last.insert(user.clone(), log_seq).unwrap_or(0);
             state.order.push_back((log_seq, user.clone(), at_ms));
@@ -252,7 +257,7 @@ mod tests {
             let all = serde_json::to_string(&page.iter().map(|d| &d.payload.data).collect::<Vec<_>>()).unwrap();
             assert!(!all.contains("a secret"), "{user}: {all}");
         }
-        // Pruned deliveries leave the index too.
+        // The deleted message left the index (its copies are tombstones).
         assert_eq!(bus.lock().shown.keys().collect::<Vec<_>>(), [&"m2".to_owned()]);
     }
 

@@ -169,7 +169,7 @@ enum Stop {
 impl Session {
     /// Emits `d` unless the socket's namespace filters it out; true if it
     /// was emitted.
-    async fn emit_delivery(&mut self, d: &Delivery) -> Result<bool, Stop> {
+    async fn emit_delivery(&mut self, d: &Delivery, live: bool) -> Result<bool, Stop> {
         if let Some(room) = self.filter.left_room(&self.user, &d.payload) {
             // A leave replayed from an old cursor must not take the socket
             // out of a room its user joined again since: the log decides.
@@ -185,6 +185,15 @@ impl Session {
         let mut data = d.payload.data.clone();
         if let Some(obj) = data.as_object_mut() {
             obj.insert("cursor".into(), json!(d.cursor));
+        }
+        // A live reply is stored without the preview of the message it
+        // answers: read it as that message reads now (replays are filled
+        // a page at a time by `redact`, before this).
+        if live && crate::wire::content_of(&d.payload.event, &d.payload.data).is_some() {
+            if let Err(e) = with_preview(&self.node, &mut data).await {
+                // Shown without a preview rather than not at all.
+                tracing::warn!(user = %self.user, error = %e, "views unreadable: a reply is pushed without the preview of what it answers");
+            }
         }
         self.last_emit = Some(tokio::time::Instant::now());
         emit_patiently(&self.s, &d.payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
@@ -215,7 +224,7 @@ impl Session {
                 Replay::Page(mut page) => {
                     self.redact(&mut page).await?;
                     for d in &page {
-                        if self.emit_delivery(d).await? {
+                        if self.emit_delivery(d, false).await? {
                             self.node.metrics.replayed();
                         }
                     }
@@ -283,18 +292,7 @@ impl Session {
                 self.cursor = d.previous;
             }
         }
-        // A reply is stored without the preview of the message it answers:
-        // read it as that message reads now.
-        let filled;
-        let d = if crate::wire::content_of(&d.payload.event, &d.payload.data).is_some() && crate::wire::answered_of(&d.payload.data).is_some() {
-            let mut copy = d.clone();
-            with_preview(&self.node, &mut copy.payload.data).await.map_err(|e| Stop::Unavailable(e.to_string()))?;
-            filled = copy;
-            &filled
-        } else {
-            d
-        };
-        if !self.emit_delivery(d).await? {
+        if !self.emit_delivery(d, true).await? {
             return Ok(());
         }
         // How long a live message took from its creation (on any node, by
@@ -309,9 +307,6 @@ impl Session {
     }
 }
 
-/// Opens a socket's session: counts it, gives its handlers the control
-/// channel ([`ControlTx`]) and starts its delivery loop. The namespace
-/// registers its own handlers; its disconnect handler calls [`closed`].
 /// Fills a message's `replyTo` preview from the views (one read), as the
 /// answered message reads now: previews are stored nowhere but in it.
 pub(super) async fn with_preview(node: &AppState, data: &mut serde_json::Value) -> Result<(), natter_projections::StoreError> {
@@ -321,6 +316,9 @@ pub(super) async fn with_preview(node: &AppState, data: &mut serde_json::Value) 
     Ok(())
 }
 
+/// Opens a socket's session: counts it, gives its handlers the control
+/// channel ([`ControlTx`]) and starts its delivery loop. The namespace
+/// registers its own handlers; its disconnect handler calls [`closed`].
 pub fn open(s: SocketRef, node: Arc<AppState>, user: String, start: Option<u64>, filter: Filter) {
     node.metrics.socket_opened();
     let (tx, rx) = mpsc::channel(16);
