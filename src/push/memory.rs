@@ -81,17 +81,17 @@ impl MemoryPush {
                 if mine.is_empty() {
                     state.by_user.remove(&user);
                 }
-                if let Some(id) = gone.as_ref().and_then(|p| crate::wire::content_of(&p.event, &p.data)) {
-                    if let Some(copies) = state.shown.get_mut(id) {
-                        // Pruned in the order they were stored: the oldest.
-                        if copies.front().is_some_and(|(u, c)| *c == cursor && *u == user) {
-                            copies.pop_front();
-                        } else {
-                            copies.retain(|(u, c)| !(*c == cursor && *u == user));
-                        }
-                        if copies.is_empty() {
-                            state.shown.remove(id);
-                        }
+                if let Some(id) = gone.as_ref().and_then(|p| crate::wire::content_of(&p.event, &p.data))
+                    && let Some(copies) = state.shown.get_mut(id)
+                {
+                    // Pruned in the order they were stored: the oldest.
+                    if copies.front().is_some_and(|(u, c)| *c == cursor && *u == user) {
+                        copies.pop_front();
+                    } else {
+                        copies.retain(|(u, c)| !(*c == cursor && *u == user));
+                    }
+                    if copies.is_empty() {
+                        state.shown.remove(id);
                     }
                 }
             }

@@ -189,11 +189,12 @@ impl Session {
         // A live reply is stored without the preview of the message it
         // answers: read it as that message reads now (replays are filled
         // a page at a time by `redact`, before this).
-        if live && crate::wire::content_of(&d.payload.event, &d.payload.data).is_some() {
-            if let Err(e) = with_preview(&self.node, &mut data).await {
-                // Shown without a preview rather than not at all.
-                tracing::warn!(user = %self.user, error = %e, "views unreadable: a reply is pushed without the preview of what it answers");
-            }
+        if live
+            && crate::wire::content_of(&d.payload.event, &d.payload.data).is_some()
+            && let Err(e) = with_preview(&self.node, &mut data).await
+        {
+            // Shown without a preview rather than not at all.
+            tracing::warn!(user = %self.user, error = %e, "views unreadable: a reply is pushed without the preview of what it answers");
         }
         self.last_emit = Some(tokio::time::Instant::now());
         emit_patiently(&self.s, &d.payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
