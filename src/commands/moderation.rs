@@ -93,7 +93,9 @@ impl Commands {
     /// Whether `user` may see that private `room` exists: a member or an
     /// invitee (anyone may see a public room).
     pub async fn may_see(&self, room: &str, user: &str) -> Result<bool, CommandError> {
-        if !self.room_facts(room).await?.private {
+        let facts = self.room_facts(room).await?;
+        // The owner may always come back to their room.
+        if !facts.private || facts.owner == user {
             return Ok(true);
         }
         let m = self.membership(room, user).await?;

@@ -160,7 +160,7 @@ struct EditBody {
 async fn revised(node: &AppState, me: String, id: String, change: Change, what: &str) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&me)?;
     let done = node.commands.revise(&me, &id, change).await?;
-    let shown = Shown::read(node, std::iter::once((&done.message.id, &done.message.reply_to))).await?;
+    let shown = Shown::after_change(node, &done.message.id, &done.message.reply_to).await;
     let data = shown.message(Message::new(&done.message, done.seen), &me);
     Ok(Json(SentMessage { success: true, message: format!("Message {what} Successfully"), data }))
 }
@@ -200,7 +200,7 @@ async fn delete(State(node): State<Arc<AppState>>, Caller(me): Caller, ApiPath(i
 async fn reacted(node: &AppState, me: String, (id, emoji): (String, String), on: bool) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&me)?;
     let (m, seen) = node.commands.react(&me, &id, &emoji, on).await?;
-    let data = Shown::read(node, std::iter::once((&m.id, &m.reply_to))).await?.message(Message::new(&m, seen), &me);
+    let data = Shown::after_change(node, &m.id, &m.reply_to).await.message(Message::new(&m, seen), &me);
     Ok(Json(SentMessage { success: true, message: "Reaction Saved Successfully".into(), data }))
 }
 

@@ -256,7 +256,7 @@ async fn revised(node: &AppState, me: String, room: String, id: String, change: 
     room_for(node, &room, &me).await?;
     node.rate.send(&me)?;
     let m = node.commands.revise_room(&me, &room, &id, change).await?;
-    let data = Shown::read(node, std::iter::once((&m.id, &m.reply_to))).await?.room_message(RoomMessage::new(&m), &me);
+    let data = Shown::after_change(node, &m.id, &m.reply_to).await.room_message(RoomMessage::new(&m), &me);
     Ok(Json(SentRoomMessage { success: true, message: format!("Message {what} Successfully"), data }))
 }
 
@@ -264,7 +264,7 @@ async fn reacted(node: &AppState, me: String, (room, id, emoji): (String, String
     room_for(node, &room, &me).await?;
     node.rate.send(&me)?;
     let m = node.commands.react_room(&me, &room, &id, &emoji, on).await?;
-    let data = Shown::read(node, std::iter::once((&m.id, &m.reply_to))).await?.room_message(RoomMessage::new(&m), &me);
+    let data = Shown::after_change(node, &m.id, &m.reply_to).await.room_message(RoomMessage::new(&m), &me);
     Ok(Json(SentRoomMessage { success: true, message: "Reaction Saved Successfully".into(), data }))
 }
 

@@ -26,6 +26,17 @@ impl Shown {
         Ok(Shown { reactions: reactions?, answered: answered? })
     }
 
+    /// [`Shown::read`] for a message just changed (edited, deleted,
+    /// reacted to): the change is in the log already, so if the views
+    /// cannot be read it is answered without reactions and preview, never
+    /// as a failure (a retry would repeat or refuse the change).
+    pub(super) async fn after_change(node: &AppState, id: &String, reply_to: &Option<ReplyRef>) -> Shown {
+        Self::read(node, std::iter::once((id, reply_to))).await.unwrap_or_else(|e| {
+            tracing::warn!(message = %id, error = ?e, "views unreadable: a changed message is answered without its reactions and preview");
+            Shown { reactions: HashMap::new(), answered: HashMap::new() }
+        })
+    }
+
     /// What a just-sent message needs: the preview of what it answers, if
     /// anything (a new message has no reactions; one read, replies only).
     /// The message is stored already: if the views cannot be read it is
