@@ -253,7 +253,12 @@ struct EditBody {
 }
 
 async fn revised(node: &AppState, me: String, room: String, id: String, change: Change, what: &str) -> Result<Json<SentRoomMessage>, ApiError> {
-    room_for(node, &room, &me).await?;
+    // A sender may delete their message after leaving, a private room's
+    // too: the command answers 404 to anyone who is neither a member nor
+    // its sender, so a deletion learns nothing about a private room.
+    if change != Change::Delete {
+        room_for(node, &room, &me).await?;
+    }
     node.rate.send(&me)?;
     let m = node.commands.revise_room(&me, &room, &id, change).await?;
     let data = Shown::after_change(node, &m.id, &m.reply_to).await.room_message(RoomMessage::new(&m), &me);

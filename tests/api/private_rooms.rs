@@ -110,6 +110,18 @@ async fn a_private_room_is_for_members_and_roles_decide_who_moderates(c: &Cluste
     assert_eq!(c.request(0, Method::GET, &path(""), Some(&amy.token), None).await.ok()["room"]["role"], json!("owner"));
     assert_eq!(post(&bob, "/kick", Some(json!({ "userId": amy.id }))).await.status.as_u16(), 403, "nobody removes the owner");
 
+    // A sender who left may still delete their message, and learns nothing
+    // else of the private room.
+    let note = c.request(0, Method::POST, &path("/messages"), Some(&bob.token), Some(json!({ "message": "bob's note" }))).await.ok()["data"]["_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    post(&bob, "/leave", None).await.ok();
+    let edit = c.request(1, Method::PATCH, &path(&format!("/messages/{note}")), Some(&bob.token), Some(json!({ "message": "changed" }))).await;
+    assert_eq!(edit.status.as_u16(), 404, "{}", edit.body);
+    let deleted = c.request(1, Method::DELETE, &path(&format!("/messages/{note}")), Some(&bob.token), None).await;
+    assert_eq!(deleted.ok()["data"]["deleted"], json!(true));
+
     // A public room: anyone joins; a removal sticks until an invitation.
     let public = c.request(0, Method::POST, "/api/rooms", Some(&amy.token), Some(json!({ "name": "Lobby" }))).await.body["room"].clone();
     assert!(public.get("private").is_none(), "{public}");
