@@ -23,7 +23,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
-use super::shown::Shown;
+use super::shown::{Shown, answered};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::commands::revise::Change;
@@ -100,7 +100,7 @@ struct AttachmentBody {
 async fn sent(node: &AppState, cmd: SendMessage, what: &str) -> Result<Json<SentMessage>, ApiError> {
     node.rate.send(&cmd.sender)?;
     let sent = node.commands.send(cmd).await?;
-    let data = Message::new(&sent.message, sent.seen).answering(&Shown::answered(node, &sent.message.reply_to).await);
+    let data = Message::new(&sent.message, sent.seen).answering(&answered(node, sent.message.reply_to.as_ref().map(|r| r.message_id.as_str())).await);
     Ok(Json(SentMessage { success: true, message: format!("{what} Sent Successfully"), data }))
 }
 

@@ -21,7 +21,7 @@ mod messages;
 mod openapi;
 mod ops;
 mod rooms;
-mod shown;
+pub(crate) mod shown;
 mod users;
 mod web;
 

@@ -34,7 +34,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
-use super::shown::Shown;
+use super::shown::{Shown, answered};
 use crate::commands::moderation::Moderation;
 use crate::commands::revise::Change;
 use natter_events::Role;
@@ -242,7 +242,7 @@ async fn send(
             reply_to: body.reply_to,
         })
         .await?;
-    let data = RoomMessage::new(&m).answering(&Shown::answered(&node, &m.reply_to).await);
+    let data = RoomMessage::new(&m).answering(&answered(&node, m.reply_to.as_ref().map(|r| r.message_id.as_str())).await);
     Ok(Json(SentRoomMessage { success: true, message: "Message Sent Successfully".into(), data }))
 }
 

@@ -37,19 +37,6 @@ impl Shown {
         })
     }
 
-    /// What a just-sent message needs: the preview of what it answers, if
-    /// anything (a new message has no reactions; one read, replies only).
-    /// The message is stored already: if the views cannot be read it is
-    /// answered without the preview, never as a failure (a retry without
-    /// `clientMsgId` would send it again).
-    pub(super) async fn answered(node: &AppState, reply_to: &Option<ReplyRef>) -> HashMap<String, Content> {
-        let Some(r) = reply_to else { return HashMap::new() };
-        node.views().contents(std::slice::from_ref(&r.message_id)).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "views unreadable: a sent reply is answered without the preview of what it answers");
-            HashMap::new()
-        })
-    }
-
     pub(super) fn message(&self, m: Message, me: &str) -> Message {
         let reactions = self.reactions.get(&m.id);
         m.with_reactions(reactions, Some(me)).answering(&self.answered)
@@ -59,4 +46,16 @@ impl Shown {
         let reactions = self.reactions.get(&m.id);
         m.with_reactions(reactions, Some(me)).answering(&self.answered)
     }
+}
+
+/// What the message `id` answers reads now, for a just-sent or just-pushed
+/// reply (one read; none without `id`). The reply is stored already: if
+/// the views cannot be read it is shown without the preview, never as a
+/// failure (a client would retry, or a socket be dropped, for a preview).
+pub(crate) async fn answered(node: &AppState, id: Option<&str>) -> HashMap<String, Content> {
+    let Some(id) = id else { return HashMap::new() };
+    node.views().contents(&[id.to_owned()]).await.unwrap_or_else(|e| {
+        tracing::warn!(answered = %id, error = %e, "views unreadable: a reply is shown without the preview of what it answers");
+        HashMap::new()
+    })
 }

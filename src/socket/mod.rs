@@ -49,16 +49,15 @@ pub async fn close_all(io: &SocketIo, node: &AppState) {
 /// axum's routing, which saved the URI as `OriginalUri`), copies them into
 /// allocations of their own (about 16 KiB less per idle socket).
 pub async fn own_request_head(mut req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+    use axum::http::{HeaderMap, HeaderValue, Uri};
     if req.uri().path().starts_with("/socket.io") {
         let shared = std::mem::take(req.headers_mut());
         let mut owned = HeaderMap::with_capacity(shared.len());
+        // Names are static or copied by hyper already; values are slices.
         for (name, value) in &shared {
-            let (Ok(name), Ok(mut copy)) = (HeaderName::from_bytes(name.as_str().as_bytes()), HeaderValue::from_bytes(value.as_bytes())) else {
-                continue; // cannot happen: both were parsed already
-            };
+            let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
             copy.set_sensitive(value.is_sensitive());
-            owned.append(name, copy);
+            owned.append(name.clone(), copy);
         }
         *req.headers_mut() = owned;
         if let Ok(uri) = Uri::try_from(req.uri().to_string()) {

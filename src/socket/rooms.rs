@@ -219,9 +219,7 @@ async fn on_send(
     match node.commands.send_room(cmd).await {
         Ok(m) => {
             let mut data = room_message_json(&m);
-            if let Err(e) = super::session::with_preview(&node, &mut data).await {
-                tracing::warn!(error = %e, "views unreadable: a reply's ack goes without its preview");
-            }
+            super::session::with_preview(&node, &mut data).await;
             let _ = ack.send(&json!({ "success": true, "data": data }));
         }
         Err(e) => refuse_command(&s, ack, e),

@@ -189,12 +189,8 @@ impl Session {
         // A live reply is stored without the preview of the message it
         // answers: read it as that message reads now (replays are filled
         // a page at a time by `redact`, before this).
-        if live
-            && crate::wire::content_of(&d.payload.event, &d.payload.data).is_some()
-            && let Err(e) = with_preview(&self.node, &mut data).await
-        {
-            // Shown without a preview rather than not at all.
-            tracing::warn!(user = %self.user, error = %e, "views unreadable: a reply is pushed without the preview of what it answers");
+        if live && crate::wire::content_of(&d.payload.event, &d.payload.data).is_some() {
+            with_preview(&self.node, &mut data).await;
         }
         self.last_emit = Some(tokio::time::Instant::now());
         emit_patiently(&self.s, &d.payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
@@ -310,11 +306,10 @@ impl Session {
 
 /// Fills a message's `replyTo` preview from the views (one read), as the
 /// answered message reads now: previews are stored nowhere but in it.
-pub(super) async fn with_preview(node: &AppState, data: &mut serde_json::Value) -> Result<(), natter_projections::StoreError> {
-    let Some(answered) = crate::wire::answered_of(data).map(str::to_owned) else { return Ok(()) };
-    let contents = node.views().contents(&[answered]).await?;
+pub(super) async fn with_preview(node: &AppState, data: &mut serde_json::Value) {
+    let id = crate::wire::answered_of(data).map(str::to_owned);
+    let contents = crate::http::shown::answered(node, id.as_deref()).await;
     crate::wire::fill_reply(data, &contents);
-    Ok(())
 }
 
 /// Opens a socket's session: counts it, gives its handlers the control
