@@ -281,7 +281,7 @@ section! {
         /// JetStream stream holding the event log.
         stream: String = "NATTER".into(), "stream", "NATTER_STREAM";
         /// Copies JetStream keeps of each of natter's streams (the log, the
-        /// parked events, the push inbox, the fan-out feed) and their
+        /// parked events, the push inbox, the fan-out feed, the inbox erase jobs) and their
         /// consumers: 1 on a single server, 3 on a three-server cluster (an
         /// append is acknowledged once a majority holds it). A node refuses
         /// to start if the servers cannot place that many.

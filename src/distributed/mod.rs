@@ -26,6 +26,7 @@ use crate::adapters::Adapters;
 use crate::config::{Config, Mode};
 use crate::log::{EventLog, LogError, ViewsProgress};
 use crate::log::nats::{NatsLog, parked_stream, place};
+use crate::push::erase::{Eraser, erase_stream};
 use crate::push::inbox_stream;
 use crate::metrics::Metrics;
 use crate::presence::redis::RedisPresence;
@@ -97,7 +98,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
     let log_port: Arc<dyn EventLog> = Arc::new(log.clone());
     let progress = ViewsConsumer { stream: log.jetstream().get_stream_no_info(&d.stream).await?, versions: versions.clone() };
     let bus = NatsPush::connect(log.client().clone(), log.jetstream().clone(), log_port.clone(), &d.stream, &cfg.log.subject_prefix, (&cfg.push).into(), None).await?;
-    for stream in [d.stream.clone(), parked_stream(&d.stream), inbox_stream(&d.stream)] {
+    for stream in [d.stream.clone(), parked_stream(&d.stream), inbox_stream(&d.stream), erase_stream(&d.stream)] {
         place(log.jetstream(), log.client(), &stream, d.stream_replicas).await?;
     }
     let healer = Healer {
@@ -118,6 +119,7 @@ pub async fn connect(cfg: &Config, node_id: &str) -> anyhow::Result<Adapters> {
         prefix: cfg.log.subject_prefix.clone(),
         versions: versions.clone(),
         healer,
+        eraser: Eraser { js: log.jetstream().clone(), stream: d.stream.clone() },
     };
     Ok(Adapters {
         mode: Mode::Distributed,
@@ -217,6 +219,8 @@ struct JetStreamRunner {
     prefix: String,
     versions: Arc<Versions>,
     healer: Healer,
+    /// Erases deleted messages' copies from the push inbox.
+    eraser: Eraser,
 }
 
 #[async_trait]
@@ -231,7 +235,7 @@ impl Runner for JetStreamRunner {
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
-        let JetStreamRunner { js, replicas, client, stream, prefix, versions, healer } = *self;
+        let JetStreamRunner { js, replicas, client, stream, prefix, versions, healer, eraser } = *self;
         // Before the counts projector starts: if Redis has lost the counts (or
         // this is a fresh deployment), restart it from the beginning of the log.
         let heal_to = healer.begin().await.context("checking the unread counts in Redis")?;
@@ -250,6 +254,7 @@ impl Runner for JetStreamRunner {
             }
         }
         tasks.push(tokio::spawn(versions.run(shutdown.clone())));
+        tasks.push(tokio::spawn(eraser.run(shutdown.clone())));
         if let Some(target) = heal_to {
             // Serve only once the counts are whole when that is quick; if it is
             // not, serve anyway (count reads answer 503 rebuilding until done).

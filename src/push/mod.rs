@@ -30,6 +30,7 @@
 //! inbox stream above, shared by every node) or [`memory::MemoryPush`] (the
 //! embedded node's in-process inbox, whose cursors are log sequences).
 
+pub mod erase;
 pub mod fanout;
 pub mod hub;
 pub mod members;

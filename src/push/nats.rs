@@ -19,7 +19,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
 use super::router::{LOG_SEQ, Router, header_u64, own_change};
-use super::{Delivery, Payload, PushBus, Pushed, Replay, To, inbox_stream, inbox_subject, room_inbox_subject, signal_subject};
+use super::{Delivery, Payload, PushBus, Pushed, Replay, To, erase, inbox_stream, inbox_subject, room_inbox_subject, signal_subject};
 use crate::log::EventLog;
 
 /// How much the inbox keeps for resume: deliveries older than `retention`
@@ -36,69 +36,11 @@ impl From<&crate::config::Push> for Bounds {
     }
 }
 
-/// Deliveries of one chain a deletion walks at most (see [`erase`]).
-const PURGE_WALK: usize = 5_000;
-/// How long before a deleted message's time its deliveries are looked for.
-const PURGE_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
-/// How long one chain's erase may take.
-const PURGE_TIME: Duration = Duration::from_secs(10);
-/// Erases waiting per node; beyond, a deletion's copies stay in the inbox
-/// until its retention (never served: replays send the tombstone).
-const PURGE_QUEUE: usize = 1024;
-
-/// Works through a node's queue of deleted messages to erase, one chain
-/// at a time, each within [`PURGE_TIME`]: best effort, beside the fan-out
-/// (which never waits for it). Ends with the bus.
-async fn erase_deleted(client: async_nats::Client, js: jetstream::Context, inbox: String, mut queued: tokio::sync::mpsc::Receiver<Purge>) {
-    while let Some(p) = queued.recv().await {
-        match tokio::time::timeout(PURGE_TIME, erase(&client, &js, &inbox, &p)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(subject = %p.subject, message = %p.id, error = %format!("{e:#}"), "could not erase a deleted message's deliveries from the inbox; they stay until its retention (never served: replays send the tombstone)"),
-            Err(_) => tracing::warn!(subject = %p.subject, message = %p.id, "erasing a deleted message's deliveries took over 10 s; the rest stay until the inbox retention (never served)"),
-        }
-    }
-}
-
-/// Erases from the chain `p.subject` every stored delivery that shows
-/// message `p.id` (its `newMessage` or room `message`, its
-/// `messageUpdated`): walked from a minute before the message's time (node
-/// clocks, fan-out lag), at most [`PURGE_WALK`] deliveries. A replay skips
-/// erased inbox messages. Replies' deliveries hold no preview of it
-/// (sessions read previews when they emit). Not erased: copies beyond the
-/// walk.
-async fn erase(client: &async_nats::Client, js: &jetstream::Context, inbox: &str, p: &Purge) -> anyhow::Result<()> {
-    let stream = js.get_stream_no_info(inbox).await?;
-    let start = chrono::DateTime::parse_from_rfc3339(&p.created_at).context("a deleted message's createdAt")?.with_timezone(&chrono::Utc) - PURGE_MARGIN;
-    let request = serde_json::json!({ "start_time": start.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true), "next_by_subj": p.subject });
-    let reply = client.request(format!("$JS.API.DIRECT.GET.{inbox}"), serde_json::to_vec(&request)?.into()).await?;
-    match reply.status {
-        // Nothing on the chain since.
-        Some(s) if s == async_nats::StatusCode::NOT_FOUND => return Ok(()),
-        Some(s) if !s.is_success() => anyhow::bail!("direct get by time answered {s}: {:?}", reply.description),
-        _ => {}
-    }
-    let mut msg = jetstream::message::StreamMessage::try_from(reply).context("direct get by time")?;
-    for _ in 0..PURGE_WALK {
-        let shows = serde_json::from_slice::<Payload>(&msg.payload).is_ok_and(|d| crate::wire::content_of(&d.event, &d.data) == Some(p.id.as_str()));
-        if shows {
-            // Gone already (aged out, or another node erased it): fine.
-            if let Err(e) = stream.delete_message(msg.sequence).await {
-                tracing::debug!(seq = msg.sequence, error = %e, "inbox message not erased");
-            }
-        }
-        match stream.direct_get_next_for_subject(&p.subject, Some(msg.sequence + 1)).await {
-            Ok(next) => msg = next,
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    tracing::warn!(
-        subject = %p.subject,
-        message = %p.id,
-        "more than {PURGE_WALK} deliveries on this chain since a deleted message: copies of it beyond them stay in the inbox until its retention (never served: replays send the tombstone)"
-    );
-    Ok(())
-}
+/// The inbox stream's metadata key naming the layout of its deliveries;
+/// an inbox without this layout is emptied once at start-up.
+const LAYOUT_KEY: &str = "natter_inbox_layout";
+/// 2: replies' deliveries hold no preview (read when shown).
+const LAYOUT: &str = "2";
 
 /// Chains read at once by a replay.
 const REPLAY_READS: usize = 16;
@@ -114,15 +56,6 @@ pub struct NatsPush {
     prefix: String,
     inbox: String,
     router: Router,
-    /// Deleted messages to erase from inbox chains, in the background.
-    purges: tokio::sync::mpsc::Sender<Purge>,
-}
-
-/// A deleted message (`id`, sent at `created_at`) to erase from `subject`.
-struct Purge {
-    subject: String,
-    id: String,
-    created_at: String,
 }
 
 impl NatsPush {
@@ -161,6 +94,7 @@ impl NatsPush {
             allow_direct: true,
             first_sequence: first,
             republish: Some(republish.clone()),
+            metadata: [(LAYOUT_KEY.to_owned(), LAYOUT.to_owned())].into(),
             ..Default::default()
         })
         .await
@@ -168,24 +102,34 @@ impl NatsPush {
         // An inbox made with other bounds (or before room chains) takes
         // the configured ones.
         let config = created.info().await.with_context(|| format!("reading the push inbox stream {inbox}"))?.config.clone();
-        if config.max_age != retention || config.max_bytes != max_bytes as i64 || config.subjects != subjects || config.republish.as_ref() != Some(&republish) {
+        let old_layout = config.metadata.get(LAYOUT_KEY).map(String::as_str) != Some(LAYOUT);
+        if old_layout {
+            // Deliveries stored by natter before this layout may hold reply
+            // previews of messages deleted since: they go, once, and every
+            // client resumes with `resync` (refetch over REST).
+            created.purge().await.with_context(|| format!("emptying the push inbox stream {inbox} of an older layout"))?;
+            tracing::warn!(stream = %inbox, "the push inbox was written by an older natter (deliveries may hold reply previews): emptied once; clients refetch over REST (resync)");
+        }
+        if old_layout || config.max_age != retention || config.max_bytes != max_bytes as i64 || config.subjects != subjects || config.republish.as_ref() != Some(&republish) {
             let duplicate_window = Duration::from_secs(120).min(retention);
+            let mut metadata = config.metadata.clone();
+            metadata.insert(LAYOUT_KEY.to_owned(), LAYOUT.to_owned());
             js.update_stream(stream::Config {
                 max_age: retention,
                 max_bytes: max_bytes as i64,
                 duplicate_window,
                 subjects,
                 republish: Some(republish),
+                metadata,
                 ..config
             })
             .await
             .with_context(|| format!("updating the push inbox stream {inbox} (bounds, room chains)"))?;
         }
+        erase::ensure_stream(&js, stream_name, prefix, retention).await?;
         let js = jetstream::new(client.clone());
         let router = Router::new(client.clone(), prefix.to_owned(), log);
-        let (purges, queued) = tokio::sync::mpsc::channel(PURGE_QUEUE);
-        tokio::spawn(erase_deleted(client.clone(), js.clone(), inbox.clone(), queued));
-        Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox, router, purges })
+        Ok(NatsPush { client, js, prefix: prefix.to_owned(), inbox, router })
     }
 
     async fn stream_state(&self) -> anyhow::Result<stream::State> {
@@ -203,19 +147,9 @@ impl PushBus for NatsPush {
         // context allows, whatever the room's size (waiting on more than
         // that would wait forever).
         // A message deleted for everyone is erased from the chains its
-        // tombstone goes to (its two participants', or its room's), in the
-        // background once the tombstone is stored.
-        let mut purges = Vec::new();
-        for (to, payload) in deliveries.iter().filter(|(_, p)| p.event == "messageDeleted") {
-            let (Some(id), Some(at)) = (payload.data.get("_id").and_then(|v| v.as_str()), payload.data.get("createdAt").and_then(|v| v.as_str())) else {
-                continue;
-            };
-            let subject = match to {
-                To::User(user) => inbox_subject(&self.prefix, user),
-                To::Room(room) => room_inbox_subject(&self.prefix, room),
-            };
-            purges.push(Purge { subject, id: id.to_owned(), created_at: at.to_owned() });
-        }
+        // tombstone goes to (the two participants', or its room's) by an
+        // erase job queued once the tombstone is stored ([`erase`]).
+        let mut erasing: Option<erase::Job> = None;
         let mut deliveries = deliveries.into_iter().peekable();
         while deliveries.peek().is_some() {
             let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
@@ -225,17 +159,26 @@ impl PushBus for NatsPush {
                     To::User(user) => (inbox_subject(&self.prefix, user), format!("{}:{user}", event.id)),
                     To::Room(room) => (room_inbox_subject(&self.prefix, room), format!("{}@{room}", event.id)),
                 };
+                // One event deletes one message: its tombstones share the job.
+                let mut tombstone = None;
+                if payload.event == "messageDeleted"
+                    && let (Some(id), Some(at)) = (payload.data.get("_id").and_then(|v| v.as_str()), payload.data.get("createdAt").and_then(|v| v.as_str()))
+                {
+                    erasing.get_or_insert_with(|| erase::Job { id: id.to_owned(), created_at: at.to_owned(), chains: Vec::new() });
+                    tombstone = Some(subject.clone());
+                }
                 let publish = jetstream::message::PublishMessage::build().payload(body.into()).message_id(id).header(LOG_SEQ, log_seq.to_string().as_str());
-                acks.push(self.js.send_publish(subject, publish).await.map_err(|e| format!("nats: {e}"))?);
+                acks.push((self.js.send_publish(subject, publish).await.map_err(|e| format!("nats: {e}"))?, tombstone));
             }
-            for ack in acks {
-                ack.await.map_err(|e| format!("nats: {e}"))?;
+            for (ack, tombstone) in acks {
+                let stored = ack.await.map_err(|e| format!("nats: {e}"))?;
+                if let (Some(subject), Some(job)) = (tombstone, erasing.as_mut()) {
+                    job.chains.push((subject, stored.sequence));
+                }
             }
         }
-        for p in purges {
-            if self.purges.try_send(p).is_err() {
-                tracing::warn!("the inbox erase queue is full: a deleted message's deliveries stay until the inbox retention (never served)");
-            }
+        if let Some(job) = erasing.filter(|job| !job.chains.is_empty()) {
+            erase::queue(&self.js, &self.prefix, &format!("{}:erase", event.id), &job).await?;
         }
         Ok(())
     }

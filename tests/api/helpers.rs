@@ -459,6 +459,7 @@ impl Cluster {
         let _ = log.jetstream().delete_stream(format!("{}_PARKED", self.cfg.distributed.stream)).await;
         let _ = log.jetstream().delete_stream(format!("{}_INBOX", self.cfg.distributed.stream)).await;
         let _ = log.jetstream().delete_stream(format!("{}_FANOUT", self.cfg.distributed.stream)).await;
+        let _ = log.jetstream().delete_stream(format!("{}_ERASE", self.cfg.distributed.stream)).await;
     }
 }
 

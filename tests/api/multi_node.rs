@@ -164,7 +164,7 @@ async fn a_node_refuses_to_start_when_its_streams_cannot_be_replicated_as_config
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started with 3 replicas on one server");
     assert!(stderr.contains("cannot keep 3 replicas") && stderr.contains("NATTER_STREAM_REPLICAS"), "{stderr}");
-    for suffix in ["", "_PARKED", "_INBOX", "_FANOUT"] {
+    for suffix in ["", "_PARKED", "_INBOX", "_FANOUT", "_ERASE"] {
         let _ = c.nats().jetstream().delete_stream(format!("{own}{suffix}")).await;
     }
     // The streams are as they were: the cluster's node still serves.

@@ -209,6 +209,22 @@ async fn a_cursor_older_than_retention_gets_a_resync() {
     // After a resync the socket is live.
     c.send(0, &amy, &bob, "two", None).await.ok();
     assert_eq!(d.events("bob", "newMessage", 1).await[0]["message"], "two");
+    // An inbox written by an older natter (no layout mark: its replies may
+    // hold previews of messages deleted since) is emptied once at start-up,
+    // and its cursors get `resync`; a marked one is kept.
+    eventually("two's deliveries made", || async { inbox.get_info().await.unwrap().state.last_sequence == head + 2 }).await;
+    let mut c = c;
+    c.add_node().await;
+    assert_eq!(inbox.info().await.unwrap().state.messages, 2, "a current inbox is kept when a node starts");
+    let mut config = inbox.info().await.unwrap().config.clone();
+    config.metadata.remove("natter_inbox_layout");
+    c.nats().jetstream().update_stream(config).await.unwrap();
+    c.add_node().await;
+    let state = inbox.info().await.unwrap().state.clone();
+    assert_eq!((state.messages, state.first_sequence), (0, head + 3), "an older layout's deliveries are gone");
+    assert!(inbox.info().await.unwrap().config.metadata.contains_key("natter_inbox_layout"));
+    d.connected("bob3", &c.socket_url(0), json!({ "token": bob.token, "cursor": head })).await;
+    d.next("bob3", |e| e["event"] == "resync", "resync after the older inbox was emptied").await;
     c.stop().await;
 }
 
