@@ -134,6 +134,22 @@ impl MongoViews {
         Ok(views)
     }
 
+    /// Empties the reply previews still held by messages of version
+    /// `version` written before previews were read when shown (events and
+    /// views now hold only the answered id); returns how many it emptied.
+    pub async fn clear_reply_previews(db: &Database, version: u32) -> Result<u64, StoreError> {
+        let mut cleared = 0;
+        for base in ["messages", "room_messages"] {
+            let collection = db.collection::<Document>(&Self::collection_name(base, version));
+            let done = collection
+                .update_many(doc! {"replyTo.preview": {"$gt": ""}}, doc! {"$set": {"replyTo.preview": ""}})
+                .await
+                .map_err(unavailable)?;
+            cleared += done.modified_count;
+        }
+        Ok(cleared)
+    }
+
     /// Drops every collection of version `version` (a replaced or abandoned build).
     pub async fn drop_version(db: &Database, version: u32) -> Result<(), StoreError> {
         for base in Self::COLLECTIONS {

@@ -53,6 +53,28 @@ pub async fn write_pointer(db: &Database, projection: &str, p: Pointer) -> Resul
     Ok(())
 }
 
+/// The `meta` document saying the views hold no reply previews.
+const PREVIEWS_CLEARED: &str = "reply-previews-cleared";
+
+/// Once per database: empties the reply previews that views written by
+/// builds before previews were read when shown still hold (the live
+/// version and one being built; a version built since holds none).
+async fn clear_reply_previews(db: &Database, p: Pointer) -> Result<(), StoreError> {
+    let meta = db.collection::<Document>("meta");
+    if meta.find_one(doc! {"_id": PREVIEWS_CLEARED}).await.map_err(unavailable)?.is_some() {
+        return Ok(());
+    }
+    let mut cleared = 0;
+    for version in std::iter::once(p.active).chain(p.building) {
+        cleared += MongoViews::clear_reply_previews(db, version).await?;
+    }
+    if cleared > 0 {
+        tracing::info!(cleared, "emptied the reply previews that views written by an older natter held (previews are read when shown)");
+    }
+    meta.update_one(doc! {"_id": PREVIEWS_CLEARED}, doc! {"$set": {"at": chrono::Utc::now().to_rfc3339()}}).upsert(true).await.map_err(unavailable)?;
+    Ok(())
+}
+
 pub struct Versions {
     db: Database,
     redis: ConnectionManager,
@@ -70,6 +92,7 @@ impl Versions {
     /// them (none for the command-line tools).
     pub async fn open(db: Database, redis: ConnectionManager, redis_base: &str, limit: Option<Duration>) -> Result<Versions, StoreError> {
         let (vp, cp) = (read_pointer(&db, VIEWS).await?, read_pointer(&db, COUNTS).await?);
+        clear_reply_previews(&db, vp).await?;
         let mut views = Switch::new(VIEWS, vp.active, Arc::new(MongoViews::open_version(&db, vp.active).await?));
         let mut counts = Switch::new(COUNTS, cp.active, Arc::new(Self::counts_at(&redis, redis_base, cp.active)));
         if let Some(limit) = limit {

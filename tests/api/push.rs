@@ -219,7 +219,15 @@ async fn a_cursor_older_than_retention_gets_a_resync() {
     let mut config = inbox.info().await.unwrap().config.clone();
     config.metadata.remove("natter_inbox_layout");
     c.nats().jetstream().update_stream(config).await.unwrap();
+    // Views written by such a build held reply previews: emptied once too.
+    use mongodb::bson::{Document, doc};
+    let db = natter::distributed::connect_mongo(c.cfg.distributed.mongo_url.as_deref().unwrap(), &c.cfg.distributed.mongo_db).await.unwrap();
+    let old_reply = doc! {"_id": "old-reply", "replyTo": {"messageId": "m0", "preview": "an old preview"}};
+    db.collection::<Document>("messages").insert_one(old_reply).await.unwrap();
+    db.collection::<Document>("meta").delete_one(doc! {"_id": "reply-previews-cleared"}).await.unwrap();
     c.add_node().await;
+    let reply = db.collection::<Document>("messages").find_one(doc! {"_id": "old-reply"}).await.unwrap().unwrap();
+    assert_eq!(reply.get_document("replyTo").unwrap().get_str("preview").unwrap(), "", "{reply}");
     let state = inbox.info().await.unwrap().state.clone();
     assert_eq!((state.messages, state.first_sequence), (0, head + 3), "an older layout's deliveries are gone");
     assert!(inbox.info().await.unwrap().config.metadata.contains_key("natter_inbox_layout"));
