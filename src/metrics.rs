@@ -11,7 +11,8 @@
 //!   `projection_duration_seconds{projection}` (histogram: one event or batch applied)
 //! - `sockets`, `pushes_total`, `replayed_total`, `slow_consumer_disconnects_total`,
 //!   `delivery_latency_seconds` (histogram: a live message from its creation to its emit)
-//! - `http_shed_total`, `http_timeouts_total` (overload: answered 503 at once, or after the timeout)
+//! - `http_shed_total`, `http_timeouts_total` (overload: answered 503 at once, or after the timeout),
+//!   `http_admission_limit` (requests admitted at once now, see `http::admission`)
 //! - whatever the adapters add ([`Metrics::register_collector`]): in the distributed mode
 //!   `nats_connects_total` and `nats_connected`
 
@@ -71,6 +72,7 @@ pub struct Metrics {
     delivery_latency: Histogram,
     shed: Counter,
     timeouts: Counter,
+    admission_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -93,6 +95,7 @@ impl Default for Metrics {
             delivery_latency: latency(),
             shed: Counter::default(),
             timeouts: Counter::default(),
+            admission_limit: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().expect("metrics lock");
@@ -110,7 +113,8 @@ impl Default for Metrics {
             r.register("natter_replayed", "Deliveries emitted from the inbox stream on resume or gap", m.replayed.clone());
             r.register("natter_slow_consumer_disconnects", "Sockets disconnected because they could not keep up", m.slow_consumers.clone());
             r.register("natter_delivery_latency_seconds", "Time from a message's creation to its emit on a socket of this node (live deliveries)", m.delivery_latency.clone());
-            r.register("natter_http_shed", "REST requests answered 503 at once because the node had NATTER_MAX_IN_FLIGHT in progress", m.shed.clone());
+            r.register("natter_http_shed", "REST requests answered 503 at once because the node was at its admission limit (see natter_http_admission_limit)", m.shed.clone());
+            r.register("natter_http_admission_limit", "REST requests this node works on at once now: NATTER_MAX_IN_FLIGHT, lowered while requests queue longer than NATTER_OVERLOAD_LATENCY_MS (0: no bound)", m.admission_limit.clone());
             r.register("natter_http_timeouts", "REST requests answered 503 after NATTER_REQUEST_TIMEOUT_MS", m.timeouts.clone());
         }
         m
@@ -186,6 +190,10 @@ impl Metrics {
 
     pub fn replayed(&self) {
         self.replayed.inc();
+    }
+
+    pub fn admission_limit(&self, limit: usize) {
+        self.admission_limit.set(limit as i64);
     }
 
     pub fn http_shed(&self) {

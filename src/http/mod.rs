@@ -7,6 +7,7 @@
 //! - [`messages`]: direct messages and seen marks.
 //! - [`rooms`]: study rooms.
 //! - [`ops`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`admission`]: how many requests a node works on at once (503 `overloaded` beyond).
 //! - [`web`]: the web client at `/` (files compiled in from `web/`).
 //! - [`extract`]: [`extract::ApiJson`], a JSON body whose rejections are
 //!   [`ApiError`]s.
@@ -15,6 +16,7 @@
 //!   routes are registered through `routes!`, so a route cannot be served
 //!   without being described.
 
+mod admission;
 mod auth;
 mod extract;
 mod messages;
@@ -67,15 +69,16 @@ pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) 
     axum::response::IntoResponse::into_response(refusal)
 }
 
-/// Bounds a node's REST work: at most `NATTER_MAX_IN_FLIGHT` requests at
-/// once (more are answered 503 `overloaded` at once, so a burst costs a
+/// Bounds a node's REST work: at most as many requests at once as
+/// [`admission`] allows (`NATTER_MAX_IN_FLIGHT`, lowered while requests
+/// queue; more are answered 503 `overloaded` at once, so a burst costs a
 /// refusal each instead of a queue and its memory), each within
 /// `NATTER_REQUEST_TIMEOUT_MS` (then 503 `timeout`: a stalled store holds no
 /// request forever). Health, readiness and metrics are exempt, so the
 /// operator and the load balancer can still see the node.
 #[derive(Clone)]
 struct Overload {
-    permits: Option<Arc<tokio::sync::Semaphore>>,
+    admission: Arc<admission::Admission>,
     timeout: Option<std::time::Duration>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -86,16 +89,20 @@ async fn shed(State(o): State<Overload>, req: Request, next: Next) -> Response {
     if matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
         return next.run(req).await;
     }
-    let _permit = match &o.permits {
-        Some(permits) => match permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                o.metrics.http_shed();
-                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "this node is at capacity; retry shortly").into_response();
-            }
-        },
-        None => None,
+    let Some(ticket) = o.admission.admit() else {
+        o.metrics.http_shed();
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "this node is at capacity; retry shortly").into_response();
     };
+    let response = limited(&o, req, next).await;
+    drop(ticket);
+    o.metrics.admission_limit(o.admission.limit());
+    response
+}
+
+/// Runs a request within `NATTER_REQUEST_TIMEOUT_MS`.
+async fn limited(o: &Overload, req: Request, next: Next) -> Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
     match o.timeout {
         None => next.run(req).await,
         Some(limit) => match tokio::time::timeout(limit, next.run(req)).await {
@@ -144,7 +151,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(ops::router())
         .split_for_parts();
     let overload = Overload {
-        permits: (state.limits.max_in_flight > 0).then(|| Arc::new(tokio::sync::Semaphore::new(state.limits.max_in_flight))),
+        admission: Arc::new(admission::Admission::new(state.limits.max_in_flight, state.limits.overload_latency)),
         timeout: (!state.limits.request_timeout.is_zero()).then_some(state.limits.request_timeout),
         metrics: state.metrics.clone(),
     };

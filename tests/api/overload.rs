@@ -103,6 +103,45 @@ async fn a_node_over_capacity_sheds_requests_and_loses_no_acknowledged_message(c
 }
 
 crate::contract!(
+    a_node_whose_requests_queue_admits_fewer_and_loses_no_acknowledged_message,
+    1,
+    // Every request "queues" against a 1 ns target.
+    |cfg| cfg.limits.overload_latency = std::time::Duration::from_nanos(1),
+    a_node_whose_requests_queue_admits_fewer_and_loses_no_acknowledged_message
+);
+
+/// The bound adapts to latency (`NATTER_OVERLOAD_LATENCY_MS`): once even
+/// the fastest recent requests take longer, the node admits fewer at once
+/// (down to 8) and sheds the rest of a burst with 503 `overloaded`, long
+/// before `NATTER_MAX_IN_FLIGHT` (512 here); clients that retry with the
+/// same `clientMsgId` lose nothing and double nothing.
+async fn a_node_whose_requests_queue_admits_fewer_and_loses_no_acknowledged_message(c: &Cluster) {
+    let amy = c.register(0, "Amy").await;
+    let bob = c.register(0, "Bob").await;
+    assert_eq!(c.metric(0, "natter_http_shed_total").await, 0.0);
+    for _ in 0..200 {
+        c.request(0, Method::GET, "/api/users", Some(&amy.token), None).await.ok();
+    }
+    assert_eq!(c.metric(0, "natter_http_admission_limit").await, 8.0, "the bound fell to its floor");
+    // Eight requests in progress fill it: the next is refused at once.
+    let stalled = join_all((0..8).map(|_| stalled_send(c, &amy, &bob))).await;
+    let refused = crate::helpers::eventually_value("a request refused at the lowered bound", || async {
+        let r = c.request(0, Method::GET, "/api/users", Some(&amy.token), None).await;
+        (r.status.as_u16() == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(refused.body["code"], json!("overloaded"), "{}", refused.body);
+    assert!(c.metric(0, "natter_http_shed_total").await > 0.0);
+    drop(stalled);
+    let (texts, keys): (Vec<String>, Vec<String>) = (0..40).map(|i| (format!("queued {i}"), format!("q{i}"))).unzip();
+    let ids = join_all(texts.iter().zip(&keys).map(|(text, key)| send_until_stored(c, &amy, &bob, text, key))).await;
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 40);
+    let history = c.history(0, &bob, &amy).await;
+    let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<u64>>(), "each message once, gapless");
+}
+
+crate::contract!(
     a_stopping_node_fails_readiness_and_refuses_new_requests_before_it_closes,
     1,
     |cfg| cfg.server.drain_delay = std::time::Duration::from_secs(3),
