@@ -75,7 +75,14 @@ pub async fn ensure_stream(js: &jetstream::Context, stream: &str, prefix: &str, 
         duplicate_window: Duration::from_secs(120).min(retention),
         ..Default::default()
     };
-    js.get_or_create_stream(config).await.with_context(|| format!("creating the inbox erase stream {name}"))?;
+    let mut made = js.get_or_create_stream(config.clone()).await.with_context(|| format!("creating the inbox erase stream {name}"))?;
+    // Made with another retention: jobs must live as long as deliveries.
+    let now = made.info().await.with_context(|| format!("reading the inbox erase stream {name}"))?.config.clone();
+    if now.max_age != config.max_age {
+        js.update_stream(stream::Config { max_age: config.max_age, duplicate_window: config.duplicate_window, ..now })
+            .await
+            .with_context(|| format!("updating the inbox erase stream {name} (NATTER_PUSH_RETENTION_SECS)"))?;
+    }
     Ok(())
 }
 
@@ -101,18 +108,24 @@ pub struct Eraser {
 impl Eraser {
     /// Takes jobs until `shutdown`; a lost consumer is taken up again.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut wait = Duration::from_secs(1);
         loop {
+            let started = Instant::now();
             tokio::select! {
                 result = self.take_jobs() => {
                     let e = result.err().unwrap_or_else(|| anyhow::anyhow!("the consumer's messages ended"));
-                    tracing::warn!(consumer = CONSUMER, error = %format!("{e:#}"), "inbox erase jobs cannot be read (is NATS up?); deleted messages' copies wait in the inbox until they can; retrying in 1 s");
+                    if started.elapsed() > Duration::from_secs(60) {
+                        wait = Duration::from_secs(1);
+                    }
+                    tracing::warn!(consumer = CONSUMER, error = %format!("{e:#}"), retry_in_s = wait.as_secs(), "inbox erase jobs cannot be read (is NATS up?); deleted messages' copies wait in the inbox (never served) until they can");
                 }
                 _ = shutdown.changed() => return,
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return,
             }
+            wait = (wait * 2).min(Duration::from_secs(30));
         }
     }
 
@@ -129,7 +142,8 @@ impl Eraser {
         // One job at a time per node: none waits in a node's buffer while
         // another node could take it.
         let mut messages = consumer.stream().max_messages_per_batch(1).messages().await?;
-        let inbox = self.js.get_stream_no_info(super::inbox_stream(&self.stream)).await?;
+        let inbox_name = super::inbox_stream(&self.stream);
+        let inbox = self.js.get_stream_no_info(&inbox_name).await?;
         while let Some(msg) = messages.next().await {
             let msg = msg?;
             let job: Job = match serde_json::from_slice(&msg.payload) {
@@ -140,7 +154,14 @@ impl Eraser {
                     continue;
                 }
             };
-            match erase(&inbox, &job, &msg).await {
+            // A time that cannot be read never will be: the job goes.
+            let Ok(created) = chrono::DateTime::parse_from_rfc3339(&job.created_at) else {
+                tracing::error!(message = %job.id, created_at = %job.created_at, "an inbox erase job names an unreadable time; dropping it");
+                msg.ack_with(AckKind::Term).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                continue;
+            };
+            let start = (created.with_timezone(&chrono::Utc) - MARGIN).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            match erase(&self.js, &inbox_name, &inbox, &job, &start, &msg).await {
                 Ok(erased) => {
                     tracing::debug!(message = %job.id, erased, "deleted message erased from the inbox");
                     msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -155,50 +176,56 @@ impl Eraser {
     }
 }
 
-/// Walks each chain of `job` up to its tombstone, deleting the copies of
-/// the message; returns how many it deleted.
-async fn erase(inbox: &stream::Stream<()>, job: &Job, taken: &jetstream::Message) -> anyhow::Result<usize> {
-    let created = chrono::DateTime::parse_from_rfc3339(&job.created_at).context("a deleted message's createdAt")?;
-    let start = (created.with_timezone(&chrono::Utc) - MARGIN).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-    let start_time = async_nats::datetime::parse_rfc3339(&start).map_err(|e| anyhow::anyhow!("{e}"))?;
+/// Walks each chain of `job` up to its tombstone (one direct read per
+/// message: it ends where the chain does, whatever was deleted or aged out
+/// meanwhile), deleting the copies of the message; returns how many.
+async fn erase(js: &jetstream::Context, inbox_name: &str, inbox: &stream::Stream<()>, job: &Job, start: &str, taken: &jetstream::Message) -> anyhow::Result<usize> {
     let mut erased = 0;
     let mut reported = Instant::now();
     for (subject, until) in &job.chains {
-        let config = consumer::pull::OrderedConfig {
-            filter_subject: subject.clone(),
-            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
-            ..Default::default()
-        };
-        let walk = inbox.create_consumer(config).await?;
-        if walk.cached_info().num_pending == 0 {
-            continue;
-        }
-        let mut messages = walk.messages().await?;
-        while let Some(msg) = messages.next().await {
-            let msg = msg?;
-            let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            if seq > *until {
+        let mut next = first_since(js, inbox_name, subject, start).await?;
+        while let Some(msg) = next.take() {
+            if msg.sequence > *until {
                 break;
             }
             if shows(&msg.payload, &job.id) {
                 // Gone already (aged out, or erased by a node that took the
                 // job before): fine.
-                if let Err(e) = inbox.delete_message(seq).await {
-                    tracing::debug!(seq, error = %e, "inbox message not erased");
+                if let Err(e) = inbox.delete_message(msg.sequence).await {
+                    tracing::debug!(seq = msg.sequence, error = %e, "inbox message not erased");
                 }
                 erased += 1;
-            }
-            if seq == *until || pending == 0 {
-                break;
             }
             if reported.elapsed() > PROGRESS_EVERY {
                 taken.ack_with(AckKind::Progress).await.map_err(|e| anyhow::anyhow!("{e}"))?;
                 reported = Instant::now();
             }
+            if msg.sequence < *until {
+                next = found(inbox.direct_get_next_for_subject(subject, Some(msg.sequence + 1)).await)?;
+            }
         }
     }
     Ok(erased)
+}
+
+/// A direct read's message (none: nothing there).
+fn found(read: Result<jetstream::message::StreamMessage, stream::DirectGetError>) -> anyhow::Result<Option<jetstream::message::StreamMessage>> {
+    match read {
+        Ok(msg) => Ok(Some(msg)),
+        Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The chain's first message stored at or after `start` (RFC 3339).
+async fn first_since(js: &jetstream::Context, inbox: &str, subject: &str, start: &str) -> anyhow::Result<Option<jetstream::message::StreamMessage>> {
+    let request = serde_json::json!({ "start_time": start, "next_by_subj": subject });
+    let reply = js.client().request(format!("$JS.API.DIRECT.GET.{inbox}"), serde_json::to_vec(&request)?.into()).await?;
+    match reply.status {
+        Some(s) if s == async_nats::StatusCode::NOT_FOUND => Ok(None),
+        Some(s) if !s.is_success() => anyhow::bail!("direct get by time answered {s}: {:?}", reply.description),
+        _ => Ok(Some(jetstream::message::StreamMessage::try_from(reply).context("direct get by time")?)),
+    }
 }
 
 /// Whether an inbox message shows the content of message `id`.

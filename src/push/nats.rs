@@ -101,13 +101,16 @@ impl NatsPush {
         .with_context(|| format!("creating the push inbox stream {inbox}"))?;
         // An inbox made with other bounds (or before room chains) takes
         // the configured ones.
-        let config = created.info().await.with_context(|| format!("reading the push inbox stream {inbox}"))?.config.clone();
+        let info = created.info().await.with_context(|| format!("reading the push inbox stream {inbox}"))?;
+        let (config, last) = (info.config.clone(), info.state.last_sequence);
         let old_layout = config.metadata.get(LAYOUT_KEY).map(String::as_str) != Some(LAYOUT);
         if old_layout {
             // Deliveries stored by natter before this layout may hold reply
             // previews of messages deleted since: they go, once, and every
             // client resumes with `resync` (refetch over REST).
-            created.purge().await.with_context(|| format!("emptying the push inbox stream {inbox} of an older layout"))?;
+            // Up to what was read: a node that started at the same time
+            // and purged first may have stored new deliveries since.
+            created.purge().sequence(last + 1).await.with_context(|| format!("emptying the push inbox stream {inbox} of an older layout"))?;
             tracing::warn!(stream = %inbox, "the push inbox was written by an older natter (deliveries may hold reply previews): emptied once; clients refetch over REST (resync)");
         }
         if old_layout || config.max_age != retention || config.max_bytes != max_bytes as i64 || config.subjects != subjects || config.republish.as_ref() != Some(&republish) {
