@@ -216,7 +216,7 @@ section! {
         /// longer than this, requests are queueing: the node admits fewer at
         /// once (down to 8) and answers the rest 503 `overloaded`, admitting
         /// more again as latency falls (0: the bound stays NATTER_MAX_IN_FLIGHT).
-        overload_latency: Duration = Duration::from_millis(500), "overload-latency-ms", "NATTER_OVERLOAD_LATENCY_MS", millis;
+        overload_latency: Duration = Duration::from_millis(200), "overload-latency-ms", "NATTER_OVERLOAD_LATENCY_MS", millis;
         /// Longest a REST request may take; then 503 `timeout` (0: no limit).
         /// A send that timed out may still have been stored: retry it with
         /// the same `clientMsgId`.
