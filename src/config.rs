@@ -217,6 +217,10 @@ section! {
         /// once (down to 8) and answers the rest 503 `overloaded`, admitting
         /// more again as latency falls (0: the bound stays NATTER_MAX_IN_FLIGHT).
         overload_latency: Duration = Duration::from_millis(200), "overload-latency-ms", "NATTER_OVERLOAD_LATENCY_MS", millis;
+        /// The longest a decision window of that bound lasts: then the
+        /// bound is decided on what completed in it (raised when nothing
+        /// was slow, or nothing completed).
+        overload_window: Duration = Duration::from_secs(1), "overload-window-ms", "NATTER_OVERLOAD_WINDOW_MS", millis;
         /// Longest a REST request may take; then 503 `timeout` (0: no limit).
         /// A send that timed out may still have been stored: retry it with
         /// the same `clientMsgId`.

@@ -192,8 +192,9 @@ impl Metrics {
         self.replayed.inc();
     }
 
-    pub fn admission_limit(&self, limit: usize) {
-        self.admission_limit.set(limit as i64);
+    /// The gauge of the REST admission bound (kept by `http::admission`).
+    pub fn admission_gauge(&self) -> Gauge {
+        self.admission_limit.clone()
     }
 
     pub fn http_shed(&self) {

@@ -4,33 +4,48 @@
 //! latency: at twice the rate the stores can take, every request waits
 //! behind a queue of hundreds and nothing is refused. So the bound adapts
 //! to the latency requests see (the idea of CoDel and of Netflix's
-//! concurrency limits): every [`SAMPLE`] completed requests, the fastest
-//! of them says whether a standing queue has formed. If even the fastest
-//! took longer than `NATTER_OVERLOAD_LATENCY_MS`, the node admits fewer at
-//! once, in proportion (target ÷ fastest, between a tenth and a half fewer;
-//! never below [`FLOOR`]); otherwise, and after a second of light load, it
-//! admits a quarter more again, up to `NATTER_MAX_IN_FLIGHT`. Requests
-//! beyond the bound are answered
-//! 503 `overloaded` with `Retry-After` at once, counted in
-//! `natter_http_shed_total`, and the bound is the gauge
-//! `natter_http_admission_limit`.
+//! concurrency limits). Latency is sampled from work only: `/api` requests
+//! other than sign-up and login (argon2id is slow by design), answered 2xx
+//! or 5xx, timed from when their body had arrived (a slow upload is the
+//! client's time), not timed out or abandoned. Decisions are taken per
+//! window of [`SAMPLE`] samples, or when a window has lasted
+//! `NATTER_OVERLOAD_WINDOW_MS` (1 s) with fewer:
+//!
+//! - if even the fastest sample took longer than
+//!   `NATTER_OVERLOAD_LATENCY_MS`, requests are queueing: the node admits
+//!   fewer at once, in proportion (target ÷ fastest, between a tenth and a
+//!   half fewer), never below 8 (or `NATTER_MAX_IN_FLIGHT` if lower);
+//! - otherwise (a fast sample, or none at all) it admits a quarter more,
+//!   per window that passed, up to `NATTER_MAX_IN_FLIGHT`. An idle node is
+//!   back at the maximum after a few seconds, and requests that hold their
+//!   places without finishing (stalled clients) cannot keep the bound down.
+//!
+//! Requests beyond the bound are answered 503 `overloaded` with
+//! `Retry-After` at once, counted in `natter_http_shed_total`; the bound is
+//! the gauge `natter_http_admission_limit`.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Completed requests per decision.
+use prometheus_client::metrics::gauge::Gauge;
+
+fn shown(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Samples per decision.
 pub const SAMPLE: usize = 16;
 /// The bound never goes below this (or the configured maximum, if lower).
 pub const FLOOR: usize = 8;
-/// A window older than this without [`SAMPLE`] completions is light load:
-/// it raises the bound.
-const IDLE: Duration = Duration::from_secs(1);
 
 pub struct Admission {
     /// `NATTER_MAX_IN_FLIGHT` (0: no bound at all).
     max: usize,
     /// `NATTER_OVERLOAD_LATENCY_MS` (zero: the bound stays at `max`).
     target: Duration,
+    /// `NATTER_OVERLOAD_WINDOW_MS`: the longest a window lasts.
+    window: Duration,
+    gauge: Gauge,
     state: Mutex<State>,
 }
 
@@ -52,59 +67,93 @@ impl Window {
     }
 }
 
-/// A request admitted: dropping it reports it done (taking `latency` from
-/// the time it was admitted).
+/// A request admitted. [`Ticket::sample`] reports how long its work took;
+/// dropping it without (timed out, abandoned, not work) only gives its
+/// place back.
 pub struct Ticket<'a> {
     admission: &'a Admission,
-    admitted: Instant,
+    latency: Option<Duration>,
+}
+
+impl Ticket<'_> {
+    pub fn sample(mut self, latency: Duration) {
+        self.latency = Some(latency);
+    }
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.admission.done(self.admitted, Instant::now());
+        self.admission.done(self.latency, Instant::now());
     }
 }
 
 impl Admission {
-    pub fn new(max: usize, target: Duration) -> Admission {
-        let now = Instant::now();
-        Admission { max, target, state: Mutex::new(State { limit: max, in_flight: 0, window: Window::new(now) }) }
+    /// `gauge` shows the bound.
+    pub fn new(max: usize, target: Duration, window: Duration, gauge: Gauge) -> Admission {
+        gauge.set(shown(max));
+        let state = State { limit: max, in_flight: 0, window: Window::new(Instant::now()) };
+        Admission { max, target, window, gauge, state: Mutex::new(state) }
+    }
+
+    fn adapts(&self) -> bool {
+        self.max > 0 && !self.target.is_zero()
     }
 
     /// The bound now (0: none).
-    pub fn limit(&self) -> usize {
+    #[cfg(test)]
+    fn limit(&self) -> usize {
         self.state.lock().expect("admission lock").limit
     }
 
     /// Admits a request, or refuses it (`None`) when the node is at its bound.
     pub fn admit(&self) -> Option<Ticket<'_>> {
         let mut s = self.state.lock().expect("admission lock");
+        if self.adapts() {
+            self.age_out(&mut s, Instant::now());
+        }
         if self.max > 0 && s.in_flight >= s.limit {
             return None;
         }
         s.in_flight += 1;
-        Some(Ticket { admission: self, admitted: Instant::now() })
+        Some(Ticket { admission: self, latency: None })
     }
 
-    fn done(&self, admitted: Instant, now: Instant) {
+    fn done(&self, latency: Option<Duration>, now: Instant) {
         let mut s = self.state.lock().expect("admission lock");
         s.in_flight = s.in_flight.saturating_sub(1);
-        if self.max == 0 || self.target.is_zero() {
+        if !self.adapts() {
             return;
         }
-        let latency = now.saturating_duration_since(admitted);
-        if now.saturating_duration_since(s.window.started) > IDLE && s.window.samples < SAMPLE {
-            // Light load: fewer than SAMPLE requests in a second.
-            s.limit = self.raised(s.limit);
-            s.window = Window::new(now);
-        }
+        self.age_out(&mut s, now);
+        let Some(latency) = latency else { return };
         s.window.samples += 1;
         s.window.fastest = s.window.fastest.min(latency);
         if s.window.samples >= SAMPLE {
-            let fastest = s.window.fastest;
-            s.limit = if fastest > self.target { self.lowered(s.limit, fastest) } else { self.raised(s.limit) };
-            s.window = Window::new(now);
+            self.decide(&mut s, 1, now);
         }
+    }
+
+    /// A window that has lasted its time is decided on what it holds.
+    fn age_out(&self, s: &mut State, now: Instant) {
+        let age = now.saturating_duration_since(s.window.started);
+        if age >= self.window {
+            let windows = (age.as_nanos() / self.window.as_nanos().max(1)).min(32) as u32;
+            self.decide(s, windows, now);
+        }
+    }
+
+    /// Lowers the bound if the window's fastest sample was over the target;
+    /// else raises it once per window that passed.
+    fn decide(&self, s: &mut State, windows: u32, now: Instant) {
+        let fastest = s.window.fastest;
+        let next = if s.window.samples > 0 && fastest > self.target {
+            self.lowered(s.limit, fastest)
+        } else {
+            (0..windows).fold(s.limit, |limit, _| limit.saturating_add(limit / 4 + 1).min(self.max))
+        };
+        s.limit = next;
+        s.window = Window::new(now);
+        self.gauge.set(shown(next));
     }
 
     /// In proportion to how far over the target the fastest request was
@@ -118,52 +167,78 @@ impl Admission {
         }
         next
     }
-
-    fn raised(&self, limit: usize) -> usize {
-        (limit + limit / 4 + 1).min(self.max)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Completes `n` requests that each took `latency`.
+    const LONG: Duration = Duration::from_secs(3600);
+
+    /// Completes `n` requests whose work took `latency`.
     fn complete(a: &Admission, n: usize, latency: Duration) {
         for _ in 0..n {
-            let t = a.admit().expect("admitted");
-            let admitted = t.admitted;
-            std::mem::forget(t);
-            a.done(admitted, admitted + latency);
+            a.admit().expect("admitted").sample(latency);
         }
     }
 
     #[test]
     fn a_standing_queue_lowers_the_bound_and_a_fast_one_raises_it_again() {
-        let a = Admission::new(512, Duration::from_millis(100));
-        assert_eq!(a.limit(), 512);
+        let gauge = Gauge::default();
+        let a = Admission::new(512, Duration::from_millis(100), LONG, gauge.clone());
+        assert_eq!((a.limit(), gauge.get()), (512, 512));
         // Fewer than SAMPLE slow requests decide nothing.
         complete(&a, SAMPLE - 1, Duration::from_millis(300));
         assert_eq!(a.limit(), 512);
         complete(&a, 1, Duration::from_millis(300));
-        assert_eq!(a.limit(), 256, "at three times the target: half as many (at most)");
+        assert_eq!((a.limit(), gauge.get()), (256, 256), "at three times the target: half as many (at most)");
         complete(&a, SAMPLE, Duration::from_millis(110));
         assert_eq!(a.limit(), 230, "just over it: a tenth fewer (at least)");
         // One fast request in the window means no standing queue.
         complete(&a, SAMPLE - 1, Duration::from_millis(300));
         complete(&a, 1, Duration::from_millis(5));
         assert_eq!(a.limit(), 288, "a quarter more");
+        // Requests that are not work (dropped without a sample) decide nothing.
+        for _ in 0..100 {
+            drop(a.admit());
+        }
+        assert_eq!(a.limit(), 288);
         // Sustained: down to the floor, never below.
         complete(&a, SAMPLE * 100, Duration::from_millis(300));
-        assert_eq!(a.limit(), FLOOR);
+        assert_eq!((a.limit(), gauge.get()), (FLOOR, FLOOR as i64));
         // Recovery up to the configured maximum, never above.
         complete(&a, SAMPLE * 100, Duration::from_millis(5));
         assert_eq!(a.limit(), 512);
     }
 
     #[test]
+    fn a_window_that_lasts_its_time_is_decided_on_what_it_holds() {
+        let a = Admission::new(512, Duration::from_millis(100), Duration::from_millis(1), Gauge::default());
+        // A slow sample alone, then the window's time passes: lowered.
+        let now = Instant::now();
+        {
+            let mut s = a.state.lock().unwrap();
+            s.window.samples = 1;
+            s.window.fastest = Duration::from_millis(500);
+            s.window.started = now - Duration::from_millis(2);
+            a.age_out(&mut s, now);
+            assert_eq!(s.limit, 256);
+            // Nothing completed for three windows (idle, or stalled
+            // clients holding their places): a quarter more per window.
+            s.limit = 8;
+            s.window = Window::new(now - Duration::from_millis(3));
+            a.age_out(&mut s, now);
+            assert_eq!(s.limit, 18, "8 → 11 → 14 → 18");
+            // Long idle: back to the maximum, never beyond.
+            s.window = Window::new(now - Duration::from_secs(10));
+            a.age_out(&mut s, now);
+            assert_eq!(s.limit, 512);
+        }
+    }
+
+    #[test]
     fn requests_beyond_the_bound_are_refused_and_come_back_when_done() {
-        let a = Admission::new(2, Duration::ZERO);
+        let a = Admission::new(2, Duration::ZERO, LONG, Gauge::default());
         let (one, two) = (a.admit(), a.admit());
         assert!(one.is_some() && two.is_some());
         assert!(a.admit().is_none(), "at the bound");
@@ -171,15 +246,19 @@ mod tests {
         assert!(a.admit().is_some(), "a place came back");
         drop(two);
         // No bound at all.
-        let none = Admission::new(0, Duration::from_millis(1));
+        let none = Admission::new(0, Duration::from_millis(1), LONG, Gauge::default());
         let held: Vec<_> = (0..10_000).map(|_| none.admit().expect("no bound")).collect();
         drop(held);
         assert_eq!(none.limit(), 0);
+        // A huge maximum does not overflow.
+        let huge = Admission::new(usize::MAX, Duration::from_millis(100), LONG, Gauge::default());
+        complete(&huge, SAMPLE, Duration::from_millis(1));
+        assert_eq!(huge.limit(), usize::MAX);
     }
 
     #[test]
     fn a_small_configured_maximum_is_its_own_floor() {
-        let a = Admission::new(2, Duration::from_millis(1));
+        let a = Admission::new(2, Duration::from_millis(1), LONG, Gauge::default());
         complete(&a, SAMPLE * 10, Duration::from_millis(50));
         assert_eq!(a.limit(), 2);
     }

@@ -73,13 +73,14 @@ pub async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) 
 /// [`admission`] allows (`NATTER_MAX_IN_FLIGHT`, lowered while requests
 /// queue; more are answered 503 `overloaded` at once, so a burst costs a
 /// refusal each instead of a queue and its memory), each within
-/// `NATTER_REQUEST_TIMEOUT_MS` (then 503 `timeout`: a stalled store holds no
-/// request forever). Health, readiness and metrics are exempt, so the
-/// operator and the load balancer can still see the node.
+/// `NATTER_REQUEST_TIMEOUT_MS` (then 503 `timeout`: a stalled store or
+/// client holds no request forever). Health, readiness and metrics are
+/// exempt, so the operator and the load balancer can still see the node.
 #[derive(Clone)]
 struct Overload {
     admission: Arc<admission::Admission>,
     timeout: Option<std::time::Duration>,
+    max_body: usize,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -93,27 +94,47 @@ async fn shed(State(o): State<Overload>, req: Request, next: Next) -> Response {
         o.metrics.http_shed();
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "this node is at capacity; retry shortly").into_response();
     };
-    let response = limited(&o, req, next).await;
-    drop(ticket);
-    o.metrics.admission_limit(o.admission.limit());
-    response
-}
-
-/// Runs a request within `NATTER_REQUEST_TIMEOUT_MS`.
-async fn limited(o: &Overload, req: Request, next: Next) -> Response {
-    use axum::http::StatusCode;
-    use axum::response::IntoResponse;
-    match o.timeout {
-        None => next.run(req).await,
-        Some(limit) => match tokio::time::timeout(limit, next.run(req)).await {
-            Ok(response) => response,
+    // Work whose latency says whether requests queue (see `admission`).
+    let path = req.uri().path();
+    let work = path.starts_with("/api/") && !path.starts_with("/api/auth/");
+    let run = async {
+        // The body first (at most NATTER_MAX_BODY_BYTES): how long a client
+        // takes to send it is not the node's latency.
+        let (parts, body) = req.into_parts();
+        let body = match axum::body::to_bytes(body, o.max_body).await {
+            Ok(body) => body,
+            Err(e) => {
+                let refusal = if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
+                } else {
+                    ApiError::bad_request("the request body could not be read")
+                };
+                return (refusal.into_response(), None);
+            }
+        };
+        let started = std::time::Instant::now();
+        let response = next.run(Request::from_parts(parts, axum::body::Body::from(body))).await;
+        let status = response.status();
+        let sampled = work && (status.is_success() || status.is_server_error());
+        (response, sampled.then(|| started.elapsed()))
+    };
+    let (response, latency) = match o.timeout {
+        None => run.await,
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(done) => done,
             Err(_) => {
                 o.metrics.http_timeout();
                 tracing::warn!(timeout_ms = limit.as_millis() as u64, "a request took longer than NATTER_REQUEST_TIMEOUT_MS: answered 503 (is a store stalled? see /readyz)");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long; retry shortly (sends: with the same clientMsgId)").into_response()
+                let timeout = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long; retry shortly (sends: with the same clientMsgId)");
+                (timeout.into_response(), None)
             }
         },
+    };
+    match latency {
+        Some(latency) => ticket.sample(latency),
+        None => drop(ticket),
     }
+    response
 }
 
 async fn not_found() -> ApiError {
@@ -151,8 +172,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(ops::router())
         .split_for_parts();
     let overload = Overload {
-        admission: Arc::new(admission::Admission::new(state.limits.max_in_flight, state.limits.overload_latency)),
+        admission: Arc::new(admission::Admission::new(
+            state.limits.max_in_flight,
+            state.limits.overload_latency,
+            state.limits.overload_window,
+            state.metrics.admission_gauge(),
+        )),
         timeout: (!state.limits.request_timeout.is_zero()).then_some(state.limits.request_timeout),
+        max_body: limit,
         metrics: state.metrics.clone(),
     };
     api.merge(openapi::router(doc))
