@@ -8,7 +8,7 @@
 //!
 //! Inputs come from a seeded generator: a failure prints the seed, and
 //! `NATTER_FUZZ_SEED=<seed>` replays it; `NATTER_FUZZ_INPUTS` sets the
-//! inputs per target (default 10,000).
+//! inputs per target (default 3,000; a new seed every run, so CI runs add up).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -166,7 +166,7 @@ fn seed() -> u64 {
 }
 
 fn inputs() -> usize {
-    std::env::var("NATTER_FUZZ_INPUTS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000)
+    std::env::var("NATTER_FUZZ_INPUTS").ok().and_then(|s| s.parse().ok()).unwrap_or(3_000)
 }
 
 /// An embedded node with Amy, Bob and a room of Amy's.
