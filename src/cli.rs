@@ -211,7 +211,7 @@ pub async fn parked_retry(cfg: &Config, only: &[u64]) -> anyhow::Result<()> {
         let decoded = Envelope::decode(&p.payload);
         // Pushing a message deleted since would store its content again
         // after the tombstone, where no erase looks: it is not pushed.
-        if p.projection == projections[2].name()
+        if p.projection == crate::push::fanout::NAME
             && let Ok(env) = &decoded
             && let Some(id) = shown_message(env)
             && natter_projections::ViewStore::contents(&*versions.views, &[id.to_owned()]).await?.get(id).is_some_and(|c| c.deleted)

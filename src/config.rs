@@ -217,9 +217,9 @@ section! {
         /// once (down to 8) and answers the rest 503 `overloaded`, admitting
         /// more again as latency falls (0: the bound stays NATTER_MAX_IN_FLIGHT).
         overload_latency: Duration = Duration::from_millis(200), "overload-latency-ms", "NATTER_OVERLOAD_LATENCY_MS", millis;
-        /// The longest a decision window of that bound lasts: then the
-        /// bound is decided on what completed in it (raised when nothing
-        /// was slow, or nothing completed).
+        /// The longest a decision window of that bound lasts (at least
+        /// 100): then it is decided on what it holds, and every further
+        /// window without a request raises the bound a quarter.
         overload_window: Duration = Duration::from_secs(1), "overload-window-ms", "NATTER_OVERLOAD_WINDOW_MS", millis;
         /// Longest a REST request may take; then 503 `timeout` (0: no limit).
         /// A send that timed out may still have been stored: retry it with
@@ -460,6 +460,9 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("stream name {:?}: {e}", self.distributed.stream))?;
         if self.distributed.store_timeout < Duration::from_millis(100) {
             bail!("NATTER_STORE_TIMEOUT_MS must be at least 100");
+        }
+        if self.limits.overload_window < Duration::from_millis(100) {
+            bail!("NATTER_OVERLOAD_WINDOW_MS must be at least 100");
         }
         if self.push.presence_ttl < Duration::from_millis(300) {
             bail!("presence TTL must be at least 300 ms");

@@ -15,8 +15,10 @@
 //!   `NATTER_OVERLOAD_LATENCY_MS`, requests are queueing: the node admits
 //!   fewer at once, in proportion (target ÷ fastest, between a tenth and a
 //!   half fewer), never below 8 (or `NATTER_MAX_IN_FLIGHT` if lower);
-//! - otherwise (a fast sample, or none at all) it admits a quarter more,
-//!   per window that passed, up to `NATTER_MAX_IN_FLIGHT`. An idle node is
+//! - otherwise (a fast sample, none at all, or fewer than [`FEW`] slow
+//!   ones in a window cut short while the node was less than half full)
+//!   it admits a quarter more, and a quarter more per further window that
+//!   passed, up to `NATTER_MAX_IN_FLIGHT`. An idle node is
 //!   back at the maximum after a few seconds, and requests that hold their
 //!   places without finishing (stalled clients) cannot keep the bound down.
 //!
@@ -35,6 +37,8 @@ fn shown(limit: usize) -> i64 {
 
 /// Samples per decision.
 pub const SAMPLE: usize = 16;
+/// Samples a window cut short by its time needs to lower the bound.
+pub const FEW: usize = 4;
 /// The bound never goes below this (or the configured maximum, if lower).
 pub const FLOOR: usize = 8;
 
@@ -129,31 +133,39 @@ impl Admission {
         s.window.samples += 1;
         s.window.fastest = s.window.fastest.min(latency);
         if s.window.samples >= SAMPLE {
-            self.decide(&mut s, 1, now);
+            self.decide(&mut s, true, now);
         }
     }
 
-    /// A window that has lasted its time is decided on what it holds.
+    /// A window that has lasted its time is decided on what it holds;
+    /// every further window that passed without a request raises the bound.
     fn age_out(&self, s: &mut State, now: Instant) {
         let age = now.saturating_duration_since(s.window.started);
         if age >= self.window {
             let windows = (age.as_nanos() / self.window.as_nanos().max(1)).min(32) as u32;
-            self.decide(s, windows, now);
+            self.decide(s, false, now);
+            for _ in 1..windows {
+                s.limit = self.raised(s.limit);
+            }
+            self.gauge.set(shown(s.limit));
         }
     }
 
-    /// Lowers the bound if the window's fastest sample was over the target;
-    /// else raises it once per window that passed.
-    fn decide(&self, s: &mut State, windows: u32, now: Instant) {
+    /// Lowers the bound if the window's fastest sample was over the target
+    /// (a window cut short by its time only with [`FEW`] samples or more,
+    /// or with the node half full: one slow request at light load is not a
+    /// queue); else raises it.
+    fn decide(&self, s: &mut State, full: bool, now: Instant) {
         let fastest = s.window.fastest;
-        let next = if s.window.samples > 0 && fastest > self.target {
-            self.lowered(s.limit, fastest)
-        } else {
-            (0..windows).fold(s.limit, |limit, _| limit.saturating_add(limit / 4 + 1).min(self.max))
-        };
+        let evidence = full || s.window.samples >= FEW || s.in_flight >= s.limit / 2;
+        let next = if s.window.samples > 0 && fastest > self.target && evidence { self.lowered(s.limit, fastest) } else { self.raised(s.limit) };
         s.limit = next;
         s.window = Window::new(now);
         self.gauge.set(shown(next));
+    }
+
+    fn raised(&self, limit: usize) -> usize {
+        limit.saturating_add(limit / 4 + 1).min(self.max)
     }
 
     /// In proportion to how far over the target the fastest request was
@@ -218,11 +230,25 @@ mod tests {
         let now = Instant::now();
         {
             let mut s = a.state.lock().unwrap();
+            // One slow sample at light load is not a queue: raised.
+            s.limit = 256;
             s.window.samples = 1;
+            s.window.fastest = Duration::from_millis(500);
+            s.window.started = now - Duration::from_millis(1);
+            a.age_out(&mut s, now);
+            assert_eq!(s.limit, 321);
+            // Four are: lowered, then a quarter more per idle window after it.
+            s.window.samples = FEW;
+            s.window.fastest = Duration::from_millis(500);
+            s.window.started = now - Duration::from_millis(1);
+            a.age_out(&mut s, now);
+            assert_eq!(s.limit, 160);
+            s.limit = 256;
+            s.window.samples = FEW;
             s.window.fastest = Duration::from_millis(500);
             s.window.started = now - Duration::from_millis(2);
             a.age_out(&mut s, now);
-            assert_eq!(s.limit, 256);
+            assert_eq!(s.limit, 161, "halved, then one idle window: 128 → 161");
             // Nothing completed for three windows (idle, or stalled
             // clients holding their places): a quarter more per window.
             s.limit = 8;

@@ -96,24 +96,31 @@ async fn shed(State(o): State<Overload>, req: Request, next: Next) -> Response {
     };
     // Work whose latency says whether requests queue (see `admission`).
     let path = req.uri().path();
-    let work = path.starts_with("/api/") && !path.starts_with("/api/auth/");
+    let work = path.starts_with("/api/") && !path.starts_with("/api/auth/") && path != "/api/openapi.json";
+    // When the body had arrived: the work is timed from then.
+    let body_done = std::sync::OnceLock::new();
     let run = async {
         // The body first (at most NATTER_MAX_BODY_BYTES): how long a client
-        // takes to send it is not the node's latency.
+        // takes to send it is not the node's latency. GET and HEAD bodies
+        // are left unread, as the routes leave them.
         let (parts, body) = req.into_parts();
-        let body = match axum::body::to_bytes(body, o.max_body).await {
-            Ok(body) => body,
-            Err(e) => {
-                let refusal = if e.into_inner().is::<http_body_util::LengthLimitError>() {
-                    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
-                } else {
-                    ApiError::bad_request("the request body could not be read")
-                };
-                return (refusal.into_response(), None);
+        let body = if matches!(parts.method, axum::http::Method::GET | axum::http::Method::HEAD) {
+            body
+        } else {
+            match axum::body::to_bytes(body, o.max_body).await {
+                Ok(body) => axum::body::Body::from(body),
+                Err(e) => {
+                    let refusal = if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
+                    } else {
+                        ApiError::bad_request("the request body could not be read")
+                    };
+                    return (refusal.into_response(), None);
+                }
             }
         };
-        let started = std::time::Instant::now();
-        let response = next.run(Request::from_parts(parts, axum::body::Body::from(body))).await;
+        let started = *body_done.get_or_init(std::time::Instant::now);
+        let response = next.run(Request::from_parts(parts, body)).await;
         let status = response.status();
         let sampled = work && (status.is_success() || status.is_server_error());
         (response, sampled.then(|| started.elapsed()))
@@ -126,7 +133,10 @@ async fn shed(State(o): State<Overload>, req: Request, next: Next) -> Response {
                 o.metrics.http_timeout();
                 tracing::warn!(timeout_ms = limit.as_millis() as u64, "a request took longer than NATTER_REQUEST_TIMEOUT_MS: answered 503 (is a store stalled? see /readyz)");
                 let timeout = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long; retry shortly (sends: with the same clientMsgId)");
-                (timeout.into_response(), None)
+                // Work that timed out is the slowest sample there is; a
+                // body that never finished arriving is the client's.
+                let latency = body_done.get().filter(|_| work).map(|t| t.elapsed());
+                (timeout.into_response(), latency)
             }
         },
     };
