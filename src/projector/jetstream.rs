@@ -166,6 +166,10 @@ impl Projector {
             };
             let msg = match next {
                 Some(Ok(msg)) => msg,
+                // The pull went unanswered (its consumer's leader was not
+                // there yet, or was lost): the stream may never pull again,
+                // so the consumer is taken up afresh.
+                Some(Err(e)) if lost(&e) => anyhow::bail!("consumer {durable}: {e}"),
                 Some(Err(e)) => {
                     tracing::warn!(projection = %self.label(), error = %e, "consumer stream error");
                     continue;
@@ -303,4 +307,10 @@ impl Parking for Projector {
             .map_err(|e| e.to_string())?;
         Ok(true)
     }
+}
+
+/// A consumer stream error after which the stream may pull no more.
+fn lost(e: &async_nats::jetstream::consumer::pull::MessagesError) -> bool {
+    use async_nats::jetstream::consumer::pull::MessagesErrorKind as Kind;
+    matches!(e.kind(), Kind::NoResponders | Kind::MissingHeartbeat | Kind::ConsumerDeleted | Kind::Pull)
 }
