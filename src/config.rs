@@ -212,10 +212,11 @@ section! {
         /// REST requests a node works on at once; more are answered 503
         /// `overloaded` with `Retry-After` at once rather than queued (0: no bound).
         max_in_flight: usize = 512, "max-in-flight", "NATTER_MAX_IN_FLIGHT";
-        /// When even the fastest of a node's recent REST requests took
-        /// longer than this, requests are queueing: the node admits fewer at
-        /// once (down to 8) and answers the rest 503 `overloaded`, admitting
-        /// more again as latency falls (0: the bound stays NATTER_MAX_IN_FLIGHT).
+        /// When even the fastest of 16 REST requests' work took longer than
+        /// this, requests are queueing: the node admits fewer at once (down
+        /// to 8) and answers the rest 503 `overloaded`, a quarter more again
+        /// after a window with a fast one (0: the bound stays
+        /// NATTER_MAX_IN_FLIGHT). See `http::admission`.
         overload_latency: Duration = Duration::from_millis(200), "overload-latency-ms", "NATTER_OVERLOAD_LATENCY_MS", millis;
         /// The longest a decision window of that bound lasts (at least
         /// 100): then it is decided on what it holds, and every further

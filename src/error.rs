@@ -34,6 +34,11 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    /// A body over `NATTER_MAX_BODY_BYTES`.
+    pub fn payload_too_large() -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -147,9 +152,7 @@ impl From<JsonRejection> for ApiError {
                 "unsupported_media_type",
                 "expected a JSON body with Content-Type: application/json",
             ),
-            _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
-            }
+            _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::payload_too_large(),
             _ => Self::new(r.status(), "bad_request", r.body_text()),
         }
     }

@@ -111,21 +111,21 @@ async fn shed(State(o): State<Overload>, req: Request, next: Next) -> Response {
                 Ok(body) => axum::body::Body::from(body),
                 Err(e) => {
                     let refusal = if e.into_inner().is::<http_body_util::LengthLimitError>() {
-                        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body is too large")
+                        ApiError::payload_too_large()
                     } else {
                         ApiError::bad_request("the request body could not be read")
                     };
-                    return (refusal.into_response(), None);
+                    return (refusal.into_response(), false);
                 }
             }
         };
-        let started = *body_done.get_or_init(std::time::Instant::now);
+        body_done.get_or_init(std::time::Instant::now);
         let response = next.run(Request::from_parts(parts, body)).await;
         let status = response.status();
         let sampled = work && (status.is_success() || status.is_server_error());
-        (response, sampled.then(|| started.elapsed()))
+        (response, sampled)
     };
-    let (response, latency) = match o.timeout {
+    let (response, sampled) = match o.timeout {
         None => run.await,
         Some(limit) => match tokio::time::timeout(limit, run).await {
             Ok(done) => done,
@@ -134,13 +134,13 @@ async fn shed(State(o): State<Overload>, req: Request, next: Next) -> Response {
                 tracing::warn!(timeout_ms = limit.as_millis() as u64, "a request took longer than NATTER_REQUEST_TIMEOUT_MS: answered 503 (is a store stalled? see /readyz)");
                 let timeout = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long; retry shortly (sends: with the same clientMsgId)");
                 // Work that timed out is the slowest sample there is; a
-                // body that never finished arriving is the client's.
-                let latency = body_done.get().filter(|_| work).map(|t| t.elapsed());
-                (timeout.into_response(), latency)
+                // body that never finished arriving is the client's (below).
+                (timeout.into_response(), work)
             }
         },
     };
-    match latency {
+    // Timed from when the body had arrived.
+    match body_done.get().filter(|_| sampled).map(|t| t.elapsed()) {
         Some(latency) => ticket.sample(latency),
         None => drop(ticket),
     }
