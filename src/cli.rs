@@ -414,7 +414,7 @@ pub async fn migrate(cfg: &Config, from: &std::path::Path, to: &str) -> anyhow::
     // embedded cursors (which were log sequences), so a client resuming with
     // one gets `resync` rather than someone else's deliveries.
     let head = target.head().await?;
-    ensure_feed(target.jetstream(), &cfg.distributed.stream, &cfg.log.subject_prefix, Some(head + 1))
+    ensure_feed(target.jetstream(), &cfg.distributed.stream, &cfg.log.subject_prefix, Some(head + 1), 1)
         .await
         .context("creating the push fan-out feed after the migrated history")?;
     NatsPush::connect(

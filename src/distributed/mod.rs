@@ -242,7 +242,7 @@ impl Runner for JetStreamRunner {
         let mut tasks = Vec::new();
         for projection in projections {
             let feeds = if projection.ordered() {
-                ensure_feed(&js, &stream, &prefix, feed_start(&js, &stream, projection.as_ref()).await?).await?;
+                ensure_feed(&js, &stream, &prefix, feed_start(&js, &stream, projection.as_ref()).await?, replicas).await?;
                 place(&js, &client, &fanout_stream(&stream), replicas).await?;
                 (0..PARTITIONS).map(|index| Feed::Partition { stream: fanout_stream(&stream), index }).collect()
             } else {

@@ -57,11 +57,12 @@ pub fn origin_seq(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
     headers?.get("Nats-Stream-Source")?.as_str().split(' ').nth(1)?.parse().ok()
 }
 
-/// Makes sure the partitioned feed of the log `stream` exists. A feed
-/// created now starts at log sequence `start` (default: the first event).
+/// Makes sure the partitioned feed of the log `stream` exists, with
+/// `replicas` copies. A feed created now starts at log sequence `start`
+/// (default: the first event).
 /// Two nodes creating it at once with different starts both succeed: the
 /// first one's feed stands.
-pub async fn ensure_feed(js: &jetstream::Context, stream: &str, prefix: &str, start: Option<u64>) -> anyhow::Result<()> {
+pub async fn ensure_feed(js: &jetstream::Context, stream: &str, prefix: &str, start: Option<u64>, replicas: usize) -> anyhow::Result<()> {
     let name = fanout_stream(stream);
     if js.get_stream(&name).await.is_ok() {
         return Ok(());
@@ -81,6 +82,9 @@ pub async fn ensure_feed(js: &jetstream::Context, stream: &str, prefix: &str, st
         name: name.clone(),
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
+        // Made with its final replicas: a sourcing stream is not moved to
+        // another group right after it starts sourcing.
+        num_replicas: replicas.max(1),
         sources: Some(vec![stream::Source {
             name: stream.to_owned(),
             start_sequence: start,
