@@ -313,6 +313,9 @@ section! {
         /// loss) or `os` (leave flushing to the OS: survives a crash of
         /// natter, not of the machine; faster).
         sync: SyncPolicy = SyncPolicy::Always, "sync", "NATTER_SYNC";
+        /// Most bytes of the view store's pages (`views.redb`) kept in
+        /// memory; the rest is read from disk when asked for.
+        view_cache: u64 = 64 << 20, "view-cache-bytes", "NATTER_VIEW_CACHE_BYTES";
     }
 }
 

@@ -10,7 +10,9 @@
 //! - [`mongo`]: MongoDB view store: users, messages, conversation
 //!   watermarks. Every write is an upsert keyed by the event's own ids or a
 //!   `$max`, so applying an event twice, or out of order, changes nothing.
-//! - [`memory`]: in-memory twins of both, with the same semantics.
+//! - [`local`]: both in a local database (redb): the embedded node's
+//!   stores, in a file of its data directory that a restart resumes from;
+//!   over memory, the pure tests'.
 //! - [`history`]: builds event histories from plain commands (tests,
 //!   benchmarks, and the convergence property tests).
 //! - [`redis_counts`]: Redis unseen counts, one hash per user
@@ -24,7 +26,7 @@
 //! (read-your-writes) while the durable consumer applies it again later.
 
 pub mod history;
-pub mod memory;
+pub mod local;
 pub mod mongo;
 pub mod projection;
 pub mod redis_counts;

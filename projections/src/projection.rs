@@ -47,4 +47,12 @@ pub trait Projection: Send + Sync {
         }
         Ok(())
     }
+    /// The log sequence through which this projection's effects are kept
+    /// where a restart finds them, recorded atomically with them by
+    /// `apply_at` / `apply_batch`: a runtime replaying a local log feeds
+    /// it the events after this only. 0: it keeps nothing of its own (in
+    /// memory, or checkpointed by its consumer instead).
+    async fn kept_through(&self) -> Result<u64, ApplyError> {
+        Ok(0)
+    }
 }

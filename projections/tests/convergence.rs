@@ -5,7 +5,7 @@
 
 use futures::executor::block_on;
 use natter_projections::history::{History, snapshot};
-use natter_projections::memory::{MemoryCounts, MemoryViews};
+use natter_projections::local::{LocalCounts, LocalViews};
 use natter_projections::{CountStore, ViewStore};
 use proptest::prelude::*;
 
@@ -99,8 +99,8 @@ fn schedule(len: usize) -> impl Strategy<Value = Vec<usize>> {
     })
 }
 
-fn apply_all(h: &History, order: impl Iterator<Item = usize>) -> (MemoryViews, MemoryCounts) {
-    let (views, counts) = (MemoryViews::default(), MemoryCounts::default());
+fn apply_all(h: &History, order: impl Iterator<Item = usize>) -> (LocalViews, LocalCounts) {
+    let (views, counts) = (LocalViews::default(), LocalCounts::default());
     for i in order {
         block_on(ViewStore::apply(&views, &h.envelopes[i])).expect("apply view");
         block_on(CountStore::apply(&counts, &h.envelopes[i])).expect("apply count");
@@ -201,7 +201,7 @@ proptest! {
                 decoded
             })
             .collect();
-        let (views, counts) = (MemoryViews::default(), MemoryCounts::default());
+        let (views, counts) = (LocalViews::default(), LocalCounts::default());
         for env in &mixed {
             block_on(ViewStore::apply(&views, env)).unwrap();
             block_on(CountStore::apply(&counts, env)).unwrap();

@@ -8,16 +8,20 @@
 //!   events.log     the event log (length + CRC32 framed records, see log::file)
 //!   jwt-secret     the token secret generated on first start (unless
 //!                  NATTER_JWT_SECRET is set), so tokens survive restarts
+//!   views.redb     the views and unread counts (see natter_projections::local),
+//!                  kept through a log position: a restart replays only
+//!                  the events after it
 //!   parked.jsonl   events a projection refused (normally absent)
 //!   lock           held while a node runs: one node per directory
 //! ```
 //!
 //! [`connect`] returns the [`Adapters`]; the node is assembled, served and
 //! drained by the same composition root as a distributed one. Only the
-//! adapters differ: the file log
-//! instead of JetStream, in-memory views and counts (rebuilt from the log at
-//! every start, before serving), an in-process push bus whose cursors are log
-//! sequences, and in-process presence.
+//! adapters differ: the file log instead of JetStream, views and counts in
+//! `views.redb` (brought up to the log's head before serving; rebuilt from
+//! the log when missing, damaged or from another log), an in-process push
+//! bus whose cursors are log sequences (its deliveries rebuilt from the log
+//! at every start), and in-process presence.
 
 use std::io::Write;
 use std::path::Path;
@@ -27,7 +31,7 @@ use std::time::Instant;
 use anyhow::Context;
 use async_trait::async_trait;
 use natter_projections::Projection;
-use natter_projections::memory::{MemoryCounts, MemoryViews};
+use natter_projections::local::{LocalCounts, LocalStore, LocalViews};
 use secrecy::SecretString;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -82,8 +86,11 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     };
     let data = std::fs::canonicalize(log.path()).unwrap_or_else(|_| log.path().to_owned());
     let closing = log.clone();
-    let (views, counts) = (Arc::new(MemoryViews::default()), Arc::new(MemoryCounts::default()));
+    let (reading, dir, cache) = (log.clone(), e.data_dir.clone(), e.view_cache as usize);
+    let store = tokio::task::spawn_blocking(move || open_views(&dir, cache, &reading)).await??;
+    let (views, counts) = (Arc::new(LocalViews::new(store.clone())), Arc::new(LocalCounts::new(store.clone())));
     let applied = Arc::new(TailPosition::default());
+    let closing_store = store.clone();
     Ok(Adapters {
         mode: Mode::Embedded,
         log: log.clone(),
@@ -94,9 +101,14 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
         bus: Arc::new(MemoryPush::new(cfg.push.retention)),
         presence: Arc::new(MemoryPresence::new(cfg.push.presence_ttl)),
         counter: Arc::new(crate::ratelimit::MemoryCounter::default()),
-        runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log, applied }),
+        runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log, applied, store }),
         stored_secret,
-        after_drain: Box::new(move || closing.close()),
+        after_drain: Box::new(move || {
+            if let Err(e) = closing_store.close() {
+                tracing::warn!(error = %e, "the view store could not be made durable at stop; the next start replays the log's tail into it");
+            }
+            closing.close()
+        }),
         describe: format!(
             "embedded mode: one node, no NATS/MongoDB/Redis (set NATTER_NATS_URL, NATTER_MONGO_URL and NATTER_REDIS_URL \
              for the distributed mode); data {}; sync {sync}",
@@ -106,11 +118,57 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     })
 }
 
-/// Replays the whole log into the in-process projections, then follows it.
+/// Opens the view store `views.redb` if it is readable and was built from
+/// this log; else sets it aside (as `views.redb.discarded`, replacing an
+/// older one) and starts an empty one, which the tail fills from the log
+/// before the node serves. Blocks (file I/O).
+fn open_views(dir: &Path, cache: usize, log: &FileLog) -> anyhow::Result<Arc<LocalStore>> {
+    let path = dir.join("views.redb");
+    // redb reports most damage as an error, but may panic on some.
+    let why = match std::panic::catch_unwind(|| LocalStore::open(&path, cache)) {
+        Ok(Ok(store)) => match built_from(&store, log) {
+            Ok(()) => return Ok(store),
+            Err(why) => {
+                let _ = store.close();
+                why
+            }
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "reading it failed (the file is damaged)".into(),
+    };
+    let aside = dir.join("views.redb.discarded");
+    std::fs::rename(&path, &aside).with_context(|| format!("setting the unusable view store {} aside", path.display()))?;
+    tracing::warn!(
+        path = %path.display(), reason = %why, kept_as = %aside.display(),
+        "the view store cannot be used; rebuilding it from the event log before serving (this takes a while on a long log)"
+    );
+    LocalStore::open(&path, cache).with_context(|| format!("creating the view store {}", path.display()))
+}
+
+/// Whether every projection in `store` is kept through an event of this
+/// log, and that event is the one it was built from.
+fn built_from(store: &LocalStore, log: &FileLog) -> Result<(), String> {
+    let head = *log.watch_head().borrow();
+    for (projection, seq, id) in store.kept().map_err(|e| e.to_string())? {
+        if seq > head {
+            return Err(format!("{projection} is kept through event {seq}, but the log ends at {head} (the log was replaced or restored from an older copy)"));
+        }
+        let at = log.read_after(seq.saturating_sub(1), 1).map_err(|e| e.to_string())?;
+        if at.first().map(|l| l.envelope.id.to_string()) != Some(id) {
+            return Err(format!("{projection} was built from another log (event {seq} is not the one it was built from)"));
+        }
+    }
+    Ok(())
+}
+
+/// Brings the projections from where each is kept up to the log's head
+/// (the fan-out, which keeps nothing, from the first event), then follows
+/// the log.
 struct ReplayThenTail {
     log: Arc<FileLog>,
     parked: ParkedFile,
     applied: Arc<TailPosition>,
+    store: Arc<LocalStore>,
 }
 
 #[async_trait]
@@ -126,11 +184,39 @@ impl Runner for ReplayThenTail {
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
         let head = *self.log.watch_head().borrow();
-        let tail = FileTail::new(self.log, projections, metrics, self.parked, self.applied);
-        tracing::info!(events = head, "rebuilding the views from the event log before serving");
+        let mut tail = FileTail::new(self.log, projections, metrics, self.parked, self.applied);
+        let from = tail.resume().await;
+        tracing::info!(log_head = head, kept_through = %tail.kept(), "bringing the projections up to the event log's head before serving");
         let started = Instant::now();
-        let replayed = tail.catch_up(0).await;
-        tracing::info!(events = replayed, secs = format!("{:.2}", started.elapsed().as_secs_f64()), "views rebuilt from the event log");
-        Ok(vec![tokio::spawn(tail.run(replayed, shutdown))])
+        let replayed = tail.catch_up(from).await;
+        tracing::info!(events = replayed - from, secs = format!("{:.2}", started.elapsed().as_secs_f64()), "projections up to the log's head");
+        let flusher = tokio::spawn(flush_every_second(self.store, shutdown.clone()));
+        Ok(vec![tokio::spawn(tail.run(replayed, shutdown)), flusher])
+    }
+}
+
+/// Makes the view store's commits durable about once a second (each
+/// projected event commits in memory first: see natter_projections::local).
+async fn flush_every_second(store: Arc<LocalStore>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        match store.flush() {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("the view store is written to disk again");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "cannot make the view store durable (disk full?); a crash now would replay more of the log at the next start");
+            }
+            Err(_) => {}
+        }
     }
 }

@@ -117,15 +117,23 @@ impl FileLog {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).with_context(|| format!("reading event log {}", path.display()))?;
         let (mut offsets, mut by_subject, mut recent, mut recent_order) = (Vec::new(), BTreeMap::<String, Vec<u64>>::new(), HashMap::new(), VecDeque::new());
-        let opened = Instant::now();
+        let (opened, now) = (Instant::now(), chrono::Utc::now());
         let mut pos = 0usize;
         while pos < bytes.len() {
             match Self::parse(&bytes[pos..]) {
                 Some((record, size)) if record.seq == offsets.len() as u64 + 1 => {
                     offsets.push(pos as u64);
+                    // Only the command ids still inside the dedup window
+                    // (by the event's time) are remembered: a long log's
+                    // ids would otherwise all sit in memory for a window.
+                    let age = (now - record.event.at).to_std().unwrap_or_default();
+                    if age < dedup_window
+                        && let Some(at) = opened.checked_sub(age)
+                    {
+                        recent_order.push_back((at, record.msg_id.clone()));
+                        recent.insert(record.msg_id, (record.seq, at));
+                    }
                     by_subject.entry(record.subject.unwrap_or(record.event.subject)).or_default().push(record.seq);
-                    recent_order.push_back((opened, record.msg_id.clone()));
-                    recent.insert(record.msg_id, (record.seq, opened));
                     pos += size;
                 }
                 _ => break,

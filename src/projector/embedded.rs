@@ -83,6 +83,9 @@ impl ViewsProgress for TailPosition {
 pub struct FileTail {
     log: Arc<FileLog>,
     projections: Vec<Arc<dyn Projection>>,
+    /// Each projection's [`Projection::kept_through`] at start: it is fed
+    /// the events after it only.
+    kept: Vec<u64>,
     metrics: Arc<Metrics>,
     parked: ParkedFile,
     applied: Arc<TailPosition>,
@@ -90,7 +93,26 @@ pub struct FileTail {
 
 impl FileTail {
     pub fn new(log: Arc<FileLog>, projections: Vec<Arc<dyn Projection>>, metrics: Arc<Metrics>, parked: ParkedFile, applied: Arc<TailPosition>) -> FileTail {
-        FileTail { log, projections, metrics, parked, applied }
+        FileTail { log, projections, kept: Vec::new(), metrics, parked, applied }
+    }
+
+    /// Asks each projection how far it is kept (a store that cannot say
+    /// is fed everything); returns the lowest: where the replay starts.
+    pub async fn resume(&mut self) -> u64 {
+        self.kept.clear();
+        for p in &self.projections {
+            let kept = p.kept_through().await.unwrap_or_else(|e| {
+                tracing::warn!(projection = p.name(), error = %e, "cannot tell how far the projection is kept; replaying the whole log into it");
+                0
+            });
+            self.kept.push(kept);
+        }
+        self.kept.iter().copied().min().unwrap_or(0)
+    }
+
+    /// Each projection with how far it is kept, for the start-up log line.
+    pub fn kept(&self) -> String {
+        self.projections.iter().zip(&self.kept).map(|(p, k)| format!("{} {k}", p.name())).collect::<Vec<_>>().join(", ")
     }
 
     /// Applies the event at `seq` to every projection.
@@ -107,7 +129,10 @@ impl FileTail {
                 }
             }
         };
-        for p in &self.projections {
+        for (i, p) in self.projections.iter().enumerate() {
+            if self.kept.get(i).is_some_and(|&kept| seq <= kept) {
+                continue;
+            }
             while let Next::RetryAfter(delay) =
                 project(p.as_ref(), p.name(), event.as_ref().map_err(Clone::clone), seq, &payload, head - seq, &self.parked, &self.metrics).await
             {

@@ -315,7 +315,7 @@ mod tests {
         log.append(&member("bob", false, 2), expected["bob"]).await.unwrap();
         log.append(&member("kim", true, 1), 0).await.unwrap();
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-        let fanout = FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100);
+        let fanout = FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100);
         fanout.apply_at(&msg, seq).await.unwrap();
         // Membership as of the message: bob still in, kim not yet.
         for (user, gets) in [("amy", true), ("bob", true), ("eve", false), ("zed", false), ("kim", false)] {
@@ -360,7 +360,7 @@ mod tests {
             .collect();
         let run = || async {
             let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-            let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100);
+            let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100);
             for (i, env) in events.iter().enumerate() {
                 fanout.apply_at(env, i as u64 + 1).await.unwrap();
             }
@@ -395,7 +395,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("natter-turns-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-        let nodes = [FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100), FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 100)];
+        let nodes = [FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100), FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100)];
         let mut positions: HashMap<String, (u64, u64)> = HashMap::new(); // subject → (position, its last log seq)
         let join = |u: &str| (subjects::member("p", "r", u), Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() }));
         let leave = |u: &str| (subjects::member("p", "r", u), Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into(), ..Default::default() }));
@@ -448,7 +448,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("natter-announce-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
         let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
-        let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::memory::MemoryViews::default()), 2);
+        let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 2);
         for u in ["u1", "u2", "u3", "u4"] {
             let env = Envelope::new(format!("{u}:j"), subjects::member("p", "r", u), 1, Event::MemberJoined(MemberJoined {
                 room_id: "r".into(),

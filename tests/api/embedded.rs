@@ -420,3 +420,72 @@ async fn a_poison_event_is_parked_and_the_node_goes_on() {
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 2);
     c.stop().await;
 }
+
+/// How many events a projection applied on node 0 since it started.
+async fn applied(c: &Cluster, projection: &str) -> f64 {
+    c.metric(0, &format!("natter_projection_applied_total{{projection=\"{projection}\"}}")).await
+}
+
+#[tokio::test]
+async fn a_restart_resumes_the_views_where_they_were_kept_and_rebuilds_a_damaged_or_foreign_store() {
+    let mut c = Cluster::embedded().await;
+    let (amy, bob, carol) = (c.register(0, "Amy").await, c.register(0, "Bob").await, c.register(0, "Carol").await);
+    let rooms = some_history(&c, &amy, &bob, &carol).await;
+    let users = [&amy, &bob, &carol];
+    let before = views_of(&c, 0, &users, &rooms).await;
+    let head = c.log_head().await;
+    let store = c.cfg.embedded.data_dir.join("views.redb");
+
+    // A clean restart reads the views from disk: nothing is applied again.
+    c.restart().await;
+    assert_eq!(views_of(&c, 0, &users, &rooms).await, before);
+    assert_eq!(applied(&c, "mongo-views").await, 0.0, "the views were kept through the log's head");
+    assert_eq!(applied(&c, "redis-unseen").await, 0.0, "the counts were kept through the log's head");
+
+    // The events appended while the store was set aside (an older copy
+    // restored) are replayed into it, and only those.
+    c.nodes.pop().unwrap().stop().await;
+    let older = std::fs::read(&store).unwrap();
+    c.add_node().await;
+    c.send(0, &amy, &bob, "after the copy", None).await.ok();
+    c.send(0, &carol, &bob, "after the copy too", None).await.ok();
+    let later = views_of(&c, 0, &users, &rooms).await;
+    c.nodes.pop().unwrap().stop().await;
+    std::fs::write(&store, &older).unwrap();
+    c.add_node().await;
+    assert_eq!(applied(&c, "mongo-views").await, 2.0, "only the two sends after the copy are replayed");
+    assert_eq!(views_of(&c, 0, &users, &rooms).await, later);
+    let head = head + 2;
+    assert_eq!(c.log_head().await, head);
+
+    // A damaged file is refused, set aside and rebuilt from the whole log.
+    c.nodes.pop().unwrap().stop().await;
+    let mut bytes = std::fs::read(&store).unwrap();
+    let len = bytes.len();
+    for b in &mut bytes[len / 4..len * 3 / 4] {
+        *b = !*b;
+    }
+    std::fs::write(&store, &bytes).unwrap();
+    c.add_node().await;
+    assert_eq!(applied(&c, "mongo-views").await, head as f64, "rebuilt from the first event");
+    assert!(c.cfg.embedded.data_dir.join("views.redb.discarded").exists(), "the damaged file is kept aside");
+    assert_eq!(views_of(&c, 0, &users, &rooms).await, later);
+    assert_eq!(c.unseen_from(0, &bob, &amy).await, 6);
+
+    // A store built from another log is not served either.
+    let mut other = Cluster::embedded().await;
+    let (dan, eve) = (other.register(0, "Dan").await, other.register(0, "Eve").await);
+    for i in 0..head + 5 {
+        other.send(0, &dan, &eve, &format!("elsewhere {i}"), None).await.ok();
+    }
+    other.nodes.pop().unwrap().stop().await;
+    c.nodes.pop().unwrap().stop().await;
+    std::fs::copy(other.cfg.embedded.data_dir.join("views.redb"), &store).unwrap();
+    other.add_node().await;
+    other.stop().await;
+    c.add_node().await;
+    assert_eq!(applied(&c, "mongo-views").await, head as f64, "rebuilt from the first event");
+    assert_eq!(views_of(&c, 0, &users, &rooms).await, later);
+    assert_eq!(c.node(0).views().user(&dan.id).await.unwrap(), None, "nothing of the other log is served");
+    c.stop().await;
+}

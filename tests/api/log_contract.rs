@@ -161,7 +161,7 @@ async fn the_file_log_keeps_the_contract_and_survives_reopening() {
 #[tokio::test]
 async fn an_embedded_history_migrates_into_jetstream() {
     use natter_projections::history::{History, snapshot};
-    use natter_projections::memory::{MemoryCounts, MemoryViews};
+    use natter_projections::local::{LocalCounts, LocalViews};
     use natter_projections::{CountStore, ViewStore};
 
     let mut c = crate::helpers::Cluster::start(0).await;
@@ -203,7 +203,7 @@ async fn an_embedded_history_migrates_into_jetstream() {
         ok
     })
     .await;
-    let (views, counts) = (MemoryViews::default(), MemoryCounts::default());
+    let (views, counts) = (LocalViews::default(), LocalCounts::default());
     for env in &h.envelopes {
         ViewStore::apply(&views, env).await.unwrap();
         CountStore::apply(&counts, env).await.unwrap();

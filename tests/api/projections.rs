@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use natter::log::EventLog;
 use natter_events::Envelope;
 use natter_projections::history::{History, snapshot};
-use natter_projections::memory::{MemoryCounts, MemoryViews};
+use natter_projections::local::{LocalCounts, LocalViews};
 use natter_projections::mongo::MongoViews;
 use natter_projections::redis_counts::RedisCounts;
 use natter_projections::{CountStore, ViewStore};
@@ -41,7 +41,7 @@ fn random_history(prefix: &str, users: usize, ops: usize, mut seed: u64) -> Hist
 }
 
 async fn memory_snapshot(h: &History) -> natter_projections::history::Snapshot {
-    let (views, counts) = (MemoryViews::default(), MemoryCounts::default());
+    let (views, counts) = (LocalViews::default(), LocalCounts::default());
     for env in &h.envelopes {
         ViewStore::apply(&views, env).await.unwrap();
         CountStore::apply(&counts, env).await.unwrap();

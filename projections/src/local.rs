@@ -1,0 +1,763 @@
+//! Views and unseen counts in a local database: the embedded node's view
+//! stores (`views.redb` in its data directory) and the pure tests' (the
+//! same code over memory).
+//!
+//! The semantics are the MongoDB and Redis adapters' (insert-once by id,
+//! unique keys, `$max` watermarks, position-guarded counts). The store is
+//! [redb](https://docs.rs/redb): pure Rust (no C toolchain to build it),
+//! one file, transactions over checksummed copy-on-write B-trees that a
+//! crash leaves at the last durable commit, and a page cache of a size we
+//! choose, so a node's memory does not grow with its history.
+//!
+//! **Kept through a log position.** A projector applies each event in one
+//! write transaction that also records the log sequence it came from
+//! ([`LocalStore::kept_through`]): what is on disk is always exactly the
+//! effect of a prefix of the log, so a restart replays only the events
+//! after it. Commits are made durable (fsync) at most about once a second
+//! ([`LocalStore::flush`]); a crash may lose that last second of view
+//! progress, never consistency: the log replays it.
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use natter_events::{Envelope, Event, subjects};
+use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::projection::{ApplyError, Projection};
+use crate::views::{CountStore, MessageView, RoomMessageView, RoomView, StoreError, UserView, ViewStore};
+
+type Bytes = &'static [u8];
+type Str = &'static str;
+
+const USERS: TableDefinition<Str, Bytes> = TableDefinition::new("users");
+const EMAILS: TableDefinition<Str, Str> = TableDefinition::new("emails");
+const ROOMS: TableDefinition<Str, Bytes> = TableDefinition::new("rooms");
+/// (room, user) → position × 2 + member, of the newest membership event.
+const MEMBERS: TableDefinition<(Str, Str), u64> = TableDefinition::new("members");
+/// (conversation, reader) → read watermark.
+const WATERMARKS: TableDefinition<(Str, Str), u64> = TableDefinition::new("watermarks");
+/// (user, other) → position × 2 + blocked, of the newest block change.
+const BLOCKS: TableDefinition<(Str, Str), u64> = TableDefinition::new("blocks");
+/// (message, user, emoji) → position × 2 + on, of the newest change.
+const REACTIONS: TableDefinition<(Str, Str, Str), u64> = TableDefinition::new("reactions");
+/// (user, peer) → (position of the event the count came from, count).
+const DM_UNSEEN: TableDefinition<(Str, Str), (u64, u64)> = TableDefinition::new("dm-unseen");
+/// room → newest seq.
+const ROOM_LAST: TableDefinition<Str, u64> = TableDefinition::new("room-last");
+/// (user, room) → read watermark.
+const ROOM_READ: TableDefinition<(Str, Str), u64> = TableDefinition::new("room-read");
+/// (room, seq) of each deleted room message.
+const ROOM_DELETED: TableDefinition<(Str, u64), ()> = TableDefinition::new("room-deleted");
+/// projection → (log sequence it is kept through, id of that event).
+const KEPT: TableDefinition<Str, (u64, Str)> = TableDefinition::new("kept");
+/// "layout" → [`LAYOUT`].
+const META: TableDefinition<Str, u64> = TableDefinition::new("meta");
+
+/// The tables' shape. A file of another layout is not read: the node
+/// discards it and rebuilds from the log.
+pub const LAYOUT: u64 = 1;
+/// How long a commit may stay in memory only (see [`LocalStore::flush`]).
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
+
+/// A message collection with its unique indexes (direct or room).
+struct Messages {
+    items: TableDefinition<'static, Str, Bytes>,
+    by_command: TableDefinition<'static, Str, Str>,
+    by_seq: TableDefinition<'static, (Str, u64), Str>,
+}
+
+const DIRECT: Messages =
+    Messages { items: TableDefinition::new("messages"), by_command: TableDefinition::new("by-command"), by_seq: TableDefinition::new("by-seq") };
+const ROOM: Messages = Messages {
+    items: TableDefinition::new("room-messages"),
+    by_command: TableDefinition::new("room-by-command"),
+    by_seq: TableDefinition::new("room-by-seq"),
+};
+
+macro_rules! store_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Unavailable(format!("local view store: {e}"))
+            }
+        }
+        impl From<$t> for ApplyError {
+            fn from(e: $t) -> Self {
+                ApplyError::Unavailable(format!("local view store: {e}"))
+            }
+        }
+    )*};
+}
+store_errors!(redb::Error, redb::StorageError, redb::TableError, redb::TransactionError, redb::CommitError, redb::DatabaseError, serde_json::Error);
+
+/// Runs blocking store work without stalling a multi-threaded runtime's
+/// other tasks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(value)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Unavailable(format!("local view store: an unreadable record ({e})")))
+}
+
+/// The database both projections write: one file (or memory).
+pub struct LocalStore {
+    /// `None` once closed.
+    db: std::sync::RwLock<Option<Database>>,
+    /// When a commit was last made durable.
+    durable_at: Mutex<Instant>,
+    /// Commits made since that are in memory only.
+    dirty: AtomicBool,
+}
+
+impl LocalStore {
+    /// A store in memory (tests, benchmarks).
+    pub fn in_memory() -> Arc<LocalStore> {
+        let db = redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new()).expect("an in-memory database");
+        Arc::new(LocalStore::with(db).expect("an in-memory database's tables"))
+    }
+
+    /// Opens (or creates) the store in the file `path`, caching at most
+    /// `cache_bytes` of its pages in memory. Blocks (file I/O). Every
+    /// page's checksum is verified first (a read of the whole file), so a
+    /// file damaged since it was written is refused rather than served.
+    /// An error (or, for damage redb cannot report, a panic) means the file
+    /// cannot be used: the caller discards it and rebuilds.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Arc<LocalStore>, StoreError> {
+        let db = redb::Builder::new().set_cache_size(cache_bytes).set_check_integrity_on_open(true).create(path)?;
+        Ok(Arc::new(LocalStore::with(db)?))
+    }
+
+    fn with(db: Database) -> Result<LocalStore, StoreError> {
+        let tx = db.begin_write()?;
+        {
+            let layout = tx.open_table(META)?.get("layout")?.map(|v| v.value());
+            let empty = tx.open_table(KEPT)?.is_empty()? && tx.open_table(USERS)?.is_empty()?;
+            match layout {
+                Some(LAYOUT) => {}
+                None if empty => {
+                    tx.open_table(META)?.insert("layout", LAYOUT)?;
+                }
+                other => return Err(StoreError::Unavailable(format!("local view store: layout {other:?}, this build reads {LAYOUT}"))),
+            }
+            for t in [USERS, ROOMS, DIRECT.items, ROOM.items] {
+                tx.open_table(t)?;
+            }
+            for t in [EMAILS, DIRECT.by_command, ROOM.by_command] {
+                tx.open_table(t)?;
+            }
+            for t in [MEMBERS, WATERMARKS, BLOCKS, ROOM_READ] {
+                tx.open_table(t)?;
+            }
+            tx.open_table(DIRECT.by_seq)?;
+            tx.open_table(ROOM.by_seq)?;
+            tx.open_table(REACTIONS)?;
+            tx.open_table(DM_UNSEEN)?;
+            tx.open_table(ROOM_LAST)?;
+            tx.open_table(ROOM_DELETED)?;
+        }
+        tx.commit()?;
+        Ok(LocalStore { db: std::sync::RwLock::new(Some(db)), durable_at: Mutex::new(Instant::now()), dirty: AtomicBool::new(false) })
+    }
+
+    /// The database, unless closed.
+    fn db(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>, StoreError> {
+        let db = self.db.read().expect("local store lock");
+        match *db {
+            Some(_) => Ok(db),
+            None => Err(StoreError::Unavailable("local view store: closed (the node is stopping)".into())),
+        }
+    }
+
+    /// Makes everything durable and closes the file (refusing every call
+    /// from now on), so that a node started next in this process can open
+    /// it at once.
+    pub fn close(&self) -> Result<(), StoreError> {
+        let flushed = self.flush();
+        drop(self.db.write().expect("local store lock").take());
+        flushed
+    }
+
+    /// The log sequence `projection` is kept through, and the id of the
+    /// event there (to tell whether the store belongs to this log).
+    pub fn kept_through(&self, projection: &str) -> Result<Option<(u64, String)>, StoreError> {
+        self.read(|tx| Ok(tx.open_table(KEPT)?.get(projection)?.map(|v| (v.value().0, v.value().1.to_owned()))))
+    }
+
+    /// Every projection's (name, log sequence kept through, event id there).
+    pub fn kept(&self) -> Result<Vec<(String, u64, String)>, StoreError> {
+        self.read(|tx| {
+            let mut out = Vec::new();
+            for entry in tx.open_table(KEPT)?.range::<&str>(..)? {
+                let (k, v) = entry?;
+                out.push((k.value().to_owned(), v.value().0, v.value().1.to_owned()));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Makes every commit so far durable (an empty durable commit), if any
+    /// was not. Called about once a second and before the node stops.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        if !self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        blocking(|| {
+            let db = self.db()?;
+            let mut tx = db.as_ref().expect("open").begin_write()?;
+            tx.set_quick_repair(true);
+            // Cleared before the commit: a commit racing this one marks
+            // the store dirty again.
+            self.dirty.store(false, Ordering::Release);
+            tx.commit()?;
+            *self.durable_at.lock().expect("durable clock") = Instant::now();
+            Ok(())
+        })
+    }
+
+    /// One write transaction: durable if the last durable one is a second
+    /// old, else in memory only until the next [`LocalStore::flush`].
+    fn write(&self, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
+        blocking(|| {
+            let db = self.db()?;
+            let mut tx = db.as_ref().expect("open").begin_write()?;
+            let due = self.durable_at.lock().expect("durable clock").elapsed() >= DURABLE_EVERY;
+            if due {
+                tx.set_quick_repair(true);
+                self.dirty.store(false, Ordering::Release);
+            } else {
+                tx.set_durability(Durability::None).map_err(|e| ApplyError::Unavailable(format!("local view store: {e}")))?;
+            }
+            f(&tx)?;
+            tx.commit()?;
+            if due {
+                *self.durable_at.lock().expect("durable clock") = Instant::now();
+            } else {
+                self.dirty.store(true, Ordering::Release);
+            }
+            Ok(())
+        })
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        blocking(|| f(&self.db()?.as_ref().expect("open").begin_read()?))
+    }
+}
+
+/// Records that `projection` is kept through `log_seq` (never backwards).
+fn keep(tx: &WriteTransaction, projection: &str, log_seq: u64, event: &Envelope) -> Result<(), ApplyError> {
+    let mut kept = tx.open_table(KEPT)?;
+    if kept.get(projection)?.is_none_or(|v| v.value().0 < log_seq) {
+        kept.insert(projection, (log_seq, event.id.to_string().as_str()))?;
+    }
+    Ok(())
+}
+
+/// `slot = max(slot, value)` in a table of marks.
+fn raise<K: redb::Key + 'static>(tx: &WriteTransaction, table: TableDefinition<K, u64>, key: K::SelfType<'_>, value: u64) -> Result<(), ApplyError> {
+    let mut t = tx.open_table(table)?;
+    let current = t.get(&key)?.map(|v| v.value()).unwrap_or(0);
+    if value > current {
+        t.insert(key, value)?;
+    }
+    Ok(())
+}
+
+/// Puts a message view unless one from a newer event is there: a send
+/// inserts once (its command id and (conversation, seq) unique), the
+/// newest change wins, a tombstone over everything.
+fn put<T: Serialize + DeserializeOwned>(
+    tx: &WriteTransaction,
+    kind: &Messages,
+    (id, command, seq_key, cpos): (&str, &str, (&str, u64), u64),
+    view: &T,
+    cpos_of: fn(&T) -> u64,
+) -> Result<(), ApplyError> {
+    let mut items = tx.open_table(kind.items)?;
+    let current = items.get(id)?.map(|v| decode::<T>(v.value())).transpose()?;
+    match current {
+        Some(current) if cpos_of(&current) >= cpos => return Ok(()),
+        Some(_) => {}
+        None => {
+            let (mut by_command, mut by_seq) = (tx.open_table(kind.by_command)?, tx.open_table(kind.by_seq)?);
+            if by_command.get(command)?.is_some() || by_seq.get(seq_key)?.is_some() {
+                return Err(ApplyError::Poison(format!("{id}: unique key already held by another message")));
+            }
+            by_command.insert(command, id)?;
+            by_seq.insert(seq_key, id)?;
+        }
+    }
+    items.insert(id, encode(view)?.as_slice())?;
+    Ok(())
+}
+
+fn apply_views(tx: &WriteTransaction, env: &Envelope) -> Result<(), ApplyError> {
+    let position = env.position;
+    match &env.event {
+        Event::UserRegistered(e) => {
+            let mut users = tx.open_table(USERS)?;
+            if users.get(e.user_id.as_str())?.is_some() {
+                return Ok(());
+            }
+            let mut emails = tx.open_table(EMAILS)?;
+            if emails.get(e.email.as_str())?.is_some() {
+                return Err(ApplyError::Poison(format!("{}: email already held by another user", e.user_id)));
+            }
+            emails.insert(e.email.as_str(), e.user_id.as_str())?;
+            users.insert(e.user_id.as_str(), encode(&UserView::from_event(env, e))?.as_slice())?;
+        }
+        Event::MessageSent(_) | Event::MessageEdited(_) | Event::MessageDeleted(_) => {
+            let v = MessageView::of(env).expect("a direct message event");
+            put(tx, &DIRECT, (&v.id, &v.command_id, (&v.conversation, v.seq), v.cpos), &v, |m| m.cpos)?;
+        }
+        Event::RoomCreated(e) => {
+            let mut rooms = tx.open_table(ROOMS)?;
+            if rooms.get(e.room_id.as_str())?.is_none() {
+                rooms.insert(e.room_id.as_str(), encode(&RoomView::from_event(env, e))?.as_slice())?;
+            }
+        }
+        Event::MemberJoined(e) => raise(tx, MEMBERS, (e.room_id.as_str(), e.user_id.as_str()), position * 2 + 1)?,
+        Event::MemberLeft(e) => raise(tx, MEMBERS, (e.room_id.as_str(), e.user_id.as_str()), position * 2)?,
+        Event::RoomRead(_) | Event::MemberInvited(_) | Event::RoleChanged(_) => {}
+        Event::RoomMessageSent(_) | Event::RoomMessageEdited(_) | Event::RoomMessageDeleted(_) => {
+            let v = RoomMessageView::of(env).expect("a room message event");
+            put(tx, &ROOM, (&v.id, &v.command_id, (&v.room_id, v.seq), v.cpos), &v, |m| m.cpos)?;
+        }
+        Event::MessagesSeen(e) => {
+            let conversation = subjects::dm_conversation(&e.reader_id, &e.peer_id);
+            raise(tx, WATERMARKS, (conversation.as_str(), e.reader_id.as_str()), e.up_to_seq)?;
+        }
+        Event::BlockChanged(e) => raise(tx, BLOCKS, (e.user_id.as_str(), e.other_id.as_str()), crate::views::block_mark(position, e.blocked))?,
+        Event::ReactionChanged(e) => {
+            let key = (e.message_id.as_str(), e.user_id.as_str(), e.emoji.as_str());
+            raise(tx, REACTIONS, key, crate::views::reaction_mark(position, e.on))?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_counts(tx: &WriteTransaction, env: &Envelope) -> Result<(), ApplyError> {
+    let state = match &env.event {
+        e if e.dm_state().is_some() => e.dm_state().expect("checked"),
+        Event::RoomMessageSent(e) => {
+            raise(tx, ROOM_LAST, e.room_id.as_str(), e.seq)?;
+            return raise(tx, ROOM_READ, (e.sender_id.as_str(), e.room_id.as_str()), e.seq);
+        }
+        Event::MemberJoined(e) => return raise(tx, ROOM_READ, (e.user_id.as_str(), e.room_id.as_str()), e.seen_up_to),
+        Event::RoomRead(e) => return raise(tx, ROOM_READ, (e.user_id.as_str(), e.room_id.as_str()), e.up_to_seq),
+        Event::RoomMessageDeleted(e) => {
+            tx.open_table(ROOM_DELETED)?.insert((e.message.room_id.as_str(), e.message.seq), ())?;
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    let mut unseen = tx.open_table(DM_UNSEEN)?;
+    for (reader, peer) in [(&state.lo, &state.hi), (&state.hi, &state.lo)] {
+        let key = (reader.user_id.as_str(), peer.user_id.as_str());
+        if unseen.get(key)?.is_none_or(|v| env.position > v.value().0) {
+            unseen.insert(key, (env.position, state.unseen(&reader.user_id, &peer.user_id)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies a batch in one transaction, kept through its newest sequence.
+fn apply_batch_with(
+    store: &LocalStore,
+    projection: &str,
+    batch: &[(&Envelope, u64)],
+    apply: fn(&WriteTransaction, &Envelope) -> Result<(), ApplyError>,
+) -> Result<(), ApplyError> {
+    store.write(|tx| {
+        for (env, _) in batch {
+            apply(tx, env)?;
+        }
+        match batch.iter().max_by_key(|(_, seq)| *seq) {
+            Some((env, seq)) => keep(tx, projection, *seq, env),
+            None => Ok(()),
+        }
+    })
+}
+
+/// The message views of `ids` (missing ones left out), in one read.
+fn messages_of<T: DeserializeOwned>(tx: &ReadTransaction, kind: &Messages, ids: impl IntoIterator<Item = String>) -> Result<Vec<T>, StoreError> {
+    let items = tx.open_table(kind.items)?;
+    let mut out = Vec::new();
+    for id in ids {
+        if let Some(v) = items.get(id.as_str())? {
+            out.push(decode(v.value())?);
+        }
+    }
+    Ok(out)
+}
+
+/// The newest page of `limit` messages of `key` before seq `before`,
+/// oldest first.
+fn page<T: DeserializeOwned>(tx: &ReadTransaction, kind: &Messages, key: &str, before: Option<u64>, limit: u32) -> Result<Vec<T>, StoreError> {
+    let by_seq = tx.open_table(kind.by_seq)?;
+    let mut ids = Vec::new();
+    for entry in by_seq.range((key, 0)..(key, before.unwrap_or(u64::MAX)))?.rev().take(limit as usize) {
+        ids.push(entry?.1.value().to_owned());
+    }
+    ids.reverse();
+    messages_of(tx, kind, ids)
+}
+
+/// Keys of `table` starting with `first`, with their values.
+fn under<V: redb::Value + 'static>(tx: &ReadTransaction, table: TableDefinition<(Str, Str), V>, first: &str) -> Result<Vec<(String, V::SelfType<'static>)>, StoreError>
+where
+    for<'a> V::SelfType<'a>: ToOwned<Owned = V::SelfType<'static>>,
+{
+    let t = tx.open_table(table)?;
+    let mut out = Vec::new();
+    for entry in t.range((first, "")..)? {
+        let (k, v) = entry?;
+        if k.value().0 != first {
+            break;
+        }
+        out.push((k.value().1.to_owned(), v.value().to_owned()));
+    }
+    Ok(out)
+}
+
+fn one<T: DeserializeOwned>(tx: &ReadTransaction, table: TableDefinition<Str, Bytes>, id: &str) -> Result<Option<T>, StoreError> {
+    tx.open_table(table)?.get(id)?.map(|v| decode(v.value())).transpose()
+}
+
+/// The first `limit` records of `table` after `after`, with `keep`.
+fn listed<T: DeserializeOwned>(tx: &ReadTransaction, table: TableDefinition<Str, Bytes>, after: Option<&str>, limit: u32, keep: impl Fn(&T) -> bool) -> Result<Vec<T>, StoreError> {
+    let t = tx.open_table(table)?;
+    let range = match after {
+        Some(a) => t.range::<&str>((Bound::Excluded(a), Bound::Unbounded))?,
+        None => t.range::<&str>(..)?,
+    };
+    let mut out = Vec::new();
+    for entry in range {
+        let item: T = decode(entry?.1.value())?;
+        if keep(&item) {
+            out.push(item);
+            if out.len() >= limit as usize {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The views (users, messages, rooms, memberships, watermarks, blocks,
+/// reactions) in a [`LocalStore`].
+pub struct LocalViews {
+    store: Arc<LocalStore>,
+}
+
+impl LocalViews {
+    pub fn new(store: Arc<LocalStore>) -> LocalViews {
+        LocalViews { store }
+    }
+}
+
+impl Default for LocalViews {
+    /// Views in a store of their own, in memory.
+    fn default() -> Self {
+        LocalViews::new(LocalStore::in_memory())
+    }
+}
+
+#[async_trait]
+impl ViewStore for LocalViews {
+    async fn check(&self) -> Result<(), StoreError> {
+        self.store.read(|tx| Ok(tx.open_table(META)?.get("layout").map(|_| ())?))
+    }
+
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        self.store.write(|tx| apply_views(tx, env))
+    }
+
+    async fn user(&self, id: &str) -> Result<Option<UserView>, StoreError> {
+        self.store.read(|tx| one(tx, USERS, id))
+    }
+
+    async fn users_by_ids(&self, ids: &[String]) -> Result<Vec<UserView>, StoreError> {
+        self.store.read(|tx| ids.iter().filter_map(|id| one(tx, USERS, id).transpose()).collect())
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<UserView>, StoreError> {
+        self.store.read(|tx| match tx.open_table(EMAILS)?.get(email)? {
+            Some(id) => one(tx, USERS, id.value()),
+            None => Ok(None),
+        })
+    }
+
+    async fn users(&self, except: &str, after: Option<&str>, limit: u32) -> Result<Vec<UserView>, StoreError> {
+        self.store.read(|tx| listed(tx, USERS, after, limit, |u: &UserView| u.id != except))
+    }
+
+    async fn message(&self, id: &str) -> Result<Option<MessageView>, StoreError> {
+        self.store.read(|tx| one(tx, DIRECT.items, id))
+    }
+
+    async fn message_by_command(&self, command_id: &str) -> Result<Option<MessageView>, StoreError> {
+        self.store.read(|tx| match tx.open_table(DIRECT.by_command)?.get(command_id)? {
+            Some(id) => one(tx, DIRECT.items, id.value()),
+            None => Ok(None),
+        })
+    }
+
+    async fn messages(&self, conversation: &str, before: Option<u64>, limit: u32) -> Result<Vec<MessageView>, StoreError> {
+        self.store.read(|tx| page(tx, &DIRECT, conversation, before, limit))
+    }
+
+    async fn watermarks(&self, conversation: &str) -> Result<HashMap<String, u64>, StoreError> {
+        self.store.read(|tx| Ok(under(tx, WATERMARKS, conversation)?.into_iter().collect()))
+    }
+
+    async fn contents(&self, ids: &[String]) -> Result<HashMap<String, crate::Content>, StoreError> {
+        self.store.read(|tx| {
+            let mut out = HashMap::new();
+            for m in messages_of::<MessageView>(tx, &DIRECT, ids.iter().cloned())? {
+                out.insert(m.id, crate::Content { message: m.message, attachment: m.attachment, deleted: m.deleted });
+            }
+            let rest = ids.iter().filter(|id| !out.contains_key(*id)).cloned().collect::<Vec<_>>();
+            for m in messages_of::<RoomMessageView>(tx, &ROOM, rest)? {
+                out.insert(m.id, crate::Content { message: m.message, attachment: m.attachment, deleted: m.deleted });
+            }
+            Ok(out)
+        })
+    }
+
+    async fn reactions(&self, ids: &[String]) -> Result<HashMap<String, crate::Reactions>, StoreError> {
+        self.store.read(|tx| {
+            let t = tx.open_table(REACTIONS)?;
+            let mut out: HashMap<String, crate::Reactions> = HashMap::new();
+            for id in ids {
+                for entry in t.range((id.as_str(), "", "")..)? {
+                    let (k, mark) = entry?;
+                    let (m, user, emoji) = k.value();
+                    if m != id {
+                        break;
+                    }
+                    if mark.value() % 2 == 1 {
+                        out.entry(id.clone()).or_default().entry(emoji.to_owned()).or_default().push(user.to_owned());
+                    }
+                }
+            }
+            for r in out.values_mut() {
+                r.values_mut().for_each(|users| users.sort());
+            }
+            Ok(out)
+        })
+    }
+
+    async fn reaction_mark(&self, message: &str, user: &str, emoji: &str) -> Result<u64, StoreError> {
+        self.store.read(|tx| Ok(tx.open_table(REACTIONS)?.get((message, user, emoji))?.map_or(0, |v| v.value())))
+    }
+
+    async fn blocked_among(&self, user: &str, others: &[String]) -> Result<Vec<String>, StoreError> {
+        self.store.read(|tx| {
+            let t = tx.open_table(BLOCKS)?;
+            let mut out = Vec::new();
+            for other in others {
+                if t.get((user, other.as_str()))?.is_some_and(|mark| mark.value() % 2 == 1) {
+                    out.push(other.clone());
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    async fn room(&self, id: &str) -> Result<Option<RoomView>, StoreError> {
+        self.store.read(|tx| one(tx, ROOMS, id))
+    }
+
+    async fn rooms(&self, after: Option<&str>, limit: u32) -> Result<Vec<RoomView>, StoreError> {
+        self.store.read(|tx| listed(tx, ROOMS, after, limit, |_: &RoomView| true))
+    }
+
+    async fn room_members(&self, room: &str) -> Result<Vec<String>, StoreError> {
+        self.store.read(|tx| Ok(under(tx, MEMBERS, room)?.into_iter().filter(|(_, mark)| mark % 2 == 1).map(|(user, _)| user).collect()))
+    }
+
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        self.store.read(|tx| Ok(tx.open_table(MEMBERS)?.get((room, user))?.is_some_and(|mark| mark.value() % 2 == 1)))
+    }
+
+    async fn room_message(&self, id: &str) -> Result<Option<RoomMessageView>, StoreError> {
+        self.store.read(|tx| one(tx, ROOM.items, id))
+    }
+
+    async fn room_message_by_command(&self, command_id: &str) -> Result<Option<RoomMessageView>, StoreError> {
+        self.store.read(|tx| match tx.open_table(ROOM.by_command)?.get(command_id)? {
+            Some(id) => one(tx, ROOM.items, id.value()),
+            None => Ok(None),
+        })
+    }
+
+    async fn room_messages(&self, room: &str, before: Option<u64>, limit: u32) -> Result<Vec<RoomMessageView>, StoreError> {
+        self.store.read(|tx| page(tx, &ROOM, room, before, limit))
+    }
+}
+
+#[async_trait]
+impl Projection for LocalViews {
+    fn name(&self) -> &'static str {
+        "mongo-views"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        ViewStore::apply(self, env).await
+    }
+    async fn apply_at(&self, env: &Envelope, log_seq: u64) -> Result<(), ApplyError> {
+        apply_batch_with(&self.store, self.name(), &[(env, log_seq)], apply_views)
+    }
+    async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
+        apply_batch_with(&self.store, self.name(), batch, apply_views)
+    }
+    async fn kept_through(&self) -> Result<u64, ApplyError> {
+        Ok(self.store.kept_through(self.name())?.map_or(0, |(seq, _)| seq))
+    }
+}
+
+/// Unseen counts (direct and room) in a [`LocalStore`].
+pub struct LocalCounts {
+    store: Arc<LocalStore>,
+}
+
+impl LocalCounts {
+    pub fn new(store: Arc<LocalStore>) -> LocalCounts {
+        LocalCounts { store }
+    }
+}
+
+impl Default for LocalCounts {
+    /// Counts in a store of their own, in memory.
+    fn default() -> Self {
+        LocalCounts::new(LocalStore::in_memory())
+    }
+}
+
+#[async_trait]
+impl CountStore for LocalCounts {
+    async fn check(&self) -> Result<(), StoreError> {
+        self.store.read(|tx| Ok(tx.open_table(META)?.get("layout").map(|_| ())?))
+    }
+
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        self.store.write(|tx| apply_counts(tx, env))
+    }
+
+    async fn unseen(&self, user: &str) -> Result<HashMap<String, u64>, StoreError> {
+        self.store.read(|tx| Ok(under(tx, DM_UNSEEN, user)?.into_iter().filter(|(_, (_, n))| *n > 0).map(|(peer, (_, n))| (peer, n)).collect()))
+    }
+
+    async fn room_unread(&self, user: &str, rooms: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+        self.store.read(|tx| {
+            let (last, read, deleted) = (tx.open_table(ROOM_LAST)?, tx.open_table(ROOM_READ)?, tx.open_table(ROOM_DELETED)?);
+            let mut out = HashMap::new();
+            for r in rooms {
+                let last = last.get(r.as_str())?.map_or(0, |v| v.value());
+                let wm = read.get((user, r.as_str()))?.map_or(0, |v| v.value());
+                let gone = if wm < last { deleted.range((r.as_str(), wm + 1)..=(r.as_str(), last))?.count() as u64 } else { 0 };
+                out.insert(r.clone(), last.saturating_sub(wm).saturating_sub(gone));
+            }
+            Ok(out)
+        })
+    }
+}
+
+#[async_trait]
+impl Projection for LocalCounts {
+    fn name(&self) -> &'static str {
+        "redis-unseen"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+        CountStore::apply(self, env).await
+    }
+    async fn apply_at(&self, env: &Envelope, log_seq: u64) -> Result<(), ApplyError> {
+        apply_batch_with(&self.store, self.name(), &[(env, log_seq)], apply_counts)
+    }
+    async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
+        apply_batch_with(&self.store, self.name(), batch, apply_counts)
+    }
+    async fn kept_through(&self) -> Result<u64, ApplyError> {
+        Ok(self.store.kept_through(self.name())?.map_or(0, |(seq, _)| seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{History, snapshot};
+
+    fn history() -> History {
+        let mut h = History::new("p", 4);
+        h.create_room(0);
+        for i in 0..60 {
+            h.send(i % 4, (i + 1) % 4);
+            h.join(i % 4, 0);
+            h.room_send(i % 4, 0);
+            if i % 7 == 0 {
+                h.mark((i + 1) % 4, i % 4, i / 4);
+                h.delete(i % 4, (i + 1) % 4, 0);
+                h.room_read((i + 2) % 4, 0);
+                h.react(i % 4, (i + 1) % 4, 1, "👍", true);
+                h.block(i % 4, (i + 3) % 4, i % 2 == 0);
+            }
+        }
+        h
+    }
+
+    #[tokio::test]
+    async fn a_store_reopened_from_its_file_answers_the_same_and_says_where_it_is_kept_through() {
+        let dir = std::env::temp_dir().join(format!("natter-local-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("views.redb");
+        let h = history();
+        let events: Vec<(&Envelope, u64)> = h.envelopes.iter().zip(1..).collect();
+        let convs = h.conversations();
+        let (memory_views, memory_counts) = (LocalViews::default(), LocalCounts::default());
+        for (env, seq) in &events {
+            memory_views.apply_at(env, *seq).await.unwrap();
+            memory_counts.apply_at(env, *seq).await.unwrap();
+        }
+        let expected = snapshot(&memory_views, &memory_counts, &h.users, &convs, &h.rooms).await.unwrap();
+        {
+            let store = LocalStore::open(&path, 1 << 20).unwrap();
+            let (views, counts) = (LocalViews::new(store.clone()), LocalCounts::new(store.clone()));
+            for chunk in events.chunks(50) {
+                views.apply_batch(chunk).await.unwrap();
+                counts.apply_batch(chunk).await.unwrap();
+            }
+            store.flush().unwrap();
+        }
+        let store = LocalStore::open(&path, 1 << 20).unwrap();
+        let (views, counts) = (LocalViews::new(store.clone()), LocalCounts::new(store.clone()));
+        assert_eq!(views.kept_through().await.unwrap(), events.len() as u64);
+        assert_eq!(counts.kept_through().await.unwrap(), events.len() as u64);
+        assert_eq!(store.kept_through("redis-unseen").unwrap().unwrap().1, events.last().unwrap().0.id.to_string());
+        let reopened = snapshot(&views, &counts, &h.users, &convs, &h.rooms).await.unwrap();
+        assert_eq!(reopened, expected);
+        assert!(expected.conversations.values().any(|(m, _)| m.iter().any(|m| m.deleted)) && expected.unseen.values().any(|u| !u.is_empty()));
+        assert!(expected.rooms.values().any(|(_, members, messages)| members.len() == 4 && messages.len() == 60));
+        drop((views, counts, store));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
