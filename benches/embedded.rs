@@ -2,7 +2,8 @@
 //! a restart takes to rebuild the views from the log. Reports, never fails
 //! on a timing.
 //!
-//! `cargo bench --bench embedded` (NATTER_BENCH_MESSAGES to change the size).
+//! `cargo bench --bench embedded` (NATTER_BENCH_MESSAGES to change the size,
+//! NATTER_BENCH_SYNC=always|os for one sync policy only).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,11 +24,22 @@ async fn start(dir: &std::path::Path, sync: SyncPolicy) -> RunningNode {
     natter::startup::start(cfg, listener).await.unwrap()
 }
 
+/// This process's resident memory (it runs the node), in MB.
+fn rss_mb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0) / 1024
+}
+
 #[tokio::main]
 async fn main() {
     let total: usize = std::env::var("NATTER_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let pairs = 16;
-    for sync in [SyncPolicy::Always, SyncPolicy::Os] {
+    let syncs = match std::env::var("NATTER_BENCH_SYNC").as_deref() {
+        Ok("always") => vec![SyncPolicy::Always],
+        Ok("os") => vec![SyncPolicy::Os],
+        _ => vec![SyncPolicy::Always, SyncPolicy::Os],
+    };
+    for sync in syncs {
         let dir = std::env::temp_dir().join(format!("natter-bench-{}", uuid::Uuid::new_v4().simple()));
         let node = Arc::new(start(&dir, sync).await);
         let mut users = Vec::new();
@@ -53,17 +65,23 @@ async fn main() {
             t.await.unwrap();
         }
         let secs = started.elapsed().as_secs_f64();
-        println!("sync={sync:?}: {total} sends from {pairs} concurrent senders in {secs:.2} s = {:.0} sends/s", total as f64 / secs);
+        println!(
+            "sync={sync:?}: {total} sends from {pairs} concurrent senders in {secs:.2} s = {:.0} sends/s; RSS {} MB",
+            total as f64 / secs,
+            rss_mb()
+        );
         Arc::into_inner(node).expect("senders done").stop().await;
         let bytes = std::fs::metadata(dir.join("events.log")).unwrap().len();
         let started = Instant::now();
         let node = start(&dir, sync).await;
         let secs = started.elapsed().as_secs_f64();
         let events = total + pairs * 2;
+        let store = std::fs::metadata(dir.join("projections.redb")).map(|m| m.len()).unwrap_or(0);
         println!(
-            "sync={sync:?}: restart replayed {events} events ({:.1} MB) in {secs:.2} s = {:.0} events/s",
+            "sync={sync:?}: restart of {events} events ({:.1} MB of log, {:.1} MB of projections.redb) ready in {secs:.2} s; RSS {} MB",
             bytes as f64 / 1e6,
-            events as f64 / secs
+            store as f64 / 1e6,
+            rss_mb()
         );
         node.stop().await;
         let _ = std::fs::remove_dir_all(&dir);

@@ -313,9 +313,9 @@ section! {
         /// loss) or `os` (leave flushing to the OS: survives a crash of
         /// natter, not of the machine; faster).
         sync: SyncPolicy = SyncPolicy::Always, "sync", "NATTER_SYNC";
-        /// Most bytes of the view store's pages (`views.redb`) kept in
+        /// Most bytes of the local store's pages (`projections.redb`) kept in
         /// memory; the rest is read from disk when asked for.
-        view_cache: u64 = 64 << 20, "view-cache-bytes", "NATTER_VIEW_CACHE_BYTES";
+        store_cache: u64 = 64 << 20, "store-cache-bytes", "NATTER_STORE_CACHE_BYTES";
     }
 }
 

@@ -1,5 +1,5 @@
 //! Views and unseen counts in a local database: the embedded node's view
-//! stores (`views.redb` in its data directory) and the pure tests' (the
+//! stores (`projections.redb` in its data directory) and the pure tests' (the
 //! same code over memory).
 //!
 //! The semantics are the MongoDB and Redis adapters' (insert-once by id,
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use natter_events::{Envelope, Event, subjects};
+pub use redb;
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -230,8 +231,9 @@ impl LocalStore {
     }
 
     /// One write transaction: durable if the last durable one is a second
-    /// old, else in memory only until the next [`LocalStore::flush`].
-    fn write(&self, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
+    /// old, else in memory only until the next [`LocalStore::flush`]. An
+    /// error from `f` aborts it (nothing it wrote is kept).
+    pub fn write(&self, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
         blocking(|| {
             let db = self.db()?;
             let mut tx = db.as_ref().expect("open").begin_write()?;
@@ -253,16 +255,18 @@ impl LocalStore {
         })
     }
 
-    fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    /// One read transaction: a snapshot of everything committed before.
+    pub fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
         blocking(|| f(&self.db()?.as_ref().expect("open").begin_read()?))
     }
 }
 
-/// Records that `projection` is kept through `log_seq` (never backwards).
-fn keep(tx: &WriteTransaction, projection: &str, log_seq: u64, event: &Envelope) -> Result<(), ApplyError> {
+/// Records, in `tx`, that `projection` is kept through `log_seq`, the
+/// event `event_id` (never backwards).
+pub fn keep(tx: &WriteTransaction, projection: &str, log_seq: u64, event_id: &str) -> Result<(), ApplyError> {
     let mut kept = tx.open_table(KEPT)?;
     if kept.get(projection)?.is_none_or(|v| v.value().0 < log_seq) {
-        kept.insert(projection, (log_seq, event.id.to_string().as_str()))?;
+        kept.insert(projection, (log_seq, event_id))?;
     }
     Ok(())
 }
@@ -387,7 +391,7 @@ fn apply_batch_with(
             apply(tx, env)?;
         }
         match batch.iter().max_by_key(|(_, seq)| *seq) {
-            Some((env, seq)) => keep(tx, projection, *seq, env),
+            Some((env, seq)) => keep(tx, projection, *seq, &env.id.to_string()),
             None => Ok(()),
         }
     })
@@ -729,7 +733,7 @@ mod tests {
     async fn a_store_reopened_from_its_file_answers_the_same_and_says_where_it_is_kept_through() {
         let dir = std::env::temp_dir().join(format!("natter-local-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("views.redb");
+        let path = dir.join("projections.redb");
         let h = history();
         let events: Vec<(&Envelope, u64)> = h.envelopes.iter().zip(1..).collect();
         let convs = h.conversations();

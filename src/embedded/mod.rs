@@ -8,20 +8,19 @@
 //!   events.log     the event log (length + CRC32 framed records, see log::file)
 //!   jwt-secret     the token secret generated on first start (unless
 //!                  NATTER_JWT_SECRET is set), so tokens survive restarts
-//!   views.redb     the views and unread counts (see natter_projections::local),
-//!                  kept through a log position: a restart replays only
-//!                  the events after it
+//!   projections.redb  the views, unread counts (natter_projections::local)
+//!                  and push inbox (push::local), each kept through a log
+//!                  position: a restart replays only the events after it
 //!   parked.jsonl   events a projection refused (normally absent)
 //!   lock           held while a node runs: one node per directory
 //! ```
 //!
 //! [`connect`] returns the [`Adapters`]; the node is assembled, served and
 //! drained by the same composition root as a distributed one. Only the
-//! adapters differ: the file log instead of JetStream, views and counts in
-//! `views.redb` (brought up to the log's head before serving; rebuilt from
-//! the log when missing, damaged or from another log), an in-process push
-//! bus whose cursors are log sequences (its deliveries rebuilt from the log
-//! at every start), and in-process presence.
+//! adapters differ: the file log instead of JetStream, views, counts and
+//! the push inbox (whose cursors are log sequences) in `projections.redb`
+//! (brought up to the log's head before serving; rebuilt from the log when
+//! missing, damaged or from another log), and in-process presence.
 
 use std::io::Write;
 use std::path::Path;
@@ -43,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::presence::memory::MemoryPresence;
 use crate::projector::Runner;
 use crate::projector::embedded::{FileTail, ParkedFile, TailPosition};
-use crate::push::memory::MemoryPush;
+use crate::push::local::LocalPush;
 
 /// The token secret kept in the data directory, created on first start.
 fn stored_secret(dir: &Path) -> anyhow::Result<SecretString> {
@@ -86,11 +85,13 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     };
     let data = std::fs::canonicalize(log.path()).unwrap_or_else(|_| log.path().to_owned());
     let closing = log.clone();
-    let (reading, dir, cache) = (log.clone(), e.data_dir.clone(), e.view_cache as usize);
+    let (reading, dir, cache) = (log.clone(), e.data_dir.clone(), e.store_cache as usize);
     let store = tokio::task::spawn_blocking(move || open_views(&dir, cache, &reading)).await??;
     let (views, counts) = (Arc::new(LocalViews::new(store.clone())), Arc::new(LocalCounts::new(store.clone())));
     let applied = Arc::new(TailPosition::default());
     let closing_store = store.clone();
+    let bus = Arc::new(LocalPush::new(store.clone(), cfg.push.retention).context("opening the push inbox")?);
+    let fanned_out = bus.kept_through().context("reading the push inbox")?;
     Ok(Adapters {
         mode: Mode::Embedded,
         log: log.clone(),
@@ -98,10 +99,10 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
         counts: counts.clone(),
         projections: vec![views, counts],
         progress: applied.clone(),
-        bus: Arc::new(MemoryPush::new(cfg.push.retention)),
+        bus: bus.clone(),
         presence: Arc::new(MemoryPresence::new(cfg.push.presence_ttl)),
         counter: Arc::new(crate::ratelimit::MemoryCounter::default()),
-        runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log, applied, store }),
+        runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log, applied, store, fanned_out }),
         stored_secret,
         after_drain: Box::new(move || {
             if let Err(e) = closing_store.close() {
@@ -118,12 +119,12 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     })
 }
 
-/// Opens the view store `views.redb` if it is readable and was built from
-/// this log; else sets it aside (as `views.redb.discarded`, replacing an
+/// Opens the store `projections.redb` if it is readable and was built from
+/// this log; else sets it aside (as `projections.redb.discarded`, replacing an
 /// older one) and starts an empty one, which the tail fills from the log
 /// before the node serves. Blocks (file I/O).
 fn open_views(dir: &Path, cache: usize, log: &FileLog) -> anyhow::Result<Arc<LocalStore>> {
-    let path = dir.join("views.redb");
+    let path = dir.join("projections.redb");
     // redb reports most damage as an error, but may panic on some.
     let why = match std::panic::catch_unwind(|| LocalStore::open(&path, cache)) {
         Ok(Ok(store)) => match built_from(&store, log) {
@@ -136,7 +137,7 @@ fn open_views(dir: &Path, cache: usize, log: &FileLog) -> anyhow::Result<Arc<Loc
         Ok(Err(e)) => e.to_string(),
         Err(_) => "reading it failed (the file is damaged)".into(),
     };
-    let aside = dir.join("views.redb.discarded");
+    let aside = dir.join("projections.redb.discarded");
     std::fs::rename(&path, &aside).with_context(|| format!("setting the unusable view store {} aside", path.display()))?;
     tracing::warn!(
         path = %path.display(), reason = %why, kept_as = %aside.display(),
@@ -161,20 +162,24 @@ fn built_from(store: &LocalStore, log: &FileLog) -> Result<(), String> {
     Ok(())
 }
 
-/// Brings the projections from where each is kept up to the log's head
-/// (the fan-out, which keeps nothing, from the first event), then follows
-/// the log.
+/// Brings the projections from where each is kept up to the log's head,
+/// then follows the log.
 struct ReplayThenTail {
     log: Arc<FileLog>,
     parked: ParkedFile,
     applied: Arc<TailPosition>,
     store: Arc<LocalStore>,
+    /// How far the fan-out had gone (0: it starts from the first event).
+    fanned_out: u64,
 }
 
 #[async_trait]
 impl Runner for ReplayThenTail {
+    /// From the first event, the fan-out keeps room membership from the
+    /// events themselves; resuming after it, it reads membership from the
+    /// log as a distributed one does.
     fn in_log_order(&self) -> bool {
-        true
+        self.fanned_out == 0
     }
 
     async fn start(
@@ -184,7 +189,7 @@ impl Runner for ReplayThenTail {
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
         let head = *self.log.watch_head().borrow();
-        let mut tail = FileTail::new(self.log, projections, metrics, self.parked, self.applied);
+        let mut tail = FileTail::new(self.log, projections, metrics, self.parked, self.applied, shutdown.clone());
         let from = tail.resume().await;
         tracing::info!(log_head = head, kept_through = %tail.kept(), "bringing the projections up to the event log's head before serving");
         let started = Instant::now();

@@ -86,14 +86,34 @@ pub struct FileTail {
     /// Each projection's [`Projection::kept_through`] at start: it is fed
     /// the events after it only.
     kept: Vec<u64>,
+    /// Turns true when the node stops: an event that cannot be applied
+    /// (the stores are closing) is then left for the next start.
+    stopping: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     parked: ParkedFile,
     applied: Arc<TailPosition>,
 }
 
 impl FileTail {
-    pub fn new(log: Arc<FileLog>, projections: Vec<Arc<dyn Projection>>, metrics: Arc<Metrics>, parked: ParkedFile, applied: Arc<TailPosition>) -> FileTail {
-        FileTail { log, projections, kept: Vec::new(), metrics, parked, applied }
+    pub fn new(
+        log: Arc<FileLog>,
+        projections: Vec<Arc<dyn Projection>>,
+        metrics: Arc<Metrics>,
+        parked: ParkedFile,
+        applied: Arc<TailPosition>,
+        stopping: watch::Receiver<bool>,
+    ) -> FileTail {
+        FileTail { log, projections, kept: Vec::new(), stopping, metrics, parked, applied }
+    }
+
+    /// Waits `delay` before a retry; false if the node is stopping.
+    async fn retry_after(&self, delay: Duration) -> bool {
+        let mut stopping = self.stopping.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopping.wait_for(|stop| *stop) => {}
+        }
+        !*self.stopping.borrow()
     }
 
     /// Asks each projection how far it is kept (a store that cannot say
@@ -115,8 +135,10 @@ impl FileTail {
         self.projections.iter().zip(&self.kept).map(|(p, k)| format!("{} {k}", p.name())).collect::<Vec<_>>().join(", ")
     }
 
-    /// Applies the event at `seq` to every projection.
-    async fn project(&self, seq: u64, head: u64) {
+    /// Applies the event at `seq` to every projection; false if the node
+    /// stopped first (then it may be applied in part: every projection
+    /// applies an event again idempotently).
+    async fn project(&self, seq: u64, head: u64) -> bool {
         let (event, payload) = loop {
             match self.log.get(seq).await {
                 Ok(logged) => break (Ok(logged.envelope), Vec::new()),
@@ -125,7 +147,9 @@ impl FileTail {
                     // The file became unreadable: nothing sensible to skip to.
                     self.log.set_read_failure();
                     tracing::error!(seq, error = %e, "cannot read the event log; projections are stalled, retrying every second");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if !self.retry_after(Duration::from_secs(1)).await {
+                        return false;
+                    }
                 }
             }
         };
@@ -136,17 +160,22 @@ impl FileTail {
             while let Next::RetryAfter(delay) =
                 project(p.as_ref(), p.name(), event.as_ref().map_err(Clone::clone), seq, &payload, head - seq, &self.parked, &self.metrics).await
             {
-                tokio::time::sleep(delay).await;
+                if !self.retry_after(delay).await {
+                    return false;
+                }
             }
         }
+        true
     }
 
     /// Applies every acknowledged event after `after` up to the log's head
-    /// now; returns the last sequence applied.
+    /// now (or until the node stops); returns the last sequence applied.
     pub async fn catch_up(&self, after: u64) -> u64 {
         let head = *self.log.watch_head().borrow();
         for seq in after + 1..=head {
-            self.project(seq, head).await;
+            if !self.project(seq, head).await {
+                return seq - 1;
+            }
             self.applied.0.store(seq, Ordering::Release);
         }
         head.max(after)
@@ -157,6 +186,9 @@ impl FileTail {
         let mut appended = self.log.watch_head();
         loop {
             after = self.catch_up(after).await;
+            if *shutdown.borrow() {
+                return;
+            }
             tokio::select! {
                 changed = appended.wait_for(|head| *head > after) => if changed.is_err() { return },
                 _ = shutdown.wait_for(|stop| *stop) => return,

@@ -148,6 +148,9 @@ impl Projection for FanOut {
     fn ordered(&self) -> bool {
         true
     }
+    async fn kept_through(&self) -> Result<u64, ApplyError> {
+        Ok(self.bus.kept_through().await)
+    }
     async fn apply(&self, _env: &Envelope) -> Result<(), ApplyError> {
         Err(ApplyError::Unavailable("the fan-out needs the event's log sequence (apply_at)".into()))
     }
@@ -273,7 +276,7 @@ mod tests {
         use crate::config::SyncPolicy;
         use crate::log::file::FileLog;
         use crate::push::Replay;
-        use crate::push::memory::MemoryPush;
+        use crate::push::local::LocalPush;
 
         let dir = std::env::temp_dir().join(format!("natter-fanout-{}", uuid::Uuid::new_v4().simple()));
         let log = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
@@ -314,7 +317,7 @@ mod tests {
         // After the message (the fan-out is behind): bob leaves, kim joins.
         log.append(&member("bob", false, 2), expected["bob"]).await.unwrap();
         log.append(&member("kim", true, 1), 0).await.unwrap();
-        let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
+        let bus = Arc::new(LocalPush::in_memory(std::time::Duration::from_secs(3600)));
         let fanout = FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100);
         fanout.apply_at(&msg, seq).await.unwrap();
         // Membership as of the message: bob still in, kim not yet.
@@ -335,7 +338,7 @@ mod tests {
         use crate::config::SyncPolicy;
         use crate::log::file::FileLog;
         use crate::push::Replay;
-        use crate::push::memory::MemoryPush;
+        use crate::push::local::LocalPush;
 
         let dir = std::env::temp_dir().join(format!("natter-inorder-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
@@ -359,7 +362,7 @@ mod tests {
             .map(|(i, e)| Envelope::new(format!("c{i}"), "p.ev.x".into(), i as u64 + 1, e))
             .collect();
         let run = || async {
-            let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
+            let bus = Arc::new(LocalPush::in_memory(std::time::Duration::from_secs(3600)));
             let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100);
             for (i, env) in events.iter().enumerate() {
                 fanout.apply_at(env, i as u64 + 1).await.unwrap();
@@ -390,11 +393,11 @@ mod tests {
         use crate::config::SyncPolicy;
         use crate::log::file::FileLog;
         use crate::push::Replay;
-        use crate::push::memory::MemoryPush;
+        use crate::push::local::LocalPush;
 
         let dir = std::env::temp_dir().join(format!("natter-turns-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
-        let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
+        let bus = Arc::new(LocalPush::in_memory(std::time::Duration::from_secs(3600)));
         let nodes = [FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100), FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100)];
         let mut positions: HashMap<String, (u64, u64)> = HashMap::new(); // subject → (position, its last log seq)
         let join = |u: &str| (subjects::member("p", "r", u), Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() }));
@@ -443,11 +446,11 @@ mod tests {
         use crate::config::SyncPolicy;
         use crate::log::file::FileLog;
         use crate::push::Replay;
-        use crate::push::memory::MemoryPush;
+        use crate::push::local::LocalPush;
 
         let dir = std::env::temp_dir().join(format!("natter-announce-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
-        let bus = Arc::new(MemoryPush::new(std::time::Duration::from_secs(3600)));
+        let bus = Arc::new(LocalPush::in_memory(std::time::Duration::from_secs(3600)));
         let fanout = FanOut::in_order(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 2);
         for u in ["u1", "u2", "u3", "u4"] {
             let env = Envelope::new(format!("{u}:j"), subjects::member("p", "r", u), 1, Event::MemberJoined(MemberJoined {

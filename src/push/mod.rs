@@ -27,14 +27,14 @@
 
 //!
 //! The hub and the fan-out talk to a [`PushBus`]: [`nats::NatsPush`] (the
-//! inbox stream above, shared by every node) or [`memory::MemoryPush`] (the
+//! inbox stream above, shared by every node) or [`local::LocalPush`] (the
 //! embedded node's in-process inbox, whose cursors are log sequences).
 
 pub mod erase;
 pub mod fanout;
 pub mod hub;
 pub mod members;
-pub mod memory;
+pub mod local;
 pub mod nats;
 pub mod reactions;
 pub mod router;
@@ -150,6 +150,13 @@ pub trait PushBus: Send + Sync {
     }
     /// The newest cursor (0: nothing delivered yet).
     async fn head(&self) -> anyhow::Result<u64>;
+    /// The log sequence through which the fan-out's deliveries are kept
+    /// where a restart finds them (see [`natter_projections::Projection::kept_through`]):
+    /// a bus kept beside a local log. 0: the fan-out is fed from the first
+    /// event (or checkpointed by its consumer).
+    async fn kept_through(&self) -> u64 {
+        0
+    }
     /// The deliveries of `user` after `cursor` (a page of at most `limit`).
     async fn replay(&self, user: &str, cursor: u64, limit: usize) -> anyhow::Result<Replay>;
     /// Live deliveries and signals of `user` from the moment this returns,

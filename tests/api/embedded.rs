@@ -427,20 +427,21 @@ async fn applied(c: &Cluster, projection: &str) -> f64 {
 }
 
 #[tokio::test]
-async fn a_restart_resumes_the_views_where_they_were_kept_and_rebuilds_a_damaged_or_foreign_store() {
+async fn a_restart_resumes_the_projections_where_they_were_kept_and_rebuilds_a_damaged_or_foreign_store() {
     let mut c = Cluster::embedded().await;
     let (amy, bob, carol) = (c.register(0, "Amy").await, c.register(0, "Bob").await, c.register(0, "Carol").await);
     let rooms = some_history(&c, &amy, &bob, &carol).await;
     let users = [&amy, &bob, &carol];
     let before = views_of(&c, 0, &users, &rooms).await;
     let head = c.log_head().await;
-    let store = c.cfg.embedded.data_dir.join("views.redb");
+    let store = c.cfg.embedded.data_dir.join("projections.redb");
 
     // A clean restart reads the views from disk: nothing is applied again.
     c.restart().await;
     assert_eq!(views_of(&c, 0, &users, &rooms).await, before);
     assert_eq!(applied(&c, "mongo-views").await, 0.0, "the views were kept through the log's head");
     assert_eq!(applied(&c, "redis-unseen").await, 0.0, "the counts were kept through the log's head");
+    assert_eq!(applied(&c, "push-fanout").await, 0.0, "the inbox was kept through the log's head");
 
     // The events appended while the store was set aside (an older copy
     // restored) are replayed into it, and only those.
@@ -454,6 +455,7 @@ async fn a_restart_resumes_the_views_where_they_were_kept_and_rebuilds_a_damaged
     std::fs::write(&store, &older).unwrap();
     c.add_node().await;
     assert_eq!(applied(&c, "mongo-views").await, 2.0, "only the two sends after the copy are replayed");
+    assert_eq!(applied(&c, "push-fanout").await, 2.0, "only the two sends after the copy are fanned out again");
     assert_eq!(views_of(&c, 0, &users, &rooms).await, later);
     let head = head + 2;
     assert_eq!(c.log_head().await, head);
@@ -468,7 +470,8 @@ async fn a_restart_resumes_the_views_where_they_were_kept_and_rebuilds_a_damaged
     std::fs::write(&store, &bytes).unwrap();
     c.add_node().await;
     assert_eq!(applied(&c, "mongo-views").await, head as f64, "rebuilt from the first event");
-    assert!(c.cfg.embedded.data_dir.join("views.redb.discarded").exists(), "the damaged file is kept aside");
+    assert_eq!(applied(&c, "push-fanout").await, head as f64, "the inbox too");
+    assert!(c.cfg.embedded.data_dir.join("projections.redb.discarded").exists(), "the damaged file is kept aside");
     assert_eq!(views_of(&c, 0, &users, &rooms).await, later);
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 6);
 
@@ -480,7 +483,7 @@ async fn a_restart_resumes_the_views_where_they_were_kept_and_rebuilds_a_damaged
     }
     other.nodes.pop().unwrap().stop().await;
     c.nodes.pop().unwrap().stop().await;
-    std::fs::copy(other.cfg.embedded.data_dir.join("views.redb"), &store).unwrap();
+    std::fs::copy(other.cfg.embedded.data_dir.join("projections.redb"), &store).unwrap();
     other.add_node().await;
     other.stop().await;
     c.add_node().await;
