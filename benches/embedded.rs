@@ -3,7 +3,8 @@
 //! on a timing.
 //!
 //! `cargo bench --bench embedded` (NATTER_BENCH_MESSAGES to change the size,
-//! NATTER_BENCH_SYNC=always|os for one sync policy only).
+//! NATTER_BENCH_SYNC=always|os for one sync policy only, NATTER_BENCH_KEEP=1
+//! to keep the data directory).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -84,6 +85,10 @@ async fn main() {
             rss_mb()
         );
         node.stop().await;
-        let _ = std::fs::remove_dir_all(&dir);
+        if std::env::var_os("NATTER_BENCH_KEEP").is_some() {
+            println!("kept the data directory {}", dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }

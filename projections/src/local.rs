@@ -133,13 +133,25 @@ impl LocalStore {
     }
 
     /// Opens (or creates) the store in the file `path`, caching at most
-    /// `cache_bytes` of its pages in memory. Blocks (file I/O). Every
-    /// page's checksum is verified first (a read of the whole file), so a
-    /// file damaged since it was written is refused rather than served.
-    /// An error (or, for damage redb cannot report, a panic) means the file
-    /// cannot be used: the caller discards it and rebuilds.
+    /// `cache_bytes` of its pages in memory. Blocks (file I/O).
+    ///
+    /// A file that was not closed cleanly (the node crashed, or the power
+    /// went, mid-write) has every page's checksum verified first, a read of
+    /// the whole file, so a torn write is refused rather than served; after
+    /// a clean stop the open reads only what it needs (redb's own commit
+    /// checksums guard the rest). An error (or, for damage redb cannot
+    /// report, a panic) means the file cannot be used: the caller sets it
+    /// aside and rebuilds.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Arc<LocalStore>, StoreError> {
-        let db = redb::Builder::new().set_cache_size(cache_bytes).set_check_integrity_on_open(true).create(path)?;
+        let existed = path.exists();
+        let db = redb::Builder::new().set_cache_size(cache_bytes).create(path)?;
+        let clean = !existed || closed_cleanly(&db);
+        let db = if clean {
+            db
+        } else {
+            drop(db);
+            redb::Builder::new().set_cache_size(cache_bytes).set_check_integrity_on_open(true).create(path)?
+        };
         Ok(Arc::new(LocalStore::with(db)?))
     }
 
@@ -155,6 +167,9 @@ impl LocalStore {
                 }
                 other => return Err(StoreError::Unavailable(format!("local view store: layout {other:?}, this build reads {LAYOUT}"))),
             }
+            // Until [`LocalStore::close`] says otherwise (this commit is
+            // durable): a crash from now on is found at the next open.
+            tx.open_table(META)?.insert("closed-cleanly", 0)?;
             for t in [USERS, ROOMS, DIRECT.items, ROOM.items] {
                 tx.open_table(t)?;
             }
@@ -188,9 +203,14 @@ impl LocalStore {
     /// from now on), so that a node started next in this process can open
     /// it at once.
     pub fn close(&self) -> Result<(), StoreError> {
-        let flushed = self.flush();
-        drop(self.db.write().expect("local store lock").take());
-        flushed
+        let Some(db) = self.db.write().expect("local store lock").take() else { return Ok(()) };
+        blocking(|| {
+            let mut tx = db.begin_write()?;
+            tx.set_quick_repair(true);
+            tx.open_table(META)?.insert("closed-cleanly", 1)?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// The log sequence `projection` is kept through, and the id of the
@@ -259,6 +279,12 @@ impl LocalStore {
     pub fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
         blocking(|| f(&self.db()?.as_ref().expect("open").begin_read()?))
     }
+}
+
+/// Whether the store was closed by [`LocalStore::close`] last time.
+fn closed_cleanly(db: &Database) -> bool {
+    let marked = || -> Result<bool, redb::Error> { Ok(db.begin_read()?.open_table(META)?.get("closed-cleanly")?.is_some_and(|v| v.value() == 1)) };
+    marked().unwrap_or(false)
 }
 
 /// Records, in `tx`, that `projection` is kept through `log_seq`, the

@@ -74,7 +74,9 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     // is stopping) and reads the whole file: keep it off the async workers.
     let (sync, window, at) = (e.sync, cfg.log.dedup_window, e.data_dir.clone());
     let compact = cfg.log.compact_events;
+    let started = Instant::now();
     let log = Arc::new(tokio::task::spawn_blocking(move || FileLog::open(&at, sync, window)).await??.compact_events(compact));
+    tracing::info!(events = *log.watch_head().borrow(), secs = format!("{:.2}", started.elapsed().as_secs_f64()), "event log opened");
     let stored_secret = match cfg.auth.jwt_secret {
         Some(_) => None,
         None => Some(stored_secret(&e.data_dir)?),
@@ -86,7 +88,9 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     let data = std::fs::canonicalize(log.path()).unwrap_or_else(|_| log.path().to_owned());
     let closing = log.clone();
     let (reading, dir, cache) = (log.clone(), e.data_dir.clone(), e.store_cache as usize);
+    let started = Instant::now();
     let store = tokio::task::spawn_blocking(move || open_views(&dir, cache, &reading)).await??;
+    tracing::info!(secs = format!("{:.2}", started.elapsed().as_secs_f64()), "projections.redb opened and checked");
     let (views, counts) = (Arc::new(LocalViews::new(store.clone())), Arc::new(LocalCounts::new(store.clone())));
     let applied = Arc::new(TailPosition::default());
     let closing_store = store.clone();

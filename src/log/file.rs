@@ -50,6 +50,27 @@ struct Record {
     event: StoredEvent,
 }
 
+/// What opening the log reads of a record: its place and keys, not the
+/// event's payload.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordHead<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    msg_id: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    subject: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    event: EventHead<'a>,
+}
+
+#[derive(Deserialize)]
+struct EventHead<'a> {
+    #[serde(borrow)]
+    subject: std::borrow::Cow<'a, str>,
+    at: chrono::DateTime<chrono::Utc>,
+}
+
 struct State {
     file: std::fs::File,
     /// Byte offset of each record, by sequence - 1.
@@ -114,49 +135,61 @@ impl FileLog {
             // Make the new file's name durable too.
             std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing data directory {}", dir.display()))?;
         }
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).with_context(|| format!("reading event log {}", path.display()))?;
         let (mut offsets, mut by_subject, mut recent, mut recent_order) = (Vec::new(), BTreeMap::<String, Vec<u64>>::new(), HashMap::new(), VecDeque::new());
         let (opened, now) = (Instant::now(), chrono::Utc::now());
-        let mut pos = 0usize;
-        while pos < bytes.len() {
-            match Self::parse(&bytes[pos..]) {
-                Some((record, size)) if record.seq == offsets.len() as u64 + 1 => {
-                    offsets.push(pos as u64);
-                    // Only the command ids still inside the dedup window
-                    // (by the event's time) are remembered: a long log's
-                    // ids would otherwise all sit in memory for a window.
-                    let age = (now - record.event.at).to_std().unwrap_or_default();
-                    if age < dedup_window
-                        && let Some(at) = opened.checked_sub(age)
-                    {
-                        recent_order.push_back((at, record.msg_id.clone()));
-                        recent.insert(record.msg_id, (record.seq, at));
-                    }
-                    by_subject.entry(record.subject.unwrap_or(record.event.subject)).or_default().push(record.seq);
-                    pos += size;
-                }
-                _ => break,
+        // Streamed, each record's header fields only (the event's payload
+        // is skipped, not decoded): a long log opens without holding it
+        // in memory.
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
+        let (mut pos, mut body) = (0u64, Vec::new());
+        while Self::next_head(&mut reader, &mut body).is_some() {
+            let Ok(head) = serde_json::from_slice::<RecordHead<'_>>(&body) else { break };
+            if head.seq != offsets.len() as u64 + 1 {
+                break;
             }
+            offsets.push(pos);
+            // Only the command ids still inside the dedup window (by the
+            // event's time) are remembered: a long log's ids would
+            // otherwise all sit in memory for a window.
+            let age = (now - head.event.at).to_std().unwrap_or_default();
+            if age < dedup_window
+                && let Some(at) = opened.checked_sub(age)
+            {
+                recent_order.push_back((at, head.msg_id.to_string()));
+                recent.insert(head.msg_id.to_string(), (head.seq, at));
+            }
+            let subject = head.subject.unwrap_or(head.event.subject);
+            match by_subject.get_mut(subject.as_ref()) {
+                Some(seqs) => seqs.push(head.seq),
+                None => {
+                    by_subject.insert(subject.into_owned(), vec![head.seq]);
+                }
+            }
+            pos += HEADER + body.len() as u64;
         }
-        if let Some(valid) = Self::valid_record_after(&bytes, pos) {
-            anyhow::bail!(
-                "event log {} is corrupt at byte {pos} of {}, and a valid record follows at byte {valid}: this is damage \
-                 in the middle of the file, not an interrupted write, so nothing is cut off automatically. Restore \
-                 events.log from a backup (events 1..{} before the damage are intact)",
-                path.display(),
-                bytes.len(),
-                offsets.len()
-            );
-        }
-        if pos < bytes.len() {
+        drop(reader);
+        let len = file.metadata().with_context(|| format!("reading event log {}", path.display()))?.len();
+        if pos < len {
+            // What follows the last whole record: a torn write, or damage.
+            let mut rest = Vec::new();
+            file.seek(SeekFrom::Start(pos)).and_then(|_| file.read_to_end(&mut rest)).with_context(|| format!("reading event log {}", path.display()))?;
+            if let Some(valid) = Self::valid_record_after(&rest, 0) {
+                anyhow::bail!(
+                    "event log {} is corrupt at byte {pos} of {len}, and a valid record follows at byte {}: this is damage \
+                     in the middle of the file, not an interrupted write, so nothing is cut off automatically. Restore \
+                     events.log from a backup (events 1..{} before the damage are intact)",
+                    path.display(),
+                    pos + valid as u64,
+                    offsets.len()
+                );
+            }
             let keep = dir.join(format!("events.log.cut-{}", chrono::Utc::now().timestamp()));
-            std::fs::write(&keep, &bytes[pos..]).with_context(|| format!("saving the torn tail to {}", keep.display()))?;
+            std::fs::write(&keep, &rest).with_context(|| format!("saving the torn tail to {}", keep.display()))?;
             tracing::warn!(
-                path = %path.display(), kept_events = offsets.len(), cut_bytes = bytes.len() - pos, saved_to = %keep.display(),
+                path = %path.display(), kept_events = offsets.len(), cut_bytes = rest.len(), saved_to = %keep.display(),
                 "event log ends with a torn or damaged record (an interrupted write); cutting it off"
             );
-            file.set_len(pos as u64).with_context(|| format!("truncating event log {}", path.display()))?;
+            file.set_len(pos).with_context(|| format!("truncating event log {}", path.display()))?;
             file.sync_all().with_context(|| format!("syncing event log {} after truncating it", path.display()))?;
         }
         let head = tokio::sync::watch::Sender::new(offsets.len() as u64);
@@ -165,9 +198,9 @@ impl FileLog {
             path,
             sync,
             dedup_window,
-            state: Mutex::new(State { file, offsets, end: pos as u64, by_subject, recent, recent_order, broken: None }),
+            state: Mutex::new(State { file, offsets, end: pos, by_subject, recent, recent_order, broken: None }),
             sync_file,
-            synced: Mutex::new(pos as u64),
+            synced: Mutex::new(pos),
             dir_lock: Mutex::new(Some(dir_lock)),
             head,
             failing: std::sync::atomic::AtomicBool::new(false),
@@ -181,6 +214,21 @@ impl FileLog {
     pub fn compact_events(mut self, compact: bool) -> Self {
         self.compact = compact;
         self
+    }
+
+    /// Reads the next record's body into `body` if it is whole and its
+    /// checksum holds (else `None`: the end, or a torn or damaged record).
+    fn next_head(reader: &mut impl Read, body: &mut Vec<u8>) -> Option<()> {
+        let mut header = [0u8; HEADER as usize];
+        reader.read_exact(&mut header).ok()?;
+        let len = u32::from_le_bytes(header[0..4].try_into().ok()?);
+        let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
+        if len > MAX_RECORD {
+            return None;
+        }
+        body.resize(len as usize, 0);
+        reader.read_exact(body).ok()?;
+        (crc32fast::hash(body) == crc).then_some(())
     }
 
     /// Where, after the unreadable byte at `from`, a checksum-valid record
