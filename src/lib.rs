@@ -21,7 +21,7 @@
 //!   apply) and one idempotency check for all.
 //! - `projector`: the one projector policy (applied / parked / retry
 //!   later) and its two runtimes (JetStream consumers, the embedded tail).
-//! - `push`: real-time delivery: the push port (NATS or in-process), the
+//! - `push`: real-time delivery: the push port (NATS or the embedded inbox), the
 //!   fan-out projection (log → per-user deliveries) and the node's hub
 //!   (deliveries → sockets, resume).
 //! - [`log`]: the event-log port and its adapters; `presence`: who is in a

@@ -61,8 +61,10 @@ const KEPT: TableDefinition<Str, (u64, Str)> = TableDefinition::new("kept");
 /// "layout" → [`LAYOUT`].
 const META: TableDefinition<Str, u64> = TableDefinition::new("meta");
 
-/// The tables' shape. A file of another layout is not read: the node
-/// discards it and rebuilds from the log.
+/// The tables' shape *and what an event writes there*: bump it with any
+/// change to either (as a projection's `version()` would be bumped), and
+/// every node's file, of another layout, is set aside at its next start
+/// and rebuilt from the log.
 pub const LAYOUT: u64 = 1;
 /// How long a commit may stay in memory only (see [`LocalStore::flush`]).
 const DURABLE_EVERY: Duration = Duration::from_secs(1);
@@ -115,10 +117,38 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Unavailable(format!("local view store: an unreadable record ({e})")))
 }
 
-/// The database both projections write: one file (or memory).
+/// Why [`LocalStore::open`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The file cannot be used (damaged, another layout): set it aside and
+    /// rebuild.
+    #[error("{0}")]
+    Unusable(String),
+    /// The file could not be read or written (permissions, a full disk):
+    /// nothing says it is bad; keep it and report.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl<E: Into<redb::Error>> From<E> for OpenError {
+    fn from(e: E) -> Self {
+        match e.into() {
+            e @ (redb::Error::Io(_) | redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch) => OpenError::Io(e.to_string()),
+            e => OpenError::Unusable(e.to_string()),
+        }
+    }
+}
+
+/// The database every local projection writes: one file (or memory).
 pub struct LocalStore {
     /// `None` once closed.
     db: std::sync::RwLock<Option<Database>>,
+    /// Called before a commit is made durable: the file log is synced
+    /// first, so the store never holds on disk what the log does not.
+    before_durable: std::sync::OnceLock<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    /// A commit failed: redb takes no more writes until reopened, so the
+    /// store refuses them (and `check` fails) until natter restarts.
+    broken: Mutex<Option<String>>,
     /// When a commit was last made durable.
     durable_at: Mutex<Instant>,
     /// Commits made since that are in memory only.
@@ -142,7 +172,7 @@ impl LocalStore {
     /// checksums guard the rest). An error (or, for damage redb cannot
     /// report, a panic) means the file cannot be used: the caller sets it
     /// aside and rebuilds.
-    pub fn open(path: &Path, cache_bytes: usize) -> Result<Arc<LocalStore>, StoreError> {
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Arc<LocalStore>, OpenError> {
         let existed = path.exists();
         let db = redb::Builder::new().set_cache_size(cache_bytes).create(path)?;
         let clean = !existed || closed_cleanly(&db);
@@ -155,7 +185,7 @@ impl LocalStore {
         Ok(Arc::new(LocalStore::with(db)?))
     }
 
-    fn with(db: Database) -> Result<LocalStore, StoreError> {
+    fn with(db: Database) -> Result<LocalStore, OpenError> {
         let tx = db.begin_write()?;
         {
             let layout = tx.open_table(META)?.get("layout")?.map(|v| v.value());
@@ -165,7 +195,7 @@ impl LocalStore {
                 None if empty => {
                     tx.open_table(META)?.insert("layout", LAYOUT)?;
                 }
-                other => return Err(StoreError::Unavailable(format!("local view store: layout {other:?}, this build reads {LAYOUT}"))),
+                other => return Err(OpenError::Unusable(format!("layout {other:?}, this build reads {LAYOUT}"))),
             }
             // Until [`LocalStore::close`] says otherwise (this commit is
             // durable): a crash from now on is found at the next open.
@@ -187,11 +217,49 @@ impl LocalStore {
             tx.open_table(ROOM_DELETED)?;
         }
         tx.commit()?;
-        Ok(LocalStore { db: std::sync::RwLock::new(Some(db)), durable_at: Mutex::new(Instant::now()), dirty: AtomicBool::new(false) })
+        Ok(LocalStore {
+            db: std::sync::RwLock::new(Some(db)),
+            before_durable: std::sync::OnceLock::new(),
+            broken: Mutex::new(None),
+            durable_at: Mutex::new(Instant::now()),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// Runs `sync` before every durable commit from now on (once).
+    pub fn sync_first(&self, sync: impl Fn() -> Result<(), String> + Send + Sync + 'static) {
+        let _ = self.before_durable.set(Box::new(sync));
+    }
+
+    /// Makes what was committed so far durable's precondition hold: the
+    /// log synced first.
+    fn before_durable(&self) -> Result<(), StoreError> {
+        match self.before_durable.get() {
+            Some(sync) => sync().map_err(|e| StoreError::Unavailable(format!("local view store: syncing the event log first: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a commit failed (then no more are taken).
+    pub fn failure(&self) -> Option<String> {
+        self.broken.lock().expect("store state").clone()
+    }
+
+    /// Commits `tx`; a failure is remembered (redb takes no more writes).
+    fn commit(&self, tx: WriteTransaction) -> Result<(), StoreError> {
+        tx.commit().map_err(|e| {
+            let why = format!("local view store: a commit failed ({e}); it takes no more writes until natter restarts");
+            tracing::error!(error = %e, "projections.redb refused a commit (disk full? failing disk?): the views stop here; free space and restart natter");
+            *self.broken.lock().expect("store state") = Some(why.clone());
+            StoreError::Unavailable(why)
+        })
     }
 
     /// The database, unless closed.
     fn db(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>, StoreError> {
+        if let Some(why) = self.failure() {
+            return Err(StoreError::Unavailable(why));
+        }
         let db = self.db.read().expect("local store lock");
         match *db {
             Some(_) => Ok(db),
@@ -204,12 +272,15 @@ impl LocalStore {
     /// it at once.
     pub fn close(&self) -> Result<(), StoreError> {
         let Some(db) = self.db.write().expect("local store lock").take() else { return Ok(()) };
+        if self.failure().is_some() {
+            return Ok(()); // not clean: the next start checks it
+        }
         blocking(|| {
+            self.before_durable()?;
             let mut tx = db.begin_write()?;
             tx.set_quick_repair(true);
             tx.open_table(META)?.insert("closed-cleanly", 1)?;
-            tx.commit()?;
-            Ok(())
+            self.commit(tx)
         })
     }
 
@@ -239,12 +310,16 @@ impl LocalStore {
         }
         blocking(|| {
             let db = self.db()?;
+            self.before_durable()?;
             let mut tx = db.as_ref().expect("open").begin_write()?;
             tx.set_quick_repair(true);
             // Cleared before the commit: a commit racing this one marks
             // the store dirty again.
             self.dirty.store(false, Ordering::Release);
-            tx.commit()?;
+            if let Err(e) = self.commit(tx) {
+                self.dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
             *self.durable_at.lock().expect("durable clock") = Instant::now();
             Ok(())
         })
@@ -256,17 +331,20 @@ impl LocalStore {
     pub fn write(&self, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
         blocking(|| {
             let db = self.db()?;
-            let mut tx = db.as_ref().expect("open").begin_write()?;
             let due = self.durable_at.lock().expect("durable clock").elapsed() >= DURABLE_EVERY;
+            // A durable commit also makes every earlier one durable: the
+            // log must be on disk as far as they reflect it.
+            let due = due && self.before_durable().is_ok();
+            let mut tx = db.as_ref().expect("open").begin_write()?;
             if due {
                 tx.set_quick_repair(true);
-                self.dirty.store(false, Ordering::Release);
             } else {
                 tx.set_durability(Durability::None).map_err(|e| ApplyError::Unavailable(format!("local view store: {e}")))?;
             }
             f(&tx)?;
-            tx.commit()?;
+            self.commit(tx)?;
             if due {
+                self.dirty.store(false, Ordering::Release);
                 *self.durable_at.lock().expect("durable clock") = Instant::now();
             } else {
                 self.dirty.store(true, Ordering::Release);

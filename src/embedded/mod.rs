@@ -30,7 +30,7 @@ use std::time::Instant;
 use anyhow::Context;
 use async_trait::async_trait;
 use natter_projections::Projection;
-use natter_projections::local::{LocalCounts, LocalStore, LocalViews};
+use natter_projections::local::{LocalCounts, LocalStore, LocalViews, OpenError};
 use secrecy::SecretString;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -90,12 +90,17 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     let (reading, dir, cache) = (log.clone(), e.data_dir.clone(), e.store_cache as usize);
     let started = Instant::now();
     let store = tokio::task::spawn_blocking(move || open_views(&dir, cache, &reading)).await??;
+    if e.sync == SyncPolicy::Os {
+        // Appends are not synced one by one: the store must not reach the
+        // disk ahead of the events it reflects.
+        let synced = log.clone();
+        store.sync_first(move || synced.sync_to_disk().map_err(|e| e.to_string()));
+    }
     tracing::info!(secs = format!("{:.2}", started.elapsed().as_secs_f64()), "projections.redb opened and checked");
     let (views, counts) = (Arc::new(LocalViews::new(store.clone())), Arc::new(LocalCounts::new(store.clone())));
     let applied = Arc::new(TailPosition::default());
     let closing_store = store.clone();
     let bus = Arc::new(LocalPush::new(store.clone(), cfg.push.retention).context("opening the push inbox")?);
-    let fanned_out = bus.kept_through().context("reading the push inbox")?;
     Ok(Adapters {
         mode: Mode::Embedded,
         log: log.clone(),
@@ -106,7 +111,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
         bus: bus.clone(),
         presence: Arc::new(MemoryPresence::new(cfg.push.presence_ttl)),
         counter: Arc::new(crate::ratelimit::MemoryCounter::default()),
-        runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log, applied, store, fanned_out }),
+        runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log, applied, store }),
         stored_secret,
         after_drain: Box::new(move || {
             if let Err(e) = closing_store.close() {
@@ -130,15 +135,20 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
 fn open_views(dir: &Path, cache: usize, log: &FileLog) -> anyhow::Result<Arc<LocalStore>> {
     let path = dir.join("projections.redb");
     // redb reports most damage as an error, but may panic on some.
-    let why = match std::panic::catch_unwind(|| LocalStore::open(&path, cache)) {
-        Ok(Ok(store)) => match built_from(&store, log) {
-            Ok(()) => return Ok(store),
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let store = LocalStore::open(&path, cache)?;
+        match built_from(&store, log) {
+            Ok(()) => Ok(store),
             Err(why) => {
                 let _ = store.close();
-                why
+                Err(OpenError::Unusable(why))
             }
-        },
-        Ok(Err(e)) => e.to_string(),
+        }
+    }));
+    let why = match opened {
+        Ok(Ok(store)) => return Ok(store),
+        Ok(Err(OpenError::Io(e))) => anyhow::bail!("cannot open {} ({e}): check the data directory's permissions and free space", path.display()),
+        Ok(Err(OpenError::Unusable(why))) => why,
         Err(_) => "reading it failed (the file is damaged)".into(),
     };
     let aside = dir.join("projections.redb.discarded");
@@ -173,17 +183,15 @@ struct ReplayThenTail {
     parked: ParkedFile,
     applied: Arc<TailPosition>,
     store: Arc<LocalStore>,
-    /// How far the fan-out had gone (0: it starts from the first event).
-    fanned_out: u64,
 }
 
 #[async_trait]
 impl Runner for ReplayThenTail {
-    /// From the first event, the fan-out keeps room membership from the
-    /// events themselves; resuming after it, it reads membership from the
-    /// log as a distributed one does.
+    /// Every event after where each projection is kept, in order: the
+    /// fan-out follows room membership from the events themselves (a room
+    /// it has not seen since the start is read from the log once).
     fn in_log_order(&self) -> bool {
-        self.fanned_out == 0
+        true
     }
 
     async fn start(
@@ -195,6 +203,7 @@ impl Runner for ReplayThenTail {
         let head = *self.log.watch_head().borrow();
         let mut tail = FileTail::new(self.log, projections, metrics, self.parked, self.applied, shutdown.clone());
         let from = tail.resume().await;
+        tail.retry_parked().await;
         tracing::info!(log_head = head, kept_through = %tail.kept(), "bringing the projections up to the event log's head before serving");
         let started = Instant::now();
         let replayed = tail.catch_up(from).await;

@@ -301,6 +301,12 @@ impl FileLog {
         drop(self.dir_lock.lock().expect("data directory lock").take());
     }
 
+    /// Syncs every append so far to disk (with [`SyncPolicy::Os`], appends
+    /// are acknowledged before it).
+    pub fn sync_to_disk(&self) -> std::io::Result<()> {
+        self.sync_file.sync_data()
+    }
+
     /// Marks the log as failing for `/readyz` (a reader found it damaged).
     pub fn set_read_failure(&self) {
         self.failing.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -49,9 +49,9 @@ impl ParkedFile {
 
 #[async_trait]
 impl Parking for ParkedFile {
-    /// A line that cannot be written is logged, and the event skipped all
-    /// the same: a full or read-only disk must not stall the node's views
-    /// (every start applies every event again anyway).
+    /// A line that cannot be written (full or read-only disk) is an
+    /// error: the event is not skipped until it is recorded, since a
+    /// restart applies again only the events recorded here.
     async fn park(&self, projection: &str, seq: u64, reason: &str, _payload: &[u8]) -> Result<bool, String> {
         if self.recorded.lock().expect("parked set lock").contains(&(projection.to_owned(), seq)) {
             return Ok(false);
@@ -61,10 +61,19 @@ impl Parking for ParkedFile {
         match written {
             Ok(()) => {
                 self.recorded.lock().expect("parked set lock").insert((projection.to_owned(), seq));
+                Ok(true)
             }
-            Err(e) => tracing::error!(path = %self.path.display(), projection, seq, error = %e, "cannot record a parked event; skipping it unrecorded"),
+            Err(e) => Err(format!("cannot write {}: {e}", self.path.display())),
         }
-        Ok(true)
+    }
+}
+
+impl ParkedFile {
+    /// The (projection, seq) recorded, oldest first.
+    fn recorded(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<_> = self.recorded.lock().expect("parked set lock").iter().cloned().collect();
+        all.sort_by_key(|(_, seq)| *seq);
+        all
     }
 }
 
@@ -130,6 +139,32 @@ impl FileTail {
         self.kept.iter().copied().min().unwrap_or(0)
     }
 
+    /// Applies again, once, each parked event that its projection is kept
+    /// past (the tail will not reach it): fixed since (a newer build, a
+    /// store back), it is applied; still poison, it stays parked. Apply is
+    /// idempotent, and the inbox ignores an event it has fanned out past.
+    pub async fn retry_parked(&self) {
+        for (name, seq) in self.parked.recorded() {
+            let Some(i) = self.projections.iter().position(|p| p.name() == name) else { continue };
+            if self.kept.get(i).is_none_or(|&kept| seq > kept) {
+                continue;
+            }
+            let event = match self.log.get(seq).await {
+                Ok(logged) => Ok(logged.envelope),
+                Err(LogError::Corrupt { source, .. }) => Err(source.to_string()),
+                Err(e) => {
+                    tracing::warn!(projection = name, seq, error = %e, "cannot read a parked event to apply it again");
+                    continue;
+                }
+            };
+            let p = &self.projections[i];
+            let head = *self.log.watch_head().borrow();
+            if let Next::RetryAfter(_) = project(p.as_ref(), &name, event.as_ref().map_err(Clone::clone), seq, &[], head - seq, &self.parked, &self.metrics).await {
+                tracing::warn!(projection = name, seq, "a parked event could not be applied again now; it is tried at the next start");
+            }
+        }
+    }
+
     /// Each projection with how far it is kept, for the start-up log line.
     pub fn kept(&self) -> String {
         self.projections.iter().zip(&self.kept).map(|(p, k)| format!("{} {k}", p.name())).collect::<Vec<_>>().join(", ")
@@ -171,6 +206,8 @@ impl FileTail {
     /// Applies every acknowledged event after `after` up to the log's head
     /// now (or until the node stops); returns the last sequence applied.
     pub async fn catch_up(&self, after: u64) -> u64 {
+        // Every projection is kept through `after` at least.
+        self.applied.0.fetch_max(after, Ordering::AcqRel);
         let head = *self.log.watch_head().borrow();
         for seq in after + 1..=head {
             if !self.project(seq, head).await {

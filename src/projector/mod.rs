@@ -150,9 +150,9 @@ pub async fn project_batch(projection: &dyn Projection, label: &str, batch: &[(&
 /// How a mode runs its projectors.
 #[async_trait]
 pub trait Runner: Send {
-    /// Whether every projection is given every event in log order from the
-    /// first, one at a time (then the fan-out can track room membership
-    /// from the events themselves).
+    /// Whether every projection is given every event in log order, one at
+    /// a time, from the first or from where it is kept (then the fan-out
+    /// can track room membership from the events themselves).
     fn in_log_order(&self) -> bool;
 
     /// Brings the projections far enough to serve (embedded: replays the

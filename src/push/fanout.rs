@@ -88,8 +88,9 @@ impl FanOut {
         FanOut { bus, members: Membership::new(log, prefix, false), announce_max, large: Mutex::default(), reactions }
     }
 
-    /// A fan-out fed every event in log order, from the first (embedded):
-    /// a replay of the log makes the very same deliveries.
+    /// A fan-out fed every event in log order (embedded), from the first
+    /// or from where its inbox is kept: a replay of the log makes the very
+    /// same deliveries.
     pub fn in_order(bus: Arc<dyn PushBus>, prefix: String, log: Arc<dyn EventLog>, views: Arc<dyn ViewStore>, announce_max: usize) -> FanOut {
         let reactions = ReactionPushes::new(views);
         FanOut { bus, members: Membership::new(log, prefix, true), announce_max, large: Mutex::default(), reactions }

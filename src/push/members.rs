@@ -7,8 +7,9 @@
 //! costs what the room's membership changed since, not what it ever was:
 //!
 //! - **Fed in order** (embedded: the projector hands over every event of
-//!   the log, in order): the table follows the membership events as they
-//!   come and is never read back from the log.
+//!   the log, in order, from the first or from where the inbox is kept):
+//!   the table follows the membership events as they come; a room not seen
+//!   since the start is built cold once (below).
 //! - **Distributed**: any node may handle a room's next event (the room's
 //!   partition has one event in flight, but the previous one may have been
 //!   another node's), so before using its table a node asks the log for

@@ -169,6 +169,9 @@ async fn spawn_on(c: &Cluster) -> ProcessNode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_during_a_stream_of_sends_loses_no_acknowledged_send() {
     let mut c = Cluster::embedded().await;
+    // A user the store holds from before the crash (stopped cleanly).
+    let zed_name = format!("Zedekiah-{}", uuid::Uuid::new_v4().simple());
+    c.register(0, &zed_name).await;
     // The node runs as its own process from here, so it can be killed.
     c.nodes.pop().unwrap().stop().await;
     let mut node = spawn_on(&c).await;
@@ -209,16 +212,22 @@ async fn kill_9_during_a_stream_of_sends_loses_no_acknowledged_send() {
     let in_flight = in_flight.lock().unwrap().clone();
     // The store was not closed: its checksums are verified at the next
     // start, so damage there (a write torn by the crash) is found, the file
-    // set aside and rebuilt from the log.
+    // set aside and rebuilt from the log. The damage here would read as a
+    // plausible name if it were served.
     let store = c.cfg.embedded.data_dir.join("projections.redb");
     let mut bytes = std::fs::read(&store).unwrap();
-    for b in &mut bytes[4096..] {
-        *b = !*b;
+    let found: Vec<usize> = bytes.windows(zed_name.len()).enumerate().filter(|(_, w)| *w == zed_name.as_bytes()).map(|(i, _)| i).collect();
+    assert!(!found.is_empty(), "the store holds the name as written");
+    for i in found {
+        bytes[i] = b'z';
     }
     std::fs::write(&store, &bytes).unwrap();
 
     let node = spawn_on(&c).await;
     assert!(c.cfg.embedded.data_dir.join("projections.redb.discarded").exists(), "the damaged store was found and set aside");
+    let (_, listed) = call(&http, Method::GET, format!("{}/api/users?limit=100", node.url), Some(&amy.token), None).await.unwrap();
+    let names: Vec<&str> = listed["users"].as_array().unwrap().iter().filter_map(|u| u["name"].as_str()).collect();
+    assert!(names.contains(&zed_name.as_str()), "served as written: {names:?}");
     let users: HashMap<String, Arc<User>> = [&amy, &bob, &carol].into_iter().map(|u| (u.id.clone(), u.clone())).collect();
     // The client retries what it never saw acknowledged, with the same id:
     // stored once, whether or not the dead node had written it.
@@ -253,14 +262,16 @@ async fn kill_9_during_a_stream_of_sends_loses_no_acknowledged_send() {
         assert_eq!(ids.into_iter().collect::<HashSet<_>>(), expected, "every acknowledged send, once");
     }
 
-    // A kill -9 that damages nothing: the store resumes from its last
-    // durable commit, the log's tail replayed into it.
+    // A kill -9 that damages nothing: the store is kept and resumes from
+    // its last durable commit, the log's tail replayed into it.
+    std::fs::remove_file(c.cfg.embedded.data_dir.join("projections.redb.discarded")).unwrap();
     let (_, before) = call(&http, Method::GET, format!("{}/api/users", node.url), Some(&amy.token), None).await.unwrap();
     let mut node = node;
     node.kill9().await;
     let node = spawn_on(&c).await;
     let (_, after) = call(&http, Method::GET, format!("{}/api/users", node.url), Some(&amy.token), None).await.unwrap();
     assert_eq!(after["unseenMessages"], before["unseenMessages"]);
+    assert!(!c.cfg.embedded.data_dir.join("projections.redb.discarded").exists(), "the store was kept");
     drop(node);
     c.stop().await;
 }
@@ -432,10 +443,12 @@ async fn a_poison_event_is_parked_and_the_node_goes_on() {
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 1);
     c.send(0, &amy, &bob, "after", None).await.ok();
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 2);
-    // A restart replays the log and meets the event again: recorded once.
+    // A restart applies the parked event again (a newer build may read
+    // it); still poison, it is recorded once.
     c.restart().await;
     let again = std::fs::read_to_string(c.cfg.embedded.data_dir.join("parked.jsonl")).unwrap();
     assert_eq!(again, parked, "parked once, not at every start");
+    assert_eq!(c.metric(0, "natter_projection_parked_total{projection=\"mongo-views\"}").await, 1.0, "tried again at the start");
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 2);
     c.stop().await;
 }
@@ -495,9 +508,10 @@ async fn a_restart_resumes_the_projections_where_they_were_kept_and_rebuilds_a_d
     // A store built from another log is not served either.
     let mut other = Cluster::embedded().await;
     let (dan, eve) = (other.register(0, "Dan").await, other.register(0, "Eve").await);
-    for i in 0..head + 5 {
-        other.send(0, &dan, &eve, &format!("elsewhere {i}"), None).await.ok();
-    }
+    // A shorter log: the store's position exists in ours, but names
+    // another event.
+    other.send(0, &dan, &eve, "elsewhere", None).await.ok();
+    assert!(other.log_head().await < head);
     other.nodes.pop().unwrap().stop().await;
     c.nodes.pop().unwrap().stop().await;
     std::fs::copy(other.cfg.embedded.data_dir.join("projections.redb"), &store).unwrap();
