@@ -71,6 +71,25 @@ struct EventHead<'a> {
     at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A command id as the dedup window remembers it: 128 bits of two keyed
+/// hashes (16 bytes, where the id itself costs about 100 with its
+/// allocation; a collision between two ids is not a practical concern).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct IdKey(u64, u64);
+
+impl IdKey {
+    fn of(id: &str) -> IdKey {
+        use std::hash::{Hash, Hasher};
+        let half = |salt: u8| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            salt.hash(&mut h);
+            id.hash(&mut h);
+            h.finish()
+        };
+        IdKey(half(1), half(2))
+    }
+}
+
 struct State {
     file: std::fs::File,
     /// Byte offset of each record, by sequence - 1.
@@ -79,12 +98,12 @@ struct State {
     /// Every event's sequence, by subject (the last is the subject's newest).
     by_subject: BTreeMap<String, Vec<u64>>,
     /// Command id → (sequence, when appended), for deduplication.
-    recent: HashMap<String, (u64, Instant)>,
+    recent: HashMap<IdKey, (u64, Instant)>,
     /// A write or fsync failed in a way that leaves the file's state
     /// unknown: no more appends until natter restarts and re-reads it.
     broken: Option<String>,
     /// The same command ids, oldest first, for pruning in O(expired).
-    recent_order: VecDeque<(Instant, String)>,
+    recent_order: VecDeque<(Instant, IdKey)>,
 }
 
 pub struct FileLog {
@@ -137,11 +156,31 @@ impl FileLog {
         }
         let (mut offsets, mut by_subject, mut recent, mut recent_order) = (Vec::new(), BTreeMap::<String, Vec<u64>>::new(), HashMap::new(), VecDeque::new());
         let (opened, now) = (Instant::now(), chrono::Utc::now());
+        let (mut pos, mut body) = (0u64, Vec::new());
+        // Where the records were at the last clean stop (events.idx): only
+        // those appended since are read, and the command ids inside the
+        // dedup window, walking back from the last.
+        let len = file.metadata().with_context(|| format!("reading event log {}", path.display()))?.len();
+        if let Some(ix) = super::index::read(&dir.join("events.idx")) {
+            if Self::index_fits(&file, &ix, len) {
+                (offsets, by_subject, pos) = (ix.offsets, ix.by_subject, ix.end);
+                for (i, &offset) in offsets.iter().enumerate().rev() {
+                    let head = Self::body_at(&file, offset, &mut body).and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok());
+                    let Some(head) = head else { break };
+                    let age = (now - head.event.at).to_std().unwrap_or_default();
+                    let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { break };
+                    recent_order.push_front((at, IdKey::of(&head.msg_id)));
+                    recent.insert(IdKey::of(&head.msg_id), (i as u64 + 1, at));
+                }
+            } else {
+                tracing::warn!(path = %path.display(), "events.idx does not describe this events.log (replaced or restored?); reading the whole log");
+            }
+        }
         // Streamed, each record's header fields only (the event's payload
         // is skipped, not decoded): a long log opens without holding it
         // in memory.
         let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
-        let (mut pos, mut body) = (0u64, Vec::new());
+        reader.seek(SeekFrom::Start(pos)).with_context(|| format!("reading event log {}", path.display()))?;
         while Self::next_head(&mut reader, &mut body).is_some() {
             let Ok(head) = serde_json::from_slice::<RecordHead<'_>>(&body) else { break };
             if head.seq != offsets.len() as u64 + 1 {
@@ -155,8 +194,8 @@ impl FileLog {
             if age < dedup_window
                 && let Some(at) = opened.checked_sub(age)
             {
-                recent_order.push_back((at, head.msg_id.to_string()));
-                recent.insert(head.msg_id.to_string(), (head.seq, at));
+                recent_order.push_back((at, IdKey::of(&head.msg_id)));
+                recent.insert(IdKey::of(&head.msg_id), (head.seq, at));
             }
             let subject = head.subject.unwrap_or(head.event.subject);
             match by_subject.get_mut(subject.as_ref()) {
@@ -168,7 +207,6 @@ impl FileLog {
             pos += HEADER + body.len() as u64;
         }
         drop(reader);
-        let len = file.metadata().with_context(|| format!("reading event log {}", path.display()))?.len();
         if pos < len {
             // What follows the last whole record: a torn write, or damage.
             let mut rest = Vec::new();
@@ -229,6 +267,32 @@ impl FileLog {
         body.resize(len as usize, 0);
         reader.read_exact(body).ok()?;
         (crc32fast::hash(body) == crc).then_some(())
+    }
+
+    /// Reads the record at `offset` into `body` if it is whole and its
+    /// checksum holds.
+    fn body_at(file: &std::fs::File, offset: u64, body: &mut Vec<u8>) -> Option<()> {
+        use std::os::unix::fs::FileExt;
+        let mut header = [0u8; HEADER as usize];
+        file.read_exact_at(&mut header, offset).ok()?;
+        let len = u32::from_le_bytes(header[0..4].try_into().ok()?);
+        if len > MAX_RECORD {
+            return None;
+        }
+        body.resize(len as usize, 0);
+        file.read_exact_at(body, offset + HEADER).ok()?;
+        (crc32fast::hash(body) == u32::from_le_bytes(header[4..8].try_into().ok()?)).then_some(())
+    }
+
+    /// Whether `ix` describes this file: its last record is where it says,
+    /// whole, with its sequence and command id, and ends where it says.
+    fn index_fits(file: &std::fs::File, ix: &super::index::Index, len: u64) -> bool {
+        let Some(&last) = ix.offsets.last() else { return false };
+        let mut body = Vec::new();
+        if ix.end > len || Self::body_at(file, last, &mut body).is_none() || last + HEADER + body.len() as u64 != ix.end {
+            return false;
+        }
+        serde_json::from_slice::<RecordHead<'_>>(&body).is_ok_and(|h| h.seq == ix.offsets.len() as u64 && h.msg_id == ix.last_id)
     }
 
     /// Where, after the unreadable byte at `from`, a checksum-valid record
@@ -294,9 +358,21 @@ impl FileLog {
     /// and releases the data directory: another process may open it at once.
     pub fn close(&self) {
         let mut state = self.state.lock().expect("event log lock");
+        let fresh = state.broken.is_none();
         state.broken = Some("the node is stopping".into());
         if let Err(e) = state.file.sync_all() {
             tracing::error!(path = %self.path.display(), error = %e, "event log fsync at close failed");
+        } else if fresh && !state.offsets.is_empty() {
+            // The next open reads this instead of the whole log.
+            let head = state.offsets.len() as u64;
+            let last_id = self.read_at(&mut state, head).map(|l| l.envelope.command_id);
+            let written = last_id.map_err(|e| e.to_string()).and_then(|last_id| {
+                let index = super::index::Index { end: state.end, last_id, offsets: state.offsets.clone(), by_subject: state.by_subject.clone() };
+                super::index::write(&self.path.with_file_name("events.idx"), &index).map_err(|e| e.to_string())
+            });
+            if let Err(e) = written {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot write events.idx; the next start reads the whole log");
+            }
         }
         drop(self.dir_lock.lock().expect("data directory lock").take());
     }
@@ -449,7 +525,7 @@ impl FileLog {
                     state.recent.remove(&id);
                 }
             }
-            if let Some((seq, _)) = state.recent.get(&env.command_id) {
+            if let Some((seq, _)) = state.recent.get(&IdKey::of(&env.command_id)) {
                 return Ok(Appended { log_seq: *seq, duplicate: true });
             }
             if state.by_subject.get(&env.subject).and_then(|seqs| seqs.last()).copied().unwrap_or(0) != expected_last {
@@ -476,8 +552,8 @@ impl FileLog {
             state.offsets.push(offset);
             state.by_subject.entry(env.subject.clone()).or_default().push(seq);
             let now = Instant::now();
-            state.recent.insert(env.command_id.clone(), (seq, now));
-            state.recent_order.push_back((now, env.command_id.clone()));
+            state.recent.insert(IdKey::of(&env.command_id), (seq, now));
+            state.recent_order.push_back((now, IdKey::of(&env.command_id)));
             (seq, state.end)
         };
         if self.sync == SyncPolicy::Always {

@@ -2,9 +2,11 @@
 //! the last event of a subject, read any event by its log sequence.
 //!
 //! The command side holds an `Arc<dyn EventLog>`; [`nats`] is the JetStream
-//! adapter, [`file`] the embedded one (one append-only file with checksums).
+//! adapter, [`file`] the embedded one (one append-only file with checksums,
+//! and `index`: where its records were at the last clean stop).
 
 pub mod file;
+mod index;
 pub mod nats;
 
 use async_trait::async_trait;

@@ -153,6 +153,32 @@ async fn the_file_log_keeps_the_contract_and_survives_reopening() {
     assert_eq!(log.head().await.unwrap(), 3, "everything acknowledged is there after reopening");
     assert_eq!(log.last("natter.ev.user.a").await.unwrap().unwrap().log_seq, 2);
     assert!(log.append(&env("cmd-1", "natter.ev.user.z", 1), 0).await.unwrap().duplicate, "dedup survives a restart");
+    // A clean close writes events.idx: the next open reads it and only what
+    // was appended after, and is the same log.
+    log.close();
+    drop(log);
+    assert!(dir.join("events.idx").exists());
+    let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+    assert_eq!(log.head().await.unwrap(), 3);
+    assert_eq!(log.last("natter.ev.user.a").await.unwrap().unwrap().log_seq, 2);
+    assert!(log.append(&env("cmd-1", "natter.ev.user.z", 1), 0).await.unwrap().duplicate, "dedup survives a restart from the index");
+    assert_eq!(log.append(&env("cmd-4", "natter.ev.user.a", 2), 2).await.unwrap().log_seq, 4);
+    log.close();
+    drop(log);
+    // Appended after the index was written (a crash: no close).
+    let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+    assert_eq!(log.append(&env("cmd-5", "natter.ev.user.a", 3), 4).await.unwrap().log_seq, 5);
+    drop(log);
+    let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+    assert_eq!(log.head().await.unwrap(), 5, "the index and the records after it");
+    assert_eq!(log.last("natter.ev.user.a").await.unwrap().unwrap().log_seq, 5);
+    assert!(log.append(&env("cmd-5", "natter.ev.user.a", 4), 5).await.unwrap().duplicate);
+    drop(log);
+    // An index of another log is not used.
+    std::fs::write(dir.join("events.log"), b"").unwrap();
+    let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+    assert_eq!(log.head().await.unwrap(), 0, "the index does not describe this (empty) log");
+    drop(log);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
