@@ -1,14 +1,18 @@
 //! The embedded projector runtime: tails the local event log and gives
-//! every event, in log order, to each in-process projection (views, counts,
-//! fan-out) before the next, through the shared policy ([`project`]).
+//! the events, in log order, to each projection (views, counts, fan-out)
+//! through the shared policy ([`project`], [`project_batch`]).
 //!
-//! In-process views start empty, so an embedded node replays its whole log
-//! at start-up ([`FileTail::catch_up`]) before it serves, then follows new
-//! appends. One event at a time, every projection in turn, strictly in log
-//! order (the fan-out relies on it to track room membership as of each
-//! event). A poison event is recorded in `parked.jsonl` beside the log
+//! Each projection is kept where a restart finds it (`projections.redb`,
+//! with the log position it reflects), so at start-up the tail feeds each
+//! one only the events after that ([`FileTail::resume`],
+//! [`FileTail::catch_up`]) before the node serves, then follows new
+//! appends. Up to [`BATCH`] events at a time: an order-free projection
+//! takes them in one batch (one transaction), the fan-out one at a time,
+//! strictly in log order (it tracks room membership as of each event). A
+//! poison event is recorded in `parked.jsonl` beside the log
 //! ([`ParkedFile`]) and skipped for that projection, so it cannot stall the
-//! others; "retry later" waits and applies the event again.
+//! others, and applied again at the next start; "retry later" waits and
+//! applies the event again.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -18,14 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use natter_events::Envelope;
 use natter_projections::Projection;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Next, Parking, project};
+use super::{BatchNext, Next, Parking, project, project_batch};
 use crate::log::file::FileLog;
 use crate::log::{EventLog, LogError, ViewsProgress};
 use crate::metrics::Metrics;
+
+/// Events read and applied at once while catching up.
+const BATCH: u64 = 256;
 
 /// `parked.jsonl`: one JSON object per parked (projection, event).
 pub struct ParkedFile {
@@ -170,33 +178,65 @@ impl FileTail {
         self.projections.iter().zip(&self.kept).map(|(p, k)| format!("{} {k}", p.name())).collect::<Vec<_>>().join(", ")
     }
 
-    /// Applies the event at `seq` to every projection; false if the node
-    /// stopped first (then it may be applied in part: every projection
-    /// applies an event again idempotently).
-    async fn project(&self, seq: u64, head: u64) -> bool {
-        let (event, payload) = loop {
+    /// The event at `seq` (or why it cannot be decoded); `None` if the node
+    /// stopped while the file could not be read.
+    async fn read(&self, seq: u64) -> Option<Result<Envelope, String>> {
+        loop {
             match self.log.get(seq).await {
-                Ok(logged) => break (Ok(logged.envelope), Vec::new()),
-                Err(LogError::Corrupt { source, .. }) => break (Err(source.to_string()), Vec::new()),
+                Ok(logged) => return Some(Ok(logged.envelope)),
+                Err(LogError::Corrupt { source, .. }) => return Some(Err(source.to_string())),
                 Err(e) => {
                     // The file became unreadable: nothing sensible to skip to.
                     self.log.set_read_failure();
                     tracing::error!(seq, error = %e, "cannot read the event log; projections are stalled, retrying every second");
                     if !self.retry_after(Duration::from_secs(1)).await {
-                        return false;
+                        return None;
                     }
                 }
             }
-        };
-        for (i, p) in self.projections.iter().enumerate() {
-            if self.kept.get(i).is_some_and(|&kept| seq <= kept) {
-                continue;
+        }
+    }
+
+    /// Applies the events `from..=to` to every projection (each from
+    /// after where it is kept): an order-free one takes them as one batch
+    /// (one transaction), an ordered one (the fan-out) one at a time.
+    /// False if the node stopped first (then they may be applied in part:
+    /// every projection applies an event again idempotently).
+    async fn project_range(&self, from: u64, to: u64, head: u64) -> bool {
+        let mut events = Vec::new();
+        for seq in from..=to {
+            match self.read(seq).await {
+                Some(event) => events.push((seq, event)),
+                None => return false,
             }
-            while let Next::RetryAfter(delay) =
-                project(p.as_ref(), p.name(), event.as_ref().map_err(Clone::clone), seq, &payload, head - seq, &self.parked, &self.metrics).await
-            {
-                if !self.retry_after(delay).await {
-                    return false;
+        }
+        for (i, p) in self.projections.iter().enumerate() {
+            let kept = self.kept.get(i).copied().unwrap_or(0);
+            let mine: Vec<&(u64, Result<Envelope, String>)> = events.iter().filter(|(seq, _)| *seq > kept).collect();
+            if !p.ordered() && mine.len() > 1 && mine.iter().all(|(_, event)| event.is_ok()) {
+                let batch: Vec<(&Envelope, u64)> = mine.iter().filter_map(|(seq, event)| Some((event.as_ref().ok()?, *seq))).collect();
+                let applied = loop {
+                    match project_batch(p.as_ref(), p.name(), &batch, head - to, &self.metrics).await {
+                        BatchNext::Done => break true,
+                        BatchNext::OneByOne => break false,
+                        BatchNext::RetryAfter(delay) => {
+                            if !self.retry_after(delay).await {
+                                return false;
+                            }
+                        }
+                    }
+                };
+                if applied {
+                    continue;
+                }
+            }
+            for (seq, event) in mine {
+                while let Next::RetryAfter(delay) =
+                    project(p.as_ref(), p.name(), event.as_ref().map_err(Clone::clone), *seq, &[], head - seq, &self.parked, &self.metrics).await
+                {
+                    if !self.retry_after(delay).await {
+                        return false;
+                    }
                 }
             }
         }
@@ -204,16 +244,20 @@ impl FileTail {
     }
 
     /// Applies every acknowledged event after `after` up to the log's head
-    /// now (or until the node stops); returns the last sequence applied.
+    /// now (or until the node stops), [`BATCH`] at a time; returns the last
+    /// sequence applied.
     pub async fn catch_up(&self, after: u64) -> u64 {
         // Every projection is kept through `after` at least.
         self.applied.0.fetch_max(after, Ordering::AcqRel);
         let head = *self.log.watch_head().borrow();
-        for seq in after + 1..=head {
-            if !self.project(seq, head).await {
-                return seq - 1;
+        let mut from = after + 1;
+        while from <= head {
+            let to = (from + BATCH - 1).min(head);
+            if !self.project_range(from, to, head).await {
+                return from - 1;
             }
-            self.applied.0.store(seq, Ordering::Release);
+            self.applied.0.store(to, Ordering::Release);
+            from = to + 1;
         }
         head.max(after)
     }
