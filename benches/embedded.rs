@@ -7,6 +7,11 @@
 //! to keep the data directory).
 
 use std::sync::Arc;
+
+/// The allocator the natter binary runs with (src/main.rs), so the RSS
+/// figures are the node's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use natter::commands::register::Register;

@@ -240,6 +240,11 @@ impl LocalStore {
         }
     }
 
+    /// Whether the store answers and takes writes (for readiness).
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.read(|tx| Ok(tx.open_table(META)?.get("layout").map(|_| ())?))
+    }
+
     /// Whether a commit failed (then no more are taken).
     pub fn failure(&self) -> Option<String> {
         self.broken.lock().expect("store state").clone()
@@ -588,7 +593,7 @@ impl Default for LocalViews {
 #[async_trait]
 impl ViewStore for LocalViews {
     async fn check(&self) -> Result<(), StoreError> {
-        self.store.read(|tx| Ok(tx.open_table(META)?.get("layout").map(|_| ())?))
+        self.store.check()
     }
 
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
@@ -762,7 +767,7 @@ impl Default for LocalCounts {
 #[async_trait]
 impl CountStore for LocalCounts {
     async fn check(&self) -> Result<(), StoreError> {
-        self.store.read(|tx| Ok(tx.open_table(META)?.get("layout").map(|_| ())?))
+        self.store.check()
     }
 
     async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
