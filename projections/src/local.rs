@@ -281,8 +281,8 @@ impl LocalStore {
             return Ok(()); // not clean: the next start checks it
         }
         blocking(|| {
-            self.before_durable()?;
             let mut tx = db.begin_write()?;
+            self.before_durable()?;
             tx.set_quick_repair(true);
             tx.open_table(META)?.insert("closed-cleanly", 1)?;
             self.commit(tx)
@@ -315,8 +315,10 @@ impl LocalStore {
         }
         blocking(|| {
             let db = self.db()?;
-            self.before_durable()?;
             let mut tx = db.as_ref().expect("open").begin_write()?;
+            // Inside the write transaction: every commit before it reflects
+            // events appended before this sync.
+            self.before_durable()?;
             tx.set_quick_repair(true);
             // Cleared before the commit: a commit racing this one marks
             // the store dirty again.
@@ -336,20 +338,24 @@ impl LocalStore {
     pub fn write(&self, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
         blocking(|| {
             let db = self.db()?;
-            let due = self.durable_at.lock().expect("durable clock").elapsed() >= DURABLE_EVERY;
-            // A durable commit also makes every earlier one durable: the
-            // log must be on disk as far as they reflect it.
-            let due = due && self.before_durable().is_ok();
             let mut tx = db.as_ref().expect("open").begin_write()?;
+            // A durable commit also makes every earlier one durable: the
+            // log must be on disk as far as they reflect it (synced inside
+            // the transaction: no commit can slip in after the sync).
+            let due = self.durable_at.lock().expect("durable clock").elapsed() >= DURABLE_EVERY && self.before_durable().is_ok();
             if due {
                 tx.set_quick_repair(true);
+                self.dirty.store(false, Ordering::Release);
             } else {
                 tx.set_durability(Durability::None).map_err(|e| ApplyError::Unavailable(format!("local view store: {e}")))?;
             }
-            f(&tx)?;
-            self.commit(tx)?;
+            if let Err(e) = f(&tx).map_err(ApplyError::from).and_then(|()| self.commit(tx).map_err(ApplyError::from)) {
+                if due {
+                    self.dirty.store(true, Ordering::Release);
+                }
+                return Err(e);
+            }
             if due {
-                self.dirty.store(false, Ordering::Release);
                 *self.durable_at.lock().expect("durable clock") = Instant::now();
             } else {
                 self.dirty.store(true, Ordering::Release);

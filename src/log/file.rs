@@ -1,8 +1,11 @@
-//! The embedded event log: one append-only file in the data directory.
+//! The embedded event log: one append-only file in the data directory (and
+//! `events.idx`, where its records were at the last clean stop: see
+//! `super::index`).
 //!
 //! Record: `[len: u32 LE][crc32 of body: u32 LE][body: len bytes]`, the body
 //! a JSON object `{"seq", "msgId", "subject", "event"}` where `event` is the
-//! stored envelope. On open the file is scanned: a record that is cut short
+//! stored envelope. On open the file is scanned (after the index, if one
+//! describes it, only what follows the index): a record that is cut short
 //! or fails its checksum can only be the tail of a write interrupted by a
 //! crash (nothing was acknowledged for it), so the file is truncated there
 //! and everything before it is kept.
@@ -170,10 +173,11 @@ impl FileLog {
                     let age = (now - head.event.at).to_std().unwrap_or_default();
                     let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { break };
                     recent_order.push_front((at, IdKey::of(&head.msg_id)));
-                    recent.insert(IdKey::of(&head.msg_id), (i as u64 + 1, at));
+                    recent.entry(IdKey::of(&head.msg_id)).or_insert((i as u64 + 1, at));
                 }
             } else {
-                tracing::warn!(path = %path.display(), "events.idx does not describe this events.log (replaced or restored?); reading the whole log");
+                tracing::warn!(path = %path.display(), "events.idx does not describe this events.log (replaced, restored or cut?); reading the whole log");
+                let _ = std::fs::remove_file(dir.join("events.idx"));
             }
         }
         // Streamed, each record's header fields only (the event's payload
@@ -338,7 +342,13 @@ impl FileLog {
         let mut record = vec![0u8; HEADER as usize + len];
         record[..HEADER as usize].copy_from_slice(&header);
         state.file.read_exact(&mut record[HEADER as usize..]).map_err(|e| corrupt(&self.path, e))?;
-        let (record, _) = Self::parse(&record).ok_or_else(|| corrupt(&self.path, format!("event {seq} fails its checksum")))?;
+        let Some((record, _)) = Self::parse(&record) else {
+            // The next start scans the whole file (and names the damage)
+            // instead of trusting the index over it.
+            let _ = std::fs::remove_file(self.index_path());
+            self.set_read_failure();
+            return Err(corrupt(&self.path, format!("event {seq} fails its checksum")));
+        };
         let envelope = Envelope::from_stored(record.event).map_err(|source| LogError::Corrupt { seq, source })?;
         Ok(Logged { log_seq: seq, envelope })
     }
@@ -358,17 +368,20 @@ impl FileLog {
     /// and releases the data directory: another process may open it at once.
     pub fn close(&self) {
         let mut state = self.state.lock().expect("event log lock");
-        let fresh = state.broken.is_none();
+        let fresh = state.broken.is_none() && !self.failing.load(std::sync::atomic::Ordering::Relaxed);
         state.broken = Some("the node is stopping".into());
         if let Err(e) = state.file.sync_all() {
             tracing::error!(path = %self.path.display(), error = %e, "event log fsync at close failed");
         } else if fresh && !state.offsets.is_empty() {
             // The next open reads this instead of the whole log.
-            let head = state.offsets.len() as u64;
-            let last_id = self.read_at(&mut state, head).map(|l| l.envelope.command_id);
-            let written = last_id.map_err(|e| e.to_string()).and_then(|last_id| {
+            let mut body = Vec::new();
+            let last = *state.offsets.last().expect("not empty");
+            let last_id = Self::body_at(&state.file, last, &mut body)
+                .and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok().map(|h| h.msg_id.into_owned()))
+                .ok_or_else(|| "the last record does not read back".to_owned());
+            let written = last_id.and_then(|last_id| {
                 let index = super::index::Index { end: state.end, last_id, offsets: state.offsets.clone(), by_subject: state.by_subject.clone() };
-                super::index::write(&self.path.with_file_name("events.idx"), &index).map_err(|e| e.to_string())
+                super::index::write(&self.index_path(), &index).map_err(|e| e.to_string())
             });
             if let Err(e) = written {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot write events.idx; the next start reads the whole log");
@@ -380,12 +393,23 @@ impl FileLog {
     /// Syncs every append so far to disk (with [`SyncPolicy::Os`], appends
     /// are acknowledged before it).
     pub fn sync_to_disk(&self) -> std::io::Result<()> {
-        self.sync_file.sync_data()
+        self.sync_file.sync_data().inspect_err(|e| {
+            // What is on disk is unknown (a failed writeback is reported
+            // once): no more appends, and no index written at close.
+            tracing::error!(path = %self.path.display(), error = %e, "event log fsync failed; refusing appends until restarted");
+            self.state.lock().expect("event log lock").broken = Some(format!("an fsync failed ({e}): restart natter"));
+            self.failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
     }
 
     /// Marks the log as failing for `/readyz` (a reader found it damaged).
     pub fn set_read_failure(&self) {
         self.failing.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Where the index of this log is.
+    fn index_path(&self) -> PathBuf {
+        self.path.with_file_name("events.idx")
     }
 
     /// Every event after `after`, in order (for projectors and migration).

@@ -150,10 +150,13 @@ impl FileTail {
     /// Applies again, once, each parked event that its projection is kept
     /// past (the tail will not reach it): fixed since (a newer build, a
     /// store back), it is applied; still poison, it stays parked. Apply is
-    /// idempotent, and the inbox ignores an event it has fanned out past.
+    /// idempotent. Order-free projections only: the fan-out's deliveries
+    /// for it are past.
     pub async fn retry_parked(&self) {
         for (name, seq) in self.parked.recorded() {
-            let Some(i) = self.projections.iter().position(|p| p.name() == name) else { continue };
+            // The fan-out is not: its deliveries are past, and an old event
+            // would set its room membership tables back.
+            let Some(i) = self.projections.iter().position(|p| p.name() == name && !p.ordered()) else { continue };
             if self.kept.get(i).is_none_or(|&kept| seq > kept) {
                 continue;
             }

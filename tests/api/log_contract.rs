@@ -174,6 +174,22 @@ async fn the_file_log_keeps_the_contract_and_survives_reopening() {
     assert_eq!(log.last("natter.ev.user.a").await.unwrap().unwrap().log_seq, 5);
     assert!(log.append(&env("cmd-5", "natter.ev.user.a", 4), 5).await.unwrap().duplicate);
     drop(log);
+    // Records the index covers are not read at open: damage there is found
+    // when the record is read, and then the index is dropped, so the next
+    // open scans the whole file and refuses it, naming the damage.
+    let mut bytes = std::fs::read(dir.join("events.log")).unwrap();
+    let second = 8 + u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
+    bytes[second + 8 + 5] ^= 0x20;
+    std::fs::write(dir.join("events.log"), &bytes).unwrap();
+    let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
+    assert_eq!(log.head().await.unwrap(), 5, "opened from the index, without reading record 2");
+    assert!(log.get(2).await.is_err(), "record 2 fails its checksum when read");
+    assert!(!dir.join("events.idx").exists(), "the index is dropped");
+    drop(log);
+    let refused = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).err().expect("damage in the middle is refused").to_string();
+    assert!(refused.contains("corrupt"), "{refused}");
+    bytes[second + 8 + 5] ^= 0x20;
+    std::fs::write(dir.join("events.log"), &bytes).unwrap();
     // An index of another log is not used.
     std::fs::write(dir.join("events.log"), b"").unwrap();
     let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
