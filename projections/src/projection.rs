@@ -36,7 +36,9 @@ pub trait Projection: Send + Sync {
         self.apply(env).await
     }
     /// Applies a batch of events (each with its log sequence), with the
-    /// same outcome as applying them one by one in any order; stores
+    /// same outcome as applying them one by one in any order (an
+    /// [`ordered`](Projection::ordered) one is given them in log order and
+    /// applies them in that order); stores
     /// override it to write a batch in a few round trips. An error says
     /// nothing about which events were applied (some may have been: apply
     /// is idempotent), so the runtime retries them all, or applies them

@@ -6,8 +6,8 @@
 //! with the log position it reflects), so at start-up the tail feeds each
 //! one only the events after that ([`FileTail::resume`],
 //! [`FileTail::catch_up`]) before the node serves, then follows new
-//! appends. Up to [`BATCH`] events at a time: an order-free projection
-//! takes them in one batch (one transaction), the fan-out one at a time,
+//! appends. Up to [`BATCH`] events at a time, each projection taking them
+//! as one batch (one transaction); the fan-out works through its batch
 //! strictly in log order (it tracks room membership as of each event). A
 //! poison event is recorded in `parked.jsonl` beside the log
 //! ([`ParkedFile`]) and skipped for that projection, so it cannot stall the
@@ -201,8 +201,10 @@ impl FileTail {
     }
 
     /// Applies the events `from..=to` to every projection (each from
-    /// after where it is kept): an order-free one takes them as one batch
-    /// (one transaction), an ordered one (the fan-out) one at a time.
+    /// after where it is kept), as one batch (the views and counts in one
+    /// transaction; the fan-out works through them in log order and
+    /// stores their deliveries in one); a batch holding a poison event
+    /// goes one event at a time.
     /// False if the node stopped first (then they may be applied in part:
     /// every projection applies an event again idempotently).
     async fn project_range(&self, from: u64, to: u64, head: u64) -> bool {
@@ -216,7 +218,7 @@ impl FileTail {
         for (i, p) in self.projections.iter().enumerate() {
             let kept = self.kept.get(i).copied().unwrap_or(0);
             let mine: Vec<&(u64, Result<Envelope, String>)> = events.iter().filter(|(seq, _)| *seq > kept).collect();
-            if !p.ordered() && mine.len() > 1 && mine.iter().all(|(_, event)| event.is_ok()) {
+            if mine.len() > 1 && mine.iter().all(|(_, event)| event.is_ok()) {
                 let batch: Vec<(&Envelope, u64)> = mine.iter().filter_map(|(seq, event)| Some((event.as_ref().ok()?, *seq))).collect();
                 let applied = loop {
                     match project_batch(p.as_ref(), p.name(), &batch, head - to, &self.metrics).await {

@@ -157,6 +157,25 @@ impl Projection for FanOut {
     }
 
     async fn apply_at(&self, env: &Envelope, log_seq: u64) -> Result<(), ApplyError> {
+        let deliveries = self.deliveries_at(env, log_seq).await?;
+        self.bus.deliver(env, log_seq, deliveries).await.map_err(ApplyError::Unavailable)
+    }
+
+    /// The events in the order given (log order), their deliveries stored
+    /// together ([`PushBus::deliver_batch`]: one transaction embedded).
+    async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
+        let mut all = Vec::with_capacity(batch.len());
+        for (env, log_seq) in batch {
+            all.push((*env, *log_seq, self.deliveries_at(env, *log_seq).await?));
+        }
+        self.bus.deliver_batch(all).await.map_err(ApplyError::Unavailable)
+    }
+}
+
+impl FanOut {
+    /// The deliveries the event at `log_seq` makes (room membership as of
+    /// it taken in).
+    async fn deliveries_at(&self, env: &Envelope, log_seq: u64) -> Result<Vec<(To, Payload)>, ApplyError> {
         let reacted_room: String;
         let mut deliveries: Vec<(To, Payload)> = deliveries(env).into_iter().map(|(user, payload)| (To::User(user), payload)).collect();
         if let Event::MessageEdited(e) = &env.event {
@@ -255,7 +274,7 @@ impl Projection for FanOut {
             }
             None => {}
         }
-        self.bus.deliver(env, log_seq, deliveries).await.map_err(ApplyError::Unavailable)
+        Ok(deliveries)
     }
 }
 

@@ -153,42 +153,59 @@ impl LocalPush {
         Ok(())
     }
 
-    /// Stores the deliveries of the event `event_id` at `log_seq`, which
-    /// happened at `at_ms` (events older than the retention deliver
-    /// nothing), with how far the fan-out has gone; then publishes them.
-    pub fn deliver_at(&self, log_seq: u64, at_ms: i64, event_id: &str, deliveries: Vec<(String, Payload)>) -> Result<(), ApplyError> {
+    /// Stores, in `tx`, the deliveries of the event `event_id` at
+    /// `log_seq`, which happened at `at_ms` (events older than the
+    /// retention deliver nothing), with how far the fan-out has gone; adds
+    /// what to publish once committed to `pushed`.
+    fn store(&self, tx: &WriteTransaction, (log_seq, at_ms, event_id): (u64, i64, &str), deliveries: &[(String, Payload)], pushed: &mut Vec<(String, Arc<Pushed>)>) -> Result<(), ApplyError> {
+        if log_seq <= meta(tx, "head")? {
+            return Ok(()); // already fanned out
+        }
+        set_meta(tx, "head", log_seq)?;
+        keep(tx, KEPT_AS, log_seq, event_id)?;
+        if at_ms < Utc::now().timestamp_millis() - self.retention.as_millis() as i64 {
+            return set_meta(tx, "floor", log_seq);
+        }
+        let mut count = meta(tx, "count")?;
+        for (user, payload) in deliveries {
+            if payload.event == "messageDeleted" {
+                Self::forget_content(tx, payload)?;
+            }
+            if let Some(id) = crate::wire::content_of(&payload.event, &payload.data) {
+                tx.open_table(SHOWN)?.insert((id, user.as_str(), log_seq), ())?;
+            }
+            let previous = tx.open_table(LAST)?.insert(user.as_str(), log_seq)?.map_or(0, |v| v.value());
+            tx.open_table(ORDER)?.insert((log_seq, user.as_str()), at_ms)?;
+            tx.open_table(INBOX)?.insert((user.as_str(), log_seq), serde_json::to_vec(payload).map_err(failed)?.as_slice())?;
+            count += 1;
+            pushed.push((user.clone(), Arc::new(Pushed::Delivery(Delivery { cursor: log_seq, previous, payload: payload.clone(), check: None }))));
+        }
+        set_meta(tx, "count", count)
+    }
+
+    /// Stores the deliveries of several events (`(log_seq, at_ms,
+    /// event_id)` and theirs, in log order) in one transaction, then
+    /// publishes them.
+    fn store_all(&self, events: &[((u64, i64, &str), Vec<(String, Payload)>)]) -> Result<(), ApplyError> {
         let mut pushed = Vec::new();
         self.store.write(|tx| {
             pushed.clear();
-            if log_seq <= meta(tx, "head")? {
-                return Ok(()); // already fanned out
+            for (event, deliveries) in events {
+                self.store(tx, *event, deliveries, &mut pushed)?;
             }
-            set_meta(tx, "head", log_seq)?;
-            keep(tx, KEPT_AS, log_seq, event_id)?;
-            if at_ms < Utc::now().timestamp_millis() - self.retention.as_millis() as i64 {
-                return set_meta(tx, "floor", log_seq);
-            }
-            let mut count = meta(tx, "count")?;
-            for (user, payload) in deliveries.iter() {
-                if payload.event == "messageDeleted" {
-                    Self::forget_content(tx, payload)?;
-                }
-                if let Some(id) = crate::wire::content_of(&payload.event, &payload.data) {
-                    tx.open_table(SHOWN)?.insert((id, user.as_str(), log_seq), ())?;
-                }
-                let previous = tx.open_table(LAST)?.insert(user.as_str(), log_seq)?.map_or(0, |v| v.value());
-                tx.open_table(ORDER)?.insert((log_seq, user.as_str()), at_ms)?;
-                tx.open_table(INBOX)?.insert((user.as_str(), log_seq), serde_json::to_vec(payload).map_err(failed)?.as_slice())?;
-                count += 1;
-                pushed.push((user.clone(), Arc::new(Pushed::Delivery(Delivery { cursor: log_seq, previous, payload: payload.clone(), check: None }))));
-            }
-            set_meta(tx, "count", count)?;
             self.prune(tx)
         })?;
         for (user, p) in &pushed {
             self.publish(user, p);
         }
         Ok(())
+    }
+
+    /// Stores the deliveries of the event `event_id` at `log_seq`, which
+    /// happened at `at_ms`, then publishes them (tests).
+    #[cfg(test)]
+    pub fn deliver_at(&self, log_seq: u64, at_ms: i64, event_id: &str, deliveries: Vec<(String, Payload)>) -> Result<(), ApplyError> {
+        self.store_all(&[((log_seq, at_ms, event_id), deliveries)])
     }
 
     /// How far the fan-out has gone: the log sequence of the newest event
@@ -198,20 +215,33 @@ impl LocalPush {
     }
 }
 
+/// The deliveries as (user, payload): this bus stores none per room.
+fn users_only(deliveries: Vec<(To, Payload)>) -> Result<Vec<(String, Payload)>, String> {
+    deliveries
+        .into_iter()
+        .map(|(to, payload)| match to {
+            To::User(user) => Ok((user, payload)),
+            To::Room(room) => Err(format!("the embedded push bus addresses users only (a delivery for room {room})")),
+        })
+        .collect()
+}
+
 #[async_trait]
 impl PushBus for LocalPush {
     async fn deliver(&self, event: &natter_events::Envelope, log_seq: u64, deliveries: Vec<(To, Payload)>) -> Result<(), String> {
-        if log_seq == 0 {
-            return Err("the embedded push bus needs the event's log sequence".into());
+        self.deliver_batch(vec![(event, log_seq, deliveries)]).await
+    }
+
+    async fn deliver_batch(&self, batch: Vec<(&natter_events::Envelope, u64, Vec<(To, Payload)>)>) -> Result<(), String> {
+        let ids: Vec<String> = batch.iter().map(|(event, _, _)| event.id.to_string()).collect();
+        let mut events = Vec::with_capacity(batch.len());
+        for ((event, log_seq, deliveries), id) in batch.into_iter().zip(&ids) {
+            if log_seq == 0 {
+                return Err("the embedded push bus needs the event's log sequence".into());
+            }
+            events.push(((log_seq, event.at.timestamp_millis(), id.as_str()), users_only(deliveries)?));
         }
-        let deliveries = deliveries
-            .into_iter()
-            .map(|(to, payload)| match to {
-                To::User(user) => Ok((user, payload)),
-                To::Room(room) => Err(format!("the embedded push bus addresses users only (a delivery for room {room})")),
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        self.deliver_at(log_seq, event.at.timestamp_millis(), &event.id.to_string(), deliveries).map_err(|e| e.to_string())
+        self.store_all(&events).map_err(|e| e.to_string())
     }
 
     async fn kept_through(&self) -> u64 {

@@ -143,6 +143,16 @@ pub trait PushBus: Send + Sync {
     /// Stores and publishes the deliveries of `event` (at log sequence
     /// `log_seq`). Delivering the same event again delivers nothing twice.
     async fn deliver(&self, event: &natter_events::Envelope, log_seq: u64, deliveries: Vec<(To, Payload)>) -> Result<(), String>;
+    /// Stores and publishes the deliveries of several events, in the
+    /// order given (log order); a bus that can store them together
+    /// overrides it. An error says nothing about which were stored
+    /// (delivering an event again delivers nothing twice).
+    async fn deliver_batch(&self, batch: Vec<(&natter_events::Envelope, u64, Vec<(To, Payload)>)>) -> Result<(), String> {
+        for (event, log_seq, deliveries) in batch {
+            self.deliver(event, log_seq, deliveries).await?;
+        }
+        Ok(())
+    }
     /// Whether a room event is stored once for the room ([`To::Room`]) and
     /// addressed to its members when read, rather than once per member.
     fn shares_rooms(&self) -> bool {

@@ -492,6 +492,13 @@ async fn a_restart_resumes_the_projections_where_they_were_kept_and_rebuilds_a_d
     let head = head + 2;
     assert_eq!(c.log_head().await, head);
 
+    // What bob's socket replays from cursor 0 (the inbox).
+    let inbox = |events: Vec<Value>| events.iter().map(|e| (e["cursor"].as_u64().unwrap(), e["_id"].clone(), e["message"].clone())).collect::<Vec<_>>();
+    let mut d = Driver::start().await;
+    d.connected("kept", &c.socket_url(0), json!({ "token": bob.token, "cursor": 0 })).await;
+    let kept = inbox(d.events("kept", "newMessage", 14).await);
+    d.disconnect("kept").await;
+
     // A file cut short (a copy interrupted, a full disk) is refused, set
     // aside and rebuilt from the whole log. (Damage after an unclean stop
     // is found by the checksums: see the kill -9 test.)
@@ -504,6 +511,12 @@ async fn a_restart_resumes_the_projections_where_they_were_kept_and_rebuilds_a_d
     assert!(c.cfg.embedded.data_dir.join("projections.redb.discarded").exists(), "the damaged file is kept aside");
     assert_eq!(views_of(&c, 0, &users, &rooms).await, later);
     assert_eq!(c.unseen_from(0, &bob, &amy).await, 6);
+    d.connected("rebuilt", &c.socket_url(0), json!({ "token": bob.token, "cursor": 0 })).await;
+    assert_eq!(inbox(d.events("rebuilt", "newMessage", 14).await), kept, "the rebuilt inbox replays the same deliveries with the same cursors");
+    d.next("rebuilt", |e| e["event"] == "synced", "synced").await;
+    let extra = d.quiet("rebuilt", Duration::from_millis(300)).await;
+    assert!(!extra.iter().any(|e| e["event"] == "newMessage"), "nothing more: {extra:?}");
+    d.disconnect("rebuilt").await;
 
     // A store built from another log is not served either.
     let mut other = Cluster::embedded().await;
