@@ -161,19 +161,17 @@ impl FileLog {
         let (opened, now) = (Instant::now(), chrono::Utc::now());
         let (mut pos, mut body) = (0u64, Vec::new());
         // Where the records were at the last clean stop (events.idx): only
-        // those appended since are read, and the command ids inside the
-        // dedup window, walking back from the last.
+        // those appended since are read; the command ids still inside the
+        // dedup window come with the index.
         let len = file.metadata().with_context(|| format!("reading event log {}", path.display()))?.len();
         if let Some(ix) = super::index::read(&dir.join("events.idx")) {
             if Self::index_fits(&file, &ix, len) {
                 (offsets, by_subject, pos) = (ix.offsets, ix.by_subject, ix.end);
-                for (i, &offset) in offsets.iter().enumerate().rev() {
-                    let head = Self::body_at(&file, offset, &mut body).and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok());
-                    let Some(head) = head else { break };
-                    let age = (now - head.event.at).to_std().unwrap_or_default();
-                    let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { break };
-                    recent_order.push_front((at, IdKey::of(&head.msg_id)));
-                    recent.entry(IdKey::of(&head.msg_id)).or_insert((i as u64 + 1, at));
+                for ((a, b), seq, at_ms) in ix.recent {
+                    let age = Duration::from_millis(now.timestamp_millis().saturating_sub(at_ms).max(0) as u64);
+                    let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { continue };
+                    recent_order.push_back((at, IdKey(a, b)));
+                    recent.insert(IdKey(a, b), (seq, at));
                 }
             } else {
                 tracing::warn!(path = %path.display(), "events.idx does not describe this events.log (replaced, restored or cut?); reading the whole log");
@@ -379,8 +377,14 @@ impl FileLog {
             let last_id = Self::body_at(&state.file, last, &mut body)
                 .and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok().map(|h| h.msg_id.into_owned()))
                 .ok_or_else(|| "the last record does not read back".to_owned());
+            let now = chrono::Utc::now().timestamp_millis();
+            let recent = state
+                .recent_order
+                .iter()
+                .filter_map(|(at, key)| Some(((key.0, key.1), state.recent.get(key)?.0, now - at.elapsed().as_millis() as i64)))
+                .collect();
             let written = last_id.and_then(|last_id| {
-                let index = super::index::Index { end: state.end, last_id, offsets: state.offsets.clone(), by_subject: state.by_subject.clone() };
+                let index = super::index::Index { end: state.end, last_id, offsets: state.offsets.clone(), by_subject: state.by_subject.clone(), recent };
                 super::index::write(&self.index_path(), &index).map_err(|e| e.to_string())
             });
             if let Err(e) = written {

@@ -4,7 +4,8 @@
 //!
 //! Binary, little-endian: `NATTERIX`, version (u32), the log length it
 //! covers (u64), the last record's command id, each subject with its
-//! sequences, each record's offset, then a CRC32 of all that. An index
+//! sequences, each record's offset, the command ids still inside the dedup
+//! window (as keys, with their sequence and time), then a CRC32 of all that. An index
 //! that fails its checksum, or whose last record does not sit where it
 //! says in `events.log`, is ignored (the log is scanned instead).
 
@@ -13,7 +14,7 @@ use std::io::Write;
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"NATTERIX";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// What the index holds.
 pub struct Index {
@@ -23,6 +24,9 @@ pub struct Index {
     pub last_id: String,
     pub offsets: Vec<u64>,
     pub by_subject: BTreeMap<String, Vec<u64>>,
+    /// The dedup window's command ids, oldest first: (key, sequence, the
+    /// time it was appended in Unix milliseconds).
+    pub recent: Vec<((u64, u64), u64, i64)>,
 }
 
 /// Writes `index` to `path` (through a temporary file renamed over it).
@@ -44,6 +48,12 @@ pub fn write(path: &Path, index: &Index) -> std::io::Result<()> {
     }
     out.extend_from_slice(&(index.offsets.len() as u64).to_le_bytes());
     index.offsets.iter().for_each(|o| out.extend_from_slice(&o.to_le_bytes()));
+    out.extend_from_slice(&(index.recent.len() as u64).to_le_bytes());
+    for ((a, b), seq, at) in &index.recent {
+        for v in [*a, *b, *seq, *at as u64] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
     out.extend_from_slice(&crc32fast::hash(&out).to_le_bytes());
     let temporary = path.with_extension("idx.tmp");
     let mut file = std::fs::File::create(&temporary)?;
@@ -80,7 +90,12 @@ pub fn read(path: &Path) -> Option<Index> {
     for _ in 0..n {
         offsets.push(r.u64()?);
     }
-    r.0.is_empty().then_some(Index { end, last_id, offsets, by_subject })
+    let n = r.u64()? as usize;
+    let mut recent = Vec::with_capacity(n.min(body.len() / 32));
+    for _ in 0..n {
+        recent.push(((r.u64()?, r.u64()?), r.u64()?, r.u64()? as i64));
+    }
+    r.0.is_empty().then_some(Index { end, last_id, offsets, by_subject, recent })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -113,10 +128,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("events.idx");
         let by_subject = BTreeMap::from([("a.b".to_owned(), vec![1, 3]), ("a.c".to_owned(), vec![2])]);
-        let index = Index { end: 300, last_id: "cmd-3".into(), offsets: vec![0, 100, 200], by_subject: by_subject.clone() };
+        let recent = vec![((7, 8), 2, 1_700_000_000_000), ((9, 10), 3, 1_700_000_000_500)];
+        let index = Index { end: 300, last_id: "cmd-3".into(), offsets: vec![0, 100, 200], by_subject: by_subject.clone(), recent: recent.clone() };
         write(&path, &index).unwrap();
         let back = read(&path).unwrap();
-        assert_eq!((back.end, back.last_id.as_str(), back.offsets, back.by_subject), (300, "cmd-3", vec![0, 100, 200], by_subject));
+        assert_eq!((back.end, back.last_id.as_str(), back.offsets, back.by_subject, back.recent), (300, "cmd-3", vec![0, 100, 200], by_subject, recent));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
