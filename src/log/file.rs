@@ -81,6 +81,9 @@ struct EventHead<'a> {
 struct IdKey(u64, u64);
 
 impl IdKey {
+    /// An id whose key `events.idx` records, to tell keys made otherwise.
+    const PROBE: &'static str = "natter-id-key-probe";
+
     fn of(id: &str) -> IdKey {
         use std::hash::{Hash, Hasher};
         let half = |salt: u8| {
@@ -167,11 +170,25 @@ impl FileLog {
         if let Some(ix) = super::index::read(&dir.join("events.idx")) {
             if Self::index_fits(&file, &ix, len) {
                 (offsets, by_subject, pos) = (ix.offsets, ix.by_subject, ix.end);
-                for ((a, b), seq, at_ms) in ix.recent {
-                    let age = Duration::from_millis(now.timestamp_millis().saturating_sub(at_ms).max(0) as u64);
-                    let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { continue };
-                    recent_order.push_back((at, IdKey(a, b)));
-                    recent.insert(IdKey(a, b), (seq, at));
+                let probe = IdKey::of(IdKey::PROBE);
+                if ix.probe == (probe.0, probe.1) && dedup_window.as_millis() <= u128::from(ix.window_ms) {
+                    for ((a, b), seq, at_ms) in ix.recent {
+                        let age = Duration::from_millis(now.timestamp_millis().saturating_sub(at_ms).max(0) as u64);
+                        let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { continue };
+                        recent_order.push_back((at, IdKey(a, b)));
+                        recent.insert(IdKey(a, b), (seq, at));
+                    }
+                } else {
+                    // A longer window than the index covers (or keys made
+                    // otherwise): read the window's records back.
+                    for (i, &offset) in offsets.iter().enumerate().rev() {
+                        let head = Self::body_at(&file, offset, &mut body).and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok());
+                        let Some(head) = head else { break };
+                        let age = (now - head.event.at).to_std().unwrap_or_default();
+                        let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { break };
+                        recent_order.push_front((at, IdKey::of(&head.msg_id)));
+                        recent.entry(IdKey::of(&head.msg_id)).or_insert((i as u64 + 1, at));
+                    }
                 }
             } else {
                 tracing::warn!(path = %path.display(), "events.idx does not describe this events.log (replaced, restored or cut?); reading the whole log");
@@ -377,14 +394,23 @@ impl FileLog {
             let last_id = Self::body_at(&state.file, last, &mut body)
                 .and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok().map(|h| h.msg_id.into_owned()))
                 .ok_or_else(|| "the last record does not read back".to_owned());
-            let now = chrono::Utc::now().timestamp_millis();
+            let (now, now_ms) = (Instant::now(), chrono::Utc::now().timestamp_millis());
             let recent = state
                 .recent_order
                 .iter()
-                .filter_map(|(at, key)| Some(((key.0, key.1), state.recent.get(key)?.0, now - at.elapsed().as_millis() as i64)))
+                .filter_map(|(at, key)| Some(((key.0, key.1), state.recent.get(key)?.0, now_ms - now.saturating_duration_since(*at).as_millis() as i64)))
                 .collect();
+            let probe = IdKey::of(IdKey::PROBE);
             let written = last_id.and_then(|last_id| {
-                let index = super::index::Index { end: state.end, last_id, offsets: state.offsets.clone(), by_subject: state.by_subject.clone(), recent };
+                let index = super::index::Index {
+                    end: state.end,
+                    last_id,
+                    offsets: state.offsets.clone(),
+                    by_subject: state.by_subject.clone(),
+                    recent,
+                    window_ms: self.dedup_window.as_millis() as u64,
+                    probe: (probe.0, probe.1),
+                };
                 super::index::write(&self.index_path(), &index).map_err(|e| e.to_string())
             });
             if let Err(e) = written {

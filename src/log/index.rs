@@ -27,6 +27,11 @@ pub struct Index {
     /// The dedup window's command ids, oldest first: (key, sequence, the
     /// time it was appended in Unix milliseconds).
     pub recent: Vec<((u64, u64), u64, i64)>,
+    /// The dedup window (ms) `recent` covers, and the key of a fixed probe
+    /// id: a reader with a longer window, or whose keys come out otherwise
+    /// (another hash), does not use `recent`.
+    pub window_ms: u64,
+    pub probe: (u64, u64),
 }
 
 /// Writes `index` to `path` (through a temporary file renamed over it).
@@ -48,6 +53,9 @@ pub fn write(path: &Path, index: &Index) -> std::io::Result<()> {
     }
     out.extend_from_slice(&(index.offsets.len() as u64).to_le_bytes());
     index.offsets.iter().for_each(|o| out.extend_from_slice(&o.to_le_bytes()));
+    for v in [index.window_ms, index.probe.0, index.probe.1] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
     out.extend_from_slice(&(index.recent.len() as u64).to_le_bytes());
     for ((a, b), seq, at) in &index.recent {
         for v in [*a, *b, *seq, *at as u64] {
@@ -90,12 +98,13 @@ pub fn read(path: &Path) -> Option<Index> {
     for _ in 0..n {
         offsets.push(r.u64()?);
     }
+    let (window_ms, probe) = (r.u64()?, (r.u64()?, r.u64()?));
     let n = r.u64()? as usize;
     let mut recent = Vec::with_capacity(n.min(body.len() / 32));
     for _ in 0..n {
         recent.push(((r.u64()?, r.u64()?), r.u64()?, r.u64()? as i64));
     }
-    r.0.is_empty().then_some(Index { end, last_id, offsets, by_subject, recent })
+    r.0.is_empty().then_some(Index { end, last_id, offsets, by_subject, recent, window_ms, probe })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -129,10 +138,19 @@ mod tests {
         let path = dir.join("events.idx");
         let by_subject = BTreeMap::from([("a.b".to_owned(), vec![1, 3]), ("a.c".to_owned(), vec![2])]);
         let recent = vec![((7, 8), 2, 1_700_000_000_000), ((9, 10), 3, 1_700_000_000_500)];
-        let index = Index { end: 300, last_id: "cmd-3".into(), offsets: vec![0, 100, 200], by_subject: by_subject.clone(), recent: recent.clone() };
+        let index = Index {
+            end: 300,
+            last_id: "cmd-3".into(),
+            offsets: vec![0, 100, 200],
+            by_subject: by_subject.clone(),
+            recent: recent.clone(),
+            window_ms: 600_000,
+            probe: (11, 12),
+        };
         write(&path, &index).unwrap();
         let back = read(&path).unwrap();
         assert_eq!((back.end, back.last_id.as_str(), back.offsets, back.by_subject, back.recent), (300, "cmd-3", vec![0, 100, 200], by_subject, recent));
+        assert_eq!((back.window_ms, back.probe), (600_000, (11, 12)));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 1;
         std::fs::write(&path, &bytes).unwrap();

@@ -77,6 +77,8 @@ pub struct FanOut {
 /// a minute costs, at worst, a minute of joins not announced in a room
 /// that shrank below the limit meanwhile.
 const LARGE_FOR: Duration = Duration::from_secs(60);
+/// Deliveries a batch of events stores at once (see `apply_batch`).
+const BATCH_DELIVERIES: usize = 10_000;
 /// Most rooms remembered as large (forgotten all at once beyond).
 const LARGE_ROOMS: usize = 10_000;
 
@@ -162,13 +164,35 @@ impl Projection for FanOut {
     }
 
     /// The events in the order given (log order), their deliveries stored
-    /// together ([`PushBus::deliver_batch`]: one transaction embedded).
+    /// together ([`PushBus::deliver_batch`]: one transaction embedded), at
+    /// most about [`BATCH_DELIVERIES`] at a time (a big room's messages
+    /// make one per member). A failure leaves the room tables past events
+    /// that will come again: they are dropped, to be read afresh once.
     async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
-        let mut all = Vec::with_capacity(batch.len());
+        let (mut pending, mut held) = (Vec::new(), 0);
         for (env, log_seq) in batch {
-            all.push((*env, *log_seq, self.deliveries_at(env, *log_seq).await?));
+            let deliveries = match self.deliveries_at(env, *log_seq).await {
+                Ok(d) => d,
+                Err(e) => {
+                    self.members.forget();
+                    return Err(e);
+                }
+            };
+            held += deliveries.len();
+            pending.push((*env, *log_seq, deliveries));
+            if held >= BATCH_DELIVERIES {
+                if let Err(e) = self.bus.deliver_batch(std::mem::take(&mut pending)).await {
+                    self.members.forget();
+                    return Err(ApplyError::Unavailable(e));
+                }
+                held = 0;
+            }
         }
-        self.bus.deliver_batch(all).await.map_err(ApplyError::Unavailable)
+        if let Err(e) = self.bus.deliver_batch(pending).await {
+            self.members.forget();
+            return Err(ApplyError::Unavailable(e));
+        }
+        Ok(())
     }
 }
 

@@ -187,16 +187,21 @@ impl LocalPush {
     /// event_id)` and theirs, in log order) in one transaction, then
     /// publishes them.
     fn store_all(&self, events: &[((u64, i64, &str), Vec<(String, Payload)>)]) -> Result<(), ApplyError> {
-        let mut pushed = Vec::new();
+        let (mut pushed, mut floor) = (Vec::new(), 0);
         self.store.write(|tx| {
             pushed.clear();
             for (event, deliveries) in events {
                 self.store(tx, *event, deliveries, &mut pushed)?;
             }
-            self.prune(tx)
+            self.prune(tx)?;
+            floor = meta(tx, "floor")?;
+            Ok(())
         })?;
         for (user, p) in &pushed {
-            self.publish(user, p);
+            // Not one the prune just dropped (its cursor would resync).
+            if matches!(&**p, Pushed::Delivery(d) if d.cursor > floor) {
+                self.publish(user, p);
+            }
         }
         Ok(())
     }

@@ -144,6 +144,13 @@ impl Membership {
         self.fed_in_order
     }
 
+    /// Drops every room's table (each is built from the log again when
+    /// next needed): after a batch whose tables moved past events that
+    /// will be handed over again.
+    pub fn forget(&self) {
+        *self.table() = Table::default();
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().expect("membership table lock")
     }

@@ -165,6 +165,12 @@ async fn the_file_log_keeps_the_contract_and_survives_reopening() {
     assert_eq!(log.append(&env("cmd-4", "natter.ev.user.a", 2), 2).await.unwrap().log_seq, 4);
     log.close();
     drop(log);
+    // A longer dedup window than the index was written with: the ids are
+    // read back from the log instead.
+    let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(120)).unwrap();
+    assert!(log.append(&env("cmd-4", "natter.ev.user.a", 2), 4).await.unwrap().duplicate, "dedup with a longer window");
+    log.close();
+    drop(log);
     // Appended after the index was written (a crash: no close).
     let log = FileLog::open(&dir, SyncPolicy::Always, Duration::from_secs(60)).unwrap();
     assert_eq!(log.append(&env("cmd-5", "natter.ev.user.a", 3), 4).await.unwrap().log_seq, 5);
