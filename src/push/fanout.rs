@@ -481,6 +481,98 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A batch whose deliveries could not be stored (the store down) is
+    /// handed over again: the room tables had moved past its events, and
+    /// the deliveries made the second time are the ones a batch that never
+    /// failed makes.
+    #[tokio::test]
+    async fn a_batch_applied_again_after_a_failure_makes_the_same_deliveries() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        use futures::stream::BoxStream;
+        use natter_events::{MemberJoined, MemberLeft, RoomMessageSent, subjects};
+
+        use crate::config::SyncPolicy;
+        use crate::log::file::FileLog;
+        use crate::push::local::LocalPush;
+        use crate::push::{Pushed, Replay};
+
+        /// A bus whose first batch fails.
+        struct FailsOnce(Arc<LocalPush>, AtomicBool);
+
+        #[async_trait]
+        impl PushBus for FailsOnce {
+            async fn deliver(&self, event: &Envelope, log_seq: u64, deliveries: Vec<(To, Payload)>) -> Result<(), String> {
+                self.0.deliver(event, log_seq, deliveries).await
+            }
+            async fn deliver_batch(&self, batch: Vec<(&Envelope, u64, Vec<(To, Payload)>)>) -> Result<(), String> {
+                if !self.1.swap(true, Ordering::SeqCst) {
+                    return Err("the store is down".into());
+                }
+                self.0.deliver_batch(batch).await
+            }
+            async fn head(&self) -> anyhow::Result<u64> {
+                self.0.head().await
+            }
+            async fn replay(&self, user: &str, cursor: u64, limit: usize) -> anyhow::Result<Replay> {
+                self.0.replay(user, cursor, limit).await
+            }
+            async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Arc<Pushed>>> {
+                self.0.subscribe(user).await
+            }
+            async fn signal(&self, to: &str, payload: &Payload) -> anyhow::Result<()> {
+                self.0.signal(to, payload).await
+            }
+        }
+
+        let dir = std::env::temp_dir().join(format!("natter-retry-{}", uuid::Uuid::new_v4().simple()));
+        let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
+        let join = |u: &str| (subjects::member("p", "r", u), Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() }));
+        let leave = |u: &str| (subjects::member("p", "r", u), Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into(), ..Default::default() }));
+        let msg = |n: u64| {
+            (subjects::room("p", "r"), Event::RoomMessageSent(RoomMessageSent {
+                message_id: format!("m{n}"),
+                room_id: "r".into(),
+                sender_id: "amy".into(),
+                client_msg_id: None,
+                message: Some("hi".into()),
+                attachment: None,
+                seq: n,
+                reply_to: None,
+            }))
+        };
+        let mut positions: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut events = Vec::new();
+        for (subject, event) in [join("amy"), join("bob"), msg(1), leave("bob"), join("kim"), msg(2), join("bob"), msg(3), leave("kim"), msg(4)] {
+            let (position, last) = positions.get(&subject).copied().unwrap_or((0, 0));
+            let env = Envelope::new(format!("c{}", uuid::Uuid::new_v4().simple()), subject.clone(), position + 1, event);
+            let seq = log.append(&env, last).await.unwrap().log_seq;
+            positions.insert(subject, (position + 1, seq));
+            events.push((env, seq));
+        }
+        let batch: Vec<(&Envelope, u64)> = events.iter().map(|(env, seq)| (env, *seq)).collect();
+        let inbox = |bus: Arc<LocalPush>| async move {
+            let mut all = Vec::new();
+            for user in ["amy", "bob", "kim"] {
+                let Replay::Page(page) = bus.replay(user, 0, 100).await.unwrap() else { panic!("too old") };
+                all.push(page.iter().map(|d| (user, d.cursor, d.previous, d.payload.clone())).collect::<Vec<_>>());
+            }
+            all
+        };
+        let views = || Arc::new(natter_projections::local::LocalViews::default());
+        let clean = Arc::new(LocalPush::in_memory(std::time::Duration::from_secs(3600)));
+        FanOut::in_order(clean.clone(), "p".into(), log.clone(), views(), 100).apply_batch(&batch).await.unwrap();
+        let retried = Arc::new(LocalPush::in_memory(std::time::Duration::from_secs(3600)));
+        let fanout = FanOut::in_order(Arc::new(FailsOnce(retried.clone(), AtomicBool::new(false))), "p".into(), log.clone(), views(), 100);
+        assert!(fanout.apply_batch(&batch).await.is_err(), "the first attempt fails");
+        fanout.apply_batch(&batch).await.unwrap();
+        let expected = inbox(clean).await;
+        let messages = |u: usize| expected[u].iter().filter(|d| d.3.event == "message").map(|d| d.3.data["_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+        assert_eq!((messages(0), messages(1), messages(2)), (vec!["m1".into(), "m2".into(), "m3".into(), "m4".into()], vec!["m1".into(), "m3".into(), "m4".into()], vec!["m2".into(), "m3".into()]));
+        assert_eq!(inbox(retried).await, expected);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Joins and leaves reach every member of a small room, and only the
     /// user concerned in a large one.
     #[tokio::test]
