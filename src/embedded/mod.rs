@@ -89,7 +89,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     let closing = log.clone();
     let (reading, dir, cache) = (log.clone(), e.data_dir.clone(), e.store_cache as usize);
     let started = Instant::now();
-    let store = tokio::task::spawn_blocking(move || open_views(&dir, cache, &reading)).await??;
+    let store = tokio::task::spawn_blocking(move || open_store(&dir, cache, &reading)).await??;
     if e.sync == SyncPolicy::Os {
         // Appends are not synced one by one: the store must not reach the
         // disk ahead of the events it reflects.
@@ -132,7 +132,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
 /// this log; else sets it aside (as `projections.redb.discarded`, replacing an
 /// older one) and starts an empty one, which the tail fills from the log
 /// before the node serves. Blocks (file I/O).
-fn open_views(dir: &Path, cache: usize, log: &FileLog) -> anyhow::Result<Arc<LocalStore>> {
+fn open_store(dir: &Path, cache: usize, log: &FileLog) -> anyhow::Result<Arc<LocalStore>> {
     let path = dir.join("projections.redb");
     // redb reports most damage as an error, but may panic on some.
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -427,12 +427,46 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Room `r`'s events under prefix `p`: (subject, event).
+    fn join(u: &str) -> (String, Event) {
+        let e = natter_events::MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() };
+        (natter_events::subjects::member("p", "r", u), Event::MemberJoined(e))
+    }
+
+    fn leave(u: &str) -> (String, Event) {
+        let e = natter_events::MemberLeft { room_id: "r".into(), user_id: u.into(), ..Default::default() };
+        (natter_events::subjects::member("p", "r", u), Event::MemberLeft(e))
+    }
+
+    fn msg(n: u64) -> (String, Event) {
+        let e = natter_events::RoomMessageSent {
+            message_id: format!("m{n}"),
+            room_id: "r".into(),
+            sender_id: "amy".into(),
+            client_msg_id: None,
+            message: Some("hi".into()),
+            attachment: None,
+            seq: n,
+            reply_to: None,
+        };
+        (natter_events::subjects::room("p", "r"), Event::RoomMessageSent(e))
+    }
+
+    /// Appends `event` on `subject` (its next position there, `positions`:
+    /// subject → (position, its last log seq)); returns it with its log seq.
+    async fn append(log: &Arc<dyn EventLog>, positions: &mut HashMap<String, (u64, u64)>, subject: String, event: Event) -> (Envelope, u64) {
+        let (position, last) = positions.get(&subject).copied().unwrap_or((0, 0));
+        let env = Envelope::new(format!("c{}", uuid::Uuid::new_v4().simple()), subject.clone(), position + 1, event);
+        let seq = log.append(&env, last).await.unwrap().log_seq;
+        positions.insert(subject, (position + 1, seq));
+        (env, seq)
+    }
+
     /// Two nodes take turns on a room's events (distributed: any node may
     /// handle the partition's next event): each catches up on the
     /// membership changes the other handled, reading only those.
     #[tokio::test]
     async fn a_node_catches_up_on_the_membership_changes_another_node_handled() {
-        use natter_events::{MemberJoined, MemberLeft, RoomMessageSent, subjects};
 
         use crate::config::SyncPolicy;
         use crate::log::file::FileLog;
@@ -443,28 +477,11 @@ mod tests {
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
         let bus = Arc::new(LocalPush::in_memory(std::time::Duration::from_secs(3600)));
         let nodes = [FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100), FanOut::new(bus.clone(), "p".into(), log.clone(), Arc::new(natter_projections::local::LocalViews::default()), 100)];
-        let mut positions: HashMap<String, (u64, u64)> = HashMap::new(); // subject → (position, its last log seq)
-        let join = |u: &str| (subjects::member("p", "r", u), Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() }));
-        let leave = |u: &str| (subjects::member("p", "r", u), Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into(), ..Default::default() }));
-        let msg = |n: u64| {
-            (subjects::room("p", "r"), Event::RoomMessageSent(RoomMessageSent {
-                message_id: format!("m{n}"),
-                room_id: "r".into(),
-                sender_id: "amy".into(),
-                client_msg_id: None,
-                message: Some("hi".into()),
-                attachment: None,
-                seq: n,
-                reply_to: None,
-            }))
-        };
+        let mut positions = HashMap::new();
         // (event, which node handles it)
         let script = [(join("amy"), 0), (join("bob"), 0), (msg(1), 0), (leave("bob"), 1), (join("kim"), 1), (msg(2), 0), (join("bob"), 1), (msg(3), 1), (leave("kim"), 0), (msg(4), 1)];
         for ((subject, event), node) in script {
-            let (position, last) = positions.get(&subject).copied().unwrap_or((0, 0));
-            let env = Envelope::new(format!("c{}", uuid::Uuid::new_v4().simple()), subject.clone(), position + 1, event);
-            let seq = log.append(&env, last).await.unwrap().log_seq;
-            positions.insert(subject, (position + 1, seq));
+            let (env, seq) = append(&log, &mut positions, subject, event).await;
             nodes[node].apply_at(&env, seq).await.unwrap();
         }
         let messages = |user: &str| {
@@ -490,7 +507,6 @@ mod tests {
         use std::sync::atomic::{AtomicBool, Ordering};
 
         use futures::stream::BoxStream;
-        use natter_events::{MemberJoined, MemberLeft, RoomMessageSent, subjects};
 
         use crate::config::SyncPolicy;
         use crate::log::file::FileLog;
@@ -527,28 +543,10 @@ mod tests {
 
         let dir = std::env::temp_dir().join(format!("natter-retry-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
-        let join = |u: &str| (subjects::member("p", "r", u), Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() }));
-        let leave = |u: &str| (subjects::member("p", "r", u), Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into(), ..Default::default() }));
-        let msg = |n: u64| {
-            (subjects::room("p", "r"), Event::RoomMessageSent(RoomMessageSent {
-                message_id: format!("m{n}"),
-                room_id: "r".into(),
-                sender_id: "amy".into(),
-                client_msg_id: None,
-                message: Some("hi".into()),
-                attachment: None,
-                seq: n,
-                reply_to: None,
-            }))
-        };
-        let mut positions: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut positions = HashMap::new();
         let mut events = Vec::new();
         for (subject, event) in [join("amy"), join("bob"), msg(1), leave("bob"), join("kim"), msg(2), join("bob"), msg(3), leave("kim"), msg(4)] {
-            let (position, last) = positions.get(&subject).copied().unwrap_or((0, 0));
-            let env = Envelope::new(format!("c{}", uuid::Uuid::new_v4().simple()), subject.clone(), position + 1, event);
-            let seq = log.append(&env, last).await.unwrap().log_seq;
-            positions.insert(subject, (position + 1, seq));
-            events.push((env, seq));
+            events.push(append(&log, &mut positions, subject, event).await);
         }
         let batch: Vec<(&Envelope, u64)> = events.iter().map(|(env, seq)| (env, *seq)).collect();
         let inbox = |bus: Arc<LocalPush>| async move {
