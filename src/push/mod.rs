@@ -39,6 +39,7 @@ pub mod nats;
 pub mod reactions;
 pub mod router;
 pub mod user_rooms;
+mod woken;
 
 use std::sync::Arc;
 

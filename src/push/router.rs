@@ -23,6 +23,7 @@ use futures::stream::{AbortHandle, AbortRegistration, Abortable, BoxStream};
 use tokio::sync::{mpsc, watch};
 
 use super::user_rooms::{self, Timeline};
+use super::woken::{Visited, Woken};
 use super::{Delivery, MemberCheck, Payload, Pushed, push_subject, room_push_subject, signal_subject};
 use crate::log::EventLog;
 
@@ -508,13 +509,14 @@ fn remove_user(state: &mut State, user: &str) {
     }
 }
 
-/// Takes what is ready on every feed now: each feed until it has nothing
-/// more or gave [`PER_FEED`]. Returns the messages and the highest
-/// sequence at or below which the pass is sure to hold every message a
-/// cut-short feed still has (`u64::MAX` when none was cut short).
-fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>) -> (Vec<Read>, u64) {
+/// Takes what is ready on every feed woken since its last visit (see
+/// [`Woken`]): each until it has nothing more or gave [`PER_FEED`]. Returns
+/// the messages and the highest sequence at or below which the pass is
+/// sure to hold every message a cut-short feed still has (`u64::MAX` when
+/// none was cut short).
+fn drain(live: &mut Woken<Feed>, cx: &mut std::task::Context<'_>) -> (Vec<Read>, u64) {
     let (mut out, mut cut) = (Vec::new(), u64::MAX);
-    live.retain_mut(|feed| {
+    live.pass(cx, |feed, cx| {
         let (mut taken, mut last) = (0, None);
         loop {
             if taken == PER_FEED {
@@ -523,7 +525,7 @@ fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>) -> (Vec<Read>, u
                 if let Some(last) = last {
                     cut = cut.min(last);
                 }
-                return true;
+                return Visited::More;
             }
             match feed.poll_next_unpin(cx) {
                 std::task::Poll::Ready(Some((source, msg))) => {
@@ -534,8 +536,8 @@ fn drain(live: &mut Vec<Feed>, cx: &mut std::task::Context<'_>) -> (Vec<Read>, u
                     }
                     out.push((source, decoded, msg));
                 }
-                std::task::Poll::Ready(None) => return false,
-                std::task::Poll::Pending => return true,
+                std::task::Poll::Ready(None) => return Visited::Ended,
+                std::task::Poll::Pending => return Visited::Drained,
             }
         }
     });
@@ -552,14 +554,15 @@ fn highest(reads: &[Read]) -> Option<u64> {
 }
 
 /// The router task. NATS sends the connection its messages in order and
-/// async-nats queues them per subscription in that order, so a pass that
-/// empties every subscription holds every message queued before it ended.
-/// A message of the previous pass was queued before it ended: everything
-/// up to the previous pass's highest sequence is in hand after this pass,
-/// and is dispatched sorted; the rest waits for the next pass (at once
-/// when this pass found nothing new).
+/// async-nats queues them per subscription in that order, each queued (and
+/// its subscription woken) before the next: once a pass has seen a
+/// message, every earlier one is queued on a subscription that is woken,
+/// so the next pass (over the woken subscriptions, [`Woken`]) takes it.
+/// Everything up to the previous pass's highest sequence is therefore in
+/// hand after this pass, and is dispatched sorted; the rest waits for the
+/// next pass (at once when this pass found nothing new).
 async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
-    let mut live: Vec<Feed> = Vec::new();
+    let mut live: Woken<Feed> = Woken::default();
     let mut held: Vec<Read> = Vec::new();
     let mut previous_max = 0u64;
     loop {
