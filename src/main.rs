@@ -79,24 +79,42 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         None => cli.serve,
-        Some(Command::Projections(args)) => return natter::cli::projections(&Config::resolve(&args)?).await,
-        Some(Command::Rebuild { projection, args }) => {
-            natter::telemetry::init(false);
-            return natter::cli::rebuild(&Config::resolve(&args)?, &projection).await;
-        }
-        Some(Command::Migrate { from, to, args }) => return natter::cli::migrate(&Config::resolve(&args)?, &from, &to).await,
-        Some(Command::Parked { action: ParkedAction::List(args) }) => return natter::cli::parked_list(&Config::resolve(&args)?).await,
-        Some(Command::Parked { action: ParkedAction::Retry { seqs, args } }) => {
-            return natter::cli::parked_retry(&Config::resolve(&args)?, &seqs).await;
-        }
+        Some(command) => return runtime(0)?.block_on(run_command(command)),
     };
     let cfg = Config::resolve(&args)?;
+    runtime(cfg.server.threads)?.block_on(serve(cfg))
+}
+
+/// The runtime: `threads` workers (0: one per CPU).
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build().context("cannot start the async runtime")
+}
+
+/// The subcommands other than `serve`.
+async fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => unreachable!("serve is not a one-off command"),
+        Command::Projections(args) => natter::cli::projections(&Config::resolve(&args)?).await,
+        Command::Rebuild { projection, args } => {
+            natter::telemetry::init(false);
+            natter::cli::rebuild(&Config::resolve(&args)?, &projection).await
+        }
+        Command::Migrate { from, to, args } => natter::cli::migrate(&Config::resolve(&args)?, &from, &to).await,
+        Command::Parked { action: ParkedAction::List(args) } => natter::cli::parked_list(&Config::resolve(&args)?).await,
+        Command::Parked { action: ParkedAction::Retry { seqs, args } } => natter::cli::parked_retry(&Config::resolve(&args)?, &seqs).await,
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
     natter::telemetry::init(cfg.server.log_format == natter::config::LogFormat::Json);
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     let listener = tokio::net::TcpListener::bind(&addr)
