@@ -30,8 +30,9 @@ pub const PROJECTIONS: [&str; 3] = [VIEWS, COUNTS, fanout::NAME];
 
 async fn connect_log(cfg: &Config) -> anyhow::Result<NatsLog> {
     let url = cfg.distributed.nats_url.as_deref().context(
-        "NATTER_NATS_URL is not set. This command works on a distributed deployment; an embedded node rebuilds \
-         its views from its log at every start, and records events a projection refused in <data dir>/parked.jsonl",
+        "NATTER_NATS_URL is not set. This command works on a distributed deployment; an embedded node keeps its \
+         views in <data dir>/projections.redb (delete it while the node is stopped to rebuild them from the log at \
+         the next start) and records events a projection refused in <data dir>/parked.jsonl",
     )?;
     NatsLog::connect(url, &cfg.distributed.stream, &cfg.log.subject_prefix, cfg.log.dedup_window).await
 }

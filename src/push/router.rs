@@ -7,7 +7,7 @@
 //! sockets here). The server sends one connection its messages in the
 //! order it sends them, and async-nats queues them per subscription in
 //! that order; the task dispatches, sorted by inbox sequence, what its
-//! passes over all subscriptions prove complete (see [`run`]), so a user's
+//! passes over the woken subscriptions prove complete (see [`run`]), so a user's
 //! deliveries leave the router in inbox order whichever chain they came on
 //! (their cursor stays one number). A room delivery goes to the node's users who were members
 //! as of its event ([`super::user_rooms`]); a user's own `member-joined`
@@ -537,6 +537,9 @@ fn drain(live: &mut Woken<Feed>, cx: &mut std::task::Context<'_>) -> (Vec<Read>,
                     out.push((source, decoded, msg));
                 }
                 std::task::Poll::Ready(None) => return Visited::Ended,
+                // Pending for want of task budget says nothing of the
+                // channel (the passes run unconstrained; this is a guard).
+                std::task::Poll::Pending if !tokio::task::coop::has_budget_remaining() => return Visited::More,
                 std::task::Poll::Pending => return Visited::Drained,
             }
         }
@@ -573,10 +576,14 @@ async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
                     Some(feed) => live.push(feed),
                     None => return,
                 },
-                batch = futures::future::poll_fn(|cx| {
+                // Outside tokio's task budget, as every pass: a channel
+                // polled with the budget spent answers Pending without
+                // registering its waker, and its feed would be taken for
+                // drained (see [`Woken`]).
+                batch = tokio::task::unconstrained(futures::future::poll_fn(|cx| {
                     let (out, cut) = drain(&mut live, cx);
                     if out.is_empty() { std::task::Poll::Pending } else { std::task::Poll::Ready((out, cut)) }
-                }) => {
+                })) => {
                     let (out, cut) = batch;
                     previous_max = highest(&out).unwrap_or(previous_max).min(cut);
                     held = out;
@@ -588,7 +595,7 @@ async fn run(inner: Weak<Inner>, mut feeds: mpsc::UnboundedReceiver<Feed>) {
             continue;
         }
         // One more pass (not subject to the task budget: it must empty every
-        // feed to tell what is complete).
+        // woken feed to tell what is complete).
         let (out, cut) = tokio::task::unconstrained(futures::future::poll_fn(|cx| std::task::Poll::Ready(drain(&mut live, cx)))).await;
         let bound = if out.is_empty() { u64::MAX } else { previous_max.min(cut) };
         previous_max = highest(&out).unwrap_or(previous_max).min(cut);

@@ -15,6 +15,12 @@
 //! messages to their subscriptions one after another, each send waking
 //! before the next), every earlier item's stream is queued here: the next
 //! pass takes it, exactly as a pass polling every stream would.
+//!
+//! That holds only for passes outside tokio's cooperative task budget (the
+//! router runs its passes `unconstrained`): a tokio channel polled with the
+//! budget spent answers `Pending` without registering the waker (it defers
+//! the wake until the worker runs out of work), so the stream would be
+//! neither queued nor registered for the rest of that pass and the next.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
