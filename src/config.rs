@@ -152,9 +152,10 @@ section! {
         /// moves on from the 503 itself.
         drain_delay: Duration = Duration::ZERO, "drain-delay-ms", "NATTER_DRAIN_DELAY_MS", millis;
         /// Worker threads of the node's runtime; 0: one per CPU the
-        /// process may use. Several nodes sharing a machine's cores do
-        /// best with 1 each: a thread per core per node spends its time
-        /// waking the others (see the README's Performance section).
+        /// process may use (or `TOKIO_WORKER_THREADS`). Several nodes
+        /// sharing a machine's cores spend less CPU with 1 each: threads of
+        /// one node stop waking each other (see the README's Performance
+        /// section).
         threads: usize = 0, "threads", "NATTER_THREADS";
     }
 }
