@@ -377,8 +377,6 @@ mod tests {
     /// restart) makes exactly the same deliveries.
     #[tokio::test]
     async fn in_order_membership_is_as_of_each_event_and_replays_identically() {
-        use natter_events::{MemberJoined, MemberLeft, RoomMessageSent};
-
         use crate::config::SyncPolicy;
         use crate::log::file::FileLog;
         use crate::push::Replay;
@@ -386,24 +384,10 @@ mod tests {
 
         let dir = std::env::temp_dir().join(format!("natter-inorder-{}", uuid::Uuid::new_v4().simple()));
         let log: Arc<dyn EventLog> = Arc::new(FileLog::open(&dir, SyncPolicy::Os, std::time::Duration::from_secs(60)).unwrap());
-        let join = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() });
-        let leave = |u: &str| Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: u.into(), ..Default::default() });
-        let msg = |seq: u64| {
-            Event::RoomMessageSent(RoomMessageSent {
-                message_id: format!("m{seq}"),
-                room_id: "r".into(),
-                sender_id: "amy".into(),
-                client_msg_id: None,
-                message: Some("hi".into()),
-                attachment: None,
-                seq,
-                reply_to: None,
-            })
-        };
         let events: Vec<Envelope> = [join("amy"), join("eve"), msg(1), leave("eve"), join("zed"), msg(2)]
             .into_iter()
             .enumerate()
-            .map(|(i, e)| Envelope::new(format!("c{i}"), "p.ev.x".into(), i as u64 + 1, e))
+            .map(|(i, (_, e))| Envelope::new(format!("c{i}"), "p.ev.x".into(), i as u64 + 1, e))
             .collect();
         let run = || async {
             let bus = Arc::new(LocalPush::in_memory(std::time::Duration::from_secs(3600)));
