@@ -186,8 +186,9 @@ impl FileLog {
                         let Some(head) = head else { break };
                         let age = (now - head.event.at).to_std().unwrap_or_default();
                         let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { break };
-                        recent_order.push_front((at, IdKey::of(&head.msg_id)));
-                        recent.entry(IdKey::of(&head.msg_id)).or_insert((i as u64 + 1, at));
+                        let key = IdKey::of(&head.msg_id);
+                        recent_order.push_front((at, key));
+                        recent.entry(key).or_insert((i as u64 + 1, at));
                     }
                 }
             } else {
@@ -213,8 +214,9 @@ impl FileLog {
             if age < dedup_window
                 && let Some(at) = opened.checked_sub(age)
             {
-                recent_order.push_back((at, IdKey::of(&head.msg_id)));
-                recent.insert(IdKey::of(&head.msg_id), (head.seq, at));
+                let key = IdKey::of(&head.msg_id);
+                recent_order.push_back((at, key));
+                recent.insert(key, (head.seq, at));
             }
             let subject = head.subject.unwrap_or(head.event.subject);
             match by_subject.get_mut(subject.as_ref()) {
@@ -273,34 +275,40 @@ impl FileLog {
         self
     }
 
-    /// Reads the next record's body into `body` if it is whole and its
-    /// checksum holds (else `None`: the end, or a torn or damaged record).
-    fn next_head(reader: &mut impl Read, body: &mut Vec<u8>) -> Option<()> {
+    /// Reads a record's header and body through `read` (which fills each
+    /// buffer from where the last one ended) into `body`, if it is whole
+    /// and its checksum holds (else `None`: the end, or a torn or damaged
+    /// record).
+    fn read_body(mut read: impl FnMut(&mut [u8]) -> std::io::Result<()>, body: &mut Vec<u8>) -> Option<()> {
         let mut header = [0u8; HEADER as usize];
-        reader.read_exact(&mut header).ok()?;
+        read(&mut header).ok()?;
         let len = u32::from_le_bytes(header[0..4].try_into().ok()?);
         let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
         if len > MAX_RECORD {
             return None;
         }
         body.resize(len as usize, 0);
-        reader.read_exact(body).ok()?;
+        read(body).ok()?;
         (crc32fast::hash(body) == crc).then_some(())
     }
 
-    /// Reads the record at `offset` into `body` if it is whole and its
-    /// checksum holds.
+    /// Reads the next record of `reader` into `body` ([`FileLog::read_body`]).
+    fn next_head(reader: &mut impl Read, body: &mut Vec<u8>) -> Option<()> {
+        Self::read_body(|buf| reader.read_exact(buf), body)
+    }
+
+    /// Reads the record at `offset` into `body` ([`FileLog::read_body`]).
     fn body_at(file: &std::fs::File, offset: u64, body: &mut Vec<u8>) -> Option<()> {
         use std::os::unix::fs::FileExt;
-        let mut header = [0u8; HEADER as usize];
-        file.read_exact_at(&mut header, offset).ok()?;
-        let len = u32::from_le_bytes(header[0..4].try_into().ok()?);
-        if len > MAX_RECORD {
-            return None;
-        }
-        body.resize(len as usize, 0);
-        file.read_exact_at(body, offset + HEADER).ok()?;
-        (crc32fast::hash(body) == u32::from_le_bytes(header[4..8].try_into().ok()?)).then_some(())
+        let mut at = offset;
+        Self::read_body(
+            |buf| {
+                file.read_exact_at(buf, at)?;
+                at += buf.len() as u64;
+                Ok(())
+            },
+            body,
+        )
     }
 
     /// Whether `ix` describes this file: its last record is where it says,
@@ -579,7 +587,8 @@ impl FileLog {
                     state.recent.remove(&id);
                 }
             }
-            if let Some((seq, _)) = state.recent.get(&IdKey::of(&env.command_id)) {
+            let key = IdKey::of(&env.command_id);
+            if let Some((seq, _)) = state.recent.get(&key) {
                 return Ok(Appended { log_seq: *seq, duplicate: true });
             }
             if state.by_subject.get(&env.subject).and_then(|seqs| seqs.last()).copied().unwrap_or(0) != expected_last {
@@ -606,8 +615,8 @@ impl FileLog {
             state.offsets.push(offset);
             state.by_subject.entry(env.subject.clone()).or_default().push(seq);
             let now = Instant::now();
-            state.recent.insert(IdKey::of(&env.command_id), (seq, now));
-            state.recent_order.push_back((now, IdKey::of(&env.command_id)));
+            state.recent.insert(key, (seq, now));
+            state.recent_order.push_back((now, key));
             (seq, state.end)
         };
         if self.sync == SyncPolicy::Always {
