@@ -108,7 +108,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
         counts: counts.clone(),
         projections: vec![views, counts],
         progress: applied.clone(),
-        bus: bus.clone(),
+        bus,
         presence: Arc::new(MemoryPresence::new(cfg.push.presence_ttl)),
         counter: Arc::new(crate::ratelimit::MemoryCounter::default()),
         runner: Box::new(ReplayThenTail { parked: ParkedFile::open(e.data_dir.join("parked.jsonl")), log, applied, store }),

@@ -217,7 +217,8 @@ impl FileTail {
         }
         for (i, p) in self.projections.iter().enumerate() {
             let kept = self.kept.get(i).copied().unwrap_or(0);
-            let mine: Vec<&(u64, Result<Envelope, String>)> = events.iter().filter(|(seq, _)| *seq > kept).collect();
+            // Events are in log order: this projection's are a tail.
+            let mine = &events[events.partition_point(|(seq, _)| *seq <= kept)..];
             if mine.len() > 1 && mine.iter().all(|(_, event)| event.is_ok()) {
                 let batch: Vec<(&Envelope, u64)> = mine.iter().filter_map(|(seq, event)| Some((event.as_ref().ok()?, *seq))).collect();
                 let applied = loop {

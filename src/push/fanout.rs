@@ -169,30 +169,24 @@ impl Projection for FanOut {
     /// make one per member). A failure leaves the room tables past events
     /// that will come again: they are dropped, to be read afresh once.
     async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
-        let (mut pending, mut held) = (Vec::new(), 0);
-        for (env, log_seq) in batch {
-            let deliveries = match self.deliveries_at(env, *log_seq).await {
-                Ok(d) => d,
-                Err(e) => {
-                    self.members.forget();
-                    return Err(e);
+        let applied = async {
+            let (mut pending, mut held) = (Vec::new(), 0);
+            for (env, log_seq) in batch {
+                let deliveries = self.deliveries_at(env, *log_seq).await?;
+                held += deliveries.len();
+                pending.push((*env, *log_seq, deliveries));
+                if held >= BATCH_DELIVERIES {
+                    self.bus.deliver_batch(std::mem::take(&mut pending)).await.map_err(ApplyError::Unavailable)?;
+                    held = 0;
                 }
-            };
-            held += deliveries.len();
-            pending.push((*env, *log_seq, deliveries));
-            if held >= BATCH_DELIVERIES {
-                if let Err(e) = self.bus.deliver_batch(std::mem::take(&mut pending)).await {
-                    self.members.forget();
-                    return Err(ApplyError::Unavailable(e));
-                }
-                held = 0;
             }
+            self.bus.deliver_batch(pending).await.map_err(ApplyError::Unavailable)
         }
-        if let Err(e) = self.bus.deliver_batch(pending).await {
+        .await;
+        if applied.is_err() {
             self.members.forget();
-            return Err(ApplyError::Unavailable(e));
         }
-        Ok(())
+        applied
     }
 }
 

@@ -120,21 +120,18 @@ impl<S> Woken<S> {
 
     /// One pass: `visit`s each stream woken (or added, or left with more)
     /// since its last visit, with a context that wakes it alone; the task
-    /// polling the set (`cx`) is woken when another is. Returns how many
-    /// streams were visited.
-    pub fn pass(&mut self, cx: &mut Context<'_>, mut visit: impl FnMut(&mut S, &mut Context<'_>) -> Visited) -> usize {
+    /// polling the set (`cx`) is woken when another is.
+    pub fn pass(&mut self, cx: &mut Context<'_>, mut visit: impl FnMut(&mut S, &mut Context<'_>) -> Visited) {
         // Registered before the queue is taken: a wake after the take
         // wakes the task again.
         self.ready.task.register(cx.waker());
         let queued = std::mem::take(&mut *self.ready.queue.lock().expect("woken queue lock"));
-        let mut visited = 0;
         for index in queued {
             // An index queued twice (woken, then freed and reused) is
             // visited once per queueing; a visit with nothing is cheap.
             let Some(Some(slot)) = self.slots.get_mut(index) else { continue };
             // Unqueued before the poll: a wake while it runs queues it again.
             slot.flag.queued.store(false, Ordering::Release);
-            visited += 1;
             let mut own = Context::from_waker(&slot.waker);
             match visit(&mut slot.stream, &mut own) {
                 Visited::Drained => {}
@@ -148,7 +145,6 @@ impl<S> Woken<S> {
                 }
             }
         }
-        visited
     }
 }
 
