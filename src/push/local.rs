@@ -157,7 +157,7 @@ impl LocalPush {
     /// `log_seq`, which happened at `at_ms` (events older than the
     /// retention deliver nothing), with how far the fan-out has gone; adds
     /// what to publish once committed to `pushed`.
-    fn store(&self, tx: &WriteTransaction, (log_seq, at_ms, event_id): (u64, i64, &str), deliveries: &[(String, Payload)], pushed: &mut Vec<(String, Arc<Pushed>)>) -> Result<(), ApplyError> {
+    fn store(&self, tx: &WriteTransaction, (log_seq, at_ms, event_id): (u64, i64, &str), deliveries: Vec<(String, Payload)>, pushed: &mut Vec<(String, Arc<Pushed>)>) -> Result<(), ApplyError> {
         if log_seq <= meta(tx, "head")? {
             return Ok(()); // already fanned out
         }
@@ -166,32 +166,34 @@ impl LocalPush {
         if at_ms < Utc::now().timestamp_millis() - self.retention.as_millis() as i64 {
             return set_meta(tx, "floor", log_seq);
         }
-        let mut count = meta(tx, "count")?;
-        for (user, payload) in deliveries {
-            if payload.event == "messageDeleted" {
-                Self::forget_content(tx, payload)?;
-            }
-            if let Some(id) = crate::wire::content_of(&payload.event, &payload.data) {
-                tx.open_table(SHOWN)?.insert((id, user.as_str(), log_seq), ())?;
-            }
-            let previous = tx.open_table(LAST)?.insert(user.as_str(), log_seq)?.map_or(0, |v| v.value());
-            tx.open_table(ORDER)?.insert((log_seq, user.as_str()), at_ms)?;
-            tx.open_table(INBOX)?.insert((user.as_str(), log_seq), serde_json::to_vec(payload).map_err(failed)?.as_slice())?;
-            count += 1;
-            pushed.push((user.clone(), Arc::new(Pushed::Delivery(Delivery { cursor: log_seq, previous, payload: payload.clone(), check: None }))));
+        // A deletion's tombstones all name the one message deleted.
+        if let Some((_, deleted)) = deliveries.iter().find(|(_, p)| p.event == "messageDeleted") {
+            Self::forget_content(tx, deleted)?;
         }
+        let mut count = meta(tx, "count")?;
+        let (mut shown, mut last, mut order, mut inbox) = (tx.open_table(SHOWN)?, tx.open_table(LAST)?, tx.open_table(ORDER)?, tx.open_table(INBOX)?);
+        for (user, payload) in deliveries {
+            if let Some(id) = crate::wire::content_of(&payload.event, &payload.data) {
+                shown.insert((id, user.as_str(), log_seq), ())?;
+            }
+            let previous = last.insert(user.as_str(), log_seq)?.map_or(0, |v| v.value());
+            order.insert((log_seq, user.as_str()), at_ms)?;
+            inbox.insert((user.as_str(), log_seq), serde_json::to_vec(&payload).map_err(failed)?.as_slice())?;
+            count += 1;
+            pushed.push((user, Arc::new(Pushed::Delivery(Delivery { cursor: log_seq, previous, payload, check: None }))));
+        }
+        drop((shown, last, order, inbox));
         set_meta(tx, "count", count)
     }
 
     /// Stores the deliveries of several events (`(log_seq, at_ms,
     /// event_id)` and theirs, in log order) in one transaction, then
     /// publishes them.
-    fn store_all(&self, events: &[((u64, i64, &str), Vec<(String, Payload)>)]) -> Result<(), ApplyError> {
+    fn store_all(&self, events: Vec<((u64, i64, &str), Vec<(String, Payload)>)>) -> Result<(), ApplyError> {
         let (mut pushed, mut floor) = (Vec::new(), 0);
         self.store.write(|tx| {
-            pushed.clear();
             for (event, deliveries) in events {
-                self.store(tx, *event, deliveries, &mut pushed)?;
+                self.store(tx, event, deliveries, &mut pushed)?;
             }
             self.prune(tx)?;
             floor = meta(tx, "floor")?;
@@ -210,7 +212,7 @@ impl LocalPush {
     /// happened at `at_ms`, then publishes them (tests).
     #[cfg(test)]
     pub fn deliver_at(&self, log_seq: u64, at_ms: i64, event_id: &str, deliveries: Vec<(String, Payload)>) -> Result<(), ApplyError> {
-        self.store_all(&[((log_seq, at_ms, event_id), deliveries)])
+        self.store_all(vec![((log_seq, at_ms, event_id), deliveries)])
     }
 
     /// How far the fan-out has gone: the log sequence of the newest event
@@ -246,7 +248,7 @@ impl PushBus for LocalPush {
             }
             events.push(((log_seq, event.at.timestamp_millis(), id.as_str()), users_only(deliveries)?));
         }
-        self.store_all(&events).map_err(|e| e.to_string())
+        self.store_all(events).map_err(|e| e.to_string())
     }
 
     async fn kept_through(&self) -> u64 {
