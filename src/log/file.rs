@@ -169,7 +169,7 @@ impl FileLog {
         let len = file.metadata().with_context(|| format!("reading event log {}", path.display()))?.len();
         if let Some(ix) = super::index::read(&dir.join("events.idx")) {
             if Self::index_fits(&file, &ix, len) {
-                (offsets, by_subject, pos) = (ix.offsets, ix.by_subject, ix.end);
+                (offsets, by_subject, pos) = (ix.offsets.into_owned(), ix.by_subject.into_owned(), ix.end);
                 let probe = IdKey::of(IdKey::PROBE);
                 if ix.probe == (probe.0, probe.1) && dedup_window.as_millis() <= u128::from(ix.window_ms) {
                     for ((a, b), seq, at_ms) in ix.recent {
@@ -413,8 +413,8 @@ impl FileLog {
                 let index = super::index::Index {
                     end: state.end,
                     last_id,
-                    offsets: state.offsets.clone(),
-                    by_subject: state.by_subject.clone(),
+                    offsets: state.offsets.as_slice().into(),
+                    by_subject: std::borrow::Cow::Borrowed(&state.by_subject),
                     recent,
                     window_ms: self.dedup_window.as_millis() as u64,
                     probe: (probe.0, probe.1),

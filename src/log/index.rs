@@ -9,6 +9,7 @@
 //! that fails its checksum, or whose last record does not sit where it
 //! says in `events.log`, is ignored (the log is scanned instead).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -16,14 +17,15 @@ use std::path::Path;
 const MAGIC: &[u8; 8] = b"NATTERIX";
 const VERSION: u32 = 2;
 
-/// What the index holds.
-pub struct Index {
+/// What the index holds (borrowing the log's tables when written, owning
+/// them when read).
+pub struct Index<'a> {
     /// The log's length in bytes when written: every record before it.
     pub end: u64,
     /// The command id of the last record (to tell the same log).
     pub last_id: String,
-    pub offsets: Vec<u64>,
-    pub by_subject: BTreeMap<String, Vec<u64>>,
+    pub offsets: Cow<'a, [u64]>,
+    pub by_subject: Cow<'a, BTreeMap<String, Vec<u64>>>,
     /// The dedup window's command ids, oldest first: (key, sequence, the
     /// time it was appended in Unix milliseconds).
     pub recent: Vec<((u64, u64), u64, i64)>,
@@ -35,7 +37,7 @@ pub struct Index {
 }
 
 /// Writes `index` to `path` (through a temporary file renamed over it).
-pub fn write(path: &Path, index: &Index) -> std::io::Result<()> {
+pub fn write(path: &Path, index: &Index<'_>) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(64 + index.offsets.len() * 16);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -46,7 +48,7 @@ pub fn write(path: &Path, index: &Index) -> std::io::Result<()> {
     };
     put_str(&mut out, &index.last_id);
     out.extend_from_slice(&(index.by_subject.len() as u64).to_le_bytes());
-    for (subject, seqs) in &index.by_subject {
+    for (subject, seqs) in index.by_subject.iter() {
         put_str(&mut out, subject);
         out.extend_from_slice(&(seqs.len() as u64).to_le_bytes());
         seqs.iter().for_each(|s| out.extend_from_slice(&s.to_le_bytes()));
@@ -71,7 +73,7 @@ pub fn write(path: &Path, index: &Index) -> std::io::Result<()> {
 }
 
 /// Reads the index at `path`, if there is one and it is whole.
-pub fn read(path: &Path) -> Option<Index> {
+pub fn read(path: &Path) -> Option<Index<'static>> {
     let bytes = std::fs::read(path).ok()?;
     let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
     if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
@@ -104,7 +106,7 @@ pub fn read(path: &Path) -> Option<Index> {
     for _ in 0..n {
         recent.push(((r.u64()?, r.u64()?), r.u64()?, r.u64()? as i64));
     }
-    r.0.is_empty().then_some(Index { end, last_id, offsets, by_subject, recent, window_ms, probe })
+    r.0.is_empty().then_some(Index { end, last_id, offsets: offsets.into(), by_subject: Cow::Owned(by_subject), recent, window_ms, probe })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -141,15 +143,15 @@ mod tests {
         let index = Index {
             end: 300,
             last_id: "cmd-3".into(),
-            offsets: vec![0, 100, 200],
-            by_subject: by_subject.clone(),
+            offsets: vec![0, 100, 200].into(),
+            by_subject: Cow::Borrowed(&by_subject),
             recent: recent.clone(),
             window_ms: 600_000,
             probe: (11, 12),
         };
         write(&path, &index).unwrap();
         let back = read(&path).unwrap();
-        assert_eq!((back.end, back.last_id.as_str(), back.offsets, back.by_subject, back.recent), (300, "cmd-3", vec![0, 100, 200], by_subject, recent));
+        assert_eq!((back.end, back.last_id.as_str(), back.offsets.into_owned(), back.by_subject.into_owned(), back.recent), (300, "cmd-3", vec![0, 100, 200], by_subject, recent));
         assert_eq!((back.window_ms, back.probe), (600_000, (11, 12)));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 1;
