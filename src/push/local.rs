@@ -166,7 +166,9 @@ impl LocalPush {
         if at_ms < Utc::now().timestamp_millis() - self.retention.as_millis() as i64 {
             return set_meta(tx, "floor", log_seq);
         }
-        // A deletion's tombstones all name the one message deleted.
+        // An event deleting a message makes only its tombstones, all for
+        // that one message (`fanout::deliveries`): its content is forgotten
+        // once, before they are stored.
         if let Some((_, deleted)) = deliveries.iter().find(|(_, p)| p.event == "messageDeleted") {
             Self::forget_content(tx, deleted)?;
         }
