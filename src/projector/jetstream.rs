@@ -21,14 +21,14 @@ use natter_events::Envelope;
 use natter_projections::Projection;
 use tokio::sync::watch;
 
-use super::partitions::{origin_seq, partition_consumer, partition_subject};
+use super::partitions::partition_consumer;
 use super::{BatchNext, Next, Parking, consumer_name, project, project_batch};
 use crate::log::nats::parked_subject;
 use crate::metrics::Metrics;
 
 /// How often a projector working on one event says so (well within the
 /// shortest ack wait, 5 s).
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// How long one event may hold its place by progress acks.
 const PROGRESS_AT_MOST: Duration = Duration::from_secs(120);
 /// Most events an order-free projection applies together.
@@ -39,7 +39,7 @@ const BATCH: usize = 256;
 const LINGER: Duration = Duration::from_millis(20);
 
 /// Why a consumer loop ended without an error.
-enum Flow {
+pub(super) enum Flow {
     Stop,
     /// The projection's live version changed: consume its new durable.
     Follow,
@@ -90,23 +90,13 @@ impl Projector {
     }
 
     /// What metrics and logs call this projector.
-    fn label(&self) -> String {
+    pub(super) fn label(&self) -> String {
         match &self.feed {
             Feed::Log { .. } => self.projection.name().to_owned(),
             Feed::Partition { index, .. } => format!("{}-p{index}", self.projection.name()),
         }
     }
 
-    fn consumer(&self, durable: &str) -> (&str, pull::Config) {
-        match &self.feed {
-            Feed::Log { stream } => (stream, consumer_config(durable, self.projection.ordered())),
-            Feed::Partition { stream, index } => {
-                let mut config = consumer_config(durable, true);
-                config.filter_subject = partition_subject(&self.prefix, *index);
-                (stream, config)
-            }
-        }
-    }
 
     /// Runs until `shutdown` turns true. Connection trouble is logged and
     /// retried; it never ends the loop.
@@ -145,9 +135,12 @@ impl Projector {
 
     async fn consume(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Flow> {
         let durable = self.durable_name();
-        let (stream, config) = self.consumer(&durable);
+        let stream = match &self.feed {
+            Feed::Log { stream } => stream,
+            Feed::Partition { stream, index } => return self.consume_partition(stream, *index, &durable, shutdown).await,
+        };
         let stream = self.js.get_stream(stream).await?;
-        let consumer = stream.get_or_create_consumer(&durable, config).await?;
+        let consumer = stream.get_or_create_consumer(&durable, consumer_config(&durable, self.projection.ordered())).await?;
         let mut messages = consumer.messages().await?;
         // A rebuilt projection becomes live under a new version: follow it
         // to its consumer.
@@ -156,26 +149,14 @@ impl Projector {
             let next = tokio::select! {
                 next = messages.next() => next,
                 _ = version_check.tick() => {
-                    if self.durable_name() != durable {
-                        tracing::info!(from = %durable, to = %self.durable_name(), "projector follows the new live version");
+                    if self.followed(&durable) {
                         return Ok(Flow::Follow);
                     }
                     continue;
                 }
                 _ = shutdown.changed() => return Ok(Flow::Stop),
             };
-            let msg = match next {
-                Some(Ok(msg)) => msg,
-                // The pull went unanswered (its consumer's leader was not
-                // there yet, or was lost): the stream may never pull again,
-                // so the consumer is taken up afresh.
-                Some(Err(e)) if lost(&e) => anyhow::bail!("consumer {durable}: {e}"),
-                Some(Err(e)) => {
-                    tracing::warn!(projection = %self.label(), error = %e, "consumer stream error");
-                    continue;
-                }
-                None => anyhow::bail!("consumer {durable} stream ended"),
-            };
+            let Some(msg) = self.taken(next, &durable)? else { continue };
             if !self.batches() {
                 self.handle(&msg).await;
                 continue;
@@ -196,6 +177,32 @@ impl Projector {
                 }
             }
             self.handle_batch(&batch).await;
+        }
+    }
+
+    /// Whether the projection's live version moved on from `durable`
+    /// (a rebuild switched): its consumer is then followed.
+    pub(super) fn followed(&self, durable: &str) -> bool {
+        let moved = self.durable_name() != durable;
+        if moved {
+            tracing::info!(from = %durable, to = %self.durable_name(), "projector follows the new live version");
+        }
+        moved
+    }
+
+    /// The message a consumer stream's next item holds; `None` after a
+    /// passing error (logged), an error when the consumer must be taken up
+    /// afresh (the pull went unanswered: its leader was not there yet, or
+    /// was lost, and the stream may never pull again) or the stream ended.
+    pub(super) fn taken(&self, next: Option<Result<jetstream::Message, pull::MessagesError>>, durable: &str) -> anyhow::Result<Option<jetstream::Message>> {
+        match next {
+            Some(Ok(msg)) => Ok(Some(msg)),
+            Some(Err(e)) if lost(&e) => anyhow::bail!("consumer {durable}: {e}"),
+            Some(Err(e)) => {
+                tracing::warn!(projection = %self.label(), error = %e, "consumer stream error");
+                Ok(None)
+            }
+            None => anyhow::bail!("consumer {durable} stream ended"),
         }
     }
 
@@ -252,7 +259,7 @@ impl Projector {
     /// store), so the ack wait does not hand them to another node; not
     /// forever: work stuck longer than [`PROGRESS_AT_MOST`] lets them go
     /// back to the cluster after the ack wait.
-    async fn keep_alive<'m, T>(&self, work: impl std::future::Future<Output = T>, msgs: impl Iterator<Item = &'m jetstream::Message> + Clone) -> T {
+    pub(super) async fn keep_alive<'m, T>(&self, work: impl std::future::Future<Output = T>, msgs: impl Iterator<Item = &'m jetstream::Message> + Clone) -> T {
         tokio::pin!(work);
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.tick().await;
@@ -270,14 +277,8 @@ impl Projector {
     }
 
     async fn handle(&self, msg: &jetstream::Message) {
-        let (stream_seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
-        let (seq, decoded) = match &self.feed {
-            Feed::Log { .. } => (stream_seq, Envelope::decode(&msg.payload).map_err(|e| e.to_string())),
-            Feed::Partition { .. } => match origin_seq(msg.headers.as_ref()) {
-                Some(seq) => (seq, Envelope::decode(&msg.payload).map_err(|e| e.to_string())),
-                None => (0, Err(format!("fan-out feed message {stream_seq} has no Nats-Stream-Source log sequence"))),
-            },
-        };
+        let (seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
+        let decoded = Envelope::decode(&msg.payload).map_err(|e| e.to_string());
         let label = self.label();
         let work = project(self.projection.as_ref(), &label, decoded.as_ref().map_err(Clone::clone), seq, &msg.payload, pending, self, &self.metrics);
         let next = self.keep_alive(work, std::iter::once(msg)).await;

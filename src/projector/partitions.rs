@@ -15,10 +15,25 @@
 //! ```
 //!
 //! A room's messages and its membership changes land in the same partition,
-//! in log order. Each partition has its own durable consumer with one event
-//! in flight, and every node pulls from every partition: up to
-//! [`PARTITIONS`] events are fanned out at once across the cluster, a busy
-//! room holds up only its own partition, and capacity grows with nodes.
+//! in log order. Each partition has its own durable consumer, and every node
+//! pulls from every partition: a busy room holds up only its own partition,
+//! the partitions are fanned out at once, and capacity grows with nodes.
+//!
+//! **One node works a partition at a time, in batches.** The consumer pins
+//! one puller (NATS priority group [`GROUP`], policy `pinned_client`) and
+//! hands it up to [`IN_HANDS`] events at once; the other nodes wait on
+//! standby and take the pin when the pinned one stops pulling for
+//! [`PINNED_FOR`] (it crashed, or lost NATS). The pinned node fans out what
+//! it holds in log order, stores the deliveries together (one window of
+//! publishes, not a round trip per event) and acknowledges them: a burst of
+//! a thousand joins is a few batches, not a thousand turns of the cluster.
+//! A pin moves without waiting for the old holder's events, so a node that
+//! has just been pinned first waits until every event pending on the
+//! consumer is in its own hands ([`Projector::consume_partition`]): the old
+//! holder's events either were fanned out and acknowledged, or come back
+//! to it (the ack wait, 5 s) to go first. Which node holds which
+//! partition's pin is whichever pulled first: pins spread over the nodes
+//! at random, and a node that joins later gets pins as others leave.
 //! Sourcing keeps the log's order and says each event's log sequence in the
 //! `Nats-Stream-Source` header ([`origin_seq`]); an event leaves the stream
 //! once its partition acknowledged it. Account events make no deliveries
@@ -27,14 +42,40 @@
 //! again from the feed's start): [`crate::log::nats::NatsLog::connect`]
 //! refuses older servers.
 
-use anyhow::Context;
-use async_nats::jetstream::{self, stream};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::time::Duration;
 
-use super::consumer_name;
+use anyhow::Context;
+use async_nats::jetstream::consumer::{AckPolicy, PriorityPolicy, pull};
+use async_nats::jetstream::{self, AckKind, stream};
+use futures::{FutureExt, StreamExt};
+use natter_events::Envelope;
+use tokio::sync::watch;
+
+use super::jetstream::{Flow, Projector};
+use super::{BatchNext, Next, consumer_name, project, project_batch};
 
 /// Partitions of the fan-out. Fixed: the transforms of an existing stream
 /// decide where events go, so changing it needs a new stream.
 pub const PARTITIONS: u32 = 16;
+/// The priority group every node pulls a partition in.
+pub const GROUP: &str = "fanout";
+/// Most events of a partition in one node's hands (its consumer's max
+/// ack pending): the largest batch.
+pub const IN_HANDS: usize = 256;
+/// How long a pinned node keeps a partition without pulling: after that
+/// another node takes it over (with the events the first one held, once
+/// their ack wait has passed).
+pub const PINNED_FOR: Duration = Duration::from_secs(5);
+/// A pull's expiry: a pinned node renews its pin (by pulling again) well
+/// within [`PINNED_FOR`].
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// An event fanned out and unacknowledged this long goes to another node.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+/// Stream sequences a node remembers having acknowledged: an event
+/// redelivered to it before its acknowledgement was processed is
+/// acknowledged again, not fanned out a second time.
+const ACKED_KEPT: usize = 4096;
 
 /// The partitioned feed beside the log `stream`.
 pub fn fanout_stream(stream: &str) -> String {
@@ -49,6 +90,228 @@ pub fn partition_subject(prefix: &str, index: u32) -> String {
 /// The durable consumer of partition `index` of a projection.
 pub fn partition_consumer(projection: &str, version: u32, index: u32) -> String {
     format!("{}-p{index}", consumer_name(projection, version))
+}
+
+/// The durable consumer of partition `index` (see the crate doc): pinned
+/// to one node at a time, [`IN_HANDS`] events in its hands.
+pub fn partition_config(durable: &str, prefix: &str, index: u32) -> pull::Config {
+    pull::Config {
+        durable_name: Some(durable.to_owned()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: IN_HANDS as i64,
+        filter_subject: partition_subject(prefix, index),
+        priority_policy: PriorityPolicy::PinnedClient,
+        priority_groups: vec![GROUP.to_owned()],
+        priority_timeout: PINNED_FOR,
+        ..Default::default()
+    }
+}
+
+/// The pin a partition's message was delivered under.
+fn pin_of(msg: &jetstream::Message) -> Option<String> {
+    Some(msg.headers.as_ref()?.get("Nats-Pin-Id")?.as_str().to_owned())
+}
+
+/// A partition's events in one node's hands, by stream sequence (a
+/// redelivery replaces the copy held), and the ones it acknowledged lately.
+#[derive(Default)]
+struct Hands {
+    held: BTreeMap<u64, jetstream::Message>,
+    acked: HashSet<u64>,
+    acked_order: VecDeque<u64>,
+}
+
+impl Hands {
+    /// Takes `msg` in, unless it is one this node acknowledged already (a
+    /// redelivery that crossed the acknowledgement): that one is
+    /// acknowledged again.
+    async fn take(&mut self, msg: jetstream::Message) {
+        let Ok(seq) = msg.info().map(|i| i.stream_sequence) else {
+            self.held.insert(0, msg);
+            return;
+        };
+        if self.acked.contains(&seq) {
+            let _ = msg.ack().await;
+            return;
+        }
+        self.held.insert(seq, msg);
+    }
+
+    /// Remembers that these were acknowledged.
+    fn acknowledged(&mut self, seqs: impl Iterator<Item = u64>) {
+        for seq in seqs {
+            if self.acked.insert(seq) {
+                self.acked_order.push_back(seq);
+            }
+            if self.acked_order.len() > ACKED_KEPT
+                && let Some(old) = self.acked_order.pop_front()
+            {
+                self.acked.remove(&old);
+            }
+        }
+    }
+}
+
+impl Projector {
+    /// Works partition `index` of the feed `stream` through its durable
+    /// consumer: while this node holds the partition's pin, takes the
+    /// events at hand (up to [`IN_HANDS`]), fans them out in log order and
+    /// acknowledges them. Under a new pin (first pulls, or another node's
+    /// pin expired), it first waits until every event pending on the
+    /// consumer is in its hands, so none older is still out with another
+    /// node. Stores that are down are retried with the events kept in hand
+    /// (a nak would let the next events overtake them).
+    pub(super) async fn consume_partition(&self, stream: &str, index: u32, durable: &str, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Flow> {
+        let stream = self.js.get_stream(stream).await?;
+        let config = partition_config(durable, &self.prefix, index);
+        let mut consumer = stream.get_or_create_consumer(durable, config.clone()).await?;
+        let had = &consumer.cached_info().config;
+        if had.priority_policy != config.priority_policy || had.max_ack_pending != config.max_ack_pending || had.priority_timeout != config.priority_timeout {
+            // Made by an earlier natter (one event in flight, no pin).
+            consumer = stream.update_consumer(config).await.with_context(|| format!("pinning the fan-out consumer {durable}"))?;
+            tracing::info!(consumer = durable, "fan-out partition consumer now pins one node and hands it batches");
+        }
+        let mut messages = consumer.stream().group(GROUP).expires(PULL_EXPIRES).max_messages_per_batch(IN_HANDS).messages().await?;
+        let mut hands = Hands::default();
+        let mut verified: Option<String> = None;
+        let mut version_check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let next = tokio::select! {
+                next = messages.next() => next,
+                _ = version_check.tick() => {
+                    if self.followed(durable) {
+                        return Ok(Flow::Follow);
+                    }
+                    continue;
+                }
+                _ = shutdown.changed() => return Ok(Flow::Stop),
+            };
+            let Some(msg) = self.taken(next, durable)? else { continue };
+            hands.take(msg).await;
+            // What else is here already joins the batch.
+            while hands.held.len() < IN_HANDS {
+                match messages.next().now_or_never() {
+                    Some(next @ Some(Ok(_))) => hands.take(self.taken(next, durable)?.expect("a message")).await,
+                    _ => break,
+                }
+            }
+            let pin = hands.held.values().next_back().and_then(pin_of);
+            if pin.is_none() || pin != verified {
+                let Some(pin) = self.await_older(&consumer, &mut messages, &mut hands, durable, shutdown).await? else {
+                    return Ok(Flow::Stop);
+                };
+                verified = pin;
+            }
+            let batch: Vec<jetstream::Message> = std::mem::take(&mut hands.held).into_values().collect();
+            if batch.is_empty() {
+                continue;
+            }
+            self.fan_out_in_order(&batch).await;
+            for msg in &batch {
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(projection = %self.label(), error = %e, "acknowledgement lost; the event will be redelivered and fanned out again (deliveries are deduplicated)");
+                }
+            }
+            hands.acknowledged(batch.iter().filter_map(|m| m.info().ok().map(|i| i.stream_sequence)));
+        }
+    }
+
+    /// Waits until every event pending on the partition's consumer is in
+    /// `hands` (taking in what arrives meanwhile, and keeping what it holds
+    /// from going back to the cluster); returns the pin the newest held
+    /// event came under, `None` at shutdown.
+    async fn await_older(
+        &self,
+        consumer: &jetstream::consumer::Consumer<pull::Config>,
+        messages: &mut pull::Stream,
+        hands: &mut Hands,
+        durable: &str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<Option<Option<String>>> {
+        let started = tokio::time::Instant::now();
+        let mut progressed = started;
+        let mut wait = Duration::from_millis(10);
+        let mut warned = false;
+        loop {
+            let pending = consumer.get_info().await?.num_ack_pending;
+            if pending <= hands.held.len() {
+                return Ok(Some(hands.held.values().next_back().and_then(pin_of)));
+            }
+            if progressed.elapsed() >= super::jetstream::PROGRESS_EVERY {
+                for msg in hands.held.values() {
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                }
+                progressed = tokio::time::Instant::now();
+            }
+            if !warned && started.elapsed() > 2 * ACK_WAIT {
+                warned = true;
+                tracing::warn!(projection = %self.label(), pending, held = hands.held.len(), "fan-out partition waits for events another node holds (they come back after the ack wait, or when that node acknowledges them)");
+            }
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    next = messages.next() => {
+                        if let Some(msg) = self.taken(next, durable)? {
+                            hands.take(msg).await;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = shutdown.changed() => return Ok(None),
+                }
+            }
+            wait = (wait * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Fans out `batch` (consecutive events of one partition, in log
+    /// order) together; a poison batch one event at a time. A store that
+    /// is down is retried until it answers: the events stay in hand.
+    async fn fan_out_in_order(&self, batch: &[jetstream::Message]) {
+        let label = self.label();
+        let lag = batch.last().and_then(|m| m.info().ok()).map_or(0, |i| i.pending);
+        let decoded: Vec<(u64, Result<Envelope, String>)> = batch.iter().map(decode).collect();
+        let all_decoded = decoded.iter().all(|(_, d)| d.is_ok());
+        if all_decoded {
+            let events: Vec<(&Envelope, u64)> = decoded.iter().map(|(seq, env)| (env.as_ref().expect("decoded"), *seq)).collect();
+            loop {
+                let work = project_batch(self.projection.as_ref(), &label, &events, lag, &self.metrics);
+                match self.keep_alive(work, batch.iter()).await {
+                    BatchNext::Done => return,
+                    BatchNext::RetryAfter(delay) => self.hold(batch, delay).await,
+                    BatchNext::OneByOne => break,
+                }
+            }
+        }
+        for ((seq, env), msg) in decoded.iter().zip(batch) {
+            loop {
+                let work = project(self.projection.as_ref(), &label, env.as_ref().map_err(Clone::clone), *seq, &msg.payload, lag, self, &self.metrics);
+                match self.keep_alive(work, batch.iter()).await {
+                    Next::Done => break,
+                    Next::RetryAfter(delay) => self.hold(batch, delay).await,
+                }
+            }
+        }
+    }
+
+    /// Keeps `batch` in hand for `delay` (it stays this node's).
+    async fn hold(&self, batch: &[jetstream::Message], delay: Duration) {
+        for msg in batch {
+            let _ = msg.ack_with(AckKind::Progress).await;
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// A feed message's log sequence and event (or why it has none).
+fn decode(msg: &jetstream::Message) -> (u64, Result<Envelope, String>) {
+    match origin_seq(msg.headers.as_ref()) {
+        Some(seq) => (seq, Envelope::decode(&msg.payload).map_err(|e| e.to_string())),
+        None => {
+            let at = msg.info().map_or(0, |i| i.stream_sequence);
+            (0, Err(format!("fan-out feed message {at} has no Nats-Stream-Source log sequence")))
+        }
+    }
 }
 
 /// The log sequence of a sourced event, from its `Nats-Stream-Source`

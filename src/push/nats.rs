@@ -144,44 +144,50 @@ impl NatsPush {
 #[async_trait]
 impl PushBus for NatsPush {
     async fn deliver(&self, event: &natter_events::Envelope, log_seq: u64, deliveries: Vec<(To, Payload)>) -> Result<(), String> {
-        // Send a window of deliveries, then wait for its acks: a round trip
-        // per window rather than per member (publishes on one connection are
-        // stored in the order sent), and never more acks pending than the
-        // context allows, whatever the room's size (waiting on more than
-        // that would wait forever).
+        self.deliver_batch(vec![(event, log_seq, deliveries)]).await
+    }
+
+    async fn deliver_batch(&self, batch: Vec<(&natter_events::Envelope, u64, Vec<(To, Payload)>)>) -> Result<(), String> {
+        // Send a window of deliveries (of one event or of several, in the
+        // order given), then wait for its acks: a round trip per window
+        // rather than per member or per event (publishes on one connection
+        // are stored in the order sent), and never more acks pending than
+        // the context allows, whatever the room's size (waiting on more
+        // than that would wait forever).
         // A message deleted for everyone is erased from the chains its
         // tombstone goes to (the two participants', or its room's) by an
-        // erase job queued once the tombstone is stored ([`erase`]).
-        let mut erasing: Option<erase::Job> = None;
-        let mut deliveries = deliveries.into_iter().peekable();
-        while deliveries.peek().is_some() {
-            let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
-            for (to, payload) in deliveries.by_ref().take(PUBLISH_WINDOW) {
+        // erase job queued once the tombstone is stored ([`erase`]); one
+        // event deletes one message, so its tombstones share the job.
+        let mut erasing: Vec<(String, erase::Job)> = Vec::new();
+        let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
+        for (event, log_seq, deliveries) in batch {
+            let mut job: Option<usize> = None;
+            for (to, payload) in deliveries {
+                if acks.len() == PUBLISH_WINDOW {
+                    settle(&mut acks, &mut erasing).await?;
+                }
                 let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
                 let (subject, id) = match &to {
                     To::User(user) => (inbox_subject(&self.prefix, user), format!("{}:{user}", event.id)),
                     To::Room(room) => (room_inbox_subject(&self.prefix, room), format!("{}@{room}", event.id)),
                 };
-                // One event deletes one message: its tombstones share the job.
                 let mut tombstone = None;
                 if payload.event == "messageDeleted"
                     && let (Some(id), Some(at)) = (payload.data.get("_id").and_then(|v| v.as_str()), payload.data.get("createdAt").and_then(|v| v.as_str()))
                 {
-                    erasing.get_or_insert_with(|| erase::Job { id: id.to_owned(), created_at: at.to_owned(), chains: Vec::new() });
-                    tombstone = Some(subject.clone());
+                    let index = *job.get_or_insert_with(|| {
+                        erasing.push((format!("{}:erase", event.id), erase::Job { id: id.to_owned(), created_at: at.to_owned(), chains: Vec::new() }));
+                        erasing.len() - 1
+                    });
+                    tombstone = Some((index, subject.clone()));
                 }
                 let publish = jetstream::message::PublishMessage::build().payload(body.into()).message_id(id).header(LOG_SEQ, log_seq.to_string().as_str());
                 acks.push((self.js.send_publish(subject, publish).await.map_err(|e| format!("nats: {e}"))?, tombstone));
             }
-            for (ack, tombstone) in acks {
-                let stored = ack.await.map_err(|e| format!("nats: {e}"))?;
-                if let (Some(subject), Some(job)) = (tombstone, erasing.as_mut()) {
-                    job.chains.push((subject, stored.sequence));
-                }
-            }
         }
-        if let Some(job) = erasing.filter(|job| !job.chains.is_empty()) {
-            erase::queue(&self.js, &self.prefix, &format!("{}:erase", event.id), &job).await?;
+        settle(&mut acks, &mut erasing).await?;
+        for (id, job) in erasing.iter().filter(|(_, job)| !job.chains.is_empty()) {
+            erase::queue(&self.js, &self.prefix, id, job).await?;
         }
         Ok(())
     }
@@ -282,6 +288,21 @@ impl PushBus for NatsPush {
         self.client.publish(signal_subject(&self.prefix, to), body.into()).await?;
         Ok(())
     }
+}
+
+/// A window of publishes awaiting their acks, each with the erase job (an
+/// index into the jobs) and chain of the tombstone it is, if one.
+type Window = Vec<(jetstream::context::PublishAckFuture, Option<(usize, String)>)>;
+
+/// Waits for a window's acks; a stored tombstone's place goes to its job.
+async fn settle(acks: &mut Window, erasing: &mut [(String, erase::Job)]) -> Result<(), String> {
+    for (ack, tombstone) in acks.drain(..) {
+        let stored = ack.await.map_err(|e| format!("nats: {e}"))?;
+        if let Some((job, subject)) = tombstone {
+            erasing[job].1.chains.push((subject, stored.sequence));
+        }
+    }
+    Ok(())
 }
 
 /// One chain of a replay: the user's own, or one of their rooms'.
