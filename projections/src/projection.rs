@@ -22,9 +22,10 @@ pub enum ApplyError {
 pub trait Projection: Send + Sync {
     fn name(&self) -> &'static str;
     fn version(&self) -> u32;
-    /// Whether the projection needs events strictly one at a time, in log
-    /// order, across all nodes (its effects are order-sensitive, like
-    /// pushing deliveries). Order-free projections run with many in flight.
+    /// Whether the projection needs each conversation's and room's events
+    /// in log order, from one node at a time (its effects are
+    /// order-sensitive, like pushing deliveries). Order-free projections
+    /// run with many in flight on every node.
     fn ordered(&self) -> bool {
         false
     }

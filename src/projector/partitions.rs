@@ -366,7 +366,137 @@ pub async fn ensure_feed(js: &jetstream::Context, stream: &str, prefix: &str, st
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use async_trait::async_trait;
+    use natter_events::{Event, RoomMessageSent};
+    use natter_projections::{ApplyError, Projection};
+    use tokio::sync::Semaphore;
+
     use super::*;
+    use crate::metrics::Metrics;
+    use crate::projector::jetstream::Feed;
+
+    /// Records the room messages' seqs in the order applied, by every
+    /// node; a node with a gate applies nothing until the gate opens.
+    struct Recorder {
+        applied: Arc<Mutex<Vec<u64>>>,
+        gate: Option<Arc<Semaphore>>,
+        /// Told when this node holds a batch (before the gate).
+        holding: Arc<tokio::sync::Notify>,
+    }
+
+    #[async_trait]
+    impl Projection for Recorder {
+        fn name(&self) -> &'static str {
+            "order-test"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn ordered(&self) -> bool {
+            true
+        }
+        async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+            self.holding.notify_one();
+            if let Some(gate) = &self.gate {
+                let _open = gate.acquire().await.expect("gate");
+            }
+            if let Event::RoomMessageSent(e) = &env.event {
+                self.applied.lock().unwrap().push(e.seq);
+            }
+            Ok(())
+        }
+    }
+
+    /// A node stuck on a partition's events past its pin (alive, so its
+    /// events stay its own): the node pinned next gets the later events
+    /// and fans out none of them before the stuck node's, which go first.
+    /// Without the wait for older events, the second node would fan out
+    /// 6–10 while 1–5 are still out.
+    #[tokio::test]
+    async fn a_new_pin_waits_for_the_events_an_old_one_still_holds() {
+        let url = std::env::var("NATTER_NATS_URL").expect("NATTER_NATS_URL (scripts/test.sh starts NATS and sets it)");
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let (stream, prefix) = (format!("ORDER{tag}"), format!("o{tag}"));
+        let node = || async { jetstream::new(async_nats::connect(&url).await.expect("NATS")) };
+        let js = node().await;
+        js.create_stream(stream::Config { name: stream.clone(), subjects: vec![format!("{prefix}.ev.>")], ..Default::default() }).await.unwrap();
+        ensure_feed(&js, &stream, &prefix, None, 1).await.unwrap();
+        let subject = natter_events::subjects::room(&prefix, "r1");
+        let publish = |from: u64, to: u64| {
+            let (js, subject) = (js.clone(), subject.clone());
+            async move {
+                for seq in from..=to {
+                    let e = RoomMessageSent { message_id: format!("m{seq}"), room_id: "r1".into(), sender_id: "amy".into(), client_msg_id: None, message: Some("hi".into()), attachment: None, seq, reply_to: None };
+                    let env = Envelope::new(format!("c{seq}"), subject.clone(), seq, Event::RoomMessageSent(e));
+                    js.publish(subject.clone(), env.encode().into()).await.unwrap().await.unwrap();
+                }
+            }
+        };
+        publish(1, 5).await;
+        // The partition the room's events are in.
+        let feed = fanout_stream(&stream);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let index = loop {
+            let s = js.get_stream(&feed).await.unwrap();
+            let info = s.info_with_subjects(format!("{prefix}.fan.>")).await.unwrap();
+            let subjects: Vec<(String, usize)> = futures::TryStreamExt::try_collect(info).await.unwrap();
+            let found = subjects.into_iter().find_map(|(subject, _)| subject.split('.').nth(2).and_then(|p| p.parse::<u32>().ok()));
+            if let Some(index) = found {
+                break index;
+            }
+            assert!(std::time::Instant::now() < deadline, "the feed never sourced the room's events");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let start = |gate: Option<Arc<Semaphore>>, js: jetstream::Context| {
+            let holding = Arc::new(tokio::sync::Notify::new());
+            let projection = Arc::new(Recorder { applied: applied.clone(), gate, holding: holding.clone() });
+            let projector = Projector { js, feed: Feed::Partition { stream: feed.clone(), index }, prefix: prefix.clone(), projection, metrics: Arc::new(Metrics::default()) };
+            (tokio::spawn(projector.run(shutdown.clone())), holding)
+        };
+        // Node A takes the pin and 1–5, and is stuck on them.
+        let consumer = partition_consumer("order-test", 1, index);
+        let pinned = || async {
+            let info = js.get_stream(&feed).await.unwrap().get_consumer::<pull::Config>(&consumer).await.unwrap().get_info().await.unwrap();
+            (info.priority_groups.first().and_then(|g| g.pinned_client_id.clone()), info.num_ack_pending)
+        };
+        let gate = Arc::new(Semaphore::new(0));
+        let (a, a_holding) = start(Some(gate.clone()), node().await);
+        tokio::time::timeout(Duration::from_secs(10), a_holding.notified()).await.expect("node A got the events");
+        let (a_pin, _) = pinned().await;
+        assert!(a_pin.is_some(), "A holds the pin");
+        // Node B waits on standby; 6–10 come.
+        let (b, _) = start(None, node().await);
+        publish(6, 10).await;
+        // A's pin expires (it does not pull while stuck) and B is handed 6–10.
+        let deadline = std::time::Instant::now() + PINNED_FOR * 4;
+        loop {
+            let (pin, pending) = pinned().await;
+            // (Handed 6–10: all ten pending, or some fanned out already.)
+            if pin.is_some() && pin != a_pin && (pending == 10 || !applied.lock().unwrap().is_empty()) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "B was never handed 6–10 (pin {pin:?}, pending {pending})");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // B fans out nothing while A holds 1–5.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(*applied.lock().unwrap(), Vec::<u64>::new(), "B went ahead of the events A holds");
+        gate.add_permits(100);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while applied.lock().unwrap().len() < 10 {
+            assert!(std::time::Instant::now() < deadline, "not all fanned out: {:?}", applied.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(*applied.lock().unwrap(), (1..=10).collect::<Vec<u64>>());
+        shutdown_tx.send(true).unwrap();
+        let _ = (a.await, b.await);
+        let _ = js.delete_stream(&feed).await;
+        let _ = js.delete_stream(&stream).await;
+    }
 
     #[test]
     fn the_log_sequence_comes_from_the_source_header() {
