@@ -73,6 +73,7 @@ pub struct Metrics {
     shed: Counter,
     timeouts: Counter,
     admission_limit: Gauge,
+    fanout_pinned: Gauge,
 }
 
 impl Default for Metrics {
@@ -96,6 +97,7 @@ impl Default for Metrics {
             shed: Counter::default(),
             timeouts: Counter::default(),
             admission_limit: Gauge::default(),
+            fanout_pinned: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().expect("metrics lock");
@@ -116,6 +118,7 @@ impl Default for Metrics {
             r.register("natter_http_shed", "REST requests answered 503 at once because the node was at its admission limit (see natter_http_admission_limit)", m.shed.clone());
             r.register("natter_http_admission_limit", "REST requests this node works on at once now: NATTER_MAX_IN_FLIGHT, lowered while requests queue longer than NATTER_OVERLOAD_LATENCY_MS (0: no bound)", m.admission_limit.clone());
             r.register("natter_http_timeouts", "REST requests answered 503 after NATTER_REQUEST_TIMEOUT_MS", m.timeouts.clone());
+            r.register("natter_fanout_partitions_pinned", "Fan-out partitions this node holds the pin of (it alone fans out their events, in batches)", m.fanout_pinned.clone());
         }
         m
     }
@@ -195,6 +198,11 @@ impl Metrics {
     /// The gauge of the REST admission bound (kept by `http::admission`).
     pub fn admission_gauge(&self) -> Gauge {
         self.admission_limit.clone()
+    }
+
+    /// How many fan-out partitions this node holds the pin of.
+    pub fn fanout_pinned(&self, partitions: u32) {
+        self.fanout_pinned.set(i64::from(partitions));
     }
 
     pub fn http_shed(&self) {

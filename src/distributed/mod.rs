@@ -31,7 +31,7 @@ use crate::push::inbox_stream;
 use crate::metrics::Metrics;
 use crate::presence::redis::RedisPresence;
 use crate::projector::jetstream::{Feed, Projector};
-use crate::projector::partitions::{PARTITIONS, ensure_feed, fanout_stream};
+use crate::projector::partitions::{PARTITIONS, Pins, ensure_feed, fanout_stream};
 use crate::projector::{Runner, consumer_name};
 use crate::push::nats::NatsPush;
 use crate::telemetry::redact;
@@ -244,7 +244,8 @@ impl Runner for JetStreamRunner {
             let feeds = if projection.ordered() {
                 ensure_feed(&js, &stream, &prefix, feed_start(&js, &stream, projection.as_ref()).await?, replicas).await?;
                 place(&js, &client, &fanout_stream(&stream), replicas).await?;
-                (0..PARTITIONS).map(|index| Feed::Partition { stream: fanout_stream(&stream), index }).collect()
+                let pins = Arc::new(Pins::default());
+                (0..PARTITIONS).map(|index| Feed::Partition { stream: fanout_stream(&stream), index, pins: pins.clone() }).collect()
             } else {
                 vec![Feed::Log { stream: stream.clone() }]
             };

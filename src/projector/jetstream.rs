@@ -21,7 +21,7 @@ use natter_events::Envelope;
 use natter_projections::Projection;
 use tokio::sync::watch;
 
-use super::partitions::partition_consumer;
+use super::partitions::{Pins, partition_consumer};
 use super::{BatchNext, Next, Parking, consumer_name, project, project_batch};
 use crate::log::nats::parked_subject;
 use crate::metrics::Metrics;
@@ -69,7 +69,7 @@ pub enum Feed {
     /// One partition of an ordered projection's feed (see
     /// [`super::partitions`]): the events of its conversations and rooms,
     /// one at a time, each with the log sequence it has in the log.
-    Partition { stream: String, index: u32 },
+    Partition { stream: String, index: u32, pins: Arc<Pins> },
 }
 
 pub struct Projector {
@@ -137,7 +137,7 @@ impl Projector {
         let durable = self.durable_name();
         let stream = match &self.feed {
             Feed::Log { stream } => stream,
-            Feed::Partition { stream, index } => return self.consume_partition(stream, *index, &durable, shutdown).await,
+            Feed::Partition { stream, index, pins } => return self.consume_partition(stream, *index, pins, &durable, shutdown).await,
         };
         let stream = self.js.get_stream(stream).await?;
         let consumer = stream.get_or_create_consumer(&durable, consumer_config(&durable, self.projection.ordered())).await?;

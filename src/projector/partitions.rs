@@ -43,6 +43,7 @@
 //! refuses older servers.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -54,6 +55,7 @@ use tokio::sync::watch;
 
 use super::jetstream::{Flow, Projector};
 use super::{BatchNext, Next, consumer_name, project, project_batch};
+use crate::metrics::Metrics;
 
 /// Partitions of the fan-out. Fixed: the transforms of an existing stream
 /// decide where events go, so changing it needs a new stream.
@@ -105,6 +107,40 @@ pub fn partition_config(durable: &str, prefix: &str, index: u32) -> pull::Config
         priority_groups: vec![GROUP.to_owned()],
         priority_timeout: PINNED_FOR,
         ..Default::default()
+    }
+}
+
+/// How often a node looks at the pin of each partition it works (and gives
+/// up one pin when it holds more than its share).
+const BALANCE_EVERY: Duration = Duration::from_secs(15);
+
+/// What a node knows of the fan-out partitions' pins, shared by its
+/// partition projectors: which pins it holds, and how many pulls each
+/// partition had waiting when last looked at (about one per node: the
+/// pinned node's, and each standby node's).
+#[derive(Debug, Default)]
+pub struct Pins {
+    held: AtomicU32,
+    pullers: [AtomicUsize; PARTITIONS as usize],
+}
+
+impl Pins {
+    /// Records what partition `index` showed; returns the pins this node
+    /// holds and its share of the partitions.
+    fn record(&self, index: u32, ours: bool, pullers: usize, metrics: &Metrics) -> (u32, u32) {
+        let bit = 1 << index;
+        let held = if ours { self.held.fetch_or(bit, Ordering::Relaxed) | bit } else { self.held.fetch_and(!bit, Ordering::Relaxed) & !bit };
+        self.pullers[index as usize].store(pullers, Ordering::Relaxed);
+        metrics.fanout_pinned(held.count_ones());
+        // The fewest pulls any partition had: a lower bound on the nodes
+        // (a node between two pulls is missed), so the share errs large.
+        let nodes = self.pullers.iter().map(|p| p.load(Ordering::Relaxed)).filter(|&n| n > 0).min().unwrap_or(1).max(1) as u32;
+        (held.count_ones(), PARTITIONS.div_ceil(nodes))
+    }
+
+    fn released(&self, index: u32, metrics: &Metrics) {
+        let held = self.held.fetch_and(!(1 << index), Ordering::Relaxed) & !(1 << index);
+        metrics.fanout_pinned(held.count_ones());
     }
 }
 
@@ -162,7 +198,7 @@ impl Projector {
     /// consumer is in its hands, so none older is still out with another
     /// node. Stores that are down are retried with the events kept in hand
     /// (a nak would let the next events overtake them).
-    pub(super) async fn consume_partition(&self, stream: &str, index: u32, durable: &str, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Flow> {
+    pub(super) async fn consume_partition(&self, stream: &str, index: u32, pins: &Pins, durable: &str, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Flow> {
         let stream = self.js.get_stream(stream).await?;
         let config = partition_config(durable, &self.prefix, index);
         let mut consumer = stream.get_or_create_consumer(durable, config.clone()).await?;
@@ -176,6 +212,9 @@ impl Projector {
         let mut hands = Hands::default();
         let mut verified: Option<String> = None;
         let mut version_check = tokio::time::interval(Duration::from_secs(1));
+        // The partitions look at their pins at different times.
+        let first = tokio::time::Instant::now() + BALANCE_EVERY + BALANCE_EVERY * index / PARTITIONS;
+        let mut balance = tokio::time::interval_at(first, BALANCE_EVERY);
         loop {
             let next = tokio::select! {
                 next = messages.next() => next,
@@ -183,6 +222,10 @@ impl Projector {
                     if self.followed(durable) {
                         return Ok(Flow::Follow);
                     }
+                    continue;
+                }
+                _ = balance.tick() => {
+                    self.balance(&stream, &consumer, index, pins, verified.as_deref()).await;
                     continue;
                 }
                 _ = shutdown.changed() => return Ok(Flow::Stop),
@@ -214,6 +257,23 @@ impl Projector {
                 }
             }
             hands.acknowledged(batch.iter().filter_map(|m| m.info().ok().map(|i| i.stream_sequence)));
+        }
+    }
+
+    /// Gives up the partition's pin if this node holds it (it fanned out
+    /// events under `pin`, and the consumer still names that pin) and
+    /// holds more pins than its share of the partitions: the pin goes to
+    /// another node's waiting pull (or back to this one), so pins spread
+    /// over the nodes, including ones started after the others. Errors
+    /// only postpone this to the next look.
+    async fn balance(&self, stream: &stream::Stream, consumer: &jetstream::consumer::Consumer<pull::Config>, index: u32, pins: &Pins, pin: Option<&str>) {
+        let Ok(info) = consumer.get_info().await else { return };
+        let pinned = info.priority_groups.iter().find(|g| g.group == GROUP).and_then(|g| g.pinned_client_id.as_deref());
+        let ours = pin.is_some() && pinned == pin;
+        let (held, share) = pins.record(index, ours, info.num_waiting, &self.metrics);
+        if ours && held > share && stream.unpin_consumer(&info.name, GROUP).await.is_ok() {
+            pins.released(index, &self.metrics);
+            tracing::info!(partition = index, held, share, "gave up a fan-out partition's pin: this node held more than its share, and a node on standby takes it over");
         }
     }
 
@@ -454,7 +514,7 @@ mod tests {
         let start = |gate: Option<Arc<Semaphore>>, js: jetstream::Context| {
             let holding = Arc::new(tokio::sync::Notify::new());
             let projection = Arc::new(Recorder { applied: applied.clone(), gate, holding: holding.clone() });
-            let projector = Projector { js, feed: Feed::Partition { stream: feed.clone(), index }, prefix: prefix.clone(), projection, metrics: Arc::new(Metrics::default()) };
+            let projector = Projector { js, feed: Feed::Partition { stream: feed.clone(), index, pins: Arc::default() }, prefix: prefix.clone(), projection, metrics: Arc::new(Metrics::default()) };
             (tokio::spawn(projector.run(shutdown.clone())), holding)
         };
         // Node A takes the pin and 1–5, and is stuck on them.
