@@ -272,26 +272,42 @@ async fn the_inbox_is_bounded_by_size_and_older_cursors_get_a_resync() {
 
 crate::contract!(deliveries_of_a_conversation_arrive_in_sequence_order, 3, deliveries_of_a_conversation_arrive_in_sequence_order);
 
+/// While other conversations keep the fan-out busy (distributed: their
+/// events share batches and partitions with this one's, on any node), each
+/// conversation's deliveries reach every socket in sequence order.
 async fn deliveries_of_a_conversation_arrive_in_sequence_order(c: &Cluster) {
     let amy = c.register(0, "Amy").await;
     let bob = c.register(1, "Bob").await;
+    let names: Vec<String> = (0..6).map(|i| format!("Other{i}")).collect();
+    let others: Vec<User> = futures::future::join_all(names.iter().enumerate().map(|(i, n)| c.register(i % 3, n))).await;
     let mut d = Driver::start().await;
-    for (s, node, u) in [("amy", 0, &amy), ("bob1", 1, &bob), ("bob2", 2, &bob)] {
-        d.connected(s, &c.socket_url(node), auth(u)).await;
+    let mut sockets = vec![("amy".to_owned(), 0, &amy), ("bob1".to_owned(), 1, &bob), ("bob2".to_owned(), 2, &bob)];
+    sockets.extend(others.iter().enumerate().map(|(i, u)| (format!("other{i}"), i % 3, u)));
+    for (s, node, u) in &sockets {
+        d.connected(s, &c.socket_url(*node), auth(u)).await;
         d.next(s, |e| e["event"] == "synced", "synced").await;
     }
+    // amy and bob: 40 messages both ways; three other pairs: 20 each.
     let texts: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
-    let sends = texts.iter().enumerate().map(|(i, t)| {
+    let mut sends = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
         let (from, to) = if i % 3 == 0 { (&bob, &amy) } else { (&amy, &bob) };
-        c.send(i % 3, from, to, t, None)
-    });
+        sends.push(c.send(i % 3, from, to, text, None));
+        if i < 20 {
+            for pair in others.chunks(2) {
+                let (from, to) = if i % 2 == 0 { (&pair[0], &pair[1]) } else { (&pair[1], &pair[0]) };
+                sends.push(c.send((i + 1) % 3, from, to, text, None));
+            }
+        }
+    }
     for r in futures::future::join_all(sends).await {
         r.ok();
     }
-    for s in ["amy", "bob1", "bob2"] {
-        let seqs: Vec<u64> = d.events(s, "newMessage", 40).await.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
-        assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "{s} saw the conversation in order");
+    for (s, _, _) in &sockets {
+        let n = if s.starts_with("other") { 20 } else { 40 };
+        let seqs: Vec<u64> = d.events(s, "newMessage", n).await.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>(), "{s} saw the conversation in order");
     }
-    let owners = HashMap::from([("amy", amy.id.as_str()), ("bob1", bob.id.as_str()), ("bob2", bob.id.as_str())]);
+    let owners = sockets.iter().map(|(s, _, u)| (s.as_str(), u.id.as_str())).collect();
     assert_only_own(&d, &owners);
 }
