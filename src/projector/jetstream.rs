@@ -1,13 +1,16 @@
 //! The projector runtime over JetStream: consume → [`project`] → acknowledge.
 //!
 //! Each projection has its own durable pull consumer, `<name>-v<version>`
-//! (ordered projections one per partition of their feed, see
-//! [`super::partitions`]), shared by every node: JetStream hands each event to one node at a time,
+//! (ordered projections one per partition of their feed, worked by one
+//! pinned node at a time: see [`super::partitions`] and [`super::pinned`]),
+//! shared by every node: JetStream hands each event to one node at a time,
 //! and the consumer's acknowledged position is the projection's checkpoint.
 //! An event is acknowledged only after it has been applied, so the
 //! checkpoint never passes an unapplied event. What becomes of an event is
 //! the shared policy's call ([`project`]): "retry later" is a nak with that
-//! delay; poison events are parked on `<prefix>.parked.<projection>`.
+//! delay on the log (a partition keeps the events in hand and retries
+//! them, so that none overtakes them); poison events are parked on
+//! `<prefix>.parked.<projection>`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +24,8 @@ use natter_events::Envelope;
 use natter_projections::Projection;
 use tokio::sync::watch;
 
-use super::partitions::{Pins, partition_consumer};
+use super::partitions::partition_consumer;
+use super::pinned::Pins;
 use super::{BatchNext, Next, Parking, consumer_name, project, project_batch};
 use crate::log::nats::parked_subject;
 use crate::metrics::Metrics;
@@ -68,7 +72,9 @@ pub enum Feed {
     Log { stream: String },
     /// One partition of an ordered projection's feed (see
     /// [`super::partitions`]): the events of its conversations and rooms,
-    /// one at a time, each with the log sequence it has in the log.
+    /// in log order, each with the log sequence it has in the log, worked
+    /// in batches by the node pinned to it ([`super::pinned`]; `pins` is
+    /// what this node knows of the pins it holds).
     Partition { stream: String, index: u32, pins: Arc<Pins> },
 }
 

@@ -19,6 +19,7 @@
 pub mod embedded;
 pub mod jetstream;
 pub mod partitions;
+pub mod pinned;
 
 use std::sync::Arc;
 use std::time::Duration;

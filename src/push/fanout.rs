@@ -30,8 +30,8 @@
 //! Each delivery is published with `Nats-Msg-Id = <event id>:<user>` (or
 //! `<event id>@<room>`), so a redelivered event does not deliver twice. The
 //! projection is `ordered`: each conversation's and each room's events are
-//! fanned out one at a time, in log order (distributed: one event in flight
-//! per partition of the feed, see `projector::partitions`; embedded: the
+//! fanned out in log order (distributed: by the one node pinned to the
+//! partition of the feed, in batches, see `projector::pinned`; embedded: the
 //! whole log in order), so deliveries are in sequence order within each
 //! conversation and room. A user's cursor stays exact whatever the
 //! partitions' interleaving: it numbers the user's own chain and their

@@ -10,9 +10,9 @@
 //!   the log, in order, from the first or from where the inbox is kept):
 //!   the table follows the membership events as they come; a room not seen
 //!   since the start is built cold once (below).
-//! - **Distributed**: any node may handle a room's next event (the room's
-//!   partition has one event in flight, but the previous one may have been
-//!   another node's), so before using its table a node asks the log for
+//! - **Distributed**: any node may handle a room's next event (one node at a
+//!   time works the room's partition, but its pin may have been another
+//!   node's for the previous events), so before using its table a node asks the log for
 //!   the room's membership events after `as_of` and before the event: one
 //!   read when nothing changed, one more per change.
 //! - **Cold** (a room first seen since start, or evicted): built from the

@@ -9,6 +9,7 @@
 //! their rooms' chains while they were members ([`super::user_rooms`]),
 //! merged in inbox order: live by the node's [`Router`], on replay here.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -154,23 +155,35 @@ impl PushBus for NatsPush {
         // are stored in the order sent), and never more acks pending than
         // the context allows, whatever the room's size (waiting on more
         // than that would wait forever).
+        // A publish can fail while later ones are stored, so a window never
+        // holds two deliveries to one chain (the later one waits for the
+        // window's acks), and a room's delivery never shares a window with
+        // an earlier event's: a reader learns a member's join on the user's
+        // own chain before the room deliveries that follow it.
         // A message deleted for everyone is erased from the chains its
         // tombstone goes to (the two participants', or its room's) by an
         // erase job queued once the tombstone is stored ([`erase`]); one
         // event deletes one message, so its tombstones share the job.
         let mut erasing: Vec<(String, erase::Job)> = Vec::new();
         let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
+        // The chains the window holds deliveries to, and whether it holds
+        // any of an earlier event.
+        let mut chains: HashSet<String> = HashSet::new();
         for (event, log_seq, deliveries) in batch {
             let mut job: Option<usize> = None;
+            let mut earlier = !acks.is_empty();
             for (to, payload) in deliveries {
-                if acks.len() == PUBLISH_WINDOW {
-                    settle(&mut acks, &mut erasing).await?;
-                }
-                let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
                 let (subject, id) = match &to {
                     To::User(user) => (inbox_subject(&self.prefix, user), format!("{}:{user}", event.id)),
                     To::Room(room) => (room_inbox_subject(&self.prefix, room), format!("{}@{room}", event.id)),
                 };
+                if acks.len() == PUBLISH_WINDOW || chains.contains(&subject) || (earlier && matches!(to, To::Room(_))) {
+                    settle(&mut acks, &mut erasing).await?;
+                    chains.clear();
+                    earlier = false;
+                }
+                chains.insert(subject.clone());
+                let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
                 let mut tombstone = None;
                 if payload.event == "messageDeleted"
                     && let (Some(id), Some(at)) = (payload.data.get("_id").and_then(|v| v.as_str()), payload.data.get("createdAt").and_then(|v| v.as_str()))

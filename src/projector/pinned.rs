@@ -1,0 +1,612 @@
+//! How a node works a fan-out partition (see [`super::partitions`]): one
+//! node at a time, in batches, in log order.
+//!
+//! - **Pinned.** A partition's durable consumer pins one puller (NATS
+//!   priority group [`GROUP`], policy `pinned_client`) and hands it up to
+//!   [`IN_HANDS`] events; the other nodes' pulls wait on standby. A node
+//!   keeps pulling while it works a batch, so it keeps its pin however
+//!   long the batch takes; when it stops pulling for [`PINNED_FOR`] (it
+//!   crashed, or lost NATS), a standby node is pinned instead.
+//! - **Batches.** The pinned node takes the events at hand, fans them out
+//!   in log order (their deliveries stored in windows of publishes, not a
+//!   round trip per event) and acknowledges them: a burst of a thousand
+//!   joins is a few batches, not a thousand turns of the cluster. A store
+//!   that is down is retried with the events kept in hand (a nak would let
+//!   the next ones overtake them); a batch that has not finished after
+//!   [`WORK_AT_MOST`] is let go (its events return after their ack wait).
+//! - **A new pin waits for older events.** NATS moves a pin without
+//!   waiting for the events the old holder still has, so a node pinned
+//!   anew first waits until the oldest event left in the partition is the
+//!   oldest in its hands and every event pending on the consumer is in
+//!   them ([`Projector::await_older`]): the old holder's events were either
+//!   fanned out and acknowledged (and left the work queue), or come back
+//!   after their ack wait and go first. Events a node may have held past
+//!   their ack wait without being pinned any more are dropped unfanned: the
+//!   pinned node has them.
+//! - **Spread.** Whichever node pulls first gets a pin; every
+//!   [`BALANCE_EVERY`] a node holding more pins than its share gives one
+//!   up to a standby node (`natter_fanout_partitions_pinned`).
+//!
+//! What remains: a node frozen (not crashed) for longer than the ack wait
+//! while holding events, and pinned again before it wakes, would find its
+//! events' copies handed to itself; they are the same events, deduplicated
+//! by their deliveries' ids. Deliveries are deduplicated for the inbox's
+//! duplicate window (2 minutes): a batch retried after a longer outage
+//! stores again the deliveries of the events before the failed one.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::consumer::{AckPolicy, PriorityPolicy, pull};
+use async_nats::jetstream::{self, AckKind, stream};
+use futures::{FutureExt, StreamExt};
+use natter_events::Envelope;
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::jetstream::{Flow, PROGRESS_EVERY, Projector};
+use super::partitions::{PARTITIONS, origin_seq, partition_subject};
+use super::{BatchNext, Next, project, project_batch};
+use crate::metrics::Metrics;
+
+/// The priority group every node pulls a partition in.
+pub const GROUP: &str = "fanout";
+/// Most events of a partition in one node's hands (its consumer's max
+/// ack pending): the largest batch.
+pub const IN_HANDS: usize = 256;
+/// How long a pinned node keeps a partition without pulling: after that
+/// another node takes it over (with the events the first one held, once
+/// their ack wait has passed).
+pub const PINNED_FOR: Duration = Duration::from_secs(5);
+/// A pull's expiry: a pinned node renews its pin (by pulling again) well
+/// within [`PINNED_FOR`].
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// An event handed out and neither acknowledged nor kept (progress) this
+/// long goes to another node.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+/// An event in hand not kept for this long may have been handed to
+/// another node meanwhile (the ack wait, less a margin for the time it
+/// spent on its way).
+const MAYBE_LOST: Duration = Duration::from_millis(3500);
+/// How long a batch may take before its events are let go.
+const WORK_AT_MOST: Duration = Duration::from_secs(120);
+/// Stream sequences a node remembers having acknowledged: an event
+/// redelivered to it before its acknowledgement was processed is
+/// acknowledged again, not fanned out a second time.
+const ACKED_KEPT: usize = 4096;
+/// How often a node looks at the pin of each partition it works (and gives
+/// up one pin when it holds more than its share).
+const BALANCE_EVERY: Duration = Duration::from_secs(15);
+
+/// The durable consumer of partition `index`: pinned to one node at a
+/// time, [`IN_HANDS`] events in its hands.
+pub fn partition_config(durable: &str, prefix: &str, index: u32) -> pull::Config {
+    pull::Config {
+        durable_name: Some(durable.to_owned()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: IN_HANDS as i64,
+        filter_subject: partition_subject(prefix, index),
+        priority_policy: PriorityPolicy::PinnedClient,
+        priority_groups: vec![GROUP.to_owned()],
+        priority_timeout: PINNED_FOR,
+        ..Default::default()
+    }
+}
+
+/// What a node knows of the fan-out partitions' pins, shared by its
+/// partition projectors: which pins it holds, and how many pulls each
+/// partition had waiting when last looked at (about one per node: the
+/// pinned node's, and each standby node's).
+#[derive(Debug, Default)]
+pub struct Pins {
+    held: AtomicU32,
+    pullers: [AtomicUsize; PARTITIONS as usize],
+}
+
+impl Pins {
+    /// Records whether this node holds partition `index`'s pin; returns
+    /// how many it holds.
+    fn set(&self, index: u32, ours: bool, metrics: &Metrics) -> u32 {
+        let bit = 1 << index;
+        let held = if ours { self.held.fetch_or(bit, Ordering::Relaxed) | bit } else { self.held.fetch_and(!bit, Ordering::Relaxed) & !bit };
+        metrics.fanout_pinned(held.count_ones());
+        held.count_ones()
+    }
+
+    /// This node's share of the partitions, from the pulls each partition
+    /// had waiting: the fewest of them is a lower bound on the nodes (a
+    /// node between two pulls is missed), so the share errs large.
+    fn share(&self, index: u32, pullers: usize) -> u32 {
+        self.pullers[index as usize].store(pullers, Ordering::Relaxed);
+        let nodes = self.pullers.iter().map(|p| p.load(Ordering::Relaxed)).filter(|&n| n > 0).min().unwrap_or(1).max(1) as u32;
+        PARTITIONS.div_ceil(nodes)
+    }
+}
+
+/// The pin a partition's message was delivered under (the server's
+/// header is the last one).
+fn pin_of(msg: &jetstream::Message) -> Option<&str> {
+    Some(msg.headers.as_ref()?.get_last("Nats-Pin-Id")?.as_str())
+}
+
+/// An event in hand, and since when its ack wait runs.
+struct Held {
+    msg: jetstream::Message,
+    kept: Instant,
+}
+
+/// A partition's events in one node's hands, by stream sequence (a
+/// redelivery replaces the copy held), and the ones it acknowledged lately.
+#[derive(Default)]
+struct Hands {
+    held: BTreeMap<u64, Held>,
+    acked: HashSet<u64>,
+    acked_order: VecDeque<u64>,
+}
+
+impl Hands {
+    /// Takes `msg` in, unless it is one this node acknowledged already (a
+    /// redelivery that crossed the acknowledgement): that one is
+    /// acknowledged again.
+    async fn take(&mut self, msg: jetstream::Message, label: &str) {
+        let Ok(seq) = msg.info().map(|i| i.stream_sequence) else {
+            tracing::error!(projection = label, subject = %msg.subject, "a fan-out feed message without JetStream metadata: dropped");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        };
+        if self.acked.contains(&seq) {
+            let _ = msg.ack().await;
+            return;
+        }
+        self.held.insert(seq, Held { msg, kept: Instant::now() });
+    }
+
+    /// Whether every event in hand came under `pin`.
+    fn all_under(&self, pin: Option<&str>) -> bool {
+        pin.is_some() && self.held.values().all(|h| pin_of(&h.msg) == pin)
+    }
+
+    /// Keeps the events in hand that have waited a while (restarts their
+    /// ack wait).
+    async fn keep(&mut self, older_than: Duration) {
+        for h in self.held.values_mut().filter(|h| h.kept.elapsed() >= older_than) {
+            let _ = h.msg.ack_with(AckKind::Progress).await;
+            h.kept = Instant::now();
+        }
+    }
+
+    /// Remembers that these were acknowledged.
+    fn acknowledged(&mut self, seqs: impl Iterator<Item = u64>) {
+        for seq in seqs {
+            if self.acked.insert(seq) {
+                self.acked_order.push_back(seq);
+            }
+            if self.acked_order.len() > ACKED_KEPT
+                && let Some(old) = self.acked_order.pop_front()
+            {
+                self.acked.remove(&old);
+            }
+        }
+    }
+}
+
+/// The pin of partition `index` this node holds while it works it; no
+/// longer held once the partition's consumer loop ends.
+struct Holding<'a> {
+    pins: &'a Pins,
+    index: u32,
+    metrics: &'a Metrics,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.pins.set(self.index, false, self.metrics);
+    }
+}
+
+impl Projector {
+    /// Works partition `index` of the feed `stream` through its durable
+    /// consumer (see the module doc): takes the events at hand, makes sure
+    /// no older event is out with another node when they came under a new
+    /// pin, fans them out in log order while pulling on, and acknowledges
+    /// them.
+    pub(super) async fn consume_partition(&self, stream: &str, index: u32, pins: &Pins, durable: &str, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Flow> {
+        let stream = self.js.get_stream(stream).await?;
+        let config = partition_config(durable, &self.prefix, index);
+        let mut consumer = stream.get_or_create_consumer(durable, config.clone()).await?;
+        let had = &consumer.cached_info().config;
+        if had.priority_policy != config.priority_policy || had.max_ack_pending != config.max_ack_pending || had.priority_timeout != config.priority_timeout {
+            // Made by an earlier natter (one event in flight, no pin).
+            consumer = stream.update_consumer(config).await.with_context(|| format!("pinning the fan-out consumer {durable}"))?;
+            tracing::info!(consumer = durable, "fan-out partition consumer now pins one node and hands it batches");
+        }
+        let mut messages = consumer.stream().group(GROUP).expires(PULL_EXPIRES).max_messages_per_batch(IN_HANDS).messages().await?;
+        let label = self.label();
+        let _holding = Holding { pins, index, metrics: &self.metrics };
+        let mut hands = Hands::default();
+        // The pin under which every event pending on the consumer was in
+        // this node's hands.
+        let mut verified: Option<String> = None;
+        let mut version_check = tokio::time::interval(Duration::from_secs(1));
+        version_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The partitions look at their pins at different times.
+        let first = Instant::now() + BALANCE_EVERY + BALANCE_EVERY * index / PARTITIONS;
+        let mut balance = tokio::time::interval_at(first, BALANCE_EVERY);
+        balance.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if hands.held.is_empty() {
+                let next = tokio::select! {
+                    next = messages.next() => next,
+                    _ = version_check.tick() => {
+                        if self.followed(durable) {
+                            return Ok(Flow::Follow);
+                        }
+                        continue;
+                    }
+                    _ = balance.tick() => {
+                        if self.balance(&stream, &consumer, index, pins, verified.as_deref()).await {
+                            verified = None;
+                        }
+                        continue;
+                    }
+                    _ = shutdown.changed() => return Ok(Flow::Stop),
+                };
+                if let Some(msg) = self.taken(next, durable)? {
+                    hands.take(msg, &label).await;
+                }
+            }
+            // What else is here already joins the batch.
+            while let Some(next) = messages.next().now_or_never() {
+                if let Some(msg) = self.taken(next, durable)? {
+                    hands.take(msg, &label).await;
+                }
+            }
+            if hands.held.is_empty() {
+                continue;
+            }
+            if hands.held.values().any(|h| h.kept.elapsed() >= MAYBE_LOST) {
+                // Events held this long may have gone to another node; if
+                // the pin has moved, that node has them.
+                let info = consumer.get_info().await?;
+                let pinned = info.priority_groups.iter().find(|g| g.group == GROUP).and_then(|g| g.pinned_client_id.clone());
+                let before = hands.held.len();
+                hands.held.retain(|_, h| h.kept.elapsed() < MAYBE_LOST || pinned.is_some() && pin_of(&h.msg) == pinned.as_deref());
+                if hands.held.len() < before {
+                    tracing::warn!(projection = %label, dropped = before - hands.held.len(), "fan-out events held past their ack wait after this node's pin moved: left to the node pinned now");
+                    verified = None;
+                    continue;
+                }
+            }
+            if !hands.all_under(verified.as_deref()) {
+                match self.await_older(&stream, &consumer, index, &mut messages, &mut hands, durable, shutdown).await? {
+                    None => return Ok(Flow::Stop),
+                    Some(pin) => verified = pin,
+                }
+                if hands.held.is_empty() {
+                    continue;
+                }
+            }
+            pins.set(index, true, &self.metrics);
+            let batch: Vec<Held> = std::mem::take(&mut hands.held).into_values().collect();
+            // Work the batch while pulling on (which keeps the pin) and
+            // keeping every event in hand.
+            let work = self.fan_out_in_order(&batch);
+            tokio::pin!(work);
+            let started = Instant::now();
+            let mut keep = tokio::time::interval_at(started + PROGRESS_EVERY / 2, PROGRESS_EVERY / 2);
+            keep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut kept: Vec<Instant> = batch.iter().map(|h| h.kept).collect();
+            loop {
+                tokio::select! {
+                    () = &mut work => break,
+                    next = messages.next() => {
+                        if let Some(msg) = self.taken(next, durable)? {
+                            hands.take(msg, &label).await;
+                        }
+                    }
+                    _ = keep.tick() => {
+                        if started.elapsed() > WORK_AT_MOST {
+                            anyhow::bail!("a fan-out batch of {} events has not finished in {} s: letting its events go back to the cluster", batch.len(), WORK_AT_MOST.as_secs());
+                        }
+                        for (h, kept) in batch.iter().zip(kept.iter_mut()) {
+                            if kept.elapsed() >= PROGRESS_EVERY / 2 {
+                                let _ = h.msg.ack_with(AckKind::Progress).await;
+                                *kept = Instant::now();
+                            }
+                        }
+                        hands.keep(PROGRESS_EVERY / 2).await;
+                    }
+                    _ = shutdown.changed() => return Ok(Flow::Stop),
+                }
+            }
+            for h in &batch {
+                if let Err(e) = h.msg.ack().await {
+                    tracing::warn!(projection = %label, error = %e, "acknowledgement lost; the event will be redelivered and fanned out again (its deliveries are deduplicated)");
+                }
+            }
+            hands.acknowledged(batch.iter().filter_map(|h| h.msg.info().ok().map(|i| i.stream_sequence)));
+        }
+    }
+
+    /// Gives up the partition's pin if this node holds it (it fanned out
+    /// events under `pin`, and the consumer still names that pin) and
+    /// holds more pins than its share of the partitions: the pin goes to
+    /// another node's waiting pull (or back to this one), so pins spread
+    /// over the nodes, including ones started after the others. Returns
+    /// whether it gave it up. Errors only postpone this to the next look.
+    async fn balance(&self, stream: &stream::Stream, consumer: &jetstream::consumer::Consumer<pull::Config>, index: u32, pins: &Pins, pin: Option<&str>) -> bool {
+        let Ok(info) = consumer.get_info().await else { return false };
+        let pinned = info.priority_groups.iter().find(|g| g.group == GROUP).and_then(|g| g.pinned_client_id.as_deref());
+        let ours = pin.is_some() && pinned == pin;
+        let held = pins.set(index, ours, &self.metrics);
+        let share = pins.share(index, info.num_waiting);
+        if ours && held > share && stream.unpin_consumer(&info.name, GROUP).await.is_ok() {
+            pins.set(index, false, &self.metrics);
+            tracing::info!(partition = index, held, share, "gave up a fan-out partition's pin: this node held more than its share, and a node on standby takes it over");
+            return true;
+        }
+        false
+    }
+
+    /// Waits until the oldest event left in the partition is the oldest in
+    /// `hands` and every event pending on the consumer is in them (taking
+    /// in what arrives meanwhile, keeping what it holds, and dropping
+    /// copies of events already acknowledged); returns the pin the events
+    /// in hand came under, `None` at shutdown.
+    #[allow(clippy::too_many_arguments)]
+    async fn await_older(
+        &self,
+        stream: &stream::Stream,
+        consumer: &jetstream::consumer::Consumer<pull::Config>,
+        index: u32,
+        messages: &mut pull::Stream,
+        hands: &mut Hands,
+        durable: &str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<Option<Option<String>>> {
+        let label = self.label();
+        let subject = partition_subject(&self.prefix, index);
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(5);
+        let mut warned = false;
+        loop {
+            let oldest = match stream.get_first_raw_message_by_subject(&subject, 0).await {
+                Ok(msg) => Some(msg.sequence),
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => None,
+                Err(e) => return Err(e.into()),
+            };
+            // A copy of an event that left the work queue was acknowledged.
+            hands.held.retain(|&seq, _| oldest.is_some_and(|o| seq >= o));
+            let pending = consumer.get_info().await?.num_ack_pending;
+            let first_held = hands.held.keys().next().copied();
+            if first_held.is_none() || (first_held == oldest && pending <= hands.held.len()) {
+                let pin = hands.held.values().next_back().and_then(|h| pin_of(&h.msg)).map(str::to_owned);
+                return Ok(Some(pin.filter(|p| hands.all_under(Some(p)))));
+            }
+            hands.keep(PROGRESS_EVERY / 2).await;
+            if !warned && started.elapsed() > 2 * ACK_WAIT {
+                warned = true;
+                tracing::warn!(projection = %label, pending, held = hands.held.len(), "fan-out partition waits for events another node holds (they come back after the ack wait, or when that node acknowledges them)");
+            }
+            let until = Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    next = messages.next() => {
+                        if let Some(msg) = self.taken(next, durable)? {
+                            hands.take(msg, &label).await;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = shutdown.changed() => return Ok(None),
+                }
+            }
+            wait = (wait * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Fans out `batch` (consecutive events of one partition, in log
+    /// order) together; a poison batch one event at a time. A store that
+    /// is down is retried until it answers (the caller keeps the events
+    /// in hand, and lets them go after [`WORK_AT_MOST`]).
+    async fn fan_out_in_order(&self, batch: &[Held]) {
+        let label = self.label();
+        let lag = batch.last().and_then(|h| h.msg.info().ok()).map_or(0, |i| i.pending);
+        let decoded: Vec<(u64, Result<Envelope, String>)> = batch.iter().map(|h| decode(&h.msg)).collect();
+        if decoded.iter().all(|(_, d)| d.is_ok()) {
+            let events: Vec<(&Envelope, u64)> = decoded.iter().map(|(seq, env)| (env.as_ref().expect("decoded"), *seq)).collect();
+            loop {
+                match project_batch(self.projection.as_ref(), &label, &events, lag, &self.metrics).await {
+                    BatchNext::Done => return,
+                    BatchNext::RetryAfter(delay) => tokio::time::sleep(delay).await,
+                    BatchNext::OneByOne => break,
+                }
+            }
+        }
+        for ((seq, env), h) in decoded.iter().zip(batch) {
+            while let Next::RetryAfter(delay) = project(self.projection.as_ref(), &label, env.as_ref().map_err(Clone::clone), *seq, &h.msg.payload, lag, self, &self.metrics).await {
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// A feed message's log sequence and event (or why it has none).
+fn decode(msg: &jetstream::Message) -> (u64, Result<Envelope, String>) {
+    match origin_seq(msg.headers.as_ref()) {
+        Some(seq) => (seq, Envelope::decode(&msg.payload).map_err(|e| e.to_string())),
+        None => {
+            let at = msg.info().map_or(0, |i| i.stream_sequence);
+            (0, Err(format!("fan-out feed message {at} has no Nats-Stream-Source log sequence")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use async_trait::async_trait;
+    use natter_events::{Event, RoomMessageSent};
+    use natter_projections::{ApplyError, Projection};
+
+    use super::*;
+    use crate::projector::jetstream::Feed;
+    use crate::projector::partitions::{ensure_feed, fanout_stream, partition_consumer};
+
+    /// Records the room messages' seqs in the order fanned out.
+    struct Recorder(Arc<Mutex<Vec<u64>>>);
+
+    #[async_trait]
+    impl Projection for Recorder {
+        fn name(&self) -> &'static str {
+            "order-test"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn ordered(&self) -> bool {
+            true
+        }
+        async fn apply(&self, env: &Envelope) -> Result<(), ApplyError> {
+            if let Event::RoomMessageSent(e) = &env.event {
+                self.0.lock().unwrap().push(e.seq);
+            }
+            Ok(())
+        }
+    }
+
+    /// Deletes the test's streams, whatever the outcome.
+    struct Cleanup(String, Vec<String>);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let (url, names) = (self.0.clone(), std::mem::take(&mut self.1));
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+                rt.block_on(async {
+                    if let Ok(client) = async_nats::connect(&url).await {
+                        let js = jetstream::new(client);
+                        for name in names {
+                            let _ = js.delete_stream(name).await;
+                        }
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    /// Node A holds a partition's events 1–5 (keeping them, not
+    /// acknowledging them) and stops pulling, so its pin expires; node B is
+    /// pinned and handed 6–10. B fans out none of them until A has fanned
+    /// out and acknowledged 1–5, and nothing is fanned out twice. Without
+    /// the wait for older events, B would fan out 6–10 first.
+    #[tokio::test]
+    async fn a_new_pin_waits_for_the_events_an_old_holder_still_has() {
+        let url = std::env::var("NATTER_NATS_URL").expect("NATTER_NATS_URL (scripts/test.sh starts NATS and sets it)");
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let (stream, prefix) = (format!("ORDER{tag}"), format!("o{tag}"));
+        let feed = fanout_stream(&stream);
+        let _cleanup = Cleanup(url.clone(), vec![feed.clone(), stream.clone()]);
+        let node = || async { jetstream::new(async_nats::connect(&url).await.expect("NATS")) };
+        let js = node().await;
+        js.create_stream(stream::Config { name: stream.clone(), subjects: vec![format!("{prefix}.ev.>")], ..Default::default() }).await.unwrap();
+        ensure_feed(&js, &stream, &prefix, None, 1).await.unwrap();
+        let subject = natter_events::subjects::room(&prefix, "r1");
+        let publish = |from: u64, to: u64| {
+            let (js, subject) = (js.clone(), subject.clone());
+            async move {
+                for seq in from..=to {
+                    let e = RoomMessageSent { message_id: format!("m{seq}"), room_id: "r1".into(), sender_id: "amy".into(), client_msg_id: None, message: Some("hi".into()), attachment: None, seq, reply_to: None };
+                    let env = Envelope::new(format!("c{seq}"), subject.clone(), seq, Event::RoomMessageSent(e));
+                    js.publish(subject.clone(), env.encode().into()).await.unwrap().await.unwrap();
+                }
+            }
+        };
+        publish(1, 5).await;
+        // The partition the room's events are in.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let index = loop {
+            let info = js.get_stream(&feed).await.unwrap().info_with_subjects(format!("{prefix}.fan.>")).await.unwrap();
+            let subjects: Vec<(String, usize)> = futures::TryStreamExt::try_collect(info).await.unwrap();
+            if let Some(index) = subjects.into_iter().find_map(|(s, _)| s.split('.').nth(2).and_then(|p| p.parse::<u32>().ok())) {
+                break index;
+            }
+            assert!(std::time::Instant::now() < deadline, "the feed never sourced the room's events");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let durable = partition_consumer("order-test", 1, index);
+        let consumer = js.get_stream(&feed).await.unwrap().get_or_create_consumer(&durable, partition_config(&durable, &prefix, index)).await.unwrap();
+        // Node A: pinned first, takes 1–5, stops pulling, keeps them.
+        let a_js = node().await;
+        let a_consumer: jetstream::consumer::Consumer<pull::Config> = a_js.get_stream(&feed).await.unwrap().get_consumer(&durable).await.unwrap();
+        let mut pulls = a_consumer.stream().group(GROUP).expires(PULL_EXPIRES).max_messages_per_batch(IN_HANDS).messages().await.unwrap();
+        let mut a_held = Vec::new();
+        while a_held.len() < 5 {
+            a_held.push(tokio::time::timeout(Duration::from_secs(10), pulls.next()).await.expect("A is handed 1–5").unwrap().unwrap());
+        }
+        drop(pulls);
+        let a_pin = pin_of(&a_held[0]).map(str::to_owned);
+        assert!(a_pin.is_some(), "A holds the pin");
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let a = tokio::spawn({
+            let applied = applied.clone();
+            async move {
+                tokio::pin!(released);
+                loop {
+                    tokio::select! {
+                        _ = &mut released => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => for m in &a_held {
+                            m.ack_with(AckKind::Progress).await.unwrap();
+                        },
+                    }
+                }
+                // A fans out 1–5, then acknowledges them.
+                applied.lock().unwrap().extend(1..=5);
+                for m in &a_held {
+                    m.double_ack().await.unwrap();
+                }
+            }
+        });
+        // Node B: a projector, on standby until A's pin expires; 6–10 come.
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let projector = Projector {
+            js: node().await,
+            feed: Feed::Partition { stream: feed.clone(), index, pins: Arc::default() },
+            prefix: prefix.clone(),
+            projection: Arc::new(Recorder(applied.clone())),
+            metrics: Arc::new(Metrics::default()),
+        };
+        let b = tokio::spawn(projector.run(shutdown));
+        publish(6, 10).await;
+        let deadline = std::time::Instant::now() + PINNED_FOR * 4;
+        loop {
+            let info = consumer.get_info().await.unwrap();
+            let pin = info.priority_groups.first().and_then(|g| g.pinned_client_id.clone());
+            // B pinned and handed 6–10: all ten pending, or some fanned out.
+            if pin.is_some() && pin != a_pin && (info.num_ack_pending == 10 || !applied.lock().unwrap().is_empty()) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "B was never handed 6–10 (pin {pin:?}, pending {})", info.num_ack_pending);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*applied.lock().unwrap(), Vec::<u64>::new(), "B went ahead of the events A holds");
+        release.send(()).unwrap();
+        a.await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while applied.lock().unwrap().len() < 10 {
+            assert!(std::time::Instant::now() < deadline, "not all fanned out: {:?}", applied.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Nothing more comes (no event handed out twice and fanned out again).
+        tokio::time::sleep(ACK_WAIT + Duration::from_secs(1)).await;
+        assert_eq!(*applied.lock().unwrap(), (1..=10).collect::<Vec<u64>>());
+        shutdown_tx.send(true).unwrap();
+        b.await.unwrap();
+    }
+}
