@@ -14,25 +14,27 @@
 //!   that is down is retried with the events kept in hand (a nak would let
 //!   the next ones overtake them); a batch that has not finished after
 //!   [`WORK_AT_MOST`] is let go (its events return after their ack wait).
-//! - **A new pin waits for older events.** NATS moves a pin without
-//!   waiting for the events the old holder still has, so a node pinned
-//!   anew first waits until the oldest event left in the partition is the
-//!   oldest in its hands and every event pending on the consumer is in
-//!   them ([`Projector::await_older`]): the old holder's events were either
-//!   fanned out and acknowledged (and left the work queue), or come back
-//!   after their ack wait and go first. Events a node may have held past
-//!   their ack wait without being pinned any more are dropped unfanned: the
-//!   pinned node has them.
+//! - **No event before an older one.** NATS moves a pin without waiting
+//!   for the events the old holder still has, and redelivers an event
+//!   whose holder went quiet to whoever is pinned. So a node fans out only
+//!   the run of the partition's oldest events left in the work queue that
+//!   are all in its hands ([`Projector::ready`]: one read per event); an
+//!   older event out with another node is either fanned out and
+//!   acknowledged there (and leaves the queue) or comes back after its ack
+//!   wait, and goes first. Once a node found nothing pending outside its
+//!   hands under the consumer's current pin, what comes under that pin
+//!   (only to it) goes out as it comes, with no reads.
 //! - **Spread.** Whichever node pulls first gets a pin; every
 //!   [`BALANCE_EVERY`] a node holding more pins than its share gives one
 //!   up to a standby node (`natter_fanout_partitions_pinned`).
 //!
 //! What remains: a node frozen (not crashed) for longer than the ack wait
-//! while holding events, and pinned again before it wakes, would find its
-//! events' copies handed to itself; they are the same events, deduplicated
-//! by their deliveries' ids. Deliveries are deduplicated for the inbox's
-//! duplicate window (2 minutes): a batch retried after a longer outage
-//! stores again the deliveries of the events before the failed one.
+//! while holding events goes on with them when it wakes, while the node
+//! pinned meanwhile fans out their copies: both in log order, so each
+//! chain still gets each delivery once and in order, as long as the inbox
+//! deduplicates (its duplicate window, 2 minutes). A batch retried after a
+//! store outage longer than that stores again the deliveries of the events
+//! before the failed one.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -66,10 +68,6 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// An event handed out and neither acknowledged nor kept (progress) this
 /// long goes to another node.
 const ACK_WAIT: Duration = Duration::from_secs(5);
-/// An event in hand not kept for this long may have been handed to
-/// another node meanwhile (the ack wait, less a margin for the time it
-/// spent on its way).
-const MAYBE_LOST: Duration = Duration::from_millis(3500);
 /// How long a batch may take before its events are let go.
 const WORK_AT_MOST: Duration = Duration::from_secs(120);
 /// Stream sequences a node remembers having acknowledged: an event
@@ -209,16 +207,20 @@ impl Drop for Holding<'_> {
 
 impl Projector {
     /// Works partition `index` of the feed `stream` through its durable
-    /// consumer (see the module doc): takes the events at hand, makes sure
-    /// no older event is out with another node when they came under a new
-    /// pin, fans them out in log order while pulling on, and acknowledges
-    /// them.
+    /// consumer (see the module doc): takes the events at hand, fans out
+    /// those no older event outside its hands can precede, in log order,
+    /// while pulling on, and acknowledges them.
     pub(super) async fn consume_partition(&self, stream: &str, index: u32, pins: &Pins, durable: &str, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Flow> {
         let stream = self.js.get_stream(stream).await?;
         let config = partition_config(durable, &self.prefix, index);
         let mut consumer = stream.get_or_create_consumer(durable, config.clone()).await?;
         let had = &consumer.cached_info().config;
-        if had.priority_policy != config.priority_policy || had.max_ack_pending != config.max_ack_pending || had.priority_timeout != config.priority_timeout {
+        if had.priority_policy != config.priority_policy
+            || had.priority_groups != config.priority_groups
+            || had.max_ack_pending != config.max_ack_pending
+            || had.priority_timeout != config.priority_timeout
+            || had.ack_wait != config.ack_wait
+        {
             // Made by an earlier natter (one event in flight, no pin).
             consumer = stream.update_consumer(config).await.with_context(|| format!("pinning the fan-out consumer {durable}"))?;
             tracing::info!(consumer = durable, "fan-out partition consumer now pins one node and hands it batches");
@@ -227,19 +229,33 @@ impl Projector {
         let label = self.label();
         let _holding = Holding { pins, index, metrics: &self.metrics };
         let mut hands = Hands::default();
-        // The pin under which every event pending on the consumer was in
-        // this node's hands.
+        // A pin under which nothing was pending outside this node's hands:
+        // whatever comes under it may go out as it comes.
         let mut verified: Option<String> = None;
+        // The pin the last batch fanned out came under.
+        let mut last_pin: Option<String> = None;
         let mut version_check = tokio::time::interval(Duration::from_secs(1));
         version_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // The partitions look at their pins at different times.
         let first = Instant::now() + BALANCE_EVERY + BALANCE_EVERY * index / PARTITIONS;
         let mut balance = tokio::time::interval_at(first, BALANCE_EVERY);
         balance.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut wait = Duration::from_millis(5);
         loop {
+            // The periodic looks, busy or not.
+            if version_check.tick().now_or_never().is_some() && self.followed(durable) {
+                return Ok(Flow::Follow);
+            }
+            if balance.tick().now_or_never().is_some() {
+                self.balance(&stream, &consumer, index, pins, last_pin.as_deref()).await;
+            }
             if hands.held.is_empty() {
-                let next = tokio::select! {
-                    next = messages.next() => next,
+                tokio::select! {
+                    next = messages.next() => {
+                        if let Some(msg) = self.taken(next, durable)? {
+                            hands.take(msg, &label).await;
+                        }
+                    }
                     _ = version_check.tick() => {
                         if self.followed(durable) {
                             return Ok(Flow::Follow);
@@ -247,15 +263,10 @@ impl Projector {
                         continue;
                     }
                     _ = balance.tick() => {
-                        if self.balance(&stream, &consumer, index, pins, verified.as_deref()).await {
-                            verified = None;
-                        }
+                        self.balance(&stream, &consumer, index, pins, last_pin.as_deref()).await;
                         continue;
                     }
                     _ = shutdown.changed() => return Ok(Flow::Stop),
-                };
-                if let Some(msg) = self.taken(next, durable)? {
-                    hands.take(msg, &label).await;
                 }
             }
             // What else is here already joins the batch.
@@ -264,41 +275,41 @@ impl Projector {
                     hands.take(msg, &label).await;
                 }
             }
-            if hands.held.is_empty() {
+            let batch: Vec<Held> = if hands.all_under(verified.as_deref()) {
+                std::mem::take(&mut hands.held).into_values().collect()
+            } else {
+                self.ready(&stream, &consumer, index, &mut hands, &mut verified).await?
+            };
+            if batch.is_empty() {
+                // An older event is out with another node: wait for it to be
+                // fanned out there, or to come back here.
+                hands.keep(PROGRESS_EVERY / 2).await;
+                let until = Instant::now() + wait;
+                wait = (wait * 2).min(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        next = messages.next() => {
+                            if let Some(msg) = self.taken(next, durable)? {
+                                hands.take(msg, &label).await;
+                            }
+                        }
+                        _ = tokio::time::sleep_until(until) => break,
+                        _ = shutdown.changed() => return Ok(Flow::Stop),
+                    }
+                }
                 continue;
             }
-            if hands.held.values().any(|h| h.kept.elapsed() >= MAYBE_LOST) {
-                // Events held this long may have gone to another node; if
-                // the pin has moved, that node has them.
-                let info = consumer.get_info().await?;
-                let pinned = info.priority_groups.iter().find(|g| g.group == GROUP).and_then(|g| g.pinned_client_id.clone());
-                let before = hands.held.len();
-                hands.held.retain(|_, h| h.kept.elapsed() < MAYBE_LOST || pinned.is_some() && pin_of(&h.msg) == pinned.as_deref());
-                if hands.held.len() < before {
-                    tracing::warn!(projection = %label, dropped = before - hands.held.len(), "fan-out events held past their ack wait after this node's pin moved: left to the node pinned now");
-                    verified = None;
-                    continue;
-                }
-            }
-            if !hands.all_under(verified.as_deref()) {
-                match self.await_older(&stream, &consumer, index, &mut messages, &mut hands, durable, shutdown).await? {
-                    None => return Ok(Flow::Stop),
-                    Some(pin) => verified = pin,
-                }
-                if hands.held.is_empty() {
-                    continue;
-                }
-            }
-            pins.set(index, true, &self.metrics);
-            let batch: Vec<Held> = std::mem::take(&mut hands.held).into_values().collect();
+            wait = Duration::from_millis(5);
             // Work the batch while pulling on (which keeps the pin) and
             // keeping every event in hand.
             let work = self.fan_out_in_order(&batch);
             tokio::pin!(work);
             let started = Instant::now();
+            let give_up = tokio::time::sleep_until(started + WORK_AT_MOST);
+            tokio::pin!(give_up);
             let mut keep = tokio::time::interval_at(started + PROGRESS_EVERY / 2, PROGRESS_EVERY / 2);
             keep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut kept: Vec<Instant> = batch.iter().map(|h| h.kept).collect();
+            let mut batch_kept = started;
             loop {
                 tokio::select! {
                     () = &mut work => break,
@@ -308,17 +319,21 @@ impl Projector {
                         }
                     }
                     _ = keep.tick() => {
-                        if started.elapsed() > WORK_AT_MOST {
-                            anyhow::bail!("a fan-out batch of {} events has not finished in {} s: letting its events go back to the cluster", batch.len(), WORK_AT_MOST.as_secs());
-                        }
-                        for (h, kept) in batch.iter().zip(kept.iter_mut()) {
-                            if kept.elapsed() >= PROGRESS_EVERY / 2 {
-                                let _ = h.msg.ack_with(AckKind::Progress).await;
-                                *kept = Instant::now();
+                        // Bounded: NATS being away must not hold up the
+                        // other arms (shutdown, giving up).
+                        let kept = async {
+                            if batch_kept.elapsed() >= PROGRESS_EVERY / 2 {
+                                for h in &batch {
+                                    let _ = h.msg.ack_with(AckKind::Progress).await;
+                                }
                             }
+                            hands.keep(PROGRESS_EVERY / 2).await;
+                        };
+                        if tokio::time::timeout(PROGRESS_EVERY / 2, kept).await.is_ok() {
+                            batch_kept = Instant::now();
                         }
-                        hands.keep(PROGRESS_EVERY / 2).await;
                     }
+                    () = &mut give_up => anyhow::bail!("a fan-out batch of {} events has not finished in {} s: letting its events go back to the cluster", batch.len(), WORK_AT_MOST.as_secs()),
                     _ = shutdown.changed() => return Ok(Flow::Stop),
                 }
             }
@@ -327,18 +342,24 @@ impl Projector {
                     tracing::warn!(projection = %label, error = %e, "acknowledgement lost; the event will be redelivered and fanned out again (its deliveries are deduplicated)");
                 }
             }
-            hands.acknowledged(batch.iter().filter_map(|h| h.msg.info().ok().map(|i| i.stream_sequence)));
+            let seqs: Vec<u64> = batch.iter().filter_map(|h| h.msg.info().ok().map(|i| i.stream_sequence)).collect();
+            // Copies of them that came meanwhile are done too.
+            for seq in &seqs {
+                hands.held.remove(seq);
+            }
+            hands.acknowledged(seqs.into_iter());
+            last_pin = batch.last().and_then(|h| pin_of(&h.msg)).map(str::to_owned);
         }
     }
 
-    /// Gives up the partition's pin if this node holds it (it fanned out
-    /// events under `pin`, and the consumer still names that pin) and
+    /// Gives up the partition's pin if this node holds it (its last batch
+    /// came under `pin`, and the consumer still names that pin) and
     /// holds more pins than its share of the partitions: the pin goes to
     /// another node's waiting pull (or back to this one), so pins spread
-    /// over the nodes, including ones started after the others. Returns
-    /// whether it gave it up. Errors only postpone this to the next look.
-    async fn balance(&self, stream: &stream::Stream, consumer: &jetstream::consumer::Consumer<pull::Config>, index: u32, pins: &Pins, pin: Option<&str>) -> bool {
-        let Ok(info) = consumer.get_info().await else { return false };
+    /// over the nodes, including ones started after the others. Errors
+    /// only postpone this to the next look.
+    async fn balance(&self, stream: &stream::Stream, consumer: &jetstream::consumer::Consumer<pull::Config>, index: u32, pins: &Pins, pin: Option<&str>) {
+        let Ok(info) = consumer.get_info().await else { return };
         let pinned = info.priority_groups.iter().find(|g| g.group == GROUP).and_then(|g| g.pinned_client_id.as_deref());
         let ours = pin.is_some() && pinned == pin;
         let held = pins.set(index, ours, &self.metrics);
@@ -346,65 +367,55 @@ impl Projector {
         if ours && held > share && stream.unpin_consumer(&info.name, GROUP).await.is_ok() {
             pins.set(index, false, &self.metrics);
             tracing::info!(partition = index, held, share, "gave up a fan-out partition's pin: this node held more than its share, and a node on standby takes it over");
-            return true;
         }
-        false
     }
 
-    /// Waits until the oldest event left in the partition is the oldest in
-    /// `hands` and every event pending on the consumer is in them (taking
-    /// in what arrives meanwhile, keeping what it holds, and dropping
-    /// copies of events already acknowledged); returns the pin the events
-    /// in hand came under, `None` at shutdown.
-    #[allow(clippy::too_many_arguments)]
-    async fn await_older(
+    /// The events in `hands` that may go out now: the run of the
+    /// partition's oldest events left in the work queue that are all in
+    /// hand (read one by one from the stream), in log order. Copies of
+    /// events that left the queue (acknowledged elsewhere) are dropped.
+    /// When the run is everything in hand, nothing is pending on the
+    /// consumer outside it, and it all came under the consumer's current
+    /// pin, that pin becomes `verified`.
+    async fn ready(
         &self,
         stream: &stream::Stream,
         consumer: &jetstream::consumer::Consumer<pull::Config>,
         index: u32,
-        messages: &mut pull::Stream,
         hands: &mut Hands,
-        durable: &str,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> anyhow::Result<Option<Option<String>>> {
-        let label = self.label();
+        verified: &mut Option<String>,
+    ) -> anyhow::Result<Vec<Held>> {
         let subject = partition_subject(&self.prefix, index);
-        let started = Instant::now();
-        let mut wait = Duration::from_millis(5);
-        let mut warned = false;
-        loop {
-            let oldest = match stream.get_first_raw_message_by_subject(&subject, 0).await {
+        let mut run = Vec::new();
+        let mut from = 0;
+        while hands.held.range(from..).next().is_some() {
+            let next = match stream.get_first_raw_message_by_subject(&subject, from).await {
                 Ok(msg) => Some(msg.sequence),
                 Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => None,
                 Err(e) => return Err(e.into()),
             };
-            // A copy of an event that left the work queue was acknowledged.
-            hands.held.retain(|&seq, _| oldest.is_some_and(|o| seq >= o));
-            let pending = consumer.get_info().await?.num_ack_pending;
-            let first_held = hands.held.keys().next().copied();
-            if first_held.is_none() || (first_held == oldest && pending <= hands.held.len()) {
-                let pin = hands.held.values().next_back().and_then(|h| pin_of(&h.msg)).map(str::to_owned);
-                return Ok(Some(pin.filter(|p| hands.all_under(Some(p)))));
+            // Held copies of events before `next` (or of all, when none is
+            // left) were acknowledged by whoever fanned them out.
+            let gone: Vec<u64> = hands.held.range(from..next.unwrap_or(u64::MAX)).map(|(&seq, _)| seq).collect();
+            for seq in gone {
+                hands.held.remove(&seq);
             }
-            hands.keep(PROGRESS_EVERY / 2).await;
-            if !warned && started.elapsed() > 2 * ACK_WAIT {
-                warned = true;
-                tracing::warn!(projection = %label, pending, held = hands.held.len(), "fan-out partition waits for events another node holds (they come back after the ack wait, or when that node acknowledges them)");
-            }
-            let until = Instant::now() + wait;
-            loop {
-                tokio::select! {
-                    next = messages.next() => {
-                        if let Some(msg) = self.taken(next, durable)? {
-                            hands.take(msg, &label).await;
-                        }
-                    }
-                    _ = tokio::time::sleep_until(until) => break,
-                    _ = shutdown.changed() => return Ok(None),
+            match next {
+                Some(seq) if hands.held.contains_key(&seq) => {
+                    run.push(seq);
+                    from = seq + 1;
                 }
+                _ => break,
             }
-            wait = (wait * 2).min(Duration::from_millis(200));
         }
+        if !run.is_empty() && run.len() == hands.held.len() {
+            let info = consumer.get_info().await?;
+            let pinned = info.priority_groups.iter().find(|g| g.group == GROUP).and_then(|g| g.pinned_client_id.clone());
+            if info.num_ack_pending <= hands.held.len() && hands.all_under(pinned.as_deref()) {
+                *verified = pinned;
+            }
+        }
+        Ok(run.iter().filter_map(|seq| hands.held.remove(seq)).collect())
     }
 
     /// Fans out `batch` (consecutive events of one partition, in log
@@ -608,5 +619,74 @@ mod tests {
         assert_eq!(*applied.lock().unwrap(), (1..=10).collect::<Vec<u64>>());
         shutdown_tx.send(true).unwrap();
         b.await.unwrap();
+    }
+
+    /// Two nodes work a partition while its pin is taken away every 50 ms
+    /// (as a node giving up a pin does): every event is fanned out once,
+    /// in log order, and the partition never stalls with each node waiting
+    /// on the other.
+    #[tokio::test]
+    async fn pins_moving_under_two_nodes_keep_order_and_never_stall() {
+        let url = std::env::var("NATTER_NATS_URL").expect("NATTER_NATS_URL (scripts/test.sh starts NATS and sets it)");
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let (stream, prefix) = (format!("MOVE{tag}"), format!("m{tag}"));
+        let feed = fanout_stream(&stream);
+        let _cleanup = Cleanup(url.clone(), vec![feed.clone(), stream.clone()]);
+        let node = || async { jetstream::new(async_nats::connect(&url).await.expect("NATS")) };
+        let js = node().await;
+        js.create_stream(stream::Config { name: stream.clone(), subjects: vec![format!("{prefix}.ev.>")], ..Default::default() }).await.unwrap();
+        ensure_feed(&js, &stream, &prefix, None, 1).await.unwrap();
+        let subject = natter_events::subjects::room(&prefix, "r1");
+        let event = |seq: u64| {
+            let e = RoomMessageSent { message_id: format!("m{seq}"), room_id: "r1".into(), sender_id: "amy".into(), client_msg_id: None, message: Some("hi".into()), attachment: None, seq, reply_to: None };
+            Envelope::new(format!("c{seq}"), subject.clone(), seq, Event::RoomMessageSent(e)).encode()
+        };
+        js.publish(subject.clone(), event(1).into()).await.unwrap().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let index = loop {
+            let info = js.get_stream(&feed).await.unwrap().info_with_subjects(format!("{prefix}.fan.>")).await.unwrap();
+            let subjects: Vec<(String, usize)> = futures::TryStreamExt::try_collect(info).await.unwrap();
+            if let Some(index) = subjects.into_iter().find_map(|(s, _)| s.split('.').nth(2).and_then(|p| p.parse::<u32>().ok())) {
+                break index;
+            }
+            assert!(std::time::Instant::now() < deadline, "the feed never sourced the room's events");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let mut nodes = Vec::new();
+        for _ in 0..2 {
+            let projector = Projector {
+                js: node().await,
+                feed: Feed::Partition { stream: feed.clone(), index, pins: Arc::default() },
+                prefix: prefix.clone(),
+                projection: Arc::new(Recorder(applied.clone())),
+                metrics: Arc::new(Metrics::default()),
+            };
+            nodes.push(tokio::spawn(projector.run(shutdown.clone())));
+        }
+        let durable = partition_consumer("order-test", 1, index);
+        let feed_stream = js.get_stream(&feed).await.unwrap();
+        let mut unpins = 0;
+        for seq in 2..=300u64 {
+            js.publish(subject.clone(), event(seq).into()).await.unwrap().await.unwrap();
+            if seq % 10 == 0 && feed_stream.unpin_consumer(&durable, GROUP).await.is_ok() {
+                unpins += 1;
+            }
+            if seq % 5 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert!(unpins > 0, "the pin was never taken away");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while applied.lock().unwrap().len() < 300 {
+            assert!(std::time::Instant::now() < deadline, "stalled after {} events", applied.lock().unwrap().len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(*applied.lock().unwrap(), (1..=300).collect::<Vec<u64>>());
+        shutdown_tx.send(true).unwrap();
+        for n in nodes {
+            n.await.unwrap();
+        }
     }
 }

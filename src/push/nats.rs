@@ -158,31 +158,36 @@ impl PushBus for NatsPush {
         // A publish can fail while later ones are stored, so a window never
         // holds two deliveries to one chain (the later one waits for the
         // window's acks), and a room's delivery never shares a window with
-        // an earlier event's: a reader learns a member's join on the user's
-        // own chain before the room deliveries that follow it.
+        // another event's: a reader learns a member's join or leave on the
+        // user's own chain in log order with the room's deliveries.
         // A message deleted for everyone is erased from the chains its
         // tombstone goes to (the two participants', or its room's) by an
         // erase job queued once the tombstone is stored ([`erase`]); one
         // event deletes one message, so its tombstones share the job.
         let mut erasing: Vec<(String, erase::Job)> = Vec::new();
         let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
-        // The chains the window holds deliveries to, and whether it holds
-        // any of an earlier event.
+        // The chains the window holds deliveries to, and whether one is a
+        // room's.
         let mut chains: HashSet<String> = HashSet::new();
+        let mut room_in_window = false;
         for (event, log_seq, deliveries) in batch {
             let mut job: Option<usize> = None;
+            // Whether the window holds deliveries of earlier events.
             let mut earlier = !acks.is_empty();
             for (to, payload) in deliveries {
+                let to_room = matches!(to, To::Room(_));
                 let (subject, id) = match &to {
                     To::User(user) => (inbox_subject(&self.prefix, user), format!("{}:{user}", event.id)),
                     To::Room(room) => (room_inbox_subject(&self.prefix, room), format!("{}@{room}", event.id)),
                 };
-                if acks.len() == PUBLISH_WINDOW || chains.contains(&subject) || (earlier && matches!(to, To::Room(_))) {
+                if acks.len() == PUBLISH_WINDOW || chains.contains(&subject) || (earlier && (to_room || room_in_window)) {
                     settle(&mut acks, &mut erasing).await?;
                     chains.clear();
+                    room_in_window = false;
                     earlier = false;
                 }
                 chains.insert(subject.clone());
+                room_in_window |= to_room;
                 let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
                 let mut tombstone = None;
                 if payload.event == "messageDeleted"
