@@ -24,8 +24,7 @@ use natter_events::Envelope;
 use natter_projections::Projection;
 use tokio::sync::watch;
 
-use super::partitions::partition_consumer;
-use super::pinned::Pins;
+use super::partitions::{Pins, partition_consumer};
 use super::{BatchNext, Next, Parking, consumer_name, project, project_batch};
 use crate::log::nats::parked_subject;
 use crate::metrics::Metrics;

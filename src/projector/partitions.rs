@@ -29,14 +29,47 @@
 //! again from the feed's start): [`crate::log::nats::NatsLog::connect`]
 //! refuses older servers.
 
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
 use anyhow::Context;
 use async_nats::jetstream::{self, stream};
 
 use super::consumer_name;
+use crate::metrics::Metrics;
 
 /// Partitions of the fan-out. Fixed: the transforms of an existing stream
 /// decide where events go, so changing it needs a new stream.
 pub const PARTITIONS: u32 = 16;
+
+/// What a node knows of the fan-out partitions' pins, shared by its
+/// partition projectors: which pins it holds, and how many pulls each
+/// partition had waiting when last looked at (about one per node: the
+/// pinned node's, and each standby node's).
+#[derive(Debug, Default)]
+pub struct Pins {
+    held: AtomicU32,
+    pullers: [AtomicUsize; PARTITIONS as usize],
+}
+
+impl Pins {
+    /// Records whether this node holds partition `index`'s pin; returns
+    /// how many it holds.
+    pub(super) fn set(&self, index: u32, ours: bool, metrics: &Metrics) -> u32 {
+        let bit = 1 << index;
+        let held = if ours { self.held.fetch_or(bit, Ordering::Relaxed) | bit } else { self.held.fetch_and(!bit, Ordering::Relaxed) & !bit };
+        metrics.fanout_pinned(held.count_ones());
+        held.count_ones()
+    }
+
+    /// This node's share of the partitions, from the pulls each partition
+    /// had waiting: the fewest of them is a lower bound on the nodes (a
+    /// node between two pulls is missed), so the share errs large.
+    pub(super) fn share(&self, index: u32, pullers: usize) -> u32 {
+        self.pullers[index as usize].store(pullers, Ordering::Relaxed);
+        let nodes = self.pullers.iter().map(|p| p.load(Ordering::Relaxed)).filter(|&n| n > 0).min().unwrap_or(1).max(1) as u32;
+        PARTITIONS.div_ceil(nodes)
+    }
+}
 
 /// The partitioned feed beside the log `stream`.
 pub fn fanout_stream(stream: &str) -> String {

@@ -37,7 +37,6 @@
 //! before the failed one.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -49,7 +48,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::jetstream::{Flow, PROGRESS_EVERY, Projector};
-use super::partitions::{PARTITIONS, origin_seq, partition_subject};
+use super::partitions::{PARTITIONS, Pins, origin_seq, partition_subject};
 use super::{BatchNext, Next, project, project_batch};
 use crate::metrics::Metrics;
 
@@ -71,8 +70,10 @@ const ACK_WAIT: Duration = Duration::from_secs(5);
 /// An event in hand unkept this long may have been handed to another
 /// node (the ack wait, less a margin for its time on the way).
 const SUSPECT: Duration = Duration::from_secs(4);
-/// Most events [`Projector::ready`] reads the queue for at once.
-const READY_READS: usize = 32;
+/// Most reads of the queue one look of [`Projector::ready`] makes: enough
+/// for a full hand, the events this node acknowledged that are not gone
+/// yet, and the first one beyond.
+const READY_READS: usize = IN_HANDS + 16;
 /// How long a batch may take before its events are let go.
 const WORK_AT_MOST: Duration = Duration::from_secs(120);
 /// Stream sequences a node remembers having acknowledged: an event
@@ -96,36 +97,6 @@ pub fn partition_config(durable: &str, prefix: &str, index: u32) -> pull::Config
         priority_groups: vec![GROUP.to_owned()],
         priority_timeout: PINNED_FOR,
         ..Default::default()
-    }
-}
-
-/// What a node knows of the fan-out partitions' pins, shared by its
-/// partition projectors: which pins it holds, and how many pulls each
-/// partition had waiting when last looked at (about one per node: the
-/// pinned node's, and each standby node's).
-#[derive(Debug, Default)]
-pub struct Pins {
-    held: AtomicU32,
-    pullers: [AtomicUsize; PARTITIONS as usize],
-}
-
-impl Pins {
-    /// Records whether this node holds partition `index`'s pin; returns
-    /// how many it holds.
-    fn set(&self, index: u32, ours: bool, metrics: &Metrics) -> u32 {
-        let bit = 1 << index;
-        let held = if ours { self.held.fetch_or(bit, Ordering::Relaxed) | bit } else { self.held.fetch_and(!bit, Ordering::Relaxed) & !bit };
-        metrics.fanout_pinned(held.count_ones());
-        held.count_ones()
-    }
-
-    /// This node's share of the partitions, from the pulls each partition
-    /// had waiting: the fewest of them is a lower bound on the nodes (a
-    /// node between two pulls is missed), so the share errs large.
-    fn share(&self, index: u32, pullers: usize) -> u32 {
-        self.pullers[index as usize].store(pullers, Ordering::Relaxed);
-        let nodes = self.pullers.iter().map(|p| p.load(Ordering::Relaxed)).filter(|&n| n > 0).min().unwrap_or(1).max(1) as u32;
-        PARTITIONS.div_ceil(nodes)
     }
 }
 
@@ -316,6 +287,13 @@ impl Projector {
                 continue;
             }
             wait = Duration::from_millis(5);
+            // Events that waited in hand are kept before the work starts.
+            let waited = async {
+                for h in batch.iter().filter(|h| h.kept.elapsed() >= PROGRESS_EVERY / 2) {
+                    let _ = h.msg.ack_with(AckKind::Progress).await;
+                }
+            };
+            let _ = tokio::time::timeout(PROGRESS_EVERY / 2, waited).await;
             // Work the batch while pulling on (which keeps the pin) and
             // keeping every event in hand.
             let work = self.fan_out_in_order(&batch);
@@ -388,8 +366,8 @@ impl Projector {
 
     /// The events in `hands` that may go out now: the run of the
     /// partition's oldest events left in the work queue that are all in
-    /// hand (read one by one from the stream, at most [`READY_READS`]), in
-    /// log order. Copies of events that left the queue (acknowledged here
+    /// hand (read one by one from the stream, at most [`READY_READS`]
+    /// reads), in log order. Copies of events that left the queue (acknowledged here
     /// or elsewhere) are dropped. When the run is everything in hand, no
     /// event the consumer handed out beyond it is left in the queue, and it
     /// all came under the consumer's current pin, that pin is `verified`:
@@ -403,9 +381,6 @@ impl Projector {
         verified: &mut Option<String>,
     ) -> anyhow::Result<Vec<Held>> {
         let subject = partition_subject(&self.prefix, index);
-        // Read first: whatever is handed out after it is not counted.
-        let info = consumer.get_info().await?;
-        let pinned = info.priority_groups.iter().find(|g| g.group == GROUP).and_then(|g| g.pinned_client_id.clone());
         let first_left = |from: u64| {
             let subject = &subject;
             async move {
@@ -452,8 +427,15 @@ impl Projector {
                 }
             }
         }
-        if !run.is_empty() && run.len() == hands.held.len() && beyond.is_some_and(|b| b.is_none_or(|seq| seq > info.delivered.stream_sequence)) && hands.all_under(pinned.as_deref()) {
-            *verified = pinned;
+        if !run.is_empty() && run.len() == hands.held.len() && beyond.is_some() {
+            // Read after the walk: an event handed out since is counted as
+            // out (and one handed out after it goes to this node, under
+            // the pin read, if that pin is the one in hand).
+            let info = consumer.get_info().await?;
+            let pinned = info.priority_groups.iter().find(|g| g.group == GROUP).and_then(|g| g.pinned_client_id.clone());
+            if beyond.is_some_and(|b| b.is_none_or(|seq| seq > info.delivered.stream_sequence)) && hands.all_under(pinned.as_deref()) {
+                *verified = pinned;
+            }
         }
         Ok(run.iter().filter_map(|seq| hands.held.remove(seq)).collect())
     }
