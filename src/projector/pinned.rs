@@ -546,6 +546,70 @@ mod tests {
         }
     }
 
+    /// A log and its fan-out feed of their own, with room `r1`'s events.
+    struct Fixture {
+        url: String,
+        js: jetstream::Context,
+        prefix: String,
+        feed: String,
+        subject: String,
+        _cleanup: Cleanup,
+    }
+
+    impl Fixture {
+        async fn new(name: &str) -> Fixture {
+            let url = std::env::var("NATTER_NATS_URL").expect("NATTER_NATS_URL (scripts/test.sh starts NATS and sets it)");
+            let tag = uuid::Uuid::new_v4().simple().to_string();
+            let (stream, prefix) = (format!("{name}{tag}"), format!("{}{tag}", name.to_lowercase()));
+            let feed = fanout_stream(&stream);
+            let _cleanup = Cleanup(url.clone(), vec![feed.clone(), stream.clone()]);
+            let js = jetstream::new(async_nats::connect(&url).await.expect("NATS"));
+            js.create_stream(stream::Config { name: stream.clone(), subjects: vec![format!("{prefix}.ev.>")], ..Default::default() }).await.unwrap();
+            ensure_feed(&js, &stream, &prefix, None, 1).await.unwrap();
+            let subject = natter_events::subjects::room(&prefix, "r1");
+            Fixture { url, js, prefix, feed, subject, _cleanup }
+        }
+
+        /// A connection of its own (a node).
+        async fn node(&self) -> jetstream::Context {
+            jetstream::new(async_nats::connect(&self.url).await.expect("NATS"))
+        }
+
+        /// Room messages `from..=to`, appended to the log.
+        async fn publish(&self, from: u64, to: u64) {
+            for seq in from..=to {
+                let e = RoomMessageSent { message_id: format!("m{seq}"), room_id: "r1".into(), sender_id: "amy".into(), client_msg_id: None, message: Some("hi".into()), attachment: None, seq, reply_to: None };
+                let env = Envelope::new(format!("c{seq}"), self.subject.clone(), seq, Event::RoomMessageSent(e));
+                self.js.publish(self.subject.clone(), env.encode().into()).await.unwrap().await.unwrap();
+            }
+        }
+
+        /// The partition the room's events are in (once one is sourced).
+        async fn partition(&self) -> u32 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let info = self.js.get_stream(&self.feed).await.unwrap().info_with_subjects(format!("{}.fan.>", self.prefix)).await.unwrap();
+                let subjects: Vec<(String, usize)> = futures::TryStreamExt::try_collect(info).await.unwrap();
+                if let Some(index) = subjects.into_iter().find_map(|(s, _)| s.split('.').nth(2).and_then(|p| p.parse::<u32>().ok())) {
+                    return index;
+                }
+                assert!(std::time::Instant::now() < deadline, "the feed never sourced the room's events");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        /// A projector node on partition `index` recording into `projection`.
+        async fn projector(&self, index: u32, projection: Recorder) -> Projector {
+            Projector {
+                js: self.node().await,
+                feed: Feed::Partition { stream: self.feed.clone(), index, pins: Arc::default() },
+                prefix: self.prefix.clone(),
+                projection: Arc::new(projection),
+                metrics: Arc::new(Metrics::default()),
+            }
+        }
+    }
+
     /// Node A holds a partition's events 1–5 (keeping them, not
     /// acknowledging them) and stops pulling, so its pin expires; node B is
     /// pinned and handed 6–10. B fans out none of them until A has fanned
@@ -553,43 +617,14 @@ mod tests {
     /// the wait for older events, B would fan out 6–10 first.
     #[tokio::test]
     async fn a_new_pin_waits_for_the_events_an_old_holder_still_has() {
-        let url = std::env::var("NATTER_NATS_URL").expect("NATTER_NATS_URL (scripts/test.sh starts NATS and sets it)");
-        let tag = uuid::Uuid::new_v4().simple().to_string();
-        let (stream, prefix) = (format!("ORDER{tag}"), format!("o{tag}"));
-        let feed = fanout_stream(&stream);
-        let _cleanup = Cleanup(url.clone(), vec![feed.clone(), stream.clone()]);
-        let node = || async { jetstream::new(async_nats::connect(&url).await.expect("NATS")) };
-        let js = node().await;
-        js.create_stream(stream::Config { name: stream.clone(), subjects: vec![format!("{prefix}.ev.>")], ..Default::default() }).await.unwrap();
-        ensure_feed(&js, &stream, &prefix, None, 1).await.unwrap();
-        let subject = natter_events::subjects::room(&prefix, "r1");
-        let publish = |from: u64, to: u64| {
-            let (js, subject) = (js.clone(), subject.clone());
-            async move {
-                for seq in from..=to {
-                    let e = RoomMessageSent { message_id: format!("m{seq}"), room_id: "r1".into(), sender_id: "amy".into(), client_msg_id: None, message: Some("hi".into()), attachment: None, seq, reply_to: None };
-                    let env = Envelope::new(format!("c{seq}"), subject.clone(), seq, Event::RoomMessageSent(e));
-                    js.publish(subject.clone(), env.encode().into()).await.unwrap().await.unwrap();
-                }
-            }
-        };
-        publish(1, 5).await;
-        // The partition the room's events are in.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let index = loop {
-            let info = js.get_stream(&feed).await.unwrap().info_with_subjects(format!("{prefix}.fan.>")).await.unwrap();
-            let subjects: Vec<(String, usize)> = futures::TryStreamExt::try_collect(info).await.unwrap();
-            if let Some(index) = subjects.into_iter().find_map(|(s, _)| s.split('.').nth(2).and_then(|p| p.parse::<u32>().ok())) {
-                break index;
-            }
-            assert!(std::time::Instant::now() < deadline, "the feed never sourced the room's events");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let f = Fixture::new("ORDER").await;
+        f.publish(1, 5).await;
+        let index = f.partition().await;
         let durable = partition_consumer("order-test", 1, index);
-        let consumer = js.get_stream(&feed).await.unwrap().get_or_create_consumer(&durable, partition_config(&durable, &prefix, index)).await.unwrap();
+        let consumer = f.js.get_stream(&f.feed).await.unwrap().get_or_create_consumer(&durable, partition_config(&durable, &f.prefix, index)).await.unwrap();
         // Node A: pinned first, takes 1–5, stops pulling, keeps them.
-        let a_js = node().await;
-        let a_consumer: jetstream::consumer::Consumer<pull::Config> = a_js.get_stream(&feed).await.unwrap().get_consumer(&durable).await.unwrap();
+        let a_js = f.node().await;
+        let a_consumer: jetstream::consumer::Consumer<pull::Config> = a_js.get_stream(&f.feed).await.unwrap().get_consumer(&durable).await.unwrap();
         let mut pulls = a_consumer.stream().group(GROUP).expires(PULL_EXPIRES).max_messages_per_batch(IN_HANDS).messages().await.unwrap();
         let mut a_held = Vec::new();
         while a_held.len() < 5 {
@@ -621,15 +656,9 @@ mod tests {
         });
         // Node B: a projector, on standby until A's pin expires; 6–10 come.
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let projector = Projector {
-            js: node().await,
-            feed: Feed::Partition { stream: feed.clone(), index, pins: Arc::default() },
-            prefix: prefix.clone(),
-            projection: Arc::new(Recorder::new(&applied, &Arc::default(), 1, Duration::ZERO)),
-            metrics: Arc::new(Metrics::default()),
-        };
+        let projector = f.projector(index, Recorder::new(&applied, &Arc::default(), 1, Duration::ZERO)).await;
         let b = tokio::spawn(projector.run(shutdown));
-        publish(6, 10).await;
+        f.publish(6, 10).await;
         let deadline = std::time::Instant::now() + PINNED_FOR * 4;
         loop {
             let info = consumer.get_info().await.unwrap();
@@ -664,48 +693,20 @@ mod tests {
     /// partition never stalls with each node waiting on the other.
     #[tokio::test]
     async fn pins_moving_under_two_nodes_keep_order_and_never_stall() {
-        let url = std::env::var("NATTER_NATS_URL").expect("NATTER_NATS_URL (scripts/test.sh starts NATS and sets it)");
-        let tag = uuid::Uuid::new_v4().simple().to_string();
-        let (stream, prefix) = (format!("MOVE{tag}"), format!("m{tag}"));
-        let feed = fanout_stream(&stream);
-        let _cleanup = Cleanup(url.clone(), vec![feed.clone(), stream.clone()]);
-        let node = || async { jetstream::new(async_nats::connect(&url).await.expect("NATS")) };
-        let js = node().await;
-        js.create_stream(stream::Config { name: stream.clone(), subjects: vec![format!("{prefix}.ev.>")], ..Default::default() }).await.unwrap();
-        ensure_feed(&js, &stream, &prefix, None, 1).await.unwrap();
-        let subject = natter_events::subjects::room(&prefix, "r1");
-        let event = |seq: u64| {
-            let e = RoomMessageSent { message_id: format!("m{seq}"), room_id: "r1".into(), sender_id: "amy".into(), client_msg_id: None, message: Some("hi".into()), attachment: None, seq, reply_to: None };
-            Envelope::new(format!("c{seq}"), subject.clone(), seq, Event::RoomMessageSent(e)).encode()
-        };
-        js.publish(subject.clone(), event(1).into()).await.unwrap().await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let index = loop {
-            let info = js.get_stream(&feed).await.unwrap().info_with_subjects(format!("{prefix}.fan.>")).await.unwrap();
-            let subjects: Vec<(String, usize)> = futures::TryStreamExt::try_collect(info).await.unwrap();
-            if let Some(index) = subjects.into_iter().find_map(|(s, _)| s.split('.').nth(2).and_then(|p| p.parse::<u32>().ok())) {
-                break index;
-            }
-            assert!(std::time::Instant::now() < deadline, "the feed never sourced the room's events");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let f = Fixture::new("MOVE").await;
+        f.publish(1, 1).await;
+        let index = f.partition().await;
         let (applied, by) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
         let (shutdown_tx, shutdown) = watch::channel(false);
         let mut nodes = Vec::new();
         for (node_index, slow) in [(0, Duration::from_millis(20)), (1, Duration::ZERO)] {
-            let projector = Projector {
-                js: node().await,
-                feed: Feed::Partition { stream: feed.clone(), index, pins: Arc::default() },
-                prefix: prefix.clone(),
-                projection: Arc::new(Recorder::new(&applied, &by, node_index, slow)),
-                metrics: Arc::new(Metrics::default()),
-            };
+            let projector = f.projector(index, Recorder::new(&applied, &by, node_index, slow)).await;
             nodes.push(tokio::spawn(projector.run(shutdown.clone())));
         }
         let durable = partition_consumer("order-test", 1, index);
-        let feed_stream = js.get_stream(&feed).await.unwrap();
+        let feed_stream = f.js.get_stream(&f.feed).await.unwrap();
         for seq in 2..=300u64 {
-            js.publish(subject.clone(), event(seq).into()).await.unwrap().await.unwrap();
+            f.publish(seq, seq).await;
             if seq % 10 == 0 {
                 feed_stream.unpin_consumer(&durable, GROUP).await.unwrap();
             }
