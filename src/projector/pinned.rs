@@ -610,6 +610,15 @@ mod tests {
         }
     }
 
+    /// Waits until `n` events were fanned out (at most `within`).
+    async fn await_fanned_out(applied: &Mutex<Vec<u64>>, n: usize, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while applied.lock().unwrap().len() < n {
+            assert!(std::time::Instant::now() < deadline, "not all fanned out: {:?}", applied.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Node A holds a partition's events 1–5 (keeping them, not
     /// acknowledging them) and stops pulling, so its pin expires; node B is
     /// pinned and handed 6–10. B fans out none of them until A has fanned
@@ -674,11 +683,7 @@ mod tests {
         assert_eq!(*applied.lock().unwrap(), Vec::<u64>::new(), "B went ahead of the events A holds");
         release.send(()).unwrap();
         a.await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while applied.lock().unwrap().len() < 10 {
-            assert!(std::time::Instant::now() < deadline, "not all fanned out: {:?}", applied.lock().unwrap());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        await_fanned_out(&applied, 10, Duration::from_secs(20)).await;
         // Nothing more comes (no event handed out twice and fanned out again).
         tokio::time::sleep(ACK_WAIT + Duration::from_secs(1)).await;
         assert_eq!(*applied.lock().unwrap(), (1..=10).collect::<Vec<u64>>());
@@ -716,11 +721,7 @@ mod tests {
         }
         // At most one pin timeout and one ack wait (a node's pulls lost in
         // a move), with room for a slow machine.
-        let deadline = std::time::Instant::now() + 2 * (PINNED_FOR + ACK_WAIT) + Duration::from_secs(10);
-        while applied.lock().unwrap().len() < 300 {
-            assert!(std::time::Instant::now() < deadline, "stalled after {} events", applied.lock().unwrap().len());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        await_fanned_out(&applied, 300, 2 * (PINNED_FOR + ACK_WAIT) + Duration::from_secs(10)).await;
         assert_eq!(*applied.lock().unwrap(), (1..=300).collect::<Vec<u64>>());
         let by = by.lock().unwrap().clone();
         assert!(by.contains(&0) && by.contains(&1), "both nodes took turns: {by:?}");
@@ -728,5 +729,30 @@ mod tests {
         for n in nodes {
             n.await.unwrap();
         }
+    }
+
+    /// A partition consumer made by an earlier natter (one event in flight,
+    /// no pin) is turned into a pinned one when a node starts on it, and
+    /// the events it held go out in order.
+    #[tokio::test]
+    async fn an_earlier_partition_consumer_is_pinned_in_place() {
+        let f = Fixture::new("UPGRADE").await;
+        f.publish(1, 3).await;
+        let index = f.partition().await;
+        let durable = partition_consumer("order-test", 1, index);
+        let mut earlier = crate::projector::jetstream::consumer_config(&durable, true);
+        earlier.filter_subject = partition_subject(&f.prefix, index);
+        let feed = f.js.get_stream(&f.feed).await.unwrap();
+        feed.create_consumer(earlier).await.unwrap();
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let node = tokio::spawn(f.projector(index, Recorder::new(&applied, &Arc::default(), 0, Duration::ZERO)).await.run(shutdown));
+        f.publish(4, 6).await;
+        await_fanned_out(&applied, 6, Duration::from_secs(20)).await;
+        assert_eq!(*applied.lock().unwrap(), (1..=6).collect::<Vec<u64>>());
+        let config = feed.get_consumer::<pull::Config>(&durable).await.unwrap().get_info().await.unwrap().config;
+        assert_eq!((config.priority_policy, config.max_ack_pending, config.priority_groups), (PriorityPolicy::PinnedClient, IN_HANDS as i64, vec![GROUP.to_owned()]));
+        shutdown_tx.send(true).unwrap();
+        node.await.unwrap();
     }
 }
