@@ -225,6 +225,9 @@ impl Projector {
         let mut balance = tokio::time::interval_at(first, BALANCE_EVERY);
         balance.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut wait = Duration::from_millis(5);
+        // Since when this node has held events it may not fan out yet, and
+        // whether the operator was told.
+        let mut blocked: Option<(Instant, bool)> = None;
         loop {
             // The periodic looks, busy or not.
             if version_check.tick().now_or_never().is_some() && self.followed(durable) {
@@ -270,6 +273,11 @@ impl Projector {
             if batch.is_empty() {
                 // An older event is out with another node: wait for it to be
                 // fanned out there, or to come back here.
+                let (since, told) = blocked.get_or_insert((Instant::now(), false));
+                if !*told && since.elapsed() > 2 * (ACK_WAIT + PINNED_FOR) {
+                    *told = true;
+                    tracing::warn!(projection = %label, held = hands.held.len(), waited_s = since.elapsed().as_secs(), "fan-out partition waits for an older event another node holds: it goes on once that node fans it out or the event comes back (ack wait 5 s); if this lasts, look for a node that is stuck but still connected to NATS");
+                }
                 hands.keep(PROGRESS_EVERY / 2).await;
                 let until = Instant::now() + wait;
                 wait = (wait * 2).min(Duration::from_millis(50));
@@ -287,6 +295,9 @@ impl Projector {
                 continue;
             }
             wait = Duration::from_millis(5);
+            if let Some((since, true)) = blocked.take() {
+                tracing::info!(projection = %label, waited_s = since.elapsed().as_secs(), "fan-out partition goes on: the older events it waited for were fanned out");
+            }
             // Events that waited in hand are kept before the work starts.
             let waited = async {
                 for h in batch.iter().filter(|h| h.kept.elapsed() >= PROGRESS_EVERY / 2) {
