@@ -102,7 +102,6 @@ impl Projector {
         }
     }
 
-
     /// Runs until `shutdown` turns true. Connection trouble is logged and
     /// retried; it never ends the loop.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
@@ -264,7 +263,7 @@ impl Projector {
     /// store), so the ack wait does not hand them to another node; not
     /// forever: work stuck longer than [`PROGRESS_AT_MOST`] lets them go
     /// back to the cluster after the ack wait.
-    pub(super) async fn keep_alive<'m, T>(&self, work: impl std::future::Future<Output = T>, msgs: impl Iterator<Item = &'m jetstream::Message> + Clone) -> T {
+    async fn keep_alive<'m, T>(&self, work: impl std::future::Future<Output = T>, msgs: impl Iterator<Item = &'m jetstream::Message> + Clone) -> T {
         tokio::pin!(work);
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.tick().await;
