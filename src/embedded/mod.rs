@@ -101,6 +101,7 @@ pub async fn connect(cfg: &Config) -> anyhow::Result<Adapters> {
     let applied = Arc::new(TailPosition::default());
     let closing_store = store.clone();
     let bus = Arc::new(LocalPush::new(store.clone(), cfg.push.retention).context("opening the push inbox")?);
+    bus.record_earlier_members(&*log, &cfg.log.subject_prefix).await.context("recording the room memberships of the push inbox")?;
     Ok(Adapters {
         mode: Mode::Embedded,
         log: log.clone(),

@@ -61,8 +61,8 @@ pub struct Payload {
 pub enum To {
     /// One user's own deliveries.
     User(String),
-    /// Every member of the room as of the event (stored once, only by a bus
-    /// that [`PushBus::shares_rooms`]).
+    /// Every member of the room as of the event (stored once, addressed
+    /// when read).
     Room(String),
 }
 
@@ -154,11 +154,6 @@ pub trait PushBus: Send + Sync {
         }
         Ok(())
     }
-    /// Whether a room event is stored once for the room ([`To::Room`]) and
-    /// addressed to its members when read, rather than once per member.
-    fn shares_rooms(&self) -> bool {
-        false
-    }
     /// The newest cursor (0: nothing delivered yet).
     async fn head(&self) -> anyhow::Result<u64>;
     /// The log sequence through which the fan-out's deliveries are kept
@@ -178,7 +173,7 @@ pub trait PushBus: Send + Sync {
     async fn signal(&self, to: &str, payload: &Payload) -> anyhow::Result<()>;
     /// Whether `user` was a member of `room` as of log sequence `log_seq`
     /// (for a delivery that came with a [`MemberCheck`]; only a bus that
-    /// [`PushBus::shares_rooms`] sends those).
+    /// learns rooms from the log after it subscribed sends those).
     async fn member_at(&self, _user: &str, _room: &str, _log_seq: u64) -> anyhow::Result<bool> {
         Ok(true)
     }

@@ -210,10 +210,6 @@ impl PushBus for NatsPush {
         Ok(())
     }
 
-    fn shares_rooms(&self) -> bool {
-        true
-    }
-
     async fn head(&self) -> anyhow::Result<u64> {
         Ok(self.stream_state().await?.last_sequence)
     }

@@ -85,6 +85,22 @@ impl Timeline {
         self.at(log_seq) == Some(false) && self.changes.last().is_none_or(|&(s, _)| s < log_seq)
     }
 
+    /// The runs of log sequences after `after` that the user was a member
+    /// for, as inclusive (first, last) pairs, leaving out the user's own
+    /// changes (a change's own event goes on the user's chain, not the
+    /// room's). Only what this timeline knows: nothing at or before
+    /// `known_after`.
+    pub fn member_runs(&self, after: u64) -> Vec<(u64, u64)> {
+        let bounds = std::iter::once((self.known_after, self.initial)).chain(self.changes.iter().copied());
+        let ends = self.changes.iter().map(|&(s, _)| s - 1).chain(std::iter::once(u64::MAX));
+        bounds
+            .zip(ends)
+            .filter(|&((_, member), _)| member)
+            .map(|((from, _), to)| (from.max(after) + 1, to))
+            .filter(|&(first, last)| first <= last)
+            .collect()
+    }
+
     /// Takes in a change seen in the user's deliveries.
     pub fn record(&mut self, log_seq: u64, member: bool) {
         if log_seq <= self.known_after {
@@ -153,6 +169,20 @@ mod tests {
         assert_eq!([2, 4, 7, 11, 21, 31].map(|s| t.at(s)), [Some(false), Some(true), Some(false), Some(true), Some(false), Some(true)]);
         t.record(40, false);
         assert!(t.ended_by(41) && !t.now());
+    }
+
+    #[test]
+    fn the_runs_a_user_was_a_member_for() {
+        let mut t = Timeline::default();
+        for (s, m) in [(3, true), (6, false), (10, true), (11, false), (20, true)] {
+            t.record(s, m);
+        }
+        assert_eq!(t.member_runs(0), [(4, 5), (21, u64::MAX)], "joined at 10 and left at 11: no event between");
+        assert_eq!(t.member_runs(4), [(5, 5), (21, u64::MAX)]);
+        assert_eq!(t.member_runs(30), [(31, u64::MAX)]);
+        let known = Timeline { known_after: 8, initial: true, changes: vec![(12, false)] };
+        assert_eq!(known.member_runs(0), [(9, 11)]);
+        assert!(Timeline::default().member_runs(0).is_empty());
     }
 
     #[test]
