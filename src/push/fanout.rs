@@ -165,9 +165,8 @@ impl Projection for FanOut {
 
     /// The events in the order given (log order), their deliveries stored
     /// together ([`PushBus::deliver_batch`]: one transaction embedded), at
-    /// most about [`BATCH_DELIVERIES`] at a time (a big room's messages
-    /// make one per member). A failure leaves the room tables past events
-    /// that will come again: they are dropped, to be read afresh once.
+    /// most about [`BATCH_DELIVERIES`] at a time. A failure leaves the room
+    /// tables past events that will come again: they are dropped, to be read afresh once.
     async fn apply_batch(&self, batch: &[(&Envelope, u64)]) -> Result<(), ApplyError> {
         let applied = async {
             let (mut pending, mut held) = (Vec::new(), 0);
@@ -269,8 +268,7 @@ impl FanOut {
                 // (the others see presence, and the member list over REST).
                 // The user concerned always does, on their own chain: it is
                 // what tells the bus their rooms.
-                let members = self.members.as_of(room, log_seq, &env.event).await?;
-                if members.len() <= self.announce_max {
+                if self.members.size_as_of(room, log_seq, &env.event).await? <= self.announce_max {
                     // Before the user's own copy: a reader that skips the
                     // room's copy of a user's own change then sees no gap
                     // in the room's chain.

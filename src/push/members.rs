@@ -1,8 +1,9 @@
-//! Room membership as of each event, for the fan-out.
+//! Room membership as of each event, for the fan-out: whether a join or a
+//! leave is announced to the room depends on the room's size as of it
+//! (`NATTER_ROOM_ANNOUNCE_MAX`).
 //!
-//! A room event goes to the room's members as of that event: neither the
-//! views (which may lag behind a join or a leave) nor a change made after
-//! it count. The fan-out keeps a table per room of the members as of the
+//! Membership as of an event: neither the views (which may lag behind a
+//! join or a leave) nor a change made after it count. The fan-out keeps a table per room of the members as of the
 //! last event it handled there (`as_of`, a log sequence), so a room event
 //! costs what the room's membership changed since, not what it ever was:
 //!
@@ -53,20 +54,20 @@ impl<'a> Change<'a> {
         }
     }
 
-    /// Applies the change; returns how to undo it (`None`: it changed nothing).
-    fn apply(self, members: &mut BTreeSet<String>) -> Option<Undo> {
+    /// Applies the change; returns what it did (`None`: nothing).
+    fn apply(self, members: &mut BTreeSet<String>) -> Option<Did> {
         match self {
-            Change::Joined(user) => members.insert(user.to_owned()).then(|| Undo::Remove(user.to_owned())),
-            Change::Left(user) => members.remove(user).then(|| Undo::Insert(user.to_owned())),
+            Change::Joined(user) => members.insert(user.to_owned()).then_some(Did::Add),
+            Change::Left(user) => members.remove(user).then_some(Did::Remove),
         }
     }
 }
 
-/// How to take back the last change a room's table took in.
-#[derive(Debug, Clone)]
-enum Undo {
-    Insert(String),
-    Remove(String),
+/// What the last change a room's table took in did to it.
+#[derive(Debug, Clone, Copy)]
+enum Did {
+    Add,
+    Remove,
 }
 
 pub struct Membership {
@@ -91,9 +92,9 @@ struct Room {
     /// Every membership change of the room up to this log sequence is in.
     as_of: u64,
     members: BTreeSet<String>,
-    /// Undoes the change of the event at `as_of`, if it made one: the
-    /// members before it, for a retry of that very event.
-    undo: Option<Undo>,
+    /// What the event at `as_of` changed, if anything: the size before
+    /// it, for a retry of that very event.
+    did: Option<Did>,
     used: u64,
 }
 
@@ -155,44 +156,39 @@ impl Membership {
         self.table.lock().expect("membership table lock")
     }
 
-    /// The members of `room` as of the event at `log_seq` (changes before
-    /// it count, its own and later ones do not); then takes in the event's
-    /// own change, if it is a membership event of the room.
-    pub async fn as_of(&self, room: &str, log_seq: u64, event: &Event) -> Result<Vec<String>, ApplyError> {
+    /// How many members `room` had as of the event at `log_seq` (changes
+    /// before it count, its own and later ones do not); then takes in the
+    /// event's own change, if it is a membership event of the room.
+    pub async fn size_as_of(&self, room: &str, log_seq: u64, event: &Event) -> Result<usize, ApplyError> {
         let taken = self.table().take(room);
         let mut entry = match taken {
             Some(entry) if entry.as_of < log_seq => entry,
             Some(same) if same.as_of == log_seq => {
                 // The table's own last event again (its delivery failed and
-                // it came back here): the members before it are the table
-                // with that event's change undone.
-                let mut before = same.members.clone();
-                match &same.undo {
-                    Some(Undo::Insert(user)) => {
-                        before.insert(user.clone());
-                    }
-                    Some(Undo::Remove(user)) => {
-                        before.remove(user);
-                    }
-                    None => {}
-                }
+                // it came back here): the size before it is the table's
+                // with that event's change taken back.
+                let before = match same.did {
+                    Some(Did::Add) => same.members.len() - 1,
+                    Some(Did::Remove) => same.members.len() + 1,
+                    None => same.members.len(),
+                };
                 self.table().put(room, same);
-                return Ok(before.into_iter().collect());
+                return Ok(before);
             }
             Some(newer) => {
                 // An older event (a parked event retried): answered from
                 // the log, the table kept.
                 self.table().put(room, newer);
-                return self.read_cold(room, log_seq).await;
+                return Ok(self.read_cold(room, log_seq).await?.len());
             }
-            None => Room { as_of: log_seq - 1, members: self.read_cold(room, log_seq).await?.into_iter().collect(), undo: None, used: 0 },
+            None => Room { as_of: log_seq - 1, members: self.read_cold(room, log_seq).await?.into_iter().collect(), did: None, used: 0 },
         };
         if let Err(e) = if self.fed_in_order { Ok(()) } else { self.catch_up(room, &mut entry, log_seq).await } {
             self.table().put(room, entry);
             return Err(e);
         }
-        let members = entry.members.iter().cloned().collect();
-        entry.undo = Change::of(event).and_then(|change| change.apply(&mut entry.members));
+        let members = entry.members.len();
+        entry.did = Change::of(event).and_then(|change| change.apply(&mut entry.members));
         entry.as_of = log_seq;
         self.table().put(room, entry);
         Ok(members)
@@ -204,7 +200,7 @@ impl Membership {
         let prefix = subjects::member(&self.prefix, room, "");
         let mut from = entry.as_of + 1;
         // Taken in only once every change is read: a failure leaves the
-        // table exactly as it was (as of `as_of`, with its undo).
+        // table exactly as it was (as of `as_of`, with what it did).
         let mut found_events = Vec::new();
         while from < log_seq {
             match self.log.next_under(&prefix, from).await.map_err(unavailable)? {
@@ -221,7 +217,7 @@ impl Membership {
             }
         }
         entry.as_of = log_seq - 1;
-        entry.undo = None;
+        entry.did = None;
         Ok(())
     }
 
@@ -269,10 +265,10 @@ mod tests {
             seqs.push((log.append(&env, 0).await.unwrap().log_seq, env.event));
         }
         let m = Membership::new(log.clone(), "p".into(), false);
-        assert_eq!(m.as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), Vec::<String>::new());
-        assert_eq!(m.as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), ["amy"]);
-        assert_eq!(m.as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), ["amy"], "the retry: bob's join not yet in");
-        assert_eq!(m.as_of("r", seqs[1].0 + 1, &Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into(), ..Default::default() })).await.unwrap(), ["amy", "bob"]);
+        assert_eq!(m.size_as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), 0);
+        assert_eq!(m.size_as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), 1, "amy");
+        assert_eq!(m.size_as_of("r", seqs[1].0, &seqs[1].1).await.unwrap(), 1, "the retry: bob's join not yet in");
+        assert_eq!(m.size_as_of("r", seqs[1].0 + 1, &Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into(), ..Default::default() })).await.unwrap(), 2, "amy and bob");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -344,20 +340,20 @@ mod tests {
         }
         let flaky = Arc::new(Flaky(file, AtomicBool::new(true)));
         let m = Membership::new(flaky.clone(), "p".into(), false);
-        assert_eq!(m.as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), Vec::<String>::new());
+        assert_eq!(m.size_as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), 0);
         // The next event is past bob's and carol's joins: the catch-up reads
         // bob's, then fails.
         flaky.1.store(false, Ordering::SeqCst);
         let msg = Event::MemberLeft(natter_events::MemberLeft { room_id: "r".into(), user_id: "zed".into(), ..Default::default() });
-        assert!(m.as_of("r", seqs[2].0 + 1, &msg).await.is_err());
-        assert_eq!(m.as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), Vec::<String>::new(), "amy's join retried: still nobody before it");
+        assert!(m.size_as_of("r", seqs[2].0 + 1, &msg).await.is_err());
+        assert_eq!(m.size_as_of("r", seqs[0].0, &seqs[0].1).await.unwrap(), 0, "amy's join retried: still nobody before it");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn the_table_drops_the_rooms_used_least_recently_past_its_capacity() {
         let mut table = Table::default();
-        let room = |n: usize, tag: &str| Room { as_of: 1, members: (0..n).map(|i| format!("{tag}{i}")).collect(), undo: None, used: 0 };
+        let room = |n: usize, tag: &str| Room { as_of: 1, members: (0..n).map(|i| format!("{tag}{i}")).collect(), did: None, used: 0 };
         // Each room weighs its members plus one.
         table.put("old", room(CAPACITY / 2 - 1, "o"));
         table.put("mid", room(CAPACITY / 4 - 1, "m"));

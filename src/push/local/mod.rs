@@ -16,8 +16,8 @@
 //! when read: a room message costs one write whatever the room's size. The
 //! bus learns who was a member when from the users' own `member-joined` /
 //! `member-left` deliveries (the fan-out always stores those on the user's
-//! chain, in log order with the room's deliveries) and keeps them in
-//! `members`. A replay merges the user's chain with the runs of each room's
+//! chain, in log order with the room's deliveries) and records them
+//! ([`memberships`]). A replay merges the user's chain with the runs of each room's
 //! chain they were a member for; a live room delivery goes to the
 //! subscribed members, whose rooms the bus holds in memory.
 //!
@@ -30,11 +30,10 @@
 //! inbox-room-order (cursor, room)      → the same, for the rooms' deliveries
 //! inbox-shown  (message, user, cursor) → (): the deliveries showing a message's content
 //! inbox-room-shown (message, room, cursor) → (): the same, in the rooms' chains
-//! inbox-members (user, room, log seq)  → joined (true) or left (false)
-//! inbox-meta   "head" | "floor" | "count" | "members"
+//! inbox-meta   "head" | "floor" | "count" | "members" (recorded through)
+//! inbox-members, inbox-members-order   see [`memberships`]
 //! ```
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,19 +45,18 @@ use natter_events::{Event, subjects};
 use natter_projections::local::redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use natter_projections::local::{LocalStore, keep};
 use natter_projections::{ApplyError, StoreError};
-use tokio::sync::mpsc;
 
+use self::live::{Hand, Live};
 use super::router::own_change;
-use super::user_rooms::Timeline;
 use super::{Delivery, Payload, PushBus, Pushed, Replay, To};
 use crate::log::EventLog;
+
+mod live;
+mod memberships;
 
 /// Most deliveries kept for resume, whatever the retention (a room's
 /// delivery counts once).
 pub const MAX_RETAINED: u64 = 250_000;
-/// Live items a user's subscription may hold before new ones are dropped
-/// (the socket then fills the gap from the inbox, as with core NATS).
-const LIVE_BUFFER: usize = 4096;
 /// The fan-out's name in the store's record of how far each projection is kept.
 const KEPT_AS: &str = super::fanout::NAME;
 
@@ -68,83 +66,10 @@ const ORDER: TableDefinition<(u64, &str), i64> = TableDefinition::new("inbox-ord
 const ROOM_ORDER: TableDefinition<(u64, &str), i64> = TableDefinition::new("inbox-room-order");
 const SHOWN: TableDefinition<(&str, &str, u64), ()> = TableDefinition::new("inbox-shown");
 const ROOM_SHOWN: TableDefinition<(&str, &str, u64), ()> = TableDefinition::new("inbox-room-shown");
-const MEMBERS: TableDefinition<(&str, &str, u64), bool> = TableDefinition::new("inbox-members");
 const META: TableDefinition<&str, u64> = TableDefinition::new("inbox-meta");
 /// Each user's newest cursor, kept by builds before room chains (gone:
 /// a live delivery's previous cursor is now the subscription's own).
 const LAST_BEFORE_ROOMS: TableDefinition<&str, u64> = TableDefinition::new("inbox-last");
-
-/// One live subscription, with the cursor of the last delivery offered to
-/// it (taken or dropped): the next one names it as its previous, so a
-/// dropped one is a gap the socket fills from the inbox.
-struct Sub {
-    tx: mpsc::Sender<Arc<Pushed>>,
-    last: u64,
-}
-
-/// A user with live subscriptions, and their rooms over the log.
-#[derive(Default)]
-struct Listener {
-    subs: Vec<Sub>,
-    rooms: HashMap<String, Timeline>,
-}
-
-#[derive(Default)]
-struct Live {
-    users: HashMap<String, Listener>,
-    /// The listening users each room has a timeline for.
-    rooms: HashMap<String, HashSet<String>>,
-}
-
-impl Live {
-    /// Offers a delivery to every subscription of `user`; forgets closed
-    /// ones (and the user with the last).
-    fn offer(&mut self, user: &str, cursor: u64, payload: &Payload) {
-        let Some(listener) = self.users.get_mut(user) else { return };
-        listener.subs.retain_mut(|sub| {
-            let d = Delivery { cursor, previous: sub.last, payload: payload.clone(), check: None };
-            sub.last = cursor;
-            !matches!(sub.tx.try_send(Arc::new(Pushed::Delivery(d))), Err(mpsc::error::TrySendError::Closed(_)))
-        });
-        if listener.subs.is_empty() {
-            self.forget(user);
-        }
-    }
-
-    fn forget(&mut self, user: &str) {
-        let Some(listener) = self.users.remove(user) else { return };
-        for room in listener.rooms.keys() {
-            if let Some(users) = self.rooms.get_mut(room) {
-                users.remove(user);
-                if users.is_empty() {
-                    self.rooms.remove(room);
-                }
-            }
-        }
-    }
-
-    /// Takes in a listening user's join or leave.
-    fn record(&mut self, user: &str, room: &str, log_seq: u64, joined: bool) {
-        let Some(listener) = self.users.get_mut(user) else { return };
-        listener.rooms.entry(room.to_owned()).or_default().record(log_seq, joined);
-        self.rooms.entry(room.to_owned()).or_default().insert(user.to_owned());
-    }
-
-    /// Offers a room's delivery to the listening users who were members as
-    /// of its event (a user's own join or leave reaches them on their chain).
-    fn offer_room(&mut self, room: &str, cursor: u64, payload: &Payload) {
-        let Some(users) = self.rooms.get(room) else { return };
-        let members: Vec<String> = users
-            .iter()
-            .filter(|u| self.users.get(*u).and_then(|l| l.rooms.get(room)).is_some_and(|t| t.at(cursor) == Some(true)))
-            .filter(|u| own_change(payload, u).is_none())
-            .cloned()
-            .collect();
-        for user in members {
-            self.offer(&user, cursor, payload);
-        }
-    }
-}
 
 /// What a committed batch hands to the live subscriptions, in log order.
 enum Out {
@@ -157,7 +82,10 @@ enum Out {
 pub struct LocalPush {
     retention: Duration,
     store: Arc<LocalStore>,
-    live: Mutex<Live>,
+    live: Arc<Mutex<Live>>,
+    /// Held from a batch's commit through its hand-out, so deliveries
+    /// reach the subscriptions in cursor order.
+    writing: Mutex<()>,
 }
 
 fn failed(e: impl std::fmt::Display) -> ApplyError {
@@ -189,20 +117,6 @@ type Chain<'tx> = (
     natter_projections::local::redb::Table<'tx, (&'static str, &'static str, u64), ()>,
 );
 
-/// `user`'s rooms over the log, as the store has them.
-fn rooms_of(tx: &ReadTransaction, user: &str) -> Result<HashMap<String, Timeline>, StoreError> {
-    let mut rooms: HashMap<String, Timeline> = HashMap::new();
-    for entry in tx.open_table(MEMBERS)?.range((user, "", 0)..)? {
-        let (k, v) = entry?;
-        let (u, room, log_seq) = k.value();
-        if u != user {
-            break;
-        }
-        rooms.entry(room.to_owned()).or_default().record(log_seq, v.value());
-    }
-    Ok(rooms)
-}
-
 impl LocalPush {
     /// The inbox in `store` (its tables created if new).
     pub fn new(store: Arc<LocalStore>, retention: Duration) -> Result<LocalPush, ApplyError> {
@@ -213,16 +127,12 @@ impl LocalPush {
             tx.open_table(ROOM_ORDER)?;
             tx.open_table(SHOWN)?;
             tx.open_table(ROOM_SHOWN)?;
-            tx.open_table(MEMBERS)?;
+            memberships::open(tx)?;
             tx.open_table(META)?;
             tx.delete_table(LAST_BEFORE_ROOMS).map_err(failed)?;
-            if meta(tx, "head")? == 0 {
-                // Nothing fanned out yet: the fan-out records every change.
-                set_meta(tx, "members", 1)?;
-            }
             Ok(())
         })?;
-        Ok(LocalPush { retention, store, live: Mutex::default() })
+        Ok(LocalPush { retention, store, live: Arc::default(), writing: Mutex::default() })
     }
 
     /// An inbox in memory (tests).
@@ -231,20 +141,20 @@ impl LocalPush {
         LocalPush::new(LocalStore::in_memory(), retention).expect("an in-memory inbox")
     }
 
-    /// An inbox kept by a build before room chains fanned out membership
-    /// changes it did not record: reads them from the log's member
-    /// subjects, once (later ones come with the fan-out's deliveries).
+    /// Records the joins and leaves of events a build before room chains
+    /// fanned out (it kept no memberships): read from the log's member
+    /// subjects, once (the fan-out records those of later events).
     pub async fn record_earlier_members(&self, log: &dyn EventLog, prefix: &str) -> anyhow::Result<()> {
-        let (recorded, head) = self.store.read(|tx| {
+        let (through, head) = self.store.read(|tx| {
             let meta = tx.open_table(META)?;
             Ok((meta.get("members")?.map_or(0, |v| v.value()), meta.get("head")?.map_or(0, |v| v.value())))
         })?;
-        if recorded == 1 {
+        if through >= head {
             return Ok(());
         }
         let mut changes = Vec::new();
         for subject in log.subjects_matching(&subjects::member(prefix, "*", "*")).await? {
-            for logged in log.history(&subject, head + 1).await? {
+            for logged in log.history(&subject, head + 1).await?.into_iter().filter(|l| l.log_seq > through) {
                 match &logged.envelope.event {
                     Event::MemberJoined(e) => changes.push((e.user_id.clone(), e.room_id.clone(), logged.log_seq, true)),
                     Event::MemberLeft(e) => changes.push((e.user_id.clone(), e.room_id.clone(), logged.log_seq, false)),
@@ -254,14 +164,13 @@ impl LocalPush {
         }
         let found = changes.len();
         self.store.write(|tx| {
-            let mut members = tx.open_table(MEMBERS)?;
             for (user, room, log_seq, joined) in &changes {
-                members.insert((user.as_str(), room.as_str(), *log_seq), joined)?;
+                memberships::record(tx, user, room, *log_seq, *joined)?;
             }
-            drop(members);
-            set_meta(tx, "members", 1)
+            memberships::compact(tx, meta(tx, "floor")?)?;
+            set_meta(tx, "members", head)
         })?;
-        tracing::info!(changes = found, through = head, "recorded the room memberships the inbox was fanned out with");
+        tracing::info!(changes = found, after = through, through = head, "recorded the room memberships of events fanned out by an earlier build");
         Ok(())
     }
 
@@ -293,6 +202,7 @@ impl LocalPush {
             floor = floor.max(cursor);
         }
         drop(chains);
+        memberships::compact(tx, floor)?;
         set_meta(tx, "count", count)?;
         set_meta(tx, "floor", floor)
     }
@@ -334,17 +244,16 @@ impl LocalPush {
             return Ok(()); // already fanned out
         }
         set_meta(tx, "head", log_seq)?;
+        set_meta(tx, "members", log_seq)?;
         keep(tx, KEPT_AS, log_seq, event_id)?;
-        let mut members = tx.open_table(MEMBERS)?;
         for (to, payload) in &deliveries {
             if let To::User(user) = to {
                 if let Some((room, joined)) = own_change(payload, user) {
-                    members.insert((user.as_str(), room, log_seq), joined)?;
+                    memberships::record(tx, user, room, log_seq, joined)?;
                     out.push(Out::Change { user: user.clone(), room: room.to_owned(), log_seq, joined });
                 }
             }
         }
-        drop(members);
         if at_ms < Utc::now().timestamp_millis() - self.retention.as_millis() as i64 {
             return set_meta(tx, "floor", log_seq);
         }
@@ -382,6 +291,7 @@ impl LocalPush {
     /// hands them to the live subscriptions.
     fn store_all(&self, events: Vec<((u64, i64, &str), Vec<(To, Payload)>)>) -> Result<(), ApplyError> {
         let (mut out, mut floor) = (Vec::new(), 0);
+        let _writing = self.writing.lock().expect("inbox writing lock");
         self.store.write(|tx| {
             for (event, deliveries) in events {
                 self.store(tx, event, deliveries, &mut out)?;
@@ -392,12 +302,13 @@ impl LocalPush {
         })?;
         let mut live = self.live.lock().expect("live subscriptions lock");
         for item in out {
+            // One the prune just dropped is not sent (its cursor would
+            // resync) but still counts as offered: a gap for the socket.
+            let hand = |cursor| if cursor > floor { Hand::Send } else { Hand::Skip };
             match item {
                 Out::Change { user, room, log_seq, joined } => live.record(&user, &room, log_seq, joined),
-                // Not one the prune just dropped (its cursor would resync).
-                Out::User(_, cursor, _) | Out::Room(_, cursor, _) if cursor <= floor => {}
-                Out::User(user, cursor, payload) => live.offer(&user, cursor, &payload),
-                Out::Room(room, cursor, payload) => live.offer_room(&room, cursor, &payload),
+                Out::User(user, cursor, payload) => live.offer(&user, cursor, &payload, hand(cursor)),
+                Out::Room(room, cursor, payload) => live.offer_room(&room, cursor, &payload, hand(cursor)),
             }
         }
         Ok(())
@@ -419,44 +330,52 @@ impl LocalPush {
 
 /// The first `limit` deliveries of `user` after `cursor`: their own chain
 /// and the runs of their rooms' chains they were a member for, merged in
-/// cursor order.
+/// cursor order. Cursors are gathered first (each room read only up to the
+/// `limit`-th found so far), then the page's payloads read.
 fn page_of(tx: &ReadTransaction, user: &str, cursor: u64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
-    let unreadable = |e: serde_json::Error| StoreError::Unavailable(format!("inbox: an unreadable delivery ({e})"));
-    let mut found: Vec<(u64, Vec<u8>)> = Vec::new();
-    for entry in tx.open_table(INBOX)?.range((user, cursor + 1)..)?.take(limit) {
-        let (k, v) = entry?;
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    // (cursor, the room whose chain it is on; None: the user's own)
+    let mut found: Vec<(u64, Option<String>)> = Vec::new();
+    let inbox = tx.open_table(INBOX)?;
+    for entry in inbox.range((user, cursor + 1)..)?.take(limit) {
+        let (k, _) = entry?;
         if k.value().0 != user {
             break;
         }
-        found.push((k.value().1, v.value().to_vec()));
+        found.push((k.value().1, None));
     }
+    let bound = |found: &[(u64, Option<String>)]| if found.len() < limit { u64::MAX } else { found[limit - 1].0 };
     let room_inbox = tx.open_table(ROOM_INBOX)?;
-    for (room, timeline) in rooms_of(tx, user)? {
-        let mut taken = 0;
+    for (room, timeline) in memberships::rooms_of(tx, user)? {
         for (first, last) in timeline.member_runs(cursor) {
-            for entry in room_inbox.range((room.as_str(), first)..=(room.as_str(), last))?.take(limit - taken) {
-                let (k, v) = entry?;
-                found.push((k.value().1, v.value().to_vec()));
-                taken += 1;
-            }
-            if taken == limit {
+            let last = last.min(bound(&found));
+            if first > last {
                 break;
             }
+            for entry in room_inbox.range((room.as_str(), first)..=(room.as_str(), last))?.take(limit) {
+                found.push((entry?.0.value().1, Some(room.clone())));
+            }
         }
+        found.sort(); // the user's own first on a (never expected) tie
+        found.dedup_by_key(|(c, _)| *c);
+        found.truncate(limit);
     }
-    found.sort_unstable_by_key(|(c, _)| *c);
-    found.dedup_by_key(|(c, _)| *c);
-    found.truncate(limit);
+    let unreadable = |e: serde_json::Error| StoreError::Unavailable(format!("inbox: an unreadable delivery ({e})"));
     let mut previous = cursor;
-    found
-        .into_iter()
-        .map(|(c, bytes)| {
-            let payload = serde_json::from_slice(&bytes).map_err(unreadable)?;
-            let d = Delivery { cursor: c, previous, payload, check: None };
-            previous = c;
-            Ok(d)
-        })
-        .collect()
+    let mut page = Vec::with_capacity(found.len());
+    for (c, room) in found {
+        let bytes = match &room {
+            None => inbox.get((user, c))?,
+            Some(room) => room_inbox.get((room.as_str(), c))?,
+        };
+        let Some(bytes) = bytes else { continue };
+        let payload = serde_json::from_slice(bytes.value()).map_err(unreadable)?;
+        page.push(Delivery { cursor: c, previous, payload, check: None });
+        previous = c;
+    }
+    Ok(page)
 }
 
 #[async_trait]
@@ -497,33 +416,15 @@ impl PushBus for LocalPush {
     }
 
     async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Arc<Pushed>>> {
-        let (tx, mut rx) = mpsc::channel(LIVE_BUFFER);
         // Under the lock: a batch committed after this read hands its joins
-        // and leaves to the listener below, one committed before is in it.
+        // and leaves to the listener, one committed before is in the read.
         let mut live = self.live.lock().expect("live subscriptions lock");
-        if !live.users.contains_key(user) {
-            let rooms = self.store.read(|tx| rooms_of(tx, user))?;
-            for room in rooms.keys() {
-                live.rooms.entry(room.clone()).or_default().insert(user.to_owned());
-            }
-            live.users.insert(user.to_owned(), Listener { subs: Vec::new(), rooms });
-        }
-        let listener = live.users.get_mut(user).expect("just inserted");
-        // Forget subscriptions already dropped, so a client reconnecting in
-        // a loop to a quiet user cannot pile them up.
-        listener.subs.retain(|sub| !sub.tx.is_closed());
-        listener.subs.push(Sub { tx, last: 0 });
-        Ok(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed())
+        let rooms = if live.listening(user) { None } else { Some(self.store.read(|tx| memberships::rooms_of(tx, user))?) };
+        Ok(Live::subscribe(&self.live, &mut live, user, rooms).boxed())
     }
 
     async fn signal(&self, to: &str, payload: &Payload) -> anyhow::Result<()> {
-        let mut live = self.live.lock().expect("live subscriptions lock");
-        let Some(listener) = live.users.get_mut(to) else { return Ok(()) };
-        let pushed = Arc::new(Pushed::Signal(payload.clone()));
-        listener.subs.retain(|sub| !matches!(sub.tx.try_send(pushed.clone()), Err(mpsc::error::TrySendError::Closed(_))));
-        if listener.subs.is_empty() {
-            live.forget(to);
-        }
+        self.live.lock().expect("live subscriptions lock").signal(to, payload);
         Ok(())
     }
 }
@@ -665,7 +566,7 @@ mod tests {
         // Fill the subscription: the next delivery is dropped, and the one
         // after it (once there is room) names it.
         let mut cursor = 3;
-        while bus.live.lock().unwrap().users["bob"].subs[0].tx.capacity() > 0 {
+        while bus.live.lock().unwrap().capacity_of("bob") > 0 {
             bus.deliver_at(cursor, now, "e", vec![(u("bob"), p(cursor))]).unwrap();
             cursor += 1;
         }
@@ -678,6 +579,83 @@ mod tests {
         bus.deliver_at(dropped + 1, now, "e", vec![(r(), room(dropped + 1))]).unwrap();
         let Some(Pushed::Delivery(d)) = bob.next().await.as_deref().cloned() else { panic!("no live delivery") };
         assert_eq!((d.cursor, d.previous), (dropped + 1, dropped), "the dropped delivery is a gap");
+    }
+
+    /// A page merges several rooms' chains with the user's own, in cursor
+    /// order, and stops at its limit across all of them.
+    #[tokio::test]
+    async fn a_page_merges_several_rooms_in_cursor_order() {
+        let bus = LocalPush::in_memory(Duration::from_secs(3600));
+        let now = Utc::now().timestamp_millis();
+        let joined = |room: &str| Payload { event: "member-joined".into(), data: json!({ "roomId": room, "userId": "amy" }) };
+        bus.deliver_at(1, now, "e", vec![(u("amy"), joined("a"))]).unwrap();
+        bus.deliver_at(2, now, "e", vec![(u("amy"), joined("b"))]).unwrap();
+        for n in 3..=12 {
+            let to = match n % 3 {
+                0 => To::Room("a".into()),
+                1 => To::Room("b".into()),
+                _ => u("amy"),
+            };
+            bus.deliver_at(n, now, "e", vec![(to, p(n))]).unwrap();
+        }
+        let all: Vec<(u64, u64)> = (1..=12).map(|c| (c, c - 1)).collect();
+        assert_eq!(cursors(bus.replay("amy", 0, 100).await.unwrap()), all);
+        assert_eq!(cursors(bus.replay("amy", 0, 4).await.unwrap()), all[..4]);
+        assert_eq!(cursors(bus.replay("amy", 5, 3).await.unwrap()), all[5..8]);
+        let Replay::Page(page) = bus.replay("amy", 8, 2).await.unwrap() else { panic!("a page") };
+        assert_eq!(page.iter().map(|d| d.payload.data["n"].as_u64().unwrap()).collect::<Vec<_>>(), [9, 10], "each from its own chain");
+    }
+
+    /// A message deleted for everyone leaves a room's chain too.
+    #[tokio::test]
+    async fn a_deleted_room_message_leaves_the_rooms_chain() {
+        let bus = LocalPush::in_memory(Duration::from_secs(3600));
+        let now = Utc::now().timestamp_millis();
+        let r = || To::Room("r".into());
+        bus.deliver_at(1, now, "e1", vec![(r(), change("member-joined", "bob")), (u("bob"), change("member-joined", "bob"))]).unwrap();
+        let sent = Payload { event: "message".into(), data: json!({ "_id": "m1", "message": "a secret", "seq": 1 }) };
+        bus.deliver_at(2, now, "e2", vec![(r(), sent)]).unwrap();
+        let deleted = Payload { event: "messageDeleted".into(), data: json!({ "_id": "m1", "seq": 1, "deleted": true }) };
+        bus.deliver_at(3, now, "e3", vec![(r(), deleted)]).unwrap();
+        let Replay::Page(page) = bus.replay("bob", 1, 10).await.unwrap() else { panic!("a page") };
+        assert_eq!(page[0].payload.data, json!({ "_id": "m1", "seq": 1, "deleted": true }));
+        assert!(!serde_json::to_string(&page.iter().map(|d| &d.payload.data).collect::<Vec<_>>()).unwrap().contains("a secret"));
+    }
+
+    /// The room's chain is pruned with the users' (oldest first, a room's
+    /// delivery counted once); what is pruned makes older cursors resync.
+    #[tokio::test]
+    async fn a_rooms_chain_is_pruned_with_the_users() {
+        let bus = LocalPush::in_memory(Duration::from_secs(3600));
+        let now = Utc::now().timestamp_millis();
+        let r = || To::Room("r".into());
+        bus.deliver_at(1, now, "e1", vec![(r(), change("member-joined", "bob")), (u("bob"), change("member-joined", "bob"))]).unwrap();
+        bus.deliver_at(2, now, "e2", vec![(r(), room(2))]).unwrap();
+        bus.deliver_at(3, now, "e3", vec![(r(), room(3))]).unwrap();
+        // As if the inbox held MAX_RETAINED − 2 deliveries besides these
+        // four: the next one makes the three oldest go.
+        bus.store.write(|tx| set_meta(tx, "count", MAX_RETAINED + 2)).unwrap();
+        bus.deliver_at(4, now, "e4", vec![(r(), room(4))]).unwrap();
+        assert!(matches!(bus.replay("bob", 1, 10).await.unwrap(), Replay::TooOld { head: 4 }));
+        assert_eq!(cursors(bus.replay("bob", 2, 10).await.unwrap()), [(3, 2), (4, 3)]);
+        let kept = bus.store.read(|tx| Ok(tx.open_table(ROOM_INBOX)?.iter()?.map(|e| e.unwrap().0.value().1).collect::<Vec<_>>())).unwrap();
+        assert_eq!(kept, [3, 4]);
+        let count = bus.store.read(|tx| Ok(tx.open_table(META)?.get("count")?.map_or(0, |v| v.value()))).unwrap();
+        assert_eq!(count, MAX_RETAINED);
+    }
+
+    /// A dropped stream leaves: the user and their rooms are no longer held.
+    #[tokio::test]
+    async fn a_dropped_subscription_is_forgotten_with_its_rooms() {
+        let bus = LocalPush::in_memory(Duration::from_secs(3600));
+        let now = Utc::now().timestamp_millis();
+        bus.deliver_at(1, now, "e1", vec![(To::Room("r".into()), change("member-joined", "bob")), (u("bob"), change("member-joined", "bob"))]).unwrap();
+        let (first, second) = (bus.subscribe("bob").await.unwrap(), bus.subscribe("bob").await.unwrap());
+        assert_eq!(bus.live.lock().unwrap().held(), (1, 1));
+        drop(first);
+        assert_eq!(bus.live.lock().unwrap().held(), (1, 1), "one subscription left");
+        drop(second);
+        assert_eq!(bus.live.lock().unwrap().held(), (0, 0));
     }
 
     /// An inbox fanned out before room chains learns the memberships it
@@ -693,7 +671,7 @@ mod tests {
         let log = FileLog::open(&dir, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
         let joined = |u: &str| Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: u.into(), seen_up_to: 0, ..Default::default() });
         let script = [("amy", 1, joined("amy")), ("bob", 1, joined("bob")), ("amy", 2, Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "amy".into(), ..Default::default() }))];
-        let mut last = HashMap::new();
+        let mut last = std::collections::HashMap::new();
         for (user, position, event) in script {
             let env = Envelope::new(format!("{user}:{position}"), subjects::member("p", "r", user), position, event);
             last.insert(user, log.append(&env, last.get(user).copied().unwrap_or(0)).await.unwrap().log_seq);
@@ -701,8 +679,7 @@ mod tests {
         let bus = LocalPush::in_memory(Duration::from_secs(3600));
         // What an earlier build left: the events fanned out, no memberships.
         bus.store.write(|tx| {
-            set_meta(tx, "head", 3)?;
-            set_meta(tx, "members", 0)
+            set_meta(tx, "head", 3)
         }).unwrap();
         bus.record_earlier_members(&log, "p").await.unwrap();
         bus.deliver_at(4, Utc::now().timestamp_millis(), "e4", vec![(To::Room("r".into()), room(4))]).unwrap();
