@@ -3,9 +3,10 @@
 //! (`NATTER_ROOM_ANNOUNCE_MAX`).
 //!
 //! Membership as of an event: neither the views (which may lag behind a
-//! join or a leave) nor a change made after it count. The fan-out keeps a table per room of the members as of the
-//! last event it handled there (`as_of`, a log sequence), so a room event
-//! costs what the room's membership changed since, not what it ever was:
+//! join or a leave) nor a change made after it count. The fan-out keeps a
+//! table per room of the members as of the last event it handled there
+//! (`as_of`, a log sequence), so a join or a leave costs what the room's
+//! membership changed since, not what it ever was:
 //!
 //! - **Fed in order** (embedded: the projector hands over every event of
 //!   the log, in order, from the first or from where the inbox is kept):
@@ -13,9 +14,9 @@
 //!   since the start is built cold once (below).
 //! - **Distributed**: any node may handle a room's next event (one node at a
 //!   time works the room's partition, but its pin may have been another
-//!   node's for the previous events), so before using its table a node asks the log for
-//!   the room's membership events after `as_of` and before the event: one
-//!   read when nothing changed, one more per change.
+//!   node's for the previous events), so before using its table a node
+//!   asks the log for the room's membership events after `as_of` and
+//!   before the event: one read when nothing changed, one more per change.
 //! - **Cold** (a room first seen since start, or evicted): built from the
 //!   log alone, reading each member subject the room has had as of the
 //!   event. That costs a read per member it ever had, once per node.

@@ -82,11 +82,27 @@ impl Live {
         }
     }
 
-    /// Takes in a listening user's join or leave.
+    /// Takes in a listening user's join or leave. Deliveries are handed
+    /// out in cursor order, so after a leave nothing earlier of the room
+    /// comes: the room is forgotten for the user until they join again.
     pub fn record(&mut self, user: &str, room: &str, log_seq: u64, joined: bool) {
         let Some(listener) = self.users.get_mut(user) else { return };
-        listener.rooms.entry(room.to_owned()).or_default().record(log_seq, joined);
-        self.rooms.entry(room.to_owned()).or_default().insert(user.to_owned());
+        if joined {
+            listener.rooms.entry(room.to_owned()).or_default().record(log_seq, joined);
+            self.rooms.entry(room.to_owned()).or_default().insert(user.to_owned());
+        } else {
+            listener.rooms.remove(room);
+            self.leave_room(room, user);
+        }
+    }
+
+    fn leave_room(&mut self, room: &str, user: &str) {
+        if let Some(users) = self.rooms.get_mut(room) {
+            users.remove(user);
+            if users.is_empty() {
+                self.rooms.remove(room);
+            }
+        }
     }
 
     /// Relays an ephemeral signal to `user`'s subscriptions.
@@ -106,7 +122,10 @@ impl Live {
     /// Adds a subscription of `user`, whose rooms are `rooms` if they were
     /// not listening yet (read by the caller under the same lock).
     pub fn subscribe(live: &Arc<Mutex<Live>>, this: &mut Live, user: &str, rooms: Option<HashMap<String, Timeline>>) -> LiveStream {
-        if let Some(rooms) = rooms {
+        if let Some(mut rooms) = rooms {
+            // Rooms left: what came before the leave was committed before
+            // this read, so the socket's catch-up finds it.
+            rooms.retain(|_, t| t.now());
             for room in rooms.keys() {
                 this.rooms.entry(room.clone()).or_default().insert(user.to_owned());
             }
@@ -127,12 +146,7 @@ impl Live {
         }
         let listener = self.users.remove(user).expect("a listener");
         for room in listener.rooms.keys() {
-            if let Some(users) = self.rooms.get_mut(room) {
-                users.remove(user);
-                if users.is_empty() {
-                    self.rooms.remove(room);
-                }
-            }
+            self.leave_room(room, user);
         }
     }
 
@@ -166,7 +180,7 @@ impl Stream for LiveStream {
 impl Drop for LiveStream {
     fn drop(&mut self) {
         if let Some(live) = self.live.upgrade() {
-            live.lock().expect("live subscriptions lock").unsubscribe(&self.user, self.id);
+            live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unsubscribe(&self.user, self.id);
         }
     }
 }

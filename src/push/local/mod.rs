@@ -291,7 +291,10 @@ impl LocalPush {
     /// hands them to the live subscriptions.
     fn store_all(&self, events: Vec<((u64, i64, &str), Vec<(To, Payload)>)>) -> Result<(), ApplyError> {
         let (mut out, mut floor) = (Vec::new(), 0);
-        let _writing = self.writing.lock().expect("inbox writing lock");
+        // One writer (the fan-out), so never waited for in practice; a
+        // panic while it was held leaves nothing half done (the
+        // transaction did not commit, or its hand-out is best-effort).
+        let _writing = self.writing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.store.write(|tx| {
             for (event, deliveries) in events {
                 self.store(tx, event, deliveries, &mut out)?;
@@ -300,7 +303,7 @@ impl LocalPush {
             floor = meta(tx, "floor")?;
             Ok(())
         })?;
-        let mut live = self.live.lock().expect("live subscriptions lock");
+        let mut live = self.live();
         for item in out {
             // One the prune just dropped is not sent (its cursor would
             // resync) but still counts as offered: a gap for the socket.
@@ -312,6 +315,10 @@ impl LocalPush {
             }
         }
         Ok(())
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Stores the deliveries of the event `event_id` at `log_seq`, which
@@ -350,17 +357,22 @@ fn page_of(tx: &ReadTransaction, user: &str, cursor: u64, limit: usize) -> Resul
     let room_inbox = tx.open_table(ROOM_INBOX)?;
     for (room, timeline) in memberships::rooms_of(tx, user)? {
         for (first, last) in timeline.member_runs(cursor) {
+            // `found` is sorted and at most `limit` long here: nothing past
+            // its last entry can make the page once it is full.
             let last = last.min(bound(&found));
             if first > last {
                 break;
             }
+            let before = found.len();
             for entry in room_inbox.range((room.as_str(), first)..=(room.as_str(), last))?.take(limit) {
                 found.push((entry?.0.value().1, Some(room.clone())));
             }
+            if found.len() > before {
+                found.sort(); // the user's own first on a (never expected) tie
+                found.dedup_by_key(|(c, _)| *c);
+                found.truncate(limit);
+            }
         }
-        found.sort(); // the user's own first on a (never expected) tie
-        found.dedup_by_key(|(c, _)| *c);
-        found.truncate(limit);
     }
     let unreadable = |e: serde_json::Error| StoreError::Unavailable(format!("inbox: an unreadable delivery ({e})"));
     let mut previous = cursor;
@@ -418,13 +430,13 @@ impl PushBus for LocalPush {
     async fn subscribe(&self, user: &str) -> anyhow::Result<BoxStream<'static, Arc<Pushed>>> {
         // Under the lock: a batch committed after this read hands its joins
         // and leaves to the listener, one committed before is in the read.
-        let mut live = self.live.lock().expect("live subscriptions lock");
+        let mut live = self.live();
         let rooms = if live.listening(user) { None } else { Some(self.store.read(|tx| memberships::rooms_of(tx, user))?) };
         Ok(Live::subscribe(&self.live, &mut live, user, rooms).boxed())
     }
 
     async fn signal(&self, to: &str, payload: &Payload) -> anyhow::Result<()> {
-        self.live.lock().expect("live subscriptions lock").signal(to, payload);
+        self.live().signal(to, payload);
         Ok(())
     }
 }
@@ -606,6 +618,53 @@ mod tests {
         assert_eq!(page.iter().map(|d| d.payload.data["n"].as_u64().unwrap()).collect::<Vec<_>>(), [9, 10], "each from its own chain");
     }
 
+    /// A user who left a room and joined it again gets both stretches, in
+    /// order with their own deliveries, however the pages fall.
+    #[tokio::test]
+    async fn pages_across_a_leave_and_a_rejoin_miss_nothing() {
+        let bus = LocalPush::in_memory(Duration::from_secs(3600));
+        let now = Utc::now().timestamp_millis();
+        let r = || To::Room("r".into());
+        let own = |event: &str| vec![(u("amy"), change(event, "amy"))];
+        bus.deliver_at(1, now, "e", own("member-joined")).unwrap();
+        bus.deliver_at(2, now, "e", vec![(r(), room(2))]).unwrap();
+        bus.deliver_at(3, now, "e", vec![(r(), room(3))]).unwrap();
+        bus.deliver_at(4, now, "e", own("member-left")).unwrap();
+        bus.deliver_at(5, now, "e", own("member-joined")).unwrap();
+        bus.deliver_at(6, now, "e", vec![(r(), room(6))]).unwrap();
+        bus.deliver_at(7, now, "e", vec![(r(), room(7))]).unwrap();
+        bus.deliver_at(8, now, "e", vec![(u("amy"), p(8))]).unwrap();
+        assert_eq!(cursors(bus.replay("amy", 2, 4).await.unwrap()), [(3, 2), (4, 3), (5, 4), (6, 5)]);
+        for limit in 1..=8 {
+            let (mut cursor, mut all) = (0, Vec::new());
+            loop {
+                let Replay::Page(page) = bus.replay("amy", cursor, limit).await.unwrap() else { panic!("a page") };
+                let Some(last) = page.last() else { break };
+                cursor = last.cursor;
+                all.extend(page.iter().map(|d| d.cursor));
+            }
+            assert_eq!(all, [1, 2, 3, 4, 5, 6, 7, 8], "pages of {limit}");
+        }
+    }
+
+    /// A delivery the prune drops as it is stored is not sent live, but
+    /// the next one names it: the socket sees the gap (and resyncs).
+    #[tokio::test]
+    async fn a_delivery_pruned_as_it_is_stored_is_a_gap_live() {
+        let bus = LocalPush::in_memory(Duration::from_secs(3600));
+        let now = Utc::now().timestamp_millis();
+        let mut bob = bus.subscribe("bob").await.unwrap();
+        bus.deliver_at(1, now, "e1", vec![(u("bob"), p(1))]).unwrap();
+        // As if the inbox were full: the batch below makes 1 and 2 go.
+        bus.store.write(|tx| set_meta(tx, "count", MAX_RETAINED)).unwrap();
+        bus.store_all(vec![((2, now, "e2"), vec![(u("bob"), p(2))]), ((3, now, "e3"), vec![(u("bob"), p(3))])]).unwrap();
+        for want in [(1, 0), (3, 2)] {
+            let Some(Pushed::Delivery(d)) = bob.next().await.as_deref().cloned() else { panic!("no live delivery") };
+            assert_eq!((d.cursor, d.previous), want);
+        }
+        assert!(matches!(bus.replay("bob", 1, 10).await.unwrap(), Replay::TooOld { head: 3 }));
+    }
+
     /// A message deleted for everyone leaves a room's chain too.
     #[tokio::test]
     async fn a_deleted_room_message_leaves_the_rooms_chain() {
@@ -642,6 +701,43 @@ mod tests {
         assert_eq!(kept, [3, 4]);
         let count = bus.store.read(|tx| Ok(tx.open_table(META)?.get("count")?.map_or(0, |v| v.value()))).unwrap();
         assert_eq!(count, MAX_RETAINED);
+    }
+
+    /// An inbox whose memberships are recorded through its head is not
+    /// read from the log again (the log's changes are the fan-out's to
+    /// record), and one recorded part of the way is read for the rest only.
+    #[tokio::test]
+    async fn memberships_are_read_from_the_log_only_past_where_they_are_recorded() {
+        use natter_events::{Envelope, MemberJoined, MemberLeft};
+
+        use crate::config::SyncPolicy;
+        use crate::log::file::FileLog;
+
+        let dir = std::env::temp_dir().join(format!("natter-inbox-through-{}", uuid::Uuid::new_v4().simple()));
+        let log = FileLog::open(&dir, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        let joined = Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: "amy".into(), seen_up_to: 0, ..Default::default() });
+        let left = Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "amy".into(), ..Default::default() });
+        let (a, b) = (Envelope::new("a:1".into(), subjects::member("p", "r", "amy"), 1, joined), Envelope::new("a:2".into(), subjects::member("p", "r", "amy"), 2, left));
+        log.append(&a, 0).await.unwrap();
+        log.append(&b, 1).await.unwrap();
+        let now = Utc::now().timestamp_millis();
+        let r = || To::Room("r".into());
+        // Recorded through 2 by the fan-out (which saw the leave as nothing
+        // of amy's: a made-up inbox, to tell a read of the log apart).
+        let recorded = LocalPush::in_memory(Duration::from_secs(3600));
+        recorded.deliver_at(1, now, "e1", vec![(u("amy"), change("member-joined", "amy"))]).unwrap();
+        recorded.deliver_at(2, now, "e2", vec![]).unwrap();
+        recorded.record_earlier_members(&log, "p").await.unwrap();
+        recorded.deliver_at(3, now, "e3", vec![(r(), room(3))]).unwrap();
+        assert_eq!(cursors(recorded.replay("amy", 2, 10).await.unwrap()), [(3, 2)], "the log was not read");
+        // Recorded through 1 only: the leave at 2 is read from the log.
+        let partly = LocalPush::in_memory(Duration::from_secs(3600));
+        partly.deliver_at(1, now, "e1", vec![(u("amy"), change("member-joined", "amy"))]).unwrap();
+        partly.store.write(|tx| set_meta(tx, "head", 2)).unwrap();
+        partly.record_earlier_members(&log, "p").await.unwrap();
+        partly.deliver_at(3, now, "e3", vec![(r(), room(3))]).unwrap();
+        assert_eq!(cursors(partly.replay("amy", 2, 10).await.unwrap()), [], "amy left at 2");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A dropped stream leaves: the user and their rooms are no longer held.
