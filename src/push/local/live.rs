@@ -124,7 +124,8 @@ impl Live {
     pub fn subscribe(live: &Arc<Mutex<Live>>, this: &mut Live, user: &str, rooms: Option<HashMap<String, Timeline>>) -> LiveStream {
         if let Some(mut rooms) = rooms {
             // Rooms left: what came before the leave was committed before
-            // this read, so the socket's catch-up finds it.
+            // this read, so the socket's catch-up from the inbox, which
+            // comes after `subscribe` returns (`PushHub::join`), finds it.
             rooms.retain(|_, t| t.now());
             for room in rooms.keys() {
                 this.rooms.entry(room.clone()).or_default().insert(user.to_owned());

@@ -291,9 +291,9 @@ impl LocalPush {
     /// hands them to the live subscriptions.
     fn store_all(&self, events: Vec<((u64, i64, &str), Vec<(To, Payload)>)>) -> Result<(), ApplyError> {
         let (mut out, mut floor) = (Vec::new(), 0);
-        // One writer (the fan-out), so never waited for in practice; a
-        // panic while it was held leaves nothing half done (the
-        // transaction did not commit, or its hand-out is best-effort).
+        // One writer (the fan-out), so never waited for in practice. Nothing
+        // in the commit or the hand-out panics (a failed write is an error,
+        // the hand-out only updates maps and tries sends).
         let _writing = self.writing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.store.write(|tx| {
             for (event, deliveries) in events {
@@ -708,36 +708,68 @@ mod tests {
     /// record), and one recorded part of the way is read for the rest only.
     #[tokio::test]
     async fn memberships_are_read_from_the_log_only_past_where_they_are_recorded() {
-        use natter_events::{Envelope, MemberJoined, MemberLeft};
+        use natter_events::{Envelope, MemberJoined};
 
         use crate::config::SyncPolicy;
         use crate::log::file::FileLog;
 
         let dir = std::env::temp_dir().join(format!("natter-inbox-through-{}", uuid::Uuid::new_v4().simple()));
         let log = FileLog::open(&dir, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
-        let joined = Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: "amy".into(), seen_up_to: 0, ..Default::default() });
-        let left = Event::MemberLeft(MemberLeft { room_id: "r".into(), user_id: "amy".into(), ..Default::default() });
-        let (a, b) = (Envelope::new("a:1".into(), subjects::member("p", "r", "amy"), 1, joined), Envelope::new("a:2".into(), subjects::member("p", "r", "amy"), 2, left));
-        log.append(&a, 0).await.unwrap();
-        log.append(&b, 1).await.unwrap();
+        for user in ["amy", "bob"] {
+            let joined = Event::MemberJoined(MemberJoined { room_id: "r".into(), user_id: user.into(), seen_up_to: 0, ..Default::default() });
+            log.append(&Envelope::new(format!("{user}:1"), subjects::member("p", "r", user), 1, joined), 0).await.unwrap();
+        }
         let now = Utc::now().timestamp_millis();
         let r = || To::Room("r".into());
-        // Recorded through 2 by the fan-out (which saw the leave as nothing
-        // of amy's: a made-up inbox, to tell a read of the log apart).
+        // Made-up inboxes that recorded neither join, to tell a read of the
+        // log apart. Recorded through 2 (the head): the log is not read.
         let recorded = LocalPush::in_memory(Duration::from_secs(3600));
-        recorded.deliver_at(1, now, "e1", vec![(u("amy"), change("member-joined", "amy"))]).unwrap();
+        recorded.deliver_at(1, now, "e1", vec![]).unwrap();
         recorded.deliver_at(2, now, "e2", vec![]).unwrap();
         recorded.record_earlier_members(&log, "p").await.unwrap();
         recorded.deliver_at(3, now, "e3", vec![(r(), room(3))]).unwrap();
-        assert_eq!(cursors(recorded.replay("amy", 2, 10).await.unwrap()), [(3, 2)], "the log was not read");
-        // Recorded through 1 only: the leave at 2 is read from the log.
+        for user in ["amy", "bob"] {
+            assert_eq!(cursors(recorded.replay(user, 2, 10).await.unwrap()), [], "{user}: the log was not read");
+        }
+        // Recorded through 1 only: bob's join at 2 is read, amy's at 1 not.
         let partly = LocalPush::in_memory(Duration::from_secs(3600));
-        partly.deliver_at(1, now, "e1", vec![(u("amy"), change("member-joined", "amy"))]).unwrap();
+        partly.deliver_at(1, now, "e1", vec![]).unwrap();
         partly.store.write(|tx| set_meta(tx, "head", 2)).unwrap();
         partly.record_earlier_members(&log, "p").await.unwrap();
         partly.deliver_at(3, now, "e3", vec![(r(), room(3))]).unwrap();
-        assert_eq!(cursors(partly.replay("amy", 2, 10).await.unwrap()), [], "amy left at 2");
+        assert_eq!(cursors(partly.replay("bob", 2, 10).await.unwrap()), [(3, 2)]);
+        assert_eq!(cursors(partly.replay("amy", 2, 10).await.unwrap()), [], "what is recorded through 1 is not read again");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A listening user gets a room's live deliveries while a member only:
+    /// not between a leave and a rejoin, and a subscription made after a
+    /// leave holds no room.
+    #[tokio::test]
+    async fn live_room_deliveries_stop_at_a_leave_and_start_again_at_a_rejoin() {
+        let bus = LocalPush::in_memory(Duration::from_secs(3600));
+        let now = Utc::now().timestamp_millis();
+        let r = || To::Room("r".into());
+        let mut amy = bus.subscribe("amy").await.unwrap();
+        let own = |event: &str| vec![(r(), change(event, "amy")), (u("amy"), change(event, "amy"))];
+        bus.deliver_at(1, now, "e", own("member-joined")).unwrap();
+        bus.deliver_at(2, now, "e", vec![(r(), room(2))]).unwrap();
+        bus.deliver_at(3, now, "e", own("member-left")).unwrap();
+        bus.deliver_at(4, now, "e", vec![(r(), room(4))]).unwrap();
+        bus.deliver_at(5, now, "e", own("member-joined")).unwrap();
+        bus.deliver_at(6, now, "e", vec![(r(), room(6))]).unwrap();
+        bus.deliver_at(7, now, "e", own("member-left")).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            let Some(Pushed::Delivery(d)) = amy.next().await.as_deref().cloned() else { panic!("no live delivery") };
+            got.push(d.cursor);
+        }
+        assert_eq!(got, [1, 2, 3, 5, 6, 7]);
+        assert!(amy.next().now_or_never().is_none());
+        assert_eq!(bus.live().held(), (1, 0), "amy left: no room held");
+        drop(amy);
+        let _later = bus.subscribe("amy").await.unwrap();
+        assert_eq!(bus.live().held(), (1, 0), "subscribed after leaving: no room held");
     }
 
     /// A dropped stream leaves: the user and their rooms are no longer held.
