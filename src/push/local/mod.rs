@@ -456,6 +456,22 @@ mod tests {
         Payload { event: "newMessage".into(), data: json!({ "n": n }) }
     }
 
+    /// The next live delivery of a subscription.
+    async fn next_live(live: &mut BoxStream<'static, Arc<Pushed>>) -> Delivery {
+        let Some(Pushed::Delivery(d)) = live.next().await.as_deref().cloned() else { panic!("no live delivery") };
+        d
+    }
+
+    /// The next `n` live deliveries' (cursor, previous).
+    async fn live_cursors(live: &mut BoxStream<'static, Arc<Pushed>>, n: usize) -> Vec<(u64, u64)> {
+        let mut got = Vec::with_capacity(n);
+        for _ in 0..n {
+            let d = next_live(live).await;
+            got.push((d.cursor, d.previous));
+        }
+        got
+    }
+
     fn cursors(r: Replay) -> Vec<(u64, u64)> {
         match r {
             Replay::Page(page) => page.iter().map(|d| (d.cursor, d.previous)).collect(),
@@ -478,10 +494,7 @@ mod tests {
         assert_eq!(cursors(bus.replay("bob", 0, 10).await.unwrap()), [(1, 0), (4, 1)]);
         assert_eq!(cursors(bus.replay("amy", 1, 10).await.unwrap()), [(3, 1)]);
         assert_eq!(cursors(bus.replay("bob", 4, 10).await.unwrap()), []);
-        for want in [(1, 0), (4, 1)] {
-            let Some(Pushed::Delivery(d)) = live.next().await.as_deref().cloned() else { panic!("no live delivery") };
-            assert_eq!((d.cursor, d.previous), want);
-        }
+        assert_eq!(live_cursors(&mut live, 2).await, [(1, 0), (4, 1)]);
         assert!(matches!(bus.replay("bob", 5, 10).await.unwrap(), Replay::TooOld { head: 4 }));
     }
 
@@ -552,10 +565,7 @@ mod tests {
         assert_eq!(cursors(bus.replay("amy", 4, 10).await.unwrap()), [(6, 4)], "nothing of the room after amy left");
         assert_eq!(cursors(bus.replay("carol", 0, 10).await.unwrap()), []);
         // Live, bob gets what his replay has, with the same chain.
-        for want in [(2, 0), (3, 2), (4, 3), (5, 4)] {
-            let Some(Pushed::Delivery(d)) = bob.next().await.as_deref().cloned() else { panic!("no live delivery") };
-            assert_eq!((d.cursor, d.previous), want);
-        }
+        assert_eq!(live_cursors(&mut bob, 4).await, [(2, 0), (3, 2), (4, 3), (5, 4)]);
         assert!(carol.next().now_or_never().is_none(), "carol is in no room");
         // The room's deliveries are stored once each.
         let stored = bus.store.read(|tx| Ok(natter_projections::local::redb::ReadableTableMetadata::len(&tx.open_table(ROOM_INBOX)?)?)).unwrap();
@@ -573,7 +583,7 @@ mod tests {
         bus.deliver_at(1, now, "e1", vec![(r(), change("member-joined", "bob")), (u("bob"), change("member-joined", "bob"))]).unwrap();
         let mut bob = bus.subscribe("bob").await.unwrap();
         bus.deliver_at(2, now, "e2", vec![(r(), room(2))]).unwrap();
-        let Some(Pushed::Delivery(d)) = bob.next().await.as_deref().cloned() else { panic!("no live delivery") };
+        let d = next_live(&mut bob).await;
         assert_eq!((d.cursor, d.previous, d.payload.event.as_str()), (2, 0, "message"));
         // Fill the subscription: the next delivery is dropped, and the one
         // after it (once there is room) names it.
@@ -585,11 +595,11 @@ mod tests {
         let dropped = cursor;
         bus.deliver_at(dropped, now, "e", vec![(r(), room(dropped))]).unwrap();
         for want in 3..dropped {
-            let Some(Pushed::Delivery(d)) = bob.next().await.as_deref().cloned() else { panic!("no live delivery") };
+            let d = next_live(&mut bob).await;
             assert_eq!(d.cursor, want);
         }
         bus.deliver_at(dropped + 1, now, "e", vec![(r(), room(dropped + 1))]).unwrap();
-        let Some(Pushed::Delivery(d)) = bob.next().await.as_deref().cloned() else { panic!("no live delivery") };
+        let d = next_live(&mut bob).await;
         assert_eq!((d.cursor, d.previous), (dropped + 1, dropped), "the dropped delivery is a gap");
     }
 
@@ -658,10 +668,7 @@ mod tests {
         // As if the inbox were full: the batch below makes 1 and 2 go.
         bus.store.write(|tx| set_meta(tx, "count", MAX_RETAINED)).unwrap();
         bus.store_all(vec![((2, now, "e2"), vec![(u("bob"), p(2))]), ((3, now, "e3"), vec![(u("bob"), p(3))])]).unwrap();
-        for want in [(1, 0), (3, 2)] {
-            let Some(Pushed::Delivery(d)) = bob.next().await.as_deref().cloned() else { panic!("no live delivery") };
-            assert_eq!((d.cursor, d.previous), want);
-        }
+        assert_eq!(live_cursors(&mut bob, 2).await, [(1, 0), (3, 2)]);
         assert!(matches!(bus.replay("bob", 1, 10).await.unwrap(), Replay::TooOld { head: 3 }));
     }
 
@@ -759,12 +766,7 @@ mod tests {
         bus.deliver_at(5, now, "e", own("member-joined")).unwrap();
         bus.deliver_at(6, now, "e", vec![(r(), room(6))]).unwrap();
         bus.deliver_at(7, now, "e", own("member-left")).unwrap();
-        let mut got = Vec::new();
-        for _ in 0..6 {
-            let Some(Pushed::Delivery(d)) = amy.next().await.as_deref().cloned() else { panic!("no live delivery") };
-            got.push(d.cursor);
-        }
-        assert_eq!(got, [1, 2, 3, 5, 6, 7]);
+        assert_eq!(live_cursors(&mut amy, 6).await.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [1, 2, 3, 5, 6, 7]);
         assert!(amy.next().now_or_never().is_none());
         assert_eq!(bus.live().held(), (1, 0), "amy left: no room held");
         drop(amy);
