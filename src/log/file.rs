@@ -26,7 +26,7 @@
 //! with the process, however it ends) for as long as it is open: one
 //! process per directory.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -37,6 +37,7 @@ use async_trait::async_trait;
 use natter_events::{Envelope, StoredEvent};
 use serde::{Deserialize, Serialize};
 
+use super::recent::Recent;
 use super::{Appended, EventLog, LogError, Logged};
 use crate::config::SyncPolicy;
 
@@ -74,28 +75,6 @@ struct EventHead<'a> {
     at: chrono::DateTime<chrono::Utc>,
 }
 
-/// A command id as the dedup window remembers it: 128 bits of two keyed
-/// hashes (16 bytes, where the id itself costs about 100 with its
-/// allocation; a collision between two ids is not a practical concern).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct IdKey(u64, u64);
-
-impl IdKey {
-    /// An id whose key `events.idx` records, to tell keys made otherwise.
-    const PROBE: &'static str = "natter-id-key-probe";
-
-    fn of(id: &str) -> IdKey {
-        use std::hash::{Hash, Hasher};
-        let half = |salt: u8| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            salt.hash(&mut h);
-            id.hash(&mut h);
-            h.finish()
-        };
-        IdKey(half(1), half(2))
-    }
-}
-
 struct State {
     file: std::fs::File,
     /// Byte offset of each record, by sequence - 1.
@@ -103,13 +82,11 @@ struct State {
     end: u64,
     /// Every event's sequence, by subject (the last is the subject's newest).
     by_subject: BTreeMap<String, Vec<u64>>,
-    /// Command id → (sequence, when appended), for deduplication.
-    recent: HashMap<IdKey, (u64, Instant)>,
+    /// The command ids of the dedup window.
+    recent: Recent,
     /// A write or fsync failed in a way that leaves the file's state
     /// unknown: no more appends until natter restarts and re-reads it.
     broken: Option<String>,
-    /// The same command ids, oldest first, for pruning in O(expired).
-    recent_order: VecDeque<(Instant, IdKey)>,
 }
 
 pub struct FileLog {
@@ -160,7 +137,7 @@ impl FileLog {
             // Make the new file's name durable too.
             std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing data directory {}", dir.display()))?;
         }
-        let (mut offsets, mut by_subject, mut recent, mut recent_order) = (Vec::new(), BTreeMap::<String, Vec<u64>>::new(), HashMap::new(), VecDeque::new());
+        let (mut offsets, mut by_subject, mut recent) = (Vec::new(), BTreeMap::<String, Vec<u64>>::new(), Recent::new(dedup_window));
         let (opened, now) = (Instant::now(), chrono::Utc::now());
         let (mut pos, mut body) = (0u64, Vec::new());
         // Where the records were at the last clean stop (events.idx): only
@@ -170,13 +147,11 @@ impl FileLog {
         if let Some(ix) = super::index::read(&dir.join("events.idx")) {
             if Self::index_fits(&file, &ix, len) {
                 (offsets, by_subject, pos) = (ix.offsets.into_owned(), ix.by_subject.into_owned(), ix.end);
-                let probe = IdKey::of(IdKey::PROBE);
-                if ix.probe == (probe.0, probe.1) && dedup_window.as_millis() <= u128::from(ix.window_ms) {
-                    for ((a, b), seq, at_ms) in ix.recent {
+                if ix.probe == (Recent::key(Recent::PROBE), 0) && dedup_window.as_millis() <= u128::from(ix.window_ms) {
+                    for ((key, _), seq, at_ms) in ix.recent {
                         let age = Duration::from_millis(now.timestamp_millis().saturating_sub(at_ms).max(0) as u64);
                         let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { continue };
-                        recent_order.push_back((at, IdKey(a, b)));
-                        recent.insert(IdKey(a, b), (seq, at));
+                        recent.push_newest(key, seq, at);
                     }
                 } else {
                     // A longer window than the index covers (or keys made
@@ -186,9 +161,7 @@ impl FileLog {
                         let Some(head) = head else { break };
                         let age = (now - head.event.at).to_std().unwrap_or_default();
                         let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { break };
-                        let key = IdKey::of(&head.msg_id);
-                        recent_order.push_front((at, key));
-                        recent.entry(key).or_insert((i as u64 + 1, at));
+                        recent.push_oldest(Recent::key(&head.msg_id), i as u64 + 1, at);
                     }
                 }
             } else {
@@ -214,9 +187,7 @@ impl FileLog {
             if age < dedup_window
                 && let Some(at) = opened.checked_sub(age)
             {
-                let key = IdKey::of(&head.msg_id);
-                recent_order.push_back((at, key));
-                recent.insert(key, (head.seq, at));
+                recent.push_newest(Recent::key(&head.msg_id), head.seq, at);
             }
             let subject = head.subject.unwrap_or(head.event.subject);
             match by_subject.get_mut(subject.as_ref()) {
@@ -257,7 +228,7 @@ impl FileLog {
             path,
             sync,
             dedup_window,
-            state: Mutex::new(State { file, offsets, end: pos, by_subject, recent, recent_order, broken: None }),
+            state: Mutex::new(State { file, offsets, end: pos, by_subject, recent, broken: None }),
             sync_file,
             synced: Mutex::new(pos),
             dir_lock: Mutex::new(Some(dir_lock)),
@@ -402,13 +373,8 @@ impl FileLog {
             let last_id = Self::body_at(&state.file, last, &mut body)
                 .and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok().map(|h| h.msg_id.into_owned()))
                 .ok_or_else(|| "the last record does not read back".to_owned());
-            let (now, now_ms) = (Instant::now(), chrono::Utc::now().timestamp_millis());
-            let recent = state
-                .recent_order
-                .iter()
-                .filter_map(|(at, key)| Some(((key.0, key.1), state.recent.get(key)?.0, now_ms - now.saturating_duration_since(*at).as_millis() as i64)))
-                .collect();
-            let probe = IdKey::of(IdKey::PROBE);
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let recent = state.recent.entries().map(|(key, seq, age)| ((key, 0), seq, now_ms - age.as_millis() as i64)).collect();
             let written = last_id.and_then(|last_id| {
                 let index = super::index::Index {
                     end: state.end,
@@ -417,7 +383,7 @@ impl FileLog {
                     by_subject: std::borrow::Cow::Borrowed(&state.by_subject),
                     recent,
                     window_ms: self.dedup_window.as_millis() as u64,
-                    probe: (probe.0, probe.1),
+                    probe: (Recent::key(Recent::PROBE), 0),
                 };
                 super::index::write(&self.index_path(), &index).map_err(|e| e.to_string())
             });
@@ -581,15 +547,17 @@ impl FileLog {
             if let Some(why) = &state.broken {
                 return Err(corrupt(&self.path, why));
             }
-            let window = self.dedup_window;
-            while state.recent_order.front().is_some_and(|(at, _)| at.elapsed() >= window) {
-                if let Some((_, id)) = state.recent_order.pop_front() {
-                    state.recent.remove(&id);
+            state.recent.expire();
+            if let Some(seq) = state.recent.candidate(&env.command_id) {
+                // The key matches: the event it names tells whether the id does.
+                let mut body = Vec::new();
+                let offset = state.offsets[seq as usize - 1];
+                let id = Self::body_at(&state.file, offset, &mut body).and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok().map(|h| h.msg_id.into_owned()));
+                match id {
+                    Some(id) if id == env.command_id => return Ok(Appended { log_seq: seq, duplicate: true }),
+                    Some(_) => {}
+                    None => return Err(corrupt(&self.path, format!("the record at {seq} does not read back"))),
                 }
-            }
-            let key = IdKey::of(&env.command_id);
-            if let Some((seq, _)) = state.recent.get(&key) {
-                return Ok(Appended { log_seq: *seq, duplicate: true });
             }
             if state.by_subject.get(&env.subject).and_then(|seqs| seqs.last()).copied().unwrap_or(0) != expected_last {
                 return Err(LogError::Conflict);
@@ -614,9 +582,7 @@ impl FileLog {
             state.end += bytes.len() as u64;
             state.offsets.push(offset);
             state.by_subject.entry(env.subject.clone()).or_default().push(seq);
-            let now = Instant::now();
-            state.recent.insert(key, (seq, now));
-            state.recent_order.push_back((now, key));
+            state.recent.push_newest(Recent::key(&env.command_id), seq, Instant::now());
             (seq, state.end)
         };
         if self.sync == SyncPolicy::Always {

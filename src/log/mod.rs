@@ -3,11 +3,13 @@
 //!
 //! The command side holds an `Arc<dyn EventLog>`; [`nats`] is the JetStream
 //! adapter, [`file`] the embedded one (one append-only file with checksums,
-//! and `index`: where its records were at the last clean stop).
+//! `index`: where its records were at the last clean stop, and `recent`:
+//! its deduplication window).
 
 pub mod file;
 mod index;
 pub mod nats;
+mod recent;
 
 use async_trait::async_trait;
 use natter_events::{DecodeError, Envelope};
