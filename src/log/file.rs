@@ -137,7 +137,7 @@ impl FileLog {
             // Make the new file's name durable too.
             std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing data directory {}", dir.display()))?;
         }
-        let (mut offsets, mut by_subject, mut recent) = (Vec::new(), BTreeMap::<String, Vec<u64>>::new(), Recent::new(dedup_window));
+        let (mut offsets, mut by_subject, mut recent) = (Vec::new(), BTreeMap::<String, Vec<u64>>::new(), Recent::new(dedup_window, None));
         let (opened, now) = (Instant::now(), chrono::Utc::now());
         let (mut pos, mut body) = (0u64, Vec::new());
         // Where the records were at the last clean stop (events.idx): only
@@ -147,21 +147,22 @@ impl FileLog {
         if let Some(ix) = super::index::read(&dir.join("events.idx")) {
             if Self::index_fits(&file, &ix, len) {
                 (offsets, by_subject, pos) = (ix.offsets.into_owned(), ix.by_subject.into_owned(), ix.end);
-                if ix.probe == (Recent::key(Recent::PROBE), 0) && dedup_window.as_millis() <= u128::from(ix.window_ms) {
-                    for ((key, _), seq, at_ms) in ix.recent {
+                recent = Recent::new(dedup_window, Some(ix.secret));
+                if dedup_window.as_millis() <= u128::from(ix.window_ms) {
+                    for (key, seq, at_ms) in ix.recent {
                         let age = Duration::from_millis(now.timestamp_millis().saturating_sub(at_ms).max(0) as u64);
                         let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { continue };
                         recent.push_newest(key, seq, at);
                     }
                 } else {
-                    // A longer window than the index covers (or keys made
-                    // otherwise): read the window's records back.
+                    // A longer window than the index covers: read the
+                    // window's records back.
                     for (i, &offset) in offsets.iter().enumerate().rev() {
                         let head = Self::body_at(&file, offset, &mut body).and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok());
                         let Some(head) = head else { break };
                         let age = (now - head.event.at).to_std().unwrap_or_default();
                         let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { break };
-                        recent.push_oldest(Recent::key(&head.msg_id), i as u64 + 1, at);
+                        recent.push_oldest(recent.key(&head.msg_id), i as u64 + 1, at);
                     }
                 }
             } else {
@@ -187,7 +188,7 @@ impl FileLog {
             if age < dedup_window
                 && let Some(at) = opened.checked_sub(age)
             {
-                recent.push_newest(Recent::key(&head.msg_id), head.seq, at);
+                recent.push_newest(recent.key(&head.msg_id), head.seq, at);
             }
             let subject = head.subject.unwrap_or(head.event.subject);
             match by_subject.get_mut(subject.as_ref()) {
@@ -374,7 +375,7 @@ impl FileLog {
                 .and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok().map(|h| h.msg_id.into_owned()))
                 .ok_or_else(|| "the last record does not read back".to_owned());
             let now_ms = chrono::Utc::now().timestamp_millis();
-            let recent = state.recent.entries().map(|(key, seq, age)| ((key, 0), seq, now_ms - age.as_millis() as i64)).collect();
+            let recent = state.recent.entries().map(|(key, seq, age)| (key, seq, now_ms - age.as_millis() as i64)).collect();
             let written = last_id.and_then(|last_id| {
                 let index = super::index::Index {
                     end: state.end,
@@ -383,7 +384,7 @@ impl FileLog {
                     by_subject: std::borrow::Cow::Borrowed(&state.by_subject),
                     recent,
                     window_ms: self.dedup_window.as_millis() as u64,
-                    probe: (Recent::key(Recent::PROBE), 0),
+                    secret: state.recent.secret(),
                 };
                 super::index::write(&self.index_path(), &index).map_err(|e| e.to_string())
             });
@@ -548,15 +549,11 @@ impl FileLog {
                 return Err(corrupt(&self.path, why));
             }
             state.recent.expire();
-            if let Some(seq) = state.recent.candidate(&env.command_id) {
-                // The key matches: the event it names tells whether the id does.
-                let mut body = Vec::new();
-                let offset = state.offsets[seq as usize - 1];
-                let id = Self::body_at(&state.file, offset, &mut body).and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok().map(|h| h.msg_id.into_owned()));
-                match id {
-                    Some(id) if id == env.command_id => return Ok(Appended { log_seq: seq, duplicate: true }),
-                    Some(_) => {}
-                    None => return Err(corrupt(&self.path, format!("the record at {seq} does not read back"))),
+            for seq in state.recent.candidates(&env.command_id) {
+                // The key matches: the event it names tells whether the id
+                // does (a damaged record is reported as any read of it is).
+                if self.read_at(&mut state, seq)?.envelope.command_id == env.command_id {
+                    return Ok(Appended { log_seq: seq, duplicate: true });
                 }
             }
             if state.by_subject.get(&env.subject).and_then(|seqs| seqs.last()).copied().unwrap_or(0) != expected_last {
@@ -582,7 +579,8 @@ impl FileLog {
             state.end += bytes.len() as u64;
             state.offsets.push(offset);
             state.by_subject.entry(env.subject.clone()).or_default().push(seq);
-            state.recent.push_newest(Recent::key(&env.command_id), seq, Instant::now());
+            let key = state.recent.key(&env.command_id);
+            state.recent.push_newest(key, seq, Instant::now());
             (seq, state.end)
         };
         if self.sync == SyncPolicy::Always {
@@ -686,6 +684,34 @@ mod tests {
         assert_eq!(log.head().await.unwrap(), 2, "nothing cut");
         assert_eq!(log.last("s.b").await.unwrap().unwrap().envelope, second);
         assert!(log.append(&env("b", "s.b", 2), 2).await.unwrap().duplicate, "its command id is known");
+        drop(log);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Two command ids whose keys collide are each deduplicated, and
+    /// neither is taken for the other; a clean restart keeps the keys.
+    #[tokio::test]
+    async fn ids_whose_keys_collide_are_told_apart() {
+        let d = dir("collide");
+        let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        assert!(!log.append(&env("a", "s.a", 1), 0).await.unwrap().duplicate);
+        {
+            // As if "b" hashed to "a"'s key: its key names a's event.
+            let mut state = log.state.lock().unwrap();
+            let key = state.recent.key("b");
+            state.recent.push_newest(key, 1, Instant::now());
+        }
+        let b = log.append(&env("b", "s.b", 1), 0).await.unwrap();
+        assert_eq!((b.log_seq, b.duplicate), (2, false), "b is not a");
+        let again = log.append(&env("b", "s.b", 1), 0).await.unwrap();
+        assert_eq!((again.log_seq, again.duplicate), (2, true));
+        log.close();
+        drop(log);
+        let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        for (id, subject, seq) in [("a", "s.a", 1), ("b", "s.b", 2)] {
+            let again = log.append(&env(id, subject, 1), 0).await.unwrap();
+            assert_eq!((again.log_seq, again.duplicate), (seq, true), "{id} after a restart");
+        }
         drop(log);
         let _ = std::fs::remove_dir_all(&d);
     }

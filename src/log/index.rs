@@ -4,8 +4,9 @@
 //!
 //! Binary, little-endian: `NATTERIX`, version (u32), the log length it
 //! covers (u64), the last record's command id, each subject with its
-//! sequences, each record's offset, the command ids still inside the dedup
-//! window (as keys, with their sequence and time), then a CRC32 of all that. An index
+//! sequences, each record's offset, the dedup window's length and secret,
+//! the command ids still inside it (as keys, with their sequence and
+//! time), then a CRC32 of all that. An index
 //! that fails its checksum, or whose last record does not sit where it
 //! says in `events.log`, is ignored (the log is scanned instead).
 
@@ -15,7 +16,7 @@ use std::io::Write;
 use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"NATTERIX";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 /// What the index holds (borrowing the log's tables when written, owning
 /// them when read).
@@ -28,12 +29,11 @@ pub struct Index<'a> {
     pub by_subject: Cow<'a, BTreeMap<String, Vec<u64>>>,
     /// The dedup window's command ids, oldest first: (key, sequence, the
     /// time it was appended in Unix milliseconds).
-    pub recent: Vec<((u64, u64), u64, i64)>,
-    /// The dedup window (ms) `recent` covers, and the key of a fixed probe
-    /// id: a reader with a longer window, or whose keys come out otherwise
-    /// (another hash), does not use `recent`.
+    pub recent: Vec<(u64, u64, i64)>,
+    /// The dedup window (ms) `recent` covers (a reader with a longer one
+    /// reads the log's end instead), and the secret its keys are made with.
     pub window_ms: u64,
-    pub probe: (u64, u64),
+    pub secret: (u64, u64),
 }
 
 /// Writes `index` to `path` (through a temporary file renamed over it).
@@ -55,12 +55,12 @@ pub fn write(path: &Path, index: &Index<'_>) -> std::io::Result<()> {
     }
     out.extend_from_slice(&(index.offsets.len() as u64).to_le_bytes());
     index.offsets.iter().for_each(|o| out.extend_from_slice(&o.to_le_bytes()));
-    for v in [index.window_ms, index.probe.0, index.probe.1] {
+    for v in [index.window_ms, index.secret.0, index.secret.1] {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out.extend_from_slice(&(index.recent.len() as u64).to_le_bytes());
-    for ((a, b), seq, at) in &index.recent {
-        for v in [*a, *b, *seq, *at as u64] {
+    for (key, seq, at) in &index.recent {
+        for v in [*key, *seq, *at as u64] {
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
@@ -100,13 +100,13 @@ pub fn read(path: &Path) -> Option<Index<'static>> {
     for _ in 0..n {
         offsets.push(r.u64()?);
     }
-    let (window_ms, probe) = (r.u64()?, (r.u64()?, r.u64()?));
+    let (window_ms, secret) = (r.u64()?, (r.u64()?, r.u64()?));
     let n = r.u64()? as usize;
-    let mut recent = Vec::with_capacity(n.min(body.len() / 32));
+    let mut recent = Vec::with_capacity(n.min(body.len() / 24));
     for _ in 0..n {
-        recent.push(((r.u64()?, r.u64()?), r.u64()?, r.u64()? as i64));
+        recent.push((r.u64()?, r.u64()?, r.u64()? as i64));
     }
-    r.0.is_empty().then_some(Index { end, last_id, offsets: offsets.into(), by_subject: Cow::Owned(by_subject), recent, window_ms, probe })
+    r.0.is_empty().then_some(Index { end, last_id, offsets: offsets.into(), by_subject: Cow::Owned(by_subject), recent, window_ms, secret })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -139,7 +139,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("events.idx");
         let by_subject = BTreeMap::from([("a.b".to_owned(), vec![1, 3]), ("a.c".to_owned(), vec![2])]);
-        let recent = vec![((7, 8), 2, 1_700_000_000_000), ((9, 10), 3, 1_700_000_000_500)];
+        let recent = vec![(7, 2, 1_700_000_000_000), (9, 3, 1_700_000_000_500)];
         let index = Index {
             end: 300,
             last_id: "cmd-3".into(),
@@ -147,12 +147,12 @@ mod tests {
             by_subject: Cow::Borrowed(&by_subject),
             recent: recent.clone(),
             window_ms: 600_000,
-            probe: (11, 12),
+            secret: (11, 12),
         };
         write(&path, &index).unwrap();
         let back = read(&path).unwrap();
         assert_eq!((back.end, back.last_id.as_str(), back.offsets.into_owned(), back.by_subject.into_owned(), back.recent), (300, "cmd-3", vec![0, 100, 200], by_subject, recent));
-        assert_eq!((back.window_ms, back.probe), (600_000, (11, 12)));
+        assert_eq!((back.window_ms, back.secret), (600_000, (11, 12)));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
