@@ -147,16 +147,18 @@ impl FileLog {
         if let Some(ix) = super::index::read(&dir.join("events.idx")) {
             if Self::index_fits(&file, &ix, len) {
                 (offsets, by_subject, pos) = (ix.offsets.into_owned(), ix.by_subject.into_owned(), ix.end);
-                recent = Recent::new(dedup_window, Some(ix.secret));
-                if dedup_window.as_millis() <= u128::from(ix.window_ms) {
+                let kept = Recent::new(dedup_window, Some(ix.secret));
+                if kept.key(Recent::PROBE) == ix.probe && dedup_window.as_millis() <= u128::from(ix.window_ms) {
+                    recent = kept;
                     for (key, seq, at_ms) in ix.recent {
                         let age = Duration::from_millis(now.timestamp_millis().saturating_sub(at_ms).max(0) as u64);
                         let Some(at) = opened.checked_sub(age).filter(|_| age < dedup_window) else { continue };
                         recent.push_newest(key, seq, at);
                     }
                 } else {
-                    // A longer window than the index covers: read the
-                    // window's records back.
+                    // A longer window than the index covers, or keys made
+                    // otherwise (another build's hash): read the window's
+                    // records back.
                     for (i, &offset) in offsets.iter().enumerate().rev() {
                         let head = Self::body_at(&file, offset, &mut body).and_then(|()| serde_json::from_slice::<RecordHead<'_>>(&body).ok());
                         let Some(head) = head else { break };
@@ -383,8 +385,9 @@ impl FileLog {
                     offsets: state.offsets.as_slice().into(),
                     by_subject: std::borrow::Cow::Borrowed(&state.by_subject),
                     recent,
-                    window_ms: self.dedup_window.as_millis() as u64,
+                    window_ms: u64::try_from(self.dedup_window.as_millis()).unwrap_or(u64::MAX),
                     secret: state.recent.secret(),
+                    probe: state.recent.key(Recent::PROBE),
                 };
                 super::index::write(&self.index_path(), &index).map_err(|e| e.to_string())
             });
@@ -712,6 +715,28 @@ mod tests {
             let again = log.append(&env(id, subject, 1), 0).await.unwrap();
             assert_eq!((again.log_seq, again.duplicate), (seq, true), "{id} after a restart");
         }
+        drop(log);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// An index whose keys were made otherwise (another build's hash: its
+    /// probe key differs) is not trusted for them: the window is read back
+    /// from the log.
+    #[tokio::test]
+    async fn keys_made_by_another_hash_are_not_trusted() {
+        let d = dir("probe");
+        let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        log.append(&env("a", "s.a", 1), 0).await.unwrap();
+        log.close();
+        drop(log);
+        let path = d.join("events.idx");
+        let mut ix = super::super::index::read(&path).expect("an index at a clean stop");
+        ix.probe ^= 1;
+        ix.recent = ix.recent.iter().map(|&(key, seq, at)| (!key, seq, at)).collect();
+        super::super::index::write(&path, &ix).unwrap();
+        let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        let again = log.append(&env("a", "s.a", 1), 0).await.unwrap();
+        assert_eq!((again.log_seq, again.duplicate), (1, true));
         drop(log);
         let _ = std::fs::remove_dir_all(&d);
     }

@@ -4,7 +4,8 @@
 //!
 //! Binary, little-endian: `NATTERIX`, version (u32), the log length it
 //! covers (u64), the last record's command id, each subject with its
-//! sequences, each record's offset, the dedup window's length and secret,
+//! sequences, each record's offset, the dedup window's length, secret and
+//! probe key,
 //! the command ids still inside it (as keys, with their sequence and
 //! time), then a CRC32 of all that. An index
 //! that fails its checksum, or whose last record does not sit where it
@@ -31,9 +32,12 @@ pub struct Index<'a> {
     /// time it was appended in Unix milliseconds).
     pub recent: Vec<(u64, u64, i64)>,
     /// The dedup window (ms) `recent` covers (a reader with a longer one
-    /// reads the log's end instead), and the secret its keys are made with.
+    /// reads the log's end instead), the secret its keys are made with,
+    /// and the key of a fixed probe id: a reader whose hash makes another
+    /// key of it (another build's) does not use `recent`.
     pub window_ms: u64,
     pub secret: (u64, u64),
+    pub probe: u64,
 }
 
 /// Writes `index` to `path` (through a temporary file renamed over it).
@@ -55,7 +59,7 @@ pub fn write(path: &Path, index: &Index<'_>) -> std::io::Result<()> {
     }
     out.extend_from_slice(&(index.offsets.len() as u64).to_le_bytes());
     index.offsets.iter().for_each(|o| out.extend_from_slice(&o.to_le_bytes()));
-    for v in [index.window_ms, index.secret.0, index.secret.1] {
+    for v in [index.window_ms, index.secret.0, index.secret.1, index.probe] {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out.extend_from_slice(&(index.recent.len() as u64).to_le_bytes());
@@ -100,13 +104,13 @@ pub fn read(path: &Path) -> Option<Index<'static>> {
     for _ in 0..n {
         offsets.push(r.u64()?);
     }
-    let (window_ms, secret) = (r.u64()?, (r.u64()?, r.u64()?));
+    let (window_ms, secret, probe) = (r.u64()?, (r.u64()?, r.u64()?), r.u64()?);
     let n = r.u64()? as usize;
     let mut recent = Vec::with_capacity(n.min(body.len() / 24));
     for _ in 0..n {
         recent.push((r.u64()?, r.u64()?, r.u64()? as i64));
     }
-    r.0.is_empty().then_some(Index { end, last_id, offsets: offsets.into(), by_subject: Cow::Owned(by_subject), recent, window_ms, secret })
+    r.0.is_empty().then_some(Index { end, last_id, offsets: offsets.into(), by_subject: Cow::Owned(by_subject), recent, window_ms, secret, probe })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -148,11 +152,12 @@ mod tests {
             recent: recent.clone(),
             window_ms: 600_000,
             secret: (11, 12),
+            probe: 13,
         };
         write(&path, &index).unwrap();
         let back = read(&path).unwrap();
         assert_eq!((back.end, back.last_id.as_str(), back.offsets.into_owned(), back.by_subject.into_owned(), back.recent), (300, "cmd-3", vec![0, 100, 200], by_subject, recent));
-        assert_eq!((back.window_ms, back.secret), (600_000, (11, 12)));
+        assert_eq!((back.window_ms, back.secret, back.probe), (600_000, (11, 12), 13));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 1;
         std::fs::write(&path, &bytes).unwrap();

@@ -4,7 +4,8 @@
 //!
 //! The hash is SipHash over a secret of 128 random bits, then the id: a
 //! client cannot choose ids whose keys collide. The secret is kept in
-//! `events.idx` with the keys, so a clean restart reads them back. A key
+//! `events.idx` with the keys (and a probe id's key, to tell a build
+//! whose hash differs), so a clean restart reads them back. A key
 //! found only names candidates: the log reads the command id of each event
 //! it names and compares (a hit is a retry, rare), so two ids are never
 //! taken for one another, and ids whose keys collide are each kept. About
@@ -20,9 +21,9 @@ pub struct Recent {
     /// What `order`'s times count from.
     base: Instant,
     secret: (u64, u64),
-    /// Key → the log sequence of the oldest event with it in the window.
+    /// Key → the log sequence of an event with it in the window.
     seqs: HashMap<u64, u64>,
-    /// Key → the later ones, for the (rare) keys several ids share.
+    /// Key → the others, for the (rare) keys several ids share.
     more: HashMap<u64, Vec<u64>>,
     /// (when appended, ms from `base`; key; log sequence), oldest first.
     order: VecDeque<(i64, u64, u64)>,
@@ -31,6 +32,10 @@ pub struct Recent {
 impl Recent {
     /// A window keyed by `secret` (as an earlier process kept it), or by a
     /// new random one.
+    /// An id whose key `events.idx` records, to tell keys made otherwise
+    /// (`DefaultHasher` may change between Rust releases).
+    pub const PROBE: &'static str = "natter-id-key-probe";
+
     pub fn new(window: Duration, secret: Option<(u64, u64)>) -> Recent {
         let random = || std::collections::hash_map::RandomState::new().hash_one(0u8);
         Recent {
