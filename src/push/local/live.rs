@@ -36,6 +36,20 @@ struct Listener {
     rooms: HashMap<String, Timeline>,
 }
 
+impl Listener {
+    fn offer(&mut self, cursor: u64, payload: &Payload, hand: Hand) {
+        for sub in &mut self.subs {
+            if hand == Hand::Send {
+                let d = Delivery { cursor, previous: sub.last, payload: payload.clone(), check: None };
+                // Full: dropped, and the next delivery names it (closed:
+                // its stream's drop takes the subscription out).
+                let _ = sub.tx.try_send(Arc::new(Pushed::Delivery(d)));
+            }
+            sub.last = cursor;
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Live {
     users: HashMap<String, Listener>,
@@ -55,15 +69,8 @@ pub enum Hand {
 impl Live {
     /// Offers a delivery to every subscription of `user`.
     pub fn offer(&mut self, user: &str, cursor: u64, payload: &Payload, hand: Hand) {
-        let Some(listener) = self.users.get_mut(user) else { return };
-        for sub in &mut listener.subs {
-            if hand == Hand::Send {
-                let d = Delivery { cursor, previous: sub.last, payload: payload.clone(), check: None };
-                // Full: dropped, and the next delivery names it (closed:
-                // its stream's drop takes the subscription out).
-                let _ = sub.tx.try_send(Arc::new(Pushed::Delivery(d)));
-            }
-            sub.last = cursor;
+        if let Some(listener) = self.users.get_mut(user) {
+            listener.offer(cursor, payload, hand);
         }
     }
 
@@ -71,14 +78,11 @@ impl Live {
     /// of its event.
     pub fn offer_room(&mut self, room: &str, cursor: u64, payload: &Payload, hand: Hand) {
         let Some(users) = self.rooms.get(room) else { return };
-        let members: Vec<String> = users
-            .iter()
-            .filter(|u| self.users.get(*u).and_then(|l| l.rooms.get(room)).is_some_and(|t| t.at(cursor) == Some(true)))
-            .filter(|u| own_change(payload, u).is_none())
-            .cloned()
-            .collect();
-        for user in members {
-            self.offer(&user, cursor, payload, hand);
+        for user in users.iter().filter(|u| own_change(payload, u).is_none()) {
+            let Some(listener) = self.users.get_mut(user) else { continue };
+            if listener.rooms.get(room).is_some_and(|t| t.at(cursor) == Some(true)) {
+                listener.offer(cursor, payload, hand);
+            }
         }
     }
 

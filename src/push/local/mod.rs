@@ -101,6 +101,11 @@ fn set_meta(tx: &WriteTransaction, key: &str, value: u64) -> Result<(), ApplyErr
     Ok(())
 }
 
+/// A meta value, read in a read transaction (0: never set).
+fn read_meta(tx: &ReadTransaction, key: &str) -> Result<u64, StoreError> {
+    Ok(tx.open_table(META)?.get(key)?.map_or(0, |v| v.value()))
+}
+
 fn decode(bytes: &[u8]) -> Result<Payload, ApplyError> {
     serde_json::from_slice(bytes).map_err(|e| failed(format!("an unreadable delivery ({e})")))
 }
@@ -145,10 +150,7 @@ impl LocalPush {
     /// fanned out (it kept no memberships): read from the log's member
     /// subjects, once (the fan-out records those of later events).
     pub async fn record_earlier_members(&self, log: &dyn EventLog, prefix: &str) -> anyhow::Result<()> {
-        let (through, head) = self.store.read(|tx| {
-            let meta = tx.open_table(META)?;
-            Ok((meta.get("members")?.map_or(0, |v| v.value()), meta.get("head")?.map_or(0, |v| v.value())))
-        })?;
+        let (through, head) = self.store.read(|tx| Ok((read_meta(tx, "members")?, read_meta(tx, "head")?)))?;
         if through >= head {
             return Ok(());
         }
@@ -244,7 +246,6 @@ impl LocalPush {
             return Ok(()); // already fanned out
         }
         set_meta(tx, "head", log_seq)?;
-        set_meta(tx, "members", log_seq)?;
         keep(tx, KEPT_AS, log_seq, event_id)?;
         for (to, payload) in &deliveries {
             if let To::User(user) = to {
@@ -299,6 +300,8 @@ impl LocalPush {
             for (event, deliveries) in events {
                 self.store(tx, event, deliveries, &mut out)?;
             }
+            // Every membership change of what was fanned out is recorded.
+            set_meta(tx, "members", meta(tx, "head")?)?;
             self.prune(tx)?;
             floor = meta(tx, "floor")?;
             Ok(())
@@ -331,7 +334,7 @@ impl LocalPush {
     /// How far the fan-out has gone: the log sequence of the newest event
     /// it fanned out (a restart resumes after it).
     pub fn kept_through(&self) -> Result<u64, ApplyError> {
-        Ok(self.store.read(|tx| Ok(tx.open_table(META)?.get("head")?.map_or(0, |v| v.value())))?)
+        Ok(self.store.read(|tx| read_meta(tx, "head"))?)
     }
 }
 
@@ -418,8 +421,7 @@ impl PushBus for LocalPush {
 
     async fn replay(&self, user: &str, cursor: u64, limit: usize) -> anyhow::Result<Replay> {
         Ok(self.store.read(|tx| {
-            let meta = tx.open_table(META)?;
-            let (head, floor) = (meta.get("head")?.map_or(0, |v| v.value()), meta.get("floor")?.map_or(0, |v| v.value()));
+            let (head, floor) = (read_meta(tx, "head")?, read_meta(tx, "floor")?);
             if cursor > head || cursor < floor {
                 return Ok(Replay::TooOld { head });
             }
@@ -706,7 +708,7 @@ mod tests {
         assert_eq!(cursors(bus.replay("bob", 2, 10).await.unwrap()), [(3, 2), (4, 3)]);
         let kept = bus.store.read(|tx| Ok(tx.open_table(ROOM_INBOX)?.iter()?.map(|e| e.unwrap().0.value().1).collect::<Vec<_>>())).unwrap();
         assert_eq!(kept, [3, 4]);
-        let count = bus.store.read(|tx| Ok(tx.open_table(META)?.get("count")?.map_or(0, |v| v.value()))).unwrap();
+        let count = bus.store.read(|tx| read_meta(tx, "count")).unwrap();
         assert_eq!(count, MAX_RETAINED);
     }
 
