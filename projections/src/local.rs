@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -100,8 +100,11 @@ macro_rules! store_errors {
 }
 store_errors!(redb::Error, redb::StorageError, redb::TableError, redb::TransactionError, redb::CommitError, redb::DatabaseError, serde_json::Error);
 
-/// Runs blocking store work without stalling a multi-threaded runtime's
-/// other tasks.
+/// Runs store work that may block for long (an fsync, or waiting for one)
+/// without stalling a multi-threaded runtime's other tasks. Everything else
+/// (reads, in-memory commits: tens of µs) runs on the caller's thread:
+/// handing each call to another thread cost more than the call (a DM's CPU
+/// went from 1.42 to 1.04 ms without those hand-offs).
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
@@ -153,6 +156,9 @@ pub struct LocalStore {
     durable_at: Mutex<Instant>,
     /// Commits made since that are in memory only.
     dirty: AtomicBool,
+    /// Durable commits under way: a writer now waits for their fsync, so
+    /// it waits off the runtime's workers.
+    syncing: AtomicUsize,
 }
 
 impl LocalStore {
@@ -223,6 +229,7 @@ impl LocalStore {
             broken: Mutex::new(None),
             durable_at: Mutex::new(Instant::now()),
             dirty: AtomicBool::new(false),
+            syncing: AtomicUsize::new(0),
         })
     }
 
@@ -314,6 +321,7 @@ impl LocalStore {
             return Ok(());
         }
         blocking(|| {
+            let _syncing = Syncing::start(&self.syncing);
             let db = self.db()?;
             let mut tx = db.as_ref().expect("open").begin_write()?;
             // Inside the write transaction: every commit before it reflects
@@ -336,13 +344,24 @@ impl LocalStore {
     /// old, else in memory only until the next [`LocalStore::flush`]. An
     /// error from `f` aborts it (nothing it wrote is kept).
     pub fn write(&self, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
-        blocking(|| {
+        let due = self.durable_at.lock().expect("durable clock").elapsed() >= DURABLE_EVERY;
+        if due || self.syncing.load(Ordering::Acquire) > 0 {
+            blocking(|| self.write_now(due, f))
+        } else {
+            self.write_now(false, f)
+        }
+    }
+
+    /// [`LocalStore::write`], durable if `due` (and the log could be synced).
+    fn write_now(&self, due: bool, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
+        {
+            let _syncing = due.then(|| Syncing::start(&self.syncing));
             let db = self.db()?;
             let mut tx = db.as_ref().expect("open").begin_write()?;
             // A durable commit also makes every earlier one durable: the
             // log must be on disk as far as they reflect it (synced inside
             // the transaction: no commit can slip in after the sync).
-            let due = self.durable_at.lock().expect("durable clock").elapsed() >= DURABLE_EVERY && self.before_durable().is_ok();
+            let due = due && self.before_durable().is_ok();
             if due {
                 tx.set_quick_repair(true);
                 self.dirty.store(false, Ordering::Release);
@@ -361,12 +380,29 @@ impl LocalStore {
                 self.dirty.store(true, Ordering::Release);
             }
             Ok(())
-        })
+        }
     }
 
     /// One read transaction: a snapshot of everything committed before.
     pub fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        blocking(|| f(&self.db()?.as_ref().expect("open").begin_read()?))
+        // A read never waits for a writer (redb keeps snapshots).
+        f(&self.db()?.as_ref().expect("open").begin_read()?)
+    }
+}
+
+/// Counts a durable commit under way until dropped.
+struct Syncing<'a>(&'a AtomicUsize);
+
+impl<'a> Syncing<'a> {
+    fn start(under_way: &'a AtomicUsize) -> Syncing<'a> {
+        under_way.fetch_add(1, Ordering::AcqRel);
+        Syncing(under_way)
+    }
+}
+
+impl Drop for Syncing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
