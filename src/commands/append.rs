@@ -10,8 +10,6 @@ use natter_projections::{ApplyError, StoreError};
 use super::{CommandError, Commands, Failure, MAX_ATTEMPTS, Refusal};
 use crate::log::{LogError, Logged};
 
-/// The conversation state an event on a DM subject carries.
-
 /// Where an event after `last` (the subject's newest) goes: its position
 /// on the subject, and the log sequence the subject must still end at (0:
 /// empty). Pure.
@@ -28,6 +26,10 @@ pub(crate) fn command_id(scope: &str, client_msg_id: Option<&str>) -> String {
     }
 }
 
+/// How long a command waits for the projectors to apply its event before
+/// applying it itself.
+const SETTLE_WAIT: Duration = Duration::from_secs(1);
+
 fn reused_key() -> Refusal {
     Refusal::Conflict("clientMsgId was already used for a different message".into())
 }
@@ -39,9 +41,9 @@ impl Commands {
     /// competing writers stop colliding). `decide` may refuse, or return
     /// `None` when there is nothing to do. An event whose `command_id` is
     /// already in the log is not appended again: the original is returned.
-    /// The event is applied to the views before this returns, so a read
-    /// through any node sees it (the projectors apply it again, idempotently;
-    /// if a store is down the event is safe in the log and they catch up).
+    /// The event is in the views before this returns ([`Commands::settle`]),
+    /// so a read through any node sees it (if a store is down the event is
+    /// safe in the log and the projectors catch up).
     pub(crate) async fn append<D, F>(&self, subject: &str, command_id: &str, decide: D) -> Result<Option<Envelope>, CommandError>
     where
         D: Fn(Option<Logged>) -> F,
@@ -57,13 +59,13 @@ impl Commands {
                 Ok(appended) if !appended.duplicate => {
                     self.metrics.event_appended(env.event.type_name());
                     self.metrics.append_took(started.elapsed().as_secs_f64());
-                    self.apply_now(&env).await;
+                    self.settle(&env, appended.log_seq).await;
                     return Ok(Some(env));
                 }
                 Ok(appended) => {
-                    let original = self.log.get(appended.log_seq).await?.envelope;
-                    self.apply_now(&original).await;
-                    return Ok(Some(original));
+                    let original = self.log.get(appended.log_seq).await?;
+                    self.settle(&original.envelope, original.log_seq).await;
+                    return Ok(Some(original.envelope));
                 }
                 Err(LogError::Conflict) => {
                     self.metrics.append_conflict();
@@ -151,14 +153,27 @@ impl Commands {
         if same(&message) { Ok(message) } else { Err(reused_key().into()) }
     }
 
-    /// A retry's original found in the log: applied to the views (they
-    /// had not), and read as the command's result.
-    async fn adopt<V>(&self, original: &Envelope, logged: &impl Fn(&Envelope) -> Option<V>) -> Result<V, CommandError> {
-        self.apply_now(original).await;
-        Ok(logged(original).ok_or_else(reused_key)?)
+    /// A retry's original found in the log: in the views (they had not
+    /// applied it), and read as the command's result.
+    async fn adopt<V>(&self, original: &Logged, logged: &impl Fn(&Envelope) -> Option<V>) -> Result<V, CommandError> {
+        self.settle(&original.envelope, original.log_seq).await;
+        Ok(logged(&original.envelope).ok_or_else(reused_key)?)
     }
 
-    /// Applies a just-appended event to the views.
+    /// Sees that the event at log sequence `log_seq` is in the views and
+    /// counts before the command answers (read-your-writes): where the
+    /// projectors can be watched (the embedded tail), by waiting for them
+    /// to apply it, so it is applied once; else, or if they are slow
+    /// ([`SETTLE_WAIT`]), by applying it now (the projectors apply it
+    /// again, idempotently).
+    async fn settle(&self, env: &Envelope, log_seq: u64) {
+        if self.progress.reached(log_seq, SETTLE_WAIT).await {
+            return;
+        }
+        self.apply_now(env).await;
+    }
+
+    /// Applies an event to the views and counts.
     async fn apply_now(&self, env: &Envelope) {
         let (views, counts) = tokio::join!(self.views.apply(env), self.counts.apply(env));
         for (name, res) in [("mongo-views", views), ("redis-unseen", counts)] {

@@ -5,7 +5,8 @@
 //! the ports. Every command writes through one path, `append` (in
 //! `append.rs`): read the subject's newest event, decide from it, append
 //! with the expected per-subject sequence, retry with jitter on conflict,
-//! count, then apply the event to the views at once (read-your-writes).
+//! count, then see the event in the views before answering (read-your-writes:
+//! the embedded tail is waited for, the distributed views applied at once).
 //! Every send goes through one idempotency check, `once`.
 //!
 //! Errors separate *refused* (the caller asked for something not allowed or

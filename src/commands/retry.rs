@@ -31,10 +31,9 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use natter_events::Envelope;
 
 use super::{CommandError, Commands, Failure};
-use crate::log::LogError;
+use crate::log::{LogError, Logged};
 
 /// Events of one conversation a retry check walks at most.
 pub(crate) const MAX_WALK: usize = 10_000;
@@ -85,7 +84,7 @@ impl Commands {
     /// log's deduplication no longer covers, if any: what neither the views
     /// nor the append would recognise. With `whole`, any such event however
     /// young (the append was refused, so its deduplication never ran).
-    pub(crate) async fn logged_since(&self, subject: &str, floor: Floor, command_id: &str, whole: bool) -> Result<Option<Envelope>, CommandError> {
+    pub(crate) async fn logged_since(&self, subject: &str, floor: Floor, command_id: &str, whole: bool) -> Result<Option<Logged>, CommandError> {
         let (window, now) = (self.log.dedup_window(), Utc::now());
         let covered = |at: DateTime<Utc>| !whole && covered(at, now, window);
         if floor.at.is_some_and(covered) {
@@ -95,7 +94,7 @@ impl Commands {
         for _ in 0..MAX_WALK {
             match self.log.next_on(subject, from).await {
                 Ok(None) => return Ok(None),
-                Ok(Some(l)) if l.envelope.command_id == command_id => return Ok(Some(l.envelope)),
+                Ok(Some(l)) if l.envelope.command_id == command_id => return Ok(Some(l)),
                 Ok(Some(l)) if covered(l.envelope.at) => return Ok(None),
                 Ok(Some(l)) => from = l.log_seq + 1,
                 // An event this build cannot read is not this command's.

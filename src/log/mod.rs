@@ -87,4 +87,12 @@ pub trait ViewsProgress: Send + Sync {
     /// A log sequence at or below which every event is in the views (0:
     /// nothing is known to be). It only grows.
     async fn applied_through(&self) -> Result<u64, LogError>;
+
+    /// Waits up to `within` for the views (and counts) to apply the log
+    /// through `seq`; whether they have. An adapter that cannot watch them
+    /// answers false at once, and the command side applies a new event
+    /// itself (read-your-writes either way).
+    async fn reached(&self, _seq: u64, _within: std::time::Duration) -> bool {
+        false
+    }
 }

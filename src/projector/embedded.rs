@@ -17,7 +17,6 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,14 +85,38 @@ impl ParkedFile {
 }
 
 /// How far the tail has applied the log to every projection (the views'
-/// applied floor of the embedded mode).
-#[derive(Default)]
-pub struct TailPosition(AtomicU64);
+/// applied floor of the embedded mode). A command waits on it for the tail
+/// to apply what it appended, instead of applying it a second time.
+pub struct TailPosition(watch::Sender<u64>);
+
+impl Default for TailPosition {
+    fn default() -> Self {
+        TailPosition(watch::Sender::new(0))
+    }
+}
+
+impl TailPosition {
+    /// Every projection has applied the log through `seq` (never backwards).
+    fn advance(&self, seq: u64) {
+        self.0.send_if_modified(|at| {
+            let newer = seq > *at;
+            if newer {
+                *at = seq;
+            }
+            newer
+        });
+    }
+}
 
 #[async_trait]
 impl ViewsProgress for TailPosition {
     async fn applied_through(&self) -> Result<u64, LogError> {
-        Ok(self.0.load(Ordering::Acquire))
+        Ok(*self.0.borrow())
+    }
+
+    async fn reached(&self, seq: u64, within: Duration) -> bool {
+        let mut at = self.0.subscribe();
+        matches!(tokio::time::timeout(within, at.wait_for(|at| *at >= seq)).await, Ok(Ok(_)))
     }
 }
 
@@ -254,7 +277,7 @@ impl FileTail {
     /// sequence applied.
     pub async fn catch_up(&self, after: u64) -> u64 {
         // Every projection is kept through `after` at least.
-        self.applied.0.fetch_max(after, Ordering::AcqRel);
+        self.applied.advance(after);
         let head = *self.log.watch_head().borrow();
         let mut from = after + 1;
         while from <= head {
@@ -262,7 +285,7 @@ impl FileTail {
             if !self.project_range(from, to, head).await {
                 return from - 1;
             }
-            self.applied.0.store(to, Ordering::Release);
+            self.applied.advance(to);
             from = to + 1;
         }
         head.max(after)
@@ -281,5 +304,25 @@ impl FileTail {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_command_waits_for_the_tail_to_pass_its_event_and_no_longer() {
+        let tail = Arc::new(TailPosition::default());
+        tail.advance(3);
+        assert!(tail.reached(3, Duration::from_millis(1)).await, "already applied");
+        assert!(!tail.reached(4, Duration::from_millis(50)).await, "not applied within the wait: the command applies it itself");
+        let moving = tail.clone();
+        let waiting = tokio::spawn(async move { moving.reached(5, Duration::from_secs(30)).await });
+        tail.advance(4);
+        tail.advance(6);
+        assert!(waiting.await.unwrap(), "woken as soon as the tail passes it");
+        tail.advance(2);
+        assert_eq!(tail.applied_through().await.unwrap(), 6, "never backwards");
     }
 }
