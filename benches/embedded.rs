@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench embedded` (NATTER_BENCH_MESSAGES to change the size,
 //! NATTER_BENCH_SYNC=always|os for one sync policy only, NATTER_BENCH_KEEP=1
-//! to keep the data directory).
+//! to keep the data directory, NATTER_STORE_CACHE_BYTES for the store's page
+//! cache).
 
 use std::sync::Arc;
 
@@ -25,6 +26,10 @@ async fn start(dir: &std::path::Path, sync: SyncPolicy) -> RunningNode {
     cfg.server.port = 0;
     cfg.embedded.data_dir = dir.to_owned();
     cfg.embedded.sync = sync;
+    // The store's page cache, as the binary reads it.
+    if let Some(bytes) = std::env::var("NATTER_STORE_CACHE_BYTES").ok().and_then(|v| v.parse().ok()) {
+        cfg.embedded.store_cache = bytes;
+    }
     cfg.auth.jwt_secret = Some("bench-secret-bench-secret-bench-secret".to_string().into());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     natter::startup::start(cfg, listener).await.unwrap()
@@ -54,6 +59,7 @@ async fn main() {
             users.push(node.commands().register(cmd).await.unwrap().expect("a new address").id);
         }
         let users = Arc::new(users);
+        println!("sync={sync:?}: node started, {} users registered; RSS {} MB", users.len(), rss_mb());
         let started = Instant::now();
         let mut tasks = Vec::new();
         for p in 0..pairs {

@@ -439,9 +439,13 @@ impl EventLog for FileLog {
     }
 
     async fn append(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
-        // The write (and fsync) blocks: keep it off the async workers' backs
-        // where the runtime allows it.
-        let appended = if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        // An fsync (or waiting for another append's) blocks: keep it off the
+        // async workers' backs where the runtime allows it. A write alone
+        // (`NATTER_SYNC=os`) takes microseconds: handing it to another
+        // thread would cost more, and every thread the hand-offs wake keeps
+        // an allocator heap of its own (RSS).
+        let blocks = self.sync == SyncPolicy::Always;
+        let appended = if blocks && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
             tokio::task::block_in_place(|| self.append_blocking(env, expected_last))
         } else {
             self.append_blocking(env, expected_last)
