@@ -38,6 +38,7 @@ use natter_events::{Envelope, StoredEvent};
 use serde::{Deserialize, Serialize};
 
 use super::recent::Recent;
+use super::syncer::Syncer;
 use super::{Appended, EventLog, LogError, Logged};
 use crate::config::SyncPolicy;
 
@@ -96,9 +97,9 @@ pub struct FileLog {
     state: Mutex<State>,
     /// A second handle on the file, for fsyncs outside the state lock.
     sync_file: std::fs::File,
-    /// Held by the appender whose fsync is running; with it, how far the
-    /// file is known to be on disk.
-    synced: Mutex<u64>,
+    /// With [`SyncPolicy::Always`], the thread whose fsyncs acknowledge
+    /// appends.
+    syncer: Option<Syncer>,
     /// The data directory's lock, held until the log is closed or dropped.
     dir_lock: Mutex<Option<std::fs::File>>,
     /// The newest sequence, for tailing readers.
@@ -227,13 +228,17 @@ impl FileLog {
         }
         let head = tokio::sync::watch::Sender::new(offsets.len() as u64);
         let sync_file = file.try_clone().with_context(|| format!("opening event log {}", path.display()))?;
+        let syncer = match sync {
+            SyncPolicy::Always => Some(Syncer::start(sync_file.try_clone()?, pos).with_context(|| format!("starting the fsync thread of {}", path.display()))?),
+            SyncPolicy::Os => None,
+        };
         Ok(FileLog {
             path,
             sync,
             dedup_window,
             state: Mutex::new(State { file, offsets, end: pos, by_subject, recent, broken: None }),
             sync_file,
-            synced: Mutex::new(pos),
+            syncer,
             dir_lock: Mutex::new(Some(dir_lock)),
             head,
             failing: std::sync::atomic::AtomicBool::new(false),
@@ -439,17 +444,7 @@ impl EventLog for FileLog {
     }
 
     async fn append(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
-        // An fsync (or waiting for another append's) blocks: keep it off the
-        // async workers' backs where the runtime allows it. A write alone
-        // (`NATTER_SYNC=os`) takes microseconds: handing it to another
-        // thread would cost more, and every thread the hand-offs wake keeps
-        // an allocator heap of its own (RSS).
-        let blocks = self.sync == SyncPolicy::Always;
-        let appended = if blocks && tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-            tokio::task::block_in_place(|| self.append_blocking(env, expected_last))
-        } else {
-            self.append_blocking(env, expected_last)
-        };
+        let appended = self.append_durably(env, expected_last).await;
         match &appended {
             Ok(_) => self.failing.store(false, std::sync::atomic::Ordering::Relaxed),
             Err(LogError::Unavailable(_)) => self.failing.store(true, std::sync::atomic::Ordering::Relaxed),
@@ -549,64 +544,23 @@ impl Drop for FileLog {
 }
 
 impl FileLog {
-    fn append_blocking(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
-        let (seq, end) = {
-            let mut state = self.state.lock().expect("event log lock");
-            if let Some(why) = &state.broken {
-                return Err(corrupt(&self.path, why));
-            }
-            state.recent.expire();
-            for seq in state.recent.candidates(&env.command_id) {
-                // The key matches: the event it names tells whether the id
-                // does (a damaged record is reported as any read of it is).
-                if self.read_at(&mut state, seq)?.envelope.command_id == env.command_id {
-                    return Ok(Appended { log_seq: seq, duplicate: true });
-                }
-            }
-            if state.by_subject.get(&env.subject).and_then(|seqs| seqs.last()).copied().unwrap_or(0) != expected_last {
-                return Err(LogError::Conflict);
-            }
-            let seq = state.offsets.len() as u64 + 1;
-            let record = Record { seq, msg_id: env.command_id.clone(), subject: Some(env.subject.clone()), event: env.to_stored_as(self.compact) };
-            let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
-            let mut bytes = Vec::with_capacity(HEADER as usize + body.len());
-            bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-            bytes.extend_from_slice(&body);
-            let offset = state.end;
-            if let Err(e) = state.file.write_all(&bytes) {
-                // Leave no half record behind for the next append to follow.
-                tracing::error!(path = %self.path.display(), error = %e, "cannot write to the event log (disk full? read-only?); commands answer 503 until a write succeeds");
-                if let Err(cut) = state.file.set_len(offset) {
-                    state.broken = Some(format!("a failed write could not be undone ({cut}): restart natter"));
-                    tracing::error!(path = %self.path.display(), error = %cut, "cannot undo a failed write; refusing appends until restarted");
-                }
-                return Err(corrupt(&self.path, format!("write failed: {e}")));
-            }
-            state.end += bytes.len() as u64;
-            state.offsets.push(offset);
-            state.by_subject.entry(env.subject.clone()).or_default().push(seq);
-            let key = state.recent.key(&env.command_id);
-            state.recent.push_newest(key, seq, Instant::now());
-            (seq, state.end)
+    /// Writes the record (on the caller's thread: a write into the page
+    /// cache takes microseconds) and, with [`SyncPolicy::Always`], waits
+    /// for the fsync thread to have it on disk before acknowledging it.
+    async fn append_durably(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
+        let (seq, end) = match self.write_record(env, expected_last)? {
+            Written::Duplicate(original) => return Ok(Appended { log_seq: original, duplicate: true }),
+            Written::New { seq, end } => (seq, end),
         };
-        if self.sync == SyncPolicy::Always {
-            // Group commit: whoever holds this lock fsyncs everything
-            // written so far; appends waiting behind it are often covered.
-            let mut synced = self.synced.lock().expect("event log sync lock");
-            if *synced < end {
-                let target = self.state.lock().expect("event log lock").end;
-                if let Err(e) = self.sync_file.sync_data() {
-                    // After a failed fsync the kernel's view of the file is
-                    // unknown (and other appends may follow ours): stop
-                    // appending; a restart re-reads what is really there.
-                    let why = format!("fsync failed ({e}): restart natter");
-                    tracing::error!(path = %self.path.display(), error = %e, "event log fsync failed; refusing appends until restarted");
-                    self.state.lock().expect("event log lock").broken = Some(why.clone());
-                    return Err(corrupt(&self.path, why));
-                }
-                *synced = target;
-            }
+        if let Some(syncer) = &self.syncer
+            && let Err(why) = syncer.durable(end).await
+        {
+            // After a failed fsync the kernel's view of the file is unknown
+            // (and other appends may follow ours): stop appending; a restart
+            // re-reads what is really there.
+            tracing::error!(path = %self.path.display(), reason = %why, "event log fsync failed; refusing appends until restarted");
+            self.state.lock().expect("event log lock").broken.get_or_insert(why.clone());
+            return Err(corrupt(&self.path, why));
         }
         // Acknowledged: tailing readers may see it now (the head never
         // moves back, whatever order concurrent appends get here in).
@@ -619,6 +573,57 @@ impl FileLog {
         });
         Ok(Appended { log_seq: seq, duplicate: false })
     }
+
+    /// Writes `env` at the end of the file, unless its command id is in the
+    /// window (the original's sequence) or its subject moved on.
+    fn write_record(&self, env: &Envelope, expected_last: u64) -> Result<Written, LogError> {
+        let mut state = self.state.lock().expect("event log lock");
+        if let Some(why) = &state.broken {
+            return Err(corrupt(&self.path, why));
+        }
+        state.recent.expire();
+        for seq in state.recent.candidates(&env.command_id) {
+            // The key matches: the event it names tells whether the id
+            // does (a damaged record is reported as any read of it is).
+            if self.read_at(&mut state, seq)?.envelope.command_id == env.command_id {
+                return Ok(Written::Duplicate(seq));
+            }
+        }
+        if state.by_subject.get(&env.subject).and_then(|seqs| seqs.last()).copied().unwrap_or(0) != expected_last {
+            return Err(LogError::Conflict);
+        }
+        let seq = state.offsets.len() as u64 + 1;
+        let record = Record { seq, msg_id: env.command_id.clone(), subject: Some(env.subject.clone()), event: env.to_stored_as(self.compact) };
+        let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
+        let mut bytes = Vec::with_capacity(HEADER as usize + body.len());
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let offset = state.end;
+        if let Err(e) = state.file.write_all(&bytes) {
+            // Leave no half record behind for the next append to follow.
+            tracing::error!(path = %self.path.display(), error = %e, "cannot write to the event log (disk full? read-only?); commands answer 503 until a write succeeds");
+            if let Err(cut) = state.file.set_len(offset) {
+                state.broken = Some(format!("a failed write could not be undone ({cut}): restart natter"));
+                tracing::error!(path = %self.path.display(), error = %cut, "cannot undo a failed write; refusing appends until restarted");
+            }
+            return Err(corrupt(&self.path, format!("write failed: {e}")));
+        }
+        state.end += bytes.len() as u64;
+        state.offsets.push(offset);
+        state.by_subject.entry(env.subject.clone()).or_default().push(seq);
+        let key = state.recent.key(&env.command_id);
+        state.recent.push_newest(key, seq, Instant::now());
+        Ok(Written::New { seq, end: state.end })
+    }
+}
+
+/// What [`FileLog::write_record`] did.
+enum Written {
+    /// The command id is the event's at this sequence: nothing written.
+    Duplicate(u64),
+    /// Written at `seq`; the file now ends at `end`.
+    New { seq: u64, end: u64 },
 }
 
 /// Takes the data directory's lock (`dir/lock`). A node that is just

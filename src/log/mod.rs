@@ -3,13 +3,14 @@
 //!
 //! The command side holds an `Arc<dyn EventLog>`; [`nats`] is the JetStream
 //! adapter, [`file`] the embedded one (one append-only file with checksums,
-//! `index`: where its records were at the last clean stop, and `recent`:
-//! its deduplication window).
+//! `index`: where its records were at the last clean stop, `recent`: its
+//! deduplication window, and `syncer`: its group commit).
 
 pub mod file;
 mod index;
 pub mod nats;
 mod recent;
+mod syncer;
 
 use async_trait::async_trait;
 use natter_events::{DecodeError, Envelope};
