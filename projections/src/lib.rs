@@ -22,8 +22,10 @@
 //!
 //! Every projection here is *commutative and idempotent*: views converge to
 //! the same state whatever the redelivery, duplication or interleaving
-//! pattern, which is what lets the writing node apply its own event at once
-//! (read-your-writes) while the durable consumer applies it again later.
+//! pattern, which is what lets a distributed node apply its own event at
+//! once (read-your-writes) while the durable consumer applies it again
+//! later (an embedded node waits for its tail instead, and applies an event
+//! itself only when the tail is slow or stopped).
 
 pub mod history;
 pub mod local;

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,9 +156,10 @@ pub struct LocalStore {
     durable_at: Mutex<Instant>,
     /// Commits made since that are in memory only.
     dirty: AtomicBool,
-    /// Durable commits under way: a writer now waits for their fsync, so
-    /// it waits off the runtime's workers.
-    syncing: AtomicUsize,
+    /// Held by the write transaction under way (redb runs one at a time):
+    /// a writer that finds it taken waits off the runtime's workers (the
+    /// holder may be fsyncing).
+    writing: Mutex<()>,
 }
 
 impl LocalStore {
@@ -229,7 +230,7 @@ impl LocalStore {
             broken: Mutex::new(None),
             durable_at: Mutex::new(Instant::now()),
             dirty: AtomicBool::new(false),
-            syncing: AtomicUsize::new(0),
+            writing: Mutex::new(()),
         })
     }
 
@@ -321,7 +322,7 @@ impl LocalStore {
             return Ok(());
         }
         blocking(|| {
-            let _syncing = Syncing::start(&self.syncing);
+            let _writing = gate(&self.writing);
             let db = self.db()?;
             let mut tx = db.as_ref().expect("open").begin_write()?;
             // Inside the write transaction: every commit before it reflects
@@ -344,18 +345,26 @@ impl LocalStore {
     /// old, else in memory only until the next [`LocalStore::flush`]. An
     /// error from `f` aborts it (nothing it wrote is kept).
     pub fn write(&self, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
-        let due = self.durable_at.lock().expect("durable clock").elapsed() >= DURABLE_EVERY;
-        if due || self.syncing.load(Ordering::Acquire) > 0 {
-            blocking(|| self.write_now(due, f))
-        } else {
-            self.write_now(false, f)
+        match self.writing.try_lock() {
+            Ok(_writing) if !self.durable_due() => self.write_now(false, f),
+            Ok(_writing) => blocking(|| self.write_now(true, f)),
+            Err(_) => blocking(|| {
+                let _writing = gate(&self.writing);
+                self.write_now(self.durable_due(), f)
+            }),
         }
     }
 
-    /// [`LocalStore::write`], durable if `due` (and the log could be synced).
+    /// Whether the last durable commit is [`DURABLE_EVERY`] old. Asked
+    /// holding the write gate, so a durable commit just made counts.
+    fn durable_due(&self) -> bool {
+        self.durable_at.lock().expect("durable clock").elapsed() >= DURABLE_EVERY
+    }
+
+    /// [`LocalStore::write`] holding the write gate, durable if `due` (and
+    /// the log could be synced).
     fn write_now(&self, due: bool, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
         {
-            let _syncing = due.then(|| Syncing::start(&self.syncing));
             let db = self.db()?;
             let mut tx = db.as_ref().expect("open").begin_write()?;
             // A durable commit also makes every earlier one durable: the
@@ -385,25 +394,17 @@ impl LocalStore {
 
     /// One read transaction: a snapshot of everything committed before.
     pub fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        // A read never waits for a writer (redb keeps snapshots).
+        // A read never waits for a writer (redb keeps snapshots); a page
+        // outside the cache is read from the file (the OS's page cache,
+        // mostly) on the caller's thread.
         f(&self.db()?.as_ref().expect("open").begin_read()?)
     }
 }
 
-/// Counts a durable commit under way until dropped.
-struct Syncing<'a>(&'a AtomicUsize);
-
-impl<'a> Syncing<'a> {
-    fn start(under_way: &'a AtomicUsize) -> Syncing<'a> {
-        under_way.fetch_add(1, Ordering::AcqRel);
-        Syncing(under_way)
-    }
-}
-
-impl Drop for Syncing<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+/// Takes the write gate (a panic while it was held left nothing to undo:
+/// redb aborts the transaction it dropped).
+fn gate(writing: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    writing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether the store was closed by [`LocalStore::close`] last time.

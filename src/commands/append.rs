@@ -42,8 +42,9 @@ impl Commands {
     /// `None` when there is nothing to do. An event whose `command_id` is
     /// already in the log is not appended again: the original is returned.
     /// The event is in the views before this returns ([`Commands::settle`]),
-    /// so a read through any node sees it (if a store is down the event is
-    /// safe in the log and the projectors catch up).
+    /// so a read through any node sees it (unless a store is down, or the
+    /// event is poison to a projection and parked: then it is safe in the
+    /// log and the projectors catch up, or the operator replays it).
     pub(crate) async fn append<D, F>(&self, subject: &str, command_id: &str, decide: D) -> Result<Option<Envelope>, CommandError>
     where
         D: Fn(Option<Logged>) -> F,
@@ -163,9 +164,11 @@ impl Commands {
     /// Sees that the event at log sequence `log_seq` is in the views and
     /// counts before the command answers (read-your-writes): where the
     /// projectors can be watched (the embedded tail), by waiting for them
-    /// to apply it, so it is applied once; else, or if they are slow
-    /// ([`SETTLE_WAIT`]), by applying it now (the projectors apply it
-    /// again, idempotently).
+    /// to pass it, so it is applied once; else, or if they are slow
+    /// ([`SETTLE_WAIT`]) or stopped (the node is stopping), by applying it
+    /// now (the projectors apply it again, idempotently). A projection that
+    /// parked the event as poison has passed it without applying it: so
+    /// would this apply have failed.
     async fn settle(&self, env: &Envelope, log_seq: u64) {
         if self.progress.reached(log_seq, SETTLE_WAIT).await {
             return;

@@ -103,7 +103,7 @@ pub struct FileLog {
     /// The data directory's lock, held until the log is closed or dropped.
     dir_lock: Mutex<Option<std::fs::File>>,
     /// The newest sequence, for tailing readers.
-    head: tokio::sync::watch::Sender<u64>,
+    head: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// The last write failed (disk full, I/O error): `/readyz` says so until
     /// one succeeds.
     failing: std::sync::atomic::AtomicBool,
@@ -226,10 +226,13 @@ impl FileLog {
             file.set_len(pos).with_context(|| format!("truncating event log {}", path.display()))?;
             file.sync_all().with_context(|| format!("syncing event log {} after truncating it", path.display()))?;
         }
-        let head = tokio::sync::watch::Sender::new(offsets.len() as u64);
+        let head = std::sync::Arc::new(tokio::sync::watch::Sender::new(offsets.len() as u64));
         let sync_file = file.try_clone().with_context(|| format!("opening event log {}", path.display()))?;
         let syncer = match sync {
-            SyncPolicy::Always => Some(Syncer::start(sync_file.try_clone()?, pos).with_context(|| format!("starting the fsync thread of {}", path.display()))?),
+            SyncPolicy::Always => Some(
+                Syncer::start(sync_file.try_clone()?, offsets.len() as u64, pos, head.clone())
+                    .with_context(|| format!("starting the fsync thread of {}", path.display()))?,
+            ),
             SyncPolicy::Os => None,
         };
         Ok(FileLog {
@@ -400,6 +403,9 @@ impl FileLog {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot write events.idx; the next start reads the whole log");
             }
         }
+        if let Some(syncer) = &self.syncer {
+            syncer.stop();
+        }
         drop(self.dir_lock.lock().expect("data directory lock").take());
     }
 
@@ -546,37 +552,39 @@ impl Drop for FileLog {
 impl FileLog {
     /// Writes the record (on the caller's thread: a write into the page
     /// cache takes microseconds) and, with [`SyncPolicy::Always`], waits
-    /// for the fsync thread to have it on disk before acknowledging it.
+    /// for the fsync thread to have it on disk before acknowledging it (a
+    /// duplicate's original too: it may have been written just now).
     async fn append_durably(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
-        let (seq, end) = match self.write_record(env, expected_last)? {
-            Written::Duplicate(original) => return Ok(Appended { log_seq: original, duplicate: true }),
-            Written::New { seq, end } => (seq, end),
+        let appended = match self.write_record(env, expected_last)? {
+            Written::Duplicate(original) => Appended { log_seq: original, duplicate: true },
+            Written::New(seq) => Appended { log_seq: seq, duplicate: false },
         };
         if let Some(syncer) = &self.syncer
-            && let Err(why) = syncer.durable(end).await
+            && let Err(why) = syncer.acknowledged(appended.log_seq).await
         {
-            // After a failed fsync the kernel's view of the file is unknown
-            // (and other appends may follow ours): stop appending; a restart
-            // re-reads what is really there.
-            tracing::error!(path = %self.path.display(), reason = %why, "event log fsync failed; refusing appends until restarted");
-            self.state.lock().expect("event log lock").broken.get_or_insert(why.clone());
-            return Err(corrupt(&self.path, why));
+            return Err(self.stop_appending(why));
         }
-        // Acknowledged: tailing readers may see it now (the head never
-        // moves back, whatever order concurrent appends get here in).
-        self.head.send_if_modified(|head| {
-            let newer = seq > *head;
-            if newer {
-                *head = seq;
-            }
-            newer
-        });
-        Ok(Appended { log_seq: seq, duplicate: false })
+        Ok(appended)
+    }
+
+    /// After a failed fsync the kernel's view of the file is unknown (and
+    /// other appends may follow ours): appends are refused from now on; a
+    /// restart re-reads what is really there.
+    fn stop_appending(&self, why: String) -> LogError {
+        let mut state = self.state.lock().expect("event log lock");
+        if state.broken.is_none() {
+            tracing::error!(path = %self.path.display(), reason = %why, "event log fsync failed; refusing appends until restarted");
+            state.broken = Some(why.clone());
+        }
+        corrupt(&self.path, why)
     }
 
     /// Writes `env` at the end of the file, unless its command id is in the
     /// window (the original's sequence) or its subject moved on.
     fn write_record(&self, env: &Envelope, expected_last: u64) -> Result<Written, LogError> {
+        if let Some(why) = self.syncer.as_ref().and_then(Syncer::failure) {
+            return Err(self.stop_appending(why));
+        }
         let mut state = self.state.lock().expect("event log lock");
         if let Some(why) = &state.broken {
             return Err(corrupt(&self.path, why));
@@ -614,7 +622,22 @@ impl FileLog {
         state.by_subject.entry(env.subject.clone()).or_default().push(seq);
         let key = state.recent.key(&env.command_id);
         state.recent.push_newest(key, seq, Instant::now());
-        Ok(Written::New { seq, end: state.end })
+        // Acknowledged (tailing readers may see it) once on disk: at once,
+        // or by the fsync thread, whatever becomes of this append's caller
+        // (nothing can cancel it between the write and this).
+        match &self.syncer {
+            Some(syncer) => syncer.wrote(seq, state.end),
+            None => {
+                self.head.send_if_modified(|head| {
+                    let newer = seq > *head;
+                    if newer {
+                        *head = seq;
+                    }
+                    newer
+                });
+            }
+        }
+        Ok(Written::New(seq))
     }
 }
 
@@ -622,8 +645,8 @@ impl FileLog {
 enum Written {
     /// The command id is the event's at this sequence: nothing written.
     Duplicate(u64),
-    /// Written at `seq`; the file now ends at `end`.
-    New { seq: u64, end: u64 },
+    /// Written at this sequence.
+    New(u64),
 }
 
 /// Takes the data directory's lock (`dir/lock`). A node that is just

@@ -1,23 +1,27 @@
 //! Group commit for the embedded log under `NATTER_SYNC=always`.
 //!
 //! An append writes its record on the caller's thread (a `write` into the
-//! page cache: microseconds), then asks this syncer for the file to be on
-//! disk up to the record's end and waits for it without holding a thread.
-//! One thread runs the fsyncs: each makes durable everything written when
-//! it starts, so the appends waiting meanwhile share it. Before, each
+//! page cache: microseconds) and tells this syncer, before anything can
+//! cancel the append ([`Syncer::wrote`]); then it waits, without holding a
+//! thread, until the record is on disk ([`Syncer::acknowledged`]). One
+//! thread runs the fsyncs: each makes durable everything written when it
+//! starts, so the appends waiting meanwhile share it, and it moves the
+//! log's head (what tailing readers may read) past the records it made
+//! durable, whether or not their appends are still waiting. Before, each
 //! append handed its worker to another thread for the fsync
 //! (`block_in_place`): a thread switch or two per append, and under bursts
 //! dozens of threads, each keeping an allocator heap.
 //!
 //! A failed fsync stops the syncer for good: what the kernel put on disk is
-//! unknown after one, so the log refuses appends until natter restarts.
+//! unknown after one, so every append from then on is refused
+//! ([`Syncer::failure`]) until natter restarts and re-reads the file.
 
 use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::watch;
 
 /// The fsync thread of one log file; stopped (after the fsyncs asked for)
-/// when dropped.
+/// by [`Syncer::stop`] or when dropped.
 pub(super) struct Syncer {
     shared: Arc<Shared>,
 }
@@ -25,112 +29,156 @@ pub(super) struct Syncer {
 struct Shared {
     wanted: Mutex<Wanted>,
     wake: Condvar,
-    /// How far the file is known to be on disk; the reason once an fsync
-    /// failed.
-    synced: watch::Sender<Result<u64, String>>,
+    /// The newest record known to be on disk; the reason once an fsync
+    /// failed (or the thread died).
+    durable: watch::Sender<Result<u64, String>>,
+    /// The log's head, moved here once its records are on disk.
+    head: Arc<watch::Sender<u64>>,
 }
 
-/// What the appends ask of the thread.
+/// What the appends ask of the thread: the newest record written, and
+/// where the file ends after it.
 struct Wanted {
-    /// The file's end the newest waiting append needs on disk.
+    seq: u64,
     end: u64,
     stop: bool,
 }
 
 impl Syncer {
-    /// Starts the thread for `file` (a handle on the log), whose first
-    /// `synced` bytes are on disk already.
-    pub(super) fn start(file: std::fs::File, synced: u64) -> std::io::Result<Syncer> {
+    /// Starts the thread for `file` (a handle on the log), whose records up
+    /// to `seq` (the file's first `end` bytes) are on disk already.
+    pub(super) fn start(file: std::fs::File, seq: u64, end: u64, head: Arc<watch::Sender<u64>>) -> std::io::Result<Syncer> {
         let shared = Arc::new(Shared {
-            wanted: Mutex::new(Wanted { end: synced, stop: false }),
+            wanted: Mutex::new(Wanted { seq, end, stop: false }),
             wake: Condvar::new(),
-            synced: watch::Sender::new(Ok(synced)),
+            durable: watch::Sender::new(Ok(seq)),
+            head,
         });
         let running = shared.clone();
-        std::thread::Builder::new().name("natter-log-fsync".into()).spawn(move || run(&running, &file, synced))?;
+        std::thread::Builder::new().name("natter-log-fsync".into()).spawn(move || {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&running, &file, end)));
+            if ran.is_err() {
+                running.durable.send_modify(|d| *d = Err("the event log's fsync thread failed: restart natter".into()));
+            }
+        })?;
         Ok(Syncer { shared })
     }
 
-    /// Waits until the file is on disk up to `end`; the reason if it never
-    /// will be (an fsync failed, or the log is closing).
-    pub(super) async fn durable(&self, end: u64) -> Result<(), String> {
-        let mut synced = self.shared.synced.subscribe();
-        {
-            let mut wanted = self.shared.wanted.lock().expect("log fsync lock");
-            if wanted.stop {
-                return Err("the log is closing".into());
-            }
-            if end > wanted.end {
-                wanted.end = end;
-                self.shared.wake.notify_one();
-            }
+    /// Why records can no longer be made durable, if they cannot.
+    pub(super) fn failure(&self) -> Option<String> {
+        self.shared.durable.borrow().as_ref().err().cloned()
+    }
+
+    /// Record `seq`, ending the file at `end`, was just written: the thread
+    /// makes it durable and moves the head past it, whatever becomes of the
+    /// append that wrote it. Call with no await since the write.
+    pub(super) fn wrote(&self, seq: u64, end: u64) {
+        let mut wanted = lock(&self.shared.wanted);
+        if seq > wanted.seq {
+            (wanted.seq, wanted.end) = (seq, end);
+            self.shared.wake.notify_one();
         }
-        match synced.wait_for(|s| s.as_ref().map_or(true, |at| *at >= end)).await {
-            Ok(state) => state.clone().map(|_| ()),
-            Err(_) => Err("the log's fsync thread is gone".into()),
-        }
+    }
+
+    /// Waits until record `seq` is on disk; the reason if it never will be.
+    pub(super) async fn acknowledged(&self, seq: u64) -> Result<(), String> {
+        let mut durable = self.shared.durable.subscribe();
+        let state = durable.wait_for(|d| d.as_ref().map_or(true, |at| *at >= seq)).await;
+        // The sender lives in `shared`, beside this receiver: never closed.
+        state.map_or_else(|_| Err("the event log's fsync thread is gone".into()), |d| d.clone().map(|_| ()))
+    }
+
+    /// Makes durable what was written so far, then ends the thread.
+    pub(super) fn stop(&self) {
+        lock(&self.shared.wanted).stop = true;
+        self.shared.wake.notify_one();
     }
 }
 
 impl Drop for Syncer {
     fn drop(&mut self) {
-        self.shared.wanted.lock().expect("log fsync lock").stop = true;
-        self.shared.wake.notify_one();
+        self.stop();
     }
 }
 
-/// The thread: fsyncs whenever an append waits for more than is on disk,
-/// until stopped with nothing left to sync or an fsync fails.
+fn lock(wanted: &Mutex<Wanted>) -> std::sync::MutexGuard<'_, Wanted> {
+    wanted.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The thread: fsyncs whenever a record written is not yet on disk, until
+/// stopped with nothing left to sync or an fsync fails.
 fn run(shared: &Shared, file: &std::fs::File, mut done: u64) {
     loop {
-        let want = {
-            let mut wanted = shared.wanted.lock().expect("log fsync lock");
+        let (seq, end) = {
+            let mut wanted = lock(&shared.wanted);
             while wanted.end <= done && !wanted.stop {
-                wanted = shared.wake.wait(wanted).expect("log fsync lock");
+                wanted = shared.wake.wait(wanted).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             if wanted.end <= done {
-                return; // stopped, nothing waiting
+                return; // stopped, nothing written since the last fsync
             }
-            wanted.end
+            (wanted.seq, wanted.end)
         };
-        // Everything written before this call is covered: at least `want`.
-        match file.sync_data() {
-            Ok(()) => {
-                done = want;
-                shared.synced.send_modify(|s| *s = Ok(want));
-            }
-            Err(e) => {
-                shared.synced.send_modify(|s| *s = Err(format!("fsync failed ({e}): restart natter")));
-                return;
-            }
+        // Every record written before this call is covered, through `seq`
+        // at least (records are written in sequence order).
+        if let Err(e) = file.sync_data() {
+            shared.durable.send_modify(|d| *d = Err(format!("an fsync failed ({e}): restart natter")));
+            return;
         }
+        done = end;
+        shared.durable.send_modify(|d| {
+            if let Ok(at) = d {
+                *at = (*at).max(seq);
+            }
+        });
+        shared.head.send_if_modified(|head| {
+            let newer = seq > *head;
+            if newer {
+                *head = seq;
+            }
+            newer
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
+    async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f).await.expect(what)
+    }
+
     #[tokio::test]
-    async fn appends_wait_for_their_bytes_on_disk_and_a_stopped_syncer_takes_no_more() {
+    async fn a_record_is_acknowledged_and_its_head_moved_once_synced_even_if_nobody_waits() {
         let path = std::env::temp_dir().join(format!("natter-syncer-{}", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&path).unwrap();
-        let syncer = Syncer::start(file.try_clone().unwrap(), 0).unwrap();
-        std::io::Write::write_all(&mut &file, b"one record").unwrap();
-        syncer.durable(10).await.unwrap();
-        assert_eq!(*syncer.shared.synced.borrow(), Ok(10));
-        // Many appends waiting at once are all answered.
-        std::io::Write::write_all(&mut &file, b"and more").unwrap();
-        let waits: Vec<_> = (11..=18).map(|end| syncer.durable(end)).collect();
-        for w in futures::future::join_all(waits).await {
-            w.unwrap();
-        }
-        syncer.durable(5).await.expect("already on disk");
-        let shared = syncer.shared.clone();
-        drop(syncer);
-        assert!(shared.wanted.lock().unwrap().stop);
-        let stopped = Syncer { shared };
-        assert!(stopped.durable(100).await.is_err(), "a closing log syncs no more");
+        let head = Arc::new(watch::Sender::new(0));
+        let syncer = Syncer::start(file.try_clone().unwrap(), 0, 0, head.clone()).unwrap();
+
+        std::io::Write::write_all(&mut &file, b"one").unwrap();
+        syncer.wrote(1, 3);
+        within("acknowledged", syncer.acknowledged(1)).await.unwrap();
+        assert_eq!(*head.borrow(), 1);
+
+        // Nobody waits for records 2 and 3 (their appends were cancelled):
+        // the head still moves past them, and one fsync covers both.
+        std::io::Write::write_all(&mut &file, b"twothree").unwrap();
+        syncer.wrote(3, 11);
+        syncer.wrote(2, 6); // an earlier record told late changes nothing
+        let mut moved = head.subscribe();
+        within("the head moves", moved.wait_for(|h| *h == 3)).await.unwrap();
+        within("acknowledged", syncer.acknowledged(2)).await.unwrap();
+        assert_eq!(syncer.failure(), None);
+
+        // Stopped, it still syncs what was written before.
+        std::io::Write::write_all(&mut &file, b"four").unwrap();
+        syncer.wrote(4, 15);
+        syncer.stop();
+        within("acknowledged", syncer.acknowledged(4)).await.unwrap();
+        assert_eq!(*head.borrow(), 4);
         let _ = std::fs::remove_file(&path);
     }
 }

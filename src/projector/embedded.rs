@@ -85,38 +85,54 @@ impl ParkedFile {
 }
 
 /// How far the tail has applied the log to every projection (the views'
-/// applied floor of the embedded mode). A command waits on it for the tail
-/// to apply what it appended, instead of applying it a second time.
-pub struct TailPosition(watch::Sender<u64>);
+/// applied floor of the embedded mode), and whether it is still following
+/// the log. A command waits on it for the tail to apply what it appended,
+/// instead of applying it a second time.
+pub struct TailPosition(watch::Sender<Tail>);
+
+#[derive(Clone, Copy)]
+struct Tail {
+    applied: u64,
+    /// The tail stopped (the node is stopping): nothing more is applied.
+    stopped: bool,
+}
 
 impl Default for TailPosition {
     fn default() -> Self {
-        TailPosition(watch::Sender::new(0))
+        TailPosition(watch::Sender::new(Tail { applied: 0, stopped: false }))
     }
 }
 
 impl TailPosition {
     /// Every projection has applied the log through `seq` (never backwards).
     fn advance(&self, seq: u64) {
-        self.0.send_if_modified(|at| {
-            let newer = seq > *at;
+        self.0.send_if_modified(|tail| {
+            let newer = seq > tail.applied;
             if newer {
-                *at = seq;
+                tail.applied = seq;
             }
             newer
         });
+    }
+
+    /// The tail follows the log no more: waiting for it is over.
+    fn stop(&self) {
+        self.0.send_modify(|tail| tail.stopped = true);
     }
 }
 
 #[async_trait]
 impl ViewsProgress for TailPosition {
     async fn applied_through(&self) -> Result<u64, LogError> {
-        Ok(*self.0.borrow())
+        Ok(self.0.borrow().applied)
     }
 
     async fn reached(&self, seq: u64, within: Duration) -> bool {
-        let mut at = self.0.subscribe();
-        matches!(tokio::time::timeout(within, at.wait_for(|at| *at >= seq)).await, Ok(Ok(_)))
+        let mut tail = self.0.subscribe();
+        match tokio::time::timeout(within, tail.wait_for(|t| t.applied >= seq || t.stopped)).await {
+            Ok(Ok(t)) => t.applied >= seq,
+            _ => false,
+        }
     }
 }
 
@@ -292,7 +308,12 @@ impl FileTail {
     }
 
     /// Follows the log from `after` until `shutdown` turns true.
-    pub async fn run(self, mut after: u64, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, after: u64, shutdown: watch::Receiver<bool>) {
+        self.follow(after, shutdown).await;
+        self.applied.stop();
+    }
+
+    async fn follow(&self, mut after: u64, mut shutdown: watch::Receiver<bool>) {
         let mut appended = self.log.watch_head();
         loop {
             after = self.catch_up(after).await;
@@ -317,12 +338,27 @@ mod tests {
         tail.advance(3);
         assert!(tail.reached(3, Duration::from_millis(1)).await, "already applied");
         assert!(!tail.reached(4, Duration::from_millis(50)).await, "not applied within the wait: the command applies it itself");
-        let moving = tail.clone();
-        let waiting = tokio::spawn(async move { moving.reached(5, Duration::from_secs(30)).await });
+        let waiter = |seq| {
+            let tail = tail.clone();
+            tokio::spawn(async move { tail.reached(seq, Duration::from_secs(30)).await })
+        };
+        let waiting = waiter(5);
+        tokio::task::yield_now().await; // it waits now
         tail.advance(4);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "not before the tail passes it");
         tail.advance(6);
-        assert!(waiting.await.unwrap(), "woken as soon as the tail passes it");
+        let woken = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken as soon as the tail passes it");
+        assert!(woken.unwrap());
         tail.advance(2);
         assert_eq!(tail.applied_through().await.unwrap(), 6, "never backwards");
+
+        // A stopped tail applies nothing more: no command waits for it.
+        let waiting = waiter(7);
+        tokio::task::yield_now().await;
+        tail.stop();
+        let answered = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("answered as soon as the tail stops");
+        assert!(!answered.unwrap(), "not applied: the command applies it itself");
+        assert!(!tail.reached(8, Duration::from_secs(30)).await);
     }
 }
