@@ -345,10 +345,16 @@ impl LocalStore {
     /// old, else in memory only until the next [`LocalStore::flush`]. An
     /// error from `f` aborts it (nothing it wrote is kept).
     pub fn write(&self, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
-        match self.writing.try_lock() {
-            Ok(_writing) if !self.durable_due() => self.write_now(false, f),
-            Ok(_writing) => blocking(|| self.write_now(true, f)),
-            Err(_) => blocking(|| {
+        let free = match self.writing.try_lock() {
+            Ok(held) => Some(held),
+            // A panic while it was held left nothing to undo (see `gate`).
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        match free {
+            Some(_writing) if !self.durable_due() => self.write_now(false, f),
+            Some(_writing) => blocking(|| self.write_now(true, f)),
+            None => blocking(|| {
                 let _writing = gate(&self.writing);
                 self.write_now(self.durable_due(), f)
             }),

@@ -16,9 +16,11 @@
 //! bytes are kept beside the log in `events.log.cut-<unix time>`.
 //!
 //! Appends are written under a lock and acknowledged once on disk: with
-//! [`SyncPolicy::Always`] after an fsync, which runs outside the lock so
-//! concurrent appends share one (group commit). Readers tailing the log see
-//! an event only once it is acknowledged ([`FileLog::watch_head`]).
+//! [`SyncPolicy::Always`] after an fsync, which one thread runs outside the
+//! lock so concurrent appends share one (group commit, `syncer.rs`).
+//! Readers tailing the log, and a retry's search of a conversation
+//! ([`EventLog::next_on`]), see an event only once it is on disk
+//! ([`FileLog::watch_head`]), whether or not its append is still waiting.
 //! Optimistic concurrency (expected last sequence of the subject) and
 //! command-id deduplication (within the window) behave as JetStream's do.
 //!
@@ -363,8 +365,9 @@ impl FileLog {
         &self.path
     }
 
-    /// The newest acknowledged sequence, updated after every append (for
-    /// tailing: an event is visible here only once it is on disk).
+    /// The newest sequence on disk (for tailing: an event is visible here
+    /// only once it is; with [`SyncPolicy::Always`] the fsync thread moves
+    /// it, for every record it made durable).
     pub fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
         self.head.subscribe()
     }
@@ -505,10 +508,15 @@ impl EventLog for FileLog {
             .collect())
     }
 
+    /// Only what is on disk: a retry's search must not adopt an original
+    /// whose fsync may yet fail (JetStream's reads see acknowledged
+    /// messages only, too). The retry's append then meets it in the dedup
+    /// window and waits for it.
     async fn next_on(&self, subject: &str, from: u64) -> Result<Option<Logged>, LogError> {
+        let head = *self.head.borrow();
         let mut state = self.state.lock().expect("event log lock");
         let next = state.by_subject.get(subject).and_then(|seqs| seqs.get(seqs.partition_point(|&s| s < from)).copied());
-        next.map(|seq| self.read_at(&mut state, seq)).transpose()
+        next.filter(|&seq| seq <= head).map(|seq| self.read_at(&mut state, seq)).transpose()
     }
 
     async fn next_under(&self, prefix: &str, from: u64) -> Result<Option<Logged>, LogError> {

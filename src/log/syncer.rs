@@ -126,17 +126,18 @@ fn run(shared: &Shared, file: &std::fs::File, mut done: u64) {
             return;
         }
         done = end;
-        shared.durable.send_modify(|d| {
-            if let Ok(at) = d {
-                *at = (*at).max(seq);
-            }
-        });
+        // The head first: an acknowledged append is visible to the tail.
         shared.head.send_if_modified(|head| {
             let newer = seq > *head;
             if newer {
                 *head = seq;
             }
             newer
+        });
+        shared.durable.send_modify(|d| {
+            if let Ok(at) = d {
+                *at = (*at).max(seq);
+            }
         });
     }
 }

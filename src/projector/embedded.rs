@@ -288,7 +288,7 @@ impl FileTail {
         true
     }
 
-    /// Applies every acknowledged event after `after` up to the log's head
+    /// Applies every event on disk after `after` up to the log's head
     /// now (or until the node stops), [`BATCH`] at a time; returns the last
     /// sequence applied.
     pub async fn catch_up(&self, after: u64) -> u64 {
@@ -309,8 +309,15 @@ impl FileTail {
 
     /// Follows the log from `after` until `shutdown` turns true.
     pub async fn run(self, after: u64, shutdown: watch::Receiver<bool>) {
+        /// Marks the tail stopped however `follow` ends (a panic too).
+        struct Stopped(Arc<TailPosition>);
+        impl Drop for Stopped {
+            fn drop(&mut self) {
+                self.0.stop();
+            }
+        }
+        let _stopped = Stopped(self.applied.clone());
         self.follow(after, shutdown).await;
-        self.applied.stop();
     }
 
     async fn follow(&self, mut after: u64, mut shutdown: watch::Receiver<bool>) {
