@@ -370,32 +370,30 @@ impl LocalStore {
     /// [`LocalStore::write`] holding the write gate, durable if `due` (and
     /// the log could be synced).
     fn write_now(&self, due: bool, f: impl FnOnce(&WriteTransaction) -> Result<(), ApplyError>) -> Result<(), ApplyError> {
-        {
-            let db = self.db()?;
-            let mut tx = db.as_ref().expect("open").begin_write()?;
-            // A durable commit also makes every earlier one durable: the
-            // log must be on disk as far as they reflect it (synced inside
-            // the transaction: no commit can slip in after the sync).
-            let due = due && self.before_durable().is_ok();
+        let db = self.db()?;
+        let mut tx = db.as_ref().expect("open").begin_write()?;
+        // A durable commit also makes every earlier one durable: the
+        // log must be on disk as far as they reflect it (synced inside
+        // the transaction: no commit can slip in after the sync).
+        let due = due && self.before_durable().is_ok();
+        if due {
+            tx.set_quick_repair(true);
+            self.dirty.store(false, Ordering::Release);
+        } else {
+            tx.set_durability(Durability::None).map_err(|e| ApplyError::Unavailable(format!("local view store: {e}")))?;
+        }
+        if let Err(e) = f(&tx).map_err(ApplyError::from).and_then(|()| self.commit(tx).map_err(ApplyError::from)) {
             if due {
-                tx.set_quick_repair(true);
-                self.dirty.store(false, Ordering::Release);
-            } else {
-                tx.set_durability(Durability::None).map_err(|e| ApplyError::Unavailable(format!("local view store: {e}")))?;
-            }
-            if let Err(e) = f(&tx).map_err(ApplyError::from).and_then(|()| self.commit(tx).map_err(ApplyError::from)) {
-                if due {
-                    self.dirty.store(true, Ordering::Release);
-                }
-                return Err(e);
-            }
-            if due {
-                *self.durable_at.lock().expect("durable clock") = Instant::now();
-            } else {
                 self.dirty.store(true, Ordering::Release);
             }
-            Ok(())
+            return Err(e);
         }
+        if due {
+            *self.durable_at.lock().expect("durable clock") = Instant::now();
+        } else {
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// One read transaction: a snapshot of everything committed before.

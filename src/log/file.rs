@@ -635,15 +635,7 @@ impl FileLog {
         // (nothing can cancel it between the write and this).
         match &self.syncer {
             Some(syncer) => syncer.wrote(seq, state.end),
-            None => {
-                self.head.send_if_modified(|head| {
-                    let newer = seq > *head;
-                    if newer {
-                        *head = seq;
-                    }
-                    newer
-                });
-            }
+            None => super::raise_head(&self.head, seq),
         }
         Ok(Written::New(seq))
     }

@@ -80,6 +80,18 @@ pub trait EventLog: Send + Sync {
     fn dedup_window(&self) -> std::time::Duration;
 }
 
+/// Moves a log's head (its newest sequence readers may see) up to `seq`,
+/// never back, waking its watchers only when it moves.
+fn raise_head(head: &tokio::sync::watch::Sender<u64>, seq: u64) {
+    head.send_if_modified(|at| {
+        let newer = seq > *at;
+        if newer {
+            *at = seq;
+        }
+        newer
+    });
+}
+
 /// How far the views have applied the log, for recognising a retry at any
 /// age (`commands/retry.rs`). The distributed mode asks the views'
 /// JetStream consumer, the embedded one its log tail.

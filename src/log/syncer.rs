@@ -127,13 +127,7 @@ fn run(shared: &Shared, file: &std::fs::File, mut done: u64) {
         }
         done = end;
         // The head first: an acknowledged append is visible to the tail.
-        shared.head.send_if_modified(|head| {
-            let newer = seq > *head;
-            if newer {
-                *head = seq;
-            }
-            newer
-        });
+        super::raise_head(&shared.head, seq);
         shared.durable.send_modify(|d| {
             if let Ok(at) = d {
                 *at = (*at).max(seq);

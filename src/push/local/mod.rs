@@ -810,9 +810,7 @@ mod tests {
         }
         let bus = LocalPush::in_memory(Duration::from_secs(3600));
         // What an earlier build left: the events fanned out, no memberships.
-        bus.store.write(|tx| {
-            set_meta(tx, "head", 3)
-        }).unwrap();
+        bus.store.write(|tx| set_meta(tx, "head", 3)).unwrap();
         bus.record_earlier_members(&log, "p").await.unwrap();
         bus.deliver_at(4, Utc::now().timestamp_millis(), "e4", vec![(To::Room("r".into()), room(4))]).unwrap();
         assert_eq!(cursors(bus.replay("bob", 3, 10).await.unwrap()), [(4, 3)]);
