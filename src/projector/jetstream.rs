@@ -34,8 +34,15 @@ use crate::metrics::Metrics;
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// How long one event may hold its place by progress acks.
 const PROGRESS_AT_MOST: Duration = Duration::from_secs(120);
-/// Most events an order-free projection applies together.
+/// Most events an order-free projection applies together while live.
 const BATCH: usize = 256;
+/// Most events it applies together while catching up (a rebuild, or after
+/// an outage): the stores' per-batch costs (a read mark per conversation,
+/// a round trip per collection) then weigh little per event.
+const CATCH_UP_BATCH: usize = 4096;
+/// Most payload bytes a batch holds, and a pull buffers, whatever their
+/// count (a body is at most `NATTER_MAX_BODY_BYTES`).
+const BATCH_BYTES: usize = 8 << 20;
 /// How long a batch waits for more events after its first: live, a few
 /// events share the stores' round trips (reads stay fresh: the writing
 /// node applied each event already); a rebuild's batches fill at once.
@@ -53,7 +60,9 @@ pub fn consumer_config(durable: &str, ordered: bool) -> pull::Config {
     // Ordered projections get one event in flight across the cluster and a
     // short ack wait, so a crashed node holds the line only briefly;
     // a dead node's in-flight events return after the ack wait.
-    let (max_ack_pending, ack_wait) = if ordered { (1, Duration::from_secs(5)) } else { (1024, Duration::from_secs(10)) };
+    // An order-free one has room for two catch-up batches: the next is
+    // delivered while one is applied.
+    let (max_ack_pending, ack_wait) = if ordered { (1, Duration::from_secs(5)) } else { (2 * CATCH_UP_BATCH as i64, Duration::from_secs(10)) };
     pull::Config {
         durable_name: Some(durable.to_owned()),
         ack_policy: AckPolicy::Explicit,
@@ -145,7 +154,12 @@ impl Projector {
         };
         let stream = self.js.get_stream(stream).await?;
         let consumer = stream.get_or_create_consumer(&durable, consumer_config(&durable, self.projection.ordered())).await?;
-        let mut messages = consumer.messages().await?;
+        // Half the consumer's room for unacknowledged events (a consumer
+        // created before catch-up batches has 1,024).
+        let in_flight = usize::try_from(consumer.cached_info().config.max_ack_pending).unwrap_or(BATCH);
+        let catch_up = (in_flight / 2).clamp(BATCH, CATCH_UP_BATCH);
+        let mut messages =
+            consumer.stream().max_messages_per_batch(catch_up).max_bytes_per_batch(BATCH_BYTES).heartbeat(Duration::from_secs(15)).messages().await?;
         // A rebuilt projection becomes live under a new version: follow it
         // to its consumer.
         let mut version_check = tokio::time::interval(Duration::from_secs(1));
@@ -165,14 +179,23 @@ impl Projector {
                 self.handle(&msg).await;
                 continue;
             }
-            // What else arrives within the linger joins the batch (a
-            // rebuild's pulls fill it at once). An error or the end of
-            // the stream closes it; the next turn reports them.
+            // What else arrives within the linger joins the batch; behind
+            // a backlog (a rebuild, an outage) the batch is bigger and
+            // fills at once. An error or the end of the stream closes it;
+            // the next turn reports them.
+            let most = match msg.info() {
+                Ok(info) if info.pending as usize >= BATCH => catch_up,
+                _ => BATCH,
+            };
+            let mut bytes = msg.payload.len();
             let mut batch = vec![msg];
             let linger = tokio::time::Instant::now() + LINGER;
-            while batch.len() < BATCH {
+            while batch.len() < most && bytes < BATCH_BYTES {
                 match tokio::time::timeout_at(linger, messages.next()).await {
-                    Ok(Some(Ok(msg))) => batch.push(msg),
+                    Ok(Some(Ok(msg))) => {
+                        bytes += msg.payload.len();
+                        batch.push(msg);
+                    }
                     Ok(Some(Err(e))) => {
                         tracing::warn!(projection = %self.label(), error = %e, "consumer stream error");
                         break;
