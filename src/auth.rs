@@ -9,7 +9,8 @@
 //! Passwords are argon2id PHC strings, hashed and verified on the blocking
 //! pool so a burst of logins cannot stall the runtime.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -86,7 +87,16 @@ pub struct Auth {
     issuer: String,
     audience: String,
     ttl_secs: u64,
+    /// Tokens verified already (the whole token is the key): a client
+    /// sends the same one with every request, and checking its signature
+    /// and claims again was 3-4% of a message's CPU.
+    verified: Arc<Mutex<HashMap<String, Identity>>>,
 }
+
+/// Most tokens [`Auth::verify`] remembers; it forgets them all when full.
+const VERIFIED_AT_MOST: usize = 4096;
+/// Seconds past `exp` a token is still taken (clocks differ a little).
+const LEEWAY_SECS: u64 = 5;
 
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -118,6 +128,7 @@ impl Auth {
             issuer: cfg.jwt_issuer.clone(),
             audience: cfg.jwt_audience.clone(),
             ttl_secs: cfg.token_ttl.as_secs(),
+            verified: Default::default(),
         })
     }
 
@@ -135,6 +146,26 @@ impl Auth {
 
     /// The caller's identity, if the token is valid now.
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        let known = self.verified.lock().expect("verified tokens lock").get(token).cloned();
+        if let Some(identity) = known {
+            // Only its expiry can have changed since it was verified.
+            if identity.expires + LEEWAY_SECS < now_secs() {
+                self.verified.lock().expect("verified tokens lock").remove(token);
+                return Err(TokenError::Expired);
+            }
+            return Ok(identity);
+        }
+        let identity = self.verify_anew(token)?;
+        let mut verified = self.verified.lock().expect("verified tokens lock");
+        if verified.len() >= VERIFIED_AT_MOST {
+            verified.clear();
+        }
+        verified.insert(token.to_owned(), identity.clone());
+        Ok(identity)
+    }
+
+    /// [`Auth::verify`]: the signature, then the claims.
+    fn verify_anew(&self, token: &str) -> Result<Identity, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
         let (alg, key) = self
             .decoding
@@ -142,7 +173,7 @@ impl Auth {
             .find(|(alg, _)| *alg == header.alg)
             .ok_or_else(|| TokenError::Invalid(format!("algorithm {:?} is not accepted", header.alg)))?;
         let mut validation = Validation::new(*alg);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECS;
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
@@ -244,6 +275,25 @@ mod tests {
         let id = a.verify(&a.issue("amy")).unwrap();
         assert_eq!(id.user, "amy");
         assert!(id.expires > now_secs() && id.expires <= now_secs() + a.ttl_secs);
+    }
+
+    #[test]
+    fn a_token_verified_before_is_still_refused_once_expired_and_the_memory_is_bounded() {
+        let a = auth();
+        let token = a.issue("amy");
+        assert_eq!(a.verify(&token).unwrap().user, "amy");
+        // As if verified an hour ago with an expiry now past the leeway.
+        let stale = Identity { user: "amy".into(), expires: now_secs() - LEEWAY_SECS - 1 };
+        a.verified.lock().unwrap().insert(token.clone(), stale);
+        assert!(matches!(a.verify(&token), Err(TokenError::Expired)));
+        assert!(!a.verified.lock().unwrap().contains_key(&token), "forgotten once expired");
+        // A token of another secret is never taken from memory.
+        let other = Auth::new(&AuthSettings { jwt_secret: Some("another-secret-another-secret-xx".to_string().into()), ..AuthSettings::default() }, None).unwrap();
+        assert!(other.verify(&token).is_err());
+        for i in 0..=VERIFIED_AT_MOST {
+            a.verify(&a.issue(&format!("u{i}"))).unwrap();
+        }
+        assert!(a.verified.lock().unwrap().len() <= VERIFIED_AT_MOST);
     }
 
     #[test]
