@@ -149,7 +149,7 @@ impl Auth {
         let known = self.verified.lock().expect("verified tokens lock").get(token).cloned();
         if let Some(identity) = known {
             // Only its expiry can have changed since it was verified.
-            if identity.expires + LEEWAY_SECS < now_secs() {
+            if identity.expires.saturating_add(LEEWAY_SECS) < now_secs() {
                 self.verified.lock().expect("verified tokens lock").remove(token);
                 return Err(TokenError::Expired);
             }
@@ -287,13 +287,20 @@ mod tests {
         a.verified.lock().unwrap().insert(token.clone(), stale);
         assert!(matches!(a.verify(&token), Err(TokenError::Expired)));
         assert!(!a.verified.lock().unwrap().contains_key(&token), "forgotten once expired");
-        // A token of another secret is never taken from memory.
-        let other = Auth::new(&AuthSettings { jwt_secret: Some("another-secret-another-secret-xx".to_string().into()), ..AuthSettings::default() }, None).unwrap();
-        assert!(other.verify(&token).is_err());
-        for i in 0..=VERIFIED_AT_MOST {
+        // Remembered, a token with its signature altered is still refused.
+        let fresh = a.issue("amy");
+        a.verify(&fresh).unwrap();
+        assert!(a.verified.lock().unwrap().contains_key(&fresh), "remembered");
+        let (unsigned, signature) = fresh.rsplit_once('.').unwrap();
+        let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
+        assert!(a.verify(&format!("{unsigned}.{flipped}{}", &signature[1..])).is_err());
+        // Full, the memory is cleared: it never holds more.
+        for i in 1..VERIFIED_AT_MOST {
             a.verify(&a.issue(&format!("u{i}"))).unwrap();
         }
-        assert!(a.verified.lock().unwrap().len() <= VERIFIED_AT_MOST);
+        assert_eq!(a.verified.lock().unwrap().len(), VERIFIED_AT_MOST);
+        a.verify(&a.issue("one-more")).unwrap();
+        assert_eq!(a.verified.lock().unwrap().len(), 1);
     }
 
     #[test]

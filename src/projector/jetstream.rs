@@ -19,7 +19,7 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use natter_events::Envelope;
 use natter_projections::Projection;
 use tokio::sync::watch;
@@ -155,11 +155,18 @@ impl Projector {
         let stream = self.js.get_stream(stream).await?;
         let consumer = stream.get_or_create_consumer(&durable, consumer_config(&durable, self.projection.ordered())).await?;
         // Half the consumer's room for unacknowledged events (a consumer
-        // created before catch-up batches has 1,024).
-        let in_flight = usize::try_from(consumer.cached_info().config.max_ack_pending).unwrap_or(BATCH);
-        let catch_up = (in_flight / 2).clamp(BATCH, CATCH_UP_BATCH);
+        // created before catch-up batches has 1,024), within what the
+        // server lets one pull ask for (its `max_request_batch` and
+        // `max_request_max_bytes`, when an operator set them). A pull's
+        // byte budget is never below the connection's largest message,
+        // which it could not deliver.
+        let config = &consumer.cached_info().config;
+        let limit = |value: i64| usize::try_from(value).ok().filter(|v| *v > 0);
+        let in_flight = limit(config.max_ack_pending).unwrap_or(2 * CATCH_UP_BATCH);
+        let catch_up = (in_flight / 2).min(limit(config.max_batch).unwrap_or(usize::MAX)).clamp(1, CATCH_UP_BATCH);
+        let pull_bytes = BATCH_BYTES.max(self.js.client().max_payload()).min(limit(config.max_bytes).unwrap_or(usize::MAX));
         let mut messages =
-            consumer.stream().max_messages_per_batch(catch_up).max_bytes_per_batch(BATCH_BYTES).heartbeat(Duration::from_secs(15)).messages().await?;
+            consumer.stream().max_messages_per_batch(catch_up).max_bytes_per_batch(pull_bytes).heartbeat(Duration::from_secs(15)).messages().await?;
         // A rebuilt projection becomes live under a new version: follow it
         // to its consumer.
         let mut version_check = tokio::time::interval(Duration::from_secs(1));
@@ -180,7 +187,8 @@ impl Projector {
                 continue;
             }
             // What else arrives within the linger joins the batch; behind
-            // a backlog (a rebuild, an outage) the batch is bigger and
+            // a backlog (a rebuild, an outage: events still on the server,
+            // or already pulled and waiting here) the batch is bigger and
             // fills at once. An error or the end of the stream closes it;
             // the next turn reports them.
             let most = match msg.info() {
@@ -190,20 +198,26 @@ impl Projector {
             let mut bytes = msg.payload.len();
             let mut batch = vec![msg];
             let linger = tokio::time::Instant::now() + LINGER;
-            while batch.len() < most && bytes < BATCH_BYTES {
-                match tokio::time::timeout_at(linger, messages.next()).await {
-                    Ok(Some(Ok(msg))) => {
+            while batch.len() < catch_up && bytes < BATCH_BYTES {
+                let next = if batch.len() < most {
+                    tokio::time::timeout_at(linger, messages.next()).await.ok()
+                } else {
+                    // Past a live batch's size: only what is here already.
+                    messages.next().now_or_never()
+                };
+                match next {
+                    Some(Some(Ok(msg))) => {
                         bytes += msg.payload.len();
                         batch.push(msg);
                     }
-                    Ok(Some(Err(e))) => {
+                    Some(Some(Err(e))) => {
                         tracing::warn!(projection = %self.label(), error = %e, "consumer stream error");
                         break;
                     }
-                    Ok(None) | Err(_) => break,
+                    Some(None) | None => break,
                 }
             }
-            self.handle_batch(&batch).await;
+            self.handle_batch(&batch.iter().collect::<Vec<_>>()).await;
         }
     }
 
@@ -239,14 +253,15 @@ impl Projector {
         matches!(self.feed, Feed::Log { .. }) && !self.projection.ordered()
     }
 
-    /// Applies `msgs` together ([`project_batch`]); an undecodable one, or
-    /// all of them when the batch holds a poison event, go through
-    /// [`Projector::handle`] one by one.
-    async fn handle_batch(&self, msgs: &[jetstream::Message]) {
+    /// Applies `msgs` together ([`project_batch`]); an undecodable one goes
+    /// through [`Projector::handle`]. A batch holding a poison event is
+    /// applied again in parts of [`BATCH`], and only the part holding it
+    /// one event at a time (which parks that one).
+    async fn handle_batch(&self, msgs: &[&jetstream::Message]) {
         let label = self.label();
         let mut decoded = Vec::with_capacity(msgs.len());
         let mut lag = 0;
-        for msg in msgs {
+        for &msg in msgs {
             let (seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
             lag = pending;
             match Envelope::decode(&msg.payload) {
@@ -266,6 +281,13 @@ impl Projector {
             BatchNext::OneByOne => {
                 // The batch's other events wait their turn: keep them too.
                 let one_by_one = async {
+                    if decoded.len() > BATCH {
+                        let msgs: Vec<&jetstream::Message> = decoded.iter().map(|(_, _, msg)| *msg).collect();
+                        for part in msgs.chunks(BATCH) {
+                            Box::pin(self.handle_batch(part)).await;
+                        }
+                        return;
+                    }
                     for (_, _, msg) in &decoded {
                         self.handle(msg).await;
                     }

@@ -245,6 +245,69 @@ async fn a_poison_event_is_parked_and_the_projectors_go_on() {
     c.stop().await;
 }
 
+/// A backlog (here 603 events, found by the first node to start) is
+/// caught up in batches bigger than a live one. One holding poison (an
+/// undecodable event, and a message whose idempotency key an earlier one
+/// holds: poison for the views only) is applied again in parts, and only
+/// the part with the contradicting message one event at a time: each
+/// poison event is parked once per projection and nothing else is lost.
+#[tokio::test]
+async fn a_backlog_holding_poison_is_caught_up_and_parks_each_poison_event_once() {
+    use natter_events::Event;
+    let mut c = Cluster::start(0).await;
+    let mut h = History::new(&c.cfg.log.subject_prefix, 2);
+    for i in 0..600 {
+        h.send(i % 2, (i + 1) % 2);
+    }
+    // The 400th event is replaced by a contradicting copy of itself: the
+    // idempotency key of the 100th, a message id of its own.
+    let first_key = h.envelopes[100].command_id.clone();
+    let mut clash = h.envelopes[400].clone();
+    let Event::MessageSent(e) = &mut clash.event else { panic!("a message") };
+    e.message_id = uuid::Uuid::now_v7().to_string();
+    let clash_seq = e.seq;
+    clash.command_id = first_key;
+    append_all(&c, &h.envelopes[..300]).await;
+    let js = c.nats().jetstream().clone();
+    js.publish(format!("{}.ev.dm.x.y", c.cfg.log.subject_prefix), "{ not an event".into()).await.unwrap().await.unwrap();
+    append_all(&c, &h.envelopes[300..400]).await;
+    // Published as a faulty writer would: the log's deduplication (the
+    // idempotency key is the message id) would drop it.
+    js.publish(clash.subject.clone(), clash.encode().into()).await.unwrap().await.unwrap();
+    append_all(&c, &h.envelopes[401..]).await;
+    let head = c.nats().head().await.unwrap();
+    c.add_node().await;
+
+    let stream = js.get_stream(&c.cfg.distributed.stream).await.unwrap();
+    eventually_within("both projectors to catch up with the log", 120, || async {
+        let mut done = true;
+        for durable in ["mongo-views-v1", "redis-unseen-v1"] {
+            done &= stream.consumer_info(durable).await.is_ok_and(|i| i.ack_floor.stream_sequence >= head && i.num_ack_pending == 0);
+        }
+        done
+    })
+    .await;
+    assert_eq!(c.metric(0, "natter_projection_parked_total{projection=\"mongo-views\"}").await, 2.0, "the undecodable event and the contradicting message");
+    assert_eq!(c.metric(0, "natter_projection_parked_total{projection=\"redis-unseen\"}").await, 1.0, "the undecodable event");
+    let mut parked = js.get_stream(format!("{}_PARKED", c.cfg.distributed.stream)).await.unwrap();
+    let by_subject: std::collections::HashMap<String, usize> = {
+        use futures::TryStreamExt;
+        parked.info_with_subjects(format!("{}.parked.>", c.cfg.log.subject_prefix)).await.unwrap().try_collect().await.unwrap()
+    };
+    let parked_of = |p: &str| by_subject.get(&format!("{}.parked.{p}", c.cfg.log.subject_prefix)).copied().unwrap_or(0);
+    assert_eq!((parked_of("mongo-views"), parked_of("redis-unseen")), (2, 1), "each parked once: {by_subject:?}");
+
+    // Every other message is in the views, the contradicting one is not.
+    let db = natter::distributed::connect_mongo(c.cfg.distributed.mongo_url.as_deref().unwrap(), &c.cfg.distributed.mongo_db).await.unwrap();
+    let views = MongoViews::open(&db).await.unwrap();
+    let conversation = natter_events::subjects::dm_conversation(&h.users[0], &h.users[1]);
+    let stored = views.messages(&conversation, None, 1000).await.unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+    let expected: Vec<u64> = (1..=600).filter(|s| *s != clash_seq).collect();
+    assert_eq!(seqs, expected, "every message but the contradicting one (seq {clash_seq}), once");
+    c.stop().await;
+}
+
 #[tokio::test]
 async fn projectors_killed_five_times_during_5000_events_converge_to_a_fresh_rebuild() {
     let c = Cluster::start(0).await;
