@@ -164,7 +164,17 @@ impl Projector {
         let limit = |value: i64| usize::try_from(value).ok().filter(|v| *v > 0);
         let in_flight = limit(config.max_ack_pending).unwrap_or(2 * CATCH_UP_BATCH);
         let catch_up = (in_flight / 2).min(limit(config.max_batch).unwrap_or(usize::MAX)).clamp(1, CATCH_UP_BATCH);
-        let pull_bytes = BATCH_BYTES.max(self.js.client().max_payload()).min(limit(config.max_bytes).unwrap_or(usize::MAX));
+        let largest = self.js.client().max_payload();
+        let pull_bytes = BATCH_BYTES.max(largest).min(limit(config.max_bytes).unwrap_or(usize::MAX));
+        if pull_bytes < largest {
+            tracing::warn!(
+                projection = %self.label(),
+                consumer = %durable,
+                max_request_max_bytes = pull_bytes,
+                max_payload = largest,
+                "the consumer's max_request_max_bytes is below NATS's max_payload: an event larger than it is never delivered and the projection stalls on it"
+            );
+        }
         let mut messages =
             consumer.stream().max_messages_per_batch(catch_up).max_bytes_per_batch(pull_bytes).heartbeat(Duration::from_secs(15)).messages().await?;
         // A rebuilt projection becomes live under a new version: follow it
@@ -189,35 +199,41 @@ impl Projector {
             // What else arrives within the linger joins the batch; behind
             // a backlog (a rebuild, an outage: events still on the server,
             // or already pulled and waiting here) the batch is bigger and
-            // fills at once. An error or the end of the stream closes it;
-            // the next turn reports them.
+            // fills at once. An error or the end of the stream closes it,
+            // and is dealt with once the batch is.
             let most = match msg.info() {
                 Ok(info) if info.pending as usize >= BATCH => catch_up,
                 _ => BATCH,
             };
             let mut bytes = msg.payload.len();
             let mut batch = vec![msg];
+            let mut closed_by = None;
             let linger = tokio::time::Instant::now() + LINGER;
             while batch.len() < catch_up && bytes < BATCH_BYTES {
                 let next = if batch.len() < most {
                     tokio::time::timeout_at(linger, messages.next()).await.ok()
                 } else {
-                    // Past a live batch's size: only what is here already.
-                    messages.next().now_or_never()
+                    // Past a live batch's size: only what is here already
+                    // (outside the task's budget, which would end it early).
+                    tokio::task::unconstrained(messages.next()).now_or_never()
                 };
                 match next {
                     Some(Some(Ok(msg))) => {
                         bytes += msg.payload.len();
                         batch.push(msg);
                     }
-                    Some(Some(Err(e))) => {
-                        tracing::warn!(projection = %self.label(), error = %e, "consumer stream error");
+                    Some(ended) => {
+                        closed_by = Some(ended);
                         break;
                     }
-                    Some(None) | None => break,
+                    None => break,
                 }
             }
             self.handle_batch(&batch.iter().collect::<Vec<_>>()).await;
+            // A passing error is logged; a lost consumer is taken up anew.
+            if let Some(ended) = closed_by {
+                self.taken(ended, &durable)?;
+            }
         }
     }
 

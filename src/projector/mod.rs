@@ -138,7 +138,7 @@ pub async fn project_batch(projection: &dyn Projection, label: &str, batch: &[(&
             BatchNext::Done
         }
         Err(ApplyError::Poison(reason)) => {
-            tracing::warn!(projection = name, events = batch.len(), %reason, "a batch holds a poison event; applying it one event at a time");
+            tracing::warn!(projection = name, events = batch.len(), %reason, "a batch holds a poison event; applying its events one at a time (a bigger batch first in parts of 256)");
             BatchNext::OneByOne
         }
         Err(ApplyError::Unavailable(e)) => {
