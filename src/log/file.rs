@@ -563,10 +563,7 @@ impl FileLog {
     /// for the fsync thread to have it on disk before acknowledging it (a
     /// duplicate's original too: it may have been written just now).
     async fn append_durably(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
-        let appended = match self.write_record(env, expected_last)? {
-            Written::Duplicate(original) => Appended { log_seq: original, duplicate: true },
-            Written::New(seq) => Appended { log_seq: seq, duplicate: false },
-        };
+        let appended = self.write_record(env, expected_last)?;
         if let Some(syncer) = &self.syncer
             && let Err(why) = syncer.acknowledged(appended.log_seq).await
         {
@@ -589,7 +586,7 @@ impl FileLog {
 
     /// Writes `env` at the end of the file, unless its command id is in the
     /// window (the original's sequence) or its subject moved on.
-    fn write_record(&self, env: &Envelope, expected_last: u64) -> Result<Written, LogError> {
+    fn write_record(&self, env: &Envelope, expected_last: u64) -> Result<Appended, LogError> {
         if let Some(why) = self.syncer.as_ref().and_then(Syncer::failure) {
             return Err(self.stop_appending(why));
         }
@@ -602,7 +599,7 @@ impl FileLog {
             // The key matches: the event it names tells whether the id
             // does (a damaged record is reported as any read of it is).
             if self.read_at(&mut state, seq)?.envelope.command_id == env.command_id {
-                return Ok(Written::Duplicate(seq));
+                return Ok(Appended { log_seq: seq, duplicate: true });
             }
         }
         if state.by_subject.get(&env.subject).and_then(|seqs| seqs.last()).copied().unwrap_or(0) != expected_last {
@@ -635,18 +632,10 @@ impl FileLog {
         // (nothing can cancel it between the write and this).
         match &self.syncer {
             Some(syncer) => syncer.wrote(seq, state.end),
-            None => super::raise_head(&self.head, seq),
+            None => super::raise(&self.head, seq, |head| head),
         }
-        Ok(Written::New(seq))
+        Ok(Appended { log_seq: seq, duplicate: false })
     }
-}
-
-/// What [`FileLog::write_record`] did.
-enum Written {
-    /// The command id is the event's at this sequence: nothing written.
-    Duplicate(u64),
-    /// Written at this sequence.
-    New(u64),
 }
 
 /// Takes the data directory's lock (`dir/lock`). A node that is just

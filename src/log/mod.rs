@@ -80,10 +80,12 @@ pub trait EventLog: Send + Sync {
     fn dedup_window(&self) -> std::time::Duration;
 }
 
-/// Moves a log's head (its newest sequence readers may see) up to `seq`,
-/// never back, waking its watchers only when it moves.
-fn raise_head(head: &tokio::sync::watch::Sender<u64>, seq: u64) {
-    head.send_if_modified(|at| {
+/// Moves the sequence `at` picks out of a watched value (a log's head, the
+/// embedded tail's applied position) up to `seq`, never back, waking its
+/// watchers only when it moves.
+pub(crate) fn raise<T>(watched: &tokio::sync::watch::Sender<T>, seq: u64, at: impl Fn(&mut T) -> &mut u64) {
+    watched.send_if_modified(|value| {
+        let at = at(value);
         let newer = seq > *at;
         if newer {
             *at = seq;

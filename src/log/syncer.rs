@@ -127,7 +127,7 @@ fn run(shared: &Shared, file: &std::fs::File, mut done: u64) {
         }
         done = end;
         // The head first: an acknowledged append is visible to the tail.
-        super::raise_head(&shared.head, seq);
+        super::raise(&shared.head, seq, |head| head);
         shared.durable.send_modify(|d| {
             if let Ok(at) = d {
                 *at = (*at).max(seq);

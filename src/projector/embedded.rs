@@ -106,13 +106,7 @@ impl Default for TailPosition {
 impl TailPosition {
     /// Every projection has applied the log through `seq` (never backwards).
     fn advance(&self, seq: u64) {
-        self.0.send_if_modified(|tail| {
-            let newer = seq > tail.applied;
-            if newer {
-                tail.applied = seq;
-            }
-            newer
-        });
+        crate::log::raise(&self.0, seq, |tail| &mut tail.applied);
     }
 
     /// The tail follows the log no more: waiting for it is over.
