@@ -101,6 +101,38 @@ fn set_meta(tx: &WriteTransaction, key: &str, value: u64) -> Result<(), ApplyErr
     Ok(())
 }
 
+/// The inbox's counters in `inbox-meta`, read once per write transaction
+/// and written back once, those changed only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Counters {
+    /// The newest log sequence fanned out.
+    head: u64,
+    /// Deliveries retained.
+    count: u64,
+    /// The newest cursor pruned: every cursor below it resyncs.
+    floor: u64,
+    /// Room memberships are recorded through this log sequence.
+    members: u64,
+}
+
+type MetaTable<'tx> = natter_projections::local::redb::Table<'tx, &'static str, u64>;
+
+impl Counters {
+    fn read(meta: &MetaTable<'_>) -> Result<Counters, ApplyError> {
+        let get = |key| -> Result<u64, ApplyError> { Ok(meta.get(key)?.map_or(0, |v| v.value())) };
+        Ok(Counters { head: get("head")?, count: get("count")?, floor: get("floor")?, members: get("members")? })
+    }
+
+    fn write(&self, meta: &mut MetaTable<'_>, before: &Counters) -> Result<(), ApplyError> {
+        for (key, now, was) in [("head", self.head, before.head), ("count", self.count, before.count), ("floor", self.floor, before.floor), ("members", self.members, before.members)] {
+            if now != was {
+                meta.insert(key, now)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A meta value, read in a read transaction (0: never set).
 fn read_meta(tx: &ReadTransaction, key: &str) -> Result<u64, StoreError> {
     Ok(tx.open_table(META)?.get(key)?.map_or(0, |v| v.value()))
@@ -179,10 +211,8 @@ impl LocalPush {
     /// Drops the oldest deliveries (a user's or a room's) while they are
     /// past the retention or more than [`MAX_RETAINED`]; every cursor
     /// below the newest dropped then gets `resync`.
-    fn prune(&self, tx: &WriteTransaction) -> Result<(), ApplyError> {
+    fn prune(&self, chains: &mut [Chain<'_>; 2], counters: &mut Counters) -> Result<(), ApplyError> {
         let oldest = Utc::now().timestamp_millis() - self.retention.as_millis() as i64;
-        let (mut count, mut floor) = (meta(tx, "count")?, meta(tx, "floor")?);
-        let mut chains = open_chains(tx)?;
         loop {
             let mut firsts = Vec::with_capacity(2);
             for (i, (order, _, _)) in chains.iter().enumerate() {
@@ -191,7 +221,7 @@ impl LocalPush {
                 }
             }
             let Some((cursor, i, to, at)) = firsts.into_iter().min() else { break };
-            if at >= oldest && count <= MAX_RETAINED {
+            if at >= oldest && counters.count <= MAX_RETAINED {
                 break;
             }
             let (order, inbox, shown) = &mut chains[i];
@@ -200,23 +230,19 @@ impl LocalPush {
             if let Some(id) = gone.as_ref().and_then(|p| crate::wire::content_of(&p.event, &p.data)) {
                 shown.remove((id, to.as_str(), cursor))?;
             }
-            count = count.saturating_sub(1);
-            floor = floor.max(cursor);
+            counters.count = counters.count.saturating_sub(1);
+            counters.floor = counters.floor.max(cursor);
         }
-        drop(chains);
-        memberships::compact(tx, floor)?;
-        set_meta(tx, "count", count)?;
-        set_meta(tx, "floor", floor)
+        Ok(())
     }
 
     /// A message deleted for everyone leaves every retained delivery that
     /// showed it (whoever holds it, a user or a room): those become its
     /// tombstone. Replies hold no preview of it (sessions read previews
     /// when they emit).
-    fn forget_content(tx: &WriteTransaction, deleted: &Payload) -> Result<(), ApplyError> {
+    fn forget_content(chains: &mut [Chain<'_>; 2], deleted: &Payload) -> Result<(), ApplyError> {
         let Some(id) = deleted.data.get("_id").and_then(|v| v.as_str()) else { return Ok(()) };
-        for (shown, inbox) in [(SHOWN, INBOX), (ROOM_SHOWN, ROOM_INBOX)] {
-            let (mut shown, mut inbox) = (tx.open_table(shown)?, tx.open_table(inbox)?);
+        for (_, inbox, shown) in chains.iter_mut() {
             let mut copies = Vec::new();
             for entry in shown.range((id, "", 0)..)? {
                 let (k, _) = entry?;
@@ -236,17 +262,25 @@ impl LocalPush {
         Ok(())
     }
 
-    /// Stores, in `tx`, the deliveries of the event `event_id` at
-    /// `log_seq`, which happened at `at_ms` (events older than the
-    /// retention deliver nothing, but their joins and leaves count), with
-    /// how far the fan-out has gone; adds what to hand the live
-    /// subscriptions once committed to `out`.
-    fn store(&self, tx: &WriteTransaction, (log_seq, at_ms, event_id): (u64, i64, &str), deliveries: Vec<(To, Payload)>, out: &mut Vec<Out>) -> Result<(), ApplyError> {
-        if log_seq <= meta(tx, "head")? {
-            return Ok(()); // already fanned out
+    /// Stores, in `tx`, the deliveries of the event at `log_seq`, which
+    /// happened at `at_ms` (events older than the retention deliver
+    /// nothing, but their joins and leaves count), with how far the
+    /// fan-out has gone (`counters`); adds what to hand the live
+    /// subscriptions once committed to `out`. False if it was fanned out
+    /// before.
+    fn store(
+        &self,
+        tx: &WriteTransaction,
+        chains: &mut [Chain<'_>; 2],
+        counters: &mut Counters,
+        (log_seq, at_ms): (u64, i64),
+        deliveries: Vec<(To, Payload)>,
+        out: &mut Vec<Out>,
+    ) -> Result<bool, ApplyError> {
+        if log_seq <= counters.head {
+            return Ok(false); // already fanned out
         }
-        set_meta(tx, "head", log_seq)?;
-        keep(tx, KEPT_AS, log_seq, event_id)?;
+        counters.head = log_seq;
         for (to, payload) in &deliveries {
             if let To::User(user) = to {
                 if let Some((room, joined)) = own_change(payload, user) {
@@ -256,16 +290,15 @@ impl LocalPush {
             }
         }
         if at_ms < Utc::now().timestamp_millis() - self.retention.as_millis() as i64 {
-            return set_meta(tx, "floor", log_seq);
+            counters.floor = log_seq;
+            return Ok(true);
         }
         // An event deleting a message makes only its tombstones, all for
         // that one message (`fanout::deliveries`): its content is forgotten
         // once, before they are stored.
         if let Some((_, deleted)) = deliveries.iter().find(|(_, p)| p.event == "messageDeleted") {
-            Self::forget_content(tx, deleted)?;
+            Self::forget_content(chains, deleted)?;
         }
-        let mut count = meta(tx, "count")?;
-        let mut chains = open_chains(tx)?;
         for (to, payload) in deliveries {
             let (chain, name) = match &to {
                 To::User(user) => (0, user.as_str()),
@@ -277,19 +310,21 @@ impl LocalPush {
             }
             order.insert((log_seq, name), at_ms)?;
             inbox.insert((name, log_seq), serde_json::to_vec(&payload).map_err(failed)?.as_slice())?;
-            count += 1;
+            counters.count += 1;
             out.push(match to {
                 To::User(user) => Out::User(user, log_seq, payload),
                 To::Room(room) => Out::Room(room, log_seq, payload),
             });
         }
-        drop(chains);
-        set_meta(tx, "count", count)
+        Ok(true)
     }
 
     /// Stores the deliveries of several events (`(log_seq, at_ms,
     /// event_id)` and theirs, in log order) in one transaction, then
-    /// hands them to the live subscriptions.
+    /// hands them to the live subscriptions. Each table is opened once
+    /// and each counter written once per transaction: opening a table
+    /// costs a lookup in the store's table of tables, and was most of a
+    /// DM's inbox write.
     fn store_all(&self, events: Vec<((u64, i64, &str), Vec<(To, Payload)>)>) -> Result<(), ApplyError> {
         let (mut out, mut floor) = (Vec::new(), 0);
         // One writer (the fan-out), so never waited for in practice. Nothing
@@ -297,13 +332,31 @@ impl LocalPush {
         // the hand-out only updates maps and tries sends).
         let _writing = self.writing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.store.write(|tx| {
-            for (event, deliveries) in events {
-                self.store(tx, event, deliveries, &mut out)?;
+            let mut meta = tx.open_table(META)?;
+            let before = Counters::read(&meta)?;
+            let mut counters = before;
+            let mut chains = open_chains(tx)?;
+            let mut newest = None;
+            for ((log_seq, at_ms, event_id), deliveries) in events {
+                if self.store(tx, &mut chains, &mut counters, (log_seq, at_ms), deliveries, &mut out)? {
+                    newest = Some((log_seq, event_id));
+                }
+            }
+            if let Some((log_seq, event_id)) = newest {
+                keep(tx, KEPT_AS, log_seq, event_id)?;
             }
             // Every membership change of what was fanned out is recorded.
-            set_meta(tx, "members", meta(tx, "head")?)?;
-            self.prune(tx)?;
-            floor = meta(tx, "floor")?;
+            counters.members = counters.head;
+            self.prune(&mut chains, &mut counters)?;
+            drop(chains);
+            // The membership changes the floor passed, once it moved or
+            // more were recorded (an earlier transaction compacted up to
+            // its floor).
+            if counters.floor > before.floor || out.iter().any(|o| matches!(o, Out::Change { .. })) {
+                memberships::compact(tx, counters.floor)?;
+            }
+            counters.write(&mut meta, &before)?;
+            floor = counters.floor;
             Ok(())
         })?;
         let mut live = self.live();
