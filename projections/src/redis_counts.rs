@@ -24,6 +24,8 @@
 //! is arithmetic (`peer.sent - reader.seen_count`), never a query.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use natter_events::{DmState, Envelope, Event};
@@ -83,6 +85,8 @@ pub struct RedisCounts {
     prefix: String,
     script: Script,
     raise: Script,
+    /// Whether Redis was seen holding `script` and `raise` (see `write`).
+    scripts_loaded: Arc<AtomicBool>,
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -91,7 +95,7 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 
 impl RedisCounts {
     pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
-        RedisCounts { conn, prefix: prefix.into(), script: Script::new(SET_IF_NEWER), raise: Script::new(RAISE) }
+        RedisCounts { conn, prefix: prefix.into(), script: Script::new(SET_IF_NEWER), raise: Script::new(RAISE), scripts_loaded: Arc::default() }
     }
 
     /// The key prefix of version `version` under `base`: `base` itself for
@@ -302,33 +306,47 @@ impl RedisCounts {
         if states.is_empty() && raises.is_empty() && deleted.is_empty() {
             return Ok(());
         }
-        // The scripts are loaded in the same pipeline, before their first
-        // use (a no-op when Redis has them already).
-        let mut pipe = redis::pipe();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(SET_IF_NEWER).ignore();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(RAISE).ignore();
-        for (position, state) in states.values() {
-            for (reader, peer) in [(&state.lo, &state.hi), (&state.hi, &state.lo)] {
-                let count = state.unseen(&reader.user_id, &peer.user_id);
-                pipe.cmd("EVALSHA")
-                    .arg(self.script.get_hash())
-                    .arg(2)
-                    .arg(self.counts_key(&reader.user_id))
-                    .arg(self.pos_key(&reader.user_id))
-                    .arg(&peer.user_id)
-                    .arg(*position)
-                    .arg(count)
-                    .ignore();
+        // The scripts are loaded (in the same pipeline, before their first
+        // use) until Redis is known to hold them; a Redis that lost them
+        // (restarted, `SCRIPT FLUSH`) answers NOSCRIPT, and the pipeline
+        // goes again with them (every command in it is idempotent).
+        let pipeline = |load: bool| {
+            let mut pipe = redis::pipe();
+            if load {
+                pipe.cmd("SCRIPT").arg("LOAD").arg(SET_IF_NEWER).ignore();
+                pipe.cmd("SCRIPT").arg("LOAD").arg(RAISE).ignore();
             }
-        }
-        for ((key, field), value) in raises {
-            pipe.cmd("EVALSHA").arg(self.raise.get_hash()).arg(1).arg(key).arg(field).arg(value).ignore();
-        }
-        for (key, seq) in deleted {
-            pipe.cmd("ZADD").arg(key).arg(seq).arg(seq).ignore();
-        }
+            for (position, state) in states.values() {
+                for (reader, peer) in [(&state.lo, &state.hi), (&state.hi, &state.lo)] {
+                    let count = state.unseen(&reader.user_id, &peer.user_id);
+                    pipe.cmd("EVALSHA")
+                        .arg(self.script.get_hash())
+                        .arg(2)
+                        .arg(self.counts_key(&reader.user_id))
+                        .arg(self.pos_key(&reader.user_id))
+                        .arg(&peer.user_id)
+                        .arg(*position)
+                        .arg(count)
+                        .ignore();
+                }
+            }
+            for ((key, field), value) in &raises {
+                pipe.cmd("EVALSHA").arg(self.raise.get_hash()).arg(1).arg(key).arg(*field).arg(*value).ignore();
+            }
+            for (key, seq) in &deleted {
+                pipe.cmd("ZADD").arg(key).arg(*seq).arg(*seq).ignore();
+            }
+            pipe
+        };
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+        let load = !self.scripts_loaded.load(Ordering::Relaxed);
+        match pipeline(load).query_async::<()>(&mut conn).await {
+            Ok(()) => {}
+            Err(e) if !load && e.code() == Some("NOSCRIPT") => pipeline(true).query_async::<()>(&mut conn).await.map_err(unavailable)?,
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.scripts_loaded.store(true, Ordering::Relaxed);
+        Ok(())
     }
 }
 

@@ -133,6 +133,48 @@ async fn batched_applies_converge_like_the_in_memory_store() {
     db.drop().await.unwrap();
 }
 
+/// The counts load their scripts into Redis once, not with every write,
+/// and are still written exactly when Redis forgets them (a restart
+/// without persistence, `SCRIPT FLUSH`): the write goes again with them.
+#[tokio::test]
+async fn counts_stay_exact_when_redis_forgets_their_scripts() {
+    use natter_projections::Projection;
+    let redis = crate::helpers::PrivateRedis::start().await;
+    let conn = natter::distributed::connect_redis(&redis.url, std::time::Duration::from_secs(5)).await.unwrap();
+    let counts = RedisCounts::new(conn, "s:");
+    counts.mark_ready().await.unwrap();
+    let h = random_history("p", 4, 150, 5);
+    let events: Vec<(&Envelope, u64)> = h.envelopes.iter().zip(1..).collect();
+    let (first, rest) = events.split_at(events.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    let mut admin = redis.client().get_multiplexed_async_connection().await.unwrap();
+    let loads = |info: String| {
+        info.lines().find(|l| l.starts_with("cmdstat_script|load:")).and_then(|l| l.split(['=', ',']).nth(1)?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    Projection::apply_batch(&counts, first).await.unwrap();
+    let after_first = loads(redis::cmd("INFO").arg("commandstats").query_async(&mut admin).await.unwrap());
+    assert!(after_first > 0, "the first write loads the scripts");
+    for one in second {
+        Projection::apply_batch(&counts, std::slice::from_ref(one)).await.unwrap();
+    }
+    let after_second = loads(redis::cmd("INFO").arg("commandstats").query_async(&mut admin).await.unwrap());
+    assert_eq!(after_second, after_first, "no script is loaded again while Redis holds them");
+    redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut admin).await.unwrap();
+    Projection::apply_batch(&counts, third).await.unwrap();
+    let after_flush = loads(redis::cmd("INFO").arg("commandstats").query_async(&mut admin).await.unwrap());
+    assert!(after_flush > after_second, "loaded again once Redis forgot them");
+    let unseen = |u: String| {
+        let counts = counts.clone();
+        async move { CountStore::unseen(&counts, &u).await.unwrap() }
+    };
+    for u in &h.users {
+        let real: BTreeMap<String, u64> = unseen(u.clone()).await.into_iter().collect();
+        let want: BTreeMap<String, u64> = h.expected_unseen(u).into_iter().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(real, want, "{u}");
+    }
+    redis.stop().await;
+}
+
 /// A batch holding a message whose idempotency key another message already
 /// holds is refused as poison (the runtime then applies it event by event
 /// and parks that one), while its own replays are not.
