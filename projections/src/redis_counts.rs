@@ -89,6 +89,12 @@ pub struct RedisCounts {
     scripts_loaded: Arc<AtomicBool>,
 }
 
+/// Whether any command of a pipeline was refused for a script Redis does
+/// not hold.
+fn no_script(e: &redis::RedisError) -> bool {
+    e.clone().into_server_errors().is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "NOSCRIPT"))
+}
+
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {e}"))
 }
@@ -340,13 +346,14 @@ impl RedisCounts {
         };
         let mut conn = self.conn.clone();
         let load = !self.scripts_loaded.load(Ordering::Relaxed);
-        match pipeline(load).query_async::<()>(&mut conn).await {
-            Ok(()) => {}
-            Err(e) if !load && e.code() == Some("NOSCRIPT") => pipeline(true).query_async::<()>(&mut conn).await.map_err(unavailable)?,
-            Err(e) => return Err(unavailable(e)),
-        }
-        self.scripts_loaded.store(true, Ordering::Relaxed);
-        Ok(())
+        let written = match pipeline(load).query_async::<()>(&mut conn).await {
+            Err(e) if !load && no_script(&e) => pipeline(true).query_async::<()>(&mut conn).await,
+            other => other,
+        };
+        // Any failure: load them again next time (whatever it was, Redis
+        // may have lost them with it).
+        self.scripts_loaded.store(written.is_ok(), Ordering::Relaxed);
+        written.map_err(unavailable)
     }
 }
 
