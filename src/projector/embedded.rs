@@ -233,6 +233,31 @@ impl FileTail {
         }
     }
 
+    /// The events `from..=to` (each, or why it cannot be decoded), read
+    /// together; a read that fails goes event by event ([`FileTail::read`],
+    /// which waits for the file to be readable). `None` if the node stopped
+    /// meanwhile.
+    async fn read_range(&self, from: u64, to: u64) -> Option<Vec<(u64, Result<Envelope, String>)>> {
+        if let Ok(read) = self.log.read_many(from, to) {
+            let events: Option<Vec<_>> = (from..)
+                .zip(read)
+                .map(|(seq, logged)| match logged {
+                    Ok(logged) => Some((seq, Ok(logged.envelope))),
+                    Err(LogError::Corrupt { source, .. }) => Some((seq, Err(source.to_string()))),
+                    Err(_) => None,
+                })
+                .collect();
+            if let Some(events) = events.filter(|events| events.len() as u64 == to + 1 - from) {
+                return Some(events);
+            }
+        }
+        let mut events = Vec::new();
+        for seq in from..=to {
+            events.push((seq, self.read(seq).await?));
+        }
+        Some(events)
+    }
+
     /// Applies the events `from..=to` to every projection (each from
     /// after where it is kept), as one batch (the views and counts in one
     /// transaction; the fan-out works through them in log order and
@@ -241,13 +266,7 @@ impl FileTail {
     /// False if the node stopped first (then they may be applied in part:
     /// every projection applies an event again idempotently).
     async fn project_range(&self, from: u64, to: u64, head: u64) -> bool {
-        let mut events = Vec::new();
-        for seq in from..=to {
-            match self.read(seq).await {
-                Some(event) => events.push((seq, event)),
-                None => return false,
-            }
-        }
+        let Some(events) = self.read_range(from, to).await else { return false };
         for (i, p) in self.projections.iter().enumerate() {
             let kept = self.kept.get(i).copied().unwrap_or(0);
             // Events are in log order: this projection's are a tail.
