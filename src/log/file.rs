@@ -97,7 +97,8 @@ pub struct FileLog {
     sync: SyncPolicy,
     dedup_window: Duration,
     state: Mutex<State>,
-    /// A second handle on the file, for fsyncs outside the state lock.
+    /// A second handle on the file, for fsyncs and range reads outside
+    /// the state lock.
     sync_file: std::fs::File,
     /// With [`SyncPolicy::Always`], the thread whose fsyncs acknowledge
     /// appends.
@@ -351,6 +352,10 @@ impl FileLog {
         let start = *state.offsets.get(i).ok_or_else(|| corrupt(&self.path, format!("no event {seq}")))?;
         let end = state.offsets.get(i + 1).copied().unwrap_or(state.end);
         if end <= start || end - start > HEADER + MAX_RECORD as u64 {
+            // The index said where records are, wrongly: the next start
+            // scans the file instead.
+            let _ = std::fs::remove_file(self.index_path());
+            self.set_read_failure();
             return Err(corrupt(&self.path, format!("event {seq} has no valid extent")));
         }
         Ok((start, end))
@@ -382,29 +387,42 @@ impl FileLog {
     /// at a time rather than a read per event. The outer error is a read
     /// that failed; each event's own is why it cannot be decoded.
     pub fn read_many(&self, from: u64, to: u64) -> Result<Vec<Result<Logged, LogError>>, LogError> {
+        self.read_range(from, to, false)
+    }
+
+    /// [`FileLog::read_many`]; with `first_error_ends`, nothing after the
+    /// first event that fails is read. The extents are taken under the
+    /// lock, the bytes read outside it (appends go on meanwhile): what
+    /// lies below the written end never changes while the log is open
+    /// (appends go after it, and a failed one is cut back to it).
+    fn read_range(&self, from: u64, to: u64, first_error_ends: bool) -> Result<Vec<Result<Logged, LogError>>, LogError> {
         use std::os::unix::fs::FileExt;
-        let state = self.state.lock().expect("event log lock");
-        let to = to.min(state.offsets.len() as u64);
-        let mut out = Vec::with_capacity(to.saturating_sub(from) as usize + 1);
-        let mut seq = from.max(1);
-        while seq <= to {
+        let from = from.max(1);
+        let spans: Vec<(u64, u64)> = {
+            let state = self.state.lock().expect("event log lock");
+            let to = to.min(state.offsets.len() as u64);
+            (from..=to).map(|seq| self.span(&state, seq)).collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(spans.len());
+        let mut i = 0;
+        while i < spans.len() {
             // A chunk: this record, and the ones after it that fit.
-            let (start, mut end) = self.span(&state, seq)?;
-            let mut last = seq;
-            while last < to {
-                let (_, next_end) = self.span(&state, last + 1)?;
-                if next_end - start > READ_CHUNK {
-                    break;
+            let start = spans[i].0;
+            let mut last = i;
+            while last + 1 < spans.len() && spans[last + 1].1 - start <= READ_CHUNK {
+                last += 1;
+            }
+            let mut bytes = vec![0u8; (spans[last].1 - start) as usize];
+            self.sync_file.read_exact_at(&mut bytes, start).map_err(|e| corrupt(&self.path, e))?;
+            for (seq, (a, b)) in (from + i as u64..).zip(&spans[i..=last]) {
+                let event = self.decode(seq, &bytes[(a - start) as usize..(b - start) as usize]);
+                let failed = event.is_err();
+                out.push(event);
+                if failed && first_error_ends {
+                    return Ok(out);
                 }
-                (end, last) = (next_end, last + 1);
             }
-            let mut bytes = vec![0u8; (end - start) as usize];
-            state.file.read_exact_at(&mut bytes, start).map_err(|e| corrupt(&self.path, e))?;
-            for s in seq..=last {
-                let (a, b) = self.span(&state, s)?;
-                out.push(self.decode(s, &bytes[(a - start) as usize..(b - start) as usize]));
-            }
-            seq = last + 1;
+            i = last + 1;
         }
         Ok(out)
     }
@@ -485,7 +503,7 @@ impl FileLog {
 
     /// Every event after `after`, in order (for projectors and migration).
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Logged>, LogError> {
-        self.read_many(after + 1, after.saturating_add(limit as u64))?.into_iter().collect()
+        self.read_range(after + 1, after.saturating_add(limit as u64), true)?.into_iter().collect()
     }
 }
 
@@ -655,6 +673,10 @@ impl FileLog {
         let seq = state.offsets.len() as u64 + 1;
         let record = Record { seq, msg_id: env.command_id.clone(), subject: Some(env.subject.clone()), event: env.to_stored_as(self.compact) };
         let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
+        if body.len() > MAX_RECORD as usize {
+            // Refused before it is written: it could not be read back.
+            return Err(corrupt(&self.path, format!("an event of {} bytes is larger than a record can be ({MAX_RECORD}); is NATTER_MAX_BODY_BYTES far above its default?", body.len())));
+        }
         let mut bytes = Vec::with_capacity(HEADER as usize + body.len());
         bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
@@ -733,29 +755,40 @@ mod tests {
         d
     }
 
-    /// Reading a range reads the same events as reading each (in chunks,
-    /// a record bigger than a chunk alone), stops at the head, and names
-    /// a record that fails its checksum among the others.
+    /// Reading a range reads the events appended (in chunks, a record
+    /// bigger than a chunk alone), as reading each does, after a reopen
+    /// through the index and through a scan too; it stops at the head and
+    /// names a record that fails its checksum among the others.
     #[tokio::test]
     async fn a_range_reads_as_each_event_does() {
         let d = dir("range");
-        let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
         let big = "x".repeat(READ_CHUNK as usize + 1000);
-        for (i, name) in ["a", "b", &big, "c", "d", "e"].iter().enumerate() {
-            log.append(&env(name, &format!("s.{i}"), 1), 0).await.unwrap();
+        let names = ["a", "b", big.as_str(), "c", "d", "e"];
+        {
+            let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+            for (i, name) in names.iter().enumerate() {
+                log.append(&env(name, &format!("s.{i}"), 1), 0).await.unwrap();
+            }
+            log.close();
         }
-        let all = log.read_many(1, 6).unwrap();
-        assert_eq!(all.len(), 6);
-        for (seq, read) in (1..).zip(&all) {
-            let one = log.get(seq).await.unwrap();
-            let read = read.as_ref().unwrap();
-            assert_eq!((read.log_seq, &read.envelope.command_id), (seq, &one.envelope.command_id));
+        for reopened in ["through events.idx", "through a scan"] {
+            if reopened == "through a scan" {
+                std::fs::remove_file(d.join("events.idx")).unwrap();
+            }
+            let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+            let all: Vec<Logged> = log.read_many(1, 6).unwrap().into_iter().map(Result::unwrap).collect();
+            assert_eq!(all.iter().map(|l| l.envelope.command_id.as_str()).collect::<Vec<_>>(), names, "{reopened}");
+            assert_eq!(all.iter().map(|l| l.log_seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6], "{reopened}");
+            for l in &all {
+                assert_eq!(log.get(l.log_seq).await.unwrap().envelope.command_id, l.envelope.command_id, "{reopened}");
+            }
+            assert_eq!(log.read_many(5, 100).unwrap().len(), 2, "up to the head");
+            assert!(log.read_many(7, 9).unwrap().is_empty());
+            assert_eq!(log.read_after(1, 3).unwrap().iter().map(|l| l.log_seq).collect::<Vec<_>>(), vec![2, 3, 4]);
+            log.close();
         }
-        assert_eq!(all[2].as_ref().unwrap().envelope.command_id, big, "the record bigger than a chunk");
-        assert_eq!(log.read_many(5, 100).unwrap().len(), 2, "up to the head");
-        assert!(log.read_many(7, 9).unwrap().is_empty());
-        assert_eq!(log.read_after(1, 3).unwrap().iter().map(|l| l.log_seq).collect::<Vec<_>>(), vec![2, 3, 4]);
 
+        let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
         // A byte flipped inside event 4: it fails, its neighbours read.
         let (start, _) = log.span(&log.state.lock().unwrap(), 4).unwrap();
         {
@@ -766,6 +799,10 @@ mod tests {
         let read = log.read_many(3, 5).unwrap();
         assert!(read[0].is_ok() && read[2].is_ok(), "the records beside it");
         assert!(read[1].as_ref().is_err_and(|e| e.to_string().contains("event 4 fails its checksum")), "{:?}", read[1].as_ref().err());
+        assert_eq!(log.read_after(2, 3).unwrap_err().to_string(), read[1].as_ref().unwrap_err().to_string(), "the first failure ends it");
+        // An extent that holds two records is not taken for one.
+        log.state.lock().unwrap().offsets.remove(1);
+        assert!(log.get(1).await.is_err_and(|e| e.to_string().contains("event 1 fails its checksum")));
         drop(log);
         let _ = std::fs::remove_dir_all(&d);
     }

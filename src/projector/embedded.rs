@@ -238,18 +238,23 @@ impl FileTail {
     /// which waits for the file to be readable). `None` if the node stopped
     /// meanwhile.
     async fn read_range(&self, from: u64, to: u64) -> Option<Vec<(u64, Result<Envelope, String>)>> {
-        if let Ok(read) = self.log.read_many(from, to) {
-            let events: Option<Vec<_>> = (from..)
-                .zip(read)
-                .map(|(seq, logged)| match logged {
-                    Ok(logged) => Some((seq, Ok(logged.envelope))),
-                    Err(LogError::Corrupt { source, .. }) => Some((seq, Err(source.to_string()))),
-                    Err(_) => None,
-                })
-                .collect();
-            if let Some(events) = events.filter(|events| events.len() as u64 == to + 1 - from) {
-                return Some(events);
+        debug_assert!(from >= 1 && to >= from, "a range of the log: {from}..={to}");
+        match self.log.read_many(from, to) {
+            Ok(read) => {
+                let events: Option<Vec<_>> = read
+                    .into_iter()
+                    .map(|logged| match logged {
+                        Ok(logged) => Some((logged.log_seq, Ok(logged.envelope))),
+                        Err(LogError::Corrupt { seq, source }) => Some((seq, Err(source.to_string()))),
+                        Err(_) => None,
+                    })
+                    .collect();
+                let whole = |events: &Vec<(u64, _)>| events.iter().map(|(seq, _)| *seq).eq(from..=to);
+                if let Some(events) = events.filter(whole) {
+                    return Some(events);
+                }
             }
+            Err(e) => tracing::warn!(from, to, error = %e, "cannot read a range of the event log at once; reading its events one by one"),
         }
         let mut events = Vec::new();
         for seq in from..=to {
