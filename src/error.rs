@@ -62,6 +62,10 @@ impl ApiError {
                     "the service is temporarily unavailable; retry shortly (with the same clientMsgId)",
                 )
             }
+            Failure::Log(LogError::TooLarge(why)) => {
+                tracing::warn!(why, "request refused: its event is too large to store");
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the message is too large to store")
+            }
             Failure::Busy(_) => {
                 tracing::warn!("request refused: password checks saturated");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "the server is busy; retry shortly").retry_in(1)

@@ -361,17 +361,22 @@ impl FileLog {
         Ok((start, end))
     }
 
-    /// The event `seq` from its record's bytes.
-    fn decode(&self, seq: u64, bytes: &[u8]) -> Result<Logged, LogError> {
-        let Some((record, _)) = Self::parse(bytes).filter(|(_, size)| *size == bytes.len()) else {
-            // The next start scans the whole file (and names the damage)
-            // instead of trusting the index over it.
-            let _ = std::fs::remove_file(self.index_path());
-            self.set_read_failure();
-            return Err(corrupt(&self.path, format!("event {seq} fails its checksum")));
-        };
+    /// The event `seq` from its record's bytes; `Err(None)`: the record
+    /// is damaged (see [`FileLog::damaged`]).
+    fn decode(seq: u64, bytes: &[u8]) -> Result<Logged, Option<LogError>> {
+        let (record, _) = Self::parse(bytes).filter(|(_, size)| *size == bytes.len()).ok_or(None)?;
         let envelope = Envelope::from_stored(record.event).map_err(|source| LogError::Corrupt { seq, source })?;
         Ok(Logged { log_seq: seq, envelope })
+    }
+
+    /// Record `seq` fails its checksum: the next start scans the whole
+    /// file (and names the damage) instead of trusting the index over it.
+    /// Called holding the state lock, so that `close` cannot write the
+    /// index again after this removed it.
+    fn damaged(&self, _state: &State, seq: u64) -> LogError {
+        let _ = std::fs::remove_file(self.index_path());
+        self.set_read_failure();
+        corrupt(&self.path, format!("event {seq} fails its checksum"))
     }
 
     /// One event, in one read of its record.
@@ -380,7 +385,7 @@ impl FileLog {
         let (start, end) = self.span(state, seq)?;
         let mut bytes = vec![0u8; (end - start) as usize];
         state.file.read_exact_at(&mut bytes, start).map_err(|e| corrupt(&self.path, e))?;
-        self.decode(seq, &bytes)
+        Self::decode(seq, &bytes).map_err(|e| e.unwrap_or_else(|| self.damaged(state, seq)))
     }
 
     /// The events `from..=to` (those there are), read [`READ_CHUNK`] bytes
@@ -415,7 +420,8 @@ impl FileLog {
             let mut bytes = vec![0u8; (spans[last].1 - start) as usize];
             self.sync_file.read_exact_at(&mut bytes, start).map_err(|e| corrupt(&self.path, e))?;
             for (seq, (a, b)) in (from + i as u64..).zip(&spans[i..=last]) {
-                let event = self.decode(seq, &bytes[(a - start) as usize..(b - start) as usize]);
+                let event = Self::decode(seq, &bytes[(a - start) as usize..(b - start) as usize])
+                    .map_err(|e| e.unwrap_or_else(|| self.damaged(&self.state.lock().expect("event log lock"), seq)));
                 let failed = event.is_err();
                 out.push(event);
                 if failed && first_error_ends {
@@ -675,7 +681,10 @@ impl FileLog {
         let body = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
         if body.len() > MAX_RECORD as usize {
             // Refused before it is written: it could not be read back.
-            return Err(corrupt(&self.path, format!("an event of {} bytes is larger than a record can be ({MAX_RECORD}); is NATTER_MAX_BODY_BYTES far above its default?", body.len())));
+            return Err(LogError::TooLarge(format!(
+                "an event of {} bytes is larger than the embedded log's records ({MAX_RECORD} bytes); are NATTER_MAX_MESSAGE_CHARS and NATTER_MAX_BODY_BYTES far above their defaults?",
+                body.len()
+            )));
         }
         let mut bytes = Vec::with_capacity(HEADER as usize + body.len());
         bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -803,6 +812,25 @@ mod tests {
         // An extent that holds two records is not taken for one.
         log.state.lock().unwrap().offsets.remove(1);
         assert!(log.get(1).await.is_err_and(|e| e.to_string().contains("event 1 fails its checksum")));
+        drop(log);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// An event larger than a record can be is refused before it is
+    /// written (it could not be read back), as too large, not as the log
+    /// being down: the log stays ready and takes the next event.
+    #[tokio::test]
+    async fn an_event_too_large_for_a_record_is_refused_and_nothing_is_written() {
+        let d = dir("toolarge");
+        let log = FileLog::open(&d, SyncPolicy::Os, Duration::from_secs(60)).unwrap();
+        log.append(&env("a", "s.a", 1), 0).await.unwrap();
+        let huge = "x".repeat(MAX_RECORD as usize / 3);
+        let refused = log.append(&env(&huge, "s.b", 1), 0).await;
+        assert!(matches!(refused, Err(LogError::TooLarge(_))), "{:?}", refused.err());
+        assert_eq!(log.head().await.unwrap(), 1, "nothing appended");
+        assert!(log.check().await.is_ok(), "still ready");
+        assert_eq!(log.append(&env("c", "s.c", 1), 0).await.unwrap().log_seq, 2);
+        assert_eq!(log.get(2).await.unwrap().envelope.command_id, "c");
         drop(log);
         let _ = std::fs::remove_dir_all(&d);
     }

@@ -41,6 +41,10 @@ pub enum LogError {
     Unavailable(String),
     #[error("event at log sequence {seq} cannot be decoded: {source}")]
     Corrupt { seq: u64, source: DecodeError },
+    /// The event is larger than the log can store: nothing was appended,
+    /// and retrying will not help.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 #[async_trait]
