@@ -352,11 +352,8 @@ impl FileLog {
         let start = *state.offsets.get(i).ok_or_else(|| corrupt(&self.path, format!("no event {seq}")))?;
         let end = state.offsets.get(i + 1).copied().unwrap_or(state.end);
         if end <= start || end - start > HEADER + MAX_RECORD as u64 {
-            // The index said where records are, wrongly: the next start
-            // scans the file instead.
-            let _ = std::fs::remove_file(self.index_path());
-            self.set_read_failure();
-            return Err(corrupt(&self.path, format!("event {seq} has no valid extent")));
+            // The index said where records are, wrongly.
+            return Err(self.damaged(state, format!("event {seq} has no valid extent")));
         }
         Ok((start, end))
     }
@@ -369,23 +366,23 @@ impl FileLog {
         Ok(Logged { log_seq: seq, envelope })
     }
 
-    /// Record `seq` fails its checksum: the next start scans the whole
+    /// A record found damaged (`why`): the next start scans the whole
     /// file (and names the damage) instead of trusting the index over it.
     /// Called holding the state lock, so that `close` cannot write the
     /// index again after this removed it.
-    fn damaged(&self, _state: &State, seq: u64) -> LogError {
+    fn damaged(&self, _state: &State, why: String) -> LogError {
         let _ = std::fs::remove_file(self.index_path());
         self.set_read_failure();
-        corrupt(&self.path, format!("event {seq} fails its checksum"))
+        corrupt(&self.path, why)
     }
 
     /// One event, in one read of its record.
-    fn read_at(&self, state: &mut State, seq: u64) -> Result<Logged, LogError> {
+    fn read_at(&self, state: &State, seq: u64) -> Result<Logged, LogError> {
         use std::os::unix::fs::FileExt;
         let (start, end) = self.span(state, seq)?;
         let mut bytes = vec![0u8; (end - start) as usize];
         state.file.read_exact_at(&mut bytes, start).map_err(|e| corrupt(&self.path, e))?;
-        Self::decode(seq, &bytes).map_err(|e| e.unwrap_or_else(|| self.damaged(state, seq)))
+        Self::decode(seq, &bytes).map_err(|e| e.unwrap_or_else(|| self.damaged(state, format!("event {seq} fails its checksum"))))
     }
 
     /// The events `from..=to` (those there are), read [`READ_CHUNK`] bytes
@@ -421,7 +418,7 @@ impl FileLog {
             self.sync_file.read_exact_at(&mut bytes, start).map_err(|e| corrupt(&self.path, e))?;
             for (seq, (a, b)) in (from + i as u64..).zip(&spans[i..=last]) {
                 let event = Self::decode(seq, &bytes[(a - start) as usize..(b - start) as usize])
-                    .map_err(|e| e.unwrap_or_else(|| self.damaged(&self.state.lock().expect("event log lock"), seq)));
+                    .map_err(|e| e.unwrap_or_else(|| self.damaged(&self.state.lock().expect("event log lock"), format!("event {seq} fails its checksum"))));
                 let failed = event.is_err();
                 out.push(event);
                 if failed && first_error_ends {

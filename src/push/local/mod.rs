@@ -92,8 +92,13 @@ fn failed(e: impl std::fmt::Display) -> ApplyError {
     ApplyError::Unavailable(format!("inbox: {e}"))
 }
 
+/// A value of `inbox-meta` (0: never set).
+fn meta_in(table: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, natter_projections::local::redb::StorageError> {
+    Ok(table.get(key)?.map_or(0, |v| v.value()))
+}
+
 fn meta(tx: &WriteTransaction, key: &str) -> Result<u64, ApplyError> {
-    Ok(tx.open_table(META)?.get(key)?.map_or(0, |v| v.value()))
+    Ok(meta_in(&tx.open_table(META)?, key)?)
 }
 
 fn set_meta(tx: &WriteTransaction, key: &str, value: u64) -> Result<(), ApplyError> {
@@ -103,7 +108,7 @@ fn set_meta(tx: &WriteTransaction, key: &str, value: u64) -> Result<(), ApplyErr
 
 /// The inbox's counters in `inbox-meta`, read once per write transaction
 /// and written back once, those changed only.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 struct Counters {
     /// The newest log sequence fanned out.
     head: u64,
@@ -119,7 +124,7 @@ type MetaTable<'tx> = natter_projections::local::redb::Table<'tx, &'static str, 
 
 impl Counters {
     fn read(meta: &MetaTable<'_>) -> Result<Counters, ApplyError> {
-        let get = |key| -> Result<u64, ApplyError> { Ok(meta.get(key)?.map_or(0, |v| v.value())) };
+        let get = |key| meta_in(meta, key);
         Ok(Counters { head: get("head")?, count: get("count")?, floor: get("floor")?, members: get("members")? })
     }
 
@@ -135,7 +140,7 @@ impl Counters {
 
 /// A meta value, read in a read transaction (0: never set).
 fn read_meta(tx: &ReadTransaction, key: &str) -> Result<u64, StoreError> {
-    Ok(tx.open_table(META)?.get(key)?.map_or(0, |v| v.value()))
+    Ok(meta_in(&tx.open_table(META)?, key)?)
 }
 
 fn decode(bytes: &[u8]) -> Result<Payload, ApplyError> {
