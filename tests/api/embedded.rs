@@ -536,3 +536,83 @@ async fn a_restart_resumes_the_projections_where_they_were_kept_and_rebuilds_a_d
     assert_eq!(c.node(0).views().user(&dan.id).await.unwrap(), None, "nothing of the other log is served");
     c.stop().await;
 }
+
+/// The restart test at its size: after 100,000 events, a restart
+/// answers ready at once, replays nothing, and serves exactly what a
+/// replay of the whole log into an empty store gives.
+#[tokio::test]
+async fn after_100000_events_a_restart_replays_nothing_and_serves_the_views_of_a_fresh_replay() {
+    use natter::commands::rooms::{CreateRoom, SendRoomMessage};
+    use natter::commands::send::SendMessage;
+    const USERS: usize = 16;
+    const EVENTS: u64 = 100_000;
+    // The log's fsync policy does not change what is replayed; `os` keeps
+    // a debug build's 100,000 sends within a minute or so.
+    let mut c = Cluster::embedded_with(|cfg| cfg.embedded.sync = natter::config::SyncPolicy::Os).await;
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        users.push(c.register(0, &format!("U{i}")).await.id);
+    }
+    let mut rooms = Vec::new();
+    for name in ["algebra", "poetry"] {
+        let cmd = CreateRoom { creator: users[0].clone(), name: name.into(), description: None, private: false };
+        let room = c.node(0).commands().create_room(cmd).await.unwrap().id;
+        for u in &users[1..] {
+            c.node(0).commands().join_room(u, &room).await.unwrap();
+        }
+        rooms.push(room);
+    }
+    // Each user writes to the fifteen others in turn, opens the
+    // conversation (a read mark) every tenth turn and writes in a room
+    // every twenty-fifth, until the log holds 100,000 events.
+    let per_user = (EVENTS as usize).div_ceil(USERS);
+    let node = c.node(0);
+    let work = users.iter().enumerate().map(|(t, me)| {
+        let (users, rooms) = (&users, &rooms);
+        async move {
+            for i in 0..per_user {
+                let peer = &users[(t + 1 + i % (USERS - 1)) % USERS];
+                let commands = node.commands();
+                if i % 10 == 9 {
+                    commands.open_conversation(me, peer).await.unwrap();
+                } else if i % 25 == 24 {
+                    let cmd = SendRoomMessage { sender: me.clone(), room: rooms[i % 2].clone(), message: Some(format!("r{i}")), attachment: None, client_msg_id: None, reply_to: None };
+                    commands.send_room(cmd).await.unwrap();
+                } else {
+                    let cmd = SendMessage { sender: me.clone(), receiver: peer.clone(), message: Some(format!("m{i}")), attachment: None, client_msg_id: None, reply_to: None };
+                    commands.send(cmd).await.unwrap();
+                }
+            }
+        }
+    });
+    futures::future::join_all(work).await;
+    let head = c.log_head().await;
+    assert!(head >= EVENTS - 2_000, "the history is about 100,000 events (opens with nothing new to mark append nothing): {head}");
+    let convs: Vec<String> =
+        (0..USERS).flat_map(|a| (a + 1..USERS).map(move |b| (a, b))).map(|(a, b)| natter_events::subjects::dm_conversation(&users[a], &users[b])).collect();
+    async fn views(c: &Cluster, users: &[String], convs: &[String], rooms: &[String]) -> Snapshot {
+        snapshot(c.node(0).views(), c.node(0).counts(), users, convs, rooms).await.unwrap()
+    }
+    let live = views(&c, &users, &convs, &rooms).await;
+    let messages: usize = live.conversations.values().map(|(m, _)| m.len()).sum();
+    assert!(messages > 80_000, "the snapshot holds every direct message: {messages}");
+
+    // A clean restart is ready at once and applies nothing: the views,
+    // counts and inbox are read from projections.redb.
+    c.restart().await;
+    assert_eq!(c.request(0, Method::GET, "/readyz", None, None).await.status.as_u16(), 200, "ready as soon as it serves");
+    for projection in ["mongo-views", "redis-unseen", "push-fanout"] {
+        assert_eq!(applied(&c, projection).await, 0.0, "{projection}: nothing replayed after a clean stop");
+    }
+    let restarted = views(&c, &users, &convs, &rooms).await;
+
+    // The same log replayed into an empty store.
+    c.nodes.pop().unwrap().stop().await;
+    std::fs::remove_file(c.cfg.embedded.data_dir.join("projections.redb")).unwrap();
+    c.add_node().await;
+    assert_eq!(applied(&c, "mongo-views").await, head as f64, "the fresh store replayed the whole log");
+    let replayed = views(&c, &users, &convs, &rooms).await;
+    assert!(restarted == replayed, "the restarted node serves exactly the views of a fresh replay");
+    assert!(restarted == live, "and the ones it served before the restart");
+    c.stop().await;
+}

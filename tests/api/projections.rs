@@ -337,7 +337,7 @@ async fn a_backlog_holding_poison_is_caught_up_and_parks_each_poison_event_once(
     .await;
     assert_eq!(c.metric(0, "natter_projection_parked_total{projection=\"mongo-views\"}").await, 2.0, "the undecodable event and the contradicting message");
     assert_eq!(c.metric(0, "natter_projection_parked_total{projection=\"redis-unseen\"}").await, 1.0, "the undecodable event");
-    let mut parked = js.get_stream(format!("{}_PARKED", c.cfg.distributed.stream)).await.unwrap();
+    let parked = js.get_stream(format!("{}_PARKED", c.cfg.distributed.stream)).await.unwrap();
     let by_subject: std::collections::HashMap<String, usize> = {
         use futures::TryStreamExt;
         parked.info_with_subjects(format!("{}.parked.>", c.cfg.log.subject_prefix)).await.unwrap().try_collect().await.unwrap()
