@@ -1,7 +1,7 @@
 //! Property: whatever the delivery pattern (duplicates, reordering across
-//! nodes, redelivery of a range after lost acks or a restart), the views end
-//! up equal to a clean in-order replay, and the unseen counts equal their
-//! definition.
+//! nodes, redelivery of a range after lost acks or a restart), applied one
+//! event at a time or in batches of any size, the views end up equal to a
+//! clean in-order replay, and the unseen counts equal their definition.
 
 use futures::executor::block_on;
 use natter_projections::history::{History, snapshot};
@@ -154,6 +154,50 @@ proptest! {
             let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
             prop_assert_eq!(seqs, (1..=messages.len() as u64).collect::<Vec<_>>());
         }
+    }
+}
+
+/// Applies `order` in batches through [`Projection::apply_batch`] (what
+/// the projectors, the embedded tail and rebuilds use), the batch sizes
+/// taken in turn from `sizes`; an event's log sequence is its index + 1.
+fn apply_batched(h: &History, order: &[usize], sizes: &[usize]) -> (LocalViews, LocalCounts) {
+    use natter_projections::Projection;
+    let (views, counts) = (LocalViews::default(), LocalCounts::default());
+    let (mut rest, mut size) = (order, sizes.iter().cycle());
+    while !rest.is_empty() {
+        let (batch, tail) = rest.split_at((*size.next().unwrap_or(&1)).clamp(1, rest.len()));
+        rest = tail;
+        let events: Vec<(&natter_events::Envelope, u64)> = batch.iter().map(|&i| (&h.envelopes[i], i as u64 + 1)).collect();
+        block_on(Projection::apply_batch(&views, &events)).expect("apply views batch");
+        block_on(Projection::apply_batch(&counts, &events)).expect("apply counts batch");
+    }
+    (views, counts)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Batched applies converge like single ones: the same messy delivery
+    /// patterns, cut into batches of 1 to 64 events (a batch may hold an
+    /// event twice, or several states of one conversation, or an older
+    /// event after a newer one).
+    #[test]
+    fn any_batching_of_any_delivery_pattern_converges_to_the_in_order_views(
+        (users, ops, order) in history_and_schedule(),
+        sizes in prop::collection::vec(1..65usize, 1..8),
+    ) {
+        let h = build(users, &ops);
+        let (clean_views, clean_counts) = apply_all(&h, 0..h.envelopes.len());
+        let (views, counts) = apply_batched(&h, &order, &sizes);
+        let convs = h.conversations();
+        let clean = block_on(snapshot(&clean_views, &clean_counts, &h.users, &convs, &h.rooms)).unwrap();
+        let batched = block_on(snapshot(&views, &counts, &h.users, &convs, &h.rooms)).unwrap();
+        prop_assert_eq!(&clean, &batched);
+        // The whole history as one batch, as a rebuild's first batch is.
+        let everything: Vec<usize> = (0..h.envelopes.len()).collect();
+        let (views, counts) = apply_batched(&h, &everything, &[usize::MAX]);
+        let one = block_on(snapshot(&views, &counts, &h.users, &convs, &h.rooms)).unwrap();
+        prop_assert_eq!(&clean, &one);
     }
 }
 

@@ -537,17 +537,79 @@ async fn a_restart_resumes_the_projections_where_they_were_kept_and_rebuilds_a_d
     c.stop().await;
 }
 
-/// The restart test at its size: after 100,000 events, a restart
-/// answers ready at once, replays nothing, and serves exactly what a
-/// replay of the whole log into an empty store gives.
+/// What user `me`'s `i`-th turn of the 100,000-event history does.
+#[derive(Clone, Copy, PartialEq)]
+enum Turn {
+    /// Opens the conversation with the `n`-th peer in turn (a read mark).
+    Open(usize),
+    /// Writes in room `n` (of two).
+    Room(usize),
+    /// Marks room `n` read.
+    ReadRoom(usize),
+    /// Reacts to, edits or deletes the last direct message it sent.
+    React,
+    Edit,
+    Delete,
+    /// Writes to the `n`-th peer in turn.
+    Send(usize),
+}
+
+fn turn(i: usize) -> Turn {
+    match i {
+        i if i % 10 == 9 => Turn::Open(i / 10),
+        i if i % 25 == 12 => Turn::Room(i / 25 % 2),
+        i if i % 50 == 44 => Turn::ReadRoom(i / 50 % 2),
+        i if i % 100 == 50 => Turn::React,
+        i if i % 200 == 76 => Turn::Edit,
+        i if i % 400 == 176 => Turn::Delete,
+        i => Turn::Send(i),
+    }
+}
+
+/// Which sections of two snapshots differ, and the first key that does:
+/// a snapshot of 100,000 events is too large to print.
+fn differences(a: &Snapshot, b: &Snapshot) -> Vec<String> {
+    fn first<K: std::fmt::Debug + Ord, V: PartialEq>(name: &str, a: &std::collections::BTreeMap<K, V>, b: &std::collections::BTreeMap<K, V>) -> Option<String> {
+        if a == b {
+            return None;
+        }
+        let key = a.iter().find(|(k, v)| b.get(k) != Some(v)).map(|(k, _)| k).or_else(|| b.keys().find(|k| !a.contains_key(k)));
+        Some(format!("{name}: first at {key:?}"))
+    }
+    let mut out: Vec<String> = [
+        (a.users != b.users).then(|| "users".to_owned()),
+        first("conversations", &a.conversations, &b.conversations),
+        first("unseen", &a.unseen, &b.unseen),
+        first("rooms", &a.rooms, &b.rooms),
+        first("room_unread", &a.room_unread, &b.room_unread),
+        first("blocked", &a.blocked, &b.blocked),
+        first("reactions", &a.reactions, &b.reactions),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if out.is_empty() && a != b {
+        out.push("a section this comparison does not name".into());
+    }
+    out
+}
+
+/// The restart test at its size: after 100,000 events (direct
+/// messages, read marks, room messages and reads, reactions, edits and
+/// deletions), a clean restart replays nothing and serves exactly what a
+/// replay of the whole log into an empty store gives. (The inbox's
+/// replay after a rebuild is compared on a small history above.)
 #[tokio::test]
 async fn after_100000_events_a_restart_replays_nothing_and_serves_the_views_of_a_fresh_replay() {
+    use natter::commands::revise::Change;
     use natter::commands::rooms::{CreateRoom, SendRoomMessage};
     use natter::commands::send::SendMessage;
     const USERS: usize = 16;
-    const EVENTS: u64 = 100_000;
+    // Each user's turns: what always appends comes to just over 100,000
+    // events, the read marks on top.
+    const TURNS: usize = 7_100;
     // The log's fsync policy does not change what is replayed; `os` keeps
-    // a debug build's 100,000 sends within a minute or so.
+    // a debug build's 100,000 commands within a minute or so.
     let mut c = Cluster::embedded_with(|cfg| cfg.embedded.sync = natter::config::SyncPolicy::Os).await;
     let mut users = Vec::new();
     for i in 0..USERS {
@@ -562,32 +624,52 @@ async fn after_100000_events_a_restart_replays_nothing_and_serves_the_views_of_a
         }
         rooms.push(room);
     }
-    // Each user writes to the fifteen others in turn, opens the
-    // conversation (a read mark) every tenth turn and writes in a room
-    // every twenty-fifth, until the log holds 100,000 events.
-    let per_user = (EVENTS as usize).div_ceil(USERS);
     let node = c.node(0);
     let work = users.iter().enumerate().map(|(t, me)| {
         let (users, rooms) = (&users, &rooms);
+        let peer = move |n: usize| &users[(t + 1 + n % (USERS - 1)) % USERS];
         async move {
-            for i in 0..per_user {
-                let peer = &users[(t + 1 + i % (USERS - 1)) % USERS];
-                let commands = node.commands();
-                if i % 10 == 9 {
-                    commands.open_conversation(me, peer).await.unwrap();
-                } else if i % 25 == 24 {
-                    let cmd = SendRoomMessage { sender: me.clone(), room: rooms[i % 2].clone(), message: Some(format!("r{i}")), attachment: None, client_msg_id: None, reply_to: None };
-                    commands.send_room(cmd).await.unwrap();
-                } else {
-                    let cmd = SendMessage { sender: me.clone(), receiver: peer.clone(), message: Some(format!("m{i}")), attachment: None, client_msg_id: None, reply_to: None };
-                    commands.send(cmd).await.unwrap();
+            let commands = node.commands();
+            let mut last: Option<String> = None;
+            for i in 0..TURNS {
+                match turn(i) {
+                    Turn::Open(n) => commands.open_conversation(me, peer(n)).await.unwrap(),
+                    Turn::Room(n) => {
+                        let cmd = SendRoomMessage { sender: me.clone(), room: rooms[n].clone(), message: Some(format!("r{i}")), attachment: None, client_msg_id: None, reply_to: None };
+                        commands.send_room(cmd).await.unwrap();
+                    }
+                    Turn::ReadRoom(n) => commands.read_room(me, &rooms[n]).await.unwrap(),
+                    Turn::React => drop(commands.react(me, last.as_deref().unwrap(), "👍", true).await.unwrap()),
+                    Turn::Edit => drop(commands.revise(me, last.as_deref().unwrap(), Change::Edit(format!("e{i}"))).await.unwrap()),
+                    Turn::Delete => drop(commands.revise(me, last.as_deref().unwrap(), Change::Delete).await.unwrap()),
+                    Turn::Send(n) => {
+                        let cmd = SendMessage { sender: me.clone(), receiver: peer(n).clone(), message: Some(format!("m{i}")), attachment: None, client_msg_id: None, reply_to: None };
+                        last = Some(commands.send(cmd).await.unwrap().message.id);
+                    }
                 }
             }
         }
     });
     futures::future::join_all(work).await;
+    let turns: Vec<Turn> = (0..TURNS).map(turn).collect();
+    let count = |f: fn(&Turn) -> bool| (turns.iter().filter(|t| f(t)).count() * USERS) as u64;
+    let sends = count(|t| matches!(t, Turn::Send(_)));
+    let room_sends = count(|t| matches!(t, Turn::Room(_)));
+    // Registrations, two rooms (created, then 16 joins each), and what
+    // always appends; opens and room reads append only when there is
+    // something new to mark.
+    let always = USERS as u64 + 2 * 17 + sends + room_sends + count(|t| matches!(t, Turn::React | Turn::Edit | Turn::Delete));
+    let marks = count(|t| matches!(t, Turn::Open(_) | Turn::ReadRoom(_)));
     let head = c.log_head().await;
-    assert!(head >= EVENTS - 2_000, "the history is about 100,000 events (opens with nothing new to mark append nothing): {head}");
+    assert!((always..=always + marks).contains(&head), "{head} events: {always} and up to {marks} read marks");
+    assert!(head >= 100_000, "{head}");
+    // A command that found the tail slow applied its event itself: the
+    // tail has the whole log before the stop, so the restart has nothing
+    // to replay.
+    for projection in ["mongo-views", "redis-unseen", "push-fanout"] {
+        eventually(&format!("{projection} has applied the whole log"), || async { applied(&c, projection).await == head as f64 }).await;
+    }
+
     let convs: Vec<String> =
         (0..USERS).flat_map(|a| (a + 1..USERS).map(move |b| (a, b))).map(|(a, b)| natter_events::subjects::dm_conversation(&users[a], &users[b])).collect();
     async fn views(c: &Cluster, users: &[String], convs: &[String], rooms: &[String]) -> Snapshot {
@@ -595,12 +677,18 @@ async fn after_100000_events_a_restart_replays_nothing_and_serves_the_views_of_a
     }
     let live = views(&c, &users, &convs, &rooms).await;
     let messages: usize = live.conversations.values().map(|(m, _)| m.len()).sum();
-    assert!(messages > 80_000, "the snapshot holds every direct message: {messages}");
+    assert_eq!(messages as u64, sends, "every direct message is in the snapshot");
+    for (room, (_, members, messages)) in &live.rooms {
+        assert_eq!((members.len(), messages.len() as u64), (USERS, room_sends / 2), "room {room}");
+    }
+    let deleted = live.conversations.values().flat_map(|(m, _)| m).filter(|m| m.deleted).count() as u64;
+    assert_eq!(deleted, count(|t| matches!(t, Turn::Delete)));
+    assert!(!live.reactions.is_empty() && live.unseen.values().any(|u| !u.is_empty()) && live.room_unread.values().any(|r| !r.is_empty()));
 
-    // A clean restart is ready at once and applies nothing: the views,
-    // counts and inbox are read from projections.redb.
+    // A clean restart reads the views, counts and inbox from
+    // projections.redb and applies nothing.
     c.restart().await;
-    assert_eq!(c.request(0, Method::GET, "/readyz", None, None).await.status.as_u16(), 200, "ready as soon as it serves");
+    assert_eq!(c.request(0, Method::GET, "/readyz", None, None).await.status.as_u16(), 200);
     for projection in ["mongo-views", "redis-unseen", "push-fanout"] {
         assert_eq!(applied(&c, projection).await, 0.0, "{projection}: nothing replayed after a clean stop");
     }
@@ -610,9 +698,11 @@ async fn after_100000_events_a_restart_replays_nothing_and_serves_the_views_of_a
     c.nodes.pop().unwrap().stop().await;
     std::fs::remove_file(c.cfg.embedded.data_dir.join("projections.redb")).unwrap();
     c.add_node().await;
-    assert_eq!(applied(&c, "mongo-views").await, head as f64, "the fresh store replayed the whole log");
+    for projection in ["mongo-views", "redis-unseen", "push-fanout"] {
+        assert_eq!(applied(&c, projection).await, head as f64, "{projection}: the fresh store replayed the whole log");
+    }
     let replayed = views(&c, &users, &convs, &rooms).await;
-    assert!(restarted == replayed, "the restarted node serves exactly the views of a fresh replay");
-    assert!(restarted == live, "and the ones it served before the restart");
+    assert_eq!(differences(&restarted, &replayed), Vec::<String>::new(), "the restarted node serves exactly the views of a fresh replay");
+    assert_eq!(differences(&restarted, &live), Vec::<String>::new(), "and the ones it served before the restart");
     c.stop().await;
 }

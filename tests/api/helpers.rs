@@ -450,21 +450,32 @@ impl Cluster {
         self.url(node, "/")
     }
 
-    pub async fn stop(self) {
-        for (i, node) in self.nodes.into_iter().enumerate() {
+    pub async fn stop(mut self) {
+        for (i, node) in std::mem::take(&mut self.nodes).into_iter().enumerate() {
             tokio::time::timeout(Duration::from_secs(60), node.stop())
                 .await
                 .unwrap_or_else(|_| panic!("node {i} did not stop within 60 s (a task ignores shutdown)"));
         }
-        let Some(log) = self.nats else {
-            let _ = std::fs::remove_dir_all(&self.cfg.embedded.data_dir);
-            return;
-        };
+        // An embedded node's data directory goes when the cluster is
+        // dropped, here or in a test that failed before this.
+        let Some(log) = &self.nats else { return };
         let _ = log.jetstream().delete_stream(&self.cfg.distributed.stream).await;
         let _ = log.jetstream().delete_stream(format!("{}_PARKED", self.cfg.distributed.stream)).await;
         let _ = log.jetstream().delete_stream(format!("{}_INBOX", self.cfg.distributed.stream)).await;
         let _ = log.jetstream().delete_stream(format!("{}_FANOUT", self.cfg.distributed.stream)).await;
         let _ = log.jetstream().delete_stream(format!("{}_ERASE", self.cfg.distributed.stream)).await;
+    }
+}
+
+impl Drop for Cluster {
+    /// An embedded cluster's data directory is removed even when its test
+    /// fails before [`Cluster::stop`] (the 100,000-event test leaves
+    /// hundreds of MB otherwise). Its node, if still running, goes with
+    /// the test's runtime.
+    fn drop(&mut self) {
+        if self.nats.is_none() {
+            let _ = std::fs::remove_dir_all(&self.cfg.embedded.data_dir);
+        }
     }
 }
 
