@@ -79,6 +79,54 @@ pub struct Delivery {
     /// known yet (it changed around the subscription): the session asks
     /// the log before emitting it.
     pub check: Option<MemberCheck>,
+    /// What the sockets are sent: the payload with its cursor, encoded by
+    /// the first socket that emits it (see [`Delivery::encoded`]).
+    encoded: Encoded,
+}
+
+impl Delivery {
+    pub fn new(cursor: u64, previous: u64, payload: Payload) -> Delivery {
+        Delivery { cursor, previous, payload, check: None, encoded: Encoded::default() }
+    }
+
+    /// The Socket.IO data of this delivery (its payload with `cursor`),
+    /// as JSON text: built once, by the first socket that emits it, and
+    /// sent as it is by every other (a room's members on this node, a
+    /// user's tabs share one delivery). A copy of a delivery starts
+    /// without it, so a replayed copy whose payload is changed before it
+    /// is emitted (a deleted message's tombstone) is encoded anew.
+    pub fn encoded(&self) -> &serde_json::value::RawValue {
+        self.encoded.0.get_or_init(|| {
+            let mut data = self.payload.data.clone();
+            if let Some(obj) = data.as_object_mut() {
+                obj.insert("cursor".into(), self.cursor.into());
+            }
+            serde_json::value::to_raw_value(&data).expect("a JSON value encodes")
+        })
+    }
+}
+
+/// A delivery's encoded form, once made. Left out of comparisons, and not
+/// copied with the delivery.
+#[derive(Default)]
+struct Encoded(std::sync::OnceLock<Box<serde_json::value::RawValue>>);
+
+impl Clone for Encoded {
+    fn clone(&self) -> Self {
+        Encoded::default()
+    }
+}
+
+impl PartialEq for Encoded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "encoded" } else { "not encoded yet" })
+    }
 }
 
 /// "Was the user a member of `room` as of log sequence `log_seq`?"
@@ -176,5 +224,28 @@ pub trait PushBus: Send + Sync {
     /// learns rooms from the log after it subscribed sends those).
     async fn member_at(&self, _user: &str, _room: &str, _log_seq: u64) -> anyhow::Result<bool> {
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    #[test]
+    fn a_delivery_is_encoded_once_with_its_cursor_and_a_copy_is_encoded_anew() {
+        let d = Delivery::new(7, 3, Payload { event: "newMessage".into(), data: json!({ "_id": "m1", "message": "hi" }) });
+        let sent: Value = serde_json::from_str(d.encoded().get()).unwrap();
+        assert_eq!(sent, json!({ "_id": "m1", "message": "hi", "cursor": 7 }));
+        assert!(std::ptr::eq(d.encoded(), d.encoded()), "built once, then shared");
+        // A replayed copy changed before it is emitted (a tombstone) is
+        // sent as it now reads, never as the original was encoded.
+        let mut copy = d.clone();
+        assert_eq!(copy, d, "the encoding is not part of what a delivery is");
+        copy.payload.data["message"] = Value::Null;
+        let sent: Value = serde_json::from_str(copy.encoded().get()).unwrap();
+        assert_eq!(sent, json!({ "_id": "m1", "message": null, "cursor": 7 }));
+        assert_eq!(serde_json::from_str::<Value>(d.encoded().get()).unwrap()["message"], "hi");
     }
 }

@@ -282,7 +282,7 @@ impl PushBus for NatsPush {
                 }
             }
             if include {
-                page.push(Delivery { cursor: msg.sequence, previous, payload, check: None });
+                page.push(Delivery::new(msg.sequence, previous, payload));
                 previous = msg.sequence;
             }
         }

@@ -117,7 +117,7 @@ fn decode(msg: &async_nats::Message) -> Option<(Delivery, u64)> {
         return None;
     };
     match serde_json::from_slice::<Payload>(&msg.payload) {
-        Ok(payload) => Some((Delivery { cursor, previous, payload, check: None }, header_u64(headers, LOG_SEQ).unwrap_or(0))),
+        Ok(payload) => Some((Delivery::new(cursor, previous, payload), header_u64(headers, LOG_SEQ).unwrap_or(0))),
         Err(e) => {
             tracing::warn!(subject = %msg.subject, cursor, error = %e, "undecodable push; the socket will fetch it on the next gap check");
             None
@@ -641,7 +641,7 @@ mod tests {
     use super::*;
 
     fn delivery(cursor: u64) -> Arc<Pushed> {
-        Arc::new(Pushed::Delivery(Delivery { cursor, previous: 0, payload: Payload { event: "message".into(), data: json!({}) }, check: None }))
+        Arc::new(Pushed::Delivery(Delivery::new(cursor, 0, Payload { event: "message".into(), data: json!({}) })))
     }
 
     fn taken(rx: &mut mpsc::Receiver<Arc<Pushed>>) -> Vec<String> {

@@ -1,6 +1,5 @@
 //! Emitting to a socket whose buffer a burst filled.
 
-use serde_json::Value;
 use socketioxide::extract::SocketRef;
 use socketioxide::{SendError, SocketError};
 
@@ -15,7 +14,7 @@ pub enum EmitError {
 
 /// Emits, waiting (briefly) for room in the socket's buffer when a burst
 /// filled it; a client that stays full for `patience` is too slow.
-pub async fn emit_patiently(s: &SocketRef, event: &str, data: &Value, patience: std::time::Duration) -> Result<(), EmitError> {
+pub async fn emit_patiently<T: serde::Serialize + ?Sized>(s: &SocketRef, event: &str, data: &T, patience: std::time::Duration) -> Result<(), EmitError> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         match s.emit(event, data) {

@@ -182,18 +182,22 @@ impl Session {
             self.cursor = d.cursor;
             return Ok(false);
         }
-        let mut data = d.payload.data.clone();
-        if let Some(obj) = data.as_object_mut() {
-            obj.insert("cursor".into(), json!(d.cursor));
-        }
-        // A live reply is stored without the preview of the message it
-        // answers: read it as that message reads now (replays are filled
-        // a page at a time by `redact`, before this).
-        if live && crate::wire::content_of(&d.payload.event, &d.payload.data).is_some() {
-            with_preview(&self.node, &mut data).await;
-        }
         self.last_emit = Some(tokio::time::Instant::now());
-        emit_patiently(&self.s, &d.payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
+        // A live reply is stored without the preview of the message it
+        // answers: each socket reads it as that message reads now (replays
+        // are filled a page at a time by `redact`, before this). Anything
+        // else goes out as encoded once for every socket it reaches.
+        let payload = &d.payload;
+        if live && crate::wire::content_of(&payload.event, &payload.data).is_some() && crate::wire::answered_of(&payload.data).is_some() {
+            let mut data = payload.data.clone();
+            if let Some(obj) = data.as_object_mut() {
+                obj.insert("cursor".into(), json!(d.cursor));
+            }
+            with_preview(&self.node, &mut data).await;
+            emit_patiently(&self.s, &payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
+        } else {
+            emit_patiently(&self.s, &payload.event, d.encoded(), PATIENCE).await.map_err(Stop::Emit)?;
+        }
         self.cursor = d.cursor;
         self.node.metrics.pushed();
         Ok(true)

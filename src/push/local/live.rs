@@ -40,7 +40,7 @@ impl Listener {
     fn offer(&mut self, cursor: u64, payload: &Payload, hand: Hand) {
         for sub in &mut self.subs {
             if hand == Hand::Send {
-                let d = Delivery { cursor, previous: sub.last, payload: payload.clone(), check: None };
+                let d = Delivery::new(cursor, sub.last, payload.clone());
                 // Full: dropped, and the next delivery names it (closed:
                 // its stream's drop takes the subscription out).
                 let _ = sub.tx.try_send(Arc::new(Pushed::Delivery(d)));

@@ -445,7 +445,7 @@ fn page_of(tx: &ReadTransaction, user: &str, cursor: u64, limit: usize) -> Resul
         };
         let Some(bytes) = bytes else { continue };
         let payload = serde_json::from_slice(bytes.value()).map_err(unreadable)?;
-        page.push(Delivery { cursor: c, previous, payload, check: None });
+        page.push(Delivery::new(c, previous, payload));
         previous = c;
     }
     Ok(page)
