@@ -91,10 +91,12 @@ impl Delivery {
 
     /// The Socket.IO data of this delivery (its payload with `cursor`),
     /// as JSON text: built once, by the first socket that emits it, and
-    /// sent as it is by every other (a room's members on this node, a
-    /// user's tabs share one delivery). A copy of a delivery starts
-    /// without it, so a replayed copy whose payload is changed before it
-    /// is emitted (a deleted message's tombstone) is encoded anew.
+    /// sent as it is by every other socket holding the same delivery (a
+    /// user's tabs; in distributed mode also the room's members on the
+    /// node whose membership is known, who share one). A copy of a
+    /// delivery starts without it, so a replayed copy whose payload is
+    /// changed before it is emitted (a deleted message's tombstone) is
+    /// encoded anew.
     pub fn encoded(&self) -> &serde_json::value::RawValue {
         self.encoded.0.get_or_init(|| {
             let mut data = self.payload.data.clone();

@@ -196,6 +196,9 @@ impl Session {
             with_preview(&self.node, &mut data).await;
             emit_patiently(&self.s, &payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
         } else {
+            // JSON text, written into the packet as it is by socketioxide's
+            // default (JSON) parser, the only one natter uses: a MessagePack
+            // parser would send it as a map, not as the object.
             emit_patiently(&self.s, &payload.event, d.encoded(), PATIENCE).await.map_err(Stop::Emit)?;
         }
         self.cursor = d.cursor;

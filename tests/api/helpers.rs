@@ -470,10 +470,12 @@ impl Cluster {
 impl Drop for Cluster {
     /// An embedded cluster's data directory is removed even when its test
     /// fails before [`Cluster::stop`] (the 100,000-event test leaves
-    /// hundreds of MB otherwise). Its node, if still running, goes with
-    /// the test's runtime.
+    /// hundreds of MB otherwise), unless `NATTER_TEST_KEEP` is set. Its
+    /// node, if still running, goes with the test's runtime.
     fn drop(&mut self) {
-        if self.nats.is_none() {
+        // NATTER_TEST_KEEP=1 keeps a failed test's directory to look into.
+        let keep = std::thread::panicking() && std::env::var_os("NATTER_TEST_KEEP").is_some();
+        if self.nats.is_none() && !keep {
             let _ = std::fs::remove_dir_all(&self.cfg.embedded.data_dir);
         }
     }
