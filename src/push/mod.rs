@@ -98,13 +98,17 @@ impl Delivery {
     /// changed before it is emitted (a deleted message's tombstone) is
     /// encoded anew.
     pub fn encoded(&self) -> &serde_json::value::RawValue {
-        self.encoded.0.get_or_init(|| {
-            let mut data = self.payload.data.clone();
-            if let Some(obj) = data.as_object_mut() {
-                obj.insert("cursor".into(), self.cursor.into());
-            }
-            serde_json::value::to_raw_value(&data).expect("a JSON value encodes")
-        })
+        self.encoded.0.get_or_init(|| serde_json::value::to_raw_value(&self.data()).expect("a JSON value encodes"))
+    }
+
+    /// The Socket.IO data of this delivery as a JSON tree (its payload
+    /// with `cursor`), for a socket that changes it before emitting.
+    pub fn data(&self) -> Value {
+        let mut data = self.payload.data.clone();
+        if let Some(obj) = data.as_object_mut() {
+            obj.insert("cursor".into(), self.cursor.into());
+        }
+        data
     }
 }
 

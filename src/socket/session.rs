@@ -189,10 +189,7 @@ impl Session {
         // else goes out as encoded once for every socket it reaches.
         let payload = &d.payload;
         if live && crate::wire::content_of(&payload.event, &payload.data).is_some() && crate::wire::answered_of(&payload.data).is_some() {
-            let mut data = payload.data.clone();
-            if let Some(obj) = data.as_object_mut() {
-                obj.insert("cursor".into(), json!(d.cursor));
-            }
+            let mut data = d.data();
             with_preview(&self.node, &mut data).await;
             emit_patiently(&self.s, &payload.event, &data, PATIENCE).await.map_err(Stop::Emit)?;
         } else {
